@@ -1,0 +1,67 @@
+// Package hypervisor defines what podvm needs from a virtual machine monitor: one VM per pod,
+// started and stopped, with devices added while it runs and a connection to the guest agent.
+// The QEMU implementation lives in hypervisor/qemu; hypervisor/qmp is its monitor protocol.
+package hypervisor
+
+import (
+	"context"
+	"net"
+	"os"
+)
+
+// Hypervisor is one virtual machine.
+type Hypervisor interface {
+	// Start spawns the VM (and its helpers such as virtiofsd) and completes the monitor
+	// handshake. On error nothing is left running.
+	Start(ctx context.Context) error
+	// Stop asks the VM to quit, then kills it when ctx ends; it also stops the helpers.
+	// Stop on a VM that is not running is a no-op.
+	Stop(ctx context.Context) error
+	// Done is closed when the VM process has exited.
+	Done() <-chan struct{}
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+	// Hotplug adds a device to the running VM.
+	Hotplug(ctx context.Context, d Device) error
+	// Unplug removes a device added by Hotplug, by its ID.
+	Unplug(ctx context.Context, id string) error
+	// DialAgent opens one connection to the guest agent's transport (vsock, or the
+	// virtio-serial socket). It does not wait for the agent to be ready.
+	DialAgent(ctx context.Context) (net.Conn, error)
+	// Pid is the VM process's pid, 0 before Start.
+	Pid() int
+}
+
+// Device is something that can be hot-plugged into a VM: *BlockDevice or *NetDevice.
+type Device interface {
+	DeviceID() string
+}
+
+// BlockDevice is a host block device or disk image file given to the guest as virtio-blk.
+// The guest finds it by Serial (at most 20 bytes, virtio-blk's limit), which defaults to ID.
+type BlockDevice struct {
+	ID       string
+	Path     string // host block device or regular file
+	Format   string // "raw" (default) or "qcow2"
+	ReadOnly bool
+	Serial   string
+	// Cache is "none" (O_DIRECT, the default) or "writeback".
+	Cache string
+	// AIO is "threads" (default), "native" or "io_uring".
+	AIO string
+}
+
+// DeviceID implements Device.
+func (d *BlockDevice) DeviceID() string { return d.ID }
+
+// NetDevice is a guest NIC backed by tap file descriptors the caller opened.
+type NetDevice struct {
+	ID       string
+	MAC      net.HardwareAddr
+	MTU      int
+	TapFiles []*os.File // one per queue; handed to the VM and owned by it afterwards
+	VhostNet bool       // use vhost-net (only where /dev/vhost-net exists)
+}
+
+// DeviceID implements Device.
+func (d *NetDevice) DeviceID() string { return d.ID }
