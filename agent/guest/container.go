@@ -1,0 +1,97 @@
+package guest
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/specconv"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// container is one OCI container in the guest and its processes.
+type container struct {
+	id   string
+	lc   *libcontainer.Container
+	init *process
+
+	mu    sync.Mutex
+	execs map[string]*process
+	// cgroup is the container's cgroup v2 group, relative to /sys/fs/cgroup.
+	cgroup string
+	// mounts are the guest mount points of its disks.
+	mounts []string
+}
+
+// parseSpec decodes and checks an OCI spec from the host.
+func parseSpec(id string, b []byte) (*specs.Spec, error) {
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("container %s: spec is not valid JSON: %v: %w", id, err, errdefs.ErrInvalidArgument)
+	}
+	if spec.Root == nil || !filepath.IsAbs(spec.Root.Path) {
+		return nil, fmt.Errorf("container %s: spec root.path must be an absolute guest path: %w", id, errdefs.ErrInvalidArgument)
+	}
+	if spec.Process == nil {
+		return nil, fmt.Errorf("container %s: spec has no process: %w", id, errdefs.ErrInvalidArgument)
+	}
+	if spec.Linux == nil {
+		spec.Linux = &specs.Linux{}
+	}
+	return &spec, nil
+}
+
+// guestCgroupsPath keeps cgroupfs-style paths and turns systemd-style ones
+// ("slice:prefix:name") into a plain path, as the guest has no systemd.
+func guestCgroupsPath(id, p string) string {
+	if p == "" {
+		return "/podvm/" + id
+	}
+	if !strings.HasPrefix(p, "/") {
+		parts := strings.Split(p, ":")
+		return "/podvm/" + parts[len(parts)-1]
+	}
+	return p
+}
+
+func newLibcontainer(stateRoot, id string, spec *specs.Spec) (*libcontainer.Container, error) {
+	spec.Linux.CgroupsPath = guestCgroupsPath(id, spec.Linux.CgroupsPath)
+	cfg, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{
+		CgroupName: id,
+		Spec:       spec,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("container %s: convert spec: %w: %w", id, err, errdefs.ErrInvalidArgument)
+	}
+	lc, err := libcontainer.Create(stateRoot, id, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	return lc, nil
+}
+
+func (c *container) process(execID string) (*process, error) {
+	if execID == "" {
+		return c.init, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.execs[execID]
+	if !ok {
+		return nil, fmt.Errorf("exec %q in container %s: %w", execID, c.id, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+func (c *container) cgroupManager() (*cgroup2.Manager, error) {
+	m, err := cgroup2.Load(c.cgroup)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: cgroup %s: %w", c.id, c.cgroup, err)
+	}
+	return m, nil
+}

@@ -1,0 +1,143 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFindSerialPort(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "vport1p1", "name"), "org.qemu.guest_agent.0\n")
+	writeFile(t, filepath.Join(dir, "vport2p1", "name"), "podvm.agent\n")
+	got, err := findSerialPort(dir, "podvm.agent")
+	if err != nil || got != "/dev/vport2p1" {
+		t.Fatalf("findSerialPort = %q, %v", got, err)
+	}
+	if _, err := findSerialPort(dir, "nope"); err == nil {
+		t.Fatal("missing port did not fail")
+	}
+}
+
+func TestFindDisk(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "vda", "serial"), "rootdisk")
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		writeFile(t, filepath.Join(dir, "vdb", "serial"), "pvc-1\n")
+	}()
+	got, err := findDisk(context.Background(), dir, "pvc-1")
+	if err != nil || got != "/dev/vdb" {
+		t.Fatalf("findDisk = %q, %v (a disk that appears late must be found)", got, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Millisecond)
+	defer cancel()
+	if _, err := findDisk(ctx, dir, "missing"); !errdefs.IsNotFound(err) {
+		t.Fatalf("missing disk: %v, want not found", err)
+	}
+}
+
+func TestGuestCgroupsPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                                  "/podvm/c1",
+		"/kubepods/besteffort/pod1/c1":      "/kubepods/besteffort/pod1/c1",
+		"kubepods-besteffort.slice:cri:abc": "/podvm/abc",
+	} {
+		if got := guestCgroupsPath("c1", in); got != want {
+			t.Errorf("guestCgroupsPath(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestToLibcontainerProcess(t *testing.T) {
+	p := &specs.Process{
+		Args: []string{"sh"}, User: specs.User{UID: 1000, GID: 100, AdditionalGids: []uint32{5, 6}},
+		Rlimits:      []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 1024, Soft: 512}},
+		Capabilities: &specs.LinuxCapabilities{Bounding: []string{"CAP_KILL"}},
+	}
+	lp, err := toLibcontainerProcess(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lp.UID != 1000 || lp.GID != 100 || len(lp.AdditionalGroups) != 2 || lp.Cwd != "/" {
+		t.Fatalf("user/cwd not converted: %+v", lp)
+	}
+	if len(lp.Rlimits) != 1 || lp.Rlimits[0].Type != unix.RLIMIT_NOFILE || lp.Rlimits[0].Soft != 512 {
+		t.Fatalf("rlimits: %+v", lp.Rlimits)
+	}
+	if lp.Capabilities == nil || lp.Capabilities.Bounding[0] != "CAP_KILL" {
+		t.Fatal("capabilities not converted")
+	}
+	p.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_BOGUS"}}
+	if _, err := toLibcontainerProcess(p); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("unknown rlimit: %v, want invalid argument", err)
+	}
+}
+
+func TestExitStatus(t *testing.T) {
+	// WaitStatus encodes exit codes in bits 8-15 and signals in bits 0-6.
+	if got := exitStatus(unix.WaitStatus(3 << 8)); got != 3 {
+		t.Errorf("exit 3 -> %d", got)
+	}
+	if got := exitStatus(unix.WaitStatus(unix.SIGKILL)); got != 137 {
+		t.Errorf("SIGKILL -> %d, want 137", got)
+	}
+}
+
+func TestMountOptions(t *testing.T) {
+	flags, data := mountOptions([]string{"ro", "noatime", "discard", "rw"})
+	if flags != unix.MS_RDONLY|unix.MS_NOATIME || data != "discard" {
+		t.Fatalf("flags=%#x data=%q", flags, data)
+	}
+}
+
+func TestParseSpecRejects(t *testing.T) {
+	for name, in := range map[string]string{
+		"not json":      "{",
+		"relative root": `{"root":{"path":"rootfs"},"process":{"args":["sh"]}}`,
+		"no root":       `{"process":{"args":["sh"]}}`,
+		"no process":    `{"root":{"path":"/r"}}`,
+	} {
+		if _, err := parseSpec("c", []byte(in)); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("%s: err = %v, want invalid argument", name, err)
+		}
+	}
+	if _, err := parseSpec("c", []byte(`{"root":{"path":"/r"},"process":{"args":["sh"]}}`)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func FuzzParseSpec(f *testing.F) {
+	f.Add([]byte(`{"root":{"path":"/r"},"process":{"args":["sh"],"rlimits":[{"type":"RLIMIT_NOFILE","hard":1,"soft":1}]}}`))
+	f.Add([]byte(`{"root":{"path":"/r"},"process":{"args":[]},"linux":{"cgroupsPath":"a:b:c"}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		spec, err := parseSpec("c", b)
+		if err != nil {
+			if !errdefs.IsInvalidArgument(err) {
+				t.Fatalf("decoder error is not invalid argument: %v", err)
+			}
+			return
+		}
+		_ = guestCgroupsPath("c", spec.Linux.CgroupsPath)
+		if _, err := toLibcontainerProcess(spec.Process); err != nil && !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("process conversion error is not invalid argument: %v", err)
+		}
+	})
+}

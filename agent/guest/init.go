@@ -1,0 +1,281 @@
+package guest
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// ModulesList is the initrd file that lists the kernel modules to load, one absolute path per
+// line, each after its dependencies (written by rootfs/guestimage).
+const ModulesList = "/lib/modules/podvm.modules"
+
+// Init is PID 1 of the guest. Stage one runs from the initramfs: it mounts the kernel
+// filesystems, loads the modules and moves everything onto a tmpfs root, because runc's
+// pivot_root cannot leave an initramfs root. Stage two (after re-executing itself from the
+// tmpfs) mounts the rest, starts the agent server as its child and reaps every orphan.
+// It never returns: when the server dies the guest powers off.
+func Init(stage2 bool) {
+	ctx := context.Background()
+	if !stage2 {
+		if err := stage1(ctx); err != nil {
+			fatal(ctx, fmt.Errorf("init: %w", err))
+		}
+		// stage1 execs on success.
+	}
+	if err := mountStage2(); err != nil {
+		fatal(ctx, fmt.Errorf("init: %w", err))
+	}
+	child, err := startServer()
+	if err != nil {
+		fatal(ctx, fmt.Errorf("init: start agent server: %w", err))
+	}
+	reap(ctx, child)
+}
+
+func fatal(ctx context.Context, err error) {
+	log.G(ctx).WithError(err).Error("podvm-agent: fatal, powering off")
+	PowerOff()
+}
+
+// PowerOff stops the guest; QEMU runs with -no-reboot, so it exits.
+func PowerOff() {
+	unix.Sync()
+	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+	// Without ACPI power-off the kernel halts; the host quits QEMU itself.
+	for {
+		time.Sleep(time.Hour)
+	}
+}
+
+type mnt struct {
+	source, target, fstype string
+	flags                  uintptr
+	data                   string
+}
+
+func mountAll(ms []mnt) error {
+	for _, m := range ms {
+		if err := os.MkdirAll(m.target, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err)
+		}
+	}
+	return nil
+}
+
+const newRoot = "/newroot"
+
+func stage1(ctx context.Context) error {
+	start := time.Now()
+	if err := mountAll([]mnt{
+		{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
+		{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+		{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	}); err != nil {
+		return err
+	}
+	n, err := LoadModules(ctx, ModulesList)
+	if err != nil {
+		return err
+	}
+	log.G(ctx).Infof("podvm-agent: loaded %d modules in %s", n, time.Since(start).Round(time.Millisecond))
+
+	// Move onto a tmpfs root.
+	if err := mountAll([]mnt{{"rootfs", newRoot, "tmpfs", 0, "mode=0755"}}); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if err := copyFile(self, filepath.Join(newRoot, "init"), 0o755); err != nil {
+		return fmt.Errorf("copy agent to tmpfs root: %w", err)
+	}
+	for _, d := range []string{"/dev", "/proc", "/sys"} {
+		if err := os.MkdirAll(newRoot+d, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(d, newRoot+d, "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("move %s: %w", d, err)
+		}
+	}
+	// Free the initramfs: everything but the new root.
+	entries, _ := os.ReadDir("/")
+	for _, e := range entries {
+		if "/"+e.Name() != newRoot {
+			_ = os.RemoveAll("/" + e.Name())
+		}
+	}
+	if err := unix.Chdir(newRoot); err != nil {
+		return err
+	}
+	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("move tmpfs root: %w", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return err
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return err
+	}
+	return unix.Exec("/init", []string{"/init", "stage2"}, os.Environ())
+}
+
+func copyFile(src, dst string, mode os.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+func mountStage2() error {
+	if err := mountAll([]mnt{
+		{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"},
+		{"shm", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
+		{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+		{"cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	}); err != nil {
+		return err
+	}
+	for name, target := range map[string]string{"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
+		"/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2", "/dev/ptmx": "pts/ptmx"} {
+		_ = os.Remove(name)
+		if err := os.Symlink(target, name); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll("/etc", 0o755); err != nil {
+		return err
+	}
+	// Hand every controller down so containers' cgroups can use them.
+	ctrls, err := os.ReadFile("/sys/fs/cgroup/cgroup.controllers")
+	if err != nil {
+		return err
+	}
+	var enable []string
+	for _, c := range strings.Fields(string(ctrls)) {
+		enable = append(enable, "+"+c)
+	}
+	if len(enable) > 0 {
+		if err := os.WriteFile("/sys/fs/cgroup/cgroup.subtree_control", []byte(strings.Join(enable, " ")), 0); err != nil {
+			return fmt.Errorf("enable cgroup controllers: %w", err)
+		}
+	}
+	return nil
+}
+
+// startServer runs the agent server as PID 1's child, so its own process waits are never
+// raced by the reaper.
+func startServer() (*os.Process, error) {
+	cmd := exec.Command("/init", "serve")
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return cmd.Process, nil
+}
+
+// reap collects every child and orphan; the guest powers off when the server exits.
+func reap(ctx context.Context, server *os.Process) {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		if pid == server.Pid {
+			log.G(ctx).Errorf("podvm-agent: server exited (%v), powering off", exitStatus(ws))
+			PowerOff()
+		}
+	}
+}
+
+// LoadModules loads the modules listed in the file at path, in order. A missing list is not an
+// error (a kernel with everything built in needs none).
+func LoadModules(ctx context.Context, path string) (int, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n := 0
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		p := strings.TrimSpace(sc.Text())
+		if p == "" || strings.HasPrefix(p, "#") {
+			continue
+		}
+		if err := loadModule(p); err != nil {
+			return n, fmt.Errorf("load module %s: %w", p, err)
+		}
+		n++
+	}
+	return n, sc.Err()
+}
+
+func loadModule(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	return nil
+}
+
+// exitStatus is the shell's view of a wait status: the exit code, or 128 + the signal.
+func exitStatus(ws unix.WaitStatus) uint32 {
+	if ws.Signaled() {
+		return 128 + uint32(ws.Signal())
+	}
+	return uint32(ws.ExitStatus())
+}
+
+// DebugFromCmdline reports whether the kernel command line asks for agent debug logs
+// (podvm.debug).
+func DebugFromCmdline() bool {
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return false
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if f == "podvm.debug" || f == "podvm.debug=1" {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,149 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+)
+
+func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
+	if req.SharedFsTag != "" {
+		if err := os.MkdirAll(agent.GuestSharedDir, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(req.SharedFsTag, agent.GuestSharedDir, "virtiofs", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount virtio-fs %q on %s: %w", req.SharedFsTag, agent.GuestSharedDir, err)
+		}
+	}
+	if req.Hostname != "" {
+		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
+			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
+		}
+	}
+	if len(req.ResolvConf) > 0 {
+		if err := os.WriteFile("/etc/resolv.conf", req.ResolvConf, 0o644); err != nil {
+			return err
+		}
+	}
+	if err := setupNetwork(ctx, req); err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	return nil
+}
+
+// setupNetwork configures the guest NICs the host describes: each is found by its MAC, renamed,
+// given its MTU and addresses and brought up; then routes and neighbours are added.
+func setupNetwork(ctx context.Context, req *api.SetupSandboxRequest) error {
+	if lo, err := netlink.LinkByName("lo"); err == nil {
+		_ = netlink.LinkSetUp(lo)
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return err
+	}
+	for _, ifc := range req.Interfaces {
+		mac, err := net.ParseMAC(ifc.Mac)
+		if err != nil {
+			return fmt.Errorf("interface %s: bad MAC %q: %w", ifc.Name, ifc.Mac, errdefs.ErrInvalidArgument)
+		}
+		var link netlink.Link
+		for _, l := range links {
+			if l.Attrs().HardwareAddr.String() == mac.String() {
+				link = l
+			}
+		}
+		if link == nil {
+			return fmt.Errorf("interface %s: no guest NIC has MAC %s: %w", ifc.Name, mac, errdefs.ErrNotFound)
+		}
+		if err := netlink.LinkSetDown(link); err != nil {
+			return err
+		}
+		if ifc.Name != "" && link.Attrs().Name != ifc.Name {
+			if err := netlink.LinkSetName(link, ifc.Name); err != nil {
+				return fmt.Errorf("rename %s to %s: %w", link.Attrs().Name, ifc.Name, err)
+			}
+		}
+		if ifc.Mtu > 0 {
+			if err := netlink.LinkSetMTU(link, int(ifc.Mtu)); err != nil {
+				return fmt.Errorf("interface %s: mtu %d: %w", ifc.Name, ifc.Mtu, err)
+			}
+		}
+		for _, a := range ifc.Addresses {
+			addr, err := netlink.ParseAddr(a)
+			if err != nil {
+				return fmt.Errorf("interface %s: bad address %q: %w", ifc.Name, a, errdefs.ErrInvalidArgument)
+			}
+			if err := netlink.AddrReplace(link, addr); err != nil {
+				return fmt.Errorf("interface %s: add %s: %w", ifc.Name, a, err)
+			}
+		}
+		if err := netlink.LinkSetUp(link); err != nil {
+			return err
+		}
+	}
+	for _, r := range req.Routes {
+		route, err := toRoute(r)
+		if err != nil {
+			return err
+		}
+		if err := netlink.RouteReplace(route); err != nil {
+			return fmt.Errorf("route %s via %s dev %s: %w", r.Destination, r.Gateway, r.Device, err)
+		}
+	}
+	for _, n := range req.Neighbors {
+		link, err := netlink.LinkByName(n.Device)
+		if err != nil {
+			return fmt.Errorf("neighbour %s: device %s: %w", n.Ip, n.Device, err)
+		}
+		mac, err := net.ParseMAC(n.Mac)
+		ip := net.ParseIP(n.Ip)
+		if err != nil || ip == nil {
+			return fmt.Errorf("neighbour %s lladdr %s: %w", n.Ip, n.Mac, errdefs.ErrInvalidArgument)
+		}
+		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, IP: ip, HardwareAddr: mac,
+			State: netlink.NUD_PERMANENT}); err != nil {
+			return fmt.Errorf("neighbour %s: %w", n.Ip, err)
+		}
+	}
+	if len(req.Interfaces) > 0 {
+		log.G(ctx).Infof("network: %d interfaces, %d routes", len(req.Interfaces), len(req.Routes))
+	}
+	return nil
+}
+
+func toRoute(r *api.Route) (*netlink.Route, error) {
+	route := &netlink.Route{Scope: netlink.Scope(r.Scope), Priority: int(r.Metric), Family: int(r.Family)}
+	if r.Device != "" {
+		link, err := netlink.LinkByName(r.Device)
+		if err != nil {
+			return nil, fmt.Errorf("route device %s: %w", r.Device, err)
+		}
+		route.LinkIndex = link.Attrs().Index
+	}
+	if r.Destination != "" {
+		_, dst, err := net.ParseCIDR(r.Destination)
+		if err != nil {
+			return nil, fmt.Errorf("route destination %q: %w", r.Destination, errdefs.ErrInvalidArgument)
+		}
+		route.Dst = dst
+	}
+	if r.Gateway != "" {
+		if route.Gw = net.ParseIP(r.Gateway); route.Gw == nil {
+			return nil, fmt.Errorf("route gateway %q: %w", r.Gateway, errdefs.ErrInvalidArgument)
+		}
+	}
+	if r.Source != "" {
+		route.Src = net.ParseIP(r.Source)
+	}
+	return route, nil
+}

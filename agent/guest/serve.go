@@ -1,0 +1,160 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+	"github.com/mdlayher/vsock"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+)
+
+// Serve runs the agent API on every transport the guest has (vsock port agent.Port, the
+// virtio-serial port agent.SerialPortName) until ctx ends or no transport is left.
+func Serve(ctx context.Context, svc api.AgentService) error {
+	srv, err := ttrpc.NewServer(ttrpc.WithUnaryServerInterceptor(toGRPCErrors))
+	if err != nil {
+		return err
+	}
+	api.RegisterAgentService(srv, svc)
+
+	var listeners []net.Listener
+	if l, err := vsock.Listen(agent.Port, nil); err == nil {
+		listeners = append(listeners, l)
+	} else {
+		log.G(ctx).WithError(err).Debug("no vsock")
+	}
+	if dev, err := findSerialPort("/sys/class/virtio-ports", agent.SerialPortName); err == nil {
+		listeners = append(listeners, newSerialListener(dev))
+	} else {
+		log.G(ctx).WithError(err).Debug("no virtio-serial port")
+	}
+	if len(listeners) == 0 {
+		return errors.New("no agent transport: the VM has neither vsock nor the virtio-serial port " + agent.SerialPortName)
+	}
+	errc := make(chan error, len(listeners))
+	for _, l := range listeners {
+		log.G(ctx).Infof("podvm-agent: serving on %s", l.Addr())
+		go func() { errc <- srv.Serve(ctx, l) }()
+	}
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return srv.Close()
+	}
+}
+
+// toGRPCErrors converts errdefs errors into status codes at the API edge, so the host can
+// tell "not found" from "failed".
+func toGRPCErrors(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
+	resp, err := method(ctx, unmarshal)
+	if err != nil {
+		log.G(ctx).WithError(err).Debugf("%s failed", info.FullMethod)
+		return resp, errgrpc.ToGRPC(err)
+	}
+	return resp, nil
+}
+
+// findSerialPort returns the /dev node of the virtio-serial port with the given name; the guest
+// has no udev to make /dev/virtio-ports links.
+func findSerialPort(sysClass, name string) (string, error) {
+	entries, err := os.ReadDir(sysClass)
+	if err != nil {
+		return "", err
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(sysClass, e.Name(), "name"))
+		if err == nil && strings.TrimSpace(string(b)) == name {
+			return "/dev/" + e.Name(), nil
+		}
+	}
+	return "", fmt.Errorf("no virtio-serial port named %q", name)
+}
+
+// serialListener turns a virtio-serial port into a listener of one connection at a time.
+// While the host end is not connected, reads on the port return EOF at once; the connection
+// then closes and Accept opens the port again after a short pause.
+type serialListener struct {
+	path   string
+	closed chan struct{}
+	once   sync.Once
+	// lastEOF paces reopening while nobody is connected on the host side.
+	mu      sync.Mutex
+	backoff time.Duration
+}
+
+func newSerialListener(path string) *serialListener {
+	return &serialListener{path: path, closed: make(chan struct{})}
+}
+
+func (l *serialListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	wait := l.backoff
+	l.mu.Unlock()
+	select {
+	case <-l.closed:
+		return nil, net.ErrClosed
+	case <-time.After(wait):
+	}
+	f, err := os.OpenFile(l.path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	return &serialConn{f: f, l: l, opened: time.Now()}, nil
+}
+
+func (l *serialListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *serialListener) Addr() net.Addr { return serialAddr(l.path) }
+
+type serialAddr string
+
+func (a serialAddr) Network() string { return "virtio-serial" }
+func (a serialAddr) String() string  { return string(a) }
+
+type serialConn struct {
+	f      *os.File
+	l      *serialListener
+	opened time.Time
+	read   bool
+}
+
+func (c *serialConn) Read(b []byte) (int, error) {
+	n, err := c.f.Read(b)
+	if n > 0 && !c.read {
+		c.read = true
+		c.l.mu.Lock()
+		c.l.backoff = 0
+		c.l.mu.Unlock()
+	}
+	if n == 0 && err != nil && !c.read {
+		// The host is not connected: come back a little later.
+		c.l.mu.Lock()
+		c.l.backoff = 10 * time.Millisecond
+		c.l.mu.Unlock()
+	}
+	return n, err
+}
+
+func (c *serialConn) Write(b []byte) (int, error)        { return c.f.Write(b) }
+func (c *serialConn) Close() error                       { return c.f.Close() }
+func (c *serialConn) LocalAddr() net.Addr                { return c.l.Addr() }
+func (c *serialConn) RemoteAddr() net.Addr               { return serialAddr("host") }
+func (c *serialConn) SetDeadline(t time.Time) error      { return c.f.SetDeadline(t) }
+func (c *serialConn) SetReadDeadline(t time.Time) error  { return c.f.SetReadDeadline(t) }
+func (c *serialConn) SetWriteDeadline(t time.Time) error { return c.f.SetWriteDeadline(t) }

@@ -1,0 +1,498 @@
+package guest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+)
+
+// containerStateRoot is where libcontainer keeps its state in the guest.
+const containerStateRoot = "/run/podvm-agent/containers"
+
+// Server implements the agent API in the guest.
+type Server struct {
+	started time.Time
+
+	mu         sync.Mutex
+	containers map[string]*container
+
+	oom chan string
+	// powerOff is called after Shutdown replied.
+	powerOff func()
+}
+
+// NewServer returns an agent with no containers.
+func NewServer() *Server {
+	return &Server{
+		started:    time.Now(),
+		containers: map[string]*container{},
+		oom:        make(chan string, 64),
+		powerOff:   PowerOff,
+	}
+}
+
+var _ api.AgentService = (*Server)(nil)
+
+func (s *Server) Version(ctx context.Context, _ *api.VersionRequest) (*api.VersionResponse, error) {
+	var u unix.Utsname
+	_ = unix.Uname(&u)
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	boot := time.Duration(ts.Nano()) - time.Since(s.started)
+	return &api.VersionResponse{
+		AgentVersion:  agent.Version,
+		KernelRelease: unix.ByteSliceToString(u.Release[:]),
+		BootToReadyNs: int64(boot),
+	}, nil
+}
+
+func (s *Server) SetupSandbox(ctx context.Context, req *api.SetupSandboxRequest) (*api.Empty, error) {
+	if err := setupSandbox(ctx, req); err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) container(id string) (*container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.containers[id]
+	if !ok {
+		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrNotFound)
+	}
+	return c, nil
+}
+
+func (s *Server) proc(cid, execID string) (*container, *process, error) {
+	c, err := s.container(cid)
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := c.process(execID)
+	return c, p, err
+}
+
+func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRequest) (_ *api.CreateContainerResponse, retErr error) {
+	id := req.ContainerId
+	if id == "" {
+		return nil, fmt.Errorf("container id is empty: %w", errdefs.ErrInvalidArgument)
+	}
+	spec, err := parseSpec(id, req.Spec)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if _, ok := s.containers[id]; ok {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrAlreadyExists)
+	}
+	// Reserve the id while the container is being made.
+	s.containers[id] = nil
+	s.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			s.mu.Lock()
+			delete(s.containers, id)
+			s.mu.Unlock()
+		}
+	}()
+
+	mounts, err := prepareStorage(ctx, req.BlockMounts, req.Devices, spec)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	defer func() {
+		if retErr != nil {
+			unmountAll(ctx, mounts)
+		}
+	}()
+	init, err := newProcess("", spec.Process, req.Stdio, true)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	lc, err := newLibcontainer(containerStateRoot, id, spec)
+	if err != nil {
+		init.release()
+		return nil, err
+	}
+	c := &container{id: id, lc: lc, init: init, execs: map[string]*process{}, cgroup: spec.Linux.CgroupsPath, mounts: mounts}
+	if err := lc.Start(init.lc); err != nil {
+		init.release()
+		_ = lc.Destroy()
+		return nil, fmt.Errorf("container %s: create: %w", id, err)
+	}
+	if err := init.started(); err != nil {
+		_ = lc.Signal(unix.SIGKILL)
+		init.release()
+		_ = lc.Destroy()
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	s.watchOOM(ctx, c)
+	s.mu.Lock()
+	s.containers[id] = c
+	s.mu.Unlock()
+	log.G(ctx).WithField("container", id).Info("created")
+	return &api.CreateContainerResponse{Pid: uint32(init.pid)}, nil
+}
+
+// watchOOM turns the container cgroup's oom_kill events into GetOOMEvent replies.
+func (s *Server) watchOOM(ctx context.Context, c *container) {
+	m, err := c.cgroupManager()
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("no OOM events for container")
+		return
+	}
+	events, errs := m.EventChan()
+	go func() {
+		var last uint64
+		for {
+			select {
+			case ev, ok := <-events:
+				if !ok {
+					return
+				}
+				if ev.OOMKill > last {
+					last = ev.OOMKill
+					select {
+					case s.oom <- c.id:
+					default:
+					}
+				}
+			case <-errs:
+				return
+			}
+		}
+	}()
+}
+
+func (s *Server) ExecProcess(ctx context.Context, req *api.ExecProcessRequest) (*api.Empty, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	if req.ExecId == "" {
+		return nil, fmt.Errorf("exec id is empty: %w", errdefs.ErrInvalidArgument)
+	}
+	var ps specs.Process
+	if err := json.Unmarshal(req.Process, &ps); err != nil {
+		return nil, fmt.Errorf("exec %s: process is not valid JSON: %v: %w", req.ExecId, err, errdefs.ErrInvalidArgument)
+	}
+	if c.init.exited() {
+		return nil, fmt.Errorf("container %s is not running: %w", c.id, errdefs.ErrFailedPrecondition)
+	}
+	p, err := newProcess(req.ExecId, &ps, req.Stdio, false)
+	if err != nil {
+		return nil, fmt.Errorf("exec %s: %w", req.ExecId, err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.execs[req.ExecId]; ok {
+		p.release()
+		return nil, fmt.Errorf("exec %q: %w", req.ExecId, errdefs.ErrAlreadyExists)
+	}
+	c.execs[req.ExecId] = p
+	return &api.Empty{}, nil
+}
+
+func (s *Server) StartProcess(ctx context.Context, req *api.ProcessRequest) (*api.StartProcessResponse, error) {
+	c, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.transition(stateRunning); err != nil {
+		return nil, err
+	}
+	if req.ExecId == "" {
+		if err := c.lc.Exec(); err != nil {
+			return nil, fmt.Errorf("container %s: start: %w", c.id, err)
+		}
+		return &api.StartProcessResponse{Pid: uint32(p.pid)}, nil
+	}
+	if err := c.lc.Run(p.lc); err != nil {
+		p.io.closeChild()
+		p.setExited(255)
+		return nil, fmt.Errorf("exec %s in %s: start: %w", req.ExecId, c.id, err)
+	}
+	if err := p.started(); err != nil {
+		_ = p.lc.Signal(unix.SIGKILL)
+		return nil, fmt.Errorf("exec %s in %s: %w", req.ExecId, c.id, err)
+	}
+	return &api.StartProcessResponse{Pid: uint32(p.pid)}, nil
+}
+
+func (s *Server) SignalProcess(ctx context.Context, req *api.SignalProcessRequest) (*api.Empty, error) {
+	c, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	sig := unix.Signal(req.Signal)
+	if req.All && req.ExecId == "" {
+		m, err := c.cgroupManager()
+		if err != nil {
+			return nil, err
+		}
+		if sig == unix.SIGKILL {
+			if err := m.Kill(); err != nil {
+				return nil, fmt.Errorf("container %s: kill all: %w", c.id, err)
+			}
+			return &api.Empty{}, nil
+		}
+		pids, err := m.Procs(true)
+		if err != nil {
+			return nil, err
+		}
+		for _, pid := range pids {
+			_ = unix.Kill(int(pid), sig)
+		}
+		return &api.Empty{}, nil
+	}
+	if err := p.signal(sig); err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) WaitProcess(ctx context.Context, req *api.ProcessRequest) (*api.WaitProcessResponse, error) {
+	_, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	status, at, err := p.waitExit(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &api.WaitProcessResponse{ExitStatus: status, ExitedAtUnixNano: at.UnixNano()}, nil
+}
+
+func (s *Server) ResizePty(ctx context.Context, req *api.ResizePtyRequest) (*api.Empty, error) {
+	_, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.io.resize(req.Width, req.Height); err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) ReadStdio(ctx context.Context, req *api.ReadStdioRequest) (*api.ReadStdioResponse, error) {
+	_, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	r, err := p.io.reader(req.Stream)
+	if err != nil {
+		return nil, err
+	}
+	data, eof, err := r.read(ctx, req.MaxBytes)
+	if err != nil {
+		return nil, err
+	}
+	return &api.ReadStdioResponse{Data: data, Eof: eof}, nil
+}
+
+func (s *Server) WriteStdin(ctx context.Context, req *api.WriteStdinRequest) (*api.WriteStdinResponse, error) {
+	_, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	n, err := p.io.write(ctx, req.Data)
+	if err != nil {
+		return nil, err
+	}
+	return &api.WriteStdinResponse{Written: uint32(n)}, nil
+}
+
+func (s *Server) CloseStdin(ctx context.Context, req *api.ProcessRequest) (*api.Empty, error) {
+	_, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	if p.req.Terminal {
+		// The terminal stays; the host just stops writing to it.
+		return &api.Empty{}, nil
+	}
+	if err := p.io.closeStdin(); err != nil {
+		return nil, err
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) RemoveProcess(ctx context.Context, req *api.ProcessRequest) (*api.Empty, error) {
+	if req.ExecId == "" {
+		return nil, fmt.Errorf("use RemoveContainer for a container's init: %w", errdefs.ErrInvalidArgument)
+	}
+	c, p, err := s.proc(req.ContainerId, req.ExecId)
+	if err != nil {
+		return nil, err
+	}
+	if !p.exited() {
+		return nil, fmt.Errorf("exec %s is still running: %w", req.ExecId, errdefs.ErrFailedPrecondition)
+	}
+	c.mu.Lock()
+	delete(c.execs, req.ExecId)
+	c.mu.Unlock()
+	p.release()
+	return &api.Empty{}, nil
+}
+
+func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRequest) (*api.Empty, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	if !c.init.exited() {
+		if !req.Force {
+			return nil, fmt.Errorf("container %s is still running; stop it or remove with force: %w", c.id, errdefs.ErrFailedPrecondition)
+		}
+		if m, err := c.cgroupManager(); err == nil {
+			_ = m.Kill()
+		}
+		_ = c.lc.Signal(unix.SIGKILL)
+		if _, _, err := c.init.waitExit(ctx); err != nil {
+			return nil, fmt.Errorf("container %s: waiting for it to die: %w", c.id, err)
+		}
+	}
+	if err := c.lc.Destroy(); err != nil {
+		log.G(ctx).WithError(err).WithField("container", c.id).Warn("destroy")
+	}
+	c.mu.Lock()
+	for _, p := range c.execs {
+		p.release()
+	}
+	c.mu.Unlock()
+	c.init.release()
+	unmountAll(ctx, c.mounts)
+	s.mu.Lock()
+	delete(s.containers, c.id)
+	s.mu.Unlock()
+	log.G(ctx).WithField("container", c.id).Info("removed")
+	return &api.Empty{}, nil
+}
+
+func (s *Server) ListProcesses(ctx context.Context, req *api.ContainerRequest) (*api.ListProcessesResponse, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	pids, err := c.lc.Processes()
+	if err != nil {
+		return nil, fmt.Errorf("container %s: list processes: %w", c.id, err)
+	}
+	byPid := map[int]string{}
+	c.mu.Lock()
+	for id, p := range c.execs {
+		p.mu.Lock()
+		byPid[p.pid] = id
+		p.mu.Unlock()
+	}
+	c.mu.Unlock()
+	resp := &api.ListProcessesResponse{}
+	for _, pid := range pids {
+		resp.Processes = append(resp.Processes, &api.ProcessInfo{Pid: uint32(pid), ExecId: byPid[pid]})
+	}
+	return resp, nil
+}
+
+func (s *Server) PauseContainer(ctx context.Context, req *api.ContainerRequest) (*api.Empty, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.lc.Pause(); err != nil {
+		return nil, fmt.Errorf("container %s: pause: %w", c.id, err)
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) ResumeContainer(ctx context.Context, req *api.ContainerRequest) (*api.Empty, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.lc.Resume(); err != nil {
+		return nil, fmt.Errorf("container %s: resume: %w", c.id, err)
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) UpdateContainer(ctx context.Context, req *api.UpdateContainerRequest) (*api.Empty, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	var r specs.LinuxResources
+	if err := json.Unmarshal(req.Resources, &r); err != nil {
+		return nil, fmt.Errorf("container %s: resources are not valid JSON: %v: %w", c.id, err, errdefs.ErrInvalidArgument)
+	}
+	m, err := c.cgroupManager()
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Update(cgroup2.ToResources(&r)); err != nil {
+		return nil, fmt.Errorf("container %s: update resources: %w", c.id, err)
+	}
+	return &api.Empty{}, nil
+}
+
+func (s *Server) Stats(ctx context.Context, req *api.ContainerRequest) (*api.StatsResponse, error) {
+	c, err := s.container(req.ContainerId)
+	if err != nil {
+		return nil, err
+	}
+	m, err := c.cgroupManager()
+	if err != nil {
+		return nil, err
+	}
+	st, err := m.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("container %s: stats: %w", c.id, err)
+	}
+	b, err := proto.Marshal(st)
+	if err != nil {
+		return nil, err
+	}
+	return &api.StatsResponse{Cgroup2Metrics: b}, nil
+}
+
+func (s *Server) GetOOMEvent(ctx context.Context, _ *api.Empty) (*api.OOMEvent, error) {
+	select {
+	case id := <-s.oom:
+		return &api.OOMEvent{ContainerId: id}, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (s *Server) Shutdown(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
+	s.mu.Lock()
+	cs := make([]*container, 0, len(s.containers))
+	for _, c := range s.containers {
+		if c != nil {
+			cs = append(cs, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range cs {
+		if m, err := c.cgroupManager(); err == nil {
+			_ = m.Kill()
+		}
+		_ = c.lc.Signal(unix.SIGKILL)
+	}
+	log.G(ctx).Info("shutdown requested, powering off")
+	// Reply first; the host quits QEMU if the power-off does not come.
+	time.AfterFunc(50*time.Millisecond, s.powerOff)
+	return &api.Empty{}, nil
+}

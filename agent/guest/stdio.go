@@ -1,0 +1,221 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/containerd/console"
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent/api"
+)
+
+// maxChunk caps one ReadStdio reply.
+const maxChunk = 128 << 10
+
+// pullReader hands out what a process wrote, one request at a time. A read blocks until data
+// or EOF and gives up, without losing bytes, when its context ends.
+type pullReader struct {
+	mu sync.Mutex
+	f  *os.File
+	// eof is set once the stream is drained.
+	eof bool
+}
+
+func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.eof {
+		return nil, true, nil
+	}
+	if max == 0 || max > maxChunk {
+		max = maxChunk
+	}
+	buf := make([]byte, max)
+	stop := context.AfterFunc(ctx, func() { _ = r.f.SetReadDeadline(time.Now()) })
+	n, err := r.f.Read(buf)
+	if !stop() {
+		_ = r.f.SetReadDeadline(time.Time{})
+		if n > 0 {
+			return buf[:n], false, nil
+		}
+		return nil, false, ctx.Err()
+	}
+	switch {
+	case err == nil:
+		return buf[:n], false, nil
+	// A pty master reads EIO once the terminal's last user closed it.
+	case errors.Is(err, io.EOF), errors.Is(err, unix.EIO):
+		r.eof = true
+		return buf[:n], true, nil
+	default:
+		return buf[:n], false, err
+	}
+}
+
+func (r *pullReader) close() {
+	if r != nil {
+		r.f.Close()
+	}
+}
+
+// stdio is the agent's side of one process's standard streams.
+type stdio struct {
+	stdinMu sync.Mutex
+	stdin   io.WriteCloser // nil when the process has no stdin or it was closed
+	stdout  *pullReader
+	stderr  *pullReader
+	console console.Console // terminal mode only
+
+	// the process's ends, closed in the agent once the process has them.
+	child []*os.File
+	// Files for the process: nil means /dev/null.
+	in, out, errf *os.File
+}
+
+// newStdio makes pipes for what the host asked for; terminal mode gets its pty later from
+// libcontainer (setConsole).
+func newStdio(req *api.Stdio) (*stdio, error) {
+	s := &stdio{}
+	if req == nil {
+		req = &api.Stdio{}
+	}
+	fail := func(err error) (*stdio, error) {
+		s.closeChild()
+		s.close()
+		return nil, err
+	}
+	if req.Terminal {
+		return s, nil
+	}
+	if req.Stdin {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return fail(err)
+		}
+		s.in, s.stdin = r, w
+		s.child = append(s.child, r)
+	}
+	if req.Stdout {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return fail(err)
+		}
+		s.out, s.stdout = w, &pullReader{f: r}
+		s.child = append(s.child, w)
+	}
+	if req.Stderr {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return fail(err)
+		}
+		s.errf, s.stderr = w, &pullReader{f: r}
+		s.child = append(s.child, w)
+	}
+	return s, nil
+}
+
+// setConsole takes the pty master libcontainer sent back.
+func (s *stdio) setConsole(master *os.File, width, height uint32) error {
+	// Reopen non-blocking so reads can be interrupted by deadlines.
+	fd, err := unix.Dup(int(master.Fd()))
+	master.Close()
+	if err != nil {
+		return err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	f := os.NewFile(uintptr(fd), "pty-master")
+	c, err := console.ConsoleFromFile(f)
+	if err != nil {
+		f.Close()
+		return err
+	}
+	if width > 0 && height > 0 {
+		_ = c.Resize(console.WinSize{Width: uint16(width), Height: uint16(height)})
+	}
+	s.console = c
+	s.stdout = &pullReader{f: f}
+	s.stdin = nopCloser{f}
+	return nil
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
+
+func (s *stdio) closeChild() {
+	for _, f := range s.child {
+		f.Close()
+	}
+	s.child = nil
+}
+
+func (s *stdio) reader(stream api.StdioStream) (*pullReader, error) {
+	var r *pullReader
+	switch stream {
+	case api.StdioStream_STDOUT:
+		r = s.stdout
+	case api.StdioStream_STDERR:
+		r = s.stderr
+	default:
+		return nil, fmt.Errorf("stdio stream %v: %w", stream, errdefs.ErrInvalidArgument)
+	}
+	if r == nil {
+		return nil, fmt.Errorf("process has no %v: %w", stream, errdefs.ErrNotFound)
+	}
+	return r, nil
+}
+
+func (s *stdio) write(ctx context.Context, data []byte) (int, error) {
+	s.stdinMu.Lock()
+	defer s.stdinMu.Unlock()
+	if s.stdin == nil {
+		return 0, fmt.Errorf("stdin is closed or was not requested: %w", errdefs.ErrFailedPrecondition)
+	}
+	if f, ok := s.stdin.(*os.File); ok {
+		stop := context.AfterFunc(ctx, func() { _ = f.SetWriteDeadline(time.Now()) })
+		defer func() {
+			if !stop() {
+				_ = f.SetWriteDeadline(time.Time{})
+			}
+		}()
+	}
+	n, err := s.stdin.Write(data)
+	if err != nil && ctx.Err() != nil {
+		return n, ctx.Err()
+	}
+	return n, err
+}
+
+func (s *stdio) closeStdin() error {
+	s.stdinMu.Lock()
+	defer s.stdinMu.Unlock()
+	if s.stdin == nil {
+		return nil
+	}
+	err := s.stdin.Close()
+	s.stdin = nil
+	return err
+}
+
+func (s *stdio) resize(width, height uint32) error {
+	if s.console == nil {
+		return fmt.Errorf("process has no terminal: %w", errdefs.ErrFailedPrecondition)
+	}
+	return s.console.Resize(console.WinSize{Width: uint16(width), Height: uint16(height)})
+}
+
+func (s *stdio) close() {
+	_ = s.closeStdin()
+	s.stdout.close()
+	s.stderr.close()
+}

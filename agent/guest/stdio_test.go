@@ -1,0 +1,131 @@
+package guest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/podvm/podvm/agent/api"
+)
+
+func TestPullReaderKeepsBytesAcrossCancel(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	pr := &pullReader{f: r}
+	defer pr.close()
+
+	// Nothing written yet: a read gives up with the context, and returns no data.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, _, err := pr.read(ctx, 0); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("read on empty pipe: got %v, want deadline exceeded", err)
+	}
+	// The cancelled read must not have eaten anything written afterwards.
+	if _, err := w.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	data, eof, err := pr.read(context.Background(), 0)
+	if err != nil || eof || string(data) != "hello" {
+		t.Fatalf("read = %q, eof=%v, err=%v; want hello", data, eof, err)
+	}
+	w.Close()
+	data, eof, err = pr.read(context.Background(), 0)
+	if err != nil || !eof || len(data) != 0 {
+		t.Fatalf("read after close = %q, eof=%v, err=%v; want eof", data, eof, err)
+	}
+	// EOF is sticky.
+	if _, eof, _ := pr.read(context.Background(), 0); !eof {
+		t.Fatal("second read after EOF is not EOF")
+	}
+}
+
+func TestPullReaderCapsChunk(t *testing.T) {
+	r, w, _ := os.Pipe()
+	pr := &pullReader{f: r}
+	defer pr.close()
+	go func() {
+		w.Write(bytes.Repeat([]byte("x"), 10))
+		w.Close()
+	}()
+	var got []byte
+	for {
+		data, eof, err := pr.read(context.Background(), 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(data) > 3 {
+			t.Fatalf("read %d bytes, asked for at most 3", len(data))
+		}
+		got = append(got, data...)
+		if eof {
+			break
+		}
+	}
+	if len(got) != 10 {
+		t.Fatalf("got %d bytes, want 10", len(got))
+	}
+}
+
+func TestStdioWhatWasAskedFor(t *testing.T) {
+	for _, tc := range []struct {
+		name                  string
+		req                   *api.Stdio
+		stdin, stdout, stderr bool
+	}{
+		{"none", &api.Stdio{}, false, false, false},
+		{"nil", nil, false, false, false},
+		{"out only", &api.Stdio{Stdout: true}, false, true, false},
+		{"all", &api.Stdio{Stdin: true, Stdout: true, Stderr: true}, true, true, true},
+		{"terminal gets its streams later", &api.Stdio{Terminal: true, Stdin: true, Stdout: true}, false, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := newStdio(tc.req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { s.closeChild(); s.close() }()
+			if (s.stdin != nil) != tc.stdin || (s.stdout != nil) != tc.stdout || (s.stderr != nil) != tc.stderr {
+				t.Fatalf("stdin=%v stdout=%v stderr=%v", s.stdin != nil, s.stdout != nil, s.stderr != nil)
+			}
+			if _, err := s.reader(api.StdioStream_STDERR); tc.stderr != (err == nil) {
+				t.Fatalf("reader(stderr) err = %v", err)
+			}
+			if _, err := s.reader(api.StdioStream_STDIO_STREAM_UNSPECIFIED); err == nil {
+				t.Fatal("reader(unspecified) did not fail")
+			}
+			if err := s.resize(80, 24); err == nil {
+				t.Fatal("resize without a terminal did not fail")
+			}
+		})
+	}
+}
+
+func TestStdinWriteAndClose(t *testing.T) {
+	s, err := newStdio(&api.Stdio{Stdin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	in := s.in
+	if _, err := s.write(context.Background(), []byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.closeStdin(); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 10)
+	n, _ := in.Read(b)
+	if string(b[:n]) != "abc" {
+		t.Fatalf("child read %q", b[:n])
+	}
+	if _, err := s.write(context.Background(), []byte("x")); err == nil {
+		t.Fatal("write after close did not fail")
+	}
+	s.closeChild()
+}

@@ -1,0 +1,49 @@
+// Command podvm-agent is PID 1 of a podvm guest: it sets the guest up, then serves the agent
+// API that containerd-shim-podvm-v2 calls, and runs the pod's containers with libcontainer.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/runc/libcontainer"
+	_ "github.com/opencontainers/runc/libcontainer/nsenter"
+	"github.com/sirupsen/logrus"
+
+	"github.com/podvm/podvm/agent/guest"
+)
+
+func init() {
+	// libcontainer re-executes this binary as "init" inside new containers (runc init);
+	// nsenter's constructor has already run by now.
+	if len(os.Args) > 1 && os.Args[1] == "init" {
+		libcontainer.Init()
+	}
+}
+
+func main() {
+	logrus.SetOutput(os.Stderr)
+	logrus.SetFormatter(&logrus.TextFormatter{DisableColors: true, FullTimestamp: true})
+	if guest.DebugFromCmdline() {
+		_ = log.SetLevel("debug")
+	}
+	arg := ""
+	if len(os.Args) > 1 {
+		arg = os.Args[1]
+	}
+	switch {
+	case arg == "serve":
+		ctx := context.Background()
+		if err := guest.Serve(ctx, guest.NewServer()); err != nil {
+			log.G(ctx).WithError(err).Error("podvm-agent: serve")
+			os.Exit(1)
+		}
+	case os.Getpid() == 1:
+		guest.Init(arg == "stage2")
+	default:
+		fmt.Fprintln(os.Stderr, "podvm-agent runs as PID 1 of a podvm guest (the initrd's /init); it is not meant to be started by hand")
+		os.Exit(2)
+	}
+}
