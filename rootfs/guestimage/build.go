@@ -1,0 +1,589 @@
+package guestimage
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"debug/elf"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
+)
+
+// DefaultOutputDir is where the node looks for the guest assets.
+const DefaultOutputDir = "/usr/share/podvm"
+
+// Output file names inside the output directory.
+const (
+	KernelFile   = "vmlinuz"
+	InitrdFile   = "initrd.img"
+	ManifestFile = "image.json"
+)
+
+// ModulesListPath is the initrd file listing the modules to load, one absolute path a line, in
+// load order. The agent reads it first thing and loads each with finit_module.
+const ModulesListPath = "/lib/modules/podvm.modules"
+
+// Compression is how initrd.img is compressed.
+type Compression string
+
+// Supported initrd compressions.
+const (
+	CompressNone Compression = "none"
+	CompressGzip Compression = "gzip"
+)
+
+// ParseCompression checks a compression name; "" means CompressNone.
+func ParseCompression(s string) (Compression, error) {
+	switch c := Compression(s); c {
+	case "", CompressNone:
+		return CompressNone, nil
+	case CompressGzip:
+		return c, nil
+	}
+	return "", fmt.Errorf("compression %q: use %q or %q", s, CompressNone, CompressGzip)
+}
+
+// Options says what to build from and where to put it.
+type Options struct {
+	// Kernel is a Debian kernel package (.deb) or an extracted tree holding boot/vmlinuz-<version>
+	// and lib/modules/<version>/.
+	Kernel string
+	// KernelVersion picks one kernel when the tree holds several; empty means the only one.
+	KernelVersion string
+	// Agent is the static podvm-agent binary; it becomes /init.
+	Agent string
+	// OutputDir receives vmlinuz, initrd.img and image.json; empty means DefaultOutputDir.
+	OutputDir string
+	// Modules are the modules the guest needs (their dependencies are added); nil means
+	// DefaultModules(), an empty non-nil slice means none.
+	Modules []string
+	// Compress is the initrd compression; empty means CompressNone.
+	Compress Compression
+	// Progress, if set, is called after each step.
+	Progress func(Step)
+}
+
+// Step reports one finished build step.
+type Step struct {
+	Name     string // e.g. "resolve modules"
+	Detail   string // e.g. "17 modules"; may be empty
+	Duration time.Duration
+}
+
+// String renders the step as "name: detail in 1.2s", or "name: 1.2s" without a detail.
+func (s Step) String() string {
+	d := s.Duration.Round(100 * time.Millisecond)
+	if s.Duration < time.Second {
+		d = s.Duration.Round(time.Millisecond)
+	}
+	if s.Detail == "" {
+		return fmt.Sprintf("%s: %v", s.Name, d)
+	}
+	return fmt.Sprintf("%s: %s in %v", s.Name, s.Detail, d)
+}
+
+// Manifest describes a built image; Build writes it as image.json.
+type Manifest struct {
+	KernelVersion string         `json:"kernelVersion"`
+	KernelSource  string         `json:"kernelSource"`
+	Modules       []InitrdModule `json:"modules"`           // in load order
+	Builtin       []string       `json:"builtin,omitempty"` // wanted modules built into the kernel
+	AgentSHA256   string         `json:"agentSHA256"`
+	InitrdSize    int64          `json:"initrdSize"`
+	InitrdSHA256  string         `json:"initrdSHA256"`
+	Compression   Compression    `json:"compression"`
+	BuildTime     time.Time      `json:"buildTime"`
+}
+
+// InitrdModule is a module as stored in the initrd.
+type InitrdModule struct {
+	Name string `json:"name"`
+	Path string `json:"path"` // absolute path inside the initrd, always a plain .ko
+}
+
+// Build makes the guest kernel and initrd from opts and installs them, with image.json, into the
+// output directory. Each output file is replaced atomically.
+func Build(ctx context.Context, opts Options) (*Manifest, error) {
+	b := builder{opts: opts}
+	if b.opts.OutputDir == "" {
+		b.opts.OutputDir = DefaultOutputDir
+	}
+	if b.opts.Modules == nil {
+		b.opts.Modules = DefaultModules()
+	}
+	c, err := ParseCompression(string(b.opts.Compress))
+	if err != nil {
+		return nil, err
+	}
+	b.opts.Compress = c
+	return b.build(ctx)
+}
+
+type builder struct {
+	opts Options
+}
+
+func (b *builder) step(name, detail string, start time.Time) {
+	if b.opts.Progress != nil {
+		b.opts.Progress(Step{Name: name, Detail: detail, Duration: time.Since(start)})
+	}
+}
+
+func (b *builder) build(ctx context.Context) (*Manifest, error) {
+	start := time.Now()
+	agent, err := checkAgent(b.opts.Agent)
+	if err != nil {
+		return nil, err
+	}
+	b.step("check agent", "static, "+mib(agent.size), start)
+
+	tmp, err := os.MkdirTemp("", "podvm-image-")
+	if err != nil {
+		return nil, fmt.Errorf("temporary directory: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+
+	start = time.Now()
+	kt, extracted, err := openKernel(ctx, b.opts.Kernel, b.opts.KernelVersion, tmp)
+	if err != nil {
+		return nil, err
+	}
+	if extracted {
+		b.step("extract kernel package", "", start)
+	} else {
+		b.step("open kernel tree", "", start)
+	}
+
+	start = time.Now()
+	depPath, generated, err := modulesDepPath(ctx, kt, tmp)
+	if err != nil {
+		return nil, err
+	}
+	if generated {
+		b.step("generate modules.dep with depmod", "", start)
+	}
+	start = time.Now()
+	mods, builtin, err := resolve(kt, depPath, b.opts.Modules)
+	if err != nil {
+		return nil, fmt.Errorf("kernel %s: %w", kt.version, err)
+	}
+	detail := fmt.Sprintf("%d modules", len(mods))
+	if len(builtin) > 0 {
+		detail += fmt.Sprintf(" (%s built in)", strings.Join(builtin, ", "))
+	}
+	b.step("resolve modules", detail, start)
+
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(b.opts.OutputDir, 0o755); err != nil {
+		return nil, fmt.Errorf("output directory: %w", err)
+	}
+	var staged []*stagedFile
+	defer func() {
+		for _, s := range staged {
+			s.discard()
+		}
+	}()
+
+	start = time.Now()
+	initrd, err := newStagedFile(b.opts.OutputDir, InitrdFile)
+	if err != nil {
+		return nil, err
+	}
+	staged = append(staged, initrd)
+	initrdModules, err := writeInitrd(ctx, initrd, b.opts.Compress, kt, mods, agent)
+	if err != nil {
+		return nil, fmt.Errorf("write initrd: %w", err)
+	}
+	if err := initrd.finish(); err != nil {
+		return nil, err
+	}
+	b.step("write initrd", mib(initrd.size), start)
+
+	start = time.Now()
+	kernel, err := newStagedFile(b.opts.OutputDir, KernelFile)
+	if err != nil {
+		return nil, err
+	}
+	staged = append(staged, kernel)
+	if err := copyFile(kernel, kt.vmlinuz); err != nil {
+		return nil, err
+	}
+	if err := kernel.finish(); err != nil {
+		return nil, err
+	}
+	b.step("copy kernel", mib(kernel.size), start)
+
+	m := &Manifest{
+		KernelVersion: kt.version,
+		KernelSource:  b.opts.Kernel,
+		Modules:       initrdModules,
+		Builtin:       builtin,
+		AgentSHA256:   agent.sha256,
+		InitrdSize:    initrd.size,
+		InitrdSHA256:  hex.EncodeToString(initrd.hash.Sum(nil)),
+		Compression:   b.opts.Compress,
+		BuildTime:     time.Now().UTC().Truncate(time.Second),
+	}
+	start = time.Now()
+	manifest, err := newStagedFile(b.opts.OutputDir, ManifestFile)
+	if err != nil {
+		return nil, err
+	}
+	staged = append(staged, manifest)
+	enc := json.NewEncoder(manifest)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(m); err != nil {
+		return nil, fmt.Errorf("write %s: %w", manifest.final, err)
+	}
+	if err := manifest.finish(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	// initrd and kernel first, image.json last: it describes a pair that is already in place.
+	for _, s := range staged {
+		if err := s.commit(); err != nil {
+			return nil, err
+		}
+	}
+	staged = nil
+	if err := syncDir(b.opts.OutputDir); err != nil {
+		return nil, err
+	}
+	b.step("install", b.opts.OutputDir, start)
+	return m, nil
+}
+
+func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+type agentInfo struct {
+	path   string
+	size   int64
+	sha256 string
+}
+
+// checkAgent makes sure the agent is a static ELF executable (the initrd has no libc or dynamic
+// loader) and hashes it.
+func checkAgent(p string) (agentInfo, error) {
+	if p == "" {
+		return agentInfo{}, errors.New("no agent binary given: build podvm-agent with `make` and pass its path")
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return agentInfo{}, fmt.Errorf("agent %s does not exist: build podvm-agent with `make`", p)
+		}
+		return agentInfo{}, fmt.Errorf("agent: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return agentInfo{}, fmt.Errorf("agent: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return agentInfo{}, fmt.Errorf("agent %s is not a regular file", p)
+	}
+	ef, err := elf.NewFile(f)
+	if err != nil {
+		return agentInfo{}, fmt.Errorf("agent %s is not an ELF executable (%v): build podvm-agent with `make`", p, err)
+	}
+	for _, prog := range ef.Progs {
+		if prog.Type == elf.PT_INTERP {
+			return agentInfo{}, fmt.Errorf("agent %s is dynamically linked, but the initrd has no dynamic loader or libc: build it static (CGO_ENABLED=0, as `make` does)", p)
+		}
+	}
+	if ef.Type != elf.ET_EXEC && ef.Type != elf.ET_DYN {
+		return agentInfo{}, fmt.Errorf("agent %s is an ELF %v, not an executable", p, ef.Type)
+	}
+	h := sha256.New()
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return agentInfo{}, fmt.Errorf("agent: %w", err)
+	}
+	if _, err := io.Copy(h, f); err != nil {
+		return agentInfo{}, fmt.Errorf("agent %s: %w", p, err)
+	}
+	return agentInfo{path: p, size: fi.Size(), sha256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// resolve reads modules.dep and modules.builtin and orders the wanted modules with their
+// dependencies. It also returns which wanted modules are built in.
+func resolve(kt kernelTree, depPath string, wanted []string) ([]Module, []string, error) {
+	df, err := os.Open(depPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer df.Close()
+	dep, err := ParseModulesDep(df)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", depPath, err)
+	}
+	builtin := map[string]bool{}
+	bf, err := os.Open(filepath.Join(kt.modulesDir, "modules.builtin"))
+	switch {
+	case err == nil:
+		defer bf.Close()
+		if builtin, err = ParseModulesBuiltin(bf); err != nil {
+			return nil, nil, err
+		}
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, nil, err
+	}
+	mods, err := ResolveModules(dep, builtin, wanted)
+	if err != nil {
+		return nil, nil, err
+	}
+	var inKernel []string
+	for _, w := range wanted {
+		if n := ModuleName(strings.TrimSpace(w)); builtin[n] && !slices.Contains(inKernel, n) {
+			inKernel = append(inKernel, n)
+		}
+	}
+	return mods, inKernel, nil
+}
+
+// initrdEntry is one file of the initrd before it is written.
+type initrdEntry struct {
+	hdr  CPIOHeader
+	data []byte // regular file contents, unless src is set
+	src  string // regular file copied from disk (hdr.Size bytes)
+}
+
+// writeInitrd writes the initrd archive to w and returns the modules as stored in it.
+func writeInitrd(ctx context.Context, w io.Writer, comp Compression, kt kernelTree, mods []Module, agent agentInfo) ([]InitrdModule, error) {
+	entries := map[string]*initrdEntry{}
+	dir := func(name string, perm fs.FileMode) {
+		entries[name] = &initrdEntry{hdr: CPIOHeader{Name: name, Mode: fs.ModeDir | perm}}
+	}
+	// Mount points and scratch directories. /sys/fs/cgroup is not here: sysfs, mounted on /sys,
+	// provides it.
+	for _, d := range []string{"dev", "proc", "sys", "run", "etc", "lib", "lib/modules"} {
+		dir(d, 0o755)
+	}
+	dir("tmp", 0o777|fs.ModeSticky)
+	entries["dev/console"] = &initrdEntry{hdr: CPIOHeader{Name: "dev/console", Mode: fs.ModeDevice | fs.ModeCharDevice | 0o600, DevMajor: 5, DevMinor: 1}}
+	entries["dev/null"] = &initrdEntry{hdr: CPIOHeader{Name: "dev/null", Mode: fs.ModeDevice | fs.ModeCharDevice | 0o666, DevMajor: 1, DevMinor: 3}}
+	entries["init"] = &initrdEntry{hdr: CPIOHeader{Name: "init", Mode: 0o755, Size: agent.size}, src: agent.path}
+
+	var list bytes.Buffer
+	var out []InitrdModule
+	for _, m := range mods {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		data, plain, err := readModule(filepath.Join(kt.modulesDir, filepath.FromSlash(m.Path)))
+		if err != nil {
+			return nil, fmt.Errorf("module %s: %w", m.Name, err)
+		}
+		name := path.Join("lib/modules", kt.version, path.Dir(m.Path), plain)
+		for d := path.Dir(name); d != "."; d = path.Dir(d) {
+			if entries[d] == nil {
+				dir(d, 0o755)
+			}
+		}
+		entries[name] = &initrdEntry{hdr: CPIOHeader{Name: name, Mode: 0o644, Size: int64(len(data))}, data: data}
+		out = append(out, InitrdModule{Name: m.Name, Path: "/" + name})
+		fmt.Fprintf(&list, "/%s\n", name)
+	}
+	listName := strings.TrimPrefix(ModulesListPath, "/")
+	entries[listName] = &initrdEntry{hdr: CPIOHeader{Name: listName, Mode: 0o644, Size: int64(list.Len())}, data: list.Bytes()}
+
+	names := make([]string, 0, len(entries))
+	for n := range entries {
+		names = append(names, n)
+	}
+	slices.Sort(names) // a directory sorts before everything under it
+
+	bw := bufio.NewWriterSize(w, 1<<20)
+	var dst io.Writer = bw
+	var gz *gzip.Writer
+	if comp == CompressGzip {
+		gz = gzip.NewWriter(bw) // zero header: no name, no mtime, so the output is reproducible
+		dst = gz
+	}
+	cw := NewCPIOWriter(dst)
+	for _, n := range names {
+		e := entries[n]
+		if err := cw.WriteHeader(&e.hdr); err != nil {
+			return nil, err
+		}
+		if e.src != "" {
+			if err := copyN(cw, e.src, e.hdr.Size); err != nil {
+				return nil, err
+			}
+		} else if len(e.data) > 0 {
+			if _, err := cw.Write(e.data); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := cw.Close(); err != nil {
+		return nil, err
+	}
+	if gz != nil {
+		if err := gz.Close(); err != nil {
+			return nil, err
+		}
+	}
+	if err := bw.Flush(); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// copyN copies exactly n bytes of the file at p to w (the file must not have changed size).
+func copyN(w io.Writer, p string, n int64) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := io.CopyN(w, f, n); err != nil {
+		return fmt.Errorf("copy %s: %w (did it change while building?)", p, err)
+	}
+	return nil
+}
+
+// readModule reads a module file, decompressing .ko.xz, .ko.zst and .ko.gz: the agent loads
+// modules with finit_module and does not rely on in-kernel decompression. It returns the data and
+// the plain file name (without the compression suffix).
+func readModule(p string) ([]byte, string, error) {
+	raw, err := os.ReadFile(p)
+	if err != nil {
+		return nil, "", err
+	}
+	base := filepath.Base(p)
+	var r io.Reader
+	switch ext := filepath.Ext(base); ext {
+	case ".ko":
+		return raw, base, nil
+	case ".xz":
+		xr, err := xz.NewReader(bytes.NewReader(raw))
+		if err != nil {
+			return nil, "", fmt.Errorf("xz: %w", err)
+		}
+		r = xr
+	case ".gz":
+		gr, err := gzip.NewReader(bytes.NewReader(raw))
+		if err != nil {
+			return nil, "", fmt.Errorf("gzip: %w", err)
+		}
+		defer gr.Close()
+		r = gr
+	case ".zst":
+		zr, err := zstd.NewReader(bytes.NewReader(raw), zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, "", fmt.Errorf("zstd: %w", err)
+		}
+		defer zr.Close()
+		r = zr
+	default:
+		return nil, "", fmt.Errorf("unknown module file type %q", ext)
+	}
+	// A module is a few MiB at most; refuse decompression bombs.
+	const maxModule = 256 << 20
+	data, err := io.ReadAll(io.LimitReader(r, maxModule+1))
+	if err != nil {
+		return nil, "", fmt.Errorf("decompress %s: %w", p, err)
+	}
+	if len(data) > maxModule {
+		return nil, "", fmt.Errorf("decompress %s: larger than %d MiB", p, maxModule>>20)
+	}
+	return data, strings.TrimSuffix(base, filepath.Ext(base)), nil
+}
+
+// stagedFile is an output file written under a temporary name and renamed into place by commit.
+type stagedFile struct {
+	f     *os.File
+	final string
+	size  int64
+	hash  hash.Hash
+	done  bool
+}
+
+func newStagedFile(dir, name string) (*stagedFile, error) {
+	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
+	if err != nil {
+		return nil, fmt.Errorf("create %s: %w", filepath.Join(dir, name), err)
+	}
+	return &stagedFile{f: f, final: filepath.Join(dir, name), hash: sha256.New()}, nil
+}
+
+func (s *stagedFile) Write(p []byte) (int, error) {
+	n, err := s.f.Write(p)
+	s.size += int64(n)
+	s.hash.Write(p[:n])
+	return n, err
+}
+
+// finish flushes the data to disk and closes the temporary file.
+func (s *stagedFile) finish() error {
+	if err := s.f.Chmod(0o644); err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	if err := s.f.Sync(); err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	if err := s.f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	return nil
+}
+
+func (s *stagedFile) commit() error {
+	if err := os.Rename(s.f.Name(), s.final); err != nil {
+		return fmt.Errorf("install %s: %w", s.final, err)
+	}
+	s.done = true
+	return nil
+}
+
+// discard removes the temporary file unless it was committed.
+func (s *stagedFile) discard() {
+	if !s.done {
+		s.f.Close()
+		os.Remove(s.f.Name())
+	}
+}
+
+func copyFile(dst io.Writer, src string) error {
+	f, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("copy kernel: %w", err)
+	}
+	defer f.Close()
+	if _, err := io.Copy(dst, f); err != nil {
+		return fmt.Errorf("copy kernel %s: %w", src, err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}
