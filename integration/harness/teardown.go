@@ -1,0 +1,389 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+)
+
+// Close tears the environment down now (it also runs as a t.Cleanup). It is idempotent.
+func (e *Env) Close(t testing.TB) {
+	t.Helper()
+	e.teardown(t)
+}
+
+func (e *Env) teardown(t testing.TB) {
+	t.Helper()
+	e.closeOnce.Do(func() {
+		if t.Failed() && e.ContainerdLog != "" {
+			t.Logf("harness: containerd log tail (%s):\n%s", e.ContainerdLog, e.LogTail(60))
+		}
+		start := time.Now()
+		e.closeErrs = e.doTeardown()
+		for _, msg := range e.closeErrs {
+			t.Errorf("harness teardown: %s", msg)
+		}
+		t.Logf("harness: teardown took %v", time.Since(start).Round(time.Millisecond))
+	})
+}
+
+func (e *Env) doTeardown() []string {
+	var errs []string
+	fail := func(format string, args ...any) { errs = append(errs, fmt.Sprintf(format, args...)) }
+	// Teardown runs after the test's context is gone; it has its own deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	if e.Runtime != nil && e.containerd != nil && !e.containerdExited() {
+		if err := e.RemoveAllPods(ctx); err != nil {
+			fail("removing pods: %v", err)
+		}
+	}
+	if e.Runtime != nil {
+		_ = e.Runtime.Close(ctx)
+	}
+	if e.Images != nil {
+		_ = e.Images.Close(ctx)
+	}
+	if e.containerd != nil && !e.containerdExited() {
+		_ = e.containerd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-e.exited:
+		case <-time.After(10 * time.Second):
+			fail("containerd did not exit 10s after SIGTERM; killed")
+			_ = e.containerd.Process.Kill()
+			<-e.exited
+		}
+	}
+
+	// Shims of this containerd, and anything else still running from its dirs or cgroups.
+	if e.grpcAddr != "" {
+		for _, p := range findProcesses(func(p procInfo) bool {
+			return strings.Contains(p.cmdline, "-address "+e.grpcAddr+" ") || strings.HasSuffix(p.cmdline, "-address "+e.grpcAddr)
+		}) {
+			_ = syscall.Kill(p.pid, syscall.SIGKILL)
+		}
+	}
+	e.killCgroupProcesses()
+	for _, p := range findProcesses(e.mentionsEnvDirs) {
+		_ = syscall.Kill(p.pid, syscall.SIGKILL)
+	}
+	waitGone(func() bool { return len(findProcesses(e.mentionsEnvDirs)) == 0 }, 5*time.Second)
+
+	for _, d := range e.envDirs() {
+		if err := unmountUnder(d); err != nil {
+			fail("%v", err)
+		}
+	}
+	if err := e.removeCgroups(); err != nil {
+		fail("%v", err)
+	}
+	if e.reg != nil {
+		sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+		_ = e.reg.close(sctx)
+		scancel()
+	}
+	if e.ns != nil {
+		if err := e.ns.delete(ctx); err != nil {
+			fail("%v", err)
+		}
+	}
+	if e.netName != "" {
+		caches, _ := filepath.Glob("/var/lib/cni/results/" + e.netName + "-*")
+		for _, c := range caches {
+			_ = os.Remove(c)
+		}
+	}
+	for _, d := range e.envDirs() {
+		if mounts, _ := mountsUnder(d); len(mounts) > 0 {
+			fail("not removing %s: still mounted: %s", d, strings.Join(mounts, ", "))
+			continue
+		}
+		if err := os.RemoveAll(d); err != nil {
+			fail("remove %s: %v", d, err)
+		}
+	}
+	return errs
+}
+
+func (e *Env) containerdExited() bool {
+	select {
+	case <-e.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// RemoveAllPods stops and removes every pod sandbox (and with them their containers).
+func (e *Env) RemoveAllPods(ctx context.Context) error {
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	pods, err := e.Runtime.ListPodSandbox(lctx, nil)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("ListPodSandbox: %w", err)
+	}
+	var errs []error
+	for _, p := range pods {
+		sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		if err := e.Runtime.StopPodSandbox(sctx, p.Id); err != nil {
+			errs = append(errs, fmt.Errorf("StopPodSandbox %s (%s): %w", p.Id, p.GetMetadata().GetName(), err))
+		}
+		cancel()
+		rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		if err := e.Runtime.RemovePodSandbox(rctx, p.Id); err != nil {
+			errs = append(errs, fmt.Errorf("RemovePodSandbox %s (%s): %w", p.Id, p.GetMetadata().GetName(), err))
+		}
+		cancel()
+	}
+	return errors.Join(errs...)
+}
+
+func (e *Env) envDirs() []string {
+	var dirs []string
+	for _, d := range []string{e.Dir, e.RunDir} {
+		if d != "" {
+			dirs = append(dirs, d)
+		}
+	}
+	return dirs
+}
+
+func (e *Env) mentionsEnvDirs(p procInfo) bool {
+	for _, d := range e.envDirs() {
+		if strings.Contains(p.cmdline, d) {
+			return true
+		}
+	}
+	return false
+}
+
+// cgroupDirs returns this env's cgroup parent in every mounted cgroup hierarchy.
+func (e *Env) cgroupDirs() []string {
+	if e.CgroupParent == "" {
+		return nil
+	}
+	var dirs []string
+	hierarchies, _ := filepath.Glob("/sys/fs/cgroup/*")
+	hierarchies = append(hierarchies, "/sys/fs/cgroup")
+	for _, h := range hierarchies {
+		d := filepath.Join(h, e.CgroupParent)
+		if st, err := os.Stat(d); err == nil && st.IsDir() {
+			dirs = append(dirs, d)
+		}
+	}
+	return dirs
+}
+
+func (e *Env) killCgroupProcesses() {
+	for _, d := range e.cgroupDirs() {
+		_ = filepath.WalkDir(d, func(p string, de os.DirEntry, err error) error {
+			if err != nil || de.IsDir() || de.Name() != "cgroup.procs" {
+				return nil
+			}
+			b, _ := os.ReadFile(p)
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil && pid != os.Getpid() {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+			return nil
+		})
+	}
+}
+
+// removeCgroups removes the cgroup parent's tree, deepest first, once its processes are gone.
+func (e *Env) removeCgroups() error {
+	var leftover []string
+	for _, d := range e.cgroupDirs() {
+		var sub []string
+		_ = filepath.WalkDir(d, func(p string, de os.DirEntry, err error) error {
+			if err == nil && de.IsDir() {
+				sub = append(sub, p)
+			}
+			return nil
+		})
+		sort.Slice(sub, func(i, j int) bool { return len(sub[i]) > len(sub[j]) })
+		for _, s := range sub {
+			var err error
+			for range 50 { // a killed process leaves its cgroup a moment later
+				if err = unix.Rmdir(s); err == nil || errors.Is(err, unix.ENOENT) {
+					err = nil
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if err != nil {
+				leftover = append(leftover, fmt.Sprintf("%s (%v)", s, err))
+			}
+		}
+	}
+	if len(leftover) > 0 {
+		return fmt.Errorf("cgroups left behind: %s", strings.Join(leftover, ", "))
+	}
+	return nil
+}
+
+// mountsUnder lists the mount points under dir (dir itself included), deepest first.
+func mountsUnder(dir string) ([]string, error) {
+	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return !(m.Mountpoint == dir || strings.HasPrefix(m.Mountpoint, dir+"/")), false
+	})
+	if err != nil {
+		return nil, err
+	}
+	var mps []string
+	for _, m := range infos {
+		mps = append(mps, m.Mountpoint)
+	}
+	sort.Slice(mps, func(i, j int) bool { return len(mps[i]) > len(mps[j]) })
+	return mps, nil
+}
+
+func unmountUnder(dir string) error {
+	for range 5 { // stacked mounts need several rounds
+		mps, err := mountsUnder(dir)
+		if err != nil {
+			return fmt.Errorf("read mounts: %w", err)
+		}
+		if len(mps) == 0 {
+			return nil
+		}
+		for _, mp := range mps {
+			_ = unix.Unmount(mp, unix.MNT_DETACH)
+		}
+	}
+	mps, _ := mountsUnder(dir)
+	if len(mps) > 0 {
+		return fmt.Errorf("could not unmount under %s: %s", dir, strings.Join(mps, ", "))
+	}
+	return nil
+}
+
+type procInfo struct {
+	pid     int
+	comm    string
+	argv0   string
+	cmdline string // arguments joined by spaces
+}
+
+// findProcesses returns every process (but this one) for which match is true.
+func findProcesses(match func(procInfo) bool) []procInfo {
+	entries, _ := os.ReadDir("/proc")
+	var out []procInfo
+	for _, de := range entries {
+		pid, err := strconv.Atoi(de.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join("/proc", de.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		comm, _ := os.ReadFile(filepath.Join("/proc", de.Name(), "comm"))
+		args := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
+		p := procInfo{pid: pid, comm: strings.TrimSpace(string(comm)), cmdline: strings.Join(args, " ")}
+		if len(args) > 0 {
+			p.argv0 = filepath.Base(args[0])
+		}
+		if isZombie(pid) {
+			continue
+		}
+		if match(p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z' || s[i+2] == 'X'
+}
+
+func waitGone(done func() bool, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for !done() && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// AssertNoLeaks tears the environment down (if it is still up) and checks that nothing is left:
+// no process mentioning the env's directories, no mounts under them, the directories, cgroups
+// and network namespace gone, no process matching Options.LeakProcessNames, and
+// Options.LeakDirs empty or absent.
+func (e *Env) AssertNoLeaks(t testing.TB) {
+	t.Helper()
+	e.teardown(t)
+	waitGone(func() bool { return len(e.leaks()) == 0 }, 5*time.Second)
+	for _, l := range e.leaks() {
+		t.Errorf("leak: %s", l)
+	}
+}
+
+func (e *Env) leaks() []string {
+	var leaks []string
+	for _, p := range findProcesses(e.mentionsEnvDirs) {
+		leaks = append(leaks, fmt.Sprintf("process %d still running: %s", p.pid, p.cmdline))
+	}
+	if len(e.opts.LeakProcessNames) > 0 {
+		for _, p := range findProcesses(func(p procInfo) bool {
+			for _, n := range e.opts.LeakProcessNames {
+				if strings.HasPrefix(p.comm, n) || strings.HasPrefix(p.argv0, n) {
+					return true
+				}
+			}
+			return false
+		}) {
+			leaks = append(leaks, fmt.Sprintf("process %d (%s) still running: %s", p.pid, p.comm, p.cmdline))
+		}
+	}
+	for _, d := range e.envDirs() {
+		if mps, _ := mountsUnder(d); len(mps) > 0 {
+			leaks = append(leaks, fmt.Sprintf("mounts under %s: %s", d, strings.Join(mps, ", ")))
+		}
+		if _, err := os.Stat(d); err == nil {
+			leaks = append(leaks, "directory still exists: "+d)
+		}
+	}
+	for _, d := range e.cgroupDirs() {
+		leaks = append(leaks, "cgroup still exists: "+d)
+	}
+	if e.NetNS != "" {
+		if _, err := os.Stat("/run/netns/" + e.NetNS); err == nil {
+			leaks = append(leaks, "network namespace still exists: "+e.NetNS)
+		}
+	}
+	if e.netName != "" {
+		if caches, _ := filepath.Glob("/var/lib/cni/results/" + e.netName + "-*"); len(caches) > 0 {
+			leaks = append(leaks, "CNI result cache left: "+strings.Join(caches, ", "))
+		}
+	}
+	for _, d := range e.opts.LeakDirs {
+		entries, err := os.ReadDir(d)
+		if err == nil && len(entries) > 0 {
+			var names []string
+			for _, de := range entries {
+				names = append(names, de.Name())
+			}
+			leaks = append(leaks, fmt.Sprintf("%s not empty: %s", d, strings.Join(names, ", ")))
+		}
+	}
+	return leaks
+}
