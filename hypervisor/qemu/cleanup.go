@@ -1,0 +1,74 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/containerd/log"
+)
+
+// Cleanup stops what a VM with this state dir may have left behind when its owner died:
+// the QEMU and virtiofsd recorded in the pidfiles (only after checking that
+// /proc/<pid>/cmdline really is that process for this state dir) and the SharedDir bind
+// mount. It does not remove the state dir. Calling it on a clean or missing dir is a no-op.
+func Cleanup(ctx context.Context, stateDir string) error {
+	if !filepath.IsAbs(stateDir) {
+		return fmt.Errorf("cleaning up VM state: %q is not an absolute path", stateDir)
+	}
+	var errs []error
+	procs := []struct {
+		pidFile, binary, marker string
+	}{
+		{QEMUPidFile, "qemu", filepath.Join(stateDir, QEMUPidFile)},
+		{VirtiofsdPid, "virtiofsd", filepath.Join(stateDir, VirtiofsdSocket)},
+	}
+	for _, p := range procs {
+		pidFile := filepath.Join(stateDir, p.pidFile)
+		pid, err := readPidFile(pidFile)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if pid == 0 {
+			continue
+		}
+		if processIs(pid, p.binary, p.marker) {
+			log.G(ctx).WithField("pid", pid).WithField("binary", p.binary).Info("killing leftover process")
+			if pgid, err := syscall.Getpgid(pid); err == nil && pgid == pid {
+				syscall.Kill(-pid, syscall.SIGKILL) // virtiofsd's sandboxed child too
+			}
+			if err := killAndWait(ctx, pid); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
+		if err := os.Remove(pidFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	record := filepath.Join(stateDir, SharedMountFile)
+	if b, err := os.ReadFile(record); err == nil {
+		dir := strings.TrimSpace(string(b))
+		if filepath.IsAbs(dir) {
+			if err := unmountShared(stateDir, dir); err != nil {
+				errs = append(errs, err)
+			}
+		} else {
+			os.Remove(record)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	for _, s := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
+		os.Remove(filepath.Join(stateDir, s))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("cleaning up VM state in %s: %w", stateDir, err)
+	}
+	return nil
+}

@@ -1,0 +1,204 @@
+package qemu
+
+import (
+	"net"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/podvm/podvm/hypervisor"
+)
+
+func baseConfig() Config {
+	return Config{
+		ID:             "pod1",
+		StateDir:       "/run/podvm/pod1",
+		QEMUPath:       "/usr/bin/qemu-system-x86_64",
+		Accel:          AccelTCG,
+		AgentTransport: TransportSerial,
+		Kernel:         "/usr/share/podvm/vmlinuz",
+		Initrd:         "/usr/share/podvm/initrd",
+		Firmware:       "/usr/share/qemu/qboot.rom",
+	}
+}
+
+func TestArgs(t *testing.T) {
+	tap1, tap2 := os.NewFile(100, "tap1"), os.NewFile(101, "tap2")
+	mac, _ := net.ParseMAC("02:00:00:00:00:01")
+	tests := []struct {
+		name    string
+		mod     func(c *Config)
+		want    []string // consecutive argument pairs or single args that must appear
+		notWant []string // substrings no argument may contain
+	}{
+		{
+			name: "tcg serial defaults",
+			want: []string{
+				"-name podvm-pod1,debug-threads=on",
+				"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+				"-machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
+				"-accel tcg,tb-size=64", "-smp 1", "-m 512M",
+				"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",
+				"-bios /usr/share/qemu/qboot.rom",
+				"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
+				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests quiet",
+				"-chardev file,id=console,path=/run/podvm/pod1/console.log,append=on", "-serial chardev:console",
+				"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
+				"-pidfile /run/podvm/pod1/qemu.pid",
+				"-device virtio-serial-pci,id=vser",
+				"-chardev socket,id=agent,path=/run/podvm/pod1/agent.sock,server=on,wait=off",
+				"-device virtserialport,bus=vser.0,chardev=agent,name=podvm.agent",
+				"-device pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+				"-device pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
+				"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+			},
+			notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev"},
+		},
+		{
+			name: "kvm vsock debug sized",
+			mod: func(c *Config) {
+				c.Accel, c.AgentTransport, c.VsockCID = AccelKVM, TransportVsock, 42
+				c.VCPUs, c.MemoryMiB, c.Debug = 4, 2048, true
+				c.KernelParams = []string{"init=/podvm-agent", "panic=0"}
+				c.HotplugSlots = -1
+				c.Initrd, c.Firmware = "", ""
+			},
+			want: []string{
+				"-accel kvm", "-cpu host", "-smp 4", "-m 2048M",
+				"-object memory-backend-memfd,id=mem,size=2048M,share=on",
+				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests init=/podvm-agent panic=0",
+				"-device vhost-vsock-pci,id=vsock,guest-cid=42",
+			},
+			notWant: []string{"tcg", "virtio-serial", "quiet", "-initrd", "-bios", "pcie-root-port"},
+		},
+		{
+			name: "virtio-fs",
+			mod: func(c *Config) {
+				c.SharedDir, c.VirtiofsdPath, c.VirtiofsCache = "/run/podvm/pod1/shared", "/usr/lib/qemu/virtiofsd", "auto"
+			},
+			want: []string{
+				"-chardev socket,id=fs,path=/run/podvm/pod1/virtiofsd.sock",
+				"-device vhost-user-fs-pci,id=fs,chardev=fs,tag=podvm",
+			},
+		},
+		{
+			name: "net devices",
+			mod: func(c *Config) {
+				c.NetDevices = []*hypervisor.NetDevice{
+					{ID: "eth0", MAC: mac, MTU: 1450, TapFiles: []*os.File{tap1}},
+					{ID: "eth1", TapFiles: []*os.File{tap1, tap2}, VhostNet: true},
+				}
+				c.HotplugSlots = 3
+			},
+			want: []string{
+				"-netdev tap,id=net-eth0,vhost=off,fd=3",
+				"-device virtio-net-pci,id=nic-eth0,netdev=net-eth0,mac=02:00:00:00:00:01,host_mtu=1450",
+				"-netdev tap,id=net-eth1,vhost=on,fds=4:5",
+				"-device virtio-net-pci,id=nic-eth1,netdev=net-eth1,mq=on,vectors=6",
+				"-device pcie-root-port,id=hp2,bus=pcie.0,chassis=3",
+			},
+		},
+		{
+			name: "commas in paths are escaped",
+			mod:  func(c *Config) { c.StateDir = "/run/a,b" },
+			want: []string{"-chardev socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := baseConfig()
+			if tt.mod != nil {
+				tt.mod(&c)
+			}
+			args, err := c.Args()
+			if err != nil {
+				t.Fatal(err)
+			}
+			joined := "\x00" + strings.Join(args, "\x00") + "\x00"
+			for _, w := range tt.want {
+				if !strings.Contains(joined, "\x00"+strings.Replace(w, " ", "\x00", 1)+"\x00") {
+					t.Errorf("missing %q in\n%s", w, strings.Join(args, " "))
+				}
+			}
+			for _, nw := range tt.notWant {
+				for _, a := range args {
+					if strings.Contains(a, nw) {
+						t.Errorf("unexpected %q in argument %q", nw, a)
+					}
+				}
+			}
+		})
+	}
+	c := baseConfig()
+	c.NetDevices = []*hypervisor.NetDevice{{ID: "a", TapFiles: []*os.File{tap1}}, {ID: "b", TapFiles: []*os.File{tap2}}}
+	if ef := c.ExtraFiles(); len(ef) != 2 || ef[0] != tap1 || ef[1] != tap2 {
+		t.Fatalf("ExtraFiles %v", ef)
+	}
+}
+
+func TestArgsRejectsBadConfig(t *testing.T) {
+	tests := []struct {
+		name  string
+		mod   func(c *Config)
+		field string
+	}{
+		{"empty id", func(c *Config) { c.ID = "" }, "ID"},
+		{"id with comma", func(c *Config) { c.ID = "a,b" }, "ID"},
+		{"relative state dir", func(c *Config) { c.StateDir = "run/x" }, "StateDir"},
+		{"state dir too long for sockets", func(c *Config) { c.StateDir = "/" + strings.Repeat("x", 100) }, "StateDir"},
+		{"auto accel unresolved", func(c *Config) { c.Accel = AccelAuto }, "Accel"},
+		{"bad accel", func(c *Config) { c.Accel = "hvf" }, "Accel"},
+		{"no kernel", func(c *Config) { c.Kernel = "" }, "Kernel"},
+		{"relative initrd", func(c *Config) { c.Initrd = "initrd" }, "Initrd"},
+		{"tiny memory", func(c *Config) { c.MemoryMiB = 16 }, "MemoryMiB"},
+		{"too many vcpus", func(c *Config) { c.VCPUs = 1000 }, "VCPUs"},
+		{"param with space", func(c *Config) { c.KernelParams = []string{"a b"} }, "KernelParams"},
+		{"vsock without cid", func(c *Config) { c.AgentTransport = TransportVsock }, "VsockCID"},
+		{"bad transport", func(c *Config) { c.AgentTransport = "tcp" }, "AgentTransport"},
+		{"bad cache", func(c *Config) { c.SharedDir, c.VirtiofsdPath, c.VirtiofsCache = "/s", "/v", "none" }, "VirtiofsCache"},
+		{"shared without virtiofsd", func(c *Config) { c.SharedDir = "/s" }, "VirtiofsdPath"},
+		{"net without taps", func(c *Config) { c.NetDevices = []*hypervisor.NetDevice{{ID: "eth0"}} }, "NetDevices[0].TapFiles"},
+		{"net bad mtu", func(c *Config) {
+			c.NetDevices = []*hypervisor.NetDevice{{ID: "eth0", MTU: 10, TapFiles: []*os.File{os.Stdin}}}
+		}, "NetDevices[0].MTU"},
+		{"net duplicate", func(c *Config) {
+			c.NetDevices = []*hypervisor.NetDevice{{ID: "e", TapFiles: []*os.File{os.Stdin}}, {ID: "e", TapFiles: []*os.File{os.Stdin}}}
+		}, "NetDevices[1].ID"},
+		{"too many slots", func(c *Config) { c.HotplugSlots = 99 }, "HotplugSlots"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := baseConfig()
+			tt.mod(&c)
+			_, err := c.Args()
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if !strings.Contains(err.Error(), tt.field) {
+				t.Fatalf("error does not name %s: %v", tt.field, err)
+			}
+		})
+	}
+}
+
+func TestNewChecksFiles(t *testing.T) {
+	c := baseConfig()
+	c.QEMUPath = "/bin/true"
+	c.Kernel = "/nonexistent/vmlinuz"
+	c.Initrd = ""
+	c.Firmware = ""
+	_, err := New(c)
+	if err == nil || !strings.Contains(err.Error(), `Kernel "/nonexistent/vmlinuz"`) {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestDetectAccel(t *testing.T) {
+	a := DetectAccel()
+	if a != AccelKVM && a != AccelTCG {
+		t.Fatalf("DetectAccel() = %q", a)
+	}
+	if _, err := os.Stat("/dev/kvm"); err != nil && a != AccelTCG {
+		t.Fatalf("no /dev/kvm but DetectAccel() = %q", a)
+	}
+}

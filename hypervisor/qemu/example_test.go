@@ -1,0 +1,86 @@
+package qemu_test
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
+)
+
+// A typical test-machine VM: TCG, agent over virtio-serial, a virtio-fs share.
+func ExampleConfig_Args() {
+	cfg := qemu.Config{
+		ID:             "4f2a",
+		StateDir:       "/run/podvm/4f2a",
+		QEMUPath:       "/usr/bin/qemu-system-x86_64",
+		Accel:          qemu.AccelTCG,
+		AgentTransport: qemu.TransportSerial,
+		Kernel:         "/usr/share/podvm/vmlinuz",
+		Initrd:         "/usr/share/podvm/initrd",
+		Firmware:       "/usr/share/qemu/qboot.rom",
+		SharedDir:      "/run/podvm/4f2a/shared",
+		VirtiofsdPath:  "/usr/lib/qemu/virtiofsd",
+	}
+	args, err := cfg.Args()
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(strings.Join(args, " \\\n  "))
+	// Output:
+	// -name \
+	//   podvm-4f2a,debug-threads=on \
+	//   -nodefaults \
+	//   -no-user-config \
+	//   -nographic \
+	//   -no-reboot \
+	//   -machine \
+	//   q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off \
+	//   -accel \
+	//   tcg,tb-size=64 \
+	//   -smp \
+	//   1 \
+	//   -m \
+	//   512M \
+	//   -object \
+	//   memory-backend-memfd,id=mem,size=512M,share=on \
+	//   -numa \
+	//   node,memdev=mem \
+	//   -bios \
+	//   /usr/share/qemu/qboot.rom \
+	//   -kernel \
+	//   /usr/share/podvm/vmlinuz \
+	//   -initrd \
+	//   /usr/share/podvm/initrd \
+	//   -append \
+	//   console=ttyS0 panic=-1 reboot=k cryptomgr.notests quiet \
+	//   -chardev \
+	//   file,id=console,path=/run/podvm/4f2a/console.log,append=on \
+	//   -serial \
+	//   chardev:console \
+	//   -chardev \
+	//   socket,id=qmp,path=/run/podvm/4f2a/qmp.sock,server=on,wait=off \
+	//   -mon \
+	//   chardev=qmp,mode=control \
+	//   -pidfile \
+	//   /run/podvm/4f2a/qemu.pid \
+	//   -msg \
+	//   timestamp=on \
+	//   -device \
+	//   virtio-rng-pci,id=rng \
+	//   -device \
+	//   virtio-serial-pci,id=vser \
+	//   -chardev \
+	//   socket,id=agent,path=/run/podvm/4f2a/agent.sock,server=on,wait=off \
+	//   -device \
+	//   virtserialport,bus=vser.0,chardev=agent,name=podvm.agent \
+	//   -chardev \
+	//   socket,id=fs,path=/run/podvm/4f2a/virtiofsd.sock \
+	//   -device \
+	//   vhost-user-fs-pci,id=fs,chardev=fs,tag=podvm \
+	//   -device \
+	//   pcie-root-port,id=hp0,bus=pcie.0,chassis=1 \
+	//   -device \
+	//   pcie-root-port,id=hp1,bus=pcie.0,chassis=2 \
+	//   -sandbox \
+	//   on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny
+}

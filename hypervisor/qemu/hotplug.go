@@ -1,0 +1,246 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/hypervisor/qmp"
+)
+
+// maxSerial is virtio-blk's limit on the serial the guest sees.
+const maxSerial = 20
+
+// pluggedBlock is a hot-plugged virtio-blk device in root port slot.
+type pluggedBlock struct {
+	slot     int
+	node     string // block node name (format layer)
+	dev      string // QEMU device id
+	devGone  bool   // device_del completed; only the block node is left
+	unplugIs bool   // device_del was accepted at least once
+}
+
+// Names derive from the root port, not from the caller's ID, so any ID works and QEMU's
+// 31-character node-name limit is never hit.
+func blockNames(slot int) (node, dev string) {
+	rp := rootPort(slot)
+	return rp + "-drive", rp + "-disk"
+}
+
+// Hotplug implements hypervisor.Hypervisor. Block devices become virtio-blk-pci devices on
+// a free PCIe root port; hot-plugging NICs is not supported (cold-plug them via
+// Config.NetDevices).
+func (v *VM) Hotplug(ctx context.Context, d hypervisor.Device) error {
+	switch dev := d.(type) {
+	case *hypervisor.BlockDevice:
+		if err := v.hotplugBlock(ctx, dev); err != nil {
+			return fmt.Errorf("hot-plugging block device %q: %w", dev.ID, err)
+		}
+		return nil
+	case *hypervisor.NetDevice:
+		return fmt.Errorf("hot-plugging network device %q: %w; pass it in Config.NetDevices to add it at boot", dev.ID, errdefs.ErrNotImplemented)
+	case nil:
+		return fmt.Errorf("hot-plugging: nil device: %w", errdefs.ErrInvalidArgument)
+	default:
+		return fmt.Errorf("hot-plugging %T %q: unsupported device type: %w", d, d.DeviceID(), errdefs.ErrInvalidArgument)
+	}
+}
+
+// blockdevArgs validates d and returns the blockdev-add and device_add arguments.
+func blockdevArgs(d *hypervisor.BlockDevice, slot int) (blockdev, device map[string]any, err error) {
+	if d.ID == "" {
+		return nil, nil, fmt.Errorf("ID: required: %w", errdefs.ErrInvalidArgument)
+	}
+	if !filepath.IsAbs(d.Path) {
+		return nil, nil, fmt.Errorf("Path %q: must be an absolute path: %w", d.Path, errdefs.ErrInvalidArgument)
+	}
+	format := d.Format
+	switch format {
+	case "":
+		format = "raw"
+	case "raw", "qcow2":
+	default:
+		return nil, nil, fmt.Errorf("Format %q: must be raw or qcow2: %w", d.Format, errdefs.ErrInvalidArgument)
+	}
+	serial := d.Serial
+	if serial == "" {
+		serial = d.ID
+	}
+	if len(serial) > maxSerial {
+		return nil, nil, fmt.Errorf("Serial %q: longer than virtio-blk's %d bytes; set a shorter Serial: %w", serial, maxSerial, errdefs.ErrInvalidArgument)
+	}
+	direct := true
+	switch d.Cache {
+	case "", "none":
+	case "writeback":
+		direct = false
+	default:
+		return nil, nil, fmt.Errorf("Cache %q: must be none or writeback: %w", d.Cache, errdefs.ErrInvalidArgument)
+	}
+	aio := d.AIO
+	switch aio {
+	case "":
+		aio = "threads"
+	case "threads", "io_uring":
+	case "native":
+		if !direct {
+			return nil, nil, fmt.Errorf("AIO native needs Cache none (O_DIRECT): %w", errdefs.ErrInvalidArgument)
+		}
+	default:
+		return nil, nil, fmt.Errorf("AIO %q: must be threads, native or io_uring: %w", d.AIO, errdefs.ErrInvalidArgument)
+	}
+	st, err := os.Stat(d.Path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("Path: %w", err)
+	}
+	driver := "file"
+	switch {
+	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
+		driver = "host_device"
+	case st.Mode().IsRegular():
+	default:
+		return nil, nil, fmt.Errorf("Path %q: neither a block device nor a regular file: %w", d.Path, errdefs.ErrInvalidArgument)
+	}
+	node, dev := blockNames(slot)
+	cache := map[string]any{"direct": direct, "no-flush": false}
+	blockdev = map[string]any{
+		"driver":    format,
+		"node-name": node,
+		"read-only": d.ReadOnly,
+		"cache":     cache,
+		"file": map[string]any{
+			"driver":    driver,
+			"filename":  d.Path,
+			"aio":       aio,
+			"read-only": d.ReadOnly,
+			"cache":     cache,
+		},
+	}
+	device = map[string]any{
+		"driver": "virtio-blk-pci",
+		"id":     dev,
+		"drive":  node,
+		"bus":    rootPort(slot),
+		"serial": serial,
+	}
+	return blockdev, device, nil
+}
+
+func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error {
+	mon, err := v.monitor()
+	if err != nil {
+		return err
+	}
+	v.hp.Lock()
+	defer v.hp.Unlock()
+	if _, ok := v.plugged[d.ID]; ok {
+		return fmt.Errorf("already plugged: %w", errdefs.ErrAlreadyExists)
+	}
+	slot := -1
+	for i, id := range v.slots {
+		if id == "" {
+			slot = i
+			break
+		}
+	}
+	if slot < 0 {
+		return fmt.Errorf("all %d PCIe root ports for hot-plug are in use; raise Config.HotplugSlots: %w", len(v.slots), errdefs.ErrResourceExhausted)
+	}
+	blockdev, device, err := blockdevArgs(d, slot)
+	if err != nil {
+		return err
+	}
+	node, dev := blockNames(slot)
+	if err := mon.Execute(ctx, "blockdev-add", blockdev, nil); err != nil {
+		return err
+	}
+	if err := mon.Execute(ctx, "device_add", device, nil); err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), quitGrace)
+		defer cancel()
+		if derr := mon.Execute(cctx, "blockdev-del", map[string]any{"node-name": node}, nil); derr != nil {
+			v.logger(ctx).WithError(derr).Warn("removing block node after failed device_add")
+			// The node is still there: keep the slot taken so its name is not reused.
+			v.slots[slot] = d.ID
+			v.plugged[d.ID] = &pluggedBlock{slot: slot, node: node, dev: dev, devGone: true}
+		}
+		return err
+	}
+	v.slots[slot] = d.ID
+	v.plugged[d.ID] = &pluggedBlock{slot: slot, node: node, dev: dev}
+	return nil
+}
+
+// Unplug implements hypervisor.Hypervisor: device_del, wait for the guest to release the
+// device (DEVICE_DELETED) until ctx ends, then blockdev-del. After a ctx timeout Unplug
+// can be called again.
+func (v *VM) Unplug(ctx context.Context, id string) error {
+	if err := v.unplug(ctx, id); err != nil {
+		return fmt.Errorf("unplugging device %q: %w", id, err)
+	}
+	return nil
+}
+
+func (v *VM) unplug(ctx context.Context, id string) error {
+	mon, err := v.monitor()
+	if err != nil {
+		return err
+	}
+	v.hp.Lock()
+	defer v.hp.Unlock()
+	p, ok := v.plugged[id]
+	if !ok {
+		return fmt.Errorf("not plugged: %w", errdefs.ErrNotFound)
+	}
+	if !p.devGone {
+		deleted := v.expectDeleted(p.dev)
+		err := mon.Execute(ctx, "device_del", map[string]any{"id": p.dev}, nil)
+		var qe *qmp.Error
+		switch {
+		case err == nil:
+			p.unplugIs = true
+		case errors.As(err, &qe) && qe.Class == "DeviceNotFound":
+			// Gone already (e.g. its DEVICE_DELETED came after an earlier Unplug gave up).
+			v.forgetDeleted(p.dev)
+			close(deleted)
+		case errors.As(err, &qe) && p.unplugIs:
+			// A previous device_del is still pending in the guest; keep waiting for it.
+		default:
+			v.forgetDeleted(p.dev)
+			return err
+		}
+		select {
+		case <-deleted:
+		case <-ctx.Done():
+			v.forgetDeleted(p.dev)
+			return fmt.Errorf("waiting for the guest to release it: %w", ctx.Err())
+		case <-v.done:
+			return errors.New("qemu exited")
+		}
+		p.devGone = true
+	}
+	if err := mon.Execute(ctx, "blockdev-del", map[string]any{"node-name": p.node}, nil); err != nil {
+		return err
+	}
+	v.slots[p.slot] = ""
+	delete(v.plugged, id)
+	return nil
+}
+
+func (v *VM) expectDeleted(dev string) chan struct{} {
+	v.waitMu.Lock()
+	defer v.waitMu.Unlock()
+	ch := make(chan struct{})
+	v.deleted[dev] = ch
+	return ch
+}
+
+func (v *VM) forgetDeleted(dev string) {
+	v.waitMu.Lock()
+	defer v.waitMu.Unlock()
+	delete(v.deleted, dev)
+}

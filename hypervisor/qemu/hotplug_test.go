@@ -1,0 +1,271 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/hypervisor/qmp"
+)
+
+// fakeVM is a running VM whose monitor is a FakeMonitor; no QEMU involved.
+func fakeVM(t *testing.T) (*VM, *qmp.FakeMonitor) {
+	t.Helper()
+	cfg := baseConfig()
+	cfg.setPureDefaults()
+	v := newVM(cfg)
+	mon := qmp.NewFakeMonitor()
+	v.attachMonitor(context.Background(), mon)
+	v.setState(stateRunning)
+	t.Cleanup(func() { mon.Close() })
+	return v, mon
+}
+
+func diskImage(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(p, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// autoDelete makes the fake emit DEVICE_DELETED for every device_del, like a guest that
+// releases devices.
+func autoDelete(mon *qmp.FakeMonitor) {
+	mon.SetHook(func(cmd string, args json.RawMessage) (any, bool, error) {
+		if cmd != "device_del" {
+			return nil, false, nil
+		}
+		var a struct{ ID string }
+		json.Unmarshal(args, &a)
+		go mon.InjectEvent(qmp.Event{Name: "DEVICE_DELETED", Data: json.RawMessage(`{"device":"` + a.ID + `","path":"/machine/peripheral/` + a.ID + `"}`)})
+		return struct{}{}, true, nil
+	})
+}
+
+func TestHotplugBlock(t *testing.T) {
+	img := diskImage(t)
+	tests := []struct {
+		name      string
+		dev       *hypervisor.BlockDevice
+		blockdev  string // expected blockdev-add arguments (JSON)
+		deviceAdd string // expected device_add arguments (JSON)
+	}{
+		{
+			name:      "raw defaults",
+			dev:       &hypervisor.BlockDevice{ID: "vol1", Path: img},
+			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"threads","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"` + img + `","read-only":false},"node-name":"hp0-drive","read-only":false}`,
+			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"vol1"}`,
+		},
+		{
+			name:      "qcow2 read-only writeback with serial",
+			dev:       &hypervisor.BlockDevice{ID: "a-very-long-device-identifier", Path: img, Format: "qcow2", ReadOnly: true, Cache: "writeback", Serial: "pvc-1", AIO: "io_uring"},
+			blockdev:  `{"cache":{"direct":false,"no-flush":false},"driver":"qcow2","file":{"aio":"io_uring","cache":{"direct":false,"no-flush":false},"driver":"file","filename":"` + img + `","read-only":true},"node-name":"hp0-drive","read-only":true}`,
+			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"pvc-1"}`,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v, mon := fakeVM(t)
+			autoDelete(mon)
+			ctx := context.Background()
+			if err := v.Hotplug(ctx, tt.dev); err != nil {
+				t.Fatal(err)
+			}
+			calls := mon.Calls()
+			if len(calls) != 2 || calls[0].Cmd != "blockdev-add" || calls[1].Cmd != "device_add" {
+				t.Fatalf("calls %v", mon.Commands())
+			}
+			if string(calls[0].Args) != tt.blockdev {
+				t.Errorf("blockdev-add %s\nwant         %s", calls[0].Args, tt.blockdev)
+			}
+			if string(calls[1].Args) != tt.deviceAdd {
+				t.Errorf("device_add %s\nwant       %s", calls[1].Args, tt.deviceAdd)
+			}
+			if err := v.Unplug(ctx, tt.dev.ID); err != nil {
+				t.Fatal(err)
+			}
+			calls = mon.Calls()[2:]
+			if len(calls) != 2 || string(calls[0].Args) != `{"id":"hp0-disk"}` || calls[1].Cmd != "blockdev-del" || string(calls[1].Args) != `{"node-name":"hp0-drive"}` {
+				t.Fatalf("unplug calls %+v", calls)
+			}
+			if err := v.Unplug(ctx, tt.dev.ID); !errors.Is(err, errdefs.ErrNotFound) {
+				t.Fatalf("second Unplug: %v", err)
+			}
+		})
+	}
+}
+
+func TestHotplugErrors(t *testing.T) {
+	img := diskImage(t)
+	ctx := context.Background()
+	tests := []struct {
+		name    string
+		setup   func(v *VM, mon *qmp.FakeMonitor)
+		dev     hypervisor.Device
+		wantErr string
+		is      error
+		cmds    []string
+	}{
+		{name: "relative path", dev: &hypervisor.BlockDevice{ID: "d", Path: "disk.img"}, wantErr: "Path", is: errdefs.ErrInvalidArgument},
+		{name: "missing file", dev: &hypervisor.BlockDevice{ID: "d", Path: "/nonexistent.img"}, wantErr: "Path"},
+		{name: "bad format", dev: &hypervisor.BlockDevice{ID: "d", Path: img, Format: "vmdk"}, wantErr: "Format"},
+		{name: "long serial", dev: &hypervisor.BlockDevice{ID: "012345678901234567890", Path: img}, wantErr: "Serial"},
+		{name: "native aio with writeback", dev: &hypervisor.BlockDevice{ID: "d", Path: img, AIO: "native", Cache: "writeback"}, wantErr: "AIO native"},
+		{name: "directory", dev: &hypervisor.BlockDevice{ID: "d", Path: filepath.Dir(img)}, wantErr: "neither a block device"},
+		{name: "net device", dev: &hypervisor.NetDevice{ID: "eth1"}, wantErr: "Config.NetDevices", is: errdefs.ErrNotImplemented},
+		{
+			name: "blockdev-add error keeps class",
+			setup: func(v *VM, mon *qmp.FakeMonitor) {
+				mon.SetReply("blockdev-add", nil, &qmp.Error{Class: "GenericError", Desc: "Could not open"})
+			},
+			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			wantErr: "qmp: blockdev-add: GenericError: Could not open",
+			cmds:    []string{"blockdev-add"},
+		},
+		{
+			name: "device_add failure removes the block node",
+			setup: func(v *VM, mon *qmp.FakeMonitor) {
+				mon.SetReply("device_add", nil, &qmp.Error{Class: "GenericError", Desc: "Bus 'hp0' not found"})
+			},
+			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			wantErr: "Bus 'hp0' not found",
+			cmds:    []string{"blockdev-add", "device_add", "blockdev-del"},
+		},
+		{
+			name: "no free slot",
+			setup: func(v *VM, mon *qmp.FakeMonitor) {
+				for _, id := range []string{"x", "y"} {
+					if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, Path: img}); err != nil {
+						panic(err)
+					}
+				}
+			},
+			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			wantErr: "raise Config.HotplugSlots",
+			is:      errdefs.ErrResourceExhausted,
+			cmds:    []string{"blockdev-add", "device_add", "blockdev-add", "device_add"},
+		},
+		{
+			name:    "duplicate id",
+			setup:   func(v *VM, mon *qmp.FakeMonitor) { v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", Path: img}) },
+			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			is:      errdefs.ErrAlreadyExists,
+			wantErr: "already plugged",
+			cmds:    []string{"blockdev-add", "device_add"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v, mon := fakeVM(t)
+			if tt.setup != nil {
+				tt.setup(v, mon)
+			}
+			err := v.Hotplug(ctx, tt.dev)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("got %v, want error containing %q", err, tt.wantErr)
+			}
+			if tt.is != nil && !errors.Is(err, tt.is) {
+				t.Fatalf("error %v is not %v", err, tt.is)
+			}
+			if got := strings.Join(mon.Commands(), ","); got != strings.Join(tt.cmds, ",") {
+				t.Fatalf("commands %q, want %q", got, tt.cmds)
+			}
+		})
+	}
+}
+
+func TestHotplugFreesSlotOnUnplug(t *testing.T) {
+	v, mon := fakeVM(t)
+	autoDelete(mon)
+	img := diskImage(t)
+	ctx := context.Background()
+	for _, id := range []string{"a", "b"} {
+		if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, Path: img}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Unplug(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "c", Path: img}); err != nil {
+		t.Fatal(err)
+	}
+	last := mon.Calls()[len(mon.Calls())-1]
+	if !strings.Contains(string(last.Args), `"bus":"hp0"`) {
+		t.Fatalf("c did not reuse slot hp0: %s", last.Args)
+	}
+}
+
+func TestUnplugTimeoutThenRetry(t *testing.T) {
+	v, mon := fakeVM(t)
+	img := diskImage(t)
+	ctx := context.Background()
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", Path: img}); err != nil {
+		t.Fatal(err)
+	}
+	// The guest does not release the device in time.
+	tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := v.Unplug(tctx, "d"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v", err)
+	}
+	// It does later; the event went unobserved, so QEMU now says the device is gone.
+	mon.SetReply("device_del", nil, &qmp.Error{Class: "DeviceNotFound", Desc: "Device 'hp0-disk' not found"})
+	if err := v.Unplug(ctx, "d"); err != nil {
+		t.Fatal(err)
+	}
+	if cmds := mon.Commands(); cmds[len(cmds)-1] != "blockdev-del" {
+		t.Fatalf("commands %v", cmds)
+	}
+}
+
+func TestPauseResumeAndState(t *testing.T) {
+	ctx := context.Background()
+	v, mon := fakeVM(t)
+	if err := v.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mon.SetReply("cont", nil, &qmp.Error{Class: "GenericError", Desc: "nope"})
+	var qe *qmp.Error
+	if err := v.Resume(ctx); !errors.As(err, &qe) || qe.Class != "GenericError" {
+		t.Fatalf("got %v", err)
+	}
+	if got := strings.Join(mon.Commands(), ","); got != "stop,cont,cont" {
+		t.Fatalf("commands %s", got)
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !mon.Closed() {
+		t.Fatal("monitor not closed by Stop")
+	}
+	if err := v.Pause(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("Pause after Stop: %v", err)
+	}
+	if err := v.Start(ctx); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("Start after Stop: %v", err)
+	}
+
+	nv := newVM(baseConfig())
+	if err := nv.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-nv.Done():
+	default:
+		t.Fatal("Done open after Stop of a never-started VM")
+	}
+}

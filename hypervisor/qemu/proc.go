@@ -1,0 +1,123 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func writePidFile(path string, pid int) error {
+	if err := os.WriteFile(path, []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("writing pid file: %w", err)
+	}
+	return nil
+}
+
+// readPidFile returns the pid in path, 0 when the file does not exist.
+func readPidFile(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("reading pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("pid file %s: %q is not a pid", path, bytes.TrimSpace(b))
+	}
+	return pid, nil
+}
+
+// processArgs returns /proc/<pid>/cmdline split into arguments, nil if pid is gone.
+func processArgs(pid int) []string {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil || len(b) == 0 {
+		return nil
+	}
+	return strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+}
+
+// processIs reports whether pid is alive and its command line has an argv[0] whose base
+// name contains binary and an argument containing marker (a path inside the state dir), so
+// a recycled pid is never mistaken for ours.
+func processIs(pid int, binary, marker string) bool {
+	args := processArgs(pid)
+	if len(args) == 0 {
+		return false
+	}
+	base := args[0][strings.LastIndexByte(args[0], '/')+1:]
+	if !strings.Contains(base, binary) {
+		return false
+	}
+	for _, a := range args[1:] {
+		if strings.Contains(a, marker) {
+			return true
+		}
+	}
+	return false
+}
+
+// killAndWait SIGKILLs pid (not our child, so it cannot be waited for) and polls until it
+// is gone or ctx ends.
+func killAndWait(ctx context.Context, pid int) error {
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		if errors.Is(err, syscall.ESRCH) {
+			return nil
+		}
+		return fmt.Errorf("killing pid %d: %w", pid, err)
+	}
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		// A zombie (waited for by nobody yet) has an empty cmdline; count it as gone.
+		if processArgs(pid) == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for pid %d to exit: %w", pid, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// logTail returns the last lines of a log file, for error messages.
+func logTail(path string) string {
+	const max = 2048
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Sprintf("(no log: %v)", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Sprintf("(no log: %v)", err)
+	}
+	off := max64(0, st.Size()-max)
+	buf := make([]byte, st.Size()-off)
+	n, _ := f.ReadAt(buf, off)
+	s := strings.TrimSpace(string(buf[:n]))
+	if off > 0 {
+		if i := strings.IndexByte(s, '\n'); i >= 0 {
+			s = s[i+1:]
+		}
+	}
+	if s == "" {
+		return "(" + path + " is empty)"
+	}
+	return path + ": " + s
+}
+
+func max64(a, b int64) int64 {
+	if a > b {
+		return a
+	}
+	return b
+}

@@ -1,0 +1,315 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/hypervisor"
+)
+
+// The tests in this file run a real QEMU (TCG) with a real virtiofsd. They need root, QEMU,
+// virtiofsd and a guest kernel: PODVM_TEST_KERNEL (a vmlinuz), or the Debian
+// linux-image-*-cloud-amd64 .deb in /opt/podvm-dev/kernel. Missing prerequisites skip the
+// tests, except with CI=true, where they fail them.
+
+func requireReal(t *testing.T) (kernel string) {
+	t.Helper()
+	missing := func(format string, a ...any) {
+		t.Helper()
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("real QEMU test prerequisite missing: "+format, a...)
+		}
+		t.Skipf("real QEMU test prerequisite missing: "+format, a...)
+	}
+	if os.Geteuid() != 0 {
+		missing("not root")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		missing("qemu-system-x86_64: %v", err)
+	}
+	if findVirtiofsd() == "" {
+		missing("virtiofsd")
+	}
+	if k := os.Getenv("PODVM_TEST_KERNEL"); k != "" {
+		return k
+	}
+	debs, _ := filepath.Glob("/opt/podvm-dev/kernel/linux-image-*.deb")
+	if len(debs) == 0 {
+		missing("no kernel: set PODVM_TEST_KERNEL or put linux-image-*-cloud-amd64 .deb in /opt/podvm-dev/kernel")
+	}
+	dir := t.TempDir()
+	cmd := exec.Command("sh", "-c", `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './boot/vmlinuz-*'`, "sh", debs[0], dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		missing("extracting kernel from %s: %v: %s", debs[0], err, out)
+	}
+	ks, _ := filepath.Glob(filepath.Join(dir, "boot", "vmlinuz-*"))
+	if len(ks) == 0 {
+		missing("no boot/vmlinuz-* in %s", debs[0])
+	}
+	return ks[0]
+}
+
+func realConfig(t *testing.T, kernel string) Config {
+	dir := t.TempDir()
+	shared := filepath.Join(dir, "shared")
+	if err := os.Mkdir(shared, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return Config{
+		ID:             "real-" + strconv.Itoa(os.Getpid()),
+		StateDir:       filepath.Join(dir, "state"),
+		Accel:          AccelTCG,
+		AgentTransport: TransportSerial,
+		MemoryMiB:      256,
+		Kernel:         kernel,
+		// No initrd: the kernel panics for lack of a root fs; panic=0 keeps it (and QEMU)
+		// there instead of rebooting, i.e. exiting.
+		KernelParams: []string{"panic=0"},
+		Debug:        true, // no "quiet": the test looks for "Linux version"
+		SharedDir:    shared,
+	}
+}
+
+// leftovers lists processes whose command line mentions dir and mounts under dir.
+func leftovers(t *testing.T, dir string) []string {
+	t.Helper()
+	var found []string
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if args := processArgs(pid); strings.Contains(strings.Join(args, " "), dir) {
+			found = append(found, "process "+e.Name()+": "+strings.Join(args, " "))
+		}
+	}
+	points, err := mountPoints("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range points {
+		if strings.HasPrefix(p, dir) {
+			found = append(found, "mount "+p)
+		}
+	}
+	return found
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// descendants returns pid and all its descendants.
+func descendants(pid int) []int {
+	out := []int{pid}
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(pid) + "/children")
+	for _, f := range strings.Fields(string(b)) {
+		if c, err := strconv.Atoi(f); err == nil {
+			out = append(out, descendants(c)...)
+		}
+	}
+	return out
+}
+
+func TestRealVM(t *testing.T) {
+	kernel := requireReal(t)
+	cfg := realConfig(t, kernel)
+	testDir := filepath.Dir(cfg.StateDir)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	v, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		v.Stop(context.Background())
+		Cleanup(context.Background(), cfg.StateDir)
+	})
+	start := time.Now()
+	if err := v.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("started in %s, pid %d", time.Since(start), v.Pid())
+	if v.Pid() <= 0 {
+		t.Fatal("no pid")
+	}
+
+	// A mount made under SharedDir after virtiofsd started must reach virtiofsd's sandbox.
+	late := filepath.Join(cfg.SharedDir, "late")
+	if err := os.Mkdir(late, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", late, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	myNS, _ := os.Readlink("/proc/self/ns/mnt")
+	sandboxed := false
+	waitFor(t, "the late mount in virtiofsd's mount namespace", 5*time.Second, func() bool {
+		for _, pid := range descendants(v.fs.pid()) {
+			ns, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/ns/mnt")
+			if ns == "" || ns == myNS {
+				continue
+			}
+			sandboxed = true
+			points, _ := mountPoints("/proc/" + strconv.Itoa(pid) + "/mountinfo")
+			for _, p := range points {
+				if p == "/late" || p == late {
+					return true
+				}
+			}
+		}
+		return false
+	})
+	if !sandboxed {
+		t.Fatal("virtiofsd runs in no mount namespace of its own")
+	}
+
+	waitFor(t, "kernel output on the console", 15*time.Second, func() bool {
+		b, _ := os.ReadFile(v.ConsolePath())
+		return strings.Contains(string(b), "Linux version")
+	})
+	t.Logf("kernel output after %s", time.Since(start))
+
+	conn, err := v.DialAgent(ctx)
+	if err != nil {
+		t.Fatalf("DialAgent: %v", err)
+	}
+	conn.Close()
+
+	if err := v.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := v.Status(ctx); err != nil || st != "paused" {
+		t.Fatalf("after Pause: %q %v", st, err)
+	}
+	if err := v.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := v.Status(ctx); err != nil || st != "running" {
+		t.Fatalf("after Resume: %q %v", st, err)
+	}
+
+	// Hot-plug against the real QEMU checks the blockdev-add/device_add arguments. The
+	// panicked guest never acknowledges an unplug, so Unplug must give up with ctx.
+	img := filepath.Join(testDir, "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []*hypervisor.BlockDevice{
+		{ID: "disk0", Path: img, ReadOnly: true},
+		{ID: "disk1", Path: img, Cache: "writeback", ReadOnly: true},
+	} {
+		if err := v.Hotplug(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "disk2", Path: img}); err == nil {
+		t.Fatal("third hot-plug with 2 slots succeeded")
+	}
+	uctx, ucancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err = v.Unplug(uctx, "disk0")
+	ucancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Unplug in a dead guest: %v, want deadline exceeded", err)
+	}
+
+	qemuPid := v.Pid()
+	// The tmpfs under SharedDir stays mounted: Stop's detach of the bind must take it along.
+	stopStart := time.Now()
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("stopped in %s", time.Since(stopStart))
+	select {
+	case <-v.Done():
+	default:
+		t.Fatal("Done not closed after Stop")
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatalf("second Stop: %v", err)
+	}
+	if err := unix.Kill(qemuPid, 0); err == nil {
+		t.Fatalf("qemu pid %d still exists", qemuPid)
+	}
+	if l := leftovers(t, testDir); len(l) > 0 {
+		t.Fatalf("left behind: %v", l)
+	}
+}
+
+func TestRealStartFailureCleansUp(t *testing.T) {
+	requireReal(t)
+	notAKernel := filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(notAKernel, []byte("this is not a kernel\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := realConfig(t, notAKernel)
+	v, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = v.Start(ctx)
+	if err == nil {
+		v.Stop(ctx)
+		t.Fatal("Start with a bogus kernel succeeded")
+	}
+	t.Logf("Start error: %v", err)
+	if !strings.Contains(err.Error(), "qemu exited during startup") || !strings.Contains(err.Error(), "qemu.log") {
+		t.Fatalf("error lacks QEMU's own complaint: %v", err)
+	}
+	if l := leftovers(t, filepath.Dir(cfg.StateDir)); len(l) > 0 {
+		t.Fatalf("left behind: %v", l)
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatalf("Stop after failed Start: %v", err)
+	}
+}
+
+func TestRealCleanupAfterCrash(t *testing.T) {
+	kernel := requireReal(t)
+	cfg := realConfig(t, kernel)
+	v, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := v.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The shim "died": a new one only has the state dir.
+	if err := Cleanup(ctx, cfg.StateDir); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-v.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("qemu survived Cleanup")
+	}
+	if l := leftovers(t, filepath.Dir(cfg.StateDir)); len(l) > 0 {
+		t.Fatalf("left behind: %v", l)
+	}
+	if err := Cleanup(ctx, cfg.StateDir); err != nil {
+		t.Fatalf("second Cleanup: %v", err)
+	}
+	v.Stop(ctx)
+}

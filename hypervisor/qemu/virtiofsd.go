@@ -1,0 +1,310 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// virtiofsdFlavor is which virtiofsd implementation a binary is; their command lines differ.
+type virtiofsdFlavor int
+
+const (
+	// virtiofsdC is the C virtiofsd shipped with QEMU up to 7.2 (-o source=... style).
+	virtiofsdC virtiofsdFlavor = iota + 1
+	// virtiofsdRust is the Rust virtiofsd of newer distributions (--shared-dir style).
+	virtiofsdRust
+)
+
+func (f virtiofsdFlavor) String() string {
+	switch f {
+	case virtiofsdC:
+		return "C"
+	case virtiofsdRust:
+		return "Rust"
+	}
+	return "unknown"
+}
+
+// detectVirtiofsdFlavor runs `virtiofsd --help` once and tells the two implementations apart
+// by their option syntax.
+func detectVirtiofsdFlavor(ctx context.Context, path string) (virtiofsdFlavor, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, path, "--help").CombinedOutput()
+	if f := flavorFromHelp(out); f != 0 {
+		return f, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("probing virtiofsd %s --help: %w (output: %.200q)", path, err, out)
+	}
+	return 0, fmt.Errorf("virtiofsd %s: unrecognised --help output (neither -o source= nor --shared-dir); set VirtiofsdPath to a C or Rust virtiofsd", path)
+}
+
+func flavorFromHelp(help []byte) virtiofsdFlavor {
+	switch {
+	case bytes.Contains(help, []byte("--shared-dir")):
+		return virtiofsdRust
+	case bytes.Contains(help, []byte("-o source=")):
+		return virtiofsdC
+	}
+	return 0
+}
+
+// virtiofsdArgs builds virtiofsd's argv (without argv[0]) for the given flavor.
+func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug bool) ([]string, error) {
+	switch f {
+	case virtiofsdC:
+		if cache == "never" {
+			cache = "none" // the C virtiofsd's name for it
+		}
+		a := []string{
+			"--socket-path=" + socketPath,
+			"-o", "source=" + sharedDir,
+			"-o", "cache=" + cache,
+			"-o", "announce_submounts",
+			"-o", "sandbox=namespace",
+			"--thread-pool-size=1",
+		}
+		if debug {
+			a = append(a, "-o", "log_level=debug")
+		}
+		return a, nil
+	case virtiofsdRust:
+		a := []string{
+			"--socket-path", socketPath,
+			"--shared-dir", sharedDir,
+			"--cache", cache,
+			"--announce-submounts",
+			"--sandbox", "namespace",
+			"--thread-pool-size", "1",
+		}
+		if debug {
+			a = append(a, "--log-level", "debug")
+		}
+		return a, nil
+	}
+	return nil, fmt.Errorf("unknown virtiofsd flavor %d", f)
+}
+
+// virtiofsd is a running virtiofsd process.
+type virtiofsd struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error // exit status, valid after done
+}
+
+// makeSharedMount bind-mounts dir onto itself and makes it a shared mount, so mounts made
+// under dir after virtiofsd started propagate into virtiofsd's own mount namespace. It
+// records the mount in the state dir for Cleanup.
+func makeSharedMount(stateDir, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("creating shared dir: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(stateDir, SharedMountFile), []byte(dir+"\n"), 0o600); err != nil {
+		return fmt.Errorf("recording shared dir mount: %w", err)
+	}
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		os.Remove(filepath.Join(stateDir, SharedMountFile))
+		return fmt.Errorf("bind-mounting shared dir %s onto itself: %w", dir, err)
+	}
+	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
+		unmountShared(stateDir, dir)
+		return fmt.Errorf("making shared dir %s a shared mount: %w", dir, err)
+	}
+	return nil
+}
+
+// unmountShared undoes makeSharedMount (lazily, taking whatever is still mounted below dir
+// with it) and removes its record.
+func unmountShared(stateDir, dir string) error {
+	record := filepath.Join(stateDir, SharedMountFile)
+	mounted, err := isMountPoint(dir)
+	if err != nil {
+		return err
+	}
+	if mounted {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("unmounting shared dir %s: %w", dir, err)
+		}
+	}
+	if err := os.Remove(record); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing %s: %w", record, err)
+	}
+	return nil
+}
+
+// isMountPoint reports whether dir is a mount point in this mount namespace.
+func isMountPoint(dir string) (bool, error) {
+	points, err := mountPoints("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	clean := filepath.Clean(dir)
+	for _, p := range points {
+		if p == clean {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// mountPoints lists the mount points in a mountinfo file.
+func mountPoints(mountinfo string) ([]string, error) {
+	b, err := os.ReadFile(mountinfo)
+	if err != nil {
+		return nil, fmt.Errorf("reading mount table: %w", err)
+	}
+	var points []string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		points = append(points, unescapeMountinfo(fields[4]))
+	}
+	return points, sc.Err()
+}
+
+// unescapeMountinfo decodes the \NNN octal escapes mountinfo uses for space, tab, \n and \.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// startVirtiofsd starts virtiofsd for cfg and waits until its socket listens.
+func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
+	flavor, err := detectVirtiofsdFlavor(ctx, cfg.VirtiofsdPath)
+	if err != nil {
+		return nil, err
+	}
+	sock := cfg.path(VirtiofsdSocket)
+	args, err := virtiofsdArgs(flavor, sock, cfg.SharedDir, cfg.VirtiofsCache, cfg.Debug)
+	if err != nil {
+		return nil, err
+	}
+	os.Remove(sock)
+	logf, err := os.OpenFile(cfg.path(VirtiofsdLog), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating virtiofsd log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(cfg.VirtiofsdPath, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	log.G(ctx).WithField("flavor", flavor).WithField("args", args).Debug("starting virtiofsd")
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting virtiofsd %s: %w", cfg.VirtiofsdPath, err)
+	}
+	v := &virtiofsd{cmd: cmd, done: make(chan struct{})}
+	go func() {
+		v.err = cmd.Wait()
+		close(v.done)
+	}()
+	if err := writePidFile(cfg.path(VirtiofsdPid), cmd.Process.Pid); err != nil {
+		v.stop(ctx)
+		return nil, err
+	}
+	if err := v.waitListening(ctx, sock, cfg.path(VirtiofsdLog)); err != nil {
+		v.stop(ctx)
+		return nil, err
+	}
+	return v, nil
+}
+
+func (v *virtiofsd) pid() int { return v.cmd.Process.Pid }
+
+func (v *virtiofsd) waitListening(ctx context.Context, sock, logPath string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if listening, err := unixSocketListening(sock); err != nil {
+			return err
+		} else if listening {
+			return nil
+		}
+		select {
+		case <-v.done:
+			return fmt.Errorf("virtiofsd exited before listening (%v): %s", v.err, logTail(logPath))
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for virtiofsd socket %s: %w: %s", sock, ctx.Err(), logTail(logPath))
+		case <-t.C:
+		}
+	}
+}
+
+// unixSocketListening reports whether a listening unix socket is bound to path, without
+// connecting to it (virtiofsd serves exactly one connection, QEMU's).
+func unixSocketListening(path string) (bool, error) {
+	b, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		return false, fmt.Errorf("reading /proc/net/unix: %w", err)
+	}
+	const soAcceptCon = 0x10000
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		// Num RefCount Protocol Flags Type St Inode Path
+		if len(f) < 8 || f[7] != path {
+			continue
+		}
+		if flags, err := strconv.ParseUint(f[3], 16, 32); err == nil && flags&soAcceptCon != 0 {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// stop terminates virtiofsd: SIGTERM, then SIGKILL after a short grace or when ctx ends.
+func (v *virtiofsd) stop(ctx context.Context) error {
+	select {
+	case <-v.done:
+		return nil
+	default:
+	}
+	// Signal the process group: the C virtiofsd forks into its sandbox.
+	syscall.Kill(-v.pid(), syscall.SIGTERM)
+	t := time.NewTimer(2 * time.Second)
+	defer t.Stop()
+	select {
+	case <-v.done:
+		return nil
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	syscall.Kill(-v.pid(), syscall.SIGKILL)
+	select {
+	case <-v.done:
+		return nil
+	case <-time.After(5 * time.Second):
+		return fmt.Errorf("virtiofsd (pid %d) did not exit after SIGKILL", v.pid())
+	}
+}

@@ -1,0 +1,72 @@
+package qemu
+
+import (
+	"reflect"
+	"testing"
+)
+
+func TestVirtiofsdArgs(t *testing.T) {
+	tests := []struct {
+		name   string
+		flavor virtiofsdFlavor
+		cache  string
+		debug  bool
+		want   []string
+	}{
+		{"C auto", virtiofsdC, "auto", false, []string{
+			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=auto",
+			"-o", "announce_submounts", "-o", "sandbox=namespace", "--thread-pool-size=1"}},
+		{"C never is none", virtiofsdC, "never", true, []string{
+			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=none",
+			"-o", "announce_submounts", "-o", "sandbox=namespace", "--thread-pool-size=1", "-o", "log_level=debug"}},
+		{"Rust never", virtiofsdRust, "never", false, []string{
+			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "never",
+			"--announce-submounts", "--sandbox", "namespace", "--thread-pool-size", "1"}},
+		{"Rust always debug", virtiofsdRust, "always", true, []string{
+			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "always",
+			"--announce-submounts", "--sandbox", "namespace", "--thread-pool-size", "1", "--log-level", "debug"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := virtiofsdArgs(tt.flavor, "/s/virtiofsd.sock", "/shared", tt.cache, tt.debug)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Fatalf("got  %q\nwant %q", got, tt.want)
+			}
+		})
+	}
+	if _, err := virtiofsdArgs(0, "/s", "/d", "auto", false); err == nil {
+		t.Fatal("unknown flavor accepted")
+	}
+}
+
+func TestFlavorFromHelp(t *testing.T) {
+	tests := []struct {
+		help string
+		want virtiofsdFlavor
+	}{
+		{"usage: virtiofsd [options]\n    -o source=PATH             shared directory tree\n", virtiofsdC},
+		{"Usage: virtiofsd [OPTIONS] --socket-path <SOCKET_PATH>\n      --shared-dir <SHARED_DIR>\n", virtiofsdRust},
+		{"something else", 0},
+	}
+	for _, tt := range tests {
+		if got := flavorFromHelp([]byte(tt.help)); got != tt.want {
+			t.Errorf("flavorFromHelp(%q) = %v, want %v", tt.help, got, tt.want)
+		}
+	}
+}
+
+func TestUnescapeMountinfo(t *testing.T) {
+	for in, want := range map[string]string{
+		`/a\040b`: "/a b",
+		`/plain`:  "/plain",
+		`/x\134y`: `/x\y`,
+		`/end\04`: `/end\04`,
+	} {
+		if got := unescapeMountinfo(in); got != want {
+			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

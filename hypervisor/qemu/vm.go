@@ -1,0 +1,483 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/mdlayher/vsock"
+
+	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/hypervisor/qmp"
+)
+
+const (
+	// quitGrace is how long Stop waits for QEMU to exit after QMP quit before SIGKILL.
+	quitGrace = 5 * time.Second
+	// killWait bounds waiting for a SIGKILLed QEMU to be reaped.
+	killWait = 10 * time.Second
+)
+
+type vmState int
+
+const (
+	stateNew vmState = iota
+	stateStarting
+	stateRunning
+	stateStopped
+)
+
+func (s vmState) String() string {
+	return [...]string{"new", "starting", "running", "stopped"}[s]
+}
+
+// VM is one QEMU virtual machine. It implements hypervisor.Hypervisor.
+type VM struct {
+	cfg Config
+
+	// life serialises Start and Stop.
+	life sync.Mutex
+
+	mu      sync.Mutex
+	state   vmState
+	cmd     *exec.Cmd
+	mon     qmp.Monitor
+	fs      *virtiofsd
+	shared  bool // SharedDir bind mount is in place
+	exitErr error
+
+	done     chan struct{} // closed when QEMU exits
+	doneOnce sync.Once
+
+	// hot-plug bookkeeping, guarded by hp
+	hp      sync.Mutex
+	plugged map[string]*pluggedBlock // by hypervisor device ID
+	slots   []string                 // root port index -> device ID, "" = free
+
+	waitMu  sync.Mutex
+	deleted map[string]chan struct{} // QEMU device id -> closed on DEVICE_DELETED
+}
+
+var _ hypervisor.Hypervisor = (*VM)(nil)
+
+// New resolves and validates cfg and checks that the files it names exist. It starts nothing.
+func New(cfg Config) (*VM, error) {
+	cfg, err := cfg.Resolve()
+	if err != nil {
+		return nil, fmt.Errorf("invalid qemu config: %w", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	var errs []error
+	if _, err := exec.LookPath(cfg.QEMUPath); err != nil {
+		errs = append(errs, fmt.Errorf("QEMUPath %q: not an executable: %w", cfg.QEMUPath, err))
+	}
+	for _, f := range []struct{ field, path string }{{"Kernel", cfg.Kernel}, {"Initrd", cfg.Initrd}, {"Firmware", cfg.Firmware}} {
+		if f.path == "" {
+			continue
+		}
+		if st, err := os.Stat(f.path); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", f.field, f.path, err))
+		} else if !st.Mode().IsRegular() {
+			errs = append(errs, fmt.Errorf("%s %q: not a regular file", f.field, f.path))
+		}
+	}
+	if cfg.SharedDir != "" {
+		if st, err := os.Stat(cfg.SharedDir); err != nil {
+			errs = append(errs, fmt.Errorf("SharedDir %q: %w; create it before starting the VM", cfg.SharedDir, err))
+		} else if !st.IsDir() {
+			errs = append(errs, fmt.Errorf("SharedDir %q: not a directory", cfg.SharedDir))
+		}
+		if _, err := exec.LookPath(cfg.VirtiofsdPath); err != nil {
+			errs = append(errs, fmt.Errorf("VirtiofsdPath %q: not an executable: %w", cfg.VirtiofsdPath, err))
+		}
+	}
+	if cfg.Accel == AccelKVM && DetectAccel() != AccelKVM {
+		errs = append(errs, errors.New("Accel \"kvm\": /dev/kvm is missing or unusable here; load kvm_intel/kvm_amd, or use Accel \"tcg\" or \"auto\""))
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("invalid qemu config: %w", errors.Join(errs...))
+	}
+	return newVM(cfg), nil
+}
+
+func newVM(cfg Config) *VM {
+	slots := max(cfg.HotplugSlots, 0)
+	return &VM{
+		cfg:     cfg,
+		done:    make(chan struct{}),
+		plugged: make(map[string]*pluggedBlock),
+		slots:   make([]string, slots),
+		deleted: make(map[string]chan struct{}),
+	}
+}
+
+// Config returns the resolved configuration.
+func (v *VM) Config() Config { return v.cfg }
+
+// StateDir is the VM's state directory.
+func (v *VM) StateDir() string { return v.cfg.StateDir }
+
+// ConsolePath is the file the guest's serial console is written to.
+func (v *VM) ConsolePath() string { return v.cfg.path(ConsoleLog) }
+
+// Done implements hypervisor.Hypervisor. It is also closed by Stop of a VM never started.
+func (v *VM) Done() <-chan struct{} { return v.done }
+
+// Pid implements hypervisor.Hypervisor.
+func (v *VM) Pid() int {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.cmd == nil || v.cmd.Process == nil {
+		return 0
+	}
+	return v.cmd.Process.Pid
+}
+
+// ExitError is how QEMU exited (nil for status 0); meaningful once Done is closed.
+func (v *VM) ExitError() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.exitErr
+}
+
+func (v *VM) logger(ctx context.Context) *log.Entry {
+	return log.G(ctx).WithField("vm", v.cfg.ID)
+}
+
+// Start implements hypervisor.Hypervisor: virtiofsd (with SharedDir), then QEMU, then the
+// QMP handshake. On failure everything it started is stopped again.
+func (v *VM) Start(ctx context.Context) error {
+	v.life.Lock()
+	defer v.life.Unlock()
+	v.mu.Lock()
+	if v.state != stateNew {
+		st := v.state
+		v.mu.Unlock()
+		return fmt.Errorf("starting VM %s: already %s: %w", v.cfg.ID, st, errdefs.ErrFailedPrecondition)
+	}
+	v.state = stateStarting
+	v.mu.Unlock()
+
+	err := v.start(ctx)
+	if err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), killWait)
+		defer cancel()
+		if terr := v.teardown(cctx, false); terr != nil {
+			v.logger(ctx).WithError(terr).Error("cleaning up after failed start")
+		}
+		v.setState(stateStopped)
+		return fmt.Errorf("starting VM %s: %w", v.cfg.ID, err)
+	}
+	v.setState(stateRunning)
+	return nil
+}
+
+func (v *VM) setState(s vmState) {
+	v.mu.Lock()
+	v.state = s
+	v.mu.Unlock()
+}
+
+func (v *VM) start(ctx context.Context) (err error) {
+	cfg := &v.cfg
+	// Tap files belong to the VM: QEMU has its own copies once started.
+	defer func() {
+		for _, f := range cfg.ExtraFiles() {
+			f.Close()
+		}
+	}()
+	args, err := cfg.Args()
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("creating state dir: %w", err)
+	}
+	for _, f := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
+		os.Remove(cfg.path(f))
+	}
+	if cfg.SharedDir != "" {
+		if err := makeSharedMount(cfg.StateDir, cfg.SharedDir); err != nil {
+			return err
+		}
+		v.shared = true
+		fs, err := startVirtiofsd(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		v.fs = fs
+	}
+
+	logf, err := os.OpenFile(cfg.path(QEMULog), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating QEMU log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(cfg.QEMUPath, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = cfg.ExtraFiles()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	v.logger(ctx).WithField("args", args).Debug("starting qemu")
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("running %s: %w", cfg.QEMUPath, err)
+	}
+	v.mu.Lock()
+	v.cmd = cmd
+	v.mu.Unlock()
+	go func() {
+		werr := cmd.Wait()
+		v.mu.Lock()
+		v.exitErr = werr
+		v.mu.Unlock()
+		v.doneOnce.Do(func() { close(v.done) })
+	}()
+
+	dctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-v.done:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
+	mon, err := qmp.Dial(dctx, cfg.path(QMPSocket))
+	if err != nil {
+		// QEMU exiting usually shows up first as a closed monitor: give it a moment to be
+		// reaped so the error carries QEMU's own complaint.
+		t := time.NewTimer(time.Second)
+		defer t.Stop()
+		select {
+		case <-v.done:
+			return fmt.Errorf("qemu exited during startup (%v): %s", v.ExitError(), logTail(cfg.path(QEMULog)))
+		case <-t.C:
+		}
+		return fmt.Errorf("connecting to QMP: %w (%s)", err, logTail(cfg.path(QEMULog)))
+	}
+	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
+	v.attachMonitor(ctx, mon)
+	return nil
+}
+
+// attachMonitor makes mon the VM's monitor and starts dispatching its events. Tests use it
+// with a qmp.FakeMonitor.
+func (v *VM) attachMonitor(ctx context.Context, mon qmp.Monitor) {
+	v.mu.Lock()
+	v.mon = mon
+	v.mu.Unlock()
+	go v.eventLoop(context.WithoutCancel(ctx), mon)
+}
+
+func (v *VM) eventLoop(ctx context.Context, mon qmp.Monitor) {
+	for ev := range mon.Events() {
+		switch ev.Name {
+		case "DEVICE_DELETED":
+			var d struct {
+				Device string `json:"device"`
+			}
+			if json.Unmarshal(ev.Data, &d) == nil && d.Device != "" {
+				v.waitMu.Lock()
+				if ch, ok := v.deleted[d.Device]; ok {
+					close(ch)
+					delete(v.deleted, d.Device)
+				}
+				v.waitMu.Unlock()
+			}
+		case "SHUTDOWN", "GUEST_PANICKED", "RESET", "STOP", "RESUME":
+			v.logger(ctx).WithField("event", ev.Name).WithField("data", string(ev.Data)).Debug("qemu event")
+		}
+	}
+}
+
+func (v *VM) monitor() (qmp.Monitor, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.state != stateRunning || v.mon == nil {
+		return nil, fmt.Errorf("VM %s is %s, not running: %w", v.cfg.ID, v.state, errdefs.ErrFailedPrecondition)
+	}
+	return v.mon, nil
+}
+
+// Stop implements hypervisor.Hypervisor: QMP quit, SIGKILL after a short grace or when ctx
+// ends, then virtiofsd and the shared mount. It is idempotent and safe after a failed Start.
+func (v *VM) Stop(ctx context.Context) error {
+	v.life.Lock()
+	defer v.life.Unlock()
+	v.mu.Lock()
+	st := v.state
+	v.mu.Unlock()
+	switch st {
+	case stateStopped:
+		return nil
+	case stateNew:
+		v.setState(stateStopped)
+		v.doneOnce.Do(func() { close(v.done) })
+		return nil
+	}
+	err := v.teardown(ctx, true)
+	v.setState(stateStopped)
+	if err != nil {
+		return fmt.Errorf("stopping VM %s: %w", v.cfg.ID, err)
+	}
+	return nil
+}
+
+// teardown stops whatever start got to. graceful asks QEMU to quit first.
+func (v *VM) teardown(ctx context.Context, graceful bool) error {
+	var errs []error
+	v.mu.Lock()
+	cmd, mon := v.cmd, v.mon
+	v.mu.Unlock()
+	if cmd != nil {
+		if err := v.stopQEMU(ctx, cmd, mon, graceful); err != nil {
+			errs = append(errs, err)
+		}
+		os.Remove(v.cfg.path(QEMUPidFile))
+	}
+	if mon != nil {
+		mon.Close()
+	}
+	if v.fs != nil {
+		if err := v.fs.stop(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		os.Remove(v.cfg.path(VirtiofsdPid))
+		v.fs = nil
+	}
+	if v.shared {
+		if err := unmountShared(v.cfg.StateDir, v.cfg.SharedDir); err != nil {
+			errs = append(errs, err)
+		} else {
+			v.shared = false
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (v *VM) stopQEMU(ctx context.Context, cmd *exec.Cmd, mon qmp.Monitor, graceful bool) error {
+	select {
+	case <-v.done:
+		return nil
+	default:
+	}
+	if graceful && mon != nil {
+		qctx, cancel := context.WithTimeout(ctx, quitGrace)
+		err := mon.Execute(qctx, "quit", nil, nil)
+		cancel()
+		// QEMU may close the monitor before its reply to quit arrives.
+		if err != nil && !errors.Is(err, qmp.ErrClosed) {
+			v.logger(ctx).WithError(err).Warn("qmp quit failed; killing qemu")
+		} else {
+			t := time.NewTimer(quitGrace)
+			select {
+			case <-v.done:
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
+	}
+	select {
+	case <-v.done:
+		return nil
+	default:
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("killing qemu (pid %d): %w", cmd.Process.Pid, err)
+	}
+	select {
+	case <-v.done:
+		return nil
+	case <-time.After(killWait):
+		return fmt.Errorf("qemu (pid %d) did not exit %s after SIGKILL", cmd.Process.Pid, killWait)
+	}
+}
+
+// Pause implements hypervisor.Hypervisor (QMP stop).
+func (v *VM) Pause(ctx context.Context) error {
+	mon, err := v.monitor()
+	if err != nil {
+		return fmt.Errorf("pausing: %w", err)
+	}
+	if err := mon.Execute(ctx, "stop", nil, nil); err != nil {
+		return fmt.Errorf("pausing VM %s: %w", v.cfg.ID, err)
+	}
+	return nil
+}
+
+// Resume implements hypervisor.Hypervisor (QMP cont).
+func (v *VM) Resume(ctx context.Context) error {
+	mon, err := v.monitor()
+	if err != nil {
+		return fmt.Errorf("resuming: %w", err)
+	}
+	if err := mon.Execute(ctx, "cont", nil, nil); err != nil {
+		return fmt.Errorf("resuming VM %s: %w", v.cfg.ID, err)
+	}
+	return nil
+}
+
+// Status is QEMU's run state (query-status), e.g. "running" or "paused".
+func (v *VM) Status(ctx context.Context) (string, error) {
+	mon, err := v.monitor()
+	if err != nil {
+		return "", err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := mon.Execute(ctx, "query-status", nil, &st); err != nil {
+		return "", fmt.Errorf("querying VM %s status: %w", v.cfg.ID, err)
+	}
+	return st.Status, nil
+}
+
+// DialAgent implements hypervisor.Hypervisor.
+func (v *VM) DialAgent(ctx context.Context) (net.Conn, error) {
+	if v.cfg.AgentTransport == TransportSerial {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "unix", v.cfg.path(AgentSocket))
+		if err != nil {
+			return nil, fmt.Errorf("dialing agent serial socket: %w", err)
+		}
+		return c, nil
+	}
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := vsock.Dial(v.cfg.VsockCID, AgentVsockPort, nil)
+		if err != nil {
+			ch <- result{nil, err}
+			return
+		}
+		ch <- result{c, nil}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, fmt.Errorf("dialing agent on vsock %d:%d: %w", v.cfg.VsockCID, AgentVsockPort, r.err)
+		}
+		return r.c, nil
+	case <-ctx.Done():
+		go func() {
+			if r := <-ch; r.c != nil {
+				r.c.Close()
+			}
+		}()
+		return nil, ctx.Err()
+	}
+}
