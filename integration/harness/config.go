@@ -86,10 +86,9 @@ func (c containerdConfig) render() string {
 	return b.String()
 }
 
-// cniConflist is the pod network: a bridge with host-local IPAM on subnet, and portmap. It exists
-// only inside the harness's network namespace. containerd sets up each pod's lo itself with the
-// loopback plugin from the same bin dir, so loopback is not in the chain. IPAM state goes to
-// ipamDir instead of the host-global /var/lib/cni/networks.
+// cniConflist is the pod network: a bridge with host-local IPAM on subnet, portmap and loopback
+// (which passes the bridge's result through). It exists only inside the harness's network
+// namespace. IPAM state goes to ipamDir instead of the host-global /var/lib/cni/networks.
 func cniConflist(name, bridge, subnet, ipamDir string) ([]byte, error) {
 	conf := map[string]any{
 		"cniVersion": "1.0.0",
