@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -99,11 +100,8 @@ func (e *Env) doTeardown() []string {
 			fail("%v", err)
 		}
 	}
-	if e.netName != "" {
-		caches, _ := filepath.Glob("/var/lib/cni/results/" + e.netName + "-*")
-		for _, c := range caches {
-			_ = os.Remove(c)
-		}
+	for _, c := range e.cniCaches() {
+		_ = os.Remove(c)
 	}
 	for _, d := range e.envDirs() {
 		if mounts, _ := mountsUnder(d); len(mounts) > 0 {
@@ -370,10 +368,8 @@ func (e *Env) leaks() []string {
 			leaks = append(leaks, "network namespace still exists: "+e.NetNS)
 		}
 	}
-	if e.netName != "" {
-		if caches, _ := filepath.Glob("/var/lib/cni/results/" + e.netName + "-*"); len(caches) > 0 {
-			leaks = append(leaks, "CNI result cache left: "+strings.Join(caches, ", "))
-		}
+	if caches := e.cniCaches(); len(caches) > 0 {
+		leaks = append(leaks, "CNI result cache left: "+strings.Join(caches, ", "))
 	}
 	for _, d := range e.opts.LeakDirs {
 		entries, err := os.ReadDir(d)
@@ -386,4 +382,30 @@ func (e *Env) leaks() []string {
 		}
 	}
 	return leaks
+}
+
+// cniCaches lists libcni's result cache files (always in the host-global /var/lib/cni/results)
+// that belong to this env: those of its bridge network, and those of containerd's built-in
+// loopback network whose netns lives under the env's state dir. A clean CNI DEL removes them;
+// a crashed containerd leaves them.
+func (e *Env) cniCaches() []string {
+	var out []string
+	files, _ := filepath.Glob("/var/lib/cni/results/*")
+	for _, f := range files {
+		if e.netName != "" && strings.HasPrefix(filepath.Base(f), e.netName+"-") {
+			out = append(out, f)
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		var c struct {
+			NetNS string `json:"netns"`
+		}
+		if json.Unmarshal(b, &c) == nil && e.RunDir != "" && strings.HasPrefix(c.NetNS, e.RunDir+"/") {
+			out = append(out, f)
+		}
+	}
+	return out
 }
