@@ -86,20 +86,30 @@ func findSerialPort(sysClass, name string) (string, error) {
 // serialListener turns a virtio-serial port into a listener of one connection at a time.
 // While the host end is not connected, reads on the port return EOF at once; the connection
 // then closes and Accept opens the port again after a short pause.
+// The port can be open only once, so Accept waits for the previous connection to close.
 type serialListener struct {
 	path   string
 	closed chan struct{}
 	once   sync.Once
-	// lastEOF paces reopening while nobody is connected on the host side.
+	// free holds a token while no connection is open.
+	free chan struct{}
+	// backoff paces reopening while nobody is connected on the host side.
 	mu      sync.Mutex
 	backoff time.Duration
 }
 
 func newSerialListener(path string) *serialListener {
-	return &serialListener{path: path, closed: make(chan struct{})}
+	l := &serialListener{path: path, closed: make(chan struct{}), free: make(chan struct{}, 1)}
+	l.free <- struct{}{}
+	return l
 }
 
 func (l *serialListener) Accept() (net.Conn, error) {
+	select {
+	case <-l.closed:
+		return nil, net.ErrClosed
+	case <-l.free:
+	}
 	l.mu.Lock()
 	wait := l.backoff
 	l.mu.Unlock()
@@ -110,9 +120,10 @@ func (l *serialListener) Accept() (net.Conn, error) {
 	}
 	f, err := os.OpenFile(l.path, os.O_RDWR, 0)
 	if err != nil {
+		l.free <- struct{}{}
 		return nil, err
 	}
-	return &serialConn{f: f, l: l, opened: time.Now()}, nil
+	return &serialConn{f: f, l: l}, nil
 }
 
 func (l *serialListener) Close() error {
@@ -128,10 +139,10 @@ func (a serialAddr) Network() string { return "virtio-serial" }
 func (a serialAddr) String() string  { return string(a) }
 
 type serialConn struct {
-	f      *os.File
-	l      *serialListener
-	opened time.Time
-	read   bool
+	f         *os.File
+	l         *serialListener
+	read      bool
+	closeOnce sync.Once
 }
 
 func (c *serialConn) Read(b []byte) (int, error) {
@@ -151,8 +162,12 @@ func (c *serialConn) Read(b []byte) (int, error) {
 	return n, err
 }
 
-func (c *serialConn) Write(b []byte) (int, error)        { return c.f.Write(b) }
-func (c *serialConn) Close() error                       { return c.f.Close() }
+func (c *serialConn) Write(b []byte) (int, error) { return c.f.Write(b) }
+func (c *serialConn) Close() error {
+	err := c.f.Close()
+	c.closeOnce.Do(func() { c.l.free <- struct{}{} })
+	return err
+}
 func (c *serialConn) LocalAddr() net.Addr                { return c.l.Addr() }
 func (c *serialConn) RemoteAddr() net.Addr               { return serialAddr("host") }
 func (c *serialConn) SetDeadline(t time.Time) error      { return c.f.SetDeadline(t) }

@@ -22,16 +22,38 @@ const maxChunk = 128 << 10
 // pullReader hands out what a process wrote, one request at a time. A read blocks until data
 // or EOF and gives up, without losing bytes, when its context ends.
 type pullReader struct {
+	// ready is closed once f is set: a terminal's master only exists after the start.
+	ready chan struct{}
+	f     *os.File
+
 	mu sync.Mutex
-	f  *os.File
 	// eof is set once the stream is drained.
 	eof bool
 }
 
+func newPullReader(f *os.File) *pullReader {
+	r := &pullReader{ready: make(chan struct{}), f: f}
+	if f != nil {
+		close(r.ready)
+	}
+	return r
+}
+
+// set provides the file of a reader made without one; nil means the stream never came.
+func (r *pullReader) set(f *os.File) {
+	r.f = f
+	close(r.ready)
+}
+
 func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error) {
+	select {
+	case <-r.ready:
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.eof {
+	if r.eof || r.f == nil {
 		return nil, true, nil
 	}
 	if max == 0 || max > maxChunk {
@@ -60,15 +82,25 @@ func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error)
 }
 
 func (r *pullReader) close() {
-	if r != nil {
-		r.f.Close()
+	if r == nil {
+		return
+	}
+	select {
+	case <-r.ready:
+		if r.f != nil {
+			r.f.Close()
+		}
+	default:
+		r.set(nil)
 	}
 }
 
 // stdio is the agent's side of one process's standard streams.
 type stdio struct {
-	stdinMu sync.Mutex
-	stdin   io.WriteCloser // nil when the process has no stdin or it was closed
+	// terminal is closed when a terminal's master has arrived (or never will).
+	terminal chan struct{}
+	stdinMu  sync.Mutex
+	stdin    io.WriteCloser // nil when the process has no stdin or it was closed
 	stdout  *pullReader
 	stderr  *pullReader
 	console console.Console // terminal mode only
@@ -92,6 +124,8 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		return nil, err
 	}
 	if req.Terminal {
+		s.terminal = make(chan struct{})
+		s.stdout = newPullReader(nil)
 		return s, nil
 	}
 	if req.Stdin {
@@ -107,7 +141,7 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		if err != nil {
 			return fail(err)
 		}
-		s.out, s.stdout = w, &pullReader{f: r}
+		s.out, s.stdout = w, newPullReader(r)
 		s.child = append(s.child, w)
 	}
 	if req.Stderr {
@@ -115,7 +149,7 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		if err != nil {
 			return fail(err)
 		}
-		s.errf, s.stderr = w, &pullReader{f: r}
+		s.errf, s.stderr = w, newPullReader(r)
 		s.child = append(s.child, w)
 	}
 	return s, nil
@@ -142,9 +176,12 @@ func (s *stdio) setConsole(master *os.File, width, height uint32) error {
 	if width > 0 && height > 0 {
 		_ = c.Resize(console.WinSize{Width: uint16(width), Height: uint16(height)})
 	}
+	s.stdinMu.Lock()
 	s.console = c
-	s.stdout = &pullReader{f: f}
 	s.stdin = nopCloser{f}
+	s.stdinMu.Unlock()
+	s.stdout.set(f)
+	close(s.terminal)
 	return nil
 }
 
@@ -176,6 +213,13 @@ func (s *stdio) reader(stream api.StdioStream) (*pullReader, error) {
 }
 
 func (s *stdio) write(ctx context.Context, data []byte) (int, error) {
+	if s.terminal != nil {
+		select {
+		case <-s.terminal:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
 	s.stdinMu.Lock()
 	defer s.stdinMu.Unlock()
 	if s.stdin == nil {
@@ -208,6 +252,8 @@ func (s *stdio) closeStdin() error {
 }
 
 func (s *stdio) resize(width, height uint32) error {
+	s.stdinMu.Lock()
+	defer s.stdinMu.Unlock()
 	if s.console == nil {
 		return fmt.Errorf("process has no terminal: %w", errdefs.ErrFailedPrecondition)
 	}
@@ -215,6 +261,13 @@ func (s *stdio) resize(width, height uint32) error {
 }
 
 func (s *stdio) close() {
+	if s.terminal != nil {
+		select {
+		case <-s.terminal:
+		default:
+			close(s.terminal)
+		}
+	}
 	_ = s.closeStdin()
 	s.stdout.close()
 	s.stderr.close()

@@ -17,7 +17,7 @@ func TestPullReaderKeepsBytesAcrossCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer w.Close()
-	pr := &pullReader{f: r}
+	pr := newPullReader(r)
 	defer pr.close()
 
 	// Nothing written yet: a read gives up with the context, and returns no data.
@@ -47,7 +47,7 @@ func TestPullReaderKeepsBytesAcrossCancel(t *testing.T) {
 
 func TestPullReaderCapsChunk(t *testing.T) {
 	r, w, _ := os.Pipe()
-	pr := &pullReader{f: r}
+	pr := newPullReader(r)
 	defer pr.close()
 	go func() {
 		w.Write(bytes.Repeat([]byte("x"), 10))
@@ -82,7 +82,7 @@ func TestStdioWhatWasAskedFor(t *testing.T) {
 		{"nil", nil, false, false, false},
 		{"out only", &api.Stdio{Stdout: true}, false, true, false},
 		{"all", &api.Stdio{Stdin: true, Stdout: true, Stderr: true}, true, true, true},
-		{"terminal gets its streams later", &api.Stdio{Terminal: true, Stdin: true, Stdout: true}, false, false, false},
+		{"terminal: stdout waits for the pty", &api.Stdio{Terminal: true, Stdin: true, Stdout: true}, false, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := newStdio(tc.req)
@@ -128,4 +128,25 @@ func TestStdinWriteAndClose(t *testing.T) {
 		t.Fatal("write after close did not fail")
 	}
 	s.closeChild()
+}
+
+func TestTerminalReaderWaitsForPty(t *testing.T) {
+	s, err := newStdio(&api.Stdio{Terminal: true, Stdout: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.reader(api.StdioStream_STDOUT)
+	if err != nil {
+		t.Fatalf("terminal stdout must be readable before the start: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	if _, _, err := r.read(ctx, 0); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("read before the pty: %v, want deadline exceeded", err)
+	}
+	// A process that never started ends the stream instead of hanging it.
+	s.close()
+	if _, eof, err := r.read(context.Background(), 0); err != nil || !eof {
+		t.Fatalf("read after close: eof=%v err=%v", eof, err)
+	}
 }

@@ -305,7 +305,10 @@ func (c *Config) path(name string) string { return filepath.Join(c.StateDir, nam
 // KernelCmdline is the kernel command line Args passes with -append.
 func (c *Config) KernelCmdline() string {
 	params := []string{"console=ttyS0", "panic=-1", "reboot=k", "cryptomgr.notests"}
-	if !c.Debug {
+	if c.Debug {
+		// The guest agent logs at debug level too.
+		params = append(params, "podvm.debug")
+	} else {
 		params = append(params, "quiet")
 	}
 	return strings.Join(append(params, c.KernelParams...), " ")

@@ -66,7 +66,7 @@ func TestArgs(t *testing.T) {
 			want: []string{
 				"-accel kvm", "-cpu host", "-smp 4", "-m 2048M",
 				"-object memory-backend-memfd,id=mem,size=2048M,share=on",
-				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests init=/podvm-agent panic=0",
+				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests podvm.debug init=/podvm-agent panic=0",
 				"-device vhost-vsock-pci,id=vsock,guest-cid=42",
 			},
 			notWant: []string{"tcg", "virtio-serial", "quiet", "-initrd", "-bios", "pcie-root-port"},

@@ -1,0 +1,335 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor/qemu"
+)
+
+// guestVM is one booted VM with a connected agent, torn down by the test's cleanup.
+type guestVM struct {
+	vm        *qemu.VM
+	agent     *agent.Client
+	sharedDir string
+	bootTime  time.Duration
+}
+
+// bootVM boots a VM from the test guest image with a virtio-fs share and connects to its agent.
+func bootVM(t testing.TB, ctx context.Context, stateDir string) *guestVM {
+	t.Helper()
+	kernel, initrd := guestImage(t)
+	shared := filepath.Join(stateDir, "shared")
+	if err := os.MkdirAll(shared, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vm, err := qemu.New(qemu.Config{
+		ID: filepath.Base(stateDir), StateDir: stateDir, Accel: testAccel(),
+		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
+		AgentTransport: qemu.TransportSerial, Debug: testDebug(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := vm.Start(ctx); err != nil {
+		t.Fatalf("start VM: %v", err)
+	}
+	g := &guestVM{vm: vm, sharedDir: shared}
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if g.agent != nil {
+			_, _ = g.agent.Shutdown(sctx, &api.Empty{})
+			g.agent.Close()
+		}
+		if err := vm.Stop(sctx); err != nil {
+			t.Errorf("stop VM: %v", err)
+		}
+		if t.Failed() {
+			if b, err := os.ReadFile(vm.ConsolePath()); err == nil {
+				t.Logf("guest console:\n%s", tail(string(b), 60))
+			}
+		}
+	})
+	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	c, err := agent.Connect(cctx, vm.DialAgent, vm.Done())
+	if err != nil {
+		t.Fatalf("connect to agent: %v", err)
+	}
+	g.agent = c
+	g.bootTime = time.Since(start)
+	sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
+	defer scancel()
+	if _, err := c.SetupSandbox(sctx, &api.SetupSandboxRequest{Hostname: "podvm-it", SharedFsTag: qemu.SharedFSTag}); err != nil {
+		t.Fatalf("setup sandbox: %v", err)
+	}
+	return g
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// busyboxRootfs makes a minimal rootfs under the VM's shared dir and returns the guest path.
+func busyboxRootfs(t testing.TB, g *guestVM, id string) string {
+	t.Helper()
+	require(t, needFile("/bin/busybox"))
+	root := filepath.Join(g.sharedDir, id, "rootfs")
+	for _, d := range []string{"bin", "etc", "proc", "sys", "dev", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("/bin/busybox", "--list").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, applet := range strings.Fields(string(out)) {
+		if applet != "busybox" {
+			_ = os.Symlink("busybox", filepath.Join(root, "bin", applet))
+		}
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(agent.GuestSharedDir, id, "rootfs")
+}
+
+// defaultSpec is the spec containerd itself would generate for a container.
+func defaultSpec(t testing.TB, id, guestRoot string, opts ...oci.SpecOpts) []byte {
+	t.Helper()
+	ctx := namespaces.WithNamespace(context.Background(), "podvm-it")
+	opts = append([]oci.SpecOpts{oci.WithRootFSPath(guestRoot), oci.WithHostname("c-" + id), oci.WithDefaultPathEnv}, opts...)
+	spec, err := oci.GenerateSpec(ctx, nil, &containers.Container{ID: id}, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// output collects a process's stdout and stderr through the agent.
+type output struct {
+	wg             sync.WaitGroup
+	mu             sync.Mutex
+	stdout, stderr bytes.Buffer
+	errs           []error
+}
+
+func collect(ctx context.Context, c api.AgentService, cid, execID string, streams ...api.StdioStream) *output {
+	o := &output{}
+	for _, s := range streams {
+		w := &o.stdout
+		if s == api.StdioStream_STDERR {
+			w = &o.stderr
+		}
+		o.wg.Add(1)
+		go func() {
+			defer o.wg.Done()
+			if err := agent.CopyOut(ctx, c, cid, execID, s, lockedWriter{&o.mu, w}); err != nil {
+				o.mu.Lock()
+				o.errs = append(o.errs, err)
+				o.mu.Unlock()
+			}
+		}()
+	}
+	return o
+}
+
+func (o *output) wait(t testing.TB) (string, string) {
+	t.Helper()
+	o.wg.Wait()
+	for _, err := range o.errs {
+		t.Error(err)
+	}
+	return o.stdout.String(), o.stderr.String()
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (l lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+func hostKernel(t testing.TB) string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+func wait(t testing.TB, ctx context.Context, c api.AgentService, cid, execID string) uint32 {
+	t.Helper()
+	resp, err := c.WaitProcess(ctx, &api.ProcessRequest{ContainerId: cid, ExecId: execID})
+	if err != nil {
+		t.Fatalf("wait %s/%s: %v", cid, execID, err)
+	}
+	return resp.ExitStatus
+}
+
+func execProcess(t testing.TB, args []string, terminal bool) []byte {
+	t.Helper()
+	b, err := json.Marshal(&specs.Process{Args: args, Cwd: "/", Terminal: terminal,
+		Env: []string{"PATH=/bin", "TERM=xterm"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestGuestRunsContainers boots a real VM and runs containers in it through the agent.
+func TestGuestRunsContainers(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	stateDir, err := os.MkdirTemp("/run", "podvm-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { checkNoLeftovers(t, stateDir) })
+	g := bootVM(t, ctx, stateDir)
+	c := g.agent
+	t.Logf("agent ready %s after QEMU start (guest: %s since kernel start), guest kernel %s",
+		g.bootTime.Round(time.Millisecond), time.Duration(c.Info.BootToReadyNs).Round(time.Millisecond), c.Info.KernelRelease)
+	if c.Info.KernelRelease == hostKernel(t) {
+		t.Fatalf("guest kernel %q is the host's: not running in the VM", c.Info.KernelRelease)
+	}
+
+	t.Run("stdout, stderr and exit code", func(t *testing.T) {
+		root := busyboxRootfs(t, g, "c1")
+		spec := defaultSpec(t, "c1", root, oci.WithProcessArgs("sh", "-c", "echo out; echo err >&2; uname -r; exit 3"))
+		if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c1", Spec: spec,
+			Stdio: &api.Stdio{Stdout: true, Stderr: true}}); err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		out := collect(ctx, c, "c1", "", api.StdioStream_STDOUT, api.StdioStream_STDERR)
+		if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c1"}); err != nil {
+			t.Fatalf("start: %v", err)
+		}
+		if code := wait(t, ctx, c, "c1", ""); code != 3 {
+			t.Errorf("exit status %d, want 3", code)
+		}
+		stdout, stderr := out.wait(t)
+		want := "out\n" + c.Info.KernelRelease + "\n"
+		if stdout != want || stderr != "err\n" {
+			t.Errorf("stdout %q stderr %q; want %q and %q", stdout, stderr, want, "err\n")
+		}
+		if strings.Contains(stdout, hostKernel(t)) {
+			t.Errorf("uname -r in the container is the host's %q", hostKernel(t))
+		}
+		if _, err := c.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: "c1"}); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("exec, terminal, stdin and kill", func(t *testing.T) {
+		root := busyboxRootfs(t, g, "c2")
+		spec := defaultSpec(t, "c2", root, oci.WithProcessArgs("sleep", "1000"))
+		if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c2", Spec: spec}); err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c2"}); err != nil {
+			t.Fatalf("start: %v", err)
+		}
+
+		runExec := func(id string, args []string, stdio *api.Stdio, stdin string) (string, uint32) {
+			t.Helper()
+			if _, err := c.ExecProcess(ctx, &api.ExecProcessRequest{ContainerId: "c2", ExecId: id,
+				Process: execProcess(t, args, stdio.Terminal), Stdio: stdio}); err != nil {
+				t.Fatalf("exec %s: %v", id, err)
+			}
+			out := collect(ctx, c, "c2", id, api.StdioStream_STDOUT)
+			if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c2", ExecId: id}); err != nil {
+				t.Fatalf("start exec %s: %v", id, err)
+			}
+			if stdin != "" {
+				if err := agent.CopyIn(ctx, c, "c2", id, strings.NewReader(stdin)); err != nil {
+					t.Fatalf("stdin: %v", err)
+				}
+			}
+			code := wait(t, ctx, c, "c2", id)
+			stdout, _ := out.wait(t)
+			if _, err := c.RemoveProcess(ctx, &api.ProcessRequest{ContainerId: "c2", ExecId: id}); err != nil {
+				t.Errorf("remove exec %s: %v", id, err)
+			}
+			return stdout, code
+		}
+
+		if out, code := runExec("e1", []string{"sh", "-c", "echo hi; hostname"}, &api.Stdio{Stdout: true}, ""); out != "hi\nc-c2\n" || code != 0 {
+			t.Errorf("exec: %q exit %d; want \"hi\\nc-c2\\n\" exit 0", out, code)
+		}
+		out, code := runExec("e2", []string{"sh", "-c", "tty; stty size"}, &api.Stdio{Terminal: true, Stdout: true, Width: 100, Height: 40}, "")
+		if code != 0 || !strings.Contains(out, "/dev/pts/") || !strings.Contains(out, "40 100") {
+			t.Errorf("terminal exec: %q exit %d; want a /dev/pts tty of 40 rows, 100 columns", out, code)
+		}
+		payload := strings.Repeat("stdin line\n", 2000)
+		if out, code := runExec("e3", []string{"cat"}, &api.Stdio{Stdin: true, Stdout: true}, payload); out != payload || code != 0 {
+			t.Errorf("cat of stdin: got %d bytes exit %d, want %d bytes exit 0", len(out), code, len(payload))
+		}
+
+		if _, err := c.SignalProcess(ctx, &api.SignalProcessRequest{ContainerId: "c2", Signal: uint32(unix.SIGKILL)}); err != nil {
+			t.Fatalf("kill: %v", err)
+		}
+		if code := wait(t, ctx, c, "c2", ""); code != 137 {
+			t.Errorf("killed container exit status %d, want 137", code)
+		}
+		if _, err := c.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: "c2"}); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// checkNoLeftovers removes the test's state dir and fails if a QEMU, virtiofsd or mount of it
+// is left behind.
+func checkNoLeftovers(t *testing.T, stateDir string) {
+	t.Helper()
+	if out, _ := exec.Command("pgrep", "-af", stateDir).Output(); len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("processes left behind:\n%s", out)
+	}
+	if mi, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(mi), stateDir) {
+		t.Errorf("mounts left under %s", stateDir)
+	}
+	if err := os.RemoveAll(stateDir); err != nil {
+		t.Errorf("remove state dir: %v", err)
+	}
+	if _, err := os.Stat(stateDir); err == nil {
+		t.Errorf("state dir %s left", stateDir)
+	}
+}
