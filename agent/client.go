@@ -27,50 +27,47 @@ type Client struct {
 	Info *api.VersionResponse
 }
 
-// probeTimeout bounds one readiness probe. The agent answers Version within milliseconds once
-// it serves; until then a virtio-serial port swallows what the host sends.
-const probeTimeout = 250 * time.Millisecond
-
-// Connect waits until the agent answers on a fresh connection and returns a client using it.
-// It gives up when ctx ends or vmDone is closed (the VM died), saying which.
+// Connect waits until the agent answers and returns a client. It dials until the transport
+// accepts (a vsock listener exists only once the agent runs), then waits for one Version reply
+// on that one connection. It never re-dials after a connection was made: QEMU passes the
+// virtio-serial byte stream to the guest only while the agent holds the port open, so bytes
+// wait in order until then, while a second connection could be spliced onto half a message of
+// the first. It gives up when ctx ends or vmDone is closed (the VM died), saying which.
 func Connect(ctx context.Context, dial Dialer, vmDone <-chan struct{}) (*Client, error) {
-	var lastErr error
-	for attempt := 0; ; attempt++ {
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("guest agent not ready after %d attempts (last error: %v): %w", attempt, lastErr, ctx.Err())
-		case <-vmDone:
-			return nil, errors.New("the VM exited before its agent answered; read its console log")
-		default:
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	if vmDone != nil {
+		go func() {
+			select {
+			case <-vmDone:
+				cancel(errVMExited)
+			case <-ctx.Done():
+			}
+		}()
+	}
+	var conn net.Conn
+	for attempt := 1; ; attempt++ {
+		var err error
+		if conn, err = dial(ctx); err == nil {
+			break
 		}
-		c, err := tryConnect(ctx, dial)
-		if err == nil {
-			return c, nil
-		}
-		lastErr = err
 		select {
 		case <-time.After(20 * time.Millisecond):
 		case <-ctx.Done():
-		case <-vmDone:
+			return nil, fmt.Errorf("connect to the guest agent (%d attempts, last: %v): %w", attempt, err, context.Cause(ctx))
 		}
-	}
-}
-
-func tryConnect(ctx context.Context, dial Dialer) (*Client, error) {
-	conn, err := dial(ctx)
-	if err != nil {
-		return nil, err
 	}
 	closed := make(chan struct{})
 	tc := ttrpc.NewClient(conn, ttrpc.WithUnaryClientInterceptor(fromGRPCErrors),
 		ttrpc.WithOnClose(func() { close(closed) }))
 	c := &Client{AgentService: api.NewAgentClient(tc), tc: tc, closed: closed}
-	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
-	defer cancel()
-	v, err := c.Version(pctx, &api.VersionRequest{})
+	v, err := c.Version(ctx, &api.VersionRequest{})
 	if err != nil {
 		tc.Close()
-		return nil, err
+		if cause := context.Cause(ctx); cause != nil {
+			err = cause
+		}
+		return nil, fmt.Errorf("guest agent did not answer: %w", err)
 	}
 	if v.AgentVersion != Version {
 		tc.Close()
@@ -79,6 +76,8 @@ func tryConnect(ctx context.Context, dial Dialer) (*Client, error) {
 	c.Info = v
 	return c, nil
 }
+
+var errVMExited = errors.New("the VM exited before its agent answered; read its console log")
 
 // fromGRPCErrors turns the agent's status codes back into errdefs errors.
 func fromGRPCErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {

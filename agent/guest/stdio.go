@@ -101,9 +101,9 @@ type stdio struct {
 	terminal chan struct{}
 	stdinMu  sync.Mutex
 	stdin    io.WriteCloser // nil when the process has no stdin or it was closed
-	stdout  *pullReader
-	stderr  *pullReader
-	console console.Console // terminal mode only
+	stdout   *pullReader
+	stderr   *pullReader
+	console  console.Console // terminal mode only
 
 	// the process's ends, closed in the agent once the process has them.
 	child []*os.File
