@@ -27,6 +27,8 @@ type command struct {
 // commands is podvm's subcommand table: add a subcommand with a file and a line here.
 func commands() []command {
 	return []command{
+		{name: "check", summary: "check that this node can run podvm pods", run: runCheck},
+		{name: "config", summary: "print the effective node config", run: runConfig},
 		{name: "image", summary: "build the guest kernel and initrd", run: runImage},
 		{name: "version", summary: "print podvm's version", run: runVersion},
 	}

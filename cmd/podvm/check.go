@@ -1,0 +1,267 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/rootfs/guestimage"
+	"github.com/podvm/podvm/shim/config"
+)
+
+// shimName is the binary containerd runs for runtime_type io.containerd.podvm.v2.
+const shimName = "containerd-shim-podvm-v2"
+
+func runCheck(ctx context.Context, e *env, args []string) error {
+	const name = "podvm check"
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	path := configFlag(fs)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: %s [flags]\n\nChecks that this node can run podvm pods: config, QEMU, guest image, virtiofsd, KVM,\nvhost devices, /dev/net/tun, the state directory and the shim binary. Prints one line per\ncheck (ok, warn or FAIL, and what to do) and exits 1 if a requirement is not met.\n\nFlags:\n", name)
+		fs.PrintDefaults()
+	}
+	if err := parseFlags(e, fs, args); err != nil {
+		return err
+	}
+	h := hostProbe{
+		lookPath:    exec.LookPath,
+		stat:        os.Stat,
+		readFile:    os.ReadFile,
+		access:      unix.Access,
+		detectAccel: qemu.DetectAccel,
+		version:     commandVersion,
+	}
+	results := h.check(ctx, *path)
+	failed := 0
+	for _, r := range results {
+		fmt.Fprintln(e.stdout, r)
+		if r.status == statusFail {
+			failed++
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d checks failed: this node cannot run podvm pods until they pass", failed, len(results))
+	}
+	fmt.Fprintln(e.stdout, "podvm check: this node can run podvm pods")
+	return nil
+}
+
+type status string
+
+const (
+	statusOK   status = "ok"
+	statusWarn status = "warn" // works, but slower or degraded
+	statusFail status = "FAIL" // a requirement: pods will not start
+)
+
+type checkResult struct {
+	status status
+	name   string
+	detail string
+}
+
+func (r checkResult) String() string {
+	return fmt.Sprintf("%-4s  %-15s %s", r.status, r.name, r.detail)
+}
+
+// hostProbe is how check looks at the host; tests replace it.
+type hostProbe struct {
+	lookPath    func(string) (string, error)
+	stat        func(string) (fs.FileInfo, error)
+	readFile    func(string) ([]byte, error)
+	access      func(path string, mode uint32) error
+	detectAccel func() string
+	version     func(ctx context.Context, path string) (string, error)
+}
+
+// check runs every check against the config at path.
+func (h hostProbe) check(ctx context.Context, path string) []checkResult {
+	var rs []checkResult
+	add := func(s status, name, format string, a ...any) {
+		rs = append(rs, checkResult{s, name, fmt.Sprintf(format, a...)})
+	}
+
+	cfg, err := config.Load(path)
+	switch {
+	case err != nil:
+		add(statusFail, "config", "%v (the checks below use the built-in defaults)", err)
+		cfg = config.Default()
+	case cfg.Path == "":
+		add(statusOK, "config", "no %s: built-in defaults (see 'podvm config')", config.DefaultPath)
+	default:
+		add(statusOK, "config", "%s loads", cfg.Path)
+	}
+	hc := cfg.Hypervisor
+
+	if p, err := h.lookPath(hc.QEMUPath); err != nil {
+		add(statusFail, "qemu", "%s: not found or not executable; install QEMU (Debian: apt-get install qemu-system-x86) or set hypervisor.qemu_path", hc.QEMUPath)
+	} else if v, err := h.version(ctx, p); err != nil {
+		add(statusFail, "qemu", "%s --version: %v; check the QEMU installation", p, err)
+	} else {
+		add(statusOK, "qemu", "%s: %s", p, v)
+	}
+
+	missingImage := "run 'make install' (or 'podvm image build --output " + filepath.Dir(hc.Kernel) + "') or set hypervisor.%s"
+	for _, f := range []struct{ name, key, path string }{
+		{"guest kernel", "kernel", hc.Kernel},
+		{"guest initrd", "initrd", hc.Initrd},
+	} {
+		if fi, err := h.stat(f.path); err != nil {
+			add(statusFail, f.name, "%s: %s; "+missingImage, f.path, errText(err), f.key)
+		} else if !fi.Mode().IsRegular() {
+			add(statusFail, f.name, "%s: not a regular file; "+missingImage, f.path, f.key)
+		} else {
+			add(statusOK, f.name, "%s (%d bytes)", f.path, fi.Size())
+		}
+	}
+	manifest := filepath.Join(filepath.Dir(hc.Kernel), guestimage.ManifestFile)
+	var m guestimage.Manifest
+	if b, err := h.readFile(manifest); err != nil {
+		add(statusWarn, "guest image", "%s: %s; the kernel version is unknown ('podvm image build' writes it next to the kernel)", manifest, errText(err))
+	} else if err := json.Unmarshal(b, &m); err != nil || m.KernelVersion == "" {
+		add(statusWarn, "guest image", "%s: not a podvm image manifest; rebuild the image with 'podvm image build'", manifest)
+	} else {
+		add(statusOK, "guest image", "kernel %s, %d modules, built %s", m.KernelVersion, len(m.Modules), m.BuildTime.UTC().Format(time.RFC3339))
+	}
+
+	if p := h.virtiofsd(hc.VirtiofsdPath); p != "" {
+		add(statusOK, "virtiofsd", "%s", p)
+	} else if hc.VirtiofsdPath != "" {
+		add(statusFail, "virtiofsd", "%s: not executable; fix hypervisor.virtiofsd_path or set it to \"\" to search", hc.VirtiofsdPath)
+	} else {
+		add(statusFail, "virtiofsd", "not in /usr/libexec, /usr/lib/qemu or PATH; install it (Debian 12: qemu-system-x86 ships /usr/lib/qemu/virtiofsd; later: apt-get install virtiofsd) or set hypervisor.virtiofsd_path")
+	}
+
+	detected := h.detectAccel()
+	switch {
+	case hc.Accel == config.AccelKVM && detected != qemu.AccelKVM:
+		add(statusFail, "kvm", "accel = \"kvm\" but /dev/kvm is not usable (missing, no permission, or KVM_CREATE_VM fails); enable virtualization / load kvm_intel or kvm_amd, or set accel = \"tcg\"")
+	case hc.Accel == config.AccelKVM:
+		add(statusOK, "kvm", "/dev/kvm usable; accel = \"kvm\"")
+	case hc.Accel == config.AccelTCG:
+		note := "not usable"
+		if detected == qemu.AccelKVM {
+			note = "usable: set accel = \"auto\" to use it"
+		}
+		add(statusOK, "kvm", "accel = \"tcg\" forced (software emulation, slow); /dev/kvm %s", note)
+	case detected == qemu.AccelKVM:
+		add(statusOK, "kvm", "/dev/kvm usable; accel \"auto\" picks kvm")
+	default:
+		add(statusWarn, "kvm", "/dev/kvm not usable (missing, no permission, or KVM_CREATE_VM fails): accel \"auto\" will use TCG (slow); enable virtualization / load kvm_intel or kvm_amd for KVM")
+	}
+
+	_, vsockErr := h.stat("/dev/vhost-vsock")
+	switch {
+	case hc.AgentTransport == config.TransportVsock && vsockErr != nil:
+		add(statusFail, "vhost-vsock", "agent_transport = \"vsock\" but /dev/vhost-vsock: %s; modprobe vhost_vsock, or set agent_transport = \"\" to fall back to virtio-serial", errText(vsockErr))
+	case hc.AgentTransport == config.TransportSerial:
+		add(statusOK, "vhost-vsock", "agent_transport = \"serial\": agent over virtio-serial")
+	case vsockErr != nil:
+		add(statusWarn, "vhost-vsock", "no /dev/vhost-vsock: agent over virtio-serial (works; modprobe vhost_vsock for vsock)")
+	default:
+		add(statusOK, "vhost-vsock", "/dev/vhost-vsock: agent over vsock")
+	}
+
+	if _, err := h.stat("/dev/vhost-net"); err != nil {
+		add(statusWarn, "vhost-net", "no /dev/vhost-net: virtio-net without vhost (slower networking); modprobe vhost_net")
+	} else {
+		add(statusOK, "vhost-net", "/dev/vhost-net: virtio-net with vhost")
+	}
+
+	if err := h.access("/dev/net/tun", unix.R_OK|unix.W_OK); err != nil {
+		add(statusFail, "tun", "/dev/net/tun: %s; modprobe tun (pods' network goes through a tap device)", errText(err))
+	} else {
+		add(statusOK, "tun", "/dev/net/tun")
+	}
+
+	add(h.stateDir(cfg.Sandbox.StateDir))
+
+	if p, err := h.lookPath(shimName); err != nil {
+		add(statusFail, "shim", "%s not in PATH; run 'make install' (it goes to /usr/local/bin) and make sure containerd's PATH includes it", shimName)
+	} else {
+		add(statusOK, "shim", "%s", p)
+	}
+	return rs
+}
+
+// virtiofsd returns the virtiofsd the VM will use (as qemu.Config.Resolve picks it), or "".
+func (h hostProbe) virtiofsd(configured string) string {
+	if configured != "" {
+		if h.access(configured, unix.X_OK) == nil {
+			return configured
+		}
+		return ""
+	}
+	for _, p := range []string{"/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"} {
+		if h.access(p, unix.X_OK) == nil {
+			return p
+		}
+	}
+	p, _ := h.lookPath("virtiofsd")
+	return p
+}
+
+// stateDir checks that dir is writable, or can be created, without changing anything.
+func (h hostProbe) stateDir(dir string) (status, string, string) {
+	const name = "state dir"
+	fi, err := h.stat(dir)
+	switch {
+	case err == nil && !fi.IsDir():
+		return statusFail, name, fmt.Sprintf("%s: not a directory; remove it or set sandbox.state_dir", dir)
+	case err == nil:
+		if err := h.access(dir, unix.W_OK|unix.X_OK); err != nil {
+			return statusFail, name, fmt.Sprintf("%s: not writable (%s); run the shim as root or set sandbox.state_dir", dir, errText(err))
+		}
+		return statusOK, name, dir + " writable"
+	case !errors.Is(err, fs.ErrNotExist):
+		return statusFail, name, fmt.Sprintf("%s: %s; set sandbox.state_dir", dir, errText(err))
+	}
+	parent := filepath.Dir(dir)
+	for parent != filepath.Dir(parent) {
+		if _, err := h.stat(parent); err == nil {
+			break
+		}
+		parent = filepath.Dir(parent)
+	}
+	if err := h.access(parent, unix.W_OK|unix.X_OK); err != nil {
+		return statusFail, name, fmt.Sprintf("%s does not exist and %s is not writable (%s); create it or set sandbox.state_dir", dir, parent, errText(err))
+	}
+	return statusOK, name, dir + " (created by the shim at the first pod)"
+}
+
+// errText is err without the path the message already shows.
+func errText(err error) string {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	return err.Error()
+}
+
+// commandVersion runs "path --version" and returns the first line of its output.
+func commandVersion(ctx context.Context, path string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, path, "--version").Output()
+	if err != nil {
+		return "", err
+	}
+	line, _, _ := bufio.NewReader(bytes.NewReader(out)).ReadLine()
+	if s := strings.TrimSpace(string(line)); s != "" {
+		return s, nil
+	}
+	return "", errors.New("printed no version")
+}

@@ -1,0 +1,574 @@
+// Package config is podvm's node configuration (/etc/podvm/config.toml) and the pod annotations
+// it lets through: which podvm.io/<key> annotations a pod may set, and how big its VM is.
+//
+// The file is decoded strictly: an unknown key is an error, and every bad value is reported with
+// the key, what is wrong and an example of a good value. Keys left out keep their defaults
+// (Default), so an empty file, or no file at the default path, is a working configuration.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"reflect"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+const (
+	// DefaultPath is where the node config lives unless the containerd runtime option
+	// ConfigPath or the environment variable EnvPath says otherwise.
+	DefaultPath = "/etc/podvm/config.toml"
+	// EnvPath names an environment variable holding the config path; the runtime option
+	// ConfigPath overrides it.
+	EnvPath = "PODVM_CONFIG"
+)
+
+// Accelerators, agent transports and cache modes, as written in the file.
+const (
+	AccelAuto = "auto"
+	AccelKVM  = "kvm"
+	AccelTCG  = "tcg"
+
+	TransportAuto   = "auto"
+	TransportVsock  = "vsock"
+	TransportSerial = "serial"
+)
+
+// Limits on the VM size.
+const (
+	// MinMemory is the smallest VM podvm starts: the guest kernel and agent need about this much.
+	MinMemory = 128 * MiB
+	// MaxVCPUsLimit is QEMU's limit on vCPUs for the q35 machine without an IOMMU.
+	MaxVCPUsLimit = 255
+	// MaxHotplugSlots is how many PCIe root ports fit on the root bus next to the fixed devices.
+	MaxHotplugSlots = 30
+)
+
+// Config is the node configuration. Field tags are the TOML keys.
+type Config struct {
+	Hypervisor  Hypervisor  `toml:"hypervisor"`
+	Sandbox     Sandbox     `toml:"sandbox"`
+	Annotations Annotations `toml:"annotations"`
+	Virtiofs    Virtiofs    `toml:"virtiofs"`
+	Block       Block       `toml:"block"`
+
+	// Path is the file the config was read from; "" when no file exists at DefaultPath and
+	// the config is the built-in defaults. Messages name it.
+	Path string `toml:"-"`
+}
+
+// Hypervisor is the [hypervisor] section: the QEMU process and the guest image.
+type Hypervisor struct {
+	// QEMUPath is an absolute path or a command name looked up in PATH.
+	QEMUPath string `toml:"qemu_path"`
+	// Accel is AccelAuto (KVM when /dev/kvm works, else TCG), AccelKVM or AccelTCG.
+	Accel        string   `toml:"accel"`
+	Kernel       string   `toml:"kernel"`
+	Initrd       string   `toml:"initrd"`
+	KernelParams []string `toml:"kernel_params"`
+	// Firmware is the BIOS image; "" = qboot when installed, else QEMU's SeaBIOS.
+	Firmware string `toml:"firmware"`
+	// VirtiofsdPath "" = the first of /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd and PATH.
+	VirtiofsdPath string `toml:"virtiofsd_path"`
+	// AgentTransport is "" or TransportAuto (vsock when /dev/vhost-vsock exists, else
+	// virtio-serial), TransportVsock or TransportSerial.
+	AgentTransport string `toml:"agent_transport"`
+	Debug          bool   `toml:"debug"`
+	// HotplugSlots is how many PCIe root ports the VM gets for hot-plugged block devices;
+	// 0 = none.
+	HotplugSlots int `toml:"hotplug_slots"`
+}
+
+// Sandbox is the [sandbox] section: VM sizes and per-sandbox state.
+type Sandbox struct {
+	DefaultVCPUs  int   `toml:"default_vcpus"`
+	DefaultMemory Bytes `toml:"default_memory"`
+	MaxVCPUs      int   `toml:"max_vcpus"`
+	MaxMemory     Bytes `toml:"max_memory"`
+	// MemoryOverhead is added to the pod's memory from containerd's sandbox resource
+	// annotations: the guest kernel and agent need memory too.
+	MemoryOverhead Bytes  `toml:"memory_overhead"`
+	StateDir       string `toml:"state_dir"`
+	// AgentTimeout is how long to wait for the guest agent at boot.
+	AgentTimeout Duration `toml:"agent_timeout"`
+}
+
+// Annotations is the [annotations] section.
+type Annotations struct {
+	// Allowed lists the podvm.io/<key> annotations pods may set, as <key> without the
+	// podvm.io/ prefix: exact keys ("memory") or path.Match globs ("disk.*", "*").
+	Allowed []string `toml:"allowed"`
+}
+
+// Virtiofs is the [virtiofs] section.
+type Virtiofs struct {
+	// Cache is virtiofsd's cache mode: auto, always or never.
+	Cache string `toml:"cache"`
+}
+
+// Block is the [block] section: hot-plugged block devices.
+type Block struct {
+	// Cache is none (O_DIRECT) or writeback.
+	Cache string `toml:"cache"`
+	// AIO is threads, native (needs Cache none) or io_uring.
+	AIO string `toml:"aio"`
+}
+
+// Default returns the built-in configuration. MaxVCPUs is the host's CPU count.
+func Default() *Config {
+	return &Config{
+		Hypervisor: Hypervisor{
+			QEMUPath: "qemu-system-x86_64",
+			Accel:    AccelAuto,
+			// guestimage.DefaultOutputDir: where `make install` puts the guest image.
+			Kernel:       "/usr/share/podvm/vmlinuz",
+			Initrd:       "/usr/share/podvm/initrd.img",
+			KernelParams: []string{},
+			HotplugSlots: 2,
+		},
+		Sandbox: Sandbox{
+			DefaultVCPUs:   1,
+			DefaultMemory:  512 * MiB,
+			MaxVCPUs:       min(runtime.NumCPU(), MaxVCPUsLimit),
+			MaxMemory:      16 * GiB,
+			MemoryOverhead: 256 * MiB,
+			StateDir:       "/run/podvm",
+			AgentTimeout:   Duration{60 * time.Second},
+		},
+		Annotations: Annotations{Allowed: []string{}},
+		Virtiofs:    Virtiofs{Cache: "auto"},
+		Block:       Block{Cache: "none", AIO: "threads"},
+	}
+}
+
+// ResolvePath returns the config file to load: optionPath (containerd's runtime option
+// ConfigPath) when set, else $PODVM_CONFIG when set, else DefaultPath.
+func ResolvePath(optionPath string) string {
+	if optionPath != "" {
+		return optionPath
+	}
+	if p := os.Getenv(EnvPath); p != "" {
+		return p
+	}
+	return DefaultPath
+}
+
+// Load reads and validates the config file at path ("" = DefaultPath). No file at DefaultPath
+// means the built-in defaults; no file at any other path is an error.
+func Load(path string) (*Config, error) { return load(path, DefaultPath) }
+
+// load is Load with the default path as a parameter, for tests.
+func load(path, defaultPath string) (*Config, error) {
+	if path == "" {
+		path = defaultPath
+	}
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && filepath.Clean(path) == defaultPath:
+		return Default(), nil
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("podvm config %s: %w; create it (make install puts a commented one at %s) or fix the path given by containerd's runtime option ConfigPath or $%s",
+			path, fs.ErrNotExist, DefaultPath, EnvPath)
+	case err != nil:
+		return nil, fmt.Errorf("podvm config: %w", err)
+	}
+	return Parse(data, path)
+}
+
+// Parse decodes and validates a config file's contents; name is the file for messages.
+func Parse(data []byte, name string) (*Config, error) {
+	c := Default()
+	c.Path = name
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		return nil, decodeError(name, data, err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// TOML encodes c as a config file that Parse reads back to the same values.
+func (c *Config) TOML() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := toml.NewEncoder(&buf).SetIndentTables(false)
+	if err := enc.Encode(c); err != nil {
+		return nil, fmt.Errorf("encode podvm config: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// source names the config for messages: the file, or the default path when the built-in
+// defaults are in use (that is where a value would be changed).
+func (c *Config) source() string {
+	if c.Path != "" {
+		return c.Path
+	}
+	return DefaultPath
+}
+
+// Validate checks every value and reports all bad ones, each with its key, what is wrong and an
+// example of a good value.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key string, value any, problem string) {
+		errs = append(errs, fmt.Errorf("%s = %s: %s; use e.g. %s", key, tomlValue(value), problem, example(key)))
+	}
+	h := &c.Hypervisor
+	switch {
+	case h.QEMUPath == "":
+		bad("hypervisor.qemu_path", h.QEMUPath, "empty")
+	case strings.ContainsRune(h.QEMUPath, '/') && !filepath.IsAbs(h.QEMUPath):
+		bad("hypervisor.qemu_path", h.QEMUPath, "must be an absolute path or a command name looked up in PATH")
+	}
+	if !slices.Contains([]string{AccelAuto, AccelKVM, AccelTCG}, h.Accel) {
+		bad("hypervisor.accel", h.Accel, `must be "auto", "kvm" or "tcg"`)
+	}
+	absPath := func(key, p string, optional bool) {
+		switch {
+		case p == "" && optional:
+		case p == "":
+			bad(key, p, "empty")
+		case !filepath.IsAbs(p):
+			bad(key, p, "must be an absolute path")
+		}
+	}
+	absPath("hypervisor.kernel", h.Kernel, false)
+	absPath("hypervisor.initrd", h.Initrd, false)
+	absPath("hypervisor.firmware", h.Firmware, true)
+	absPath("hypervisor.virtiofsd_path", h.VirtiofsdPath, true)
+	for _, p := range h.KernelParams {
+		if p == "" || strings.ContainsAny(p, " \t\r\n") {
+			bad("hypervisor.kernel_params", h.KernelParams, fmt.Sprintf("%q is not one kernel parameter (empty or contains whitespace); give one parameter per element", p))
+			break
+		}
+	}
+	if !slices.Contains([]string{"", TransportAuto, TransportVsock, TransportSerial}, h.AgentTransport) {
+		bad("hypervisor.agent_transport", h.AgentTransport, `must be "" (auto), "vsock" or "serial"`)
+	}
+	if h.HotplugSlots < 0 || h.HotplugSlots > MaxHotplugSlots {
+		bad("hypervisor.hotplug_slots", h.HotplugSlots, fmt.Sprintf("must be between 0 and %d", MaxHotplugSlots))
+	}
+
+	s := &c.Sandbox
+	maxOK := true
+	if s.MaxVCPUs < 1 || s.MaxVCPUs > MaxVCPUsLimit {
+		bad("sandbox.max_vcpus", s.MaxVCPUs, fmt.Sprintf("must be between 1 and %d", MaxVCPUsLimit))
+		maxOK = false
+	}
+	switch {
+	case s.DefaultVCPUs < 1:
+		bad("sandbox.default_vcpus", s.DefaultVCPUs, "must be at least 1")
+	case maxOK && s.DefaultVCPUs > s.MaxVCPUs:
+		bad("sandbox.default_vcpus", s.DefaultVCPUs, fmt.Sprintf("more than max_vcpus = %d", s.MaxVCPUs))
+	}
+	maxOK = true
+	if s.MaxMemory < MinMemory {
+		bad("sandbox.max_memory", s.MaxMemory, "less than the minimum "+MinMemory.String())
+		maxOK = false
+	}
+	switch {
+	case s.DefaultMemory < MinMemory:
+		bad("sandbox.default_memory", s.DefaultMemory, "less than the minimum "+MinMemory.String())
+	case maxOK && s.DefaultMemory > s.MaxMemory:
+		bad("sandbox.default_memory", s.DefaultMemory, "more than max_memory = "+s.MaxMemory.String())
+	}
+	if s.MemoryOverhead < 0 {
+		bad("sandbox.memory_overhead", s.MemoryOverhead, "must not be negative")
+	}
+	absPath("sandbox.state_dir", s.StateDir, false)
+	if s.AgentTimeout.Duration < time.Second {
+		bad("sandbox.agent_timeout", s.AgentTimeout, "must be at least 1s")
+	}
+
+	for _, a := range c.Annotations.Allowed {
+		if problem := checkPattern(a); problem != "" {
+			bad("annotations.allowed", c.Annotations.Allowed, fmt.Sprintf("%q %s", a, problem))
+		}
+	}
+
+	if !slices.Contains([]string{"auto", "always", "never"}, c.Virtiofs.Cache) {
+		bad("virtiofs.cache", c.Virtiofs.Cache, `must be "auto", "always" or "never"`)
+	}
+	if !slices.Contains([]string{"none", "writeback"}, c.Block.Cache) {
+		bad("block.cache", c.Block.Cache, `must be "none" or "writeback"`)
+	}
+	switch c.Block.AIO {
+	case "threads", "io_uring":
+	case "native":
+		if c.Block.Cache != "none" {
+			bad("block.aio", c.Block.AIO, `needs block.cache = "none" (O_DIRECT); with "writeback" use "threads" or "io_uring"`)
+		}
+	default:
+		bad("block.aio", c.Block.AIO, `must be "threads", "native" or "io_uring"`)
+	}
+
+	if len(errs) == 0 {
+		return nil
+	}
+	return &Error{File: c.source(), Errs: errs}
+}
+
+// Error is a config file that does not decode or validate; Errs has one error per problem.
+type Error struct {
+	File string
+	Errs []error
+}
+
+func (e *Error) Error() string {
+	if len(e.Errs) == 1 {
+		return "podvm config " + e.File + ": " + e.Errs[0].Error()
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "podvm config %s: %d problems:", e.File, len(e.Errs))
+	for _, err := range e.Errs {
+		b.WriteString("\n  ")
+		b.WriteString(err.Error())
+	}
+	return b.String()
+}
+
+func (e *Error) Unwrap() []error { return e.Errs }
+
+// checkPattern returns what is wrong with an annotations.allowed entry, or "".
+func checkPattern(p string) string {
+	switch {
+	case p == "":
+		return "is empty"
+	case strings.HasPrefix(p, AnnotationPrefix):
+		return "starts with " + AnnotationPrefix + ": list the key without the prefix"
+	case strings.ContainsAny(p, "/ \t\r\n"):
+		return "contains '/' or whitespace, which no podvm.io annotation key has"
+	}
+	if _, err := path.Match(p, ""); err != nil {
+		return "is not a valid glob"
+	}
+	return ""
+}
+
+// tomlValue formats v as it would appear in the file, for messages.
+func tomlValue(v any) string {
+	switch v := v.(type) {
+	case string:
+		return fmt.Sprintf("%q", v)
+	case Bytes:
+		return fmt.Sprintf("%q", v.String())
+	case Duration:
+		return fmt.Sprintf("%q", v.String())
+	case []string:
+		q := make([]string, len(v))
+		for i, s := range v {
+			q[i] = fmt.Sprintf("%q", s)
+		}
+		return "[" + strings.Join(q, ", ") + "]"
+	}
+	return fmt.Sprint(v)
+}
+
+// example returns a good setting of key ("section.key"), for messages.
+func example(key string) string {
+	ex := map[string]string{
+		"hypervisor":                 "[hypervisor]",
+		"hypervisor.qemu_path":       `qemu_path = "/usr/bin/qemu-system-x86_64"`,
+		"hypervisor.accel":           `accel = "tcg"`,
+		"hypervisor.kernel":          `kernel = "/usr/share/podvm/vmlinuz"`,
+		"hypervisor.initrd":          `initrd = "/usr/share/podvm/initrd.img"`,
+		"hypervisor.kernel_params":   `kernel_params = ["loglevel=4"]`,
+		"hypervisor.firmware":        `firmware = "/usr/share/qemu/qboot.rom"`,
+		"hypervisor.virtiofsd_path":  `virtiofsd_path = "/usr/libexec/virtiofsd"`,
+		"hypervisor.agent_transport": `agent_transport = "serial"`,
+		"hypervisor.debug":           `debug = true`,
+		"hypervisor.hotplug_slots":   `hotplug_slots = 2`,
+		"sandbox":                    "[sandbox]",
+		"sandbox.default_vcpus":      `default_vcpus = 1`,
+		"sandbox.default_memory":     `default_memory = "512Mi"`,
+		"sandbox.max_vcpus":          `max_vcpus = 4`,
+		"sandbox.max_memory":         `max_memory = "16Gi"`,
+		"sandbox.memory_overhead":    `memory_overhead = "256Mi"`,
+		"sandbox.state_dir":          `state_dir = "/run/podvm"`,
+		"sandbox.agent_timeout":      `agent_timeout = "60s"`,
+		"annotations":                "[annotations]",
+		"annotations.allowed":        `allowed = ["vcpus", "memory", "disk.*"]`,
+		"virtiofs":                   "[virtiofs]",
+		"virtiofs.cache":             `cache = "auto"`,
+		"block":                      "[block]",
+		"block.cache":                `cache = "none"`,
+		"block.aio":                  `aio = "threads"`,
+	}[key]
+	return ex
+}
+
+// decodeError turns go-toml's errors into messages naming the file, position, key and a good
+// value.
+func decodeError(file string, data []byte, err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) {
+		errs := make([]error, 0, len(strict.Errors))
+		for _, de := range strict.Errors {
+			errs = append(errs, unknownKey(&de))
+		}
+		return &Error{File: file, Errs: errs}
+	}
+	var de *toml.DecodeError
+	if !errors.As(err, &de) {
+		// go-toml passes a non-string value to a TextUnmarshaler (Duration) as text and
+		// returns its error without the key: find the key.
+		if e := nonStringValue(data); e != nil {
+			err = e
+		}
+		return &Error{File: file, Errs: []error{err}}
+	}
+	row, col := de.Position()
+	key := strings.Join(de.Key(), ".")
+	msg := strings.TrimPrefix(de.Error(), "toml: ")
+	var e error
+	switch f, ok := field(reflect.TypeFor[Config](), de.Key()); {
+	case key == "" || !ok:
+		e = fmt.Errorf("line %d column %d: %s", row, col, msg)
+	case strings.HasPrefix(msg, "cannot decode TOML "):
+		got := strings.Fields(strings.TrimPrefix(msg, "cannot decode TOML "))[0]
+		e = fmt.Errorf("line %d: %s: want %s, got a TOML %s; use e.g. %s", row, key, want(f.Type), got, example(key))
+	default:
+		e = fmt.Errorf("line %d: %s: %s; use e.g. %s", row, key, msg, example(key))
+	}
+	return &Error{File: file, Errs: []error{e}}
+}
+
+// nonStringValue finds the key behind a TextUnmarshaler error without one: go-toml hands a
+// non-string TOML value to a Duration or Bytes as its raw text and returns the error bare. It
+// returns an error for the first Duration holding a non-string, else the first Bytes holding
+// neither a string nor an integer, else nil.
+func nonStringValue(data []byte) error {
+	var doc map[string]any
+	if toml.Unmarshal(data, &doc) != nil {
+		return nil
+	}
+	t := reflect.TypeFor[Config]()
+	for _, typ := range []reflect.Type{reflect.TypeFor[Duration](), reflect.TypeFor[Bytes]()} {
+		for i := range t.NumField() {
+			sec := t.Field(i)
+			table, _ := doc[tomlName(sec)].(map[string]any)
+			if sec.Type.Kind() != reflect.Struct || table == nil {
+				continue
+			}
+			for j := range sec.Type.NumField() {
+				f := sec.Type.Field(j)
+				v, ok := table[tomlName(f)]
+				if !ok || f.Type != typ {
+					continue
+				}
+				switch v.(type) {
+				case string:
+					continue
+				case int64:
+					if typ == reflect.TypeFor[Bytes]() {
+						continue
+					}
+				}
+				key := tomlName(sec) + "." + tomlName(f)
+				return fmt.Errorf("%s: want %s, got a TOML %s; use e.g. %s", key, want(f.Type), tomlKind(v), example(key))
+			}
+		}
+	}
+	return nil
+}
+
+func tomlKind(v any) string {
+	switch v.(type) {
+	case int64:
+		return "integer"
+	case float64:
+		return "float"
+	case bool:
+		return "boolean"
+	case []any:
+		return "array"
+	case map[string]any:
+		return "table"
+	}
+	return "date or time"
+}
+
+func unknownKey(de *toml.DecodeError) error {
+	row, _ := de.Position()
+	k := de.Key()
+	key := strings.Join(k, ".")
+	parent := reflect.TypeFor[Config]()
+	where := "the sections are"
+	if len(k) > 1 {
+		if f, ok := field(parent, k[:len(k)-1]); ok && f.Type.Kind() == reflect.Struct {
+			parent = f.Type
+			where = "the [" + strings.Join(k[:len(k)-1], ".") + "] keys are"
+		}
+	}
+	return fmt.Errorf("line %d: unknown key %s; %s: %s", row, key, where, strings.Join(keys(parent), ", "))
+}
+
+// field finds the struct field of t for a TOML key path.
+func field(t reflect.Type, key []string) (reflect.StructField, bool) {
+	var f reflect.StructField
+	for _, k := range key {
+		if t.Kind() != reflect.Struct {
+			return f, false
+		}
+		found := false
+		for i := range t.NumField() {
+			if tf := t.Field(i); tomlName(tf) == k {
+				f, t, found = tf, tf.Type, true
+				break
+			}
+		}
+		if !found {
+			return f, false
+		}
+	}
+	return f, len(key) > 0
+}
+
+func keys(t reflect.Type) []string {
+	var ks []string
+	for i := range t.NumField() {
+		if n := tomlName(t.Field(i)); n != "" && n != "-" {
+			ks = append(ks, n)
+		}
+	}
+	return ks
+}
+
+func tomlName(f reflect.StructField) string {
+	n, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+	return n
+}
+
+// want describes the TOML value a field takes.
+func want(t reflect.Type) string {
+	switch t {
+	case reflect.TypeFor[Bytes]():
+		return `a size (a string like "512Mi" or "1Gi", or a whole number of bytes)`
+	case reflect.TypeFor[Duration]():
+		return `a duration string like "60s"`
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "a string"
+	case reflect.Int:
+		return "a whole number"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Slice:
+		return "an array of strings"
+	case reflect.Struct:
+		return "a table"
+	}
+	return t.String()
+}
