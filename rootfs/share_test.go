@@ -1,0 +1,621 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// needRoot skips a test that mounts unless it runs as root; under CI a missing root is a
+// broken setup and fails the test.
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("this test mounts filesystems and must run as root under CI")
+	}
+	t.Skip("needs root to mount")
+}
+
+// env is one test's host: a share dir and a place for volume sources.
+type env struct {
+	t      *testing.T
+	root   string // the temp dir everything lives in
+	shared string // the share's host dir
+	vols   string // volume sources
+	share  *Share
+}
+
+const guestDir = "/run/podvm/shared"
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	needRoot(t)
+	root := t.TempDir()
+	e := &env{t: t, root: root, shared: filepath.Join(root, "shared"), vols: filepath.Join(root, "vols")}
+	for _, d := range []string{e.shared, e.vols} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Registered after TempDir, so it runs before TempDir's removal: a failing test must not
+	// leave mounts behind (nor make RemoveAll walk into a volume).
+	t.Cleanup(func() {
+		if left, _ := mountsUnder(root); len(left) > 0 {
+			t.Errorf("mounts left under the test dir: %v", left)
+			_ = mount.UnmountRecursive(root, unix.MNT_DETACH)
+		}
+	})
+	e.share = NewShare(e.shared, guestDir)
+	return e
+}
+
+func (e *env) dir(name string, files map[string]string) string {
+	e.t.Helper()
+	d := filepath.Join(e.vols, name)
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	for n, c := range files {
+		if err := os.WriteFile(filepath.Join(d, n), []byte(c), 0o644); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return d
+}
+
+func (e *env) file(name, content string) string {
+	e.t.Helper()
+	p := filepath.Join(e.vols, name)
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	return p
+}
+
+// overlay makes lower/upper/work dirs with the given files in the lower one and returns
+// containerd's mount for them and the upper dir.
+func (e *env) overlay(name string, files map[string]string) ([]mount.Mount, string) {
+	e.t.Helper()
+	base := filepath.Join(e.root, "snap-"+name)
+	lower := filepath.Join(base, "lower")
+	upper := filepath.Join(base, "upper")
+	work := filepath.Join(base, "work")
+	for _, d := range []string{lower, upper, work} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	for n, c := range files {
+		if err := os.WriteFile(filepath.Join(lower, n), []byte(c), 0o644); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return []mount.Mount{{Type: "overlay", Source: "overlay",
+		Options: []string{"lowerdir=" + lower, "upperdir=" + upper, "workdir=" + work}}}, upper
+}
+
+func (e *env) noMounts() {
+	e.t.Helper()
+	if left, err := mountsUnder(e.shared); err != nil {
+		e.t.Fatal(err)
+	} else if len(left) > 0 {
+		e.t.Errorf("mounts left under the share: %v", left)
+	}
+}
+
+func (e *env) gone(id string) {
+	e.t.Helper()
+	if _, err := os.Lstat(filepath.Join(e.shared, id)); !errors.Is(err, fs.ErrNotExist) {
+		e.t.Errorf("%s of the share still there (err %v)", id, err)
+	}
+}
+
+func readFile(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func bindMount(src, dst string, opts ...string) specs.Mount {
+	return specs.Mount{Destination: dst, Type: "bind", Source: src, Options: append([]string{"rbind"}, opts...)}
+}
+
+// baseMounts are the non-bind mounts containerd's default spec has; they must pass unchanged.
+func baseMounts() []specs.Mount {
+	return []specs.Mount{
+		{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
+		{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+		{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"}},
+		{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
+		{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+		{Destination: "/sys/fs/cgroup", Type: "cgroup", Source: "cgroup", Options: []string{"nosuid", "noexec", "nodev", "relatime", "ro"}},
+	}
+}
+
+func TestPrepareOverlayRootfs(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	rootfs, upper := e.overlay("c1", map[string]string{"hello": "from lower"})
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs", Readonly: true}, Mounts: baseMounts()}
+	att, err := e.share.Prepare(ctx, "c1", "/nonexistent-bundle", spec, rootfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(e.shared, "c1", "rootfs")
+	if got := readFile(t, filepath.Join(root, "hello")); got != "from lower" {
+		t.Errorf("rootfs/hello = %q, want the lower dir's file", got)
+	}
+	if err := os.WriteFile(filepath.Join(root, "new"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, filepath.Join(upper, "new")); got != "x" {
+		t.Errorf("a write to the rootfs did not land in the upper dir: %q", got)
+	}
+	if att.Spec.Root.Path != guestDir+"/c1/rootfs" || !att.Spec.Root.Readonly {
+		t.Errorf("guest root = %+v, want path %s/c1/rootfs and readonly kept", att.Spec.Root, guestDir)
+	}
+	if !reflect.DeepEqual(att.Spec.Mounts, baseMounts()) {
+		t.Errorf("non-bind mounts changed:\n got %+v\nwant %+v", att.Spec.Mounts, baseMounts())
+	}
+	if spec.Root.Path != "rootfs" {
+		t.Errorf("the caller's spec was modified: root %q", spec.Root.Path)
+	}
+	if len(att.BlockDevices)+len(att.BlockMounts)+len(att.Devices) != 0 {
+		t.Errorf("unexpected block devices: %+v", att)
+	}
+	if err := e.share.Release(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	e.noMounts()
+	e.gone("c1")
+	if got := readFile(t, filepath.Join(upper, "new")); got != "x" {
+		t.Errorf("Release lost the upper dir's data: %q", got)
+	}
+}
+
+func TestPrepareBundleRootfs(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	bundle := filepath.Join(e.root, "bundle")
+	if err := os.MkdirAll(filepath.Join(bundle, "rootfs", "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bundle, "rootfs", "etc", "os-release"), []byte("busybox"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}}
+	att, err := e.share.Prepare(ctx, "c1", bundle, spec, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, filepath.Join(e.shared, "c1/rootfs/etc/os-release")); got != "busybox" {
+		t.Errorf("bundle rootfs not visible in the share: %q", got)
+	}
+	if att.Spec.Root.Path != guestDir+"/c1/rootfs" {
+		t.Errorf("guest root %q", att.Spec.Root.Path)
+	}
+	if err := e.share.Release(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	e.noMounts()
+	e.gone("c1")
+	if _, err := os.Stat(filepath.Join(bundle, "rootfs", "etc", "os-release")); err != nil {
+		t.Errorf("Release touched the bundle: %v", err)
+	}
+}
+
+func TestPrepareBinds(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	cfg := e.dir("configmap", map[string]string{"key": "value"})
+	empty := e.dir("emptydir", nil)
+	hosts := e.file("hosts", "127.0.0.1 localhost\n")
+	hostname := e.file("hostname", "pod-a\n")
+	// A symlinked source, as kubelet's configMap ..data links are: resolved on the host.
+	link := filepath.Join(e.vols, "cfg-link")
+	if err := os.Symlink(cfg, link); err != nil {
+		t.Fatal(err)
+	}
+	// A source with a mount below it: shared recursively.
+	secret := e.dir("secret", nil)
+	if err := unix.Mount("tmpfs", secret, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(secret, unix.MNT_DETACH) })
+	if err := os.WriteFile(filepath.Join(secret, "token"), []byte("s3cr3t"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	secretParent := filepath.Dir(secret)
+
+	shm := "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/abc/shm"
+	in := append(baseMounts(),
+		bindMount(cfg, "/cfg", "ro", "rprivate"),
+		bindMount(empty, "/data", "rw", "rslave"),
+		bindMount(hosts, "/etc/hosts", "rw"),
+		bindMount(hostname, "/etc/hostname", "ro"),
+		bindMount(link, "/linked"),
+		bindMount(secretParent, "/vols", "ro"),
+		bindMount(shm, "/dev/shm", "rw"),
+		specs.Mount{Destination: "/opt", Source: empty, Options: []string{"bind"}}, // no type: a bind by its options
+	)
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: in}
+	rootfs, _ := e.overlay("c1", nil)
+	att, err := e.share.Prepare(ctx, "c1", "", spec, rootfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostPath := func(m specs.Mount) string {
+		t.Helper()
+		rel, ok := strings.CutPrefix(m.Source, guestDir+"/")
+		if !ok {
+			t.Fatalf("mount %s: source %s is not under the guest share %s", m.Destination, m.Source, guestDir)
+		}
+		return filepath.Join(e.shared, rel)
+	}
+	byDest := map[string]specs.Mount{}
+	for _, m := range att.Spec.Mounts {
+		byDest[m.Destination] = m
+	}
+
+	base := baseMounts()
+	if !reflect.DeepEqual(att.Spec.Mounts[:len(base)], base) {
+		t.Errorf("non-bind mounts changed: %+v", att.Spec.Mounts[:len(base)])
+	}
+	for i, m := range att.Spec.Mounts {
+		if !reflect.DeepEqual(m.Options, in[i].Options) || m.Type != in[i].Type || m.Destination != in[i].Destination {
+			t.Errorf("mount %s: type/options changed: %q %v, want %q %v", m.Destination, m.Type, m.Options, in[i].Type, in[i].Options)
+		}
+	}
+	if got := byDest["/dev/shm"].Source; got != GuestShmDir {
+		t.Errorf("/dev/shm source %q, want the guest's %s", got, GuestShmDir)
+	}
+
+	tests := []struct {
+		dest, file, want string
+		writable         bool
+		writeIn          string // a subdir to write in (a submount of the source)
+	}{
+		{"/cfg", "key", "value", false, ""},
+		{"/data", "", "", true, ""},
+		{"/etc/hosts", "", "127.0.0.1 localhost\n", true, ""},
+		{"/etc/hostname", "", "pod-a\n", false, ""},
+		{"/linked", "key", "value", true, ""},
+		{"/vols", "secret/token", "s3cr3t", false, "secret"}, // read-only recursively
+		{"/opt", "", "", true, ""},
+	}
+	for _, tc := range tests {
+		t.Run(strings.TrimPrefix(tc.dest, "/"), func(t *testing.T) {
+			p := hostPath(byDest[tc.dest])
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.want != "" {
+				if got := readFile(t, filepath.Join(p, tc.file)); got != tc.want {
+					t.Errorf("read %q through the share, want %q", got, tc.want)
+				}
+			}
+			target := p
+			if fi.IsDir() {
+				target = filepath.Join(p, tc.writeIn, "written-"+strings.TrimPrefix(tc.dest, "/"))
+			}
+			err = os.WriteFile(target, []byte("w"), 0o644)
+			switch {
+			case tc.writable && err != nil:
+				t.Errorf("write through the share: %v", err)
+			case !tc.writable && !errors.Is(err, unix.EROFS):
+				t.Errorf("write through a read-only share: err %v, want EROFS", err)
+			}
+		})
+	}
+	if got := readFile(t, filepath.Join(empty, "written-data")); got != "w" {
+		t.Errorf("write through the emptyDir share did not reach its source: %q", got)
+	}
+
+	if err := e.share.Release(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	e.noMounts()
+	e.gone("c1")
+	if got := readFile(t, filepath.Join(secret, "token")); got != "s3cr3t" {
+		t.Errorf("Release disturbed a volume below a shared source: %q", got)
+	}
+	if got := readFile(t, filepath.Join(cfg, "key")); got != "value" {
+		t.Errorf("configMap source changed: %q", got)
+	}
+	if err := e.share.Release(ctx, "c1"); err != nil {
+		t.Errorf("second Release: %v", err)
+	}
+	if err := e.share.Release(ctx, "never-prepared"); err != nil {
+		t.Errorf("Release of an unknown container: %v", err)
+	}
+}
+
+func TestSameSourceInTwoContainers(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	empty := e.dir("emptydir", nil)
+	for _, id := range []string{"a", "b"} {
+		rootfs, _ := e.overlay(id, nil)
+		spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: []specs.Mount{bindMount(empty, "/data")}}
+		if _, err := e.share.Prepare(ctx, id, "", spec, rootfs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(e.shared, "a/mounts/0-data/f"), []byte("from a"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.share.Release(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, filepath.Join(e.shared, "b/mounts/0-data/f")); got != "from a" {
+		t.Errorf("b reads %q, want a's write, also after a was released", got)
+	}
+	if err := e.share.Release(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	e.noMounts()
+	if got := readFile(t, filepath.Join(empty, "f")); got != "from a" {
+		t.Errorf("emptyDir lost its data: %q", got)
+	}
+}
+
+func TestPrepareFailsCleanly(t *testing.T) {
+	needRoot(t)
+	tests := []struct {
+		name string
+		// mounts returns the spec's mounts; e is set up, with dirs "ok1", "ok2" and file "f".
+		mounts   func(e *env) []specs.Mount
+		wantIs   error
+		wantText []string
+	}{
+		{
+			name: "third bind source missing",
+			mounts: func(e *env) []specs.Mount {
+				return []specs.Mount{bindMount(e.dir("ok1", nil), "/a"), bindMount(e.file("f", "x"), "/b", "ro"),
+					bindMount(filepath.Join(e.vols, "missing"), "/c")}
+			},
+			wantIs:   errdefs.ErrNotFound,
+			wantText: []string{"missing", "/c", "container c1", "does not exist"},
+		},
+		{
+			name: "char device",
+			mounts: func(e *env) []specs.Mount {
+				return []specs.Mount{bindMount(e.dir("ok1", nil), "/a"), bindMount("/dev/null", "/dev/mine")}
+			},
+			wantIs:   errdefs.ErrNotImplemented,
+			wantText: []string{"/dev/null", "device", "not supported"},
+		},
+		{
+			name: "unix socket",
+			mounts: func(e *env) []specs.Mount {
+				sock := filepath.Join(e.vols, "docker.sock")
+				l, err := net.Listen("unix", sock)
+				if err != nil {
+					e.t.Fatal(err)
+				}
+				e.t.Cleanup(func() { l.Close() })
+				return []specs.Mount{bindMount(e.dir("ok1", nil), "/a"), bindMount(sock, "/var/run/docker.sock")}
+			},
+			wantIs:   errdefs.ErrNotImplemented,
+			wantText: []string{"docker.sock", "socket"},
+		},
+		{
+			name: "source containing the share",
+			mounts: func(e *env) []specs.Mount {
+				return []specs.Mount{bindMount(e.dir("ok1", nil), "/a"), bindMount(e.root, "/host")}
+			},
+			wantIs:   errdefs.ErrNotImplemented,
+			wantText: []string{"shared dir", "/host"},
+		},
+		{
+			name: "bind without source",
+			mounts: func(e *env) []specs.Mount {
+				return []specs.Mount{bindMount(e.dir("ok1", nil), "/a"), bindMount("", "/b")}
+			},
+			wantIs:   errdefs.ErrInvalidArgument,
+			wantText: []string{"/b", "no source"},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			rootfs, _ := e.overlay("c1", map[string]string{"f": "x"})
+			spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: tc.mounts(e)}
+			_, err := e.share.Prepare(context.Background(), "c1", "", spec, rootfs)
+			if err == nil {
+				t.Fatal("Prepare succeeded")
+			}
+			if !errors.Is(err, tc.wantIs) {
+				t.Errorf("error %v is not %v", err, tc.wantIs)
+			}
+			for _, w := range tc.wantText {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+			e.noMounts()
+			e.gone("c1")
+		})
+	}
+}
+
+func TestPrepareRefusals(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}}
+	rootfs, _ := e.overlay("c1", nil)
+	for _, id := range []string{"", ".", "..", "a/b", "../x"} {
+		if _, err := e.share.Prepare(ctx, id, "", spec, rootfs); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("container id %q: err %v, want invalid argument", id, err)
+		}
+	}
+	if _, err := e.share.Prepare(ctx, "c1", "", &specs.Spec{}, nil); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("no rootfs at all: err %v, want invalid argument", err)
+	}
+	if _, err := e.share.Prepare(ctx, "c1", "", spec, rootfs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.share.Prepare(ctx, "c1", "", spec, rootfs); !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Errorf("second Prepare of c1: err %v, want already exists", err)
+	}
+	// The failed second Prepare must not have undone the first.
+	if left, _ := mountsUnder(filepath.Join(e.shared, "c1")); len(left) != 1 {
+		t.Errorf("mounts of c1 after a refused second Prepare: %v, want its rootfs", left)
+	}
+	if err := e.share.Release(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	e.noMounts()
+}
+
+func TestCleanupAfterCrash(t *testing.T) {
+	for _, selfMounted := range []bool{false, true} {
+		name := "plain dir"
+		if selfMounted {
+			name = "shared self-bind like the hypervisor's"
+		}
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t)
+			ctx := context.Background()
+			if selfMounted {
+				if err := unix.Mount(e.shared, e.shared, "", unix.MS_BIND, ""); err != nil {
+					t.Fatal(err)
+				}
+				if err := unix.Mount("", e.shared, "", unix.MS_SHARED, ""); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cfg := e.dir("cfg", map[string]string{"key": "value"})
+			for _, id := range []string{"a", "b"} {
+				rootfs, _ := e.overlay(id, map[string]string{"f": id})
+				spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: []specs.Mount{
+					bindMount(cfg, "/cfg", "ro"), bindMount(e.file("hosts-"+id, id), "/etc/hosts")}}
+				if _, err := NewShare(e.shared, guestDir).Prepare(ctx, id, "", spec, rootfs); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The shim died: no Share; a new process cleans up from the mount table alone.
+			if err := Cleanup(ctx, e.shared); err != nil {
+				t.Fatal(err)
+			}
+			left, err := mountsUnder(e.shared)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if selfMounted {
+				if len(left) != 1 || left[0] != e.shared {
+					t.Errorf("mounts after Cleanup: %v, want only the hypervisor's self-bind", left)
+				}
+				entries, _ := os.ReadDir(e.shared)
+				if len(entries) != 0 {
+					t.Errorf("Cleanup left %d entries in the share", len(entries))
+				}
+				if err := unix.Unmount(e.shared, unix.MNT_DETACH); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				if len(left) != 0 {
+					t.Errorf("mounts after Cleanup: %v", left)
+				}
+				if _, err := os.Stat(e.shared); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("share dir still there: %v", err)
+				}
+			}
+			if got := readFile(t, filepath.Join(cfg, "key")); got != "value" {
+				t.Errorf("Cleanup disturbed a volume: %q", got)
+			}
+			if err := Cleanup(ctx, e.shared); err != nil {
+				t.Errorf("second Cleanup: %v", err)
+			}
+		})
+	}
+}
+
+func TestMountName(t *testing.T) {
+	tests := []struct {
+		i    int
+		dest string
+		want string
+	}{
+		{0, "/etc/hosts", "0-hosts"},
+		{3, "/var/run/secrets/kubernetes.io/serviceaccount", "3-serviceaccount"},
+		{4, "/", "4-root"},
+		{5, "/data dir/with space", "5-with_space"},
+		{6, "/" + strings.Repeat("x", 100), "6-" + strings.Repeat("x", 64)},
+	}
+	for _, tc := range tests {
+		if got := mountName(tc.i, tc.dest); got != tc.want {
+			t.Errorf("mountName(%d, %q) = %q, want %q", tc.i, tc.dest, got, tc.want)
+		}
+	}
+}
+
+func TestIsPodShmAndIsBind(t *testing.T) {
+	tests := []struct {
+		m         specs.Mount
+		bind, shm bool
+	}{
+		{specs.Mount{Destination: "/dev/shm", Type: "bind", Source: "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/x/shm"}, true, true},
+		{specs.Mount{Destination: "/dev/shm", Type: "bind", Source: "/dev/shm"}, true, true},
+		{specs.Mount{Destination: "/dev/shm", Type: "bind", Source: "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/shm"}, true, false},
+		{specs.Mount{Destination: "/dev/shm", Type: "tmpfs", Source: "shm"}, false, false},
+		{specs.Mount{Destination: "/x", Source: "/y", Options: []string{"rbind", "ro"}}, true, false},
+		{specs.Mount{Destination: "/x", Type: "none", Source: "/y", Options: []string{"bind"}}, true, false},
+		{specs.Mount{Destination: "/proc", Type: "proc", Source: "proc"}, false, false},
+	}
+	for _, tc := range tests {
+		if got := isBind(&tc.m); got != tc.bind {
+			t.Errorf("isBind(%+v) = %v", tc.m, got)
+		}
+		if got := isPodShm(&tc.m); got != tc.shm {
+			t.Errorf("isPodShm(%+v) = %v", tc.m, got)
+		}
+	}
+}
+
+func TestFake(t *testing.T) {
+	ctx := context.Background()
+	f := &Fake{}
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}}
+	att, err := f.Prepare(ctx, "c1", "/b", spec, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if att.Spec.Root.Path != "/run/podvm/shared/c1/rootfs" || spec.Root.Path != "rootfs" {
+		t.Errorf("guest root %q (caller's %q)", att.Spec.Root.Path, spec.Root.Path)
+	}
+	if _, err := f.Prepare(ctx, "c1", "/b", spec, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Errorf("second Prepare: %v", err)
+	}
+	if got := f.Prepared(); !reflect.DeepEqual(got, []string{"c1"}) {
+		t.Errorf("Prepared() = %v", got)
+	}
+	if err := f.Release(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.Prepared()) != 0 || !reflect.DeepEqual(f.Released(), []string{"c1"}) {
+		t.Errorf("after Release: prepared %v released %v", f.Prepared(), f.Released())
+	}
+	f.PrepareErr = errdefs.ErrUnavailable
+	if _, err := f.Prepare(ctx, "c2", "/b", spec, nil); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Errorf("injected error: %v", err)
+	}
+}
