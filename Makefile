@@ -62,7 +62,7 @@ unit:
 # Integration tests: real containerd, QEMU, CNI and guest kernel. They find the binaries and the
 # guest image through these variables.
 integration: build image
-	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) \
+	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
 		$(GO) test -count=1 -timeout $(IT_TIMEOUT) -v -run '$(IT_RUN)' ./integration/... 2>&1 | tee $(OUT)/integration.log; \
 		exit $${PIPESTATUS[0]}
 

@@ -3,6 +3,7 @@ package guest
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -46,6 +47,31 @@ func parseSpec(id string, b []byte) (*specs.Spec, error) {
 		spec.Linux = &specs.Linux{}
 	}
 	return &spec, nil
+}
+
+// applyPodSysctls writes the spec's net.* sysctls into the guest's own network namespace and
+// drops them from the spec. Containers share the guest's network stack (the VM is the pod's
+// network namespace), where libcontainer refuses net.* sysctls; they are pod-wide anyway.
+func applyPodSysctls(spec *specs.Spec) error {
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			return nil // a network namespace of its own: libcontainer applies them there
+		}
+	}
+	for k, v := range spec.Linux.Sysctl {
+		if !strings.HasPrefix(k, "net.") {
+			continue
+		}
+		p := filepath.Join("/proc/sys", strings.ReplaceAll(k, ".", "/"))
+		if strings.Contains(k, "/") || strings.Contains(k, "..") {
+			return fmt.Errorf("sysctl %q: not a sysctl name: %w", k, errdefs.ErrInvalidArgument)
+		}
+		if err := os.WriteFile(p, []byte(v), 0); err != nil {
+			return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
+		}
+		delete(spec.Linux.Sysctl, k)
+	}
+	return nil
 }
 
 // guestCgroupsPath keeps cgroupfs-style paths and turns systemd-style ones

@@ -109,6 +109,9 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 		}
 	}()
 
+	if err := applyPodSysctls(spec); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
 	mounts, err := prepareStorage(ctx, req.BlockMounts, req.Devices, spec)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)

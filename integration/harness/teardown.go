@@ -29,6 +29,7 @@ func (e *Env) teardown(t testing.TB) {
 	e.closeOnce.Do(func() {
 		if t.Failed() && e.ContainerdLog != "" {
 			t.Logf("harness: containerd log tail (%s):\n%s", e.ContainerdLog, e.LogTail(60))
+			e.keepLog(t)
 		}
 		start := time.Now()
 		e.closeErrs = e.doTeardown()
@@ -408,4 +409,26 @@ func (e *Env) cniCaches() []string {
 		}
 	}
 	return out
+}
+
+// ArtifactsEnv names a directory where a failed test's whole containerd log (shim logs
+// included) is kept; `make integration` sets it to _output/artifacts.
+const ArtifactsEnv = "PODVM_IT_ARTIFACTS"
+
+func (e *Env) keepLog(t testing.TB) {
+	dir := os.Getenv(ArtifactsEnv)
+	if dir == "" {
+		return
+	}
+	b, err := os.ReadFile(e.ContainerdLog)
+	if err != nil {
+		return
+	}
+	name := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name()) + "-containerd.log"
+	if err := os.MkdirAll(dir, 0o755); err == nil {
+		p := filepath.Join(dir, name)
+		if os.WriteFile(p, b, 0o644) == nil {
+			t.Logf("harness: containerd log kept in %s", p)
+		}
+	}
 }

@@ -1,0 +1,280 @@
+package shim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/fifo"
+	"github.com/containerd/log"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+)
+
+// stdioPaths is where containerd wants a process's stdio: fifo paths, or file:// and
+// binary:// URIs for stdout/stderr.
+type stdioPaths struct {
+	stdin, stdout, stderr string
+	terminal              bool
+}
+
+func (s stdioPaths) agentStdio() *api.Stdio {
+	return &api.Stdio{Stdin: s.stdin != "", Stdout: s.stdout != "", Stderr: s.stderr != "" && !s.terminal, Terminal: s.terminal}
+}
+
+// hostIO copies one process's stdio between containerd's endpoints and the guest agent.
+type hostIO struct {
+	// out finishes when stdout and stderr reached EOF (the process and everything that
+	// inherited its stdio are gone) or the copy was cancelled.
+	out    sync.WaitGroup
+	cancel context.CancelFunc
+
+	stdinMu sync.Mutex
+	stdin   io.ReadCloser
+	closers []io.Closer
+	wait    func() // waits for a logging binary
+}
+
+// ioGrace bounds how long an exited process's output may take to drain.
+const ioGrace = 5 * time.Second
+
+// startIO opens containerd's endpoints and starts copying. ctx bounds the opening; the copies
+// run until EOF or close.
+func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID string, paths stdioPaths) (_ *hostIO, retErr error) {
+	copyCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	h := &hostIO{cancel: cancel}
+	defer func() {
+		if retErr != nil {
+			h.close()
+		}
+	}()
+	var stdout, stderr *output
+	if isBinaryURI(paths.stdout) {
+		w1, w2, wait, err := startLoggingBinary(ctx, paths.stdout, ns, containerID)
+		if err != nil {
+			return nil, err
+		}
+		stdout, stderr, h.wait = &output{w: w1, closers: []io.Closer{w1}}, &output{w: w2, closers: []io.Closer{w2}}, wait
+	} else {
+		var err error
+		if stdout, err = openOutput(ctx, paths.stdout); err != nil {
+			return nil, err
+		}
+		if stdout != nil {
+			h.closers = append(h.closers, stdout.closers...)
+		}
+		if !paths.terminal {
+			if stderr, err = openOutput(ctx, paths.stderr); err != nil {
+				return nil, err
+			}
+			if stderr != nil {
+				h.closers = append(h.closers, stderr.closers...)
+			}
+		}
+	}
+	if paths.stdin != "" {
+		r, err := fifo.OpenFifo(ctx, paths.stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open stdin %s: %w", paths.stdin, err)
+		}
+		h.stdin = r
+	}
+	copyOut := func(stream api.StdioStream, o *output) {
+		if o == nil {
+			return
+		}
+		h.out.Add(1)
+		go func() {
+			defer h.out.Done()
+			if err := agent.CopyOut(copyCtx, ag, containerID, execID, stream, o.w); err != nil && copyCtx.Err() == nil {
+				log.G(ctx).WithError(err).Warn("stdio copy")
+			}
+			// containerd (CRI's exec especially) waits for EOF on its end.
+			o.close()
+		}()
+	}
+	copyOut(api.StdioStream_STDOUT, stdout)
+	copyOut(api.StdioStream_STDERR, stderr)
+	return h, nil
+}
+
+// startStdin begins copying stdin; it must run after the process exists in the guest.
+func (h *hostIO) startStdin(ctx context.Context, ag api.AgentService, containerID, execID string) {
+	h.stdinMu.Lock()
+	r := h.stdin
+	h.stdinMu.Unlock()
+	if r == nil {
+		return
+	}
+	go func() {
+		if err := agent.CopyIn(ctx, ag, containerID, execID, r); err != nil && !errors.Is(err, os.ErrClosed) && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Debug("stdin copy")
+		}
+	}()
+}
+
+// closeStdin ends the stdin copy (CloseIO); the copy then closes the guest's stdin.
+func (h *hostIO) closeStdin() {
+	h.stdinMu.Lock()
+	defer h.stdinMu.Unlock()
+	if h.stdin != nil {
+		h.stdin.Close()
+		h.stdin = nil
+	}
+}
+
+// output is one stdout/stderr endpoint.
+type output struct {
+	w       io.Writer
+	closers []io.Closer
+	once    sync.Once
+}
+
+func (o *output) close() {
+	o.once.Do(func() {
+		for _, c := range o.closers {
+			c.Close()
+		}
+	})
+}
+
+func openOutput(ctx context.Context, target string) (*output, error) {
+	if target == "" {
+		return nil, nil
+	}
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, fmt.Errorf("stdio %q: %w", target, err)
+	}
+	switch u.Scheme {
+	case "", "fifo":
+		path := target
+		if u.Scheme != "" {
+			path = u.Path
+		}
+		w, err := fifo.OpenFifo(ctx, path, syscall.O_WRONLY, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open fifo %s: %w", path, err)
+		}
+		// Holding a read end too keeps writes from failing with EPIPE while
+		// containerd reopens its side (e.g. after a restart).
+		r, err := fifo.OpenFifo(ctx, path, syscall.O_RDONLY, 0)
+		if err != nil {
+			w.Close()
+			return nil, fmt.Errorf("open fifo %s: %w", path, err)
+		}
+		return &output{w: w, closers: []io.Closer{w, r}}, nil
+	case "file":
+		if err := os.MkdirAll(filepath.Dir(u.Path), 0o755); err != nil {
+			return nil, err
+		}
+		f, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return nil, fmt.Errorf("open log file: %w", err)
+		}
+		return &output{w: f, closers: []io.Closer{f}}, nil
+	default:
+		return nil, fmt.Errorf("stdio %q: unsupported scheme %q (use a fifo path, file:// or binary://)", target, u.Scheme)
+	}
+}
+
+func isBinaryURI(s string) bool {
+	u, err := url.Parse(s)
+	return err == nil && u.Scheme == "binary"
+}
+
+// startLoggingBinary runs a containerd logging binary: it reads stdout on fd 3 and stderr on
+// fd 4 and closes fd 5 when it is ready (containerd's binary:// protocol).
+func startLoggingBinary(ctx context.Context, uri, ns, id string) (io.WriteCloser, io.WriteCloser, func(), error) {
+	u, err := url.Parse(uri)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var args []string
+	for k, vs := range u.Query() {
+		args = append(args, k)
+		if len(vs) > 0 && vs[0] != "" {
+			args = append(args, vs[0])
+		}
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, nil, nil, err
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		for _, f := range []*os.File{outR, outW, errR, errW} {
+			f.Close()
+		}
+		return nil, nil, nil, err
+	}
+	cmd := exec.Command(u.Path, args...)
+	cmd.Env = append(os.Environ(), "CONTAINER_ID="+id, "CONTAINER_NAMESPACE="+ns)
+	cmd.ExtraFiles = []*os.File{outR, errR, readyW}
+	err = cmd.Start()
+	outR.Close()
+	errR.Close()
+	readyW.Close()
+	if err != nil {
+		readyR.Close()
+		outW.Close()
+		errW.Close()
+		return nil, nil, nil, fmt.Errorf("start logging binary %s: %w", u.Path, err)
+	}
+	// Wait until the binary says it is ready (closes fd 5).
+	_, _ = io.Copy(io.Discard, readyR)
+	readyR.Close()
+	wait := func() {
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(ioGrace):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	}
+	return outW, errW, wait, nil
+}
+
+// drain waits for the output copies to finish, at most ioGrace.
+func (h *hostIO) drain() {
+	done := make(chan struct{})
+	go func() { h.out.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(ioGrace):
+		h.cancel()
+		<-done
+	}
+}
+
+// close stops the copies and closes everything.
+func (h *hostIO) close() {
+	h.cancel()
+	h.out.Wait()
+	h.closeStdin()
+	for _, c := range h.closers {
+		c.Close()
+	}
+	h.closers = nil
+	if h.wait != nil {
+		h.wait()
+		h.wait = nil
+	}
+}

@@ -1,0 +1,174 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/defaults"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/containerd/v2/plugins"
+	"github.com/containerd/log"
+	"github.com/containerd/plugin"
+	"github.com/containerd/plugin/registry"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/version"
+)
+
+// RuntimeName is the containerd runtime type this shim implements.
+const RuntimeName = "io.containerd.podvm.v2"
+
+// Run is the shim binary's main: containerd's shim lifecycle with podvm's task service.
+func Run(ctx context.Context) {
+	registry.Register(&plugin.Registration{
+		Type:     plugins.TTRPCPlugin,
+		ID:       "task",
+		Requires: []plugin.Type{plugins.EventPlugin, plugins.InternalPlugin},
+		InitFn: func(ic *plugin.InitContext) (any, error) {
+			pp, err := ic.GetByID(plugins.EventPlugin, "publisher")
+			if err != nil {
+				return nil, err
+			}
+			ss, err := ic.GetByID(plugins.InternalPlugin, "shutdown")
+			if err != nil {
+				return nil, err
+			}
+			return NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), DefaultBackend())
+		},
+	})
+	// The shim's children are QEMU and virtiofsd, waited for by os/exec: containerd's implicit
+	// reaper would take their exit statuses, and as a subreaper the shim would inherit
+	// orphans nobody reaps. Container processes live in the guest.
+	shim.RunShim(ctx, manager{}, func(c *shim.Config) {
+		c.NoReaper = true
+		c.NoSubreaper = true
+	})
+}
+
+type manager struct{}
+
+func (manager) Name() string { return RuntimeName }
+
+// groupAnnotation puts every container of a CRI pod into the shim of its sandbox.
+const groupAnnotation = annotationSandboxID
+
+// Start starts (or finds) the shim for a container: one per pod.
+func (manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
+	result := &bootapi.BootstrapResult{Version: 3, Protocol: "ttrpc"}
+	id := opts.GetInstanceID()
+	grouping := id
+	var spec struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	if b, err := os.ReadFile("config.json"); err == nil {
+		if err := json.Unmarshal(b, &spec); err != nil {
+			return nil, fmt.Errorf("config.json: %w", err)
+		}
+		if g := spec.Annotations[groupAnnotation]; g != "" {
+			grouping = g
+		}
+	}
+	socketDir := opts.GetSocketDir()
+	if socketDir == "" {
+		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
+	}
+	address, err := shim.CreateSocketAddress(ctx, socketDir, opts.GetContainerdGrpcAddress(), grouping, false)
+	if err != nil {
+		return nil, err
+	}
+	socket, err := shim.NewSocket(address)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return nil, fmt.Errorf("create shim socket: %w", err)
+		}
+		if shim.CanConnect(address) {
+			// The pod's shim is running: this container joins it.
+			result.Address = address
+			return result, nil
+		}
+		if err := shim.RemoveSocket(address); err != nil {
+			return nil, fmt.Errorf("remove stale shim socket: %w", err)
+		}
+		if socket, err = shim.NewSocket(address); err != nil {
+			return nil, fmt.Errorf("create shim socket: %w", err)
+		}
+	}
+	defer func() {
+		if retErr != nil {
+			socket.Close()
+			_ = shim.RemoveSocket(address)
+		}
+	}()
+	f, err := socket.File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"-namespace", ns, "-id", id, "-address", opts.GetContainerdGrpcAddress()}
+	if opts.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG {
+		args = append(args, "-debug")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir, _ = os.Getwd()
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=4")
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start shim: %w", err)
+	}
+	go func() { _ = cmd.Wait() }()
+	if err := shim.AdjustOOMScore(cmd.Process.Pid); err != nil {
+		log.G(ctx).WithError(err).Warn("adjust the shim's OOM score")
+	}
+	result.Address = address
+	return result, nil
+}
+
+// Stop is `containerd-shim-podvm-v2 delete`: containerd runs it (in the container's bundle
+// dir) when the shim is gone, to clean up from what is on disk.
+func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	bundle, err := os.Getwd()
+	if err != nil {
+		return shim.StopStatus{}, err
+	}
+	status := shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(unix.SIGKILL)}
+	rec, err := readRecord(bundle)
+	if errors.Is(err, os.ErrNotExist) {
+		// The container never got as far as a VM: nothing of podvm's to clean.
+		return status, nil
+	}
+	if err != nil {
+		return status, err
+	}
+	cleanupState(ctx, *rec, id)
+	return status, nil
+}
+
+// Info describes the runtime.
+func (manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	return &types.RuntimeInfo{
+		Name:    RuntimeName,
+		Version: &types.RuntimeVersion{Version: version.Version},
+	}, nil
+}

@@ -1,0 +1,83 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/log"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/network"
+	"github.com/podvm/podvm/rootfs"
+)
+
+// recordFile is written into a container's bundle (and the sandbox's state dir) so that
+// `containerd-shim-podvm-v2 delete`, run after the shim died, can clean up from disk alone.
+const recordFile = "podvm.json"
+
+type record struct {
+	SandboxID string `json:"sandbox_id"`
+	StateDir  string `json:"state_dir"`
+	Netns     string `json:"netns,omitempty"`
+	// OwnsVM is true for the container whose deletion ends the VM (the pod sandbox, or a
+	// standalone container).
+	OwnsVM bool `json:"owns_vm"`
+}
+
+func (r record) write(dir string) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, recordFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", recordFile, err)
+	}
+	return os.Rename(tmp, filepath.Join(dir, recordFile))
+}
+
+func readRecord(dir string) (*record, error) {
+	b, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if err != nil {
+		return nil, err
+	}
+	var r record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("%s in %s: %w", recordFile, dir, err)
+	}
+	return &r, nil
+}
+
+// cleanupState removes what a sandbox left on the host: for the VM owner the QEMU and
+// virtiofsd processes, the taps, every mount and the state dir; for another container (id)
+// its mounts in the shared dir. Idempotent; errors are logged, the clean-up goes on.
+func cleanupState(ctx context.Context, r record, id string) {
+	if r.StateDir == "" {
+		return
+	}
+	shared := filepath.Join(r.StateDir, "shared")
+	if !r.OwnsVM {
+		if err := rootfs.Cleanup(ctx, filepath.Join(shared, id)); err != nil {
+			log.G(ctx).WithError(err).Warn("clean up the container's shared filesystems")
+		}
+		return
+	}
+	if err := qemu.Cleanup(ctx, r.StateDir); err != nil {
+		log.G(ctx).WithError(err).Warn("clean up VM processes")
+	}
+	if r.Netns != "" {
+		if err := network.Cleanup(ctx, r.Netns); err != nil {
+			log.G(ctx).WithError(err).Warn("clean up pod network")
+		}
+	}
+	if err := rootfs.Cleanup(ctx, shared); err != nil {
+		log.G(ctx).WithError(err).Warn("clean up shared filesystems")
+	}
+	if err := os.RemoveAll(r.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).Warn("remove state dir")
+	}
+}

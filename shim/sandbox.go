@@ -1,0 +1,331 @@
+package shim
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/network"
+	"github.com/podvm/podvm/rootfs"
+	"github.com/podvm/podvm/shim/config"
+)
+
+// agentConn is a connection to the guest agent.
+type agentConn interface {
+	api.AgentService
+	Close() error
+}
+
+// backend is what the shim uses from the rest of podvm. Production wires the real packages
+// (DefaultBackend); unit tests wire fakes.
+type backend struct {
+	loadConfig func(path string) (*config.Config, error)
+	newVM      func(cfg qemu.Config) (hypervisor.Hypervisor, error)
+	connect    func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error)
+	discover   func(ctx context.Context, netnsPath string) (*network.Pod, error)
+	newShare   func(hostDir, guestDir string) rootfs.Provider
+}
+
+// DefaultBackend runs pods with QEMU, the real network wiring and virtio-fs.
+func DefaultBackend() backend {
+	return backend{
+		loadConfig: config.Load,
+		newVM: func(cfg qemu.Config) (hypervisor.Hypervisor, error) {
+			return qemu.New(cfg)
+		},
+		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
+			return agent.Connect(ctx, vm.DialAgent, vm.Done())
+		},
+		discover: func(ctx context.Context, netnsPath string) (*network.Pod, error) {
+			return network.Discover(ctx, netnsPath)
+		},
+		newShare: func(hostDir, guestDir string) rootfs.Provider { return rootfs.NewShare(hostDir, guestDir) },
+	}
+}
+
+// sandboxOptions is what a VM is booted from.
+type sandboxOptions struct {
+	id     string
+	bundle string
+	cfg    *config.Config
+	size   config.VMSize
+	netns  string
+	host   string
+}
+
+func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec) (*sandboxOptions, error) {
+	var optPath string
+	if r.Options != nil && r.Options.GetValue() != nil {
+		v, err := typeurl.UnmarshalAny(r.Options)
+		if err != nil {
+			return nil, fmt.Errorf("runtime options: %w: %w", err, errdefs.ErrInvalidArgument)
+		}
+		if o, ok := v.(*runtimeoptions.Options); ok {
+			optPath = o.ConfigPath
+		}
+	}
+	cfg, err := b.loadConfig(config.ResolvePath(optPath))
+	if err != nil {
+		return nil, err
+	}
+	size, err := config.Size(cfg, spec.Annotations)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
+	}
+	for _, w := range size.Warnings {
+		log.G(ctx).Warn(w)
+	}
+	netns, ok := netnsPath(spec)
+	if !ok {
+		return nil, fmt.Errorf("pod %s asks for the host's network (hostNetwork), which a VM cannot share; "+
+			"run it without hostNetwork or with another RuntimeClass: %w", r.ID, errdefs.ErrNotImplemented)
+	}
+	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: spec.Hostname}, nil
+}
+
+// sandbox is the pod's VM and what is wired to it.
+type sandbox struct {
+	id       string
+	stateDir string
+	netns    string
+	vm       hypervisor.Hypervisor
+	agent    agentConn
+	share    rootfs.Provider
+	// endpoints are the pod interfaces attached to the VM.
+	endpoints []network.Endpoint
+	// stopping is set when the shim stops the VM on purpose.
+	stopping atomic.Bool
+
+	mu sync.Mutex
+	// disks are the hot-plugged block devices of each container.
+	disks map[string][]string
+}
+
+// guestContainer is what the agent needs to create a container.
+type guestContainer struct {
+	spec        *specs.Spec
+	devices     []*api.DeviceNode
+	blockMounts []*api.BlockMount
+}
+
+// bootSandbox wires the pod network to a new VM, boots it and prepares the guest. On error
+// everything made so far is undone.
+func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox, retErr error) {
+	start := time.Now()
+	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns, disks: map[string][]string{}}
+	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	defer func() {
+		if retErr != nil {
+			sb.shutdown(context.WithoutCancel(ctx))
+		}
+	}()
+	rec := record{SandboxID: o.id, StateDir: sb.stateDir, Netns: o.netns, OwnsVM: true}
+	if err := rec.write(sb.stateDir); err != nil {
+		return nil, err
+	}
+	if err := rec.write(o.bundle); err != nil {
+		return nil, err
+	}
+	shared := filepath.Join(sb.stateDir, "shared")
+	if err := os.MkdirAll(shared, 0o755); err != nil {
+		return nil, err
+	}
+
+	var nics []*hypervisor.NetDevice
+	var pod *network.Pod
+	if o.netns != "" {
+		var err error
+		if pod, err = b.discover(ctx, o.netns); err != nil {
+			return nil, fmt.Errorf("pod network: %w", err)
+		}
+		for _, ep := range pod.Endpoints {
+			nic, err := ep.Attach(ctx)
+			if err != nil {
+				return nil, fmt.Errorf("pod network: %w", err)
+			}
+			sb.endpoints = append(sb.endpoints, ep)
+			nics = append(nics, nic)
+		}
+	}
+
+	h := o.cfg.Hypervisor
+	cid, err := randomCID()
+	if err != nil {
+		return nil, err
+	}
+	vm, err := b.newVM(qemu.Config{
+		ID: o.id, StateDir: sb.stateDir, QEMUPath: h.QEMUPath, Accel: h.Accel,
+		VCPUs: o.size.VCPUs, MemoryMiB: o.size.MemoryMiB,
+		Kernel: h.Kernel, Initrd: h.Initrd, KernelParams: h.KernelParams, Debug: h.Debug, Firmware: h.Firmware,
+		SharedDir: shared, VirtiofsdPath: h.VirtiofsdPath, VirtiofsCache: o.cfg.Virtiofs.Cache,
+		AgentTransport: h.AgentTransport, VsockCID: cid, NetDevices: nics, HotplugSlots: hotplugSlots(h.HotplugSlots),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("VM config (check %s): %w", o.cfg.Path, err)
+	}
+	if err := vm.Start(ctx); err != nil {
+		return nil, fmt.Errorf("start the pod VM: %w", err)
+	}
+	sb.vm = vm
+	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
+	defer cancel()
+	if sb.agent, err = b.connect(actx, vm); err != nil {
+		return nil, fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
+	}
+	req := &api.SetupSandboxRequest{Hostname: o.host, SharedFsTag: qemu.SharedFSTag}
+	if pod != nil {
+		for _, ep := range pod.Endpoints {
+			req.Interfaces = append(req.Interfaces, ep.Guest())
+		}
+		req.Routes, req.Neighbors = pod.Routes, pod.Neighbors
+	}
+	if _, err := sb.agent.SetupSandbox(ctx, req); err != nil {
+		return nil, fmt.Errorf("set up the guest: %w", err)
+	}
+	sb.share = b.newShare(shared, agent.GuestSharedDir)
+	log.G(ctx).WithFields(log.Fields{
+		"sandbox": o.id, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB, "size_from": o.size.Source,
+		"nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
+	}).Info("pod VM ready")
+	return sb, nil
+}
+
+// hotplugSlots maps the node config's count (0 = none) to qemu.Config's (0 = default, <0 = none).
+func hotplugSlots(n int) int {
+	if n <= 0 {
+		return -1
+	}
+	return n
+}
+
+// randomCID picks a vsock context id; collisions fail QEMU's start loudly and are
+// vanishingly rare in 2^32.
+func randomCID() (uint32, error) {
+	var b [4]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return 0, err
+	}
+	return 3 + binary.LittleEndian.Uint32(b[:])%(1<<31), nil
+}
+
+func (sb *sandbox) consolePath() string {
+	return filepath.Join(sb.stateDir, qemu.ConsoleLog)
+}
+
+// prepare makes a container's filesystems and disks available to the guest.
+func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.Spec, mounts []mount.Mount) (_ *guestContainer, retErr error) {
+	if sb.share == nil {
+		return nil, fmt.Errorf("the pod VM is not ready: %w", errdefs.ErrFailedPrecondition)
+	}
+	att, err := sb.share.Prepare(ctx, id, bundle, spec, mounts)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			sb.release(context.WithoutCancel(ctx), id)
+		}
+	}()
+	for _, d := range att.BlockDevices {
+		if err := sb.vm.Hotplug(ctx, d); err != nil {
+			return nil, fmt.Errorf("hot-plug %s: %w", d.Path, err)
+		}
+		sb.mu.Lock()
+		sb.disks[id] = append(sb.disks[id], d.ID)
+		sb.mu.Unlock()
+	}
+	if id != sb.id {
+		if err := (record{SandboxID: sb.id, StateDir: sb.stateDir}).write(bundle); err != nil {
+			return nil, err
+		}
+	}
+	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts}, nil
+}
+
+// release undoes prepare; it is idempotent.
+func (sb *sandbox) release(ctx context.Context, id string) {
+	sb.mu.Lock()
+	disks := sb.disks[id]
+	delete(sb.disks, id)
+	sb.mu.Unlock()
+	for _, d := range disks {
+		if err := sb.vm.Unplug(ctx, d); err != nil {
+			log.G(ctx).WithError(err).WithField("device", d).Warn("unplug")
+		}
+	}
+	if sb.share != nil {
+		if err := sb.share.Release(ctx, id); err != nil {
+			log.G(ctx).WithError(err).WithField("container", id).Warn("release filesystems")
+		}
+	}
+}
+
+// shutdown stops the guest and the VM and removes everything the sandbox made on the host.
+// It works on a half-booted sandbox too.
+func (sb *sandbox) shutdown(ctx context.Context) {
+	sb.stopping.Store(true)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if sb.agent != nil {
+		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
+		if _, err := sb.agent.Shutdown(actx, &api.Empty{}); err != nil && !isConnClosed(err) {
+			log.G(ctx).WithError(err).Debug("agent shutdown")
+		}
+		acancel()
+		sb.agent.Close()
+	}
+	if sb.vm != nil {
+		sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+		if err := sb.vm.Stop(sctx); err != nil {
+			log.G(ctx).WithError(err).Warn("stop VM")
+		}
+		scancel()
+	}
+	for _, ep := range sb.endpoints {
+		if err := ep.Detach(ctx); err != nil {
+			log.G(ctx).WithError(err).WithField("interface", ep.Name()).Warn("detach pod interface")
+		}
+	}
+	cleanupState(ctx, record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true}, sb.id)
+}
+
+func isConnClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed)
+}
+
+// consoleTail returns the last n lines of a VM's console log, for error messages: the state
+// dir with the full log goes when the sandbox does.
+func consoleTail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(no console log: %v)", err)
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

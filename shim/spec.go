@@ -1,0 +1,100 @@
+package shim
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// CRI annotations the shim reads (containerd's internal/cri/annotations).
+const (
+	annotationContainerType = "io.kubernetes.cri.container-type"
+	annotationSandboxID     = "io.kubernetes.cri.sandbox-id"
+	containerTypeSandbox    = "sandbox"
+)
+
+func readSpec(bundle string) (*specs.Spec, error) {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read OCI spec: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("OCI spec %s/config.json: %w: %w", bundle, err, errdefs.ErrInvalidArgument)
+	}
+	if spec.Linux == nil {
+		spec.Linux = &specs.Linux{}
+	}
+	return &spec, nil
+}
+
+// role is how a container relates to the pod's VM.
+type role int
+
+const (
+	// roleSandbox is the CRI pod sandbox (pause): it boots the VM.
+	roleSandbox role = iota
+	// roleWorkload is a CRI container that runs in its pod's VM.
+	roleWorkload
+	// roleStandalone is a container without CRI annotations (ctr run): it gets a VM of its own.
+	roleStandalone
+)
+
+func roleOf(spec *specs.Spec) (role, string) {
+	switch spec.Annotations[annotationContainerType] {
+	case containerTypeSandbox:
+		return roleSandbox, ""
+	case "":
+		return roleStandalone, ""
+	default:
+		return roleWorkload, spec.Annotations[annotationSandboxID]
+	}
+}
+
+// netnsPath returns the pod network namespace the spec joins. ok is false when the spec has
+// no network namespace at all, i.e. it wants the host's network (hostNetwork).
+func netnsPath(spec *specs.Spec) (path string, ok bool) {
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			return ns.Path, true
+		}
+	}
+	return "", false
+}
+
+// adaptSpecForGuest rewrites what in a host-made spec means nothing, or something wrong, inside
+// the guest. Filesystem paths are rootfs.Provider's business; this handles the rest:
+//   - the network namespace: containers use the guest's own stack, which is the pod's;
+//   - other namespace paths stay: they name /proc/<pid>/ns/* of the sandbox, and the pids the
+//     shim reports to containerd are guest pids;
+//   - hooks are host programs, and host devices (privileged containers get them all) do not
+//     exist in the guest;
+//   - AppArmor/SELinux labels belong to the host's policy;
+//   - cpuset and hugepage limits name host CPUs, NUMA nodes and page pools.
+func adaptSpecForGuest(spec *specs.Spec) {
+	var nss []specs.LinuxNamespace
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type != specs.NetworkNamespace {
+			nss = append(nss, ns)
+		}
+	}
+	spec.Linux.Namespaces = nss
+	spec.Hooks = nil
+	spec.Linux.Devices = nil
+	spec.Linux.MountLabel = ""
+	if spec.Process != nil {
+		spec.Process.ApparmorProfile = ""
+		spec.Process.SelinuxLabel = ""
+	}
+	if r := spec.Linux.Resources; r != nil {
+		if r.CPU != nil {
+			r.CPU.Cpus, r.CPU.Mems = "", ""
+		}
+		r.HugepageLimits = nil
+		// Device cgroup rules stay: the standard devices have the same numbers in the guest.
+	}
+}
