@@ -791,4 +791,3 @@ func (s *Service) teardown(ctx context.Context) {
 	}
 	s.evMu.Unlock()
 }
-
