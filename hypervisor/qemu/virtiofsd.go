@@ -218,7 +218,7 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 	defer logf.Close()
 	cmd := exec.Command(cfg.VirtiofsdPath, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = childProcAttr()
 	log.G(ctx).WithField("flavor", flavor).WithField("args", args).Debug("starting virtiofsd")
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting virtiofsd %s: %w", cfg.VirtiofsdPath, err)
@@ -283,11 +283,13 @@ func unixSocketListening(path string) (bool, error) {
 	return false, nil
 }
 
-// stop terminates virtiofsd: SIGTERM, then SIGKILL after a short grace or when ctx ends.
+// stop terminates virtiofsd: SIGTERM, then SIGKILL after a short grace or when ctx ends. It
+// returns once its whole process group is gone: the C virtiofsd forks into its sandbox, and
+// that child can outlive the parent by a moment.
 func (v *virtiofsd) stop(ctx context.Context) error {
 	select {
 	case <-v.done:
-		return nil
+		return waitGroupGone(v.pid())
 	default:
 	}
 	// Signal the process group: the C virtiofsd forks into its sandbox.
@@ -303,8 +305,34 @@ func (v *virtiofsd) stop(ctx context.Context) error {
 	syscall.Kill(-v.pid(), syscall.SIGKILL)
 	select {
 	case <-v.done:
-		return nil
+		return waitGroupGone(v.pid())
 	case <-time.After(5 * time.Second):
 		return fmt.Errorf("virtiofsd (pid %d) did not exit after SIGKILL", v.pid())
 	}
+}
+
+// waitGroupGone waits until no process is left in process group pgid, killing stragglers
+// after a grace period.
+func waitGroupGone(pgid int) error {
+	deadline := time.Now().Add(5 * time.Second)
+	killed := false
+	for syscall.Kill(-pgid, 0) == nil {
+		if time.Now().After(deadline) {
+			if killed {
+				return fmt.Errorf("process group %d still has processes after SIGKILL", pgid)
+			}
+			syscall.Kill(-pgid, syscall.SIGKILL)
+			killed, deadline = true, time.Now().Add(5*time.Second)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
+// childProcAttr starts QEMU and virtiofsd in their own process group, and has the kernel kill
+// them if the shim dies, so a crashed shim cannot leave a VM running. (The parent-death signal
+// follows the OS thread that started the child; Go only ends threads that a goroutine locked
+// and never unlocked.)
+func childProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 }

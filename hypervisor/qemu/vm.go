@@ -227,7 +227,7 @@ func (v *VM) start(ctx context.Context) (err error) {
 	cmd := exec.Command(cfg.QEMUPath, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = cfg.ExtraFiles()
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = childProcAttr()
 	v.logger(ctx).WithField("args", args).Debug("starting qemu")
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("running %s: %w", cfg.QEMUPath, err)
