@@ -70,17 +70,25 @@ test: deps
 	@mkdir -p $(OUT)
 	$(MAKE) build image lint unit integration
 
+# The demo is TestDemo: a busybox pod in its own VM through containerd's CRI, narrated.
 demo: deps
 	@mkdir -p $(OUT)
 	$(MAKE) build image
 	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) \
-		$(GO) run ./integration/cmd/podvm-demo
+		$(GO) test -count=1 -run '^TestDemo$$' ./integration/ -v 2>&1 | grep -E '^(demo:|--- |ok|FAIL|panic)|_test.go'; \
+		exit $${PIPESTATUS[0]}
+
+# Benchmarks: podvm against runc in the same run (docs/benchmarks.md). BENCH selects some
+# (make bench BENCH='RunPodSandbox|PodMemory'); the output is kept in _output/bench.txt for benchstat.
+BENCH       ?= .
+BENCHTIME   ?= 10x
 
 bench: deps
 	@mkdir -p $(OUT)
 	$(MAKE) build image
 	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) \
-		$(GO) test -count=1 -run '^$$' -bench . -benchtime 10x -timeout 60m ./integration/...
+		$(GO) test -count=1 -run '^$$' -bench '$(BENCH)' -benchtime $(BENCHTIME) -timeout 60m -v ./integration/... 2>&1 \
+		| tee $(OUT)/bench.txt; exit $${PIPESTATUS[0]}
 
 # Install on this node, or into $(DESTDIR) for image bakers (make install DESTDIR=/tmp/root):
 # binaries into $(PREFIX)/bin, the guest image and the RuntimeClass into /usr/share/podvm, the

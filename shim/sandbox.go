@@ -35,6 +35,8 @@ import (
 type agentConn interface {
 	api.AgentService
 	Close() error
+	// Done is closed when the connection is gone.
+	Done() <-chan struct{}
 }
 
 // backend is what the shim uses from the rest of podvm. Production wires the real packages
@@ -44,7 +46,7 @@ type backend struct {
 	newVM      func(cfg qemu.Config) (hypervisor.Hypervisor, error)
 	connect    func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error)
 	discover   func(ctx context.Context, netnsPath string) (*network.Pod, error)
-	newShare   func(hostDir, guestDir string) rootfs.Provider
+	newShare   func(hostDir, guestDir string, cfg *config.Config) rootfs.Provider
 }
 
 // DefaultBackend runs pods with QEMU, the real network wiring and virtio-fs.
@@ -60,7 +62,12 @@ func DefaultBackend() backend {
 		discover: func(ctx context.Context, netnsPath string) (*network.Pod, error) {
 			return network.Discover(ctx, netnsPath)
 		},
-		newShare: func(hostDir, guestDir string) rootfs.Provider { return rootfs.NewShare(hostDir, guestDir) },
+		newShare: func(hostDir, guestDir string, cfg *config.Config) rootfs.Provider {
+			// [block] cache/aio and the annotation allow-list reach hot-plugged disks here.
+			return rootfs.NewShare(hostDir, guestDir).WithBlock(rootfs.BlockOptions{
+				Cache: cfg.Block.Cache, AIO: cfg.Block.AIO, Allowed: cfg.Allowed,
+			})
+		},
 	}
 }
 
@@ -98,8 +105,10 @@ func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskReques
 	}
 	netns, ok := netnsPath(spec)
 	if !ok {
+		// Not ErrNotImplemented: containerd takes Unimplemented from Create as "this shim speaks
+		// an older task API", retries on that and reports the retry's error instead of this one.
 		return nil, fmt.Errorf("pod %s asks for the host's network (hostNetwork), which a VM cannot share; "+
-			"run it without hostNetwork or with another RuntimeClass: %w", r.ID, errdefs.ErrNotImplemented)
+			"run it without hostNetwork or with another RuntimeClass: %w", r.ID, errdefs.ErrInvalidArgument)
 	}
 	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: spec.Hostname}, nil
 }
@@ -205,7 +214,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if _, err := sb.agent.SetupSandbox(ctx, req); err != nil {
 		return nil, fmt.Errorf("set up the guest: %w", err)
 	}
-	sb.share = b.newShare(shared, agent.GuestSharedDir)
+	sb.share = b.newShare(shared, agent.GuestSharedDir, o.cfg)
 	log.G(ctx).WithFields(log.Fields{
 		"sandbox": o.id, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB, "size_from": o.size.Source,
 		"nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),

@@ -326,12 +326,18 @@ func (s *Service) settleExecs(ctx context.Context, sb *sandbox, c *container) {
 	}
 }
 
-// watchVM marks every process exited when the VM dies under the pod.
+// watchVM reports, with the end of the guest's console log, a VM or agent that goes away
+// while the pod runs; the processes' waits then fail and they are reported as exited.
 func (s *Service) watchVM(ctx context.Context, sb *sandbox) {
-	<-sb.vm.Done()
+	what := "the pod VM exited"
+	select {
+	case <-sb.vm.Done():
+	case <-sb.agent.Done():
+		what = "the connection to the guest agent closed"
+	}
 	if !sb.stopping.Load() {
-		log.G(ctx).WithField("sandbox", sb.id).Errorf("the pod VM exited unexpectedly; the end of its console log (%s):\n%s",
-			sb.consolePath(), consoleTail(sb.consolePath(), 40))
+		log.G(ctx).WithField("sandbox", sb.id).Errorf("%s unexpectedly; the end of the console log (%s):\n%s",
+			what, sb.consolePath(), consoleTail(sb.consolePath(), 60))
 	}
 }
 

@@ -74,13 +74,23 @@ func netnsPath(spec *specs.Spec) (path string, ok bool) {
 //   - hooks are host programs, and host devices (privileged containers get them all) do not
 //     exist in the guest;
 //   - AppArmor/SELinux labels belong to the host's policy;
-//   - cpuset and hugepage limits name host CPUs, NUMA nodes and page pools.
+//   - cpuset and hugepage limits name host CPUs, NUMA nodes and page pools;
+//   - the guest always runs cgroup v2, where containerd gives every container a cgroup
+//     namespace (on a cgroup v1 host it gives none), so that /sys/fs/cgroup is its own.
 func adaptSpecForGuest(spec *specs.Spec) {
 	var nss []specs.LinuxNamespace
+	cgroupNS := false
 	for _, ns := range spec.Linux.Namespaces {
-		if ns.Type != specs.NetworkNamespace {
-			nss = append(nss, ns)
+		switch ns.Type {
+		case specs.NetworkNamespace:
+			continue
+		case specs.CgroupNamespace:
+			cgroupNS = true
 		}
+		nss = append(nss, ns)
+	}
+	if !cgroupNS && !privileged(spec) {
+		nss = append(nss, specs.LinuxNamespace{Type: specs.CgroupNamespace})
 	}
 	spec.Linux.Namespaces = nss
 	spec.Hooks = nil
@@ -97,4 +107,18 @@ func adaptSpecForGuest(spec *specs.Spec) {
 		r.HugepageLimits = nil
 		// Device cgroup rules stay: the standard devices have the same numbers in the guest.
 	}
+}
+
+// privileged reports whether the spec looks like a privileged container's: containerd gives
+// those the host's cgroup namespace.
+func privileged(spec *specs.Spec) bool {
+	if spec.Process == nil || spec.Process.Capabilities == nil {
+		return false
+	}
+	for _, c := range spec.Process.Capabilities.Bounding {
+		if c == "CAP_SYS_ADMIN" {
+			return len(spec.Linux.MaskedPaths) == 0
+		}
+	}
+	return false
 }

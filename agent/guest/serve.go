@@ -7,10 +7,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
@@ -58,8 +60,16 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 
 // toGRPCErrors converts errdefs errors into status codes at the API edge, so the host can
 // tell "not found" from "failed".
-func toGRPCErrors(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
-	resp, err := method(ctx, unmarshal)
+// A panic in a handler becomes an error reply: a bug behind one request must not take the
+// whole pod down with the agent.
+func toGRPCErrors(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			log.G(ctx).Errorf("%s panicked: %v\n%s", info.FullMethod, r, debug.Stack())
+			resp, err = nil, errgrpc.ToGRPC(fmt.Errorf("%s: internal error in the agent: %v: %w", info.FullMethod, r, errdefs.ErrUnknown))
+		}
+	}()
+	resp, err = method(ctx, unmarshal)
 	if err != nil {
 		log.G(ctx).WithError(err).Debugf("%s failed", info.FullMethod)
 		return resp, errgrpc.ToGRPC(err)

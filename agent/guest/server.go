@@ -69,7 +69,7 @@ func (s *Server) container(id string) (*container, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c, ok := s.containers[id]
-	if !ok {
+	if !ok || c == nil { // nil: still being created
 		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrNotFound)
 	}
 	return c, nil

@@ -77,6 +77,14 @@ func TestServerOverTTRPC(t *testing.T) {
 	if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c1", Spec: []byte("{")}); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("retry after failure: %v", err)
 	}
+	// A container being created is not there yet for other calls (containerd's stats
+	// collector asks at any time).
+	s.mu.Lock()
+	s.containers["creating"] = nil
+	s.mu.Unlock()
+	if _, err := c.Stats(ctx, &api.ContainerRequest{ContainerId: "creating"}); !errdefs.IsNotFound(err) {
+		t.Errorf("stats of a container being created: %v, want not found", err)
+	}
 	// Still serving.
 	if _, err := c.Version(ctx, &api.VersionRequest{}); err != nil {
 		t.Fatal(err)

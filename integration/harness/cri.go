@@ -120,6 +120,15 @@ type ContainerOptions struct {
 	Annotations map[string]string
 }
 
+// Kubelet's masked and read-only paths for the default procMount (k8s.io/kubernetes
+// pkg/securitycontext).
+var (
+	defaultMaskedPaths = []string{"/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
+		"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+		"/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap"}
+	defaultReadonlyPaths = []string{"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
+)
+
 // ContainerConfig builds the CRI config kubelet would send for o.
 func (e *Env) ContainerConfig(o ContainerOptions) *runtimeapi.ContainerConfig {
 	if o.Name == "" {
@@ -159,6 +168,9 @@ func (e *Env) ContainerConfig(o ContainerOptions) *runtimeapi.ContainerConfig {
 		Annotations: o.Annotations,
 		Linux: &runtimeapi.LinuxContainerConfig{
 			SecurityContext: &runtimeapi.LinuxContainerSecurityContext{
+				// kubelet sends the default procMount's lists; containerd adds none itself.
+				MaskedPaths:   append([]string(nil), defaultMaskedPaths...),
+				ReadonlyPaths: append([]string(nil), defaultReadonlyPaths...),
 				NamespaceOptions: &runtimeapi.NamespaceOption{
 					Network: runtimeapi.NamespaceMode_POD,
 					Pid:     pidMode,

@@ -1,0 +1,294 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/podvm/podvm/integration/harness"
+)
+
+// handlers are the runtimes whose observable behaviour must match.
+var handlers = []string{"runc", "podvm"}
+
+// envFor starts containerd for a handler; podvm also gets the guest image.
+func envFor(t *testing.T, handler string, allowed ...string) *harness.Env {
+	if handler == "podvm" {
+		return podvmEnv(t, allowed...)
+	}
+	return harness.Start(t, harness.Options{})
+}
+
+// startContainer creates and starts a container from cfg and waits until it runs.
+func startContainer(t *testing.T, ctx context.Context, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) string {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	id, err := env.Runtime.CreateContainer(cctx, pod.ID, cfg, pod.Config)
+	if err != nil {
+		t.Fatalf("CreateContainer %s: %v", cfg.Metadata.Name, err)
+	}
+	if err := env.Runtime.StartContainer(cctx, id); err != nil {
+		t.Fatalf("StartContainer %s: %v", cfg.Metadata.Name, err)
+	}
+	if _, err := env.WaitContainerState(cctx, id, runtimeapi.ContainerState_CONTAINER_RUNNING); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// sh runs a shell script in a container with ExecSync and returns its stdout.
+func sh(t *testing.T, ctx context.Context, env *harness.Env, id, script string) string {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	stdout, stderr, err := env.Runtime.ExecSync(cctx, id, []string{"sh", "-c", script}, 45*time.Second)
+	if err != nil {
+		t.Fatalf("exec %q: %v (stdout %q stderr %q)", script, err, stdout, stderr)
+	}
+	return strings.TrimSpace(string(stdout))
+}
+
+// TestContainerSettings checks that the OCI process and security settings kubelet sends are
+// honoured the same way by runc and podvm, and that the files containerd prepares for a pod work.
+func TestContainerSettings(t *testing.T) {
+	for _, handler := range handlers {
+		t.Run(handler, func(t *testing.T) {
+			env := envFor(t, handler)
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+			defer cancel()
+			podCfg := env.PodSandboxConfig(harness.PodOptions{Name: "settings", Namespace: "it", Handler: handler,
+				Hostname: "settings-host", DNS: &runtimeapi.DNSConfig{
+					Servers: []string{"10.96.0.10"}, Searches: []string{"it.svc.cluster.local"}, Options: []string{"ndots:5"}}})
+			// The pod may hold privileged containers (CRI refuses them in other pods).
+			podCfg.Linux.SecurityContext.Privileged = true
+			podCfg.Linux.Sysctls = map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000 30000"}
+			rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
+			podID, err := env.Runtime.RunPodSandbox(rctx, podCfg, handler)
+			rcancel()
+			if err != nil {
+				t.Fatalf("RunPodSandbox: %v", err)
+			}
+			pod := &harness.Pod{ID: podID, Handler: handler, Config: podCfg}
+			if _, err := env.PullImage(ctx, env.BusyboxImage, podCfg); err != nil {
+				t.Fatal(err)
+			}
+
+			termLog := filepath.Join(t.TempDir(), "termination-log")
+			// kubelet makes the file world-writable, whatever the container's user.
+			if err := os.WriteFile(termLog, nil, 0o666); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(termLog, 0o666); err != nil {
+				t.Fatal(err)
+			}
+			cfg := env.ContainerConfig(harness.ContainerOptions{Name: "restricted", Command: []string{"sleep", "3600"},
+				Env: map[string]string{"GREETING": "hello world"}, WorkingDir: "/tmp",
+				Mounts: []*runtimeapi.Mount{{ContainerPath: "/dev/termination-log", HostPath: termLog}}})
+			sc := cfg.Linux.SecurityContext
+			sc.RunAsUser = &runtimeapi.Int64Value{Value: 1000}
+			sc.RunAsGroup = &runtimeapi.Int64Value{Value: 3000}
+			sc.SupplementalGroups = []int64{4000}
+			sc.Capabilities = &runtimeapi.Capability{DropCapabilities: []string{"ALL"}, AddCapabilities: []string{"NET_BIND_SERVICE"}}
+			sc.ReadonlyRootfs = true
+			sc.NoNewPrivs = true
+			sc.Seccomp = &runtimeapi.SecurityProfile{ProfileType: runtimeapi.SecurityProfile_RuntimeDefault}
+			cfg.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 64 << 20, CpuQuota: 50000, CpuPeriod: 100000}
+			id := startContainer(t, ctx, env, pod, cfg)
+
+			for _, c := range []struct{ name, script, want string }{
+				{"uid", "id -u", "1000"},
+				{"gid", "id -g", "3000"},
+				{"supplementary groups", "id -G | tr ' ' '\\n' | grep -x 4000", "4000"},
+				{"capability bounding set", "grep CapBnd /proc/self/status | cut -f2", "0000000000000400"},
+				{"no effective capabilities as non-root", "grep CapEff /proc/self/status | cut -f2", "0000000000000000"},
+				{"no new privileges", "grep NoNewPrivs /proc/self/status | cut -f2", "1"},
+				{"seccomp filter", "grep '^Seccomp:' /proc/self/status | cut -f2", "2"},
+				{"read-only rootfs", "touch /probe 2>/dev/null && echo writable || echo read-only", "read-only"},
+				{"masked path", "wc -c < /proc/timer_list", "0"},
+				{"read-only path", "(echo x > /proc/sys/kernel/hostname) 2>/dev/null && echo writable || echo read-only", "read-only"},
+				{"pod sysctl", "cat /proc/sys/kernel/shm_rmid_forced", "1"},
+				{"pod net sysctl", "cat /proc/sys/net/ipv4/ip_local_port_range | tr -s ' \\t' ' '", "20000 30000"},
+				{"memory limit", "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes", "67108864"},
+				{"cpu quota", "cut -d' ' -f1 /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"},
+				{"env", "echo $GREETING", "hello world"},
+				{"cwd", "pwd", "/tmp"},
+				{"hostname", "hostname", "settings-host"},
+				{"/etc/hosts", "grep -q localhost /etc/hosts && echo present", "present"},
+				{"/etc/resolv.conf", "grep -E '^(nameserver|search|options)' /etc/resolv.conf | tr '\\n' ';'", "search it.svc.cluster.local;nameserver 10.96.0.10;options ndots:5;"},
+				{"/dev/shm", "echo shared > /dev/shm/probe && cat /dev/shm/probe", "shared"},
+			} {
+				if got := sh(t, ctx, env, id, c.script); got != c.want {
+					t.Errorf("%s: got %q, want %q", c.name, got, c.want)
+				}
+			}
+			sh(t, ctx, env, id, "echo bye > /dev/termination-log")
+			if b, _ := os.ReadFile(termLog); string(b) != "bye\n" {
+				t.Errorf("termination log on the host: %q, want %q", b, "bye\n")
+			}
+
+			// A terminal exec, as `kubectl exec -it` runs it.
+			var out bytes.Buffer
+			code, err := env.Exec(ctx, id, []string{"sh", "-c", "tty"}, harness.StreamOptions{Stdout: &out, TTY: true})
+			if err != nil || code != 0 || !strings.HasPrefix(strings.TrimSpace(out.String()), "/dev/pts/") {
+				t.Errorf("tty exec: exit %d err %v output %q; want a /dev/pts terminal", code, err, out.String())
+			}
+
+			// Privileged: every capability, but no host device (podvm: the host's devices are
+			// not in the VM).
+			pcfg := env.ContainerConfig(harness.ContainerOptions{Name: "privileged", Command: []string{"sleep", "3600"}})
+			pcfg.Linux.SecurityContext.Privileged = true
+			pid := startContainer(t, ctx, env, pod, pcfg)
+			caps := sh(t, ctx, env, pid, "grep CapEff /proc/self/status | cut -f2")
+			if !strings.HasSuffix(caps, "ffffffffff") {
+				t.Errorf("privileged CapEff %q, want all capabilities", caps)
+			}
+			hostDisks := sh(t, ctx, env, pid, "ls /dev | grep -cE '^(vd|sd|nvme)' || true")
+			if handler == "podvm" && hostDisks != "0" {
+				t.Errorf("privileged podvm container sees %s host disks in /dev, want none", hostDisks)
+			}
+
+			// Attach to a container's stdin and stdout, as `kubectl attach -i` does.
+			acfg := env.ContainerConfig(harness.ContainerOptions{Name: "attached", Command: []string{"sh", "-c", "read line; echo got $line; sleep 3600"},
+				Stdin: true, StdinOnce: true})
+			aid := startContainer(t, ctx, env, pod, acfg)
+			aout := &lockedBuffer{}
+			actx, acancel := context.WithTimeout(ctx, 30*time.Second)
+			go func() {
+				// The attach stream lasts as long as the container; the test stops it.
+				_ = env.Attach(actx, aid, harness.StreamOptions{Stdin: strings.NewReader("hello\n"), Stdout: aout})
+			}()
+			deadline := time.Now().Add(25 * time.Second)
+			for time.Now().Before(deadline) && !strings.Contains(aout.String(), "got hello") {
+				time.Sleep(100 * time.Millisecond)
+			}
+			acancel()
+			if got := aout.String(); !strings.Contains(got, "got hello") {
+				t.Errorf("attach: output %q, want %q", got, "got hello")
+			}
+			env.AssertNoLeaks(t)
+		})
+	}
+}
+
+// TestPodvmPodIsOneVM checks that a pod's containers share one VM (and its files), that two
+// pods get two, and that the containers really run in the guest kernel.
+func TestPodvmPodIsOneVM(t *testing.T) {
+	env := podvmEnv(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	emptyDir := t.TempDir()
+	var pods []*harness.Pod
+	for _, name := range []string{"first", "second"} {
+		pod, err := env.RunPod(ctx, harness.PodOptions{Name: name, Namespace: "it", Handler: "podvm"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods = append(pods, pod)
+	}
+	if _, err := env.PullImage(ctx, env.BusyboxImage, pods[0].Config); err != nil {
+		t.Fatal(err)
+	}
+	vol := []*runtimeapi.Mount{{ContainerPath: "/data", HostPath: emptyDir}}
+	writer := startContainer(t, ctx, env, pods[0], env.ContainerConfig(harness.ContainerOptions{Name: "writer", Command: []string{"sleep", "3600"}, Mounts: vol}))
+	reader := startContainer(t, ctx, env, pods[0], env.ContainerConfig(harness.ContainerOptions{Name: "reader", Command: []string{"sleep", "3600"}, Mounts: vol}))
+	other := startContainer(t, ctx, env, pods[1], env.ContainerConfig(harness.ContainerOptions{Name: "other", Command: []string{"sleep", "3600"}}))
+
+	host := hostKernel(t)
+	for _, id := range []string{writer, reader, other} {
+		if k := sh(t, ctx, env, id, "uname -r"); k == host || k == "" {
+			t.Errorf("container %s: uname -r %q is the host's kernel %q", id[:12], k, host)
+		}
+	}
+	sh(t, ctx, env, writer, "echo from-writer > /data/shared")
+	if got := sh(t, ctx, env, reader, "cat /data/shared"); got != "from-writer" {
+		t.Errorf("reader sees %q in the shared emptyDir, want from-writer", got)
+	}
+	// Both containers of the first pod see each other's processes' kernel: one VM, one boot id.
+	if a, b := sh(t, ctx, env, writer, "cat /proc/sys/kernel/random/boot_id"), sh(t, ctx, env, reader, "cat /proc/sys/kernel/random/boot_id"); a != b {
+		t.Errorf("containers of one pod run in different kernels (boot ids %s, %s)", a, b)
+	}
+	if a, b := sh(t, ctx, env, writer, "cat /proc/sys/kernel/random/boot_id"), sh(t, ctx, env, other, "cat /proc/sys/kernel/random/boot_id"); a == b {
+		t.Errorf("two pods share a kernel (boot id %s)", a)
+	}
+	for _, pod := range pods {
+		if n := countQEMU(t, pod.ID); n != 1 {
+			t.Errorf("pod %s has %d QEMU processes, want 1", pod.ID[:12], n)
+		}
+	}
+	env.AssertNoLeaks(t)
+}
+
+func countQEMU(t *testing.T, podID string) int {
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+podID).Output()
+	return len(strings.Fields(string(out)))
+}
+
+// TestPodvmRejectsBadAnnotations checks that a pod with an invalid size annotation fails
+// RunPodSandbox with a message naming the annotation, and leaves nothing behind.
+func TestPodvmRejectsBadAnnotations(t *testing.T) {
+	env := podvmEnv(t, "memory", "vcpus")
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	for _, c := range []struct{ key, value string }{
+		{"podvm.io/memory", "abc"},
+		{"podvm.io/vcpus", "9999"},
+	} {
+		_, err := env.RunPod(ctx, harness.PodOptions{Name: "bad", Namespace: "it", Handler: "podvm",
+			Annotations: map[string]string{c.key: c.value}})
+		if err == nil {
+			t.Errorf("RunPodSandbox with %s=%q succeeded, want an error", c.key, c.value)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.key) {
+			t.Errorf("RunPodSandbox with %s=%q: error %q does not name the annotation", c.key, c.value, err)
+		}
+	}
+	// An allowed, valid size is used.
+	pod, err := env.RunPod(ctx, harness.PodOptions{Name: "sized", Namespace: "it", Handler: "podvm",
+		Annotations: map[string]string{"podvm.io/memory": "384Mi", "podvm.io/vcpus": "2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
+		t.Fatal(err)
+	}
+	id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+	if n := sh(t, ctx, env, id, "grep -c ^processor /proc/cpuinfo"); n != "2" {
+		t.Errorf("guest has %s vCPUs, want 2", n)
+	}
+	memKiB := sh(t, ctx, env, id, "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
+	var kib int
+	fmt.Sscan(memKiB, &kib)
+	if kib < 300<<10 || kib > 384<<10 {
+		t.Errorf("guest MemTotal %d KiB, want a little under 384 MiB", kib)
+	}
+	env.AssertNoLeaks(t)
+}
+
+// lockedBuffer is a bytes.Buffer written by a stream goroutine and read by the test.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(b)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
