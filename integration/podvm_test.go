@@ -15,6 +15,12 @@ const podvmStateDir = "/run/podvm"
 // podvmEnv starts containerd with the podvm runtime handler configured for the test guest image.
 func podvmEnv(t *testing.T, allowed ...string) *harness.Env {
 	t.Helper()
+	return harness.Start(t, podvmOptions(t, allowed...))
+}
+
+// podvmOptions are podvmEnv's harness options, for tests and benchmarks that change some.
+func podvmOptions(t testing.TB, allowed ...string) harness.Options {
+	t.Helper()
 	kernel, initrd := guestImage(t)
 	bin := os.Getenv("PODVM_BIN")
 	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
@@ -41,12 +47,12 @@ allowed = [%s]
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return harness.Start(t, harness.Options{
+	return harness.Options{
 		ShimDir:          bin,
 		PodvmConfigPath:  cfg,
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{podvmStateDir},
-	})
+	}
 }
 
 // TestPodvmPodLifecycle is TestRuncPodLifecycle with the podvm handler: the same observable

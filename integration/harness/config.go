@@ -88,25 +88,30 @@ func (c containerdConfig) render() string {
 
 // cniConflist is the pod network: a bridge with host-local IPAM on subnet, portmap and loopback
 // (which passes the bridge's result through). It exists only inside the harness's network
-// namespace. IPAM state goes to ipamDir instead of the host-global /var/lib/cni/networks.
-func cniConflist(name, bridge, subnet, ipamDir string) ([]byte, error) {
+// namespace. IPAM state goes to ipamDir instead of the host-global /var/lib/cni/networks. A
+// non-zero mtu is set on the bridge and the pod veths.
+func cniConflist(name, bridge, subnet, ipamDir string, mtu int) ([]byte, error) {
+	bridgeConf := map[string]any{
+		"type":        "bridge",
+		"bridge":      bridge,
+		"isGateway":   true,
+		"ipMasq":      false,
+		"hairpinMode": true,
+		"ipam": map[string]any{
+			"type":    "host-local",
+			"dataDir": ipamDir,
+			"ranges":  [][]map[string]string{{{"subnet": subnet}}},
+			"routes":  []map[string]string{{"dst": "0.0.0.0/0"}},
+		},
+	}
+	if mtu > 0 {
+		bridgeConf["mtu"] = mtu
+	}
 	conf := map[string]any{
 		"cniVersion": "1.0.0",
 		"name":       name,
 		"plugins": []any{
-			map[string]any{
-				"type":        "bridge",
-				"bridge":      bridge,
-				"isGateway":   true,
-				"ipMasq":      false,
-				"hairpinMode": true,
-				"ipam": map[string]any{
-					"type":    "host-local",
-					"dataDir": ipamDir,
-					"ranges":  [][]map[string]string{{{"subnet": subnet}}},
-					"routes":  []map[string]string{{"dst": "0.0.0.0/0"}},
-				},
-			},
+			bridgeConf,
 			map[string]any{
 				"type":         "portmap",
 				"capabilities": map[string]bool{"portMappings": true},

@@ -59,6 +59,9 @@ type Options struct {
 	LeakDirs []string
 	// SetupTimeout bounds Start (image builds, containerd start). Default 3 minutes.
 	SetupTimeout time.Duration
+	// BridgeMTU is the MTU the CNI bridge plugin gives the bridge and every pod veth; 0 leaves
+	// the plugin's default (1500). A non-default value lets tests see that it reaches the pod.
+	BridgeMTU int
 }
 
 // Env is one running containerd and its CRI clients.
@@ -167,7 +170,7 @@ func randomID() string {
 
 // Start runs a fresh containerd for t and returns once its CRI answers and reports the runtime and
 // network ready. Everything is torn down when t ends.
-func Start(t *testing.T, opts Options) *Env {
+func Start(t testing.TB, opts Options) *Env {
 	t.Helper()
 	RequirePrerequisites(t, opts)
 	if opts.ContainerdLogLevel == "" {
@@ -196,7 +199,7 @@ func Start(t *testing.T, opts Options) *Env {
 	return e
 }
 
-func (e *Env) start(ctx context.Context, t *testing.T) error {
+func (e *Env) start(ctx context.Context, t testing.TB) error {
 	dir, err := os.MkdirTemp("", "podvm-it-"+e.id+"-")
 	if err != nil {
 		return err
@@ -291,7 +294,7 @@ func (e *Env) writeConfig() error {
 	_, _ = rand.Read(b)
 	_, subnet, _ := net.ParseCIDR(fmt.Sprintf("10.88.%d.0/24", b[0]))
 	e.Subnet = subnet
-	conflist, err := cniConflist(e.netName, "pit"+e.id, subnet.String(), filepath.Join(e.Dir, "cni", "ipam"))
+	conflist, err := cniConflist(e.netName, "pit"+e.id, subnet.String(), filepath.Join(e.Dir, "cni", "ipam"), e.opts.BridgeMTU)
 	if err != nil {
 		return err
 	}

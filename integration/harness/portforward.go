@@ -1,0 +1,102 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	httpstreamspdy "k8s.io/apimachinery/pkg/util/httpstream/spdy"
+	"k8s.io/client-go/transport/spdy"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// PortForwardResult is what one port-forward connection saw.
+type PortForwardResult struct {
+	// Data is everything the pod side sent back on the data stream.
+	Data []byte
+	// RemoteError is the message the runtime put on the error stream ("" when it had none):
+	// this is where kubectl port-forward's "error forwarding port" text comes from.
+	RemoteError string
+}
+
+// PortForward opens one port-forward connection to port in the pod through the CRI PortForward
+// URL, as `kubectl port-forward` through kubelet does (SPDY, portforward.k8s.io, one error and
+// one data stream per connection), sends send, half-closes, and collects the reply until the
+// runtime closes the streams. err is set only when the streaming session itself failed.
+func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []byte) (*PortForwardResult, error) {
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	resp, err := e.Runtime.PortForward(rctx, &runtimeapi.PortForwardRequest{PodSandboxId: podID, Port: []int32{port}})
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("PortForward %s:%d: %w", podID, port, err)
+	}
+	u, err := url.Parse(resp.Url)
+	if err != nil {
+		return nil, fmt.Errorf("port-forward URL %q: %w", resp.Url, err)
+	}
+	// The streaming server listens on 127.0.0.1 inside the harness netns.
+	rt, err := httpstreamspdy.NewRoundTripperWithConfig(httpstreamspdy.RoundTripperConfig{
+		UpgradeTransport: &http.Transport{DialContext: e.ns.dialContext},
+		PingPeriod:       5 * time.Second,
+	})
+	if err != nil {
+		return nil, err
+	}
+	conn, _, err := spdy.NewDialer(rt, &http.Client{Transport: rt}, http.MethodPost, u).Dial("portforward.k8s.io")
+	if err != nil {
+		return nil, fmt.Errorf("port-forward upgrade %s: %w", u, err)
+	}
+	defer conn.Close()
+
+	// The header names and values of k8s.io/api/core/v1 (StreamType, PortHeader, ...).
+	headers := http.Header{}
+	headers.Set("streamType", "error")
+	headers.Set("port", strconv.Itoa(int(port)))
+	headers.Set("requestID", "0")
+	errStream, err := conn.CreateStream(headers)
+	if err != nil {
+		return nil, fmt.Errorf("port-forward error stream: %w", err)
+	}
+	errStream.Close() // only the server writes to it
+	errc := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(errStream)
+		errc <- b
+	}()
+	headers.Set("streamType", "data")
+	data, err := conn.CreateStream(headers)
+	if err != nil {
+		return nil, fmt.Errorf("port-forward data stream: %w", err)
+	}
+	readc := make(chan []byte, 1)
+	go func() {
+		var b bytes.Buffer
+		_, _ = io.Copy(&b, data)
+		readc <- b.Bytes()
+	}()
+	if _, err := data.Write(send); err != nil {
+		// A server that failed to connect may have closed the stream already; its reason is on
+		// the error stream.
+		_ = err
+	}
+	data.Close() // half-close: no more data from us
+
+	res := &PortForwardResult{}
+	select {
+	case res.Data = <-readc:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("port-forward %s:%d: waiting for the reply: %w", podID, port, ctx.Err())
+	}
+	select {
+	case b := <-errc:
+		res.RemoteError = string(b)
+	case <-time.After(10 * time.Second):
+		return res, fmt.Errorf("port-forward %s:%d: the error stream was not closed 10s after the data stream", podID, port)
+	}
+	return res, nil
+}
