@@ -1,6 +1,7 @@
 // Package rootfs decides what the guest sees as filesystems: each container's root filesystem
 // and the volumes its OCI spec binds in, shared with the guest through the sandbox's virtio-fs
-// directory; later also block devices and disk images hot-plugged for PVCs.
+// directory, and block volumes and disk images hot-plugged as virtio-blk (block.go;
+// docs/storage.md describes both for users).
 //
 // # Layout of the shared directory
 //
@@ -30,6 +31,16 @@
 //     containers of the pod (the whole VM is the pod) see the same shm. Its size is bounded by
 //     the guest's memory rather than CRI's 64 MiB default. A /dev/shm that is some other volume
 //     (e.g. an emptyDir with medium Memory) is shared like any other bind.
+//
+// # Block volumes and disk images
+//
+// Block entries of linux.devices (CRI Devices: PVCs with volumeMode Block) become disks to
+// hot-plug, found on the host by major:minor, and device nodes for the agent; they and their
+// host-numbered cgroup rules leave the spec. A privileged container's own host devices stay
+// for the shim to drop; other non-block devices are refused. A pod annotation
+// podvm.io/disk.<volume>=<size>, when the node config allows it, makes the bind mounts whose
+// source's base name is <volume> a disk: <source>/disk.img (created sparse and formatted
+// ext4 if missing), mounted by the agent under GuestDiskDir, which the mounts then bind.
 //
 // # What cannot be shared
 //

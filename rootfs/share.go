@@ -49,7 +49,7 @@ type Attachment struct {
 	// are guest paths. The caller's spec is not modified.
 	Spec *specs.Spec
 	// BlockDevices are to be hot-plugged before the container is created (block volumes,
-	// disk images). None yet.
+	// disk images), and unplugged when it is released.
 	BlockDevices []*hypervisor.BlockDevice
 	// BlockMounts are the disks the guest mounts before creating the container.
 	BlockMounts []*api.BlockMount
@@ -63,6 +63,7 @@ type Attachment struct {
 type Share struct {
 	hostDir  string
 	guestDir string
+	block    BlockOptions
 }
 
 var _ Provider = (*Share)(nil)
@@ -98,6 +99,22 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	gspec, err := copySpec(spec)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: copying the OCI spec: %w", containerID, err)
+	}
+	// Block volumes and disk images first: they only check and rewrite the spec (and make a
+	// missing image), so a bad request fails before anything is mounted.
+	disks, nodes, err := s.blockVolumes(containerID, gspec)
+	if err != nil {
+		return nil, err
+	}
+	images, err := s.diskImages(ctx, containerID, gspec)
+	if err != nil {
+		return nil, err
+	}
+	onDisk := map[int]bool{}
+	for _, d := range images {
+		for _, i := range d.mounts {
+			onDisk[i] = true
+		}
 	}
 
 	hostDir, err := filepath.EvalSymlinks(s.hostDir)
@@ -158,7 +175,7 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 			return nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
 		}
 		m := &gspec.Mounts[i]
-		if !isBind(m) {
+		if !isBind(m) || onDisk[i] {
 			continue
 		}
 		if isPodShm(m) {
@@ -182,7 +199,9 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		}
 		m.Source = filepath.Join(s.guestDir, containerID, mountsDir, name)
 	}
-	return &Attachment{Spec: gspec}, nil
+	att := &Attachment{Spec: gspec, BlockDevices: disks, Devices: nodes}
+	s.attachDisks(att, images)
+	return att, nil
 }
 
 // Release undoes Prepare for one container: it detaches every mount under the container's

@@ -1,0 +1,484 @@
+package rootfs
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
+)
+
+// DiskAnnotationPrefix starts the pod annotation that turns a filesystem volume into a
+// disk image: podvm.io/disk.<volume-name>=<size>. The node config must allow it
+// (annotations.allowed containing "disk.*" or "disk.<volume-name>").
+const DiskAnnotationPrefix = "podvm.io/disk."
+
+// DiskImageName is the file in the volume's directory that backs a disk-image volume.
+const DiskImageName = "disk.img"
+
+// GuestDiskDir is where the agent mounts disk-image volumes in the guest, one directory per
+// disk serial; the container's bind mount takes its source from there.
+const GuestDiskDir = "/run/podvm/disks"
+
+// Disk sizes a disk-image annotation may ask for.
+const (
+	MinDiskSize int64 = 16 << 20 // ext4 with a journal needs a few MiB; 16Mi leaves room
+	MaxDiskSize int64 = 64 << 40 // a sanity bound, far above what a sparse test would use
+)
+
+// BlockOptions is how a Share hot-plugs disks: the node config's [block] section and its
+// annotation allow-list.
+type BlockOptions struct {
+	// Cache and AIO go to every hypervisor.BlockDevice ([block] cache and aio); empty means
+	// the hypervisor's default (none, threads).
+	Cache, AIO string
+	// Allowed reports whether pods may set a podvm.io annotation (a full key); nil allows
+	// none, so disk-image annotations are ignored.
+	Allowed func(key string) bool
+	// Mkfs is the mkfs.ext4 binary; empty means "mkfs.ext4" from PATH.
+	Mkfs string
+}
+
+// WithBlock sets how the share hot-plugs block volumes and disk images, and returns s.
+func (s *Share) WithBlock(o BlockOptions) *Share {
+	s.block = o
+	return s
+}
+
+// ParseDiskSize parses the value of a disk-image annotation: a whole number of bytes with an
+// optional binary (Ki, Mi, Gi, Ti) or decimal (k, K, M, G, T) suffix, as in a Kubernetes
+// quantity ("1Gi", "500M", "1073741824"). The result is rounded up to a multiple of 1 MiB
+// and must lie within MinDiskSize..MaxDiskSize. The value is untrusted: it never panics.
+func ParseDiskSize(s string) (int64, error) {
+	v := strings.TrimSpace(s)
+	if v == "" {
+		return 0, errors.New("empty size; give one such as 1Gi or 512Mi")
+	}
+	i := 0
+	for i < len(v) && v[i] >= '0' && v[i] <= '9' {
+		i++
+	}
+	if i == 0 {
+		return 0, fmt.Errorf("size %q does not start with a whole number; give one such as 1Gi or 512Mi", truncate(s))
+	}
+	n, err := strconv.ParseInt(v[:i], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size %q: number out of range", truncate(s))
+	}
+	var mult int64
+	switch v[i:] {
+	case "":
+		mult = 1
+	case "k", "K":
+		mult = 1000
+	case "M":
+		mult = 1000 * 1000
+	case "G":
+		mult = 1000 * 1000 * 1000
+	case "T":
+		mult = 1000 * 1000 * 1000 * 1000
+	case "Ki":
+		mult = 1 << 10
+	case "Mi":
+		mult = 1 << 20
+	case "Gi":
+		mult = 1 << 30
+	case "Ti":
+		mult = 1 << 40
+	default:
+		return 0, fmt.Errorf("size %q: unknown unit (use Ki, Mi, Gi, Ti or k, M, G, T)", truncate(s))
+	}
+	if n > MaxDiskSize/mult {
+		return 0, fmt.Errorf("size %q is above the limit of %d GiB", truncate(s), MaxDiskSize>>30)
+	}
+	size := n * mult
+	const mib = 1 << 20
+	if size%mib != 0 {
+		size += mib - size%mib
+	}
+	if size < MinDiskSize {
+		return 0, fmt.Errorf("size %q is below the minimum of %d MiB", truncate(s), MinDiskSize>>20)
+	}
+	if size > MaxDiskSize {
+		return 0, fmt.Errorf("size %q is above the limit of %d GiB", truncate(s), MaxDiskSize>>30)
+	}
+	return size, nil
+}
+
+// truncate keeps untrusted values in error messages short.
+func truncate(s string) string {
+	if len(s) > 32 {
+		return s[:32] + "…"
+	}
+	return s
+}
+
+// serialFor is the virtio-blk serial (and hypervisor device ID) of a disk: a kind letter and
+// a hash of the container and the disk's name in it, so it is stable, unique in the VM for
+// practical purposes, and within virtio-blk's 20 bytes.
+func serialFor(kind byte, containerID, name string) string {
+	h := sha256.Sum256([]byte(containerID + "\x00" + name))
+	return string(kind) + "-" + hex.EncodeToString(h[:])[:14]
+}
+
+// isPrivileged reports whether the spec allows every device in its cgroup rules, which CRI
+// does for privileged containers (and then lists every host device in linux.devices).
+func isPrivileged(spec *specs.Spec) bool {
+	if spec.Linux == nil || spec.Linux.Resources == nil {
+		return false
+	}
+	for _, r := range spec.Linux.Resources.Devices {
+		if r.Allow && (r.Type == "" || r.Type == "a") && r.Major == nil && r.Minor == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// hostBlockNode finds the host device node of block device major:minor: /dev/block/<maj>:<min>
+// where udev made it, else /dev/<DEVNAME> from sysfs. It checks the node's numbers.
+func hostBlockNode(major, minor int64) (string, error) {
+	id := fmt.Sprintf("%d:%d", major, minor)
+	var candidates []string
+	if p, err := filepath.EvalSymlinks("/dev/block/" + id); err == nil {
+		candidates = append(candidates, p)
+	}
+	if b, err := os.ReadFile("/sys/dev/block/" + id + "/uevent"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if name, ok := strings.CutPrefix(line, "DEVNAME="); ok && name != "" && !strings.Contains(name, "..") {
+				candidates = append(candidates, filepath.Join("/dev", name))
+			}
+		}
+	}
+	for _, p := range candidates {
+		if sameBlockDevice(p, major, minor) {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no host device node for block device %s (neither /dev/block/%s nor sysfs's DEVNAME names one): %w", id, id, errdefs.ErrNotFound)
+}
+
+func sameBlockDevice(p string, major, minor int64) bool {
+	var st unix.Stat_t
+	if err := unix.Stat(p, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return false
+	}
+	return int64(unix.Major(st.Rdev)) == major && int64(unix.Minor(st.Rdev)) == minor
+}
+
+// blockVolumes takes the block devices the CRI asked for (ContainerConfig.Devices, which
+// containerd writes into linux.devices with the host's major:minor) out of gspec and returns
+// them as disks to hot-plug and device nodes for the agent to make. Their host-numbered cgroup
+// rules go too; the agent adds rules with the guest's numbers.
+//
+// A privileged container also gets every host device in linux.devices; those whose path is
+// the same device on the host are not the pod's to take and are left alone (the shim drops
+// them), so a privileged container gets the CRI devices whose container path differs from a
+// host node of the same device. Character (and other non-block) devices other than a
+// privileged container's host devices cannot reach a VM and are an error.
+func (s *Share) blockVolumes(containerID string, gspec *specs.Spec) ([]*hypervisor.BlockDevice, []*api.DeviceNode, error) {
+	if gspec.Linux == nil || len(gspec.Linux.Devices) == 0 {
+		return nil, nil, nil
+	}
+	privileged := isPrivileged(gspec)
+	var (
+		keep    []specs.LinuxDevice
+		disks   []*hypervisor.BlockDevice
+		nodes   []*api.DeviceNode
+		removed = map[[2]int64]bool{}
+	)
+	for _, d := range gspec.Linux.Devices {
+		if d.Type != "b" {
+			if !privileged {
+				return nil, nil, fmt.Errorf("container %s: device %s (type %q, %d:%d) is not a block device: only block devices (volumeMode: Block) can be given to a VM pod; use a non-VM runtime class for host character devices: %w", containerID, d.Path, d.Type, d.Major, d.Minor, errdefs.ErrNotImplemented)
+			}
+			keep = append(keep, d)
+			continue
+		}
+		if privileged && sameBlockDevice(d.Path, d.Major, d.Minor) {
+			keep = append(keep, d) // one of the host's devices: not for the guest
+			continue
+		}
+		host, err := hostBlockNode(d.Major, d.Minor)
+		if err != nil {
+			return nil, nil, fmt.Errorf("container %s: block device %s: %w", containerID, d.Path, err)
+		}
+		serial := serialFor('b', containerID, d.Path)
+		disks = append(disks, &hypervisor.BlockDevice{
+			ID: serial, Serial: serial, Path: host, Format: "raw",
+			ReadOnly: !deviceWritable(gspec, d.Major, d.Minor),
+			Cache:    s.block.Cache, AIO: s.block.AIO,
+		})
+		n := &api.DeviceNode{Serial: serial, ContainerPath: d.Path}
+		if d.FileMode != nil {
+			n.FileMode = uint32(d.FileMode.Perm())
+		}
+		if d.UID != nil {
+			n.Uid = *d.UID
+		}
+		if d.GID != nil {
+			n.Gid = *d.GID
+		}
+		nodes = append(nodes, n)
+		removed[[2]int64{d.Major, d.Minor}] = true
+	}
+	gspec.Linux.Devices = keep
+	if r := gspec.Linux.Resources; r != nil && len(removed) > 0 {
+		r.Devices = slices.DeleteFunc(r.Devices, func(c specs.LinuxDeviceCgroup) bool {
+			return c.Type == "b" && c.Major != nil && c.Minor != nil && removed[[2]int64{*c.Major, *c.Minor}]
+		})
+	}
+	return disks, nodes, nil
+}
+
+// deviceWritable reports whether the spec's cgroup rules let the container write block device
+// major:minor (CRI's Device.Permissions become the rule's access).
+func deviceWritable(spec *specs.Spec, major, minor int64) bool {
+	if spec.Linux.Resources == nil {
+		return true
+	}
+	w := true
+	for _, c := range spec.Linux.Resources.Devices {
+		if c.Type != "b" || c.Major == nil || c.Minor == nil || *c.Major != major || *c.Minor != minor {
+			continue
+		}
+		w = c.Allow && strings.Contains(c.Access, "w")
+	}
+	return w
+}
+
+// diskImage is one disk-image volume of a container.
+type diskImage struct {
+	volume  string
+	key     string // the annotation
+	size    int64
+	dir     string // the volume's directory on the host
+	serial  string
+	mounts  []int // indexes into the spec's mounts
+	allRO   bool
+	guestAt string
+}
+
+// diskVolumeName returns the volume name a bind source stands for: its base name, which for a
+// kubelet volume (…/pods/<uid>/volumes/kubernetes.io~<plugin>/<name>) is the pod's volume
+// name.
+func diskVolumeName(src string) string {
+	return filepath.Base(filepath.Clean(src))
+}
+
+// diskImages finds the bind mounts of gspec that pod annotations podvm.io/disk.<volume> turn
+// into disk images (see the package doc for the matching rule), creates missing images, and
+// returns them. Annotations the node config does not allow are ignored.
+func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs.Spec) ([]*diskImage, error) {
+	var keys []string
+	for k := range gspec.Annotations {
+		if strings.HasPrefix(k, DiskAnnotationPrefix) {
+			keys = append(keys, k)
+		}
+	}
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	sort.Strings(keys)
+	byVolume := map[string]*diskImage{}
+	var out []*diskImage
+	for _, k := range keys {
+		if s.block.Allowed == nil || !s.block.Allowed(k) {
+			log.G(ctx).WithField("annotation", k).Warn("disk-image annotation ignored: not allowed by annotations.allowed in the node config (add \"disk.*\")")
+			continue
+		}
+		vol := strings.TrimPrefix(k, DiskAnnotationPrefix)
+		if vol == "" || vol == "." || vol == ".." || strings.ContainsAny(vol, "/\x00") {
+			return nil, fmt.Errorf("container %s: annotation %s: %q is not a volume name: %w", containerID, truncate(k), truncate(vol), errdefs.ErrInvalidArgument)
+		}
+		size, err := ParseDiskSize(gspec.Annotations[k])
+		if err != nil {
+			return nil, fmt.Errorf("container %s: annotation %s (disk image of volume %s): %v; fix the pod's annotation: %w", containerID, k, vol, err, errdefs.ErrInvalidArgument)
+		}
+		byVolume[vol] = &diskImage{volume: vol, key: k, size: size, allRO: true}
+	}
+	for i := range gspec.Mounts {
+		m := &gspec.Mounts[i]
+		if !isBind(m) || isPodShm(m) {
+			continue
+		}
+		d, ok := byVolume[diskVolumeName(m.Source)]
+		if !ok {
+			if v, sub := subPathVolume(m.Source); sub {
+				if d, ok := byVolume[v]; ok {
+					return nil, fmt.Errorf("container %s: mount %s uses a subPath of volume %s, which annotation %s makes a disk image: subPath is not supported for disk-image volumes; mount the whole volume: %w", containerID, m.Destination, v, d.key, errdefs.ErrNotImplemented)
+				}
+			}
+			continue
+		}
+		dir, err := filepath.EvalSymlinks(m.Source)
+		if err != nil {
+			return nil, fmt.Errorf("container %s: volume %s (annotation %s): source %s of mount %s: %w", containerID, d.volume, d.key, m.Source, m.Destination, err)
+		}
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return nil, fmt.Errorf("container %s: volume %s (annotation %s): source %s of mount %s is not a directory; a disk image lives in the volume's directory: %w", containerID, d.volume, d.key, m.Source, m.Destination, errdefs.ErrInvalidArgument)
+		}
+		if d.dir != "" && d.dir != dir {
+			return nil, fmt.Errorf("container %s: annotation %s matches two different volumes, %s and %s; rename one of them: %w", containerID, d.key, d.dir, dir, errdefs.ErrInvalidArgument)
+		}
+		if d.dir == "" {
+			out = append(out, d)
+		}
+		d.dir = dir
+		d.mounts = append(d.mounts, i)
+		if !isReadOnly(m.Options) {
+			d.allRO = false
+		}
+	}
+	for _, d := range out {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if err := s.ensureImage(ctx, d); err != nil {
+			return nil, fmt.Errorf("container %s: disk image of volume %s (annotation %s=%s): %w", containerID, d.volume, d.key, truncate(gspec.Annotations[d.key]), err)
+		}
+		d.serial = serialFor('d', containerID, d.volume)
+		d.guestAt = filepath.Join(GuestDiskDir, d.serial)
+	}
+	return out, nil
+}
+
+// subPathVolume recognises kubelet's subPath bind sources,
+// …/pods/<uid>/volume-subpaths/<volume>/<container>/<index>, and returns the volume.
+func subPathVolume(src string) (string, bool) {
+	parts := strings.Split(filepath.Clean(src), "/")
+	for i := len(parts) - 4; i >= 0; i-- {
+		if parts[i] == "volume-subpaths" {
+			return parts[i+1], true
+		}
+	}
+	return "", false
+}
+
+// ensureImage creates d's image if it is missing (sparse, formatted ext4) and checks that an
+// existing one is a regular file holding ext4.
+func (s *Share) ensureImage(ctx context.Context, d *diskImage) error {
+	img := filepath.Join(d.dir, DiskImageName)
+	fi, err := os.Lstat(img)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return s.createImage(ctx, img, d.size)
+	case err != nil:
+		return err
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%s is a %s, not a regular file; remove it to have a new image made: %w", img, fi.Mode().Type(), errdefs.ErrInvalidArgument)
+	}
+	if fi.Size() != d.size {
+		log.G(ctx).WithFields(log.Fields{"image": img, "size": fi.Size(), "annotation": d.size}).
+			Info("disk image exists with another size; using it as it is (images are never resized)")
+	}
+	return checkExt4(img)
+}
+
+// ext4 superblock: 1024 bytes in, magic 0xEF53 at offset 56 of it.
+const (
+	superblockOffset = 1024
+	ext4MagicOffset  = superblockOffset + 56
+	ext4Magic        = 0xEF53
+)
+
+// checkExt4 checks that the image is readable and starts with an ext2/3/4 superblock.
+func checkExt4(img string) error {
+	f, err := os.Open(img)
+	if err != nil {
+		return fmt.Errorf("opening the image: %w", err)
+	}
+	defer f.Close()
+	var b [2]byte
+	if _, err := f.ReadAt(b[:], ext4MagicOffset); err != nil {
+		if errors.Is(err, io.EOF) {
+			return fmt.Errorf("%s is too short to hold a filesystem (corrupt or truncated); restore it from a backup or remove it to have a new, empty image made: %w", img, errdefs.ErrInvalidArgument)
+		}
+		return fmt.Errorf("reading the image: %w", err)
+	}
+	if binary.LittleEndian.Uint16(b[:]) != ext4Magic {
+		return fmt.Errorf("%s holds no ext4 filesystem (corrupt, or not made by podvm); restore it from a backup or remove it to have a new, empty image made: %w", img, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// createImage makes a sparse raw image of size bytes and formats it ext4. On error the
+// half-made image is removed.
+func (s *Share) createImage(ctx context.Context, img string, size int64) (retErr error) {
+	f, err := os.OpenFile(img+".tmp", os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		// A previous attempt died half-way; nothing refers to the temporary file.
+		_ = os.Remove(img + ".tmp")
+		f, err = os.OpenFile(img+".tmp", os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	}
+	if err != nil {
+		return fmt.Errorf("creating the image: %w", err)
+	}
+	defer func() {
+		if retErr != nil {
+			_ = os.Remove(img + ".tmp")
+		}
+	}()
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sizing the image: %w", err)
+	}
+	mkfs := s.block.Mkfs
+	if mkfs == "" {
+		mkfs = "mkfs.ext4"
+	}
+	// Lazy init and no discard keep formatting a sparse file fast; the guest finishes the
+	// inode tables in the background.
+	cmd := exec.CommandContext(ctx, mkfs, "-F", "-q", "-m", "0",
+		"-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", img+".tmp")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("formatting the image with %s: %w: %s", mkfs, err, strings.TrimSpace(out.String()))
+	}
+	if err := os.Rename(img+".tmp", img); err != nil {
+		return fmt.Errorf("creating the image: %w", err)
+	}
+	return nil
+}
+
+// attachDisks adds the disk images to the attachment: one hot-plugged disk and one guest mount
+// each, and the spec's mounts of the volume bind the guest mount point.
+func (s *Share) attachDisks(att *Attachment, disks []*diskImage) {
+	for _, d := range disks {
+		att.BlockDevices = append(att.BlockDevices, &hypervisor.BlockDevice{
+			ID: d.serial, Serial: d.serial, Path: filepath.Join(d.dir, DiskImageName), Format: "raw",
+			ReadOnly: d.allRO, Cache: s.block.Cache, AIO: s.block.AIO,
+		})
+		opts := []string{"rw"}
+		if d.allRO {
+			opts = []string{"ro", "noload"}
+		}
+		att.BlockMounts = append(att.BlockMounts, &api.BlockMount{Serial: d.serial, MountPoint: d.guestAt, FsType: "ext4", Options: opts})
+		for _, i := range d.mounts {
+			att.Spec.Mounts[i].Source = d.guestAt
+		}
+	}
+}

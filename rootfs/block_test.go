@@ -1,0 +1,303 @@
+package rootfs
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+func TestParseDiskSize(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want int64
+		err  string
+	}{
+		{"1Gi", 1 << 30, ""},
+		{"512Mi", 512 << 20, ""},
+		{" 64Mi ", 64 << 20, ""},
+		{"100M", 100 * 1000 * 1000, ""}, // 95.37 MiB rounded up to 96 MiB? no: multiple of MiB
+		{"16777216", 16 << 20, ""},
+		{"20000000", 20 << 20, ""}, // rounded up to whole MiB
+		{"1Ti", 1 << 40, ""},
+		{"", 0, "empty"},
+		{"Gi", 0, "whole number"},
+		{"-1Gi", 0, "whole number"},
+		{"1.5Gi", 0, "unknown unit"},
+		{"1GiB", 0, "unknown unit"},
+		{"1Ki", 0, "minimum"},
+		{"0", 0, "minimum"},
+		{"65Ti", 0, "limit"},
+		{"99999999999999999999999", 0, "out of range"},
+		{"9223372036854775807Ti", 0, "limit"},
+	} {
+		got, err := ParseDiskSize(c.in)
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("ParseDiskSize(%q) = %d, %v; want an error with %q", c.in, got, err, c.err)
+			}
+			continue
+		}
+		want := c.want
+		if want%(1<<20) != 0 {
+			want += 1<<20 - want%(1<<20)
+		}
+		if err != nil || got != want {
+			t.Errorf("ParseDiskSize(%q) = %d, %v; want %d", c.in, got, err, want)
+		}
+	}
+}
+
+func FuzzParseDiskSize(f *testing.F) {
+	for _, s := range []string{"1Gi", "512Mi", "100M", "1", "", "1.5Gi", "9223372036854775807", "64Ti", "\x00"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := ParseDiskSize(s)
+		if err != nil {
+			if n != 0 {
+				t.Fatalf("ParseDiskSize(%q) = %d with error %v", s, n, err)
+			}
+			if len(err.Error()) > 250 {
+				t.Fatalf("error for %q is too long to be a useful message: %d bytes", s, len(err.Error()))
+			}
+			return
+		}
+		if n < MinDiskSize || n > MaxDiskSize || n%(1<<20) != 0 {
+			t.Fatalf("ParseDiskSize(%q) = %d: out of range or not a whole MiB", s, n)
+		}
+	})
+}
+
+func TestSerialFor(t *testing.T) {
+	a := serialFor('b', "ctr1", "/dev/xvda")
+	if len(a) > 20 {
+		t.Fatalf("serial %q is longer than virtio-blk's 20 bytes", a)
+	}
+	if a != serialFor('b', "ctr1", "/dev/xvda") {
+		t.Fatal("serial is not stable")
+	}
+	if a == serialFor('b', "ctr2", "/dev/xvda") || a == serialFor('b', "ctr1", "/dev/xvdb") || a == serialFor('d', "ctr1", "/dev/xvda") {
+		t.Fatal("serials collide")
+	}
+}
+
+func TestSubPathVolume(t *testing.T) {
+	v, ok := subPathVolume("/var/lib/kubelet/pods/u/volume-subpaths/data/c/0")
+	if !ok || v != "data" {
+		t.Fatalf("got %q %v", v, ok)
+	}
+	if _, ok := subPathVolume("/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/data"); ok {
+		t.Fatal("a plain volume taken for a subPath")
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func TestBlockVolumesRefusesCharDevices(t *testing.T) {
+	spec := &specs.Spec{Linux: &specs.Linux{Devices: []specs.LinuxDevice{{Path: "/dev/fuse", Type: "c", Major: 10, Minor: 229}}}}
+	_, _, err := (&Share{}).blockVolumes("c1", spec)
+	if !errdefs.IsNotImplemented(err) || !strings.Contains(err.Error(), "/dev/fuse") {
+		t.Fatalf("err = %v, want not implemented naming /dev/fuse", err)
+	}
+	// A privileged container's host devices are left for the shim to drop.
+	spec.Linux.Resources = &specs.LinuxResources{Devices: []specs.LinuxDeviceCgroup{{Allow: true, Access: "rwm"}}}
+	disks, nodes, err := (&Share{}).blockVolumes("c1", spec)
+	if err != nil || len(disks) != 0 || len(nodes) != 0 || len(spec.Linux.Devices) != 1 {
+		t.Fatalf("privileged: %v %v %v %v", disks, nodes, err, spec.Linux.Devices)
+	}
+}
+
+// loopDevice attaches a sparse file to a loop device for the test.
+func loopDevice(t *testing.T, size int64) (dev string, major, minor int64) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for losetup")
+	}
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("no losetup")
+	}
+	f := filepath.Join(t.TempDir(), "backing")
+	if err := os.WriteFile(f, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(f, size); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", f).CombinedOutput()
+	if err != nil {
+		t.Skipf("losetup: %v: %s", err, out)
+	}
+	dev = strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	var st unix.Stat_t
+	if err := unix.Stat(dev, &st); err != nil {
+		t.Fatal(err)
+	}
+	return dev, int64(unix.Major(st.Rdev)), int64(unix.Minor(st.Rdev))
+}
+
+func TestBlockVolumesLoop(t *testing.T) {
+	dev, major, minor := loopDevice(t, 32<<20)
+	spec := &specs.Spec{Linux: &specs.Linux{
+		Devices: []specs.LinuxDevice{{Path: "/dev/xvda", Type: "b", Major: major, Minor: minor, FileMode: ptr(os.FileMode(0o640)), UID: ptr(uint32(7)), GID: ptr(uint32(8))}},
+		Resources: &specs.LinuxResources{Devices: []specs.LinuxDeviceCgroup{
+			{Allow: false, Access: "rwm"},
+			{Allow: true, Type: "b", Major: &major, Minor: &minor, Access: "r"},
+		}},
+	}}
+	s := (&Share{}).WithBlock(BlockOptions{Cache: "writeback", AIO: "threads"})
+	disks, nodes, err := s.blockVolumes("c1", spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(disks) != 1 || len(nodes) != 1 {
+		t.Fatalf("disks %v nodes %v", disks, nodes)
+	}
+	d, n := disks[0], nodes[0]
+	if d.Path != dev || !d.ReadOnly || d.Cache != "writeback" || d.AIO != "threads" || d.Serial != n.Serial || len(d.Serial) > 20 {
+		t.Fatalf("disk %+v (want path %s, read-only, writeback/threads)", d, dev)
+	}
+	if n.ContainerPath != "/dev/xvda" || n.FileMode != 0o640 || n.Uid != 7 || n.Gid != 8 {
+		t.Fatalf("node %+v", n)
+	}
+	if len(spec.Linux.Devices) != 0 || len(spec.Linux.Resources.Devices) != 1 {
+		t.Fatalf("host device left in the spec: %+v %+v", spec.Linux.Devices, spec.Linux.Resources.Devices)
+	}
+
+	// Privileged: the host's own node of the device is not taken, a CRI device path is.
+	spec = &specs.Spec{Linux: &specs.Linux{
+		Devices: []specs.LinuxDevice{
+			{Path: dev, Type: "b", Major: major, Minor: minor},
+			{Path: "/dev/xvdb", Type: "b", Major: major, Minor: minor},
+		},
+		Resources: &specs.LinuxResources{Devices: []specs.LinuxDeviceCgroup{{Allow: true, Access: "rwm"}}},
+	}}
+	disks, _, err = s.blockVolumes("c1", spec)
+	if err != nil || len(disks) != 1 || disks[0].ReadOnly || len(spec.Linux.Devices) != 1 || spec.Linux.Devices[0].Path != dev {
+		t.Fatalf("privileged: %v %v %+v", disks, err, spec.Linux.Devices)
+	}
+
+	// A device the host does not have.
+	spec = &specs.Spec{Linux: &specs.Linux{Devices: []specs.LinuxDevice{{Path: "/dev/xvda", Type: "b", Major: 4000, Minor: 4000}}}}
+	if _, _, err := s.blockVolumes("c1", spec); !errdefs.IsNotFound(err) {
+		t.Fatalf("missing device: %v", err)
+	}
+}
+
+func diskSpec(src string, ann map[string]string, ro bool) *specs.Spec {
+	opts := []string{"rbind", "rw"}
+	if ro {
+		opts = []string{"rbind", "ro"}
+	}
+	return &specs.Spec{
+		Annotations: ann,
+		Linux:       &specs.Linux{},
+		Mounts: []specs.Mount{
+			{Destination: "/etc/hosts", Type: "bind", Source: "/etc/hosts", Options: []string{"rbind"}},
+			{Destination: "/data", Type: "bind", Source: src, Options: opts},
+		},
+	}
+}
+
+func TestDiskImages(t *testing.T) {
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skip("no mkfs.ext4")
+	}
+	ctx := context.Background()
+	vol := filepath.Join(t.TempDir(), "volumes", "kubernetes.io~empty-dir", "data")
+	if err := os.MkdirAll(vol, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
+	s := (&Share{}).WithBlock(BlockOptions{Cache: "none", AIO: "threads", Allowed: allowed})
+
+	// Not allowed: ignored, the volume stays a shared directory.
+	spec := diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
+	if ds, err := (&Share{}).diskImages(ctx, "c1", spec); err != nil || len(ds) != 0 {
+		t.Fatalf("not allowed: %v %v", ds, err)
+	}
+
+	// A size that does not parse names the annotation and the volume.
+	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "lots"}, false)
+	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "podvm.io/disk.data") || !strings.Contains(err.Error(), "volume data") {
+		t.Fatalf("bad size: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(vol, DiskImageName)); err == nil {
+		t.Fatal("an image was made for a bad annotation")
+	}
+
+	// Created sparse, formatted, attached.
+	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi", "podvm.io/disk.other": "1Gi"}, false)
+	ds, err := s.diskImages(ctx, "c1", spec)
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("%v %v", ds, err)
+	}
+	img := filepath.Join(vol, DiskImageName)
+	fi, err := os.Stat(img)
+	if err != nil || fi.Size() != 64<<20 {
+		t.Fatalf("image: %v %v", fi, err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); st.Blocks*512 > 16<<20 {
+		t.Errorf("image is not sparse: %d bytes allocated", st.Blocks*512)
+	}
+	if out, err := exec.Command("e2fsck", "-n", "-f", img).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck: %v: %s", err, out)
+	}
+	att := &Attachment{Spec: spec}
+	s.attachDisks(att, ds)
+	if len(att.BlockDevices) != 1 || att.BlockDevices[0].Path != img || att.BlockDevices[0].ReadOnly || att.BlockDevices[0].Cache != "none" {
+		t.Fatalf("block devices %+v", att.BlockDevices[0])
+	}
+	if len(att.BlockMounts) != 1 || att.BlockMounts[0].FsType != "ext4" || spec.Mounts[1].Source != att.BlockMounts[0].MountPoint || spec.Mounts[0].Source != "/etc/hosts" {
+		t.Fatalf("mounts %+v spec %+v", att.BlockMounts, spec.Mounts)
+	}
+
+	// Read-only mounts give a read-only disk.
+	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, true)
+	ds, err = s.diskImages(ctx, "c1", spec)
+	if err != nil || len(ds) != 1 || !ds[0].allRO {
+		t.Fatalf("ro: %v %v", ds, err)
+	}
+
+	// A subPath of a disk-image volume is refused.
+	spec = diskSpec("/var/lib/kubelet/pods/u/volume-subpaths/data/c/1", map[string]string{"podvm.io/disk.data": "64Mi"}, false)
+	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsNotImplemented(err) {
+		t.Fatalf("subPath: %v", err)
+	}
+
+	// A corrupt image is refused with what to do.
+	if err := os.WriteFile(img, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
+	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "no ext4") {
+		t.Fatalf("corrupt: %v", err)
+	}
+	if err := os.WriteFile(img, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "too short") {
+		t.Fatalf("truncated: %v", err)
+	}
+	// mkfs failing leaves nothing behind.
+	os.Remove(img)
+	bad := (&Share{}).WithBlock(BlockOptions{Allowed: allowed, Mkfs: "/bin/false"})
+	if _, err := bad.diskImages(ctx, "c1", spec); err == nil || !strings.Contains(err.Error(), "formatting") {
+		t.Fatalf("mkfs failure: %v", err)
+	}
+	if ents, _ := os.ReadDir(vol); len(ents) != 0 {
+		t.Fatalf("left in the volume: %v", ents)
+	}
+}
