@@ -1,0 +1,420 @@
+package integration
+
+// Volumes through the CRI, as kubelet passes them: bind-mounted directories and files
+// (emptyDir, configMap, secret, hostPath, subPath), block devices (volumeMode: Block) and
+// disk-image volumes (podvm.io/disk.<volume>). docs/storage.md describes what each becomes in
+// a VM pod.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/podvm/podvm/integration/harness"
+)
+
+// volEnv is podvmEnv with a podvm state dir of its own, so that other tests' VMs running on
+// the same machine at the same time are not taken for this test's leaks: its leak check looks
+// for processes naming its state dir and for mounts under it. Block settings go to [block].
+func volEnv(t *testing.T, block string, allowed ...string) *harness.Env {
+	t.Helper()
+	require(t, needRoot())
+	kernel, initrd := guestImage(t)
+	bin := os.Getenv("PODVM_BIN")
+	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
+	stateDir, err := os.MkdirTemp("/run", "pvv-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { volAssertNothingUnder(t, stateDir) }) // after the env's teardown
+	var quoted []string
+	for _, a := range allowed {
+		quoted = append(quoted, fmt.Sprintf("%q", a))
+	}
+	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\ninitrd = %q\ndebug = %v\n\n[sandbox]\nstate_dir = %q\n\n[annotations]\nallowed = [%s]\n\n[block]\n%s\n",
+		testAccel(), kernel, initrd, testDebug(), stateDir, strings.Join(quoted, ", "), block)
+	cfg := filepath.Join(t.TempDir(), "podvm.toml")
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return harness.Start(t, harness.Options{ShimDir: bin, PodvmConfigPath: cfg, LeakDirs: []string{stateDir}})
+}
+
+// volAssertNothingUnder fails t if a process still names dir on its command line or something
+// is mounted under it, then removes dir.
+func volAssertNothingUnder(t testing.TB, dir string) {
+	t.Helper()
+	var left []string
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		left = left[:0]
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, p := range procs {
+			b, _ := os.ReadFile(p)
+			if cmd := strings.ReplaceAll(string(b), "\x00", " "); strings.Contains(cmd, dir+"/") {
+				left = append(left, filepath.Base(filepath.Dir(p))+": "+cmd)
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	for _, p := range left {
+		t.Errorf("leak: process %s", p)
+	}
+	if mi, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(mi), " "+dir+"/") {
+		t.Errorf("leak: mounts left under %s", dir)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Errorf("leak: remove %s: %v", dir, err)
+	}
+}
+
+// volStart creates and starts a container from cfg in pod and waits until it runs.
+func volStart(ctx context.Context, t *testing.T, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) string {
+	t.Helper()
+	id, err := volCreate(ctx, env, pod, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	if err := env.Runtime.StartContainer(cctx, id); err != nil {
+		t.Fatalf("StartContainer %s: %v", cfg.Metadata.Name, err)
+	}
+	if _, err := env.WaitContainerState(cctx, id, runtimeapi.ContainerState_CONTAINER_RUNNING); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func volCreate(ctx context.Context, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) (string, error) {
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	return env.Runtime.CreateContainer(cctx, pod.ID, cfg, pod.Config)
+}
+
+// volSh runs a shell script in a container and returns its exit code, stdout and stderr.
+func volSh(ctx context.Context, t *testing.T, env *harness.Env, id, script string) (int, string, string) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	stdout, stderr, err := env.Runtime.ExecSync(cctx, id, []string{"sh", "-c", script}, 100*time.Second)
+	code := execSyncExitCode(err)
+	if code < 0 {
+		t.Fatalf("exec %q in %s: %v", script, id, err)
+	}
+	return code, strings.TrimSpace(string(stdout)), strings.TrimSpace(string(stderr))
+}
+
+// volMust runs a script that must succeed and returns its stdout.
+func volMust(ctx context.Context, t *testing.T, env *harness.Env, id, script string) string {
+	t.Helper()
+	code, out, errOut := volSh(ctx, t, env, id, script)
+	if code != 0 {
+		t.Fatalf("exec %q in %s: exit %d (stdout %q, stderr %q)", script, id, code, out, errOut)
+	}
+	return out
+}
+
+func volRemoveContainer(ctx context.Context, t *testing.T, env *harness.Env, id string) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	if err := env.Runtime.StopContainer(cctx, id, 1); err != nil {
+		t.Fatalf("StopContainer %s: %v", id, err)
+	}
+	if err := env.Runtime.RemoveContainer(cctx, id); err != nil {
+		t.Fatalf("RemoveContainer %s: %v", id, err)
+	}
+}
+
+func volRemovePod(ctx context.Context, t *testing.T, env *harness.Env, pod *harness.Pod) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	if err := env.Runtime.StopPodSandbox(cctx, pod.ID); err != nil {
+		t.Fatalf("StopPodSandbox %s: %v", pod.ID, err)
+	}
+	if err := env.Runtime.RemovePodSandbox(cctx, pod.ID); err != nil {
+		t.Fatalf("RemovePodSandbox %s: %v", pod.ID, err)
+	}
+}
+
+func volRunPod(ctx context.Context, t *testing.T, env *harness.Env, o harness.PodOptions) *harness.Pod {
+	t.Helper()
+	pod, err := env.RunPod(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
+		t.Fatal(err)
+	}
+	return pod
+}
+
+// kubeletVolume makes a volume directory where kubelet would: <root>/pods/<uid>/volumes/
+// kubernetes.io~<plugin>/<name>.
+func kubeletVolume(t *testing.T, root, plugin, name string, files map[string]string) string {
+	t.Helper()
+	d := filepath.Join(root, "pods", "uid-1", "volumes", "kubernetes.io~"+plugin, name)
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for n, c := range files {
+		writeFile(t, filepath.Join(d, n), c)
+	}
+	return d
+}
+
+// TestVolumesBind: the bind-mounted volumes kubelet makes, for runc and podvm alike.
+func TestVolumesBind(t *testing.T) {
+	require(t, needRoot())
+	env := volEnv(t, "") // runs runc pods too
+	for _, handler := range []string{"runc", "podvm"} {
+		t.Run(handler, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+			defer cancel()
+			root := t.TempDir()
+			empty := kubeletVolume(t, root, "empty-dir", "cache", nil)
+			cm := kubeletVolume(t, root, "configmap", "config", map[string]string{"app.properties": "color=blue\n"})
+			secret := kubeletVolume(t, root, "secret", "creds", map[string]string{"password": "s3cret"})
+			hostPath := filepath.Join(root, "host")
+			if err := os.MkdirAll(hostPath, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			// subPath: kubelet binds a single file of a volume.
+			subFile := filepath.Join(root, "pods", "uid-1", "volume-subpaths", "config", "app", "0")
+			if err := os.MkdirAll(filepath.Dir(subFile), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, subFile, "sub=path\n")
+
+			pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-bind-" + handler, Namespace: "it", Handler: handler})
+			mk := func(name string) *runtimeapi.ContainerConfig {
+				cfg := env.ContainerConfig(harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
+				cfg.Mounts = []*runtimeapi.Mount{
+					{ContainerPath: "/cache", HostPath: empty},
+					{ContainerPath: "/etc/config", HostPath: cm, Readonly: true},
+					{ContainerPath: "/etc/creds", HostPath: secret, Readonly: true},
+					{ContainerPath: "/host", HostPath: hostPath},
+					{ContainerPath: "/etc/app.conf", HostPath: subFile, Readonly: true},
+				}
+				return cfg
+			}
+			a := volStart(ctx, t, env, pod, mk("a"))
+			b := volStart(ctx, t, env, pod, mk("b"))
+
+			// emptyDir: one container's write is the other's read.
+			volMust(ctx, t, env, a, "echo from-a > /cache/shared")
+			if got := volMust(ctx, t, env, b, "cat /cache/shared"); got != "from-a" {
+				t.Errorf("emptyDir: b read %q, want from-a", got)
+			}
+			// configMap and secret: readable, not writable.
+			if got := volMust(ctx, t, env, a, "cat /etc/config/app.properties /etc/creds/password"); got != "color=blue\ns3cret" {
+				t.Errorf("configMap/secret read %q", got)
+			}
+			for _, p := range []string{"/etc/config/new", "/etc/creds/password"} {
+				code, _, errOut := volSh(ctx, t, env, a, "echo x > "+p)
+				if code == 0 {
+					t.Errorf("writing %s in a read-only volume succeeded", p)
+				} else if !strings.Contains(errOut, "Read-only") {
+					t.Errorf("writing %s: %q, want a read-only file system error", p, errOut)
+				}
+			}
+			if readHostFile(t, filepath.Join(secret, "password")) != "s3cret" {
+				t.Error("secret changed on the host")
+			}
+			// hostPath: writes land on the host, host writes are seen.
+			volMust(ctx, t, env, a, "echo to-host > /host/out && sync")
+			if got := strings.TrimSpace(readHostFile(t, filepath.Join(hostPath, "out"))); got != "to-host" {
+				t.Errorf("hostPath: host read %q, want to-host", got)
+			}
+			writeFile(t, filepath.Join(hostPath, "in"), "from-host")
+			if got := volMust(ctx, t, env, b, "cat /host/in"); got != "from-host" {
+				t.Errorf("hostPath: container read %q, want from-host", got)
+			}
+			// subPath file: that one file, read-only.
+			if got := volMust(ctx, t, env, b, "cat /etc/app.conf"); got != "sub=path" {
+				t.Errorf("subPath file read %q", got)
+			}
+			if code, _, _ := volSh(ctx, t, env, b, "echo x >> /etc/app.conf"); code == 0 {
+				t.Error("appending to a read-only subPath file succeeded")
+			}
+			volRemovePod(ctx, t, env, pod)
+		})
+	}
+	env.AssertNoLeaks(t)
+}
+
+// losetup attaches a new sparse file of size bytes to a loop device, detached at cleanup.
+func losetup(t *testing.T, size int64) string {
+	t.Helper()
+	require(t, needCmd("losetup"))
+	f := filepath.Join(t.TempDir(), "block.raw")
+	if err := os.WriteFile(f, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(f, size); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", f).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+// qemuHolds reports whether the pod's QEMU has path open.
+func qemuHolds(t *testing.T, podID, path string) bool {
+	t.Helper()
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+podID).Output()
+	for _, pid := range strings.Fields(string(out)) {
+		fds, _ := os.ReadDir("/proc/" + pid + "/fd")
+		for _, fd := range fds {
+			if l, err := os.Readlink("/proc/" + pid + "/fd/" + fd.Name()); err == nil && l == path {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// TestVolumesBlockDevice: a CRI Device (a PVC with volumeMode: Block) is hot-plugged into the
+// pod's VM, appears at its container path, keeps its data across pods, and is unplugged when
+// its container goes while the pod's other containers keep running.
+func TestVolumesBlockDevice(t *testing.T) {
+	require(t, needRoot())
+	dev := losetup(t, 64<<20)
+	env := volEnv(t, "")
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	const payload = "podvm-block-volume-data"
+
+	pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-block", Namespace: "it", Handler: "podvm"})
+	other := volStart(ctx, t, env, pod, env.ContainerConfig(harness.ContainerOptions{Name: "other", Command: []string{"sleep", "3600"}}))
+	cfg := env.ContainerConfig(harness.ContainerOptions{Name: "writer", Command: []string{"sleep", "3600"}})
+	cfg.Devices = []*runtimeapi.Device{{ContainerPath: "/dev/xvda", HostPath: dev, Permissions: "rwm"}}
+	writer := volStart(ctx, t, env, pod, cfg)
+	if !qemuHolds(t, pod.ID, dev) {
+		t.Errorf("QEMU has no open %s after the container was created", dev)
+	}
+	if got := volMust(ctx, t, env, writer, "test -b /dev/xvda && echo block"); got != "block" {
+		t.Fatalf("/dev/xvda in the container: %q", got)
+	}
+	volMust(ctx, t, env, writer, "printf "+payload+" > /tmp/p && dd if=/tmp/p of=/dev/xvda bs=512 conv=sync,fsync 2>/dev/null")
+	// The guest's disks, by serial (sysfs is the guest's, whichever container reads it).
+	const serials = "for d in /sys/block/vd*; do test -e $d/serial && { cat $d/serial; echo; }; done; true"
+	disks := volMust(ctx, t, env, other, serials)
+	if disks == "" {
+		t.Fatal("the guest lists no virtio disk while the block device is attached")
+	}
+
+	// Unplug with the container: the disk leaves the guest and QEMU lets go of the device,
+	// while the pod's other container keeps answering.
+	start := time.Now()
+	volRemoveContainer(ctx, t, env, writer)
+	t.Logf("removing the container with the block device (device_del + blockdev-del) took %v", time.Since(start).Round(time.Millisecond))
+	if got := volMust(ctx, t, env, other, serials); got != "" {
+		t.Errorf("guest still has disks %q after the container was removed (had %q)", got, disks)
+	}
+	if qemuHolds(t, pod.ID, dev) {
+		t.Errorf("QEMU still holds %s after the container was removed", dev)
+	}
+	if got := volMust(ctx, t, env, other, "echo alive"); got != "alive" {
+		t.Errorf("the other container: %q", got)
+	}
+	b, err := os.ReadFile(dev)
+	if err != nil || !bytes.HasPrefix(b, []byte(payload)) {
+		t.Errorf("the host device does not start with what the container wrote (%v): %q", err, b[:min(len(b), 32)])
+	}
+	volRemovePod(ctx, t, env, pod)
+
+	// A new pod reads it back, from a read-only device at another path.
+	pod = volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-block-2", Namespace: "it", Handler: "podvm"})
+	cfg = env.ContainerConfig(harness.ContainerOptions{Name: "reader", Command: []string{"sleep", "3600"}})
+	cfg.Devices = []*runtimeapi.Device{{ContainerPath: "/dev/data", HostPath: dev, Permissions: "r"}}
+	reader := volStart(ctx, t, env, pod, cfg)
+	if got := volMust(ctx, t, env, reader, "dd if=/dev/data bs=512 count=1 2>/dev/null | head -c 23"); got != payload {
+		t.Errorf("new pod read %q, want %q", got, payload)
+	}
+	if code, _, _ := volSh(ctx, t, env, reader, "echo x | dd of=/dev/data conv=fsync 2>/dev/null"); code == 0 {
+		t.Error("writing a device given with permissions \"r\" succeeded")
+	}
+	volRemovePod(ctx, t, env, pod)
+	env.AssertNoLeaks(t)
+}
+
+// TestVolumesDiskImage: podvm.io/disk.<volume> makes a filesystem volume a virtio-blk disk
+// backed by disk.img in the volume's directory; it keeps its data across pods and stays a
+// valid ext4 image. A corrupt image fails the container with an error naming the volume.
+func TestVolumesDiskImage(t *testing.T) {
+	require(t, needRoot(), needCmd("e2fsck"), needCmd("debugfs"))
+	env := volEnv(t, `cache = "writeback"`+"\n"+`aio = "threads"`, "disk.*")
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	root := t.TempDir()
+	data := kubeletVolume(t, root, "csi", "data", nil)
+	junk := kubeletVolume(t, root, "csi", "junk", map[string]string{"disk.img": strings.Repeat("not ext4", 1024)})
+	ann := map[string]string{"podvm.io/disk.data": "64Mi", "podvm.io/disk.junk": "64Mi"}
+	withVolume := func(name, vol, hostDir string) *runtimeapi.ContainerConfig {
+		cfg := env.ContainerConfig(harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
+		cfg.Mounts = []*runtimeapi.Mount{{ContainerPath: "/" + vol, HostPath: hostDir}}
+		return cfg
+	}
+
+	pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk", Namespace: "it", Handler: "podvm", Annotations: ann})
+	w := volStart(ctx, t, env, pod, withVolume("writer", "data", data))
+	volMust(ctx, t, env, w, "echo disk-image-data > /data/hello && sync")
+	if got := volMust(ctx, t, env, w, "grep ' /data ' /proc/mounts | cut -d' ' -f3"); got != "ext4" {
+		t.Errorf("/data in the container is %q, want ext4", got)
+	}
+	if _, err := os.Stat(filepath.Join(data, "hello")); err == nil {
+		t.Error("the write went to the shared volume directory, not the disk image")
+	}
+	// CRI creates the task (and so the shim prepares its volumes) at StartContainer.
+	bad, err := volCreate(ctx, env, pod, withVolume("bad", "junk", junk))
+	if err == nil {
+		sctx, scancel := context.WithTimeout(ctx, callTimeout)
+		err = env.Runtime.StartContainer(sctx, bad)
+		scancel()
+	}
+	if err == nil || !strings.Contains(err.Error(), "volume junk") || !strings.Contains(err.Error(), "podvm.io/disk.junk") {
+		t.Errorf("a corrupt image: err = %v, want one naming the volume and the annotation", err)
+	} else {
+		t.Logf("corrupt image refused: %v", err)
+	}
+	volRemovePod(ctx, t, env, pod)
+
+	pod = volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk-2", Namespace: "it", Handler: "podvm", Annotations: ann})
+	r := volStart(ctx, t, env, pod, withVolume("reader", "data", data))
+	if got := volMust(ctx, t, env, r, "cat /data/hello"); got != "disk-image-data" {
+		t.Errorf("next pod read %q, want disk-image-data", got)
+	}
+	volRemovePod(ctx, t, env, pod)
+
+	img := filepath.Join(data, "disk.img")
+	if out, err := exec.Command("e2fsck", "-n", "-f", img).CombinedOutput(); err != nil {
+		t.Errorf("e2fsck -n %s: %v\n%s", img, err, out)
+	}
+	if out, err := exec.Command("debugfs", "-R", "cat /hello", img).Output(); err != nil || strings.TrimSpace(string(out)) != "disk-image-data" {
+		t.Errorf("debugfs cat /hello in %s: %q, %v", img, out, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(junk, "disk.img")); !bytes.HasPrefix(b, []byte("not ext4")) {
+		t.Error("the corrupt image was changed")
+	}
+	env.AssertNoLeaks(t)
+}
