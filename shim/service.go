@@ -165,7 +165,8 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 
 func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
 	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
-		return nil, fmt.Errorf("restoring from a checkpoint is not supported by podvm: %w", errdefs.ErrNotImplemented)
+		// Not ErrNotImplemented: from Create, containerd reads Unimplemented as an old task API.
+		return nil, fmt.Errorf("restoring from a checkpoint is not supported by podvm (containers run inside a VM): %w", errdefs.ErrInvalidArgument)
 	}
 	spec, err := readSpec(r.Bundle)
 	if err != nil {
@@ -209,6 +210,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			}
 		}()
 		go s.watchVM(ctx, sb)
+		go s.watchOOM(ctx, sb)
 	}
 
 	paths := stdioPaths{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
@@ -338,6 +340,24 @@ func (s *Service) watchVM(ctx context.Context, sb *sandbox) {
 	if !sb.stopping.Load() {
 		log.G(ctx).WithField("sandbox", sb.id).Errorf("%s unexpectedly; the end of the console log (%s):\n%s",
 			what, sb.consolePath(), consoleTail(sb.consolePath(), 60))
+	}
+}
+
+// watchOOM publishes the guest's OOM kills until the agent connection ends.
+func (s *Service) watchOOM(ctx context.Context, sb *sandbox) {
+	ctx = context.WithoutCancel(ctx)
+	for {
+		ev, err := sb.agent.GetOOMEvent(ctx, &api.Empty{})
+		if err != nil {
+			select {
+			case <-sb.agent.Done():
+				return
+			case <-time.After(time.Second): // a passing error: ask again
+				continue
+			}
+		}
+		log.G(ctx).WithField("container", ev.ContainerId).Info("OOM kill in the guest")
+		s.publish(&eventstypes.TaskOOM{ContainerID: ev.ContainerId})
 	}
 }
 

@@ -1,0 +1,113 @@
+package hypervisor
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+)
+
+// Fake is a Hypervisor for unit tests of its callers: it records what was asked of it and
+// runs nothing.
+type Fake struct {
+	// StartErr, if set, is returned by Start.
+	StartErr error
+	// DialAgentFunc, if set, serves DialAgent.
+	DialAgentFunc func(ctx context.Context) (net.Conn, error)
+
+	mu       sync.Mutex
+	started  bool
+	stopped  bool
+	paused   bool
+	devices  map[string]Device
+	done     chan struct{}
+	doneOnce sync.Once
+}
+
+// NewFake returns a Fake that is not started.
+func NewFake() *Fake {
+	return &Fake{devices: map[string]Device{}, done: make(chan struct{})}
+}
+
+var _ Hypervisor = (*Fake)(nil)
+
+// Start implements Hypervisor.
+func (f *Fake) Start(ctx context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.StartErr != nil {
+		return f.StartErr
+	}
+	f.started = true
+	return nil
+}
+
+// Stop implements Hypervisor; the VM counts as exited afterwards.
+func (f *Fake) Stop(ctx context.Context) error {
+	f.mu.Lock()
+	f.stopped = true
+	f.mu.Unlock()
+	f.Exit()
+	return nil
+}
+
+// Exit makes the fake VM exit, as if QEMU died.
+func (f *Fake) Exit() { f.doneOnce.Do(func() { close(f.done) }) }
+
+// Done implements Hypervisor.
+func (f *Fake) Done() <-chan struct{} { return f.done }
+
+// Pause implements Hypervisor.
+func (f *Fake) Pause(ctx context.Context) error { f.set(&f.paused, true); return nil }
+
+// Resume implements Hypervisor.
+func (f *Fake) Resume(ctx context.Context) error { f.set(&f.paused, false); return nil }
+
+func (f *Fake) set(b *bool, v bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	*b = v
+}
+
+// Hotplug implements Hypervisor.
+func (f *Fake) Hotplug(ctx context.Context, d Device) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.devices[d.DeviceID()]; ok {
+		return errors.New("device " + d.DeviceID() + " already plugged")
+	}
+	f.devices[d.DeviceID()] = d
+	return nil
+}
+
+// Unplug implements Hypervisor.
+func (f *Fake) Unplug(ctx context.Context, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.devices[id]; !ok {
+		return errors.New("device " + id + " not plugged")
+	}
+	delete(f.devices, id)
+	return nil
+}
+
+// DialAgent implements Hypervisor.
+func (f *Fake) DialAgent(ctx context.Context) (net.Conn, error) {
+	if f.DialAgentFunc != nil {
+		return f.DialAgentFunc(ctx)
+	}
+	return nil, errors.New("fake hypervisor: no agent")
+}
+
+// Pid implements Hypervisor.
+func (f *Fake) Pid() int { return 0 }
+
+// State reports what happened to the fake: started, stopped, and the plugged device IDs.
+func (f *Fake) State() (started, stopped bool, devices []string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for id := range f.devices {
+		devices = append(devices, id)
+	}
+	return f.started, f.stopped, devices
+}
