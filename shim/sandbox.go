@@ -180,20 +180,16 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		}
 	}
 
-	h := o.cfg.Hypervisor
+	qcfg := o.cfg.QEMUConfig(o.id, o.size)
+	qcfg.StateDir, qcfg.SharedDir, qcfg.NetDevices = sb.stateDir, shared, nics
 	cid, err := randomCID()
 	if err != nil {
 		return nil, err
 	}
-	vm, err := b.newVM(qemu.Config{
-		ID: o.id, StateDir: sb.stateDir, QEMUPath: h.QEMUPath, Accel: h.Accel,
-		VCPUs: o.size.VCPUs, MemoryMiB: o.size.MemoryMiB,
-		Kernel: h.Kernel, Initrd: h.Initrd, KernelParams: h.KernelParams, Debug: h.Debug, Firmware: h.Firmware,
-		SharedDir: shared, VirtiofsdPath: h.VirtiofsdPath, VirtiofsCache: o.cfg.Virtiofs.Cache,
-		AgentTransport: h.AgentTransport, VsockCID: cid, NetDevices: nics, HotplugSlots: hotplugSlots(h.HotplugSlots),
-	})
+	qcfg.VsockCID = cid
+	vm, err := b.newVM(qcfg)
 	if err != nil {
-		return nil, fmt.Errorf("VM config (check %s): %w", o.cfg.Path, err)
+		return nil, fmt.Errorf("VM config (check %s): %w", configName(o.cfg), err)
 	}
 	if err := vm.Start(ctx); err != nil {
 		return nil, fmt.Errorf("start the pod VM: %w", err)
@@ -222,12 +218,12 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	return sb, nil
 }
 
-// hotplugSlots maps the node config's count (0 = none) to qemu.Config's (0 = default, <0 = none).
-func hotplugSlots(n int) int {
-	if n <= 0 {
-		return -1
+// configName names the node config in messages.
+func configName(cfg *config.Config) string {
+	if cfg.Path == "" {
+		return config.DefaultPath + " (absent: built-in defaults)"
 	}
-	return n
+	return cfg.Path
 }
 
 // randomCID picks a vsock context id; collisions fail QEMU's start loudly and are

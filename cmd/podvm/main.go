@@ -29,6 +29,7 @@ func commands() []command {
 	return []command{
 		{name: "check", summary: "check that this node can run podvm pods", run: runCheck},
 		{name: "config", summary: "print the effective node config", run: runConfig},
+		{name: "debug", summary: "look into pod VMs: list, console, boot", run: runDebug},
 		{name: "image", summary: "build the guest kernel and initrd", run: runImage},
 		{name: "version", summary: "print podvm's version", run: runVersion},
 	}

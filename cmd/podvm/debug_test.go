@@ -1,0 +1,51 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+func TestDebugListAndConsole(t *testing.T) {
+	state := t.TempDir()
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte("[sandbox]\nstate_dir = \""+state+"\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	running := filepath.Join(state, "aaaa1111bbbb2222")
+	gone := filepath.Join(state, "cccc3333")
+	for _, d := range []string{running, gone} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// This test's own pid stands in for a live QEMU; a pid that cannot exist for a dead one.
+	os.WriteFile(filepath.Join(running, "qemu.pid"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
+	os.WriteFile(filepath.Join(gone, "qemu.pid"), []byte("999999999\n"), 0o644)
+	os.WriteFile(filepath.Join(running, "console.log"), []byte("line1\r\nline2\r\nline3\r\n"), 0o644)
+
+	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "list", "--config", cfg)
+	if r.code != 0 || !strings.Contains(r.stdout, "aaaa1111bbbb") || !strings.Contains(r.stdout, "running") || !strings.Contains(r.stdout, "stopped") {
+		t.Errorf("debug list: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	r = runCLI(t, t.TempDir(), t.TempDir(), "debug", "console", "--config", cfg, "-n", "2", "aaaa")
+	if r.code != 0 || r.stdout != "line2\nline3\n" {
+		t.Errorf("debug console -n 2: exit %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+	}
+	for _, tc := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"debug", "console", "--config", cfg, "zzz"}, 1, `no sandbox "zzz"`},
+		{[]string{"debug", "console", "--config", cfg}, 2, "give one sandbox id"},
+		{[]string{"debug", "frob"}, 2, "unknown command"},
+	} {
+		r := runCLI(t, t.TempDir(), t.TempDir(), tc.args...)
+		if r.code != tc.code || !strings.Contains(r.stderr, tc.msg) {
+			t.Errorf("%v: exit %d stderr %q; want %d and %q", tc.args, r.code, r.stderr, tc.code, tc.msg)
+		}
+	}
+}
