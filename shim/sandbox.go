@@ -57,7 +57,11 @@ func DefaultBackend() backend {
 			return qemu.New(cfg)
 		},
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
-			return agent.Connect(ctx, vm.DialAgent, vm.Done())
+			c, err := agent.Connect(ctx, vm.DialAgent, vm.Done())
+			if err != nil {
+				return nil, err // not a nil *Client in a non-nil interface
+			}
+			return c, nil
 		},
 		discover: func(ctx context.Context, netnsPath string) (*network.Pod, error) {
 			return network.Discover(ctx, netnsPath)
@@ -197,9 +201,11 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	sb.vm = vm
 	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
 	defer cancel()
-	if sb.agent, err = b.connect(actx, vm); err != nil {
+	conn, err := b.connect(actx, vm)
+	if err != nil {
 		return nil, fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 	}
+	sb.agent = conn
 	req := &api.SetupSandboxRequest{Hostname: o.host, SharedFsTag: qemu.SharedFSTag}
 	if pod != nil {
 		for _, ep := range pod.Endpoints {
