@@ -47,10 +47,13 @@ type hostIO struct {
 // ioGrace bounds how long an exited process's output may take to drain.
 const ioGrace = 5 * time.Second
 
-// startIO opens containerd's endpoints and starts copying. ctx bounds the opening; the copies
-// run until EOF or close.
+// startIO opens containerd's endpoints and starts copying until EOF or close. The fifos are
+// opened under the IO's own lifetime, not the request's: containerd/fifo closes a fifo whose
+// context ends before its (asynchronous) open completed, and ttrpc ends a request's context
+// when the handler returns.
 func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID string, paths stdioPaths) (_ *hostIO, retErr error) {
 	copyCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	ctx = copyCtx
 	h := &hostIO{cancel: cancel}
 	defer func() {
 		if retErr != nil {
