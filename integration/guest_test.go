@@ -20,6 +20,7 @@ import (
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
 )
 
@@ -34,6 +35,22 @@ type guestVM struct {
 // bootVM boots a VM from the test guest image with a virtio-fs share and connects to its agent.
 func bootVM(t testing.TB, ctx context.Context, stateDir string) *guestVM {
 	t.Helper()
+	return bootVMWith(t, ctx, stateDir, vmOptions{})
+}
+
+// vmOptions are what a test can add to the VM bootVM makes.
+type vmOptions struct {
+	// NetDevices are cold-plugged NICs; the VM takes over their tap files.
+	NetDevices []*hypervisor.NetDevice
+	// Setup is sent to the agent as is, except that an empty Hostname or SharedFsTag gets
+	// bootVM's; nil sends only those.
+	Setup *api.SetupSandboxRequest
+}
+
+// bootVMWith is bootVM with options: it boots a VM from the test guest image with a virtio-fs
+// share and the given devices, connects to its agent and sets the sandbox up.
+func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions) *guestVM {
+	t.Helper()
 	kernel, initrd := guestImage(t)
 	shared := filepath.Join(stateDir, "shared")
 	if err := os.MkdirAll(shared, 0o755); err != nil {
@@ -42,7 +59,7 @@ func bootVM(t testing.TB, ctx context.Context, stateDir string) *guestVM {
 	vm, err := qemu.New(qemu.Config{
 		ID: filepath.Base(stateDir), StateDir: stateDir, Accel: testAccel(),
 		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
-		AgentTransport: qemu.TransportSerial, Debug: testDebug(),
+		AgentTransport: qemu.TransportSerial, Debug: testDebug(), NetDevices: o.NetDevices,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -76,9 +93,19 @@ func bootVM(t testing.TB, ctx context.Context, stateDir string) *guestVM {
 	}
 	g.agent = c
 	g.bootTime = time.Since(start)
+	req := &api.SetupSandboxRequest{}
+	if o.Setup != nil {
+		req = o.Setup
+	}
+	if req.Hostname == "" {
+		req.Hostname = "podvm-it"
+	}
+	if req.SharedFsTag == "" {
+		req.SharedFsTag = qemu.SharedFSTag
+	}
 	sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
 	defer scancel()
-	if _, err := c.SetupSandbox(sctx, &api.SetupSandboxRequest{Hostname: "podvm-it", SharedFsTag: qemu.SharedFSTag}); err != nil {
+	if _, err := c.SetupSandbox(sctx, req); err != nil {
 		t.Fatalf("setup sandbox: %v", err)
 	}
 	return g
