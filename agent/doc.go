@@ -12,4 +12,4 @@ const SerialPortName = "podvm.agent"
 const GuestSharedDir = "/run/podvm/shared"
 
 // Version is the agent API version the host and guest must agree on.
-const Version = "podvm-agent/1"
+const Version = "podvm-agent/2"

@@ -1805,6 +1805,349 @@ func (x *OOMEvent) GetContainerId() string {
 	return ""
 }
 
+type DialPortRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Port          uint32                 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialPortRequest) Reset() {
+	*x = DialPortRequest{}
+	mi := &file_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialPortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialPortRequest) ProtoMessage() {}
+
+func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialPortRequest.ProtoReflect.Descriptor instead.
+func (*DialPortRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *DialPortRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+type DialPortResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ConnId        uint64                 `protobuf:"varint,1,opt,name=conn_id,json=connId,proto3" json:"conn_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialPortResponse) Reset() {
+	*x = DialPortResponse{}
+	mi := &file_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialPortResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialPortResponse) ProtoMessage() {}
+
+func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialPortResponse.ProtoReflect.Descriptor instead.
+func (*DialPortResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *DialPortResponse) GetConnId() uint64 {
+	if x != nil {
+		return x.ConnId
+	}
+	return 0
+}
+
+type ReadConnRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	ConnId uint64                 `protobuf:"varint,1,opt,name=conn_id,json=connId,proto3" json:"conn_id,omitempty"`
+	// Most bytes to return; the agent caps it.
+	MaxBytes      uint32 `protobuf:"varint,2,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadConnRequest) Reset() {
+	*x = ReadConnRequest{}
+	mi := &file_agent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadConnRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadConnRequest) ProtoMessage() {}
+
+func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadConnRequest.ProtoReflect.Descriptor instead.
+func (*ReadConnRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ReadConnRequest) GetConnId() uint64 {
+	if x != nil {
+		return x.ConnId
+	}
+	return 0
+}
+
+func (x *ReadConnRequest) GetMaxBytes() uint32 {
+	if x != nil {
+		return x.MaxBytes
+	}
+	return 0
+}
+
+type ReadConnResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Data  []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// The guest side closed (or shut down writing); data may still hold its last bytes.
+	Eof           bool `protobuf:"varint,2,opt,name=eof,proto3" json:"eof,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadConnResponse) Reset() {
+	*x = ReadConnResponse{}
+	mi := &file_agent_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadConnResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadConnResponse) ProtoMessage() {}
+
+func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadConnResponse.ProtoReflect.Descriptor instead.
+func (*ReadConnResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ReadConnResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *ReadConnResponse) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+type WriteConnRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ConnId        uint64                 `protobuf:"varint,1,opt,name=conn_id,json=connId,proto3" json:"conn_id,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteConnRequest) Reset() {
+	*x = WriteConnRequest{}
+	mi := &file_agent_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteConnRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteConnRequest) ProtoMessage() {}
+
+func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteConnRequest.ProtoReflect.Descriptor instead.
+func (*WriteConnRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *WriteConnRequest) GetConnId() uint64 {
+	if x != nil {
+		return x.ConnId
+	}
+	return 0
+}
+
+func (x *WriteConnRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type WriteConnResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Written       uint32                 `protobuf:"varint,1,opt,name=written,proto3" json:"written,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteConnResponse) Reset() {
+	*x = WriteConnResponse{}
+	mi := &file_agent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteConnResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteConnResponse) ProtoMessage() {}
+
+func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteConnResponse.ProtoReflect.Descriptor instead.
+func (*WriteConnResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *WriteConnResponse) GetWritten() uint32 {
+	if x != nil {
+		return x.Written
+	}
+	return 0
+}
+
+type CloseConnRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	ConnId uint64                 `protobuf:"varint,1,opt,name=conn_id,json=connId,proto3" json:"conn_id,omitempty"`
+	// Only shut down the guest connection's write side; ReadConn still works.
+	WriteOnly     bool `protobuf:"varint,2,opt,name=write_only,json=writeOnly,proto3" json:"write_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseConnRequest) Reset() {
+	*x = CloseConnRequest{}
+	mi := &file_agent_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseConnRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseConnRequest) ProtoMessage() {}
+
+func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseConnRequest.ProtoReflect.Descriptor instead.
+func (*CloseConnRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *CloseConnRequest) GetConnId() uint64 {
+	if x != nil {
+		return x.ConnId
+	}
+	return 0
+}
+
+func (x *CloseConnRequest) GetWriteOnly() bool {
+	if x != nil {
+		return x.WriteOnly
+	}
+	return false
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -1927,13 +2270,32 @@ const file_agent_proto_rawDesc = "" +
 	"\rStatsResponse\x12'\n" +
 	"\x0fcgroup2_metrics\x18\x01 \x01(\fR\x0ecgroup2Metrics\"-\n" +
 	"\bOOMEvent\x12!\n" +
-	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId*C\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"%\n" +
+	"\x0fDialPortRequest\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\"+\n" +
+	"\x10DialPortResponse\x12\x17\n" +
+	"\aconn_id\x18\x01 \x01(\x04R\x06connId\"G\n" +
+	"\x0fReadConnRequest\x12\x17\n" +
+	"\aconn_id\x18\x01 \x01(\x04R\x06connId\x12\x1b\n" +
+	"\tmax_bytes\x18\x02 \x01(\rR\bmaxBytes\"8\n" +
+	"\x10ReadConnResponse\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x02 \x01(\bR\x03eof\"?\n" +
+	"\x10WriteConnRequest\x12\x17\n" +
+	"\aconn_id\x18\x01 \x01(\x04R\x06connId\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"-\n" +
+	"\x11WriteConnResponse\x12\x18\n" +
+	"\awritten\x18\x01 \x01(\rR\awritten\"J\n" +
+	"\x10CloseConnRequest\x12\x17\n" +
+	"\aconn_id\x18\x01 \x01(\x04R\x06connId\x12\x1d\n" +
+	"\n" +
+	"write_only\x18\x02 \x01(\bR\twriteOnly*C\n" +
 	"\vStdioStream\x12\x1c\n" +
 	"\x18STDIO_STREAM_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +
 	"\x06STDOUT\x10\x01\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x022\x98\f\n" +
+	"\x06STDERR\x10\x022\xce\x0e\n" +
 	"\x05Agent\x12J\n" +
 	"\aVersion\x12\x1e.podvm.agent.v1.VersionRequest\x1a\x1f.podvm.agent.v1.VersionResponse\x12J\n" +
 	"\fSetupSandbox\x12#.podvm.agent.v1.SetupSandboxRequest\x1a\x15.podvm.agent.v1.Empty\x12b\n" +
@@ -1956,7 +2318,11 @@ const file_agent_proto_rawDesc = "" +
 	"\x0fUpdateContainer\x12&.podvm.agent.v1.UpdateContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12H\n" +
 	"\x05Stats\x12 .podvm.agent.v1.ContainerRequest\x1a\x1d.podvm.agent.v1.StatsResponse\x12>\n" +
 	"\vGetOOMEvent\x12\x15.podvm.agent.v1.Empty\x1a\x18.podvm.agent.v1.OOMEvent\x128\n" +
-	"\bShutdown\x12\x15.podvm.agent.v1.Empty\x1a\x15.podvm.agent.v1.EmptyB&Z$github.com/podvm/podvm/agent/api;apib\x06proto3"
+	"\bShutdown\x12\x15.podvm.agent.v1.Empty\x1a\x15.podvm.agent.v1.Empty\x12M\n" +
+	"\bDialPort\x12\x1f.podvm.agent.v1.DialPortRequest\x1a .podvm.agent.v1.DialPortResponse\x12M\n" +
+	"\bReadConn\x12\x1f.podvm.agent.v1.ReadConnRequest\x1a .podvm.agent.v1.ReadConnResponse\x12P\n" +
+	"\tWriteConn\x12 .podvm.agent.v1.WriteConnRequest\x1a!.podvm.agent.v1.WriteConnResponse\x12D\n" +
+	"\tCloseConn\x12 .podvm.agent.v1.CloseConnRequest\x1a\x15.podvm.agent.v1.EmptyB&Z$github.com/podvm/podvm/agent/api;apib\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -1971,7 +2337,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: podvm.agent.v1.StdioStream
 	(*Empty)(nil),                   // 1: podvm.agent.v1.Empty
@@ -2003,6 +2369,13 @@ var file_agent_proto_goTypes = []any{
 	(*UpdateContainerRequest)(nil),  // 27: podvm.agent.v1.UpdateContainerRequest
 	(*StatsResponse)(nil),           // 28: podvm.agent.v1.StatsResponse
 	(*OOMEvent)(nil),                // 29: podvm.agent.v1.OOMEvent
+	(*DialPortRequest)(nil),         // 30: podvm.agent.v1.DialPortRequest
+	(*DialPortResponse)(nil),        // 31: podvm.agent.v1.DialPortResponse
+	(*ReadConnRequest)(nil),         // 32: podvm.agent.v1.ReadConnRequest
+	(*ReadConnResponse)(nil),        // 33: podvm.agent.v1.ReadConnResponse
+	(*WriteConnRequest)(nil),        // 34: podvm.agent.v1.WriteConnRequest
+	(*WriteConnResponse)(nil),       // 35: podvm.agent.v1.WriteConnResponse
+	(*CloseConnRequest)(nil),        // 36: podvm.agent.v1.CloseConnRequest
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
@@ -2035,28 +2408,36 @@ var file_agent_proto_depIdxs = []int32{
 	24, // 27: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
 	1,  // 28: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
 	1,  // 29: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
-	3,  // 30: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
-	1,  // 31: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
-	12, // 32: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
-	1,  // 33: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
-	15, // 34: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
-	1,  // 35: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
-	17, // 36: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
-	1,  // 37: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
-	20, // 38: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
-	22, // 39: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
-	1,  // 40: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
-	1,  // 41: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
-	1,  // 42: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
-	26, // 43: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
-	1,  // 44: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 45: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 46: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
-	28, // 47: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
-	29, // 48: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
-	1,  // 49: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
-	30, // [30:50] is the sub-list for method output_type
-	10, // [10:30] is the sub-list for method input_type
+	30, // 30: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
+	32, // 31: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
+	34, // 32: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
+	36, // 33: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
+	3,  // 34: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
+	1,  // 35: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
+	12, // 36: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
+	1,  // 37: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
+	15, // 38: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
+	1,  // 39: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
+	17, // 40: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
+	1,  // 41: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
+	20, // 42: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
+	22, // 43: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
+	1,  // 44: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
+	1,  // 45: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
+	1,  // 46: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
+	26, // 47: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
+	1,  // 48: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 49: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 50: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
+	28, // 51: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
+	29, // 52: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
+	1,  // 53: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
+	31, // 54: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
+	33, // 55: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
+	35, // 56: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
+	1,  // 57: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
+	34, // [34:58] is the sub-list for method output_type
+	10, // [10:34] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2073,7 +2454,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   29,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

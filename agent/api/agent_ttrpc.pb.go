@@ -28,6 +28,10 @@ type AgentService interface {
 	Stats(context.Context, *ContainerRequest) (*StatsResponse, error)
 	GetOOMEvent(context.Context, *Empty) (*OOMEvent, error)
 	Shutdown(context.Context, *Empty) (*Empty, error)
+	DialPort(context.Context, *DialPortRequest) (*DialPortResponse, error)
+	ReadConn(context.Context, *ReadConnRequest) (*ReadConnResponse, error)
+	WriteConn(context.Context, *WriteConnRequest) (*WriteConnResponse, error)
+	CloseConn(context.Context, *CloseConnRequest) (*Empty, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -172,6 +176,34 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Shutdown(ctx, &req)
+			},
+			"DialPort": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req DialPortRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.DialPort(ctx, &req)
+			},
+			"ReadConn": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ReadConnRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ReadConn(ctx, &req)
+			},
+			"WriteConn": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req WriteConnRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.WriteConn(ctx, &req)
+			},
+			"CloseConn": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req CloseConnRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.CloseConn(ctx, &req)
 			},
 		},
 	})
@@ -342,6 +374,38 @@ func (c *agentClient) GetOOMEvent(ctx context.Context, req *Empty) (*OOMEvent, e
 func (c *agentClient) Shutdown(ctx context.Context, req *Empty) (*Empty, error) {
 	var resp Empty
 	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "Shutdown", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) DialPort(ctx context.Context, req *DialPortRequest) (*DialPortResponse, error) {
+	var resp DialPortResponse
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "DialPort", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ReadConn(ctx context.Context, req *ReadConnRequest) (*ReadConnResponse, error) {
+	var resp ReadConnResponse
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "ReadConn", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) WriteConn(ctx context.Context, req *WriteConnRequest) (*WriteConnResponse, error) {
+	var resp WriteConnResponse
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "WriteConn", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) CloseConn(ctx context.Context, req *CloseConnRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "CloseConn", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

@@ -25,7 +25,7 @@ import (
 // Serve runs the agent API on every transport the guest has (vsock port agent.Port, the
 // virtio-serial port agent.SerialPortName) until ctx ends or no transport is left.
 func Serve(ctx context.Context, svc api.AgentService) error {
-	srv, err := ttrpc.NewServer(ttrpc.WithUnaryServerInterceptor(toGRPCErrors))
+	srv, err := ttrpc.NewServer(serverOptions(svc)...)
 	if err != nil {
 		return err
 	}
@@ -56,6 +56,22 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 	case <-ctx.Done():
 		return srv.Close()
 	}
+}
+
+// serverOptions are the ttrpc options of the agent's server. A *Server learns through the
+// handshake when host connections close, to close the port connections they leave behind.
+func serverOptions(svc api.AgentService) []ttrpc.ServerOpt {
+	opts := []ttrpc.ServerOpt{ttrpc.WithUnaryServerInterceptor(toGRPCErrors)}
+	if s, ok := svc.(*Server); ok {
+		opts = append(opts, ttrpc.WithServerHandshaker(handshaker(s.ports.track)))
+	}
+	return opts
+}
+
+type handshaker func(ctx context.Context, conn net.Conn) (net.Conn, any, error)
+
+func (h handshaker) Handshake(ctx context.Context, conn net.Conn) (net.Conn, any, error) {
+	return h(ctx, conn)
 }
 
 // toGRPCErrors converts errdefs errors into status codes at the API edge, so the host can

@@ -29,6 +29,8 @@ type Server struct {
 	containers map[string]*container
 
 	oom chan string
+	// ports are the guest ends of port-forward connections.
+	ports *ports
 	// powerOff is called after Shutdown replied.
 	powerOff func()
 }
@@ -39,6 +41,7 @@ func NewServer() *Server {
 		started:    time.Now(),
 		containers: map[string]*container{},
 		oom:        make(chan string, 64),
+		ports:      newPorts(),
 		powerOff:   PowerOff,
 	}
 }

@@ -1,0 +1,173 @@
+package guest
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/ttrpc"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+)
+
+// TestPortForwardOverTTRPC drives DialPort … CloseConn through the real ttrpc stack and the
+// host's agent.PortConn. A listener of the test process stands in for a server in the guest.
+func TestPortForwardOverTTRPC(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s := NewServer()
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ttrpc.NewServer(serverOptions(s)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api.RegisterAgentService(srv, s)
+	go srv.Serve(context.Background(), l)
+	defer srv.Close()
+	c, err := agent.Connect(ctx, func(ctx context.Context) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	// The "guest service"; each subtest takes the connection its DialPort made.
+	svc, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			conn, err := svc.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- conn
+		}
+	}()
+	port := uint32(svc.Addr().(*net.TCPAddr).Port)
+
+	t.Run("echo with half-close", func(t *testing.T) {
+		pc, err := agent.DialPort(ctx, c, port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		guest := <-accepted
+		go func() {
+			defer guest.Close()
+			b, _ := io.ReadAll(guest) // until the host's CloseWrite
+			guest.Write(append(b, "bye"...))
+		}()
+		// More than one chunk each way, to exercise the pull loop.
+		payload := bytes.Repeat([]byte("0123456789abcdef"), 20000)
+		if _, err := pc.Write(payload); err != nil {
+			t.Fatal(err)
+		}
+		if err := pc.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(pc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := append(payload, "bye"...); !bytes.Equal(got, want) {
+			t.Fatalf("got %d bytes back, want %d", len(got), len(want))
+		}
+		if err := pc.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.ReadConn(ctx, &api.ReadConnRequest{ConnId: pc.ID()}); !errdefs.IsNotFound(err) {
+			t.Errorf("ReadConn after Close: %v, want not found", err)
+		}
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		free, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := uint32(free.Addr().(*net.TCPAddr).Port)
+		free.Close()
+		if _, err := agent.DialPort(ctx, c, p); !errdefs.IsUnavailable(err) {
+			t.Errorf("DialPort to a closed port: %v, want unavailable", err)
+		}
+		if _, err := c.DialPort(ctx, &api.DialPortRequest{Port: 70000}); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("DialPort 70000: %v, want invalid argument", err)
+		}
+		for name, call := range map[string]func() error{
+			"read":  func() error { _, err := c.ReadConn(ctx, &api.ReadConnRequest{ConnId: 999}); return err },
+			"write": func() error { _, err := c.WriteConn(ctx, &api.WriteConnRequest{ConnId: 999}); return err },
+			"close": func() error { _, err := c.CloseConn(ctx, &api.CloseConnRequest{ConnId: 999}); return err },
+		} {
+			if err := call(); !errdefs.IsNotFound(err) {
+				t.Errorf("%s of an unknown connection: %v, want not found", name, err)
+			}
+		}
+	})
+
+	t.Run("a blocked read ends with Close", func(t *testing.T) {
+		pc, err := agent.DialPort(ctx, c, port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		guest := <-accepted
+		defer guest.Close()
+		errc := make(chan error, 1)
+		go func() {
+			_, err := pc.Read(make([]byte, 10))
+			errc <- err
+		}()
+		time.Sleep(100 * time.Millisecond)
+		if err := pc.Close(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-errc:
+			if err == nil {
+				t.Error("Read after Close returned no error")
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Read still blocked after Close")
+		}
+		expectEOF(t, guest)
+	})
+
+	t.Run("host connection gone closes everything", func(t *testing.T) {
+		if _, err := agent.DialPort(ctx, c, port); err != nil {
+			t.Fatal(err)
+		}
+		guest := <-accepted
+		defer guest.Close()
+		c.Close()
+		expectEOF(t, guest)
+		s.ports.mu.Lock()
+		n := len(s.ports.conns)
+		s.ports.mu.Unlock()
+		if n != 0 {
+			t.Errorf("%d port connections left after the host left", n)
+		}
+	})
+}
+
+// expectEOF checks that the guest-side peer of a port connection sees it closed.
+func expectEOF(t *testing.T, conn net.Conn) {
+	t.Helper()
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := conn.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("guest side read %d bytes, %v; want EOF", n, err)
+	}
+}
