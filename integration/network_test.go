@@ -56,7 +56,7 @@ func (p *netPod) hostname() string { return "h-" + p.name }
 // TestPodNetwork proves through the CRI alone that a podvm pod's network looks like a runc pod's
 // on the same CNI bridge: the VM owns the pod IP (the node, other pods and hostPorts reach it),
 // it reaches the gateway and other pods, DNS, hostname and MTU are the pod's, payloads arrive
-// intact. hostNetwork is refused for podvm, and port-forward's current behaviour is pinned.
+// intact. hostNetwork is refused for podvm, and port-forward reaches the guest.
 func TestPodNetwork(t *testing.T) {
 	env := harness.Start(t, netOptions(t))
 	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Minute)
@@ -220,42 +220,88 @@ func TestPodNetwork(t *testing.T) {
 	})
 
 	// CRI PortForward: containerd dials localhost:<port> inside the pod's netns on the node. A
-	// runc pod listens there; a podvm pod's servers listen in the guest, and nothing listens in
-	// the pod netns, so the connection is refused (docs/networking.md, "port-forward").
+	// runc pod listens there; for a podvm pod the shim's forwarder does (an iptables REDIRECT of
+	// loopback TCP to its listener) and carries the connection to the same port in the guest
+	// (docs/networking.md, "port-forward").
 	t.Run("port-forward", func(t *testing.T) {
+		big := make([]byte, 1<<20)
+		_, _ = rand.Read(big)
 		for _, tc := range []struct {
+			name     string
 			pod      string
+			port     int32
+			send     []byte
 			wantData string // in the reply
+			wantEcho bool   // the reply is send
 			wantErr  string // in the error stream
 		}{
-			{pod: "web-runc", wantData: "hello from h-web-runc\n"},
-			{pod: "web-vm", wantErr: "connect: connection refused"},
+			{name: "runc", pod: "web-runc", port: 8080, wantData: "hello from h-web-runc\n"},
+			{name: "podvm", pod: "web-vm", port: 8080, wantData: "hello from h-web-vm\n"},
+			{name: "podvm second pod", pod: "web-vm2", port: 8080, wantData: "hello from h-web-vm2\n"},
+			{name: "podvm 1MiB echo", pod: "web-vm", port: 9000, send: big, wantEcho: true},
+			// Nothing listens on 8081 in the guest: the forwarder resets the connection it
+			// accepted, and containerd reports that on the error stream.
+			{name: "podvm closed port", pod: "web-vm", port: 8081, wantErr: "reset"},
 		} {
-			t.Run(tc.pod, func(t *testing.T) {
+			t.Run(tc.name, func(t *testing.T) {
 				p := byName[tc.pod]
 				pctx, pcancel := context.WithTimeout(ctx, time.Minute)
 				defer pcancel()
-				res, err := env.PortForward(pctx, p.pod.ID, 8080, []byte("GET / HTTP/1.0\r\n\r\n"))
+				send := tc.send
+				if send == nil {
+					send = []byte("GET / HTTP/1.0\r\n\r\n")
+				}
+				res, err := env.PortForward(pctx, p.pod.ID, tc.port, send)
 				if err != nil {
 					t.Fatal(err)
 				}
-				t.Logf("port-forward to %s:8080: %d bytes back, error stream %q", tc.pod, len(res.Data), res.RemoteError)
+				t.Logf("port-forward to %s:%d: %d bytes back, error stream %q", tc.pod, tc.port, len(res.Data), res.RemoteError)
 				if tc.wantData != "" && !strings.Contains(string(res.Data), tc.wantData) {
 					t.Errorf("reply %q lacks %q", res.Data, tc.wantData)
+				}
+				if tc.wantEcho && !bytes.Equal(res.Data, send) {
+					t.Errorf("echo: %d bytes back, want the %d sent, identical", len(res.Data), len(send))
 				}
 				if tc.wantErr == "" && res.RemoteError != "" {
 					t.Errorf("error stream: %s", res.RemoteError)
 				}
 				if tc.wantErr != "" {
-					if !strings.Contains(res.RemoteError, tc.wantErr) || !strings.Contains(res.RemoteError, "localhost:8080") {
-						t.Errorf("error stream %q, want it to contain %q and localhost:8080", res.RemoteError, tc.wantErr)
+					if !strings.Contains(res.RemoteError, tc.wantErr) {
+						t.Errorf("error stream %q, want it to contain %q", res.RemoteError, tc.wantErr)
 					}
 					if len(res.Data) != 0 {
-						t.Errorf("got data %q although the connection failed", res.Data)
+						t.Errorf("got data %q although nothing listens", res.Data)
 					}
 				}
 			})
 		}
+
+		// The shim's rule is in the pod netns while the pod runs and gone once it stopped. The
+		// test holds the netns open, so it outlives StopPodSandbox for the check.
+		t.Run("rule removed at stop", func(t *testing.T) {
+			p := byName["web-vm2"]
+			path, err := env.PodNetNSPath(ctx, p.pod.ID)
+			if err != nil || path == "" {
+				t.Fatalf("pod netns: %q %v", path, err)
+			}
+			ns, err := netns.GetFromPath(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ns.Close()
+			held := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), int(ns))
+			if rules, err := network.PortForwardRules(held); err != nil || len(rules) != 1 {
+				t.Fatalf("podvm rules in the running pod's netns: %q, %v; want one", rules, err)
+			}
+			sctx, scancel := context.WithTimeout(ctx, 2*time.Minute)
+			defer scancel()
+			if err := env.Runtime.StopPodSandbox(sctx, p.pod.ID); err != nil {
+				t.Fatal(err)
+			}
+			if rules, err := network.PortForwardRules(held); err != nil || len(rules) != 0 {
+				t.Errorf("podvm rules in the pod netns after StopPodSandbox: %q, %v; want none", rules, err)
+			}
+		})
 	})
 
 	assertNoNetLeaks(t, env, pods)

@@ -6,15 +6,16 @@ import (
 	"fmt"
 )
 
-// Cleanup removes every podvm tap from the netns at netnsPath, and podvm's redirect filters
-// (and then empty ingress qdiscs) from every other interface there. It needs no state, so a
+// Cleanup removes every podvm tap from the netns at netnsPath, podvm's redirect filters (and
+// then empty ingress qdiscs) from every other interface there, and the port-forward rule
+// (ForwardPorts; its listener went with the shim that made it). It needs no state, so a
 // restarted shim's `delete` can call it; it is idempotent, and a netns that has already gone
 // is not an error.
 func Cleanup(ctx context.Context, netnsPath string) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("clean up netns %s: %w", netnsPath, err)
 	}
-	if err := cleanup(netnsPath); err != nil {
+	if err := errors.Join(cleanup(netnsPath), removePortForwardRules(netnsPath)); err != nil {
 		return fmt.Errorf("clean up netns %s: %w", netnsPath, err)
 	}
 	return nil

@@ -67,9 +67,16 @@
 // netns merely learned could go stale in the guest forever.
 //
 // All netlink work uses handles bound to the pod netns (netlink.NewHandleAt). The only code that
-// enters the netns is the tap creation: a fresh goroutine locks its OS thread, setns()es into
-// the pod netns, opens /dev/net/tun and issues TUNSETIFF, and restores its netns; if it cannot
-// restore it, the thread stays locked and the Go runtime discards it.
+// enters the netns is the tap creation and the port forwarder's listener and iptables calls: a
+// fresh goroutine locks its OS thread, setns()es into the pod netns, opens /dev/net/tun and
+// issues TUNSETIFF (or creates the listening socket, or starts iptables, which inherits the
+// thread's netns), and restores its netns; if it cannot restore it, the thread stays locked and
+// the Go runtime discards it.
+//
+// # Port-forward
+//
+// ForwardPorts makes loopback TCP in the pod netns (where containerd's CRI PortForward dials)
+// reach the same port in the guest; see PortForwarder and docs/networking.md.
 //
 // hostNetwork pods have no netns of their own and nothing of this applies to them.
 package network

@@ -47,6 +47,13 @@ type backend struct {
 	connect    func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error)
 	discover   func(ctx context.Context, netnsPath string) (*network.Pod, error)
 	newShare   func(hostDir, guestDir string, cfg *config.Config) rootfs.Provider
+	// forwardPorts carries loopback TCP of the pod netns into the guest (CRI PortForward).
+	forwardPorts func(ctx context.Context, netnsPath string, dial network.GuestDialer) (portForwarder, error)
+}
+
+// portForwarder is a running network.PortForwarder.
+type portForwarder interface {
+	Close(ctx context.Context) error
 }
 
 // DefaultBackend runs pods with QEMU, the real network wiring and virtio-fs.
@@ -65,6 +72,13 @@ func DefaultBackend() backend {
 		},
 		discover: func(ctx context.Context, netnsPath string) (*network.Pod, error) {
 			return network.Discover(ctx, netnsPath)
+		},
+		forwardPorts: func(ctx context.Context, netnsPath string, dial network.GuestDialer) (portForwarder, error) {
+			f, err := network.ForwardPorts(ctx, netnsPath, dial)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return f, nil
 		},
 		newShare: func(hostDir, guestDir string, cfg *config.Config) rootfs.Provider {
 			// [block] cache/aio and the annotation allow-list reach hot-plugged disks here.
@@ -127,6 +141,8 @@ type sandbox struct {
 	share    rootfs.Provider
 	// endpoints are the pod interfaces attached to the VM.
 	endpoints []network.Endpoint
+	// ports forwards the pod netns's loopback to the guest; nil without a netns.
+	ports portForwarder
 	// stopping is set when the shim stops the VM on purpose.
 	stopping atomic.Bool
 
@@ -216,6 +232,17 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if _, err := sb.agent.SetupSandbox(ctx, req); err != nil {
 		return nil, fmt.Errorf("set up the guest: %w", err)
 	}
+	if o.netns != "" {
+		// A pod runs without port-forward rather than not at all (e.g. no iptables on the node).
+		ag := sb.agent
+		sb.ports, err = b.forwardPorts(ctx, o.netns, func(ctx context.Context, port uint16) (network.GuestConn, error) {
+			return agent.DialPort(ctx, ag, uint32(port))
+		})
+		if err != nil {
+			sb.ports = nil
+			log.G(ctx).WithError(err).Warn("port-forward (kubectl/crictl port-forward) to this pod will not work")
+		}
+	}
 	sb.share = b.newShare(shared, agent.GuestSharedDir, o.cfg)
 	log.G(ctx).WithFields(log.Fields{
 		"sandbox": o.id, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB, "size_from": o.size.Source,
@@ -300,6 +327,14 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 	sb.stopping.Store(true)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	if sb.ports != nil {
+		// Before the agent goes: closing a forwarded connection tells the agent.
+		pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := sb.ports.Close(pctx); err != nil {
+			log.G(ctx).WithError(err).Warn("stop port-forward")
+		}
+		pcancel()
+	}
 	if sb.agent != nil {
 		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
 		if _, err := sb.agent.Shutdown(actx, &api.Empty{}); err != nil && !isConnClosed(err) {

@@ -66,6 +66,28 @@ type rig struct {
 	vmCfg    *qemu.Config
 	// discovered is what the fake network found (nil: no netns path given).
 	discoverErr error
+	ports       fakePorts
+}
+
+// fakePorts records the port forwarder the shim starts and stops.
+type fakePorts struct {
+	mu       sync.Mutex
+	netns    string
+	closed   int
+	startErr error
+}
+
+func (f *fakePorts) Close(ctx context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closed++
+	return nil
+}
+
+func (f *fakePorts) state() (string, int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.netns, f.closed
 }
 
 func newRig(t *testing.T) *rig {
@@ -96,6 +118,15 @@ func newRig(t *testing.T) *rig {
 				Routes: []*api.Route{{Gateway: "10.1.2.1", Device: "eth0"}}}, nil
 		},
 		newShare: func(hostDir, guestDir string, _ *config.Config) rootfs.Provider { return r.share },
+		forwardPorts: func(ctx context.Context, netns string, dial network.GuestDialer) (portForwarder, error) {
+			r.ports.mu.Lock()
+			defer r.ports.mu.Unlock()
+			if r.ports.startErr != nil {
+				return nil, r.ports.startErr
+			}
+			r.ports.netns = netns
+			return &r.ports, nil
+		},
 	}
 	svc, err := NewService(ctx, r.pub, sd, b)
 	if err != nil {
@@ -270,6 +301,19 @@ func TestLifecycleEventsAndExitOrder(t *testing.T) {
 	}
 	if r.nic.Attached() != r.nic.Detached() {
 		t.Error("pod interface still attached")
+	}
+	if netns, closed := r.ports.state(); netns != podNetns.Path || closed != 1 {
+		t.Errorf("port forwarder: started for %q, closed %d times; want %s, once", netns, closed, podNetns.Path)
+	}
+}
+
+// A node where port-forward cannot be set up (no iptables) still runs pods.
+func TestPortForwardFailureDoesNotFailThePod(t *testing.T) {
+	r := newRig(t)
+	r.ports.startErr = errors.New("port-forward needs iptables in PATH")
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	if _, closed := r.ports.state(); closed != 0 {
+		t.Errorf("closed %d times a forwarder that never started", closed)
 	}
 }
 
