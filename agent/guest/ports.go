@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"strconv"
 	"sync"
@@ -83,28 +82,12 @@ func (p *ports) read(ctx context.Context, id uint64, max uint32) ([]byte, bool, 
 	if pc.eof {
 		return nil, true, nil
 	}
-	if max == 0 || max > maxChunk {
-		max = maxChunk
+	data, eof, err := readOnce(ctx, pc.c, max)
+	pc.eof = eof
+	if err != nil && ctx.Err() == nil {
+		err = fmt.Errorf("port connection %d: %w", id, err)
 	}
-	buf := make([]byte, max)
-	stop := context.AfterFunc(ctx, func() { _ = pc.c.SetReadDeadline(time.Now()) })
-	n, err := pc.c.Read(buf)
-	if !stop() {
-		_ = pc.c.SetReadDeadline(time.Time{})
-		if n > 0 {
-			return buf[:n], false, nil
-		}
-		return nil, false, ctx.Err()
-	}
-	switch {
-	case err == nil:
-		return buf[:n], false, nil
-	case errors.Is(err, io.EOF):
-		pc.eof = true
-		return buf[:n], true, nil
-	default:
-		return buf[:n], false, fmt.Errorf("port connection %d: %w", id, err)
-	}
+	return data, eof, err
 }
 
 func (p *ports) write(ctx context.Context, id uint64, data []byte) (int, error) {

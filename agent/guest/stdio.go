@@ -56,14 +56,29 @@ func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error)
 	if r.eof || r.f == nil {
 		return nil, true, nil
 	}
+	data, eof, err := readOnce(ctx, r.f, max)
+	r.eof = eof
+	return data, eof, err
+}
+
+// deadlineReader is a reader whose blocked Read a read deadline interrupts.
+type deadlineReader interface {
+	io.Reader
+	SetReadDeadline(time.Time) error
+}
+
+// readOnce reads at most max bytes (maxChunk when 0 or more), blocking until there is data, the
+// stream ended or ctx ends. A read that ctx interrupts loses nothing. eof reports the end of the
+// stream: io.EOF, or EIO from a pty master whose terminal's last user closed it.
+func readOnce(ctx context.Context, r deadlineReader, max uint32) (data []byte, eof bool, err error) {
 	if max == 0 || max > maxChunk {
 		max = maxChunk
 	}
 	buf := make([]byte, max)
-	stop := context.AfterFunc(ctx, func() { _ = r.f.SetReadDeadline(time.Now()) })
-	n, err := r.f.Read(buf)
+	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
+	n, err := r.Read(buf)
 	if !stop() {
-		_ = r.f.SetReadDeadline(time.Time{})
+		_ = r.SetReadDeadline(time.Time{})
 		if n > 0 {
 			return buf[:n], false, nil
 		}
@@ -72,9 +87,7 @@ func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error)
 	switch {
 	case err == nil:
 		return buf[:n], false, nil
-	// A pty master reads EIO once the terminal's last user closed it.
 	case errors.Is(err, io.EOF), errors.Is(err, unix.EIO):
-		r.eof = true
 		return buf[:n], true, nil
 	default:
 		return buf[:n], false, err
