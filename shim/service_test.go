@@ -421,3 +421,23 @@ func TestAdaptSpecForGuest(t *testing.T) {
 		t.Errorf("namespaces %+v, want %+v", spec.Linux.Namespaces, want)
 	}
 }
+
+func TestContainerBeingCreatedIsNotFound(t *testing.T) {
+	r := newRig(t)
+	r.svc.mu.Lock()
+	r.svc.containers["pod1"] = nil // what Create holds while the VM boots
+	r.svc.mu.Unlock()
+	for name, call := range map[string]func() error{
+		"state": func() error { _, err := r.svc.State(r.ctx, &taskAPI.StateRequest{ID: "pod1"}); return err },
+		"kill":  func() error { _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "pod1", Signal: 9}); return err },
+		"wait": func() error {
+			_, err := r.svc.Wait(r.ctx, &taskAPI.WaitRequest{ID: "pod1"})
+			return err
+		},
+		"delete": func() error { _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); return err },
+	} {
+		if err := call(); !errdefs.IsNotFound(native(err)) {
+			t.Errorf("%s of a container being created: %v, want not found", name, err)
+		}
+	}
+}
