@@ -48,14 +48,18 @@ type process struct {
 	pid      uint32
 	exitCode uint32
 	exitedAt time.Time
-	// exited is closed once the exit status is known.
-	exited chan struct{}
+	// exited is closed once the exit status is known; reported once its TaskExit is queued
+	// (an init's exit is published only after its execs' were).
+	exited       chan struct{}
+	reported     chan struct{}
+	reportedOnce sync.Once
 	// io forwards the process's stdio; nil before the process exists in the guest.
 	io *hostIO
 }
 
 func newProcess(containerID, execID string, stdio stdioPaths) *process {
-	return &process{containerID: containerID, execID: execID, stdio: stdio, exited: make(chan struct{})}
+	return &process{containerID: containerID, execID: execID, stdio: stdio,
+		exited: make(chan struct{}), reported: make(chan struct{})}
 }
 
 func (p *process) name() string {
@@ -124,3 +128,6 @@ func (p *process) hasExited() bool {
 		return false
 	}
 }
+
+// markReported records that the exit event, if any, is queued.
+func (p *process) markReported() { p.reportedOnce.Do(func() { close(p.reported) }) }

@@ -284,12 +284,12 @@ func (s *Service) watchExit(ctx context.Context, sb *sandbox, c *container, p *p
 	if p.execID == "" {
 		s.settleExecs(ctx, sb, c)
 	}
-	if !p.setExited(code, at) {
-		return
+	if p.setExited(code, at) {
+		s.publish(&eventstypes.TaskExit{
+			ContainerID: c.id, ID: p.name2(), Pid: p.pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at),
+		})
 	}
-	s.publish(&eventstypes.TaskExit{
-		ContainerID: c.id, ID: p.name2(), Pid: p.pid, ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at),
-	})
+	p.markReported()
 }
 
 // name2 is the process ID containerd's events use: the container ID for an init, else the exec ID.
@@ -321,7 +321,7 @@ func (s *Service) settleExecs(ctx context.Context, sb *sandbox, c *container) {
 	deadline := time.After(10 * time.Second)
 	for _, e := range running {
 		select {
-		case <-e.exited:
+		case <-e.reported:
 		case <-deadline:
 			return
 		}
@@ -486,6 +486,7 @@ func (s *Service) delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		p.io.close()
 	}
 	p.setExited(code, at)
+	p.markReported()
 	_ = p.to(statusDeleted)
 	s.mu.Lock()
 	delete(s.containers, c.id)
@@ -611,6 +612,7 @@ func (s *Service) kill(ctx context.Context, r *taskAPI.KillRequest) error {
 		if p.setExited(128+r.Signal, time.Now()) {
 			s.publish(&eventstypes.TaskExit{ContainerID: c.id, ID: r.ExecID, ExitStatus: 128 + r.Signal, ExitedAt: protobuf.ToTimestamp(time.Now())})
 		}
+		p.markReported()
 		return nil
 	}
 	sb, err := s.vm()
