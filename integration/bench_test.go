@@ -1,0 +1,686 @@
+package integration
+
+// Benchmarks of pod start latency and per-pod host memory, podvm against runc in the same run.
+// docs/benchmarks.md says how to run them (`make bench`), what each one measures and how to
+// read the numbers. The project measures speed and memory here, as ratios to runc on the same
+// machine at the same time, and never asserts them in timed tests.
+//
+// Every benchmark that needs containerd starts one harness environment per handler and reuses
+// it for all iterations; what an iteration leaves (its pod, its container) is removed outside
+// the timer. Each iteration's duration is collected so the benchmarks report the median and
+// p90 (ms/median, ms/p90) next to Go's mean (ns/op); with -benchtime 10x that is the median
+// of 10. The parent benchmark runs runc first, then podvm, and logs a "metric | runc | podvm |
+// ratio" table; the podvm sub-benchmark also reports the ratio as a metric (x-runc).
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/integration/harness"
+)
+
+// benchHandlers are the runtime handlers compared, runc first: it is the baseline the ratios
+// divide by.
+var benchHandlers = []string{"runc", "podvm"}
+
+// benchDeadline bounds one handler's part of a benchmark (setup, b.N iterations, teardown). A
+// hang then fails the benchmark and the harness tears everything down, instead of `go test
+// -timeout` killing the binary and leaving VMs and shims behind.
+const benchDeadline = 20 * time.Minute
+
+// BenchmarkRunPodSandbox measures RunPodSandbox until it returns (the pod is ready: for podvm the
+// VM booted, its agent answered and the pause process runs in the guest). Stop and remove are
+// outside the timer. A first pod, outside the measurement, pulls the pause image and warms the
+// caches.
+func BenchmarkRunPodSandbox(b *testing.B) {
+	cmp := newComparison(b)
+	for _, h := range benchHandlers {
+		b.Run(h, func(b *testing.B) {
+			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) {
+				removePod(ctx, b, env, runPod(ctx, b, env, h, "warmup"))
+				var ds durations
+				i := 0
+				for b.Loop() {
+					start := time.Now()
+					pod, err := env.RunPod(ctx, harness.PodOptions{Name: fmt.Sprintf("bench-%d", i), Handler: h})
+					d := time.Since(start)
+					b.StopTimer()
+					if err != nil {
+						b.Fatal(err)
+					}
+					ds = append(ds, d)
+					assertPodReady(ctx, b, env, pod)
+					removePod(ctx, b, env, pod)
+					i++
+					b.StartTimer()
+				}
+				cmp.reportLatency(b, h, "RunPodSandbox", ds)
+			})
+		})
+	}
+	cmp.log()
+}
+
+// BenchmarkCreateStartContainer measures CreateContainer + StartContainer of a busybox
+// `sleep 3600` in a running pod, until ContainerStatus says RUNNING. The pod is made once; each
+// container is stopped and removed outside the timer. The image is pulled before the loop.
+func BenchmarkCreateStartContainer(b *testing.B) {
+	cmp := newComparison(b)
+	for _, h := range benchHandlers {
+		b.Run(h, func(b *testing.B) {
+			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) {
+				pod := runPod(ctx, b, env, h, "bench")
+				if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
+					b.Fatal(err)
+				}
+				removeContainer(ctx, b, env, startSleeper(ctx, b, env, pod, "warmup"))
+				var ds durations
+				i := 0
+				for b.Loop() {
+					start := time.Now()
+					id := startSleeper(ctx, b, env, pod, fmt.Sprintf("c%d", i))
+					d := time.Since(start)
+					b.StopTimer()
+					ds = append(ds, d)
+					removeContainer(ctx, b, env, id)
+					i++
+					b.StartTimer()
+				}
+				removePod(ctx, b, env, pod)
+				cmp.reportLatency(b, h, "CreateStartContainer", ds)
+			})
+		})
+	}
+	cmp.log()
+}
+
+// BenchmarkPodMemory measures the host memory one idle pod costs: the proportional set size
+// (PSS, /proc/<pid>/smaps_rollup) summed over the pod's shim and everything it runs. For runc
+// that is the shim, pause and the container; for podvm the shim, QEMU (guest RAM the guest
+// touched included) and virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`,
+// lets it settle, measures, and removes it; ns/op is that whole cycle and means nothing here.
+func BenchmarkPodMemory(b *testing.B) {
+	cmp := newComparison(b)
+	for _, h := range benchHandlers {
+		b.Run(h, func(b *testing.B) {
+			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) {
+				warm := runPod(ctx, b, env, h, "warmup")
+				if _, err := env.PullImage(ctx, env.BusyboxImage, warm.Config); err != nil {
+					b.Fatal(err)
+				}
+				removePod(ctx, b, env, warm)
+				var mibs []float64
+				i := 0
+				for b.Loop() {
+					pod := runPod(ctx, b, env, h, fmt.Sprintf("mem-%d", i))
+					startSleeper(ctx, b, env, pod, "sleep")
+					select { // idle: let start-up work and page-ins finish
+					case <-time.After(podSettle):
+					case <-ctx.Done():
+						b.Fatal(ctx.Err())
+					}
+					procs, err := podProcesses(env, pod.ID)
+					if err != nil {
+						b.Fatal(err)
+					}
+					total := 0.0
+					for _, p := range procs {
+						total += p.pssMiB
+					}
+					if i == 0 {
+						b.Logf("%s pod processes: %s", h, describeProcs(procs))
+					}
+					mibs = append(mibs, total)
+					removePod(ctx, b, env, pod)
+					i++
+				}
+				cmp.reportMemory(b, h, mibs)
+			})
+		})
+	}
+	cmp.log()
+}
+
+// podSettle is how long BenchmarkPodMemory lets a started pod sit before measuring it.
+const podSettle = 3 * time.Second
+
+// BenchmarkBootToAgentReady measures the VM alone, without containerd or the shim: from
+// starting virtiofsd and QEMU (the same VM bootVM makes: 1 vCPU, 512 MiB, virtio-fs share,
+// virtio-serial agent) until the agent answers Version. It also reports the guest's own
+// kernel-start-to-agent-serving time from that reply (guest-ms/median); the difference is
+// QEMU start, firmware and kernel decompression as seen from the host. Stopping the VM is
+// outside the timer.
+func BenchmarkBootToAgentReady(b *testing.B) {
+	kernel, initrd := guestImage(b)
+	root, err := os.MkdirTemp("/run", "pvb-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { assertNothingUnder(b, root) })
+	ctx, cancel := context.WithTimeout(b.Context(), benchDeadline)
+	defer cancel()
+	// The VM logs each start at info level; only warnings and errors belong in benchmark output.
+	quiet := logrus.New()
+	quiet.SetLevel(logrus.WarnLevel)
+	ctx = log.WithLogger(ctx, logrus.NewEntry(quiet))
+
+	var cur *qemu.VM
+	var curAgent *agent.Client
+	stop := func() {
+		sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer scancel()
+		if curAgent != nil {
+			_, _ = curAgent.Shutdown(sctx, &api.Empty{})
+			curAgent.Close()
+			curAgent = nil
+		}
+		if cur != nil {
+			if err := cur.Stop(sctx); err != nil {
+				b.Errorf("stop VM: %v", err)
+			}
+			cur = nil
+		}
+	}
+	b.Cleanup(stop) // a failed iteration leaves no VM behind
+
+	boot := func(i int) (time.Duration, time.Duration) {
+		stateDir := filepath.Join(root, strconv.Itoa(i))
+		shared := filepath.Join(stateDir, "shared")
+		if err := os.MkdirAll(shared, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		vm, err := qemu.New(qemu.Config{
+			ID: "bench-" + strconv.Itoa(i), StateDir: stateDir, Accel: testAccel(),
+			VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
+			AgentTransport: qemu.TransportSerial, Debug: testDebug(),
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		start := time.Now()
+		if err := vm.Start(ctx); err != nil {
+			b.Fatalf("start VM: %v", err)
+		}
+		cur = vm
+		cctx, ccancel := context.WithTimeout(ctx, 60*time.Second)
+		defer ccancel()
+		c, err := agent.Connect(cctx, vm.DialAgent, vm.Done())
+		d := time.Since(start)
+		if err != nil {
+			console, _ := os.ReadFile(vm.ConsolePath())
+			b.Fatalf("connect to agent: %v; guest console:\n%s", err, tail(string(console), 40))
+		}
+		curAgent = c
+		return d, time.Duration(c.Info.GetBootToReadyNs())
+	}
+
+	// The first boot pages the kernel and initrd in; it is not measured.
+	boot(-1)
+	stop()
+	var host, guest durations
+	i := 0
+	for b.Loop() {
+		h, g := boot(i)
+		b.StopTimer()
+		host, guest = append(host, h), append(guest, g)
+		stop()
+		if err := os.RemoveAll(filepath.Join(root, strconv.Itoa(i))); err != nil {
+			b.Fatal(err)
+		}
+		i++
+		b.StartTimer()
+	}
+	b.ReportMetric(host.quantileMs(0.5), "ms/median")
+	b.ReportMetric(host.quantileMs(0.9), "ms/p90")
+	b.ReportMetric(guest.quantileMs(0.5), "guest-ms/median")
+	b.Logf("host %s; guest %s", host, guest)
+	b.Logf("boot to agent ready over %d boots: host median %.0f ms (p90 %.0f), guest kernel start to agent serving median %.0f ms",
+		len(host), host.quantileMs(0.5), host.quantileMs(0.9), guest.quantileMs(0.5))
+}
+
+// withBenchEnv runs fn with a fresh harness environment for handler and a context bounded by
+// benchDeadline, then tears the environment down and fails b if anything is left behind: a
+// process, mount, directory, cgroup, netns or (podvm) anything in the shim's state dir. It
+// tears down and checks also when fn fails.
+func withBenchEnv(b *testing.B, handler string, fn func(ctx context.Context, env *harness.Env)) {
+	b.Helper()
+	var env *harness.Env
+	switch handler {
+	case "runc":
+		env = harness.Start(b, harness.Options{})
+	case "podvm":
+		env = podvmBenchEnv(b)
+	default:
+		b.Fatalf("unknown handler %q", handler)
+	}
+	// Cleanups run last-in first-out: this runs before the harness's own teardown, tears down
+	// itself and checks the result, also after a failure.
+	b.Cleanup(func() { env.AssertNoLeaks(b) })
+	ctx, cancel := context.WithTimeout(b.Context(), benchDeadline)
+	defer cancel()
+	fn(ctx, env)
+}
+
+// podvmBenchEnv is podvmEnv with a state dir of its own instead of /run/podvm, and without
+// podvmEnv's machine-wide check for QEMU, virtiofsd and podvm shim processes: other tests'
+// VMs on the same machine are not this benchmark's leaks. Its own are found by the state dir
+// in their command lines.
+func podvmBenchEnv(t testing.TB) *harness.Env {
+	t.Helper()
+	kernel, initrd := guestImage(t)
+	bin := os.Getenv("PODVM_BIN")
+	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
+	stateDir, err := os.MkdirTemp("/run", "pvb-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { assertNothingUnder(t, stateDir) }) // after the env's teardown
+	cfg := filepath.Join(t.TempDir(), "podvm.toml")
+	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\ninitrd = %q\ndebug = %v\n\n[sandbox]\nstate_dir = %q\n",
+		testAccel(), kernel, initrd, testDebug(), stateDir)
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return harness.Start(t, harness.Options{
+		ShimDir:         bin,
+		PodvmConfigPath: cfg,
+		LeakDirs:        []string{stateDir},
+	})
+}
+
+// assertNothingUnder fails t if a process still names dir on its command line or something is
+// mounted under it, then removes dir.
+func assertNothingUnder(t testing.TB, dir string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	var left []procEntry
+	for {
+		left = left[:0]
+		all, _ := listProcesses()
+		for _, p := range all {
+			if strings.Contains(p.cmdline, dir+"/") {
+				left = append(left, p)
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, p := range left {
+		t.Errorf("leak: process %d (%s) still running: %s", p.pid, p.comm, p.cmdline)
+	}
+	if mi, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(mi), " "+dir+"/") {
+		t.Errorf("leak: mounts left under %s", dir)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Errorf("leak: remove %s: %v", dir, err)
+	}
+}
+
+// runPod runs a pod sandbox with handler and fails t if it does not start.
+func runPod(ctx context.Context, t testing.TB, env *harness.Env, handler, name string) *harness.Pod {
+	t.Helper()
+	pod, err := env.RunPod(ctx, harness.PodOptions{Name: name, Handler: handler})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pod
+}
+
+func assertPodReady(ctx context.Context, t testing.TB, env *harness.Env, pod *harness.Pod) {
+	t.Helper()
+	sctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	st, err := env.Runtime.PodSandboxStatus(sctx, pod.ID, false)
+	if err != nil {
+		t.Fatalf("PodSandboxStatus %s: %v", pod.ID, err)
+	}
+	if got := st.GetStatus().GetState(); got != runtimeapi.PodSandboxState_SANDBOX_READY {
+		t.Fatalf("pod %s is %s right after RunPodSandbox, want SANDBOX_READY", pod.ID, got)
+	}
+}
+
+// removePod stops and removes a pod, as kubelet does when a pod is deleted.
+func removePod(ctx context.Context, t testing.TB, env *harness.Env, pod *harness.Pod) {
+	t.Helper()
+	sctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	if err := env.Runtime.StopPodSandbox(sctx, pod.ID); err != nil {
+		t.Fatalf("StopPodSandbox %s: %v", pod.ID, err)
+	}
+	if err := env.Runtime.RemovePodSandbox(sctx, pod.ID); err != nil {
+		t.Fatalf("RemovePodSandbox %s: %v", pod.ID, err)
+	}
+}
+
+// startSleeper creates and starts a busybox `sleep 3600` in pod and returns once ContainerStatus
+// says it runs. It polls every 2 ms, so the poll adds little to what a benchmark measures.
+func startSleeper(ctx context.Context, t testing.TB, env *harness.Env, pod *harness.Pod, name string) string {
+	t.Helper()
+	id, _, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	if err := env.Runtime.StartContainer(sctx, id); err != nil {
+		t.Fatalf("StartContainer %s: %v", name, err)
+	}
+	for {
+		st, err := env.Runtime.ContainerStatus(sctx, id, false)
+		if err != nil {
+			t.Fatalf("ContainerStatus %s: %v", name, err)
+		}
+		switch s := st.GetStatus().GetState(); s {
+		case runtimeapi.ContainerState_CONTAINER_RUNNING:
+			return id
+		case runtimeapi.ContainerState_CONTAINER_EXITED:
+			t.Fatalf("container %s exited (code %d, %s) instead of running", name, st.GetStatus().GetExitCode(), st.GetStatus().GetReason())
+		}
+		select {
+		case <-sctx.Done():
+			t.Fatalf("container %s not RUNNING: %v", name, sctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+func removeContainer(ctx context.Context, t testing.TB, env *harness.Env, id string) {
+	t.Helper()
+	sctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	if err := env.Runtime.StopContainer(sctx, id, 0); err != nil {
+		t.Fatalf("StopContainer %s: %v", id, err)
+	}
+	if err := env.Runtime.RemoveContainer(sctx, id); err != nil {
+		t.Fatalf("RemoveContainer %s: %v", id, err)
+	}
+}
+
+// durations are one benchmark's per-iteration times.
+type durations []time.Duration
+
+// String lists the samples in the order they were taken, in milliseconds.
+func (ds durations) String() string {
+	parts := make([]string, len(ds))
+	for i, d := range ds {
+		parts[i] = strconv.FormatInt(d.Milliseconds(), 10)
+	}
+	return "[" + strings.Join(parts, " ") + "] ms"
+}
+
+// quantileMs is the q-quantile by nearest rank (q=0.5 of 10 samples is the 5th smallest,
+// q=0.9 the 9th), in milliseconds; 0 without samples.
+func (ds durations) quantileMs(q float64) float64 {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return float64(s[nearestRank(len(s), q)]) / float64(time.Millisecond)
+}
+
+func nearestRank(n int, q float64) int {
+	r := int(float64(n)*q+0.999999) - 1 // ceil(n*q) - 1
+	return max(0, min(n-1, r))
+}
+
+func quantile(xs []float64, q float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[nearestRank(len(s), q)]
+}
+
+// comparison collects one parent benchmark's results per handler for its ratio table.
+type comparison struct {
+	b    *testing.B
+	rows []string              // metric names in report order
+	vals map[string][2]float64 // metric -> [runc, podvm]
+	unit map[string]string
+}
+
+func newComparison(b *testing.B) *comparison {
+	return &comparison{b: b, vals: map[string][2]float64{}, unit: map[string]string{}}
+}
+
+func (c *comparison) set(handler, metric, unit string, v float64) {
+	if _, ok := c.vals[metric]; !ok {
+		c.rows = append(c.rows, metric)
+	}
+	c.unit[metric] = unit
+	pair := c.vals[metric]
+	pair[slices.Index(benchHandlers, handler)] = v
+	c.vals[metric] = pair
+}
+
+// ratio is podvm over runc for metric, if runc ran in this process.
+func (c *comparison) ratio(metric string) (float64, bool) {
+	p := c.vals[metric]
+	if p[0] == 0 || p[1] == 0 {
+		return 0, false
+	}
+	return p[1] / p[0], true
+}
+
+func (c *comparison) reportLatency(b *testing.B, handler, what string, ds durations) {
+	med, p90 := ds.quantileMs(0.5), ds.quantileMs(0.9)
+	b.Logf("%s %s: %s", handler, what, ds)
+	b.ReportMetric(med, "ms/median")
+	b.ReportMetric(p90, "ms/p90")
+	c.set(handler, what+" median", "ms", med)
+	c.set(handler, what+" p90", "ms", p90)
+	if r, ok := c.ratio(what + " median"); ok && handler == "podvm" {
+		b.ReportMetric(r, "x-runc")
+	}
+}
+
+func (c *comparison) reportMemory(b *testing.B, handler string, mibs []float64) {
+	med, hi := quantile(mibs, 0.5), quantile(mibs, 1)
+	b.Logf("%s pod PSS: %.1f MiB", handler, mibs)
+	b.ReportMetric(med, "MiB/median")
+	b.ReportMetric(hi, "MiB/max")
+	c.set(handler, "pod PSS median", "MiB", med)
+	c.set(handler, "pod PSS max", "MiB", hi)
+	if r, ok := c.ratio("pod PSS median"); ok && handler == "podvm" {
+		b.ReportMetric(r, "x-runc")
+	}
+}
+
+// log writes the table of what both handlers measured in this run.
+func (c *comparison) log() {
+	if len(c.rows) == 0 {
+		return
+	}
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, "%s, same run (load average at the end: %s)\n", c.b.Name(), loadAvg())
+	fmt.Fprintf(&buf, "| metric | runc | podvm | podvm/runc |\n| --- | --- | --- | --- |\n")
+	for _, m := range c.rows {
+		p := c.vals[m]
+		r := "n/a"
+		if v, ok := c.ratio(m); ok {
+			r = fmt.Sprintf("%.1fx", v)
+		}
+		fmt.Fprintf(&buf, "| %s | %s | %s | %s |\n", m, fmtVal(p[0], c.unit[m]), fmtVal(p[1], c.unit[m]), r)
+	}
+	c.b.Log("\n" + buf.String())
+}
+
+func fmtVal(v float64, unit string) string {
+	if v == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f %s", v, unit)
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// procEntry is one host process as BenchmarkPodMemory sees it.
+type procEntry struct {
+	pid, ppid int
+	comm      string
+	cmdline   string
+	pssMiB    float64
+}
+
+func listProcesses() ([]procEntry, error) {
+	dirs, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	var out []procEntry
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue // gone
+		}
+		// comm is in parentheses and may contain anything; the fields after the last ')' are
+		// state, ppid, ...
+		open, end := bytes.IndexByte(stat, '('), bytes.LastIndexByte(stat, ')')
+		if open < 0 || end < open {
+			continue
+		}
+		f := strings.Fields(string(stat[end+1:]))
+		if len(f) < 2 {
+			continue
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		out = append(out, procEntry{
+			pid: pid, ppid: ppid, comm: string(stat[open+1 : end]),
+			cmdline: strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '}))),
+		})
+	}
+	return out, nil
+}
+
+// podProcesses finds the host processes of one pod with their PSS: the shim containerd started
+// for the sandbox (by -id and this env's -address) and all its descendants (runc: pause and the
+// containers, which the shim reaps as subreaper; podvm: QEMU and virtiofsd), plus any process
+// naming the pod's ID in its command line that was reparented away (podvm's QEMU and virtiofsd
+// name the sandbox state dir).
+func podProcesses(env *harness.Env, podID string) ([]procEntry, error) {
+	all, err := listProcesses()
+	if err != nil {
+		return nil, err
+	}
+	addr := "-address " + strings.TrimPrefix(env.Endpoint, "unix://")
+	children := map[int][]int{}
+	byPID := map[int]procEntry{}
+	var roots []int
+	for _, p := range all {
+		children[p.ppid] = append(children[p.ppid], p.pid)
+		byPID[p.pid] = p
+		fields := strings.Fields(p.cmdline)
+		isShim := len(fields) > 0 && strings.HasPrefix(filepath.Base(fields[0]), "containerd-shim")
+		if isShim && strings.Contains(p.cmdline+" ", addr+" ") && strings.Contains(p.cmdline+" ", "-id "+podID+" ") {
+			roots = append(roots, p.pid)
+		}
+	}
+	if len(roots) != 1 {
+		return nil, fmt.Errorf("pod %s: found %d shim processes with -id %s and %s, want 1", podID, len(roots), podID, addr)
+	}
+	seen := map[int]bool{}
+	var walk func(int)
+	walk = func(pid int) {
+		if seen[pid] {
+			return
+		}
+		seen[pid] = true
+		for _, c := range children[pid] {
+			walk(c)
+		}
+	}
+	walk(roots[0])
+	for _, p := range all {
+		if strings.Contains(p.cmdline, podID) && !strings.HasPrefix(p.comm, "containerd") {
+			walk(p.pid)
+		}
+	}
+	var out []procEntry
+	var errs []error
+	for pid := range seen {
+		p := byPID[pid]
+		pss, err := pssMiB(pid)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // exited meanwhile (a short-lived helper)
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		p.pssMiB = pss
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].pssMiB > out[j].pssMiB })
+	return out, errors.Join(errs...)
+}
+
+// pssMiB is a process's proportional set size: its private pages plus its share of the pages
+// it shares, so summing it over processes counts each page once.
+func pssMiB(pid int) (float64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) == 3 && fields[0] == "Pss:" && fields[2] == "kB" {
+			kb, err := strconv.ParseFloat(fields[1], 64)
+			if err != nil {
+				return 0, fmt.Errorf("pid %d smaps_rollup: %q: %w", pid, sc.Text(), err)
+			}
+			return kb / 1024, nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return 0, err
+	}
+	// Kernel threads and zombies have an empty smaps_rollup.
+	return 0, nil
+}
+
+func describeProcs(ps []procEntry) string {
+	var parts []string
+	for _, p := range ps {
+		parts = append(parts, fmt.Sprintf("%s[%d] %.1f MiB", p.comm, p.pid, p.pssMiB))
+	}
+	return strings.Join(parts, ", ")
+}
