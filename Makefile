@@ -94,15 +94,9 @@ bench: deps
 # binaries into $(PREFIX)/bin, the guest image and the RuntimeClass into /usr/share/podvm, the
 # containerd drop-in into /etc/containerd/conf.d (containerd's config.toml must import it, see
 # docs/install.md). An existing /etc/podvm/config.toml is never overwritten.
+# podvm install does the work (it is what a node without this tree runs too).
 install: build image
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/usr/share/podvm $(DESTDIR)/etc/podvm $(DESTDIR)/etc/containerd/conf.d
-	install -m 0755 $(BIN)/containerd-shim-podvm-v2 $(BIN)/podvm $(DESTDIR)$(PREFIX)/bin/
-	install -m 0644 $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initrd.img $(IMAGE_DIR)/image.json deploy/runtimeclass.yaml \
-		$(DESTDIR)/usr/share/podvm/
-	install -m 0644 deploy/containerd-podvm.toml $(DESTDIR)/etc/containerd/conf.d/podvm.toml
-	@if [ -e $(DESTDIR)/etc/podvm/config.toml ]; then \
-		echo "keeping $(DESTDIR)/etc/podvm/config.toml (deploy/config.toml has every key and its default)"; \
-	else install -v -m 0644 deploy/config.toml $(DESTDIR)/etc/podvm/config.toml; fi
+	$(BIN)/podvm install --root $(or $(DESTDIR),/) --prefix $(PREFIX) --image $(IMAGE_DIR)
 
 clean:
 	rm -rf $(BIN) $(OUT)

@@ -31,6 +31,7 @@ func commands() []command {
 		{name: "config", summary: "print the effective node config", run: runConfig},
 		{name: "debug", summary: "look into pod VMs: list, console, boot", run: runDebug},
 		{name: "image", summary: "build the guest kernel and initrd", run: runImage},
+		{name: "install", summary: "install podvm onto this node (or into a staging root)", run: runInstall},
 		{name: "version", summary: "print podvm's version", run: runVersion},
 	}
 }

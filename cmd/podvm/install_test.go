@@ -1,0 +1,55 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/podvm/podvm/deploy"
+)
+
+func TestInstallIntoAStagingRoot(t *testing.T) {
+	bin, img, root := t.TempDir(), t.TempDir(), t.TempDir()
+	for _, f := range []string{"podvm", shimName} {
+		os.WriteFile(filepath.Join(bin, f), []byte("#!/bin/true\n"), 0o755)
+	}
+	for _, f := range []string{"vmlinuz", "initrd.img", "image.json"} {
+		os.WriteFile(filepath.Join(img, f), []byte(f), 0o644)
+	}
+	r := runCLI(t, bin, t.TempDir(), "install", "--root", root, "--prefix", "/usr", "--image", img)
+	if r.code != 0 {
+		t.Fatalf("install: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	for path, want := range map[string]string{
+		"usr/bin/podvm":                     "#!/bin/true\n",
+		"usr/bin/" + shimName:               "#!/bin/true\n",
+		"usr/share/podvm/initrd.img":        "initrd.img",
+		"usr/share/podvm/runtimeclass.yaml": string(deploy.RuntimeClass),
+		"etc/containerd/conf.d/podvm.toml":  string(deploy.ContainerdDropIn),
+		"etc/podvm/config.toml":             string(deploy.ConfigTOML),
+	} {
+		if b, err := os.ReadFile(filepath.Join(root, path)); err != nil || string(b) != want {
+			t.Errorf("%s: %q, %v", path, b, err)
+		}
+	}
+	if st, _ := os.Stat(filepath.Join(root, "usr/bin", shimName)); st == nil || st.Mode().Perm() != 0o755 {
+		t.Errorf("shim mode: %v", st)
+	}
+
+	// A second install keeps the operator's config.
+	cfg := filepath.Join(root, "etc/podvm/config.toml")
+	os.WriteFile(cfg, []byte("# mine\n"), 0o644)
+	if r := runCLI(t, bin, t.TempDir(), "install", "--root", root, "--image", img); r.code != 0 || !strings.Contains(r.stdout, "keeping") {
+		t.Fatalf("reinstall: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if b, _ := os.ReadFile(cfg); string(b) != "# mine\n" {
+		t.Errorf("reinstall overwrote the node config: %q", b)
+	}
+
+	// Without the shim next to podvm, it says what to do.
+	os.Remove(filepath.Join(bin, shimName))
+	if r := runCLI(t, bin, t.TempDir(), "install", "--root", t.TempDir()); r.code != 1 || !strings.Contains(r.stderr, "make build") {
+		t.Errorf("install without a shim: exit %d stderr %q", r.code, r.stderr)
+	}
+}
