@@ -288,7 +288,8 @@ func TestGuestRunsContainers(t *testing.T) {
 
 	t.Run("exec, terminal, stdin and kill", func(t *testing.T) {
 		root := busyboxRootfs(t, g, "c2")
-		spec := defaultSpec(t, "c2", root, oci.WithProcessArgs("sleep", "1000"))
+		spec := defaultSpec(t, "c2", root, oci.WithProcessArgs("sleep", "1000"),
+			oci.WithRlimit(&specs.POSIXRlimit{Type: "RLIMIT_NOFILE", Hard: 4321, Soft: 1234}))
 		if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c2", Spec: spec}); err != nil {
 			t.Fatalf("create: %v", err)
 		}
@@ -319,8 +320,8 @@ func TestGuestRunsContainers(t *testing.T) {
 			return stdout, code
 		}
 
-		if out, code := runExec("e1", []string{"sh", "-c", "echo hi; hostname"}, &api.Stdio{Stdout: true}, ""); out != "hi\nc-c2\n" || code != 0 {
-			t.Errorf("exec: %q exit %d; want \"hi\\nc-c2\\n\" exit 0", out, code)
+		if out, code := runExec("e1", []string{"sh", "-c", "echo hi; hostname; grep 'open files' /proc/1/limits | tr -s ' ' | cut -d' ' -f4,5"}, &api.Stdio{Stdout: true}, ""); out != "hi\nc-c2\n1234 4321\n" || code != 0 {
+			t.Errorf("exec: %q exit %d; want hi, the container's hostname and its init's RLIMIT_NOFILE 1234 4321, exit 0", out, code)
 		}
 		out, code := runExec("e2", []string{"sh", "-c", "tty; stty size"}, &api.Stdio{Terminal: true, Stdout: true, Width: 100, Height: 40}, "")
 		if code != 0 || !strings.Contains(out, "/dev/pts/") || !strings.Contains(out, "40 100") {

@@ -50,6 +50,11 @@ func TestNetworkVM(t *testing.T) {
 	eth0, peer0 := nettest.Veth(t,
 		nettest.End{Netns: podNS, Name: "eth0", Addr: podIP + "/24", MTU: 1400},
 		nettest.End{Netns: peerNS, Name: "peer0", Addr: gatewayIP + "/24", MTU: 1400})
+	// A second interface, as a second CNI plugin would add: it becomes a second guest NIC.
+	const pod2IP, peer2IP = "10.125.0.2", "10.125.0.1"
+	nettest.Veth(t,
+		nettest.End{Netns: podNS, Name: "net1", Addr: pod2IP + "/24", MTU: 1400},
+		nettest.End{Netns: peerNS, Name: "peer1", Addr: peer2IP + "/24", MTU: 1400})
 	hp, hpeer := nettest.Handle(t, podNS), nettest.Handle(t, peerNS)
 	if err := hp.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: net.ParseIP(gatewayIP)}); err != nil {
 		t.Fatal(err)
@@ -88,8 +93,8 @@ func TestNetworkVM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(pod.Endpoints) != 1 {
-		t.Fatalf("discovered %d endpoints, want eth0", len(pod.Endpoints))
+	if len(pod.Endpoints) != 2 {
+		t.Fatalf("discovered %d endpoints, want eth0 and net1", len(pod.Endpoints))
 	}
 	setup := &api.SetupSandboxRequest{Routes: pod.Routes, Neighbors: pod.Neighbors}
 	var nics []*hypervisor.NetDevice
@@ -117,6 +122,14 @@ func TestNetworkVM(t *testing.T) {
 	g := bootVMWith(t, ctx, stateDir, vmOptions{NetDevices: nics, Setup: setup})
 	t.Logf("agent ready %s after QEMU start", g.bootTime.Round(time.Millisecond))
 
+	t.Run("peer pings the second interface's address in the guest", func(t *testing.T) {
+		out, err := exec.CommandContext(ctx, "ip", "netns", "exec", filepath.Base(peerNS),
+			"/bin/busybox", "ping", "-c", "3", "-i", "0.2", "-W", "5", pod2IP).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ping %s from the peer netns: %v\n%s", pod2IP, err, out)
+		}
+	})
+
 	t.Run("peer pings the pod IP in the guest", func(t *testing.T) {
 		out, err := exec.CommandContext(ctx, "ip", "netns", "exec", filepath.Base(peerNS),
 			"/bin/busybox", "ping", "-c", "5", "-i", "0.2", "-W", "5", podIP).CombinedOutput()
@@ -141,7 +154,7 @@ func TestNetworkVM(t *testing.T) {
 		// busybox-static's wget crashes (glibc NSS in a static binary); nc speaks HTTP/1.0 fine.
 		script := "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 " + serverIP + " 8080 && " +
 			"echo mtu=$(cat /sys/class/net/eth0/mtu) mac=$(cat /sys/class/net/eth0/address) && " +
-			"ip route && cat /proc/net/arp && " +
+			"ip route && cat /proc/net/arp && ip -4 addr show net1 && " +
 			"echo big=$(printf 'GET /big HTTP/1.0\\r\\n\\r\\n' | nc -w 10 " + serverIP + " 8080 | wc -c) && " +
 			"(printf 'POST /count HTTP/1.0\\r\\nContent-Length: 4194304\\r\\n\\r\\n'; head -c 4194304 /dev/zero) | nc -w 10 " + serverIP + " 8080"
 		spec := defaultSpec(t, "net1", root, oci.WithHostNamespace(specs.NetworkNamespace),
@@ -166,6 +179,7 @@ func TestNetworkVM(t *testing.T) {
 			"default via " + gatewayIP + " dev eth0",
 			"10.123.9.250",
 			"received=4194304 err=<nil>",
+			"inet " + pod2IP + "/24",
 		} {
 			if !strings.Contains(stdout, want) {
 				t.Errorf("container output lacks %q", want)
