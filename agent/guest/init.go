@@ -20,18 +20,15 @@ import (
 // line, each after its dependencies (written by rootfs/guestimage).
 const ModulesList = "/lib/modules/podvm.modules"
 
-// Init is PID 1 of the guest. Stage one runs from the initramfs: it mounts the kernel
-// filesystems, loads the modules and moves everything onto a tmpfs root, because runc's
-// pivot_root cannot leave an initramfs root. Stage two (after re-executing itself from the
-// tmpfs) mounts the rest, starts the agent server as its child and reaps every orphan.
-// It never returns: when the server dies the guest powers off.
-func Init(stage2 bool) {
+// Init is PID 1 of the guest. From the initramfs it mounts the kernel filesystems, loads the
+// modules and moves everything onto a tmpfs root (runc's pivot_root cannot leave an initramfs
+// root); then it mounts the rest, starts the agent server as its child (from the tmpfs copy of
+// itself, /init) and reaps every orphan. It never returns: when the server dies the guest
+// powers off.
+func Init() {
 	ctx := context.Background()
-	if !stage2 {
-		if err := stage1(ctx); err != nil {
-			fatal(ctx, fmt.Errorf("init: %w", err))
-		}
-		// stage1 execs on success.
+	if err := moveToTmpfs(ctx); err != nil {
+		fatal(ctx, fmt.Errorf("init: %w", err))
 	}
 	if err := mountStage2(); err != nil {
 		fatal(ctx, fmt.Errorf("init: %w", err))
@@ -78,7 +75,7 @@ func mountAll(ms []mnt) error {
 
 const newRoot = "/newroot"
 
-func stage1(ctx context.Context) error {
+func moveToTmpfs(ctx context.Context) error {
 	start := time.Now()
 	if err := mountAll([]mnt{
 		{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
@@ -128,10 +125,9 @@ func stage1(ctx context.Context) error {
 	if err := unix.Chroot("."); err != nil {
 		return err
 	}
-	if err := unix.Chdir("/"); err != nil {
-		return err
-	}
-	return unix.Exec("/init", []string{"/init", "stage2"}, os.Environ())
+	// No re-exec: this process's old image is only ever used by itself, and every new
+	// process starts from /init on the tmpfs.
+	return unix.Chdir("/")
 }
 
 func copyFile(src, dst string, mode os.FileMode) error {

@@ -41,7 +41,7 @@ func main() {
 			os.Exit(1)
 		}
 	case os.Getpid() == 1:
-		guest.Init(arg == "stage2")
+		guest.Init()
 	default:
 		fmt.Fprintln(os.Stderr, "podvm-agent runs as PID 1 of a podvm guest (the initrd's /init); it is not meant to be started by hand")
 		os.Exit(2)
