@@ -213,6 +213,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		go s.watchOOM(ctx, sb)
 	}
 
+	prepStart := time.Now()
 	paths := stdioPaths{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
 	c := &container{id: r.ID, bundle: r.Bundle, role: rl, init: newProcess(r.ID, "", paths), execs: map[string]*process{}}
 	for _, ns := range spec.Linux.Namespaces {
@@ -237,6 +238,8 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, err
 	}
+	prepared := time.Since(prepStart)
+	agentStart := time.Now()
 	created, err := sb.agent.CreateContainer(ctx, &api.CreateContainerRequest{
 		ContainerId: r.ID, Spec: specJSON, Stdio: paths.agentStdio(),
 		Devices: guest.devices, BlockMounts: guest.blockMounts,
@@ -245,6 +248,9 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, fmt.Errorf("create container %s in the VM: %w", r.ID, err)
 	}
 	c.init.pid = created.Pid
+	log.G(ctx).WithFields(log.Fields{
+		"id": r.ID, "prepare": prepared.Round(time.Millisecond), "guest_create": time.Since(agentStart).Round(time.Millisecond),
+	}).Info("container created in the VM")
 	ns, _ := namespaces.Namespace(ctx)
 	c.init.io, err = startIO(ctx, sb.agent, ns, r.ID, "", paths)
 	if err != nil {

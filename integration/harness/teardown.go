@@ -29,6 +29,8 @@ func (e *Env) teardown(t testing.TB) {
 	e.closeOnce.Do(func() {
 		if t.Failed() && e.ContainerdLog != "" {
 			t.Logf("harness: containerd log tail (%s):\n%s", e.ContainerdLog, e.LogTail(60))
+		}
+		if (t.Failed() || os.Getenv(KeepLogsEnv) != "") && e.ContainerdLog != "" {
 			e.keepLog(t)
 		}
 		start := time.Now()
@@ -412,8 +414,12 @@ func (e *Env) cniCaches() []string {
 }
 
 // ArtifactsEnv names a directory where a failed test's whole containerd log (shim logs
-// included) is kept; `make integration` sets it to _output/artifacts.
-const ArtifactsEnv = "PODVM_IT_ARTIFACTS"
+// included) is kept; `make integration` sets it to _output/artifacts. With KeepLogsEnv set
+// (to anything), passing tests' logs are kept too, e.g. to read a pod start's timeline.
+const (
+	ArtifactsEnv = "PODVM_IT_ARTIFACTS"
+	KeepLogsEnv  = "PODVM_IT_KEEP_LOGS"
+)
 
 func (e *Env) keepLog(t testing.TB) {
 	dir := os.Getenv(ArtifactsEnv)
