@@ -122,32 +122,11 @@ func tail(s string, n int) string {
 // busyboxRootfs makes a minimal rootfs under the VM's shared dir and returns the guest path.
 func busyboxRootfs(t testing.TB, g *guestVM, id string) string {
 	t.Helper()
-	require(t, needFile("/bin/busybox"))
 	root := filepath.Join(g.sharedDir, id, "rootfs")
-	for _, d := range []string{"bin", "etc", "proc", "sys", "dev", "tmp"} {
-		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := os.ReadFile("/bin/busybox")
-	if err != nil {
+	if err := os.MkdirAll(root, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), b, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("/bin/busybox", "--list").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, applet := range strings.Fields(string(out)) {
-		if applet != "busybox" {
-			_ = os.Symlink("busybox", filepath.Join(root, "bin", applet))
-		}
-	}
-	if err := os.WriteFile(filepath.Join(root, "etc/passwd"), []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	busyboxTree(t, root)
 	return filepath.Join(agent.GuestSharedDir, id, "rootfs")
 }
 

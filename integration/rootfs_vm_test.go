@@ -167,8 +167,8 @@ echo rootfs-write > /written`)
 	}
 }
 
-// busyboxTree makes a minimal busybox root filesystem in dir (like busyboxRootfs, but
-// anywhere: here it is an overlay's lower dir).
+// busyboxTree makes a minimal busybox root filesystem in dir: /bin/busybox with a link per
+// applet, /etc/passwd and the usual mount points.
 func busyboxTree(t testing.TB, dir string) {
 	t.Helper()
 	require(t, needFile("/bin/busybox"))

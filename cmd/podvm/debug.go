@@ -29,14 +29,6 @@ func runDebug(ctx context.Context, e *env, args []string) error {
 	}, args)
 }
 
-func loadConfig(path string) (*config.Config, error) {
-	cfg, err := config.Load(path)
-	if err != nil {
-		return nil, err
-	}
-	return cfg, nil
-}
-
 // runDebugList prints one line per sandbox state dir: id, QEMU pid and whether it runs.
 func runDebugList(ctx context.Context, e *env, args []string) error {
 	fs := flag.NewFlagSet("podvm debug list", flag.ContinueOnError)
@@ -48,7 +40,7 @@ func runDebugList(ctx context.Context, e *env, args []string) error {
 	if err := parseFlags(e, fs, args); err != nil {
 		return err
 	}
-	cfg, err := loadConfig(*path)
+	cfg, err := config.Load(*path)
 	if err != nil {
 		return err
 	}
@@ -106,7 +98,7 @@ func runDebugConsole(ctx context.Context, e *env, args []string) error {
 	if fs.NArg() != 1 {
 		return usagef(fs.Name(), "give one sandbox id (or a unique prefix of it); 'podvm debug list' shows them")
 	}
-	cfg, err := loadConfig(*path)
+	cfg, err := config.Load(*path)
 	if err != nil {
 		return err
 	}
@@ -186,7 +178,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	if err := parseFlags(e, fs, args); err != nil {
 		return err
 	}
-	cfg, err := loadConfig(*path)
+	cfg, err := config.Load(*path)
 	if err != nil {
 		return err
 	}
