@@ -225,11 +225,7 @@ func execProcess(t testing.TB, args []string, terminal bool) []byte {
 func TestGuestRunsContainers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	stateDir, err := os.MkdirTemp("/run", "podvm-it-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { checkNoLeftovers(t, stateDir) })
+	stateDir := vmStateDir(t)
 	g := bootVM(t, ctx, stateDir)
 	c := g.agent
 	t.Logf("agent ready %s after QEMU start (guest: %s since kernel start), guest kernel %s",
@@ -321,6 +317,18 @@ func TestGuestRunsContainers(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// vmStateDir makes a state dir for a VM the test boots itself, and checks at the end that the
+// VM left nothing behind.
+func vmStateDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/run", "podvm-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { checkNoLeftovers(t, dir) })
+	return dir
 }
 
 // checkNoLeftovers removes the test's state dir and fails if a QEMU, virtiofsd or mount of it

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -34,11 +33,7 @@ func TestNetworkVM(t *testing.T) {
 	require(t, needFile("/bin/busybox"), needCmd("ip"))
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	stateDir, err := os.MkdirTemp("/run", "podvm-it-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { checkNoLeftovers(t, stateDir) })
+	stateDir := vmStateDir(t)
 	t.Cleanup(func() {
 		if left := nettest.Leftovers(); len(left) > 0 {
 			t.Errorf("netns left behind: %v", left)

@@ -27,11 +27,7 @@ import (
 func TestRootfsShareInVM(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	stateDir, err := os.MkdirTemp("/run", "podvm-it-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { checkNoLeftovers(t, stateDir) })
+	stateDir := vmStateDir(t)
 	// Runs after the VM's stop and before checkNoLeftovers. VM.Stop returns once the
 	// virtiofsd it started has exited, but the C virtiofsd's sandbox child (same command
 	// line) can still be exiting for a moment (it was when it held the last reference to a
