@@ -37,6 +37,12 @@ func Run(ctx context.Context) {
 		ID:       "task",
 		Requires: []plugin.Type{plugins.EventPlugin, plugins.InternalPlugin},
 		InitFn: func(ic *plugin.InitContext) (any, error) {
+			// This runs in the serving shim before it listens and long before it starts
+			// any child: the task API socket containerd handed over as fd 3 stays open in
+			// this process but must reach no child.
+			if err := closeOnExecFrom(3); err != nil {
+				return nil, fmt.Errorf("keep the shim's fds out of its children: %w", err)
+			}
 			pp, err := ic.GetByID(plugins.EventPlugin, "publisher")
 			if err != nil {
 				return nil, err
