@@ -24,6 +24,7 @@ type Fake struct {
 	nextPid    uint32
 	closed     chan struct{}
 	closeOnce  sync.Once
+	ooms       chan string
 	// CreateErr, if set, fails CreateContainer.
 	CreateErr error
 }
@@ -39,7 +40,7 @@ type fakeProc struct {
 
 // NewFake returns an agent with no containers.
 func NewFake() *Fake {
-	return &Fake{procs: map[string]*fakeProc{}, containers: map[string]bool{}, nextPid: 100, closed: make(chan struct{})}
+	return &Fake{procs: map[string]*fakeProc{}, containers: map[string]bool{}, nextPid: 100, closed: make(chan struct{}), ooms: make(chan string, 4096)}
 }
 
 func key(cid, eid string) string { return cid + "/" + eid }
@@ -277,7 +278,19 @@ func (f *Fake) ResumeContainer(ctx context.Context, r *api.ContainerRequest) (*a
 	return &api.Empty{}, nil
 }
 
+// OOM queues an OOM event naming containerID, as a guest (honest or not) would send it.
+func (f *Fake) OOM(containerID string) {
+	f.ooms <- containerID
+}
+
+// GetOOMEvent returns the events OOM queued, in order.
 func (f *Fake) GetOOMEvent(ctx context.Context, _ *api.Empty) (*api.OOMEvent, error) {
-	<-ctx.Done()
-	return nil, ctx.Err()
+	select {
+	case id := <-f.ooms:
+		return &api.OOMEvent{ContainerId: id}, nil
+	case <-f.closed:
+		return nil, fmt.Errorf("fake agent connection closed")
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }

@@ -349,24 +349,6 @@ func (s *Service) watchVM(ctx context.Context, sb *sandbox) {
 	}
 }
 
-// watchOOM publishes the guest's OOM kills until the agent connection ends.
-func (s *Service) watchOOM(ctx context.Context, sb *sandbox) {
-	ctx = context.WithoutCancel(ctx)
-	for {
-		ev, err := sb.agent.GetOOMEvent(ctx, &api.Empty{})
-		if err != nil {
-			select {
-			case <-sb.agent.Done():
-				return
-			case <-time.After(time.Second): // a passing error: ask again
-				continue
-			}
-		}
-		log.G(ctx).WithField("container", ev.ContainerId).Info("OOM kill in the guest")
-		s.publish(&eventstypes.TaskOOM{ContainerID: ev.ContainerId})
-	}
-}
-
 // Start a container's init or an exec.
 func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
 	resp, err := s.start(ctx, r)
