@@ -27,6 +27,11 @@ type Fake struct {
 	ooms       chan string
 	// CreateErr, if set, fails CreateContainer.
 	CreateErr error
+	// The replies of ListProcesses and Stats, as a test (playing a hostile guest) sets them.
+	ProcessList *api.ListProcessesResponse
+	StatsReply  *api.StatsResponse
+	// ExitedAt, if not zero, is the exit time WaitProcess reports (Unix nanoseconds).
+	ExitedAt int64
 }
 
 type fakeProc struct {
@@ -198,7 +203,13 @@ func (f *Fake) WaitProcess(ctx context.Context, r *api.ProcessRequest) (*api.Wai
 	}
 	select {
 	case <-p.exit:
-		return &api.WaitProcessResponse{ExitStatus: p.status, ExitedAtUnixNano: time.Now().UnixNano()}, nil
+		at := time.Now().UnixNano()
+		f.mu.Lock()
+		if f.ExitedAt != 0 {
+			at = f.ExitedAt
+		}
+		f.mu.Unlock()
+		return &api.WaitProcessResponse{ExitStatus: p.status, ExitedAtUnixNano: at}, nil
 	case <-f.closed:
 		return nil, fmt.Errorf("fake agent connection closed")
 	case <-ctx.Done():
@@ -293,4 +304,26 @@ func (f *Fake) GetOOMEvent(ctx context.Context, _ *api.Empty) (*api.OOMEvent, er
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// ListProcesses returns ProcessList (none if unset).
+func (f *Fake) ListProcesses(ctx context.Context, r *api.ContainerRequest) (*api.ListProcessesResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("ListProcesses " + r.ContainerId)
+	if f.ProcessList == nil {
+		return &api.ListProcessesResponse{}, nil
+	}
+	return f.ProcessList, nil
+}
+
+// Stats returns StatsReply (empty metrics if unset).
+func (f *Fake) Stats(ctx context.Context, r *api.ContainerRequest) (*api.StatsResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("Stats " + r.ContainerId)
+	if f.StatsReply == nil {
+		return &api.StatsResponse{}, nil
+	}
+	return f.StatsReply, nil
 }

@@ -280,7 +280,7 @@ func (s *Service) watchExit(ctx context.Context, sb *sandbox, c *container, p *p
 	code, at := uint32(255), time.Now()
 	resp, err := sb.agent.WaitProcess(ctx, &api.ProcessRequest{ContainerId: c.id, ExecId: p.execID})
 	if err == nil {
-		code, at = resp.ExitStatus, time.Unix(0, resp.ExitedAtUnixNano)
+		code, at = resp.ExitStatus, guestTime(resp.ExitedAtUnixNano, time.Now())
 	} else {
 		log.G(ctx).WithError(err).WithField("process", p.name()).Warn("lost the process (the VM died?); reporting exit 255")
 	}
@@ -296,6 +296,16 @@ func (s *Service) watchExit(ctx context.Context, sb *sandbox, c *container, p *p
 		})
 	}
 	p.markReported()
+}
+
+// guestTime is a time the guest reported, unless it is not a time (zero or negative) or
+// lies after now, the host's clock when the reply arrived; then it is now.
+func guestTime(unixNano int64, now time.Time) time.Time {
+	t := time.Unix(0, unixNano)
+	if unixNano <= 0 || t.After(now) {
+		return now
+	}
+	return t
 }
 
 // name2 is the process ID containerd's events use: the container ID for an init, else the exec ID.
@@ -617,23 +627,53 @@ func (s *Service) kill(ctx context.Context, r *taskAPI.KillRequest) error {
 	return nil
 }
 
+// Bounds on what the guest may answer (its replies are untrusted, see DESIGN.md).
+const (
+	// maxGuestPids is the most processes a Pids reply may list: the guest kernel's default
+	// pid_max (32768) twice over, and still well inside containerd's message size.
+	maxGuestPids = 1 << 16
+	// maxStatsBytes bounds the encoded cgroup metrics of one Stats reply; real ones are a
+	// few KiB.
+	maxStatsBytes = 1 << 20
+)
+
 // Pids lists the container's processes (guest pids).
 func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	resp, err := s.pids(ctx, r)
+	return resp, toTTRPC(err)
+}
+
+func (s *Service) pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	c, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
 	sb, err := s.vm()
 	if err != nil {
-		return nil, toTTRPC(err)
+		return nil, err
 	}
 	list, err := sb.agent.ListProcesses(ctx, &api.ContainerRequest{ContainerId: r.ID})
 	if err != nil {
-		return nil, toTTRPC(err)
+		return nil, err
 	}
+	if n := len(list.Processes); n > maxGuestPids {
+		return nil, fmt.Errorf("the guest listed %d processes in container %s, more than the %d the shim accepts: %w",
+			n, r.ID, maxGuestPids, errdefs.ErrOutOfRange)
+	}
+	c.mu.Lock()
+	execs := make(map[string]bool, len(c.execs))
+	for id := range c.execs {
+		execs[id] = true
+	}
+	c.mu.Unlock()
 	resp := &taskAPI.PidsResponse{}
 	for _, pi := range list.Processes {
-		info := &task.ProcessInfo{Pid: pi.Pid}
-		if pi.ExecId != "" {
-			a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: pi.ExecId})
+		info := &task.ProcessInfo{Pid: pi.GetPid()}
+		// Only an exec this shim created is named: the guest chooses the string.
+		if execs[pi.GetExecId()] {
+			a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: pi.GetExecId()})
 			if err != nil {
-				return nil, toTTRPC(err)
+				return nil, err
 			}
 			info.Info = a
 		}
@@ -757,21 +797,33 @@ func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.Wa
 
 // Stats of the container's cgroup in the guest, as cgroup v2 metrics.
 func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	resp, err := s.stats(ctx, r)
+	return resp, toTTRPC(err)
+}
+
+func (s *Service) stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	if _, err := s.get(r.ID); err != nil {
+		return nil, err
+	}
 	sb, err := s.vm()
 	if err != nil {
-		return nil, toTTRPC(err)
+		return nil, err
 	}
 	st, err := sb.agent.Stats(ctx, &api.ContainerRequest{ContainerId: r.ID})
 	if err != nil {
-		return nil, toTTRPC(err)
+		return nil, err
+	}
+	if n := len(st.Cgroup2Metrics); n > maxStatsBytes {
+		return nil, fmt.Errorf("stats of container %s from the guest: %d bytes, more than the %d the shim accepts: %w",
+			r.ID, n, maxStatsBytes, errdefs.ErrOutOfRange)
 	}
 	var m cgroupsv2.Metrics
 	if err := proto.Unmarshal(st.Cgroup2Metrics, &m); err != nil {
-		return nil, toTTRPC(fmt.Errorf("stats from the guest: %w", err))
+		return nil, fmt.Errorf("stats of container %s from the guest: %w", r.ID, err)
 	}
 	a, err := typeurl.MarshalAnyToProto(&m)
 	if err != nil {
-		return nil, toTTRPC(err)
+		return nil, err
 	}
 	return &taskAPI.StatsResponse{Stats: a}, nil
 }
