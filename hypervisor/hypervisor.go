@@ -39,9 +39,15 @@ type Device interface {
 
 // BlockDevice is a host block device or disk image file given to the guest as virtio-blk.
 // The guest finds it by Serial (at most 20 bytes, virtio-blk's limit), which defaults to ID.
+//
+// File is the device or image, opened by the caller (read-write unless ReadOnly) and checked
+// through that handle: the hypervisor is given the descriptor, never the path, so a path an
+// attacker can rewrite (a pod's volume directory) cannot redirect it. Path only names it in
+// messages. The caller keeps ownership of File and may close it once Hotplug returns.
 type BlockDevice struct {
 	ID       string
-	Path     string // host block device or regular file
+	File     *os.File
+	Path     string // what File is, for messages
 	Format   string // "raw" (default) or "qcow2"
 	ReadOnly bool
 	Serial   string

@@ -22,6 +22,7 @@ import (
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/rootfs"
 )
 
 // guestVM is one booted VM with a connected agent, torn down by the test's cleanup.
@@ -29,7 +30,10 @@ type guestVM struct {
 	vm        *qemu.VM
 	agent     *agent.Client
 	sharedDir string
-	bootTime  time.Duration
+	// share is the pod share (rootfs.CreateShare) when the VM was booted with one;
+	// sharedDir is then its read-only export.
+	share    *rootfs.Share
+	bootTime time.Duration
 }
 
 // bootVM boots a VM from the test guest image with a virtio-fs share and connects to its agent.
@@ -45,6 +49,9 @@ type vmOptions struct {
 	// Setup is sent to the agent as is, except that an empty Hostname or SharedFsTag gets
 	// bootVM's; nil sends only those.
 	Setup *api.SetupSandboxRequest
+	// Share exports a pod share (rootfs.CreateShare) as the shim does, instead of a plain
+	// directory the test writes into.
+	Share bool
 }
 
 // bootVMWith is bootVM with options: it boots a VM from the test guest image with a virtio-fs
@@ -53,7 +60,17 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	t.Helper()
 	kernel, initrd := guestImage(t)
 	shared := filepath.Join(stateDir, "shared")
-	if err := os.MkdirAll(shared, 0o755); err != nil {
+	var share *rootfs.Share
+	if o.Share {
+		if err := os.MkdirAll(stateDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		s, err := rootfs.CreateShare(ctx, stateDir, agent.GuestSharedDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		share, shared = s, s.ExportDir()
+	} else if err := os.MkdirAll(shared, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	vm, err := qemu.New(qemu.Config{
@@ -68,7 +85,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	if err := vm.Start(ctx); err != nil {
 		t.Fatalf("start VM: %v", err)
 	}
-	g := &guestVM{vm: vm, sharedDir: shared}
+	g := &guestVM{vm: vm, sharedDir: shared, share: share}
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -78,6 +95,12 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 		}
 		if err := vm.Stop(sctx); err != nil {
 			t.Errorf("stop VM: %v", err)
+		}
+		if share != nil {
+			share.Close()
+			if err := rootfs.Cleanup(sctx, stateDir); err != nil {
+				t.Errorf("clean up the share: %v", err)
+			}
 		}
 		if t.Failed() {
 			if b, err := os.ReadFile(vm.ConsolePath()); err == nil {

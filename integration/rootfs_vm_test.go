@@ -14,9 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
-	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
-	"github.com/podvm/podvm/rootfs"
 )
 
 // TestRootfsShareInVM runs two containers of one pod in a real VM with their filesystems
@@ -34,9 +32,9 @@ func TestRootfsShareInVM(t *testing.T) {
 	// detached overlay rootfs; Release now syncs first). Allow that, and say so, rather than
 	// fail on a process that is already going away.
 	t.Cleanup(func() { waitProcessesGone(t, stateDir, 10*time.Second) })
-	g := bootVM(t, ctx, stateDir)
+	g := bootVMWith(t, ctx, stateDir, vmOptions{Share: true})
 	c := g.agent
-	share := rootfs.NewShare(g.sharedDir, agent.GuestSharedDir)
+	share := g.share
 
 	// The host side of the pod: a snapshot-like lower dir and the kubelet-like volumes.
 	host := t.TempDir()

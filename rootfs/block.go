@@ -43,7 +43,13 @@ const GuestDiskDir = "/run/podvm/disks"
 const (
 	MinDiskSize int64 = 16 << 20 // ext4 with a journal needs a few MiB; 16Mi leaves room
 	MaxDiskSize int64 = 64 << 40 // a sanity bound, far above what a sparse test would use
+	// DefaultMaxDiskSize is the node's cap ([block] max_disk_size) when the config sets none.
+	DefaultMaxDiskSize int64 = 32 << 30
 )
+
+// PodUIDAnnotation is the pod UID containerd's CRI puts on every container of a pod; a disk
+// image is only ever made in a volume directory of that pod.
+const PodUIDAnnotation = "io.kubernetes.cri.sandbox-uid"
 
 // BlockOptions is how a Share hot-plugs disks: the node config's [block] section and its
 // annotation allow-list.
@@ -56,6 +62,9 @@ type BlockOptions struct {
 	Allowed func(key string) bool
 	// Mkfs is the mkfs.ext4 binary; empty means "mkfs.ext4" from PATH.
 	Mkfs string
+	// MaxDiskSize caps the size a disk-image annotation may ask for ([block] max_disk_size);
+	// 0 means DefaultMaxDiskSize.
+	MaxDiskSize int64
 }
 
 // WithBlock sets how the share hot-plugs block volumes and disk images, and returns s.
@@ -185,6 +194,26 @@ func sameBlockDevice(p string, major, minor int64) bool {
 	return int64(unix.Major(st.Rdev)) == major && int64(unix.Minor(st.Rdev)) == minor
 }
 
+// openBlockDevice opens host block device node p (read-only if ro) and checks through the
+// descriptor that it is block device major:minor.
+func openBlockDevice(p string, major, minor int64, ro bool) (*os.File, error) {
+	flag := unix.O_RDWR
+	if ro {
+		flag = unix.O_RDONLY
+	}
+	f, err := os.OpenFile(p, flag|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", p, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK ||
+		int64(unix.Major(st.Rdev)) != major || int64(unix.Minor(st.Rdev)) != minor {
+		f.Close()
+		return nil, fmt.Errorf("%s is no longer block device %d:%d: %w", p, major, minor, errdefs.ErrNotFound)
+	}
+	return f, nil
+}
+
 // blockVolumes takes the block devices the CRI asked for (ContainerConfig.Devices, which
 // containerd writes into linux.devices with the host's major:minor) out of gspec and returns
 // them as disks to hot-plug and device nodes for the agent to make. Their host-numbered cgroup
@@ -220,13 +249,19 @@ func (s *Share) blockVolumes(containerID string, gspec *specs.Spec) ([]*hypervis
 		}
 		host, err := hostBlockNode(d.Major, d.Minor)
 		if err != nil {
+			closeDevices(disks)
+			return nil, nil, fmt.Errorf("container %s: block device %s: %w", containerID, d.Path, err)
+		}
+		ro := !deviceWritable(gspec, d.Major, d.Minor)
+		f, err := openBlockDevice(host, d.Major, d.Minor, ro)
+		if err != nil {
+			closeDevices(disks)
 			return nil, nil, fmt.Errorf("container %s: block device %s: %w", containerID, d.Path, err)
 		}
 		serial := serialFor('b', containerID, d.Path)
 		disks = append(disks, &hypervisor.BlockDevice{
-			ID: serial, Serial: serial, Path: host, Format: "raw",
-			ReadOnly: !deviceWritable(gspec, d.Major, d.Minor),
-			Cache:    s.block.Cache, AIO: s.block.AIO,
+			ID: serial, Serial: serial, File: f, Path: host, Format: "raw",
+			ReadOnly: ro, Cache: s.block.Cache, AIO: s.block.AIO,
 		})
 		n := &api.DeviceNode{Serial: serial, ContainerPath: d.Path}
 		if d.FileMode != nil {
@@ -276,13 +311,30 @@ type diskImage struct {
 	mounts  []int // indexes into the spec's mounts
 	allRO   bool
 	guestAt string
+	file    *os.File // the image, opened and checked by ensureImage
 }
 
-// diskVolumeName returns the volume name a bind source stands for: its base name, which for a
-// kubelet volume (…/pods/<uid>/volumes/kubernetes.io~<plugin>/<name>) is the pod's volume
-// name.
-func diskVolumeName(src string) string {
-	return filepath.Base(filepath.Clean(src))
+// kubeletContentPlugins are kubelet volume plugins whose directories kubelet itself fills
+// (and rewrites); a disk image never replaces them.
+var kubeletContentPlugins = []string{"kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~projected", "kubernetes.io~downward-api"}
+
+// podVolume recognises a kubelet volume directory of the pod with UID podUID,
+// …/pods/<podUID>/volumes/<plugin>/<name> (or …/<name>/mount, where CSI publishes), and
+// returns the volume's name and plugin. Anything else (hostPath, another pod's volume, a
+// subPath bind, containerd's own files) is not a pod volume.
+func podVolume(src, podUID string) (name, plugin string, ok bool) {
+	if podUID == "" {
+		return "", "", false
+	}
+	parts := strings.Split(filepath.Clean(src), "/")
+	if n := len(parts); n > 0 && parts[n-1] == "mount" && n >= 6 && parts[n-4] == "volumes" {
+		parts = parts[:n-1] // CSI: …/volumes/kubernetes.io~csi/<name>/mount
+	}
+	n := len(parts)
+	if n < 5 || parts[n-5] != "pods" || parts[n-4] != podUID || parts[n-3] != "volumes" {
+		return "", "", false
+	}
+	return parts[n-1], parts[n-2], true
 }
 
 // diskImages finds the bind mounts of gspec that pod annotations podvm.io/disk.<volume> turn
@@ -316,13 +368,18 @@ func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs
 		}
 		byVolume[vol] = &diskImage{volume: vol, key: k, size: size, allRO: true}
 	}
+	podUID := gspec.Annotations[PodUIDAnnotation]
+	if podUID == "" && len(byVolume) > 0 {
+		return nil, fmt.Errorf("container %s: disk-image annotations need the pod's UID (annotation %s, set by containerd's CRI) to find the pod's own volumes; run the pod through the CRI: %w", containerID, PodUIDAnnotation, errdefs.ErrInvalidArgument)
+	}
 	for i := range gspec.Mounts {
 		m := &gspec.Mounts[i]
 		if !isBind(m) || isPodShm(m) {
 			continue
 		}
-		d, ok := byVolume[diskVolumeName(m.Source)]
-		if !ok {
+		name, plugin, ok := podVolume(m.Source, podUID)
+		d := byVolume[name]
+		if !ok || d == nil {
 			if v, sub := subPathVolume(m.Source); sub {
 				if d, ok := byVolume[v]; ok {
 					return nil, fmt.Errorf("container %s: mount %s uses a subPath of volume %s, which annotation %s makes a disk image: subPath is not supported for disk-image volumes; mount the whole volume: %w", containerID, m.Destination, v, d.key, errdefs.ErrNotImplemented)
@@ -330,34 +387,50 @@ func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs
 			}
 			continue
 		}
-		dir, err := filepath.EvalSymlinks(m.Source)
-		if err != nil {
-			return nil, fmt.Errorf("container %s: volume %s (annotation %s): source %s of mount %s: %w", containerID, d.volume, d.key, m.Source, m.Destination, err)
+		if slices.Contains(kubeletContentPlugins, plugin) {
+			return nil, fmt.Errorf("container %s: annotation %s names volume %s, a %s volume that kubelet fills; only emptyDir and persistent volumes can be disk images: %w", containerID, d.key, name, strings.TrimPrefix(plugin, "kubernetes.io~"), errdefs.ErrInvalidArgument)
 		}
-		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-			return nil, fmt.Errorf("container %s: volume %s (annotation %s): source %s of mount %s is not a directory; a disk image lives in the volume's directory: %w", containerID, d.volume, d.key, m.Source, m.Destination, errdefs.ErrInvalidArgument)
-		}
-		if d.dir != "" && d.dir != dir {
-			return nil, fmt.Errorf("container %s: annotation %s matches two different volumes, %s and %s; rename one of them: %w", containerID, d.key, d.dir, dir, errdefs.ErrInvalidArgument)
+		src := filepath.Clean(m.Source)
+		if d.dir != "" && d.dir != src {
+			return nil, fmt.Errorf("container %s: annotation %s matches two different volumes, %s and %s; rename one of them: %w", containerID, d.key, d.dir, src, errdefs.ErrInvalidArgument)
 		}
 		if d.dir == "" {
 			out = append(out, d)
 		}
-		d.dir = dir
+		d.dir = src
 		d.mounts = append(d.mounts, i)
 		if !isReadOnly(m.Options) {
 			d.allRO = false
 		}
 	}
+	maxSize := s.block.MaxDiskSize
+	if maxSize <= 0 {
+		maxSize = DefaultMaxDiskSize
+	}
+	var errs []error
 	for _, d := range out {
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			errs = append(errs, err)
+			break
+		}
+		if d.size > maxSize {
+			errs = append(errs, fmt.Errorf("container %s: annotation %s=%s asks for more than this node allows (max_disk_size %d MiB in the node config's [block]); ask for less: %w", containerID, d.key, truncate(gspec.Annotations[d.key]), maxSize>>20, errdefs.ErrInvalidArgument))
+			break
 		}
 		if err := s.ensureImage(ctx, d); err != nil {
-			return nil, fmt.Errorf("container %s: disk image of volume %s (annotation %s=%s): %w", containerID, d.volume, d.key, truncate(gspec.Annotations[d.key]), err)
+			errs = append(errs, fmt.Errorf("container %s: disk image of volume %s (annotation %s=%s): %w", containerID, d.volume, d.key, truncate(gspec.Annotations[d.key]), err))
+			break
 		}
 		d.serial = serialFor('d', containerID, d.volume)
 		d.guestAt = filepath.Join(GuestDiskDir, d.serial)
+	}
+	if err := errors.Join(errs...); err != nil {
+		for _, d := range out {
+			if d.file != nil {
+				d.file.Close()
+			}
+		}
+		return nil, err
 	}
 	return out, nil
 }
@@ -374,24 +447,77 @@ func subPathVolume(src string) (string, bool) {
 	return "", false
 }
 
-// ensureImage creates d's image if it is missing (sparse, formatted ext4) and checks that an
-// existing one is a regular file holding ext4.
+// ensureImage opens d's image (creating it, sparse and formatted ext4, if it is missing and
+// some mount of it is writable) and checks it through the descriptor: a regular file, on
+// the volume directory's filesystem, with one link, holding ext4. Nothing is done by path
+// past the volume directory, so a symlink or hard link planted in the volume (by a pod that
+// shares it) is refused rather than followed.
 func (s *Share) ensureImage(ctx context.Context, d *diskImage) error {
-	img := filepath.Join(d.dir, DiskImageName)
-	fi, err := os.Lstat(img)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return s.createImage(ctx, img, d.size)
-	case err != nil:
-		return err
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("%s is a %s, not a regular file; remove it to have a new image made: %w", img, fi.Mode().Type(), errdefs.ErrInvalidArgument)
+	dir, err := os.OpenFile(d.dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("volume directory %s: %w", d.dir, err)
 	}
-	if fi.Size() != d.size {
+	defer dir.Close()
+	var dst unix.Stat_t
+	if err := unix.Fstat(int(dir.Fd()), &dst); err != nil {
+		return fmt.Errorf("volume directory %s: %w", d.dir, err)
+	}
+	img := filepath.Join(d.dir, DiskImageName)
+	f, err := openImage(int(dir.Fd()), DiskImageName, dst.Dev, d.allRO)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && d.allRO:
+		return fmt.Errorf("%s does not exist and every mount of the volume is read-only, so no image is made; mount it read-write once to create it: %w", img, errdefs.ErrNotFound)
+	case errors.Is(err, fs.ErrNotExist):
+		f, err = s.createImage(ctx, int(dir.Fd()), dst.Dev, d.size)
+		if err != nil {
+			return err
+		}
+	case err != nil:
+		return fmt.Errorf("%s: %w", img, err)
+	}
+	if err := checkExt4(f, img); err != nil {
+		f.Close()
+		return err
+	}
+	if fi, err := f.Stat(); err == nil && fi.Size() != d.size {
 		log.G(ctx).WithFields(log.Fields{"image": img, "size": fi.Size(), "annotation": d.size}).
 			Info("disk image exists with another size; using it as it is (images are never resized)")
 	}
-	return checkExt4(img)
+	d.file = f
+	return nil
+}
+
+// openImage opens name in dirfd without following a symlink and checks, before opening it
+// for I/O, that it is a regular file on filesystem dev with a single link.
+func openImage(dirfd int, name string, dev uint64, ro bool) (*os.File, error) {
+	pfd, err := unix.Openat(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, fs.ErrNotExist
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(pfd)
+	var st unix.Stat_t
+	if err := unix.Fstat(pfd, &st); err != nil {
+		return nil, err
+	}
+	switch {
+	case st.Mode&unix.S_IFMT == unix.S_IFLNK:
+		return nil, fmt.Errorf("is a symbolic link, not an image; remove it to have a new image made: %w", errdefs.ErrInvalidArgument)
+	case st.Mode&unix.S_IFMT != unix.S_IFREG:
+		return nil, fmt.Errorf("is not a regular file; remove it to have a new image made: %w", errdefs.ErrInvalidArgument)
+	case st.Dev != dev:
+		return nil, fmt.Errorf("is on another filesystem than its volume: %w", errdefs.ErrInvalidArgument)
+	case st.Nlink != 1:
+		return nil, fmt.Errorf("has %d hard links; an image must have one (remove the others): %w", st.Nlink, errdefs.ErrInvalidArgument)
+	}
+	flag := unix.O_RDWR
+	if ro {
+		flag = unix.O_RDONLY
+	}
+	// Reopen the very inode checked above through its descriptor's magic link.
+	return os.OpenFile(procFd(pfd), flag|unix.O_CLOEXEC, 0)
 }
 
 // ext4 superblock: 1024 bytes in, magic 0xEF53 at offset 56 of it.
@@ -402,12 +528,7 @@ const (
 )
 
 // checkExt4 checks that the image is readable and starts with an ext2/3/4 superblock.
-func checkExt4(img string) error {
-	f, err := os.Open(img)
-	if err != nil {
-		return fmt.Errorf("opening the image: %w", err)
-	}
-	defer f.Close()
+func checkExt4(f *os.File, img string) error {
 	var b [2]byte
 	if _, err := f.ReadAt(b[:], ext4MagicOffset); err != nil {
 		if errors.Is(err, io.EOF) {
@@ -421,47 +542,59 @@ func checkExt4(img string) error {
 	return nil
 }
 
-// createImage makes a sparse raw image of size bytes and formats it ext4. On error the
+// createImage makes a sparse raw image of size bytes in dirfd, formats it ext4 through its
+// descriptor, and only then gives it its name (without replacing anything). On error the
 // half-made image is removed.
-func (s *Share) createImage(ctx context.Context, img string, size int64) (retErr error) {
-	f, err := os.OpenFile(img+".tmp", os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if errors.Is(err, fs.ErrExist) {
+func (s *Share) createImage(ctx context.Context, dirfd int, dev uint64, size int64) (_ *os.File, retErr error) {
+	tmp := DiskImageName + ".tmp"
+	fd, err := unix.Openat(dirfd, tmp, unix.O_CREAT|unix.O_EXCL|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if errors.Is(err, unix.EEXIST) {
 		// A previous attempt died half-way; nothing refers to the temporary file.
-		_ = os.Remove(img + ".tmp")
-		f, err = os.OpenFile(img+".tmp", os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+		_ = unix.Unlinkat(dirfd, tmp, 0)
+		fd, err = unix.Openat(dirfd, tmp, unix.O_CREAT|unix.O_EXCL|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	}
 	if err != nil {
-		return fmt.Errorf("creating the image: %w", err)
+		return nil, fmt.Errorf("creating the image: %w", err)
 	}
+	f := os.NewFile(uintptr(fd), tmp)
+	named := false
 	defer func() {
 		if retErr != nil {
-			_ = os.Remove(img + ".tmp")
+			f.Close()
+			if !named {
+				_ = unix.Unlinkat(dirfd, tmp, 0)
+			}
 		}
 	}()
-	err = f.Truncate(size)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("sizing the image: %w", err)
+	if err := f.Truncate(size); err != nil {
+		return nil, fmt.Errorf("sizing the image: %w", err)
 	}
 	mkfs := s.block.Mkfs
 	if mkfs == "" {
 		mkfs = "mkfs.ext4"
 	}
 	// Lazy init and no discard keep formatting a sparse file fast; the guest finishes the
-	// inode tables in the background.
+	// inode tables in the background. mkfs gets the descriptor, not a name.
 	cmd := exec.CommandContext(ctx, mkfs, "-F", "-q", "-m", "0",
-		"-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", img+".tmp")
+		"-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", "/dev/fd/3")
+	cmd.ExtraFiles = []*os.File{f}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("formatting the image with %s: %w: %s", mkfs, err, strings.TrimSpace(out.String()))
+		return nil, fmt.Errorf("formatting the image with %s: %w: %s", mkfs, err, strings.TrimSpace(out.String()))
 	}
-	if err := os.Rename(img+".tmp", img); err != nil {
-		return fmt.Errorf("creating the image: %w", err)
+	if err := unix.Renameat2(dirfd, tmp, dirfd, DiskImageName, unix.RENAME_NOREPLACE); err != nil {
+		return nil, fmt.Errorf("naming the image: %w", err)
 	}
-	return nil
+	named = true
+	var st, nst unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, err
+	}
+	if err := unix.Fstatat(dirfd, DiskImageName, &nst, unix.AT_SYMLINK_NOFOLLOW); err != nil || nst.Ino != st.Ino || nst.Dev != dev {
+		return nil, fmt.Errorf("the new image was replaced while it was being named: %w", errdefs.ErrAborted)
+	}
+	return f, nil
 }
 
 // attachDisks adds the disk images to the attachment: one hot-plugged disk and one guest mount
@@ -469,7 +602,7 @@ func (s *Share) createImage(ctx context.Context, img string, size int64) (retErr
 func (s *Share) attachDisks(att *Attachment, disks []*diskImage) {
 	for _, d := range disks {
 		att.BlockDevices = append(att.BlockDevices, &hypervisor.BlockDevice{
-			ID: d.serial, Serial: d.serial, Path: filepath.Join(d.dir, DiskImageName), Format: "raw",
+			ID: d.serial, Serial: d.serial, File: d.file, Path: filepath.Join(d.dir, DiskImageName), Format: "raw",
 			ReadOnly: d.allRO, Cache: s.block.Cache, AIO: s.block.AIO,
 		})
 		opts := []string{"rw"}

@@ -196,13 +196,19 @@ func TestBlockVolumesLoop(t *testing.T) {
 	}
 }
 
+const testPodUID = "0b6c3f4e-pod"
+
 func diskSpec(src string, ann map[string]string, ro bool) *specs.Spec {
 	opts := []string{"rbind", "rw"}
 	if ro {
 		opts = []string{"rbind", "ro"}
 	}
+	a := map[string]string{PodUIDAnnotation: testPodUID}
+	for k, v := range ann {
+		a[k] = v
+	}
 	return &specs.Spec{
-		Annotations: ann,
+		Annotations: a,
 		Linux:       &specs.Linux{},
 		Mounts: []specs.Mount{
 			{Destination: "/etc/hosts", Type: "bind", Source: "/etc/hosts", Options: []string{"rbind"}},
@@ -211,15 +217,29 @@ func diskSpec(src string, ann map[string]string, ro bool) *specs.Spec {
 	}
 }
 
+// podVolumeDir makes kubelet's directory of a volume of pod uid.
+func podVolumeDir(t *testing.T, root, uid, plugin, name string) string {
+	t.Helper()
+	d := filepath.Join(root, "pods", uid, "volumes", "kubernetes.io~"+plugin, name)
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func closeAll(ds []*diskImage) {
+	for _, d := range ds {
+		d.file.Close()
+	}
+}
+
 func TestDiskImages(t *testing.T) {
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
 		t.Skip("no mkfs.ext4")
 	}
 	ctx := context.Background()
-	vol := filepath.Join(t.TempDir(), "volumes", "kubernetes.io~empty-dir", "data")
-	if err := os.MkdirAll(vol, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	root := t.TempDir()
+	vol := podVolumeDir(t, root, testPodUID, "empty-dir", "data")
 	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
 	s := (&Share{}).WithBlock(BlockOptions{Cache: "none", AIO: "threads", Allowed: allowed})
 
@@ -237,8 +257,22 @@ func TestDiskImages(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(vol, DiskImageName)); err == nil {
 		t.Fatal("an image was made for a bad annotation")
 	}
+	// Above the node's cap: refused before anything is made.
+	capped := (&Share{}).WithBlock(BlockOptions{Allowed: allowed, MaxDiskSize: 32 << 20})
+	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
+	if _, err := capped.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "max_disk_size") {
+		t.Fatalf("above the cap: %v", err)
+	}
+	// Read-only everywhere and no image yet: nothing is made.
+	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, true)
+	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("read-only without an image: %v", err)
+	}
+	if ents, _ := os.ReadDir(vol); len(ents) != 0 {
+		t.Fatalf("made for a read-only volume: %v", ents)
+	}
 
-	// Created sparse, formatted, attached.
+	// Created sparse, formatted, attached as an open file.
 	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi", "podvm.io/disk.other": "1Gi"}, false)
 	ds, err := s.diskImages(ctx, "c1", spec)
 	if err != nil || len(ds) != 1 {
@@ -257,22 +291,31 @@ func TestDiskImages(t *testing.T) {
 	}
 	att := &Attachment{Spec: spec}
 	s.attachDisks(att, ds)
-	if len(att.BlockDevices) != 1 || att.BlockDevices[0].Path != img || att.BlockDevices[0].ReadOnly || att.BlockDevices[0].Cache != "none" {
-		t.Fatalf("block devices %+v", att.BlockDevices[0])
+	bd := att.BlockDevices[0]
+	if len(att.BlockDevices) != 1 || bd.Path != img || bd.ReadOnly || bd.Cache != "none" || bd.File == nil {
+		t.Fatalf("block devices %+v", bd)
+	}
+	if ffi, err := bd.File.Stat(); err != nil || !os.SameFile(ffi, fi) {
+		t.Fatalf("the attached file is not the image: %v", err)
 	}
 	if len(att.BlockMounts) != 1 || att.BlockMounts[0].FsType != "ext4" || spec.Mounts[1].Source != att.BlockMounts[0].MountPoint || spec.Mounts[0].Source != "/etc/hosts" {
 		t.Fatalf("mounts %+v spec %+v", att.BlockMounts, spec.Mounts)
 	}
+	att.Close()
 
-	// Read-only mounts give a read-only disk.
+	// Read-only mounts give a read-only disk, opened read-only.
 	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, true)
 	ds, err = s.diskImages(ctx, "c1", spec)
 	if err != nil || len(ds) != 1 || !ds[0].allRO {
 		t.Fatalf("ro: %v %v", ds, err)
 	}
+	if _, err := ds[0].file.Write([]byte("x")); err == nil {
+		t.Error("a read-only disk's file is writable")
+	}
+	closeAll(ds)
 
 	// A subPath of a disk-image volume is refused.
-	spec = diskSpec("/var/lib/kubelet/pods/u/volume-subpaths/data/c/1", map[string]string{"podvm.io/disk.data": "64Mi"}, false)
+	spec = diskSpec(filepath.Join(root, "pods", testPodUID, "volume-subpaths/data/c/1"), map[string]string{"podvm.io/disk.data": "64Mi"}, false)
 	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsNotImplemented(err) {
 		t.Fatalf("subPath: %v", err)
 	}
@@ -300,4 +343,135 @@ func TestDiskImages(t *testing.T) {
 	if ents, _ := os.ReadDir(vol); len(ents) != 0 {
 		t.Fatalf("left in the volume: %v", ents)
 	}
+}
+
+// TestDiskImagesOnlyThisPodsVolumes: the annotation turns only this pod's own emptyDir or
+// persistent volumes into disks, never a hostPath, another pod's volume or a volume kubelet
+// fills, whatever their base name.
+func TestDiskImagesOnlyThisPodsVolumes(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
+	s := (&Share{}).WithBlock(BlockOptions{Allowed: allowed})
+	ann := map[string]string{"podvm.io/disk.data": "64Mi"}
+	hostPath := filepath.Join(root, "host", "data")
+	if err := os.MkdirAll(hostPath, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	notDisks := map[string]string{
+		"hostPath":         hostPath,
+		"another pod's":    podVolumeDir(t, root, "other-pod", "empty-dir", "data"),
+		"a sub dir":        filepath.Join(podVolumeDir(t, root, testPodUID, "empty-dir", "x"), "data"),
+		"containerd files": "/etc/hosts",
+	}
+	for name, src := range notDisks {
+		ds, err := s.diskImages(ctx, "c1", diskSpec(src, ann, false))
+		if err != nil || len(ds) != 0 {
+			t.Errorf("%s volume %s: %v %v, want no disk", name, src, ds, err)
+		}
+	}
+	for _, plugin := range []string{"configmap", "secret", "projected", "downward-api"} {
+		src := podVolumeDir(t, root, testPodUID, plugin, "data")
+		if _, err := s.diskImages(ctx, "c1", diskSpec(src, ann, false)); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "kubelet fills") {
+			t.Errorf("%s volume: %v, want refused", plugin, err)
+		}
+		if ents, _ := os.ReadDir(src); len(ents) != 0 {
+			t.Errorf("made in a %s volume: %v", plugin, ents)
+		}
+	}
+	if _, err := s.diskImages(ctx, "c1", &specs.Spec{Annotations: ann, Mounts: diskSpec(hostPath, nil, false).Mounts}); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("no pod UID: %v, want refused", err)
+	}
+	// CSI publishes at <name>/mount.
+	csi := filepath.Join(podVolumeDir(t, root, testPodUID, "csi", "data"), "mount")
+	if name, plugin, ok := podVolume(csi, testPodUID); !ok || name != "data" || plugin != "kubernetes.io~csi" {
+		t.Errorf("podVolume(%s) = %q %q %v", csi, name, plugin, ok)
+	}
+}
+
+// TestDiskImagePlantedLinks: an image name that a pod sharing the volume turned into a
+// symlink or a hard link to a host file is refused, and that file is never opened for the
+// VM, also while the swap races the shim.
+func TestDiskImagePlantedLinks(t *testing.T) {
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skip("no mkfs.ext4")
+	}
+	ctx := context.Background()
+	root := t.TempDir()
+	vol := podVolumeDir(t, root, testPodUID, "csi", "data")
+	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
+	s := (&Share{}).WithBlock(BlockOptions{Allowed: allowed})
+	spec := func() *specs.Spec { return diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false) }
+
+	// A "host disk": a valid ext4 image outside the volume.
+	victim := filepath.Join(root, "host-disk.img")
+	if err := os.WriteFile(victim, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(victim, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", victim).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	vfi, _ := os.Stat(victim)
+	img := filepath.Join(vol, DiskImageName)
+
+	if err := os.Symlink(victim, img); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.diskImages(ctx, "c1", spec()); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "symbolic link") {
+		t.Errorf("symlinked image: %v, want refused", err)
+	}
+	os.Remove(img)
+	if err := os.Link(victim, img); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.diskImages(ctx, "c1", spec()); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "hard links") {
+		t.Errorf("hard-linked image: %v, want refused", err)
+	}
+	os.Remove(img)
+
+	// Race: the pod keeps swapping the name between a real image and a symlink to the host
+	// disk while the shim opens it.
+	if ds, err := s.diskImages(ctx, "c1", spec()); err != nil {
+		t.Fatal(err)
+	} else {
+		closeAll(ds)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		link := filepath.Join(vol, "link")
+		real := filepath.Join(vol, "real")
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_ = os.Symlink(victim, link)
+			_ = os.Rename(img, real)
+			_ = os.Rename(link, img)
+			_ = os.Rename(img, link)
+			_ = os.Rename(real, img)
+		}
+	}()
+	opened, refused := 0, 0
+	for i := 0; i < 2000; i++ {
+		ds, err := s.diskImages(ctx, "c1", spec())
+		if err != nil {
+			refused++
+			continue
+		}
+		opened++
+		if fi, err := ds[0].file.Stat(); err != nil || os.SameFile(fi, vfi) {
+			t.Fatalf("try %d: the VM would get the host disk (%v)", i, err)
+		}
+		closeAll(ds)
+	}
+	close(stop)
+	<-done
+	t.Logf("2000 tries against a racing pod: %d opened the real image, %d refused, 0 reached the host disk", opened, refused)
 }

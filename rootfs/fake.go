@@ -19,13 +19,34 @@ import (
 // ReleaseErr to make the calls fail.
 type Fake struct {
 	// GuestDir is the guest path of the share; empty means agent.GuestSharedDir.
-	GuestDir   string
+	GuestDir string
+	// Export is what ExportDir returns.
+	Export     string
 	PrepareErr error
 	ReleaseErr error
 
 	mu       sync.Mutex
 	prepared map[string]bool
 	released []string
+	closed   bool
+}
+
+// ExportDir implements Provider.
+func (f *Fake) ExportDir() string { return f.Export }
+
+// Close implements Provider.
+func (f *Fake) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closed = true
+	return nil
+}
+
+// Closed reports whether Close was called.
+func (f *Fake) Closed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.closed
 }
 
 var _ Provider = (*Fake)(nil)

@@ -27,20 +27,37 @@ import (
 // the package doc). The agent mounts it at boot.
 const GuestShmDir = "/dev/shm"
 
-// Names inside a container's directory of the share.
+// Names inside the sandbox's state dir and inside a container's directory of the share.
 const (
+	// StagingDir is the shim's own, writable side of the share: a small tmpfs that only the
+	// shim writes, never exported as it is.
+	StagingDir = "staging"
+	// ExportDir is the guest's side: a read-only bind of StagingDir that virtiofsd exports.
+	// Mounts made under StagingDir appear here (and in virtiofsd) by propagation, with their
+	// own flags: the guest can write a container's rootfs and its writable volumes, and
+	// nothing else, in particular no name in the share's directories.
+	ExportDir = "shared"
+
 	rootfsDir = "rootfs"
 	mountsDir = "mounts"
 )
 
+// stagingOptions bound the staging tmpfs: it only ever holds directories and empty mount
+// points, so a guest that somehow wrote to it could not fill the node's /run.
+const stagingOptions = "size=1m,nr_inodes=16384,mode=0755"
+
 // Provider makes a container's filesystems visible to the guest. *Share is the virtio-fs
 // implementation; Fake is for tests of its callers.
 type Provider interface {
+	// ExportDir is the host directory the VM exports to the guest (virtio-fs).
+	ExportDir() string
 	// Prepare makes the filesystems of one container visible to the guest and returns the
 	// spec rewritten for the guest. On error nothing of it is left behind.
 	Prepare(ctx context.Context, containerID, bundle string, spec *specs.Spec, rootfs []mount.Mount) (*Attachment, error)
 	// Release undoes Prepare for one container; releasing an unknown container is a no-op.
 	Release(ctx context.Context, containerID string) error
+	// Close lets go of the share's descriptors; what is mounted stays for Cleanup.
+	Close() error
 }
 
 // Attachment is what the guest needs to create one container.
@@ -49,7 +66,8 @@ type Attachment struct {
 	// are guest paths. The caller's spec is not modified.
 	Spec *specs.Spec
 	// BlockDevices are to be hot-plugged before the container is created (block volumes,
-	// disk images), and unplugged when it is released.
+	// disk images), and unplugged when it is released. Their Files are open: Close them
+	// once they are plugged (or not).
 	BlockDevices []*hypervisor.BlockDevice
 	// BlockMounts are the disks the guest mounts before creating the container.
 	BlockMounts []*api.BlockMount
@@ -57,35 +75,108 @@ type Attachment struct {
 	Devices []*api.DeviceNode
 }
 
-// Share is what one sandbox shares with its guest through the virtio-fs directory: hostDir
-// on the host, seen as guestDir in the guest. It is safe for concurrent use by different
-// containers and keeps no state of its own (the mount table is the state).
+// Close closes the block devices' files.
+func (a *Attachment) Close() {
+	if a == nil {
+		return
+	}
+	closeDevices(a.BlockDevices)
+}
+
+func closeDevices(ds []*hypervisor.BlockDevice) {
+	for _, d := range ds {
+		if d.File != nil {
+			d.File.Close()
+		}
+	}
+}
+
+// Share is what one sandbox shares with its guest through virtio-fs: a small tmpfs at
+// <stateDir>/staging that only the shim writes, exported read-only as <stateDir>/shared and
+// seen as guestDir in the guest. All its work under staging goes through the descriptor of
+// that tmpfs it opened when it mounted it (see fsat.go). It is safe for concurrent use by
+// different containers and keeps no other state (the mount table is the state).
 type Share struct {
-	hostDir  string
+	stateDir string // real path
 	guestDir string
 	block    BlockOptions
+
+	root *os.File // O_PATH descriptor of the staging tmpfs's root
+	dev  uint64   // its device, the only one removals may touch
 }
 
 var _ Provider = (*Share)(nil)
 
-// NewShare returns the share of a sandbox whose virtio-fs directory is hostDir on the host
-// and guestDir (normally agent.GuestSharedDir) in the guest.
-func NewShare(hostDir, guestDir string) *Share {
-	return &Share{hostDir: filepath.Clean(hostDir), guestDir: filepath.Clean(guestDir)}
+// CreateShare sets up the share of a sandbox in its state dir (which the shim owns and no
+// guest can write): the staging tmpfs, a shared mount so what is mounted in it later
+// propagates to virtiofsd, and its read-only, nosuid, nodev, noexec export. guestDir is where
+// the guest mounts it (normally agent.GuestSharedDir). On error nothing is left.
+func CreateShare(ctx context.Context, stateDir, guestDir string) (_ *Share, retErr error) {
+	dir, err := filepath.EvalSymlinks(stateDir)
+	if err != nil {
+		return nil, fmt.Errorf("state dir %s: %w", stateDir, err)
+	}
+	staging, export := filepath.Join(dir, StagingDir), filepath.Join(dir, ExportDir)
+	for _, d := range []string{staging, export} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			return nil, fmt.Errorf("creating the sandbox's share: %w", err)
+		}
+	}
+	defer func() {
+		if retErr != nil {
+			if err := Cleanup(context.WithoutCancel(ctx), dir); err != nil {
+				log.G(ctx).WithError(err).Warn("undoing a failed share setup")
+			}
+		}
+	}()
+	if err := unix.Mount("podvm-share", staging, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, stagingOptions); err != nil {
+		return nil, fmt.Errorf("mounting the share's tmpfs on %s: %w", staging, err)
+	}
+	// Its own peer group: shared with its export (and virtiofsd's slave copy), nothing else.
+	for _, flag := range []uintptr{unix.MS_PRIVATE, unix.MS_SHARED} {
+		if err := unix.Mount("", staging, "", flag, ""); err != nil {
+			return nil, fmt.Errorf("setting propagation of %s: %w", staging, err)
+		}
+	}
+	if err := unix.Mount(staging, export, "", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("binding %s on %s: %w", staging, export, err)
+	}
+	if err := unix.Mount("", export, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return nil, fmt.Errorf("making %s read-only: %w", export, err)
+	}
+	root, err := os.OpenFile(staging, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening the share: %w", err)
+	}
+	st, err := fstatFd(int(root.Fd()))
+	if err != nil {
+		root.Close()
+		return nil, fmt.Errorf("opening the share: %w", err)
+	}
+	return &Share{stateDir: dir, guestDir: filepath.Clean(guestDir), root: root, dev: st.Dev}, nil
 }
+
+// ExportDir implements Provider.
+func (s *Share) ExportDir() string { return filepath.Join(s.stateDir, ExportDir) }
+
+// Close implements Provider.
+func (s *Share) Close() error { return s.root.Close() }
+
+func (s *Share) rootfd() int { return int(s.root.Fd()) }
 
 // Prepare makes the container's filesystems visible to the guest and returns the OCI spec
 // rewritten for the guest.
 //
 // The rootfs: containerd's rootfs mounts (overlay snapshots, or a bind) are mounted at
-// hostDir/<id>/rootfs; when rootfs is empty, spec.Root.Path (relative to bundle unless
+// staging/<id>/rootfs; when rootfs is empty, spec.Root.Path (relative to bundle unless
 // absolute) is bind-mounted there instead.
 //
 // Volumes: the source of every bind mount of the spec (files and directories: /etc/hosts,
-// /etc/resolv.conf, /etc/hostname, /dev/termination-log, and kubelet's volumes) is bound
-// under hostDir/<id>/mounts/ (symlinks resolved on the host), read-only ones read-only, and
-// the spec's source points at the guest path. The pod's /dev/shm becomes GuestShmDir. Other
-// mounts are left to the guest. On error everything done so far is undone.
+// /etc/resolv.conf, /etc/hostname, /dev/termination-log, and kubelet's volumes) is opened on
+// the host (symlinks resolved, as runc does) and that very tree is bound under
+// staging/<id>/mounts/, nosuid and nodev, read-only ones read-only; the spec's source points
+// at the guest path. The pod's /dev/shm becomes GuestShmDir. Other mounts are left to the
+// guest. On error everything done so far is undone.
 func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *specs.Spec, rootfs []mount.Mount) (_ *Attachment, retErr error) {
 	if err := validID(containerID); err != nil {
 		return nil, err
@@ -106,7 +197,19 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	if err != nil {
 		return nil, err
 	}
+	defer func() {
+		if retErr != nil {
+			closeDevices(disks)
+		}
+	}()
 	images, err := s.diskImages(ctx, containerID, gspec)
+	defer func() {
+		if retErr != nil {
+			for _, d := range images {
+				d.file.Close()
+			}
+		}
+	}()
 	if err != nil {
 		return nil, err
 	}
@@ -117,49 +220,24 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		}
 	}
 
-	hostDir, err := filepath.EvalSymlinks(s.hostDir)
+	ctr, err := mkdirOpen(s.rootfd(), containerID)
 	if err != nil {
-		return nil, fmt.Errorf("shared dir %s of the sandbox: %w (was the VM started?)", s.hostDir, err)
-	}
-	ctrDir := filepath.Join(hostDir, containerID)
-	if err := os.Mkdir(ctrDir, 0o755); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			return nil, fmt.Errorf("container %s: %s exists: %w (release the container first)", containerID, ctrDir, errdefs.ErrAlreadyExists)
+			return nil, fmt.Errorf("container %s: its shared dir exists: %w (release the container first)", containerID, errdefs.ErrAlreadyExists)
 		}
 		return nil, fmt.Errorf("container %s: creating its shared dir: %w", containerID, err)
 	}
+	defer unix.Close(ctr)
 	defer func() {
 		if retErr != nil {
-			if err := release(ctrDir); err != nil {
+			if err := s.release(containerID); err != nil {
 				log.G(ctx).WithError(err).WithField("container", containerID).Warn("undoing a failed rootfs prepare")
 			}
 		}
 	}()
 
-	// The root filesystem.
-	root := filepath.Join(ctrDir, rootfsDir)
-	if err := os.Mkdir(root, 0o755); err != nil {
-		return nil, fmt.Errorf("container %s: %w", containerID, err)
-	}
-	if len(rootfs) > 0 {
-		if err := mount.All(rootfs, root); err != nil {
-			return nil, fmt.Errorf("container %s: mounting its rootfs (%s) at %s: %w", containerID, describeMounts(rootfs), root, err)
-		}
-	} else {
-		src := spec.Root.Path
-		if !filepath.IsAbs(src) {
-			src = filepath.Join(bundle, src)
-		}
-		resolved, err := bindSource(containerID, "/", src)
-		if err != nil {
-			return nil, err
-		}
-		if !resolved.IsDir() {
-			return nil, fmt.Errorf("container %s: root.path %s is not a directory: %w", containerID, src, errdefs.ErrInvalidArgument)
-		}
-		if err := bind(resolved.path, root, false); err != nil {
-			return nil, fmt.Errorf("container %s: binding its rootfs %s: %w", containerID, src, err)
-		}
+	if err := s.mountRootfs(containerID, ctr, bundle, spec, rootfs); err != nil {
+		return nil, err
 	}
 	if gspec.Root == nil {
 		gspec.Root = &specs.Root{}
@@ -167,9 +245,11 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	gspec.Root.Path = filepath.Join(s.guestDir, containerID, rootfsDir)
 
 	// The bind mounts.
-	if err := os.Mkdir(filepath.Join(ctrDir, mountsDir), 0o755); err != nil {
+	mounts, err := mkdirOpen(ctr, mountsDir)
+	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", containerID, err)
 	}
+	defer unix.Close(mounts)
 	for i := range gspec.Mounts {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
@@ -182,20 +262,9 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 			m.Source = GuestShmDir
 			continue
 		}
-		src, err := bindSource(containerID, m.Destination, m.Source)
-		if err != nil {
-			return nil, err
-		}
-		if within(hostDir, src.path) {
-			return nil, fmt.Errorf("container %s: source %s of mount %s contains the sandbox's shared dir %s; sharing it would share the share with itself (mount a narrower host path): %w", containerID, m.Source, m.Destination, s.hostDir, errdefs.ErrNotImplemented)
-		}
 		name := mountName(i, m.Destination)
-		target := filepath.Join(ctrDir, mountsDir, name)
-		if err := makeTarget(target, src.IsDir()); err != nil {
-			return nil, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
-		}
-		if err := bind(src.path, target, isReadOnly(m.Options)); err != nil {
-			return nil, fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, src.path, m.Destination, err)
+		if err := s.bindVolume(containerID, mounts, name, m); err != nil {
+			return nil, err
 		}
 		m.Source = filepath.Join(s.guestDir, containerID, mountsDir, name)
 	}
@@ -204,58 +273,153 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	return att, nil
 }
 
+// mountRootfs mounts the container's root filesystem on a new rootfs dir in ctr.
+func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *specs.Spec, rootfs []mount.Mount) error {
+	target, err := mkdirOpen(ctr, rootfsDir)
+	if err != nil {
+		return fmt.Errorf("container %s: %w", containerID, err)
+	}
+	defer unix.Close(target)
+	if len(rootfs) == 0 {
+		src := spec.Root.Path
+		if !filepath.IsAbs(src) {
+			src = filepath.Join(bundle, src)
+		}
+		fd, st, err := s.openSource(containerID, "/", src)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return fmt.Errorf("container %s: root.path %s is not a directory: %w", containerID, src, errdefs.ErrInvalidArgument)
+		}
+		if err := bindAt(fd, target, false, false); err != nil {
+			return fmt.Errorf("container %s: binding its rootfs %s: %w", containerID, src, err)
+		}
+		return nil
+	}
+	// containerd's mounts take a path; the descriptor's magic link is the dir just made.
+	if err := mount.All(rootfs, procFd(target)); err != nil {
+		return fmt.Errorf("container %s: mounting its rootfs (%s): %w", containerID, describeMounts(rootfs), err)
+	}
+	top, err := openBeneath(ctr, rootfsDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+	if err != nil {
+		return fmt.Errorf("container %s: its rootfs: %w", containerID, err)
+	}
+	defer unix.Close(top)
+	if err := unix.MountSetattr(top, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: hostAttrs}); err != nil {
+		return fmt.Errorf("container %s: making its rootfs nosuid,nodev on the host: %w", containerID, err)
+	}
+	return nil
+}
+
+// bindVolume binds the source of m on a new mount point name in the mounts dir.
+func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs.Mount) error {
+	fd, st, err := s.openSource(containerID, m.Destination, m.Source)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	dir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+	target, err := makeTargetAt(mounts, name, dir)
+	if err != nil {
+		return fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+	}
+	defer unix.Close(target)
+	ro, rro := readOnly(m.Options)
+	if err := bindAt(fd, target, ro, rro); err != nil {
+		return fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
+	}
+	return nil
+}
+
 // Release undoes Prepare for one container: it detaches every mount under the container's
-// directory of the share, deepest first, and removes the directory. It is idempotent.
+// directory of the share and removes the directory, all through the share's descriptor. It
+// is idempotent.
 func (s *Share) Release(ctx context.Context, containerID string) error {
 	if err := validID(containerID); err != nil {
 		return err
 	}
-	hostDir, err := filepath.EvalSymlinks(s.hostDir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("shared dir %s of the sandbox: %w", s.hostDir, err)
-	}
-	if err := release(filepath.Join(hostDir, containerID)); err != nil {
+	if err := s.release(containerID); err != nil {
 		return fmt.Errorf("container %s: %w", containerID, err)
 	}
 	return nil
 }
 
-// Cleanup unmounts everything below hostDir and removes what is in it, without any state
-// but the mount table: for `shim delete` after the shim died. hostDir itself is removed
-// too unless it is still a mount point (the hypervisor's shared bind of it, which its own
-// cleanup undoes). It is idempotent.
-func Cleanup(ctx context.Context, hostDir string) error {
-	dir, err := filepath.EvalSymlinks(hostDir)
+func (s *Share) release(containerID string) error {
+	return releaseAt(s.rootfd(), filepath.Join(s.stateDir, StagingDir), containerID, s.dev)
+}
+
+// releaseAt detaches what is mounted at or below name in the staging dir (dirfd, real path
+// dirPath) and removes name, never leaving the staging filesystem dev. The tree is removed
+// only once the mount table shows nothing mounted in it, so a failed unmount can never turn
+// into deleting a volume's data.
+func releaseAt(dirfd int, dirPath, name string, dev uint64) error {
+	syncOverlays(dirfd, dirPath, name)
+	if err := detachAll(dirfd, dirPath, name); err != nil {
+		return err
+	}
+	return removeAt(dirfd, name, dev)
+}
+
+// Cleanup removes the share of the sandbox whose state dir is stateDir, from the mount table
+// alone: for teardown and for `shim delete` after the shim died. It detaches every mount
+// under the staging and export dirs (reached only by symlink-free lookups from the state
+// dir) and removes both. It is idempotent.
+func Cleanup(ctx context.Context, stateDir string) error {
+	dir, err := filepath.EvalSymlinks(stateDir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	} else if err != nil {
-		return fmt.Errorf("shared dir %s: %w", hostDir, err)
+		return fmt.Errorf("state dir %s: %w", stateDir, err)
 	}
-	entries, err := os.ReadDir(dir)
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("cleaning up shared dir: %w", err)
+		return fmt.Errorf("state dir %s: %w", stateDir, err)
+	}
+	defer unix.Close(fd)
+	st, err := fstatFd(fd)
+	if err != nil {
+		return fmt.Errorf("state dir %s: %w", stateDir, err)
 	}
 	var errs []error
-	for _, e := range entries {
-		if err := release(filepath.Join(dir, e.Name())); err != nil {
+	for _, name := range []string{StagingDir, ExportDir} {
+		if err := releaseAt(fd, dir, name, st.Dev); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("cleaning up shared dir %s: %w", hostDir, err)
+		return fmt.Errorf("cleaning up the share in %s: %w", stateDir, err)
 	}
-	self, err := isMountPoint(dir)
-	if err != nil {
+	log.G(ctx).WithField("dir", stateDir).Debug("rootfs share cleaned up")
+	return nil
+}
+
+// CleanupContainer undoes Prepare of one container from the mount table alone, for `shim
+// delete` of a container whose shim died while the sandbox's lives on.
+func CleanupContainer(ctx context.Context, stateDir, containerID string) error {
+	if err := validID(containerID); err != nil {
 		return err
 	}
-	if !self {
-		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("removing shared dir: %w", err)
-		}
+	staging := filepath.Join(stateDir, StagingDir)
+	dir, err := filepath.EvalSymlinks(staging)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("share %s: %w", staging, err)
 	}
-	log.G(ctx).WithField("dir", hostDir).Debug("rootfs share cleaned up")
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("share %s: %w", staging, err)
+	}
+	defer unix.Close(fd)
+	st, err := fstatFd(fd)
+	if err != nil {
+		return fmt.Errorf("share %s: %w", staging, err)
+	}
+	if err := releaseAt(fd, dir, containerID, st.Dev); err != nil {
+		return fmt.Errorf("container %s: %w", containerID, err)
+	}
 	return nil
 }
 
@@ -301,54 +465,66 @@ func isPodShm(m *specs.Mount) bool {
 		(filepath.Base(src) == "shm" && filepath.Base(filepath.Dir(filepath.Dir(src))) == "sandboxes")
 }
 
-func isReadOnly(opts []string) bool {
-	ro := false
+// readOnly reports how an OCI bind is read-only: ro (the bind's top mount) and rro (every
+// mount of it, runc's recursive read-only); the last of ro/rro/rw wins.
+func readOnly(opts []string) (ro, rro bool) {
 	for _, o := range opts {
 		switch o {
-		case "ro", "rro":
-			ro = true
+		case "ro":
+			ro, rro = true, false
+		case "rro":
+			ro, rro = true, true
 		case "rw":
-			ro = false
+			ro, rro = false, false
 		}
 	}
+	return ro, rro
+}
+
+func isReadOnly(opts []string) bool {
+	ro, _ := readOnly(opts)
 	return ro
 }
 
-// source is a resolved bind source.
-type source struct {
-	path string
-	mode fs.FileMode
-}
-
-func (s source) IsDir() bool { return s.mode.IsDir() }
-
-// bindSource resolves a bind source on the host and checks that virtio-fs can share it.
-func bindSource(containerID, dest, src string) (source, error) {
+// openSource opens a bind source on the host (O_PATH; symlinks in the spec's path are
+// resolved, as runc does) and checks through that descriptor that virtio-fs can share it
+// and that it neither holds nor lies in the sandbox's state dir.
+func (s *Share) openSource(containerID, dest, src string) (int, unix.Stat_t, error) {
+	var st unix.Stat_t
 	if src == "" {
-		return source{}, fmt.Errorf("container %s: bind mount %s has no source: %w", containerID, dest, errdefs.ErrInvalidArgument)
+		return -1, st, fmt.Errorf("container %s: bind mount %s has no source: %w", containerID, dest, errdefs.ErrInvalidArgument)
 	}
-	resolved, err := filepath.EvalSymlinks(src)
+	fd, err := unix.Open(src, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return source{}, fmt.Errorf("container %s: source %s of mount %s does not exist (kubelet/containerd create it; was the volume set up?): %w", containerID, src, dest, errdefs.ErrNotFound)
+		if errors.Is(err, unix.ENOENT) {
+			return -1, st, fmt.Errorf("container %s: source %s of mount %s does not exist (kubelet/containerd create it; was the volume set up?): %w", containerID, src, dest, errdefs.ErrNotFound)
 		}
-		return source{}, fmt.Errorf("container %s: resolving source %s of mount %s: %w", containerID, src, dest, err)
+		return -1, st, fmt.Errorf("container %s: opening source %s of mount %s: %w", containerID, src, dest, err)
 	}
-	fi, err := os.Stat(resolved)
-	if err != nil {
-		return source{}, fmt.Errorf("container %s: source %s of mount %s: %w", containerID, src, dest, err)
+	fail := func(err error) (int, unix.Stat_t, error) {
+		unix.Close(fd)
+		return -1, st, err
 	}
-	mode := fi.Mode()
-	switch {
-	case mode.IsDir(), mode.IsRegular():
-		return source{path: resolved, mode: mode}, nil
-	case mode&fs.ModeSocket != 0:
-		return source{}, fmt.Errorf("container %s: source %s of mount %s is a unix socket: a host socket cannot be reached from a VM pod; use a TCP service or run this pod with a non-VM runtime class: %w", containerID, src, dest, errdefs.ErrNotImplemented)
-	case mode&fs.ModeDevice != 0:
-		return source{}, fmt.Errorf("container %s: source %s of mount %s is a device: host devices are not shared with VM pods (not supported); use a non-VM runtime class: %w", containerID, src, dest, errdefs.ErrNotImplemented)
+	if st, err = fstatFd(fd); err != nil {
+		return fail(fmt.Errorf("container %s: source %s of mount %s: %w", containerID, src, dest, err))
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR, unix.S_IFREG:
+	case unix.S_IFSOCK:
+		return fail(fmt.Errorf("container %s: source %s of mount %s is a unix socket: a host socket cannot be reached from a VM pod; use a TCP service or run this pod with a non-VM runtime class: %w", containerID, src, dest, errdefs.ErrNotImplemented))
+	case unix.S_IFBLK, unix.S_IFCHR:
+		return fail(fmt.Errorf("container %s: source %s of mount %s is a device: host devices are not shared with VM pods (not supported); use a non-VM runtime class: %w", containerID, src, dest, errdefs.ErrNotImplemented))
 	default:
-		return source{}, fmt.Errorf("container %s: source %s of mount %s is a %s, which virtio-fs cannot share (only files and directories; not supported): %w", containerID, src, dest, mode.Type(), errdefs.ErrNotImplemented)
+		return fail(fmt.Errorf("container %s: source %s of mount %s is a FIFO or other special file, which virtio-fs cannot share (only files and directories; not supported): %w", containerID, src, dest, errdefs.ErrNotImplemented))
 	}
+	real, err := fdPath(fd)
+	if err != nil {
+		return fail(fmt.Errorf("container %s: source %s of mount %s: %w", containerID, src, dest, err))
+	}
+	if within(s.stateDir, real) || within(real, s.stateDir) {
+		return fail(fmt.Errorf("container %s: source %s of mount %s overlaps the sandbox's state dir %s; sharing it would share the share with itself (mount a narrower host path): %w", containerID, src, dest, s.stateDir, errdefs.ErrNotImplemented))
+	}
+	return fd, st, nil
 }
 
 var unsafeName = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
@@ -364,39 +540,6 @@ func mountName(i int, dest string) string {
 		base = base[:64]
 	}
 	return strconv.Itoa(i) + "-" + base
-}
-
-// makeTarget creates the mount point of a bind: a directory, or an empty file for a file.
-func makeTarget(target string, dir bool) error {
-	if dir {
-		return os.Mkdir(target, 0o755)
-	}
-	f, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	return f.Close()
-}
-
-// bind bind-mounts src (with everything mounted below it) on target, read-only if ro: the
-// read-only flag is applied recursively where the kernel can (mount_setattr, Linux 5.12),
-// else to the top mount.
-func bind(src, target string, ro bool) error {
-	if err := unix.Mount(src, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", src, target, err)
-	}
-	if !ro {
-		return nil
-	}
-	err := unix.MountSetattr(-1, target, unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY})
-	if errors.Is(err, unix.ENOSYS) {
-		err = unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, "")
-	}
-	if err != nil {
-		_ = mount.UnmountRecursive(target, unix.MNT_DETACH)
-		return fmt.Errorf("making %s read-only: %w", target, err)
-	}
-	return nil
 }
 
 // within reports whether p is dir or below it.

@@ -30,13 +30,15 @@ func needRoot(t *testing.T) {
 	t.Skip("needs root to mount")
 }
 
-// env is one test's host: a share dir and a place for volume sources.
+// env is one test's host: a sandbox state dir with its share, and a place for volume sources.
 type env struct {
-	t      *testing.T
-	root   string // the temp dir everything lives in
-	shared string // the share's host dir
-	vols   string // volume sources
-	share  *Share
+	t       *testing.T
+	root    string // the temp dir everything lives in
+	state   string // the sandbox's state dir
+	staging string // the share's writable side (the shim's)
+	shared  string // the share's exported, read-only side (the guest's)
+	vols    string // volume sources
+	share   *Share
 }
 
 const guestDir = "/run/podvm/shared"
@@ -45,8 +47,10 @@ func newEnv(t *testing.T) *env {
 	t.Helper()
 	needRoot(t)
 	root := t.TempDir()
-	e := &env{t: t, root: root, shared: filepath.Join(root, "shared"), vols: filepath.Join(root, "vols")}
-	for _, d := range []string{e.shared, e.vols} {
+	state := filepath.Join(root, "state")
+	e := &env{t: t, root: root, state: state, staging: filepath.Join(state, StagingDir),
+		shared: filepath.Join(state, ExportDir), vols: filepath.Join(root, "vols")}
+	for _, d := range []string{e.state, e.vols} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -54,12 +58,20 @@ func newEnv(t *testing.T) *env {
 	// Registered after TempDir, so it runs before TempDir's removal: a failing test must not
 	// leave mounts behind (nor make RemoveAll walk into a volume).
 	t.Cleanup(func() {
+		if err := Cleanup(context.Background(), state); err != nil {
+			t.Errorf("Cleanup: %v", err)
+		}
 		if left, _ := mountsUnder(root); len(left) > 0 {
 			t.Errorf("mounts left under the test dir: %v", left)
 			_ = mount.UnmountRecursive(root, unix.MNT_DETACH)
 		}
 	})
-	e.share = NewShare(e.shared, guestDir)
+	share, err := CreateShare(context.Background(), state, guestDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { share.Close() })
+	e.share = share
 	return e
 }
 
@@ -108,18 +120,21 @@ func (e *env) overlay(name string, files map[string]string) ([]mount.Mount, stri
 		Options: []string{"lowerdir=" + lower, "upperdir=" + upper, "workdir=" + work}}}, upper
 }
 
+// noMounts checks that nothing but the share's own two mounts is left in the state dir.
 func (e *env) noMounts() {
 	e.t.Helper()
-	if left, err := mountsUnder(e.shared); err != nil {
+	left, err := mountsUnder(e.state)
+	if err != nil {
 		e.t.Fatal(err)
-	} else if len(left) > 0 {
-		e.t.Errorf("mounts left under the share: %v", left)
+	}
+	if !reflect.DeepEqual(left, []string{e.staging, e.shared}) && !reflect.DeepEqual(left, []string{e.shared, e.staging}) {
+		e.t.Errorf("mounts in the state dir: %v, want only the share's %s and %s", left, e.staging, e.shared)
 	}
 }
 
 func (e *env) gone(id string) {
 	e.t.Helper()
-	if _, err := os.Lstat(filepath.Join(e.shared, id)); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Lstat(filepath.Join(e.staging, id)); !errors.Is(err, fs.ErrNotExist) {
 		e.t.Errorf("%s of the share still there (err %v)", id, err)
 	}
 }
@@ -252,6 +267,7 @@ func TestPrepareBinds(t *testing.T) {
 		bindMount(hostname, "/etc/hostname", "ro"),
 		bindMount(link, "/linked"),
 		bindMount(secretParent, "/vols", "ro"),
+		bindMount(secretParent, "/rvols", "rro"),
 		bindMount(shm, "/dev/shm", "rw"),
 		specs.Mount{Destination: "/opt", Source: empty, Options: []string{"bind"}}, // no type: a bind by its options
 	)
@@ -297,11 +313,13 @@ func TestPrepareBinds(t *testing.T) {
 		{"/etc/hosts", "", "127.0.0.1 localhost\n", true, ""},
 		{"/etc/hostname", "", "pod-a\n", false, ""},
 		{"/linked", "key", "value", true, ""},
-		{"/vols", "secret/token", "s3cr3t", false, "secret"}, // read-only recursively
+		{"/vols", "", "", false, ""},                 // ro: the bind's top mount read-only...
+		{"/vols", "secret/token", "s3cr3t", true, "secret"}, // ...its sub-mounts as they are (runc's "ro")
+		{"/rvols", "secret/token", "s3cr3t", false, "secret"}, // rro: read-only recursively
 		{"/opt", "", "", true, ""},
 	}
 	for _, tc := range tests {
-		t.Run(strings.TrimPrefix(tc.dest, "/"), func(t *testing.T) {
+		t.Run(strings.TrimPrefix(tc.dest+"/"+tc.writeIn, "/"), func(t *testing.T) {
 			p := hostPath(byDest[tc.dest])
 			fi, err := os.Stat(p)
 			if err != nil {
@@ -423,7 +441,7 @@ func TestPrepareFailsCleanly(t *testing.T) {
 				return []specs.Mount{bindMount(e.dir("ok1", nil), "/a"), bindMount(e.root, "/host")}
 			},
 			wantIs:   errdefs.ErrNotImplemented,
-			wantText: []string{"shared dir", "/host"},
+			wantText: []string{"state dir", "/host"},
 		},
 		{
 			name: "bind without source",
@@ -487,65 +505,43 @@ func TestPrepareRefusals(t *testing.T) {
 }
 
 func TestCleanupAfterCrash(t *testing.T) {
-	for _, selfMounted := range []bool{false, true} {
-		name := "plain dir"
-		if selfMounted {
-			name = "shared self-bind like the hypervisor's"
+	e := newEnv(t)
+	ctx := context.Background()
+	cfg := e.dir("cfg", map[string]string{"key": "value"})
+	for _, id := range []string{"a", "b", "c"} {
+		rootfs, _ := e.overlay(id, map[string]string{"f": id})
+		spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: []specs.Mount{
+			bindMount(cfg, "/cfg", "ro"), bindMount(e.file("hosts-"+id, id), "/etc/hosts")}}
+		if _, err := e.share.Prepare(ctx, id, "", spec, rootfs); err != nil {
+			t.Fatal(err)
 		}
-		t.Run(name, func(t *testing.T) {
-			e := newEnv(t)
-			ctx := context.Background()
-			if selfMounted {
-				if err := unix.Mount(e.shared, e.shared, "", unix.MS_BIND, ""); err != nil {
-					t.Fatal(err)
-				}
-				if err := unix.Mount("", e.shared, "", unix.MS_SHARED, ""); err != nil {
-					t.Fatal(err)
-				}
-			}
-			cfg := e.dir("cfg", map[string]string{"key": "value"})
-			for _, id := range []string{"a", "b"} {
-				rootfs, _ := e.overlay(id, map[string]string{"f": id})
-				spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: []specs.Mount{
-					bindMount(cfg, "/cfg", "ro"), bindMount(e.file("hosts-"+id, id), "/etc/hosts")}}
-				if _, err := NewShare(e.shared, guestDir).Prepare(ctx, id, "", spec, rootfs); err != nil {
-					t.Fatal(err)
-				}
-			}
-			// The shim died: no Share; a new process cleans up from the mount table alone.
-			if err := Cleanup(ctx, e.shared); err != nil {
-				t.Fatal(err)
-			}
-			left, err := mountsUnder(e.shared)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if selfMounted {
-				if len(left) != 1 || left[0] != e.shared {
-					t.Errorf("mounts after Cleanup: %v, want only the hypervisor's self-bind", left)
-				}
-				entries, _ := os.ReadDir(e.shared)
-				if len(entries) != 0 {
-					t.Errorf("Cleanup left %d entries in the share", len(entries))
-				}
-				if err := unix.Unmount(e.shared, unix.MNT_DETACH); err != nil {
-					t.Fatal(err)
-				}
-			} else {
-				if len(left) != 0 {
-					t.Errorf("mounts after Cleanup: %v", left)
-				}
-				if _, err := os.Stat(e.shared); !errors.Is(err, fs.ErrNotExist) {
-					t.Errorf("share dir still there: %v", err)
-				}
-			}
-			if got := readFile(t, filepath.Join(cfg, "key")); got != "value" {
-				t.Errorf("Cleanup disturbed a volume: %q", got)
-			}
-			if err := Cleanup(ctx, e.shared); err != nil {
-				t.Errorf("second Cleanup: %v", err)
-			}
-		})
+	}
+	// The shim died: no Share; a new process cleans up from the mount table alone. First
+	// one container (its own shim's delete), then the whole sandbox.
+	e.share.Close()
+	if err := CleanupContainer(ctx, e.state, "c"); err != nil {
+		t.Fatal(err)
+	}
+	e.gone("c")
+	if err := Cleanup(ctx, e.state); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := mountsUnder(e.state); err != nil || len(left) != 0 {
+		t.Errorf("mounts after Cleanup: %v (%v)", left, err)
+	}
+	for _, d := range []string{e.staging, e.shared} {
+		if _, err := os.Lstat(d); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s still there: %v", d, err)
+		}
+	}
+	if got := readFile(t, filepath.Join(cfg, "key")); got != "value" {
+		t.Errorf("Cleanup disturbed a volume: %q", got)
+	}
+	if err := Cleanup(ctx, e.state); err != nil {
+		t.Errorf("second Cleanup: %v", err)
+	}
+	if err := CleanupContainer(ctx, e.state, "a"); err != nil {
+		t.Errorf("CleanupContainer after Cleanup: %v", err)
 	}
 }
 

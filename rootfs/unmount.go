@@ -1,51 +1,22 @@
 package rootfs
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
-	"strings"
 
-	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
-// release detaches every mount at or below dir and removes dir. It removes the tree only
-// once the mount table shows nothing mounted below it, so a failed unmount can never make
-// it delete a volume's data.
-func release(dir string) error {
-	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	syncOverlays(dir)
-	// Lazily: virtiofsd holds O_PATH descriptors of what the guest looked up, which keeps
-	// a plain unmount busy for as long as the guest caches the inodes.
-	if err := mount.UnmountRecursive(dir, unix.MNT_DETACH); err != nil {
-		return fmt.Errorf("unmounting %s: %w", dir, err)
-	}
-	left, err := mountsUnder(dir)
-	if err != nil {
-		return err
-	}
-	if len(left) > 0 {
-		return fmt.Errorf("mounts left under %s after unmounting: %s (unmount them by hand, then retry)", dir, strings.Join(left, ", "))
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("removing %s: %w", dir, err)
-	}
-	return nil
-}
-
-// syncOverlays flushes the overlay filesystems (container rootfs) at or below dir. Once
-// detached, an overlay is unmounted for good when its last user lets go, and that is
-// usually virtiofsd: its final unmount then syncs the upper dir in whatever process drops
-// the last reference, which made virtiofsd exit late. Flushing here keeps that cost in
-// Release, where containerd would pay it too. Errors only mean the later sync does the work.
-func syncOverlays(dir string) {
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
+// syncOverlays flushes the overlay filesystems (container rootfs) at or below name in the
+// staging dir (dirfd, real path dirPath), each reached by a symlink-free lookup. Once
+// detached, an overlay is unmounted for good when its last user lets go, and that is usually
+// virtiofsd: its final unmount then syncs the upper dir in whatever process drops the last
+// reference, which made virtiofsd exit late. Flushing here keeps that cost in Release, where
+// containerd would pay it too. Errors only mean the later sync does the work.
+func syncOverlays(dirfd int, dirPath, name string) {
+	base := filepath.Join(dirPath, name)
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(base))
 	if err != nil {
 		return
 	}
@@ -53,7 +24,11 @@ func syncOverlays(dir string) {
 		if m.FSType != "overlay" {
 			continue
 		}
-		fd, err := unix.Open(m.Mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		rel, err := filepath.Rel(dirPath, m.Mountpoint)
+		if err != nil {
+			continue
+		}
+		fd, err := openBeneath(dirfd, rel, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 		if err != nil {
 			continue
 		}
@@ -73,13 +48,4 @@ func mountsUnder(dir string) ([]string, error) {
 		points = append(points, m.Mountpoint)
 	}
 	return points, nil
-}
-
-// isMountPoint reports whether dir itself is a mount point.
-func isMountPoint(dir string) (bool, error) {
-	infos, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(filepath.Clean(dir)))
-	if err != nil {
-		return false, fmt.Errorf("reading the mount table: %w", err)
-	}
-	return len(infos) > 0, nil
 }

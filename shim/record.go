@@ -59,9 +59,8 @@ func cleanupState(ctx context.Context, r record, id string) {
 	if r.StateDir == "" {
 		return
 	}
-	shared := filepath.Join(r.StateDir, "shared")
 	if !r.OwnsVM {
-		if err := rootfs.Cleanup(ctx, filepath.Join(shared, id)); err != nil {
+		if err := rootfs.CleanupContainer(ctx, r.StateDir, id); err != nil {
 			log.G(ctx).WithError(err).Warn("clean up the container's shared filesystems")
 		}
 		return
@@ -74,8 +73,10 @@ func cleanupState(ctx context.Context, r record, id string) {
 			log.G(ctx).WithError(err).Warn("clean up pod network")
 		}
 	}
-	if err := rootfs.Cleanup(ctx, shared); err != nil {
-		log.G(ctx).WithError(err).Warn("clean up shared filesystems")
+	if err := rootfs.Cleanup(ctx, r.StateDir); err != nil {
+		// Something is still mounted in it: removing the state dir could reach a volume.
+		log.G(ctx).WithError(err).Error("clean up shared filesystems; keeping the state dir")
+		return
 	}
 	if err := os.RemoveAll(r.StateDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithError(err).Warn("remove state dir")

@@ -46,7 +46,8 @@ type backend struct {
 	newVM      func(cfg qemu.Config) (hypervisor.Hypervisor, error)
 	connect    func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error)
 	discover   func(ctx context.Context, netnsPath string) (*network.Pod, error)
-	newShare   func(hostDir, guestDir string, cfg *config.Config) rootfs.Provider
+	// newShare sets up the pod's virtio-fs share in its state dir.
+	newShare func(ctx context.Context, stateDir, guestDir string, cfg *config.Config) (rootfs.Provider, error)
 	// forwardPorts carries loopback TCP of the pod netns into the guest (CRI PortForward).
 	forwardPorts func(ctx context.Context, netnsPath string, dial network.GuestDialer) (portForwarder, error)
 }
@@ -80,11 +81,15 @@ func DefaultBackend() backend {
 			}
 			return f, nil
 		},
-		newShare: func(hostDir, guestDir string, cfg *config.Config) rootfs.Provider {
-			// [block] cache/aio and the annotation allow-list reach hot-plugged disks here.
-			return rootfs.NewShare(hostDir, guestDir).WithBlock(rootfs.BlockOptions{
-				Cache: cfg.Block.Cache, AIO: cfg.Block.AIO, Allowed: cfg.Allowed,
-			})
+		newShare: func(ctx context.Context, stateDir, guestDir string, cfg *config.Config) (rootfs.Provider, error) {
+			s, err := rootfs.CreateShare(ctx, stateDir, guestDir)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			// [block] cache/aio, the size cap and the annotation allow-list reach disks here.
+			return s.WithBlock(rootfs.BlockOptions{
+				Cache: cfg.Block.Cache, AIO: cfg.Block.AIO, Allowed: cfg.Allowed, MaxDiskSize: int64(cfg.Block.MaxDiskSize),
+			}), nil
 		},
 	}
 }
@@ -145,6 +150,8 @@ type sandbox struct {
 	ports portForwarder
 	// stopping is set when the shim stops the VM on purpose.
 	stopping atomic.Bool
+	// ready is set once the guest is set up; containers are prepared only then.
+	ready bool
 
 	mu sync.Mutex
 	// disks are the hot-plugged block devices of each container.
@@ -178,10 +185,11 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if err := rec.write(o.bundle); err != nil {
 		return nil, err
 	}
-	shared := filepath.Join(sb.stateDir, "shared")
-	if err := os.MkdirAll(shared, 0o755); err != nil {
-		return nil, err
+	share, err := b.newShare(ctx, sb.stateDir, agent.GuestSharedDir, o.cfg)
+	if err != nil {
+		return nil, fmt.Errorf("the pod's shared filesystem: %w", err)
 	}
+	sb.share = share
 
 	var nics []*hypervisor.NetDevice
 	var pod *network.Pod
@@ -201,7 +209,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	}
 
 	qcfg := o.cfg.QEMUConfig(o.id, o.size)
-	qcfg.StateDir, qcfg.SharedDir, qcfg.NetDevices = sb.stateDir, shared, nics
+	qcfg.StateDir, qcfg.SharedDir, qcfg.NetDevices = sb.stateDir, share.ExportDir(), nics
 	cid, err := randomCID()
 	if err != nil {
 		return nil, err
@@ -243,7 +251,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 			log.G(ctx).WithError(err).Warn("port-forward (kubectl/crictl port-forward) to this pod will not work")
 		}
 	}
-	sb.share = b.newShare(shared, agent.GuestSharedDir, o.cfg)
+	sb.ready = true
 	log.G(ctx).WithFields(log.Fields{
 		"sandbox": o.id, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB, "size_from": o.size.Source,
 		"nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
@@ -275,13 +283,15 @@ func (sb *sandbox) consolePath() string {
 
 // prepare makes a container's filesystems and disks available to the guest.
 func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.Spec, mounts []mount.Mount) (_ *guestContainer, retErr error) {
-	if sb.share == nil {
+	if !sb.ready {
 		return nil, fmt.Errorf("the pod VM is not ready: %w", errdefs.ErrFailedPrecondition)
 	}
 	att, err := sb.share.Prepare(ctx, id, bundle, spec, mounts)
 	if err != nil {
 		return nil, err
 	}
+	// The hypervisor has its own copies of the disks' descriptors once they are plugged.
+	defer att.Close()
 	defer func() {
 		if retErr != nil {
 			sb.release(context.WithoutCancel(ctx), id)
@@ -354,6 +364,9 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 		if err := ep.Detach(ctx); err != nil {
 			log.G(ctx).WithError(err).WithField("interface", ep.Name()).Warn("detach pod interface")
 		}
+	}
+	if sb.share != nil {
+		sb.share.Close()
 	}
 	cleanupState(ctx, record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true}, sb.id)
 }

@@ -117,7 +117,10 @@ func newRig(t *testing.T) *rig {
 			return &network.Pod{Endpoints: []network.Endpoint{r.nic},
 				Routes: []*api.Route{{Gateway: "10.1.2.1", Device: "eth0"}}}, nil
 		},
-		newShare: func(hostDir, guestDir string, _ *config.Config) rootfs.Provider { return r.share },
+		newShare: func(_ context.Context, stateDir, guestDir string, _ *config.Config) (rootfs.Provider, error) {
+			r.share.Export = filepath.Join(stateDir, rootfs.ExportDir)
+			return r.share, nil
+		},
 		forwardPorts: func(ctx context.Context, netns string, dial network.GuestDialer) (portForwarder, error) {
 			r.ports.mu.Lock()
 			defer r.ports.mu.Unlock()

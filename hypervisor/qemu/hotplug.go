@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qmp"
@@ -19,6 +19,7 @@ const maxSerial = 20
 // pluggedBlock is a hot-plugged virtio-blk device in root port slot.
 type pluggedBlock struct {
 	slot     int
+	fdset    int64  // add-fd set holding the image's descriptor
 	node     string // block node name (format layer)
 	dev      string // QEMU device id
 	devGone  bool   // device_del completed; only the block node is left
@@ -51,13 +52,14 @@ func (v *VM) Hotplug(ctx context.Context, d hypervisor.Device) error {
 	}
 }
 
-// blockdevArgs validates d and returns the blockdev-add and device_add arguments.
-func blockdevArgs(d *hypervisor.BlockDevice, slot int) (blockdev, device map[string]any, err error) {
+// blockdevArgs validates d and returns the blockdev-add and device_add arguments. QEMU opens
+// the image as /dev/fdset/<fdset>: the descriptor d.File, passed with add-fd.
+func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64) (blockdev, device map[string]any, err error) {
 	if d.ID == "" {
 		return nil, nil, fmt.Errorf("ID: required: %w", errdefs.ErrInvalidArgument)
 	}
-	if !filepath.IsAbs(d.Path) {
-		return nil, nil, fmt.Errorf("Path %q: must be an absolute path: %w", d.Path, errdefs.ErrInvalidArgument)
+	if d.File == nil {
+		return nil, nil, fmt.Errorf("device %q (%s): no open File; the VM is given descriptors, never paths: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
 	}
 	format := d.Format
 	switch format {
@@ -94,9 +96,9 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int) (blockdev, device map[str
 	default:
 		return nil, nil, fmt.Errorf("AIO %q: must be threads, native or io_uring: %w", d.AIO, errdefs.ErrInvalidArgument)
 	}
-	st, err := os.Stat(d.Path)
+	st, err := d.File.Stat()
 	if err != nil {
-		return nil, nil, fmt.Errorf("Path: %w", err)
+		return nil, nil, fmt.Errorf("device %q (%s): %w", d.ID, d.Path, err)
 	}
 	driver := "file"
 	switch {
@@ -104,7 +106,10 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int) (blockdev, device map[str
 		driver = "host_device"
 	case st.Mode().IsRegular():
 	default:
-		return nil, nil, fmt.Errorf("Path %q: neither a block device nor a regular file: %w", d.Path, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("device %q (%s): neither a block device nor a regular file: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
+	}
+	if err := checkAccessMode(d.File, d.ReadOnly); err != nil {
+		return nil, nil, fmt.Errorf("device %q (%s): %w", d.ID, d.Path, err)
 	}
 	node, dev := blockNames(slot)
 	cache := map[string]any{"direct": direct, "no-flush": false}
@@ -115,7 +120,7 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int) (blockdev, device map[str
 		"cache":     cache,
 		"file": map[string]any{
 			"driver":    driver,
-			"filename":  d.Path,
+			"filename":  fmt.Sprintf("/dev/fdset/%d", fdset),
 			"aio":       aio,
 			"read-only": d.ReadOnly,
 			"cache":     cache,
@@ -151,28 +156,68 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 	if slot < 0 {
 		return fmt.Errorf("all %d PCIe root ports for hot-plug are in use; raise Config.HotplugSlots: %w", len(v.slots), errdefs.ErrResourceExhausted)
 	}
-	blockdev, device, err := blockdevArgs(d, slot)
+	// Validate before QEMU holds anything; the fdset id is only known after add-fd.
+	if _, _, err := blockdevArgs(d, slot, 0); err != nil {
+		return err
+	}
+	var added struct {
+		FdsetID int64 `json:"fdset-id"`
+	}
+	if err := mon.ExecuteWithFiles(ctx, "add-fd", map[string]any{"opaque": d.ID}, &added, d.File); err != nil {
+		return fmt.Errorf("passing %s to qemu: %w", d.Path, err)
+	}
+	blockdev, device, err := blockdevArgs(d, slot, added.FdsetID)
 	if err != nil {
+		v.removeFdset(ctx, mon, added.FdsetID)
 		return err
 	}
 	node, dev := blockNames(slot)
 	if err := mon.Execute(ctx, "blockdev-add", blockdev, nil); err != nil {
+		v.removeFdset(ctx, mon, added.FdsetID)
 		return err
 	}
+	p := &pluggedBlock{slot: slot, fdset: added.FdsetID, node: node, dev: dev}
 	if err := mon.Execute(ctx, "device_add", device, nil); err != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), quitGrace)
 		defer cancel()
 		if derr := mon.Execute(cctx, "blockdev-del", map[string]any{"node-name": node}, nil); derr != nil {
 			v.logger(ctx).WithError(derr).Warn("removing block node after failed device_add")
 			// The node is still there: keep the slot taken so its name is not reused.
+			p.devGone = true
 			v.slots[slot] = d.ID
-			v.plugged[d.ID] = &pluggedBlock{slot: slot, node: node, dev: dev, devGone: true}
+			v.plugged[d.ID] = p
+		} else {
+			v.removeFdset(cctx, mon, added.FdsetID)
 		}
 		return err
 	}
 	v.slots[slot] = d.ID
-	v.plugged[d.ID] = &pluggedBlock{slot: slot, node: node, dev: dev}
+	v.plugged[d.ID] = p
 	return nil
+}
+
+// checkAccessMode checks that f was opened for what the device needs: QEMU only takes a
+// descriptor from an fdset whose access mode matches the one it asks for.
+func checkAccessMode(f *os.File, readOnly bool) error {
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return fmt.Errorf("reading the descriptor's flags: %w", err)
+	}
+	want := unix.O_RDWR
+	if readOnly {
+		want = unix.O_RDONLY
+	}
+	if fl&unix.O_ACCMODE != want {
+		return fmt.Errorf("opened with access mode %#o, want %#o (read-only %v): %w", fl&unix.O_ACCMODE, want, readOnly, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// removeFdset drops an fdset QEMU no longer needs (its descriptors close with it).
+func (v *VM) removeFdset(ctx context.Context, mon qmp.Monitor, id int64) {
+	if err := mon.Execute(ctx, "remove-fd", map[string]any{"fdset-id": id}, nil); err != nil {
+		v.logger(ctx).WithError(err).WithField("fdset", id).Warn("remove-fd")
+	}
 }
 
 // Unplug implements hypervisor.Hypervisor: device_del, wait for the guest to release the
@@ -226,6 +271,7 @@ func (v *VM) unplug(ctx context.Context, id string) error {
 	if err := mon.Execute(ctx, "blockdev-del", map[string]any{"node-name": p.node}, nil); err != nil {
 		return err
 	}
+	v.removeFdset(ctx, mon, p.fdset)
 	v.slots[p.slot] = ""
 	delete(v.plugged, id)
 	return nil

@@ -25,8 +25,24 @@ func fakeVM(t *testing.T) (*VM, *qmp.FakeMonitor) {
 	mon := qmp.NewFakeMonitor()
 	v.attachMonitor(context.Background(), mon)
 	v.setState(stateRunning)
+	mon.SetReply("add-fd", map[string]any{"fdset-id": 7, "fd": 42}, nil)
 	t.Cleanup(func() { mon.Close() })
 	return v, mon
+}
+
+// openDisk opens an image the way rootfs does: read-write, or read-only for a read-only disk.
+func openDisk(t *testing.T, p string, ro bool) *os.File {
+	t.Helper()
+	flag := os.O_RDWR
+	if ro {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(p, flag, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
 }
 
 func diskImage(t *testing.T) string {
@@ -54,6 +70,7 @@ func autoDelete(mon *qmp.FakeMonitor) {
 
 func TestHotplugBlock(t *testing.T) {
 	img := diskImage(t)
+	rw, ro := openDisk(t, img, false), openDisk(t, img, true)
 	tests := []struct {
 		name      string
 		dev       *hypervisor.BlockDevice
@@ -62,14 +79,14 @@ func TestHotplugBlock(t *testing.T) {
 	}{
 		{
 			name:      "raw defaults",
-			dev:       &hypervisor.BlockDevice{ID: "vol1", Path: img},
-			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"threads","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"` + img + `","read-only":false},"node-name":"hp0-drive","read-only":false}`,
+			dev:       &hypervisor.BlockDevice{ID: "vol1", File: rw, Path: img},
+			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"threads","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":false},"node-name":"hp0-drive","read-only":false}`,
 			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"vol1"}`,
 		},
 		{
 			name:      "qcow2 read-only writeback with serial",
-			dev:       &hypervisor.BlockDevice{ID: "a-very-long-device-identifier", Path: img, Format: "qcow2", ReadOnly: true, Cache: "writeback", Serial: "pvc-1", AIO: "io_uring"},
-			blockdev:  `{"cache":{"direct":false,"no-flush":false},"driver":"qcow2","file":{"aio":"io_uring","cache":{"direct":false,"no-flush":false},"driver":"file","filename":"` + img + `","read-only":true},"node-name":"hp0-drive","read-only":true}`,
+			dev:       &hypervisor.BlockDevice{ID: "a-very-long-device-identifier", File: ro, Path: img, Format: "qcow2", ReadOnly: true, Cache: "writeback", Serial: "pvc-1", AIO: "io_uring"},
+			blockdev:  `{"cache":{"direct":false,"no-flush":false},"driver":"qcow2","file":{"aio":"io_uring","cache":{"direct":false,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":true},"node-name":"hp0-drive","read-only":true}`,
 			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"pvc-1"}`,
 		},
 	}
@@ -82,20 +99,24 @@ func TestHotplugBlock(t *testing.T) {
 				t.Fatal(err)
 			}
 			calls := mon.Calls()
-			if len(calls) != 2 || calls[0].Cmd != "blockdev-add" || calls[1].Cmd != "device_add" {
+			if len(calls) != 3 || calls[0].Cmd != "add-fd" || calls[1].Cmd != "blockdev-add" || calls[2].Cmd != "device_add" {
 				t.Fatalf("calls %v", mon.Commands())
 			}
-			if string(calls[0].Args) != tt.blockdev {
-				t.Errorf("blockdev-add %s\nwant         %s", calls[0].Args, tt.blockdev)
+			if calls[0].Files != 1 {
+				t.Errorf("add-fd passed %d files, want the image's descriptor", calls[0].Files)
 			}
-			if string(calls[1].Args) != tt.deviceAdd {
-				t.Errorf("device_add %s\nwant       %s", calls[1].Args, tt.deviceAdd)
+			if string(calls[1].Args) != tt.blockdev {
+				t.Errorf("blockdev-add %s\nwant         %s", calls[1].Args, tt.blockdev)
+			}
+			if string(calls[2].Args) != tt.deviceAdd {
+				t.Errorf("device_add %s\nwant       %s", calls[2].Args, tt.deviceAdd)
 			}
 			if err := v.Unplug(ctx, tt.dev.ID); err != nil {
 				t.Fatal(err)
 			}
-			calls = mon.Calls()[2:]
-			if len(calls) != 2 || string(calls[0].Args) != `{"id":"hp0-disk"}` || calls[1].Cmd != "blockdev-del" || string(calls[1].Args) != `{"node-name":"hp0-drive"}` {
+			calls = mon.Calls()[3:]
+			if len(calls) != 3 || string(calls[0].Args) != `{"id":"hp0-disk"}` || calls[1].Cmd != "blockdev-del" || string(calls[1].Args) != `{"node-name":"hp0-drive"}` ||
+				calls[2].Cmd != "remove-fd" || string(calls[2].Args) != `{"fdset-id":7}` {
 				t.Fatalf("unplug calls %+v", calls)
 			}
 			if err := v.Unplug(ctx, tt.dev.ID); !errors.Is(err, errdefs.ErrNotFound) {
@@ -107,6 +128,12 @@ func TestHotplugBlock(t *testing.T) {
 
 func TestHotplugErrors(t *testing.T) {
 	img := diskImage(t)
+	f := openDisk(t, img, false)
+	dir, err := os.Open(filepath.Dir(img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
 	ctx := context.Background()
 	tests := []struct {
 		name    string
@@ -116,52 +143,52 @@ func TestHotplugErrors(t *testing.T) {
 		is      error
 		cmds    []string
 	}{
-		{name: "relative path", dev: &hypervisor.BlockDevice{ID: "d", Path: "disk.img"}, wantErr: "Path", is: errdefs.ErrInvalidArgument},
-		{name: "missing file", dev: &hypervisor.BlockDevice{ID: "d", Path: "/nonexistent.img"}, wantErr: "Path"},
-		{name: "bad format", dev: &hypervisor.BlockDevice{ID: "d", Path: img, Format: "vmdk"}, wantErr: "Format"},
-		{name: "long serial", dev: &hypervisor.BlockDevice{ID: "012345678901234567890", Path: img}, wantErr: "Serial"},
-		{name: "native aio with writeback", dev: &hypervisor.BlockDevice{ID: "d", Path: img, AIO: "native", Cache: "writeback"}, wantErr: "AIO native"},
-		{name: "directory", dev: &hypervisor.BlockDevice{ID: "d", Path: filepath.Dir(img)}, wantErr: "neither a block device"},
+		{name: "a path, no descriptor", dev: &hypervisor.BlockDevice{ID: "d", Path: img}, wantErr: "never paths", is: errdefs.ErrInvalidArgument},
+		{name: "read-only descriptor for a writable disk", dev: &hypervisor.BlockDevice{ID: "d", File: openDisk(t, img, true), Path: img}, wantErr: "access mode", is: errdefs.ErrInvalidArgument},
+		{name: "bad format", dev: &hypervisor.BlockDevice{ID: "d", File: f, Path: img, Format: "vmdk"}, wantErr: "Format"},
+		{name: "long serial", dev: &hypervisor.BlockDevice{ID: "012345678901234567890", File: f, Path: img}, wantErr: "Serial"},
+		{name: "native aio with writeback", dev: &hypervisor.BlockDevice{ID: "d", File: f, Path: img, AIO: "native", Cache: "writeback"}, wantErr: "AIO native"},
+		{name: "directory", dev: &hypervisor.BlockDevice{ID: "d", File: dir, Path: filepath.Dir(img)}, wantErr: "neither a block device"},
 		{name: "net device", dev: &hypervisor.NetDevice{ID: "eth1"}, wantErr: "Config.NetDevices", is: errdefs.ErrNotImplemented},
 		{
 			name: "blockdev-add error keeps class",
 			setup: func(v *VM, mon *qmp.FakeMonitor) {
 				mon.SetReply("blockdev-add", nil, &qmp.Error{Class: "GenericError", Desc: "Could not open"})
 			},
-			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			wantErr: "qmp: blockdev-add: GenericError: Could not open",
-			cmds:    []string{"blockdev-add"},
+			cmds:    []string{"add-fd", "blockdev-add", "remove-fd"},
 		},
 		{
 			name: "device_add failure removes the block node",
 			setup: func(v *VM, mon *qmp.FakeMonitor) {
 				mon.SetReply("device_add", nil, &qmp.Error{Class: "GenericError", Desc: "Bus 'hp0' not found"})
 			},
-			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			wantErr: "Bus 'hp0' not found",
-			cmds:    []string{"blockdev-add", "device_add", "blockdev-del"},
+			cmds:    []string{"add-fd", "blockdev-add", "device_add", "blockdev-del", "remove-fd"},
 		},
 		{
 			name: "no free slot",
 			setup: func(v *VM, mon *qmp.FakeMonitor) {
 				for _, id := range []string{"x", "y"} {
-					if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, Path: img}); err != nil {
+					if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, File: f, Path: img}); err != nil {
 						panic(err)
 					}
 				}
 			},
-			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			wantErr: "raise Config.HotplugSlots",
 			is:      errdefs.ErrResourceExhausted,
-			cmds:    []string{"blockdev-add", "device_add", "blockdev-add", "device_add"},
+			cmds:    []string{"add-fd", "blockdev-add", "device_add", "add-fd", "blockdev-add", "device_add"},
 		},
 		{
 			name:    "duplicate id",
-			setup:   func(v *VM, mon *qmp.FakeMonitor) { v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", Path: img}) },
-			dev:     &hypervisor.BlockDevice{ID: "d", Path: img},
+			setup:   func(v *VM, mon *qmp.FakeMonitor) { v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}) },
+			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			is:      errdefs.ErrAlreadyExists,
 			wantErr: "already plugged",
-			cmds:    []string{"blockdev-add", "device_add"},
+			cmds:    []string{"add-fd", "blockdev-add", "device_add"},
 		},
 	}
 	for _, tt := range tests {
@@ -188,16 +215,17 @@ func TestHotplugFreesSlotOnUnplug(t *testing.T) {
 	v, mon := fakeVM(t)
 	autoDelete(mon)
 	img := diskImage(t)
+	f := openDisk(t, img, false)
 	ctx := context.Background()
 	for _, id := range []string{"a", "b"} {
-		if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, Path: img}); err != nil {
+		if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, File: f, Path: img}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if err := v.Unplug(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "c", Path: img}); err != nil {
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "c", File: f, Path: img}); err != nil {
 		t.Fatal(err)
 	}
 	last := mon.Calls()[len(mon.Calls())-1]
@@ -209,8 +237,9 @@ func TestHotplugFreesSlotOnUnplug(t *testing.T) {
 func TestUnplugTimeoutThenRetry(t *testing.T) {
 	v, mon := fakeVM(t)
 	img := diskImage(t)
+	f := openDisk(t, img, false)
 	ctx := context.Background()
-	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", Path: img}); err != nil {
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
 		t.Fatal(err)
 	}
 	// The guest does not release the device in time.
@@ -224,7 +253,7 @@ func TestUnplugTimeoutThenRetry(t *testing.T) {
 	if err := v.Unplug(ctx, "d"); err != nil {
 		t.Fatal(err)
 	}
-	if cmds := mon.Commands(); cmds[len(cmds)-1] != "blockdev-del" {
+	if cmds := mon.Commands(); cmds[len(cmds)-2] != "blockdev-del" || cmds[len(cmds)-1] != "remove-fd" {
 		t.Fatalf("commands %v", cmds)
 	}
 }

@@ -121,6 +121,9 @@ type Block struct {
 	Cache string `toml:"cache"`
 	// AIO is threads, native (needs Cache none) or io_uring.
 	AIO string `toml:"aio"`
+	// MaxDiskSize caps what a podvm.io/disk.<volume> annotation may ask for (the image is
+	// sparse, but a pod can fill it: this is host disk a pod may take).
+	MaxDiskSize Bytes `toml:"max_disk_size"`
 }
 
 // Default returns the built-in configuration. MaxVCPUs is the host's CPU count.
@@ -146,7 +149,7 @@ func Default() *Config {
 		},
 		Annotations: Annotations{Allowed: []string{}},
 		Virtiofs:    Virtiofs{Cache: "auto"},
-		Block:       Block{Cache: "none", AIO: "threads"},
+		Block:       Block{Cache: "none", AIO: "threads", MaxDiskSize: 32 * GiB},
 	}
 }
 
@@ -311,6 +314,9 @@ func (c *Config) Validate() error {
 		}
 	default:
 		bad("block.aio", c.Block.AIO, `must be "threads", "native" or "io_uring"`)
+	}
+	if c.Block.MaxDiskSize < 16*MiB {
+		bad("block.max_disk_size", c.Block.MaxDiskSize.String(), `must be at least 16Mi (the smallest disk image); e.g. "32Gi"`)
 	}
 
 	if len(errs) == 0 {

@@ -90,6 +90,7 @@ cache = "never"
 [block]
 cache = "writeback"
 aio = "io_uring"
+max_disk_size = "1Ti"
 `), 0o644)
 	got, err := Load(p)
 	if err != nil {
@@ -109,7 +110,7 @@ aio = "io_uring"
 		},
 		Annotations: Annotations{Allowed: []string{"vcpus", "memory", "disk.*"}},
 		Virtiofs:    Virtiofs{Cache: "never"},
-		Block:       Block{Cache: "writeback", AIO: "io_uring"},
+		Block:       Block{Cache: "writeback", AIO: "io_uring", MaxDiskSize: 1 << 40},
 		Path:        p,
 	}
 	if !reflect.DeepEqual(got, want) {
