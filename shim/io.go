@@ -40,8 +40,10 @@ type hostIO struct {
 
 	stdinMu sync.Mutex
 	stdin   io.ReadCloser
-	closers []io.Closer
-	wait    func() // waits for a logging binary
+	// closers and wait are set up by startIO and used by close, once.
+	closers   []io.Closer
+	wait      func() // waits for a logging binary
+	closeOnce sync.Once
 }
 
 // ioGrace bounds how long an exited process's output may take to drain.
@@ -267,17 +269,18 @@ func (h *hostIO) drain() {
 	}
 }
 
-// close stops the copies and closes everything.
+// close stops the copies and closes everything; it may be called more than once, from
+// any goroutine.
 func (h *hostIO) close() {
-	h.cancel()
-	h.out.Wait()
-	h.closeStdin()
-	for _, c := range h.closers {
-		c.Close()
-	}
-	h.closers = nil
-	if h.wait != nil {
-		h.wait()
-		h.wait = nil
-	}
+	h.closeOnce.Do(func() {
+		h.cancel()
+		h.out.Wait()
+		h.closeStdin()
+		for _, c := range h.closers {
+			c.Close()
+		}
+		if h.wait != nil {
+			h.wait()
+		}
+	})
 }

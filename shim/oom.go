@@ -129,24 +129,21 @@ func (s *Service) watchOOM(ctx context.Context, sb *sandbox) {
 			continue
 		}
 		log.G(ctx).WithField("container", id).Info("OOM kill in the guest")
-		s.publish(&eventstypes.TaskOOM{ContainerID: id})
+		s.events.publish(&eventstypes.TaskOOM{ContainerID: id})
 	}
 }
 
 // oomOwner says why an OOM event for id is not this shim's to publish, or "" if it is: the
 // container must be one this VM runs and not deleted (nor still being created).
 func (s *Service) oomOwner(sb *sandbox, id string) string {
-	s.mu.Lock()
-	c := s.containers[id]
-	current := s.sandbox == sb
-	s.mu.Unlock()
+	c, current := s.pod.lookup(sb, id)
 	switch {
 	case !current:
 		return "not (or no longer) the pod VM of this shim"
 	case c == nil:
 		return "not a container of this shim"
 	}
-	if st, _, _, _ := c.init.state(); st == statusDeleted {
+	if c.init.state().status == statusDeleted {
 		return "container deleted"
 	}
 	return ""

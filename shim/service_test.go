@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -18,6 +19,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -51,10 +53,13 @@ func (r *recorder) list() []any {
 	return append([]any(nil), r.events...)
 }
 
-// rig is a Service wired to fakes.
+// rig is a Service wired to fakes. Tests call it as containerd does: through a ttrpc
+// client, so errors pass the same edge (the interceptor) as in the shim.
 type rig struct {
-	t        *testing.T
-	svc      *Service
+	t *testing.T
+	// svc is a ttrpc client of service.
+	svc      taskAPI.TTRPCTaskService
+	service  *Service
 	ctx      context.Context
 	pub      *recorder
 	vm       *hypervisor.Fake
@@ -135,9 +140,43 @@ func newRig(t *testing.T) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.svc = svc
+	r.service = svc
+	r.svc = serveTTRPC(t, ctx, svc)
 	t.Cleanup(func() { sd.Shutdown() })
 	return r
+}
+
+// serveTTRPC serves svc on a unix socket with its interceptor, as pkg/shim does, and returns
+// a client of it.
+func serveTTRPC(t *testing.T, ctx context.Context, svc *Service) taskAPI.TTRPCTaskService {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "podvm-shim-test") // short: a unix socket path has a limit
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	l, err := net.Listen("unix", filepath.Join(dir, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ttrpc.NewServer(ttrpc.WithUnaryServerInterceptor(svc.UnaryServerInterceptor()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.RegisterTTRPC(server); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = server.Serve(context.WithoutCancel(ctx), l) }()
+	conn, err := net.Dial("unix", filepath.Join(dir, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := ttrpc.NewClient(conn)
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+	})
+	return taskAPI.NewTTRPCTaskClient(client)
 }
 
 // bundle writes an OCI bundle for a container and returns its dir.
@@ -427,9 +466,9 @@ func TestAdaptSpecForGuest(t *testing.T) {
 
 func TestContainerBeingCreatedIsNotFound(t *testing.T) {
 	r := newRig(t)
-	r.svc.mu.Lock()
-	r.svc.containers["pod1"] = nil // what Create holds while the VM boots
-	r.svc.mu.Unlock()
+	if _, err := r.service.pod.reserve("pod1", true); err != nil { // what Create holds while the VM boots
+		t.Fatal(err)
+	}
 	for name, call := range map[string]func() error{
 		"state": func() error { _, err := r.svc.State(r.ctx, &taskAPI.StateRequest{ID: "pod1"}); return err },
 		"kill":  func() error { _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "pod1", Signal: 9}); return err },

@@ -1,0 +1,368 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent/api"
+)
+
+// killedBeforeStart is the exit status of a process deleted or killed before it ran.
+const killedBeforeStart = 128 + uint32(unix.SIGKILL)
+
+// container is one task: its init process, its execs, its bundle, and the VM it runs in.
+type container struct {
+	id     string
+	bundle string
+	role   role
+	// sharedPID is true when the container joins another's PID namespace: its execs do not
+	// die with its init, so the shim kills them.
+	sharedPID bool
+	// sandbox is the VM the container runs in (for the sandbox or a standalone container,
+	// the VM it booted).
+	sandbox *sandbox
+	events  *eventQueue
+	init    *process
+
+	mu    sync.Mutex
+	execs map[string]*process
+}
+
+// ownsVM is true for the container whose create booted the VM and whose delete stops it.
+func (c *container) ownsVM() bool { return c.role != roleWorkload }
+
+// guest returns the agent of the container's VM; once that VM is stopping the container
+// can no longer be reached.
+func (c *container) guest() (agentConn, error) {
+	if c.sandbox.stopping.Load() {
+		return nil, fmt.Errorf("container %s: its pod VM %s is stopped: %w", c.id, c.sandbox.id, errdefs.ErrFailedPrecondition)
+	}
+	return c.sandbox.agent, nil
+}
+
+// process returns the init (execID "") or an exec.
+func (c *container) process(execID string) (*process, error) {
+	if execID == "" {
+		return c.init, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.execs[execID]
+	if !ok {
+		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+// createContainer makes the container's filesystems available in sb and creates it in the
+// guest; on error nothing of it is left.
+func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.CreateTaskRequest, spec *specs.Spec, events *eventQueue) (_ *container, retErr error) {
+	paths := stdioPaths{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
+	c := &container{id: r.ID, bundle: r.Bundle, role: rl, sandbox: sb, events: events,
+		init: newProcess(r.ID, "", paths), execs: map[string]*process{}}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.PIDNamespace && ns.Path != "" {
+			c.sharedPID = true
+		}
+	}
+	prepStart := time.Now()
+	guest, err := sb.prepare(ctx, r.ID, r.Bundle, spec, mount.FromProto(r.Rootfs))
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			sb.release(context.WithoutCancel(ctx), r.ID)
+		}
+	}()
+	adaptSpecForGuest(guest.spec)
+	if r.Terminal && guest.spec.Process != nil {
+		guest.spec.Process.Terminal = true
+	}
+	specJSON, err := json.Marshal(guest.spec)
+	if err != nil {
+		return nil, err
+	}
+	prepared, agentStart := time.Since(prepStart), time.Now()
+	created, err := sb.agent.CreateContainer(ctx, &api.CreateContainerRequest{
+		ContainerId: r.ID, Spec: specJSON, Stdio: paths.agentStdio(),
+		Devices: guest.devices, BlockMounts: guest.blockMounts,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create container %s in the VM: %w", r.ID, err)
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"id": r.ID, "prepare": prepared.Round(time.Millisecond), "guest_create": time.Since(agentStart).Round(time.Millisecond),
+	}).Info("container created in the VM")
+	ns, _ := namespaces.Namespace(ctx)
+	hio, err := startIO(ctx, sb.agent, ns, r.ID, "", paths)
+	if err != nil {
+		_, _ = sb.agent.RemoveContainer(context.WithoutCancel(ctx), &api.RemoveContainerRequest{ContainerId: r.ID, Force: true})
+		return nil, err
+	}
+	c.init.attach(created.Pid, hio)
+	hio.startStdin(context.WithoutCancel(ctx), sb.agent, r.ID, "")
+	go c.watchExit(ctx, c.init)
+	return c, nil
+}
+
+// start starts the init or an exec and publishes that it did.
+func (c *container) start(ctx context.Context, p *process) (uint32, error) {
+	p.ops.Lock()
+	defer p.ops.Unlock()
+	if err := p.can(opStart); err != nil {
+		return 0, err
+	}
+	ag, err := c.guest()
+	if err != nil {
+		return 0, err
+	}
+	if p.execID != "" {
+		return c.startExec(ctx, ag, p)
+	}
+	if _, err := ag.StartProcess(ctx, &api.ProcessRequest{ContainerId: c.id}); err != nil {
+		return 0, fmt.Errorf("start %s: %w", p, err)
+	}
+	if err := p.apply(opStart); err != nil {
+		return 0, err
+	}
+	pid := p.getPid()
+	c.events.publish(&eventstypes.TaskStart{ContainerID: c.id, Pid: pid})
+	return pid, nil
+}
+
+// startExec creates an exec in the guest, connects its stdio and starts it. The caller holds
+// p.ops.
+func (c *container) startExec(ctx context.Context, ag agentConn, p *process) (uint32, error) {
+	req := &api.ProcessRequest{ContainerId: c.id, ExecId: p.execID}
+	if _, err := ag.ExecProcess(ctx, &api.ExecProcessRequest{
+		ContainerId: c.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(),
+	}); err != nil {
+		return 0, fmt.Errorf("exec %s: %w", p, err)
+	}
+	ns, _ := namespaces.Namespace(ctx)
+	hio, err := startIO(ctx, ag, ns, c.id, p.execID, p.stdio)
+	if err != nil {
+		_, _ = ag.RemoveProcess(context.WithoutCancel(ctx), req)
+		return 0, err
+	}
+	resp, err := ag.StartProcess(ctx, req)
+	if err != nil {
+		hio.close()
+		_, _ = ag.RemoveProcess(context.WithoutCancel(ctx), req)
+		return 0, fmt.Errorf("start exec %s: %w", p, err)
+	}
+	p.attach(resp.Pid, hio)
+	hio.startStdin(context.WithoutCancel(ctx), ag, c.id, p.execID)
+	if err := p.apply(opStart); err != nil {
+		return 0, err
+	}
+	// Published before the exit can be: watchExit starts only now.
+	c.events.publish(&eventstypes.TaskExecStarted{ContainerID: c.id, ExecID: p.execID, Pid: resp.Pid})
+	go c.watchExit(ctx, p)
+	return resp.Pid, nil
+}
+
+// addExec records an exec; it starts with Start.
+func (c *container) addExec(r *taskAPI.ExecProcessRequest) error {
+	if st := c.init.state().status; st != statusRunning {
+		return fmt.Errorf("container %s is %s; exec needs it running: %w", c.id, st, errdefs.ErrFailedPrecondition)
+	}
+	if r.Spec == nil {
+		return fmt.Errorf("exec %s: no process spec: %w", r.ExecID, errdefs.ErrInvalidArgument)
+	}
+	var ps specs.Process
+	if err := json.Unmarshal(r.Spec.Value, &ps); err != nil {
+		return fmt.Errorf("exec %s: process spec: %w: %w", r.ExecID, err, errdefs.ErrInvalidArgument)
+	}
+	ps.ApparmorProfile, ps.SelinuxLabel = "", ""
+	if r.Terminal {
+		ps.Terminal = true
+	}
+	spec, err := json.Marshal(&ps)
+	if err != nil {
+		return err
+	}
+	p := newProcess(c.id, r.ExecID, stdioPaths{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal})
+	p.spec = spec
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.execs[r.ExecID]; ok {
+		return fmt.Errorf("exec %s in %s: %w", r.ExecID, c.id, errdefs.ErrAlreadyExists)
+	}
+	c.execs[r.ExecID] = p
+	return nil
+}
+
+// status is what State reports for p: an exec of a paused container is paused too.
+func (c *container) status(p *process) processState {
+	st := p.state()
+	if p != c.init && st.status == statusRunning && c.init.state().status == statusPaused {
+		st.status = statusPaused
+	}
+	return st
+}
+
+// deleteProcess checks that p may be deleted (a process that never started counts as
+// killed) and returns its final state. The caller holds p.ops.
+func deleteProcess(p *process) (processState, error) {
+	if st := p.state(); st.status == statusDeleted {
+		return st, fmt.Errorf("process %s: %w", p, errdefs.ErrNotFound)
+	} else if st.status == statusCreated {
+		p.exit(killedBeforeStart, time.Now())
+	}
+	if err := p.can(opDelete); err != nil {
+		return processState{}, fmt.Errorf("%w; kill it first", err)
+	}
+	st := p.state()
+	if st.exitedAt.IsZero() {
+		st.exitedAt = time.Now()
+	}
+	return st, nil
+}
+
+// deleteExec removes an exec that is not running.
+func (c *container) deleteExec(ctx context.Context, p *process) (processState, error) {
+	p.ops.Lock()
+	defer p.ops.Unlock()
+	st, err := deleteProcess(p)
+	if err != nil {
+		return st, err
+	}
+	if ag, err := c.guest(); err == nil && st.pid != 0 {
+		_, _ = ag.RemoveProcess(ctx, &api.ProcessRequest{ContainerId: c.id, ExecId: p.execID})
+	}
+	if h := p.hostIO(); h != nil {
+		h.close()
+	}
+	p.markReported()
+	if err := p.apply(opDelete); err != nil {
+		return st, err
+	}
+	c.mu.Lock()
+	delete(c.execs, p.execID)
+	c.mu.Unlock()
+	return st, nil
+}
+
+// delete removes the container (its init not running) from the guest and releases its
+// filesystems and disks.
+func (c *container) delete(ctx context.Context) (processState, error) {
+	p := c.init
+	p.ops.Lock()
+	defer p.ops.Unlock()
+	st, err := deleteProcess(p)
+	if err != nil {
+		return st, err
+	}
+	if ag, err := c.guest(); err == nil {
+		if _, err := ag.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: c.id, Force: true}); err != nil && !errdefs.IsNotFound(err) {
+			log.G(ctx).WithError(err).WithField("id", c.id).Warn("remove container in the VM")
+		}
+		c.sandbox.release(ctx, c.id)
+	}
+	if h := p.hostIO(); h != nil {
+		h.close()
+	}
+	p.markReported()
+	return st, p.apply(opDelete)
+}
+
+// kill signals a process; a process that is stopped already is no error (StopPodSandbox
+// retries), and an exec that never started simply never runs.
+func (c *container) kill(ctx context.Context, p *process, signal uint32, all bool) error {
+	switch p.state().status {
+	case statusStopped, statusDeleted:
+		return nil
+	case statusCreated:
+		if p.execID != "" && c.killUnstartedExec(p, signal) {
+			return nil
+		}
+	}
+	ag, err := c.guest()
+	if err != nil {
+		return err
+	}
+	_, err = ag.SignalProcess(ctx, &api.SignalProcessRequest{ContainerId: c.id, ExecId: p.execID, Signal: signal, All: all})
+	if errdefs.IsNotFound(err) {
+		return nil // it exited meanwhile
+	}
+	if err != nil {
+		return fmt.Errorf("signal %d to %s: %w", signal, p, err)
+	}
+	return nil
+}
+
+// killUnstartedExec records the exit of an exec that is not in the guest yet. It reports
+// false when the exec started meanwhile and must be signalled in the guest.
+func (c *container) killUnstartedExec(p *process, signal uint32) bool {
+	p.ops.Lock()
+	defer p.ops.Unlock()
+	if st := p.state().status; st != statusCreated {
+		return st == statusStopped || st == statusDeleted
+	}
+	at := time.Now()
+	if p.exit(128+signal, at) {
+		c.events.publish(&eventstypes.TaskExit{ContainerID: c.id, ID: p.execID, ExitStatus: 128 + signal, ExitedAt: protobuf.ToTimestamp(at)})
+	}
+	p.markReported()
+	return true
+}
+
+// pause freezes the container's cgroup in the guest (pause) or thaws it.
+func (c *container) pause(ctx context.Context, pause bool) error {
+	p, o := c.init, opPause
+	if !pause {
+		o = opResume
+	}
+	p.ops.Lock()
+	defer p.ops.Unlock()
+	if err := p.can(o); err != nil {
+		return err
+	}
+	ag, err := c.guest()
+	if err != nil {
+		return err
+	}
+	req := &api.ContainerRequest{ContainerId: c.id}
+	if pause {
+		_, err = ag.PauseContainer(ctx, req)
+	} else {
+		_, err = ag.ResumeContainer(ctx, req)
+	}
+	if err != nil {
+		return fmt.Errorf("%s container %s in the VM: %w", o, c.id, err)
+	}
+	if err := p.apply(o); err != nil {
+		return err
+	}
+	if pause {
+		c.events.publish(&eventstypes.TaskPaused{ContainerID: c.id})
+	} else {
+		c.events.publish(&eventstypes.TaskResumed{ContainerID: c.id})
+	}
+	return nil
+}
+
+// resizePty resizes a process's terminal.
+func (c *container) resizePty(ctx context.Context, p *process, width, height uint32) error {
+	ag, err := c.guest()
+	if err != nil {
+		return err
+	}
+	_, err = ag.ResizePty(ctx, &api.ResizePtyRequest{ContainerId: c.id, ExecId: p.execID, Width: width, Height: height})
+	return err
+}

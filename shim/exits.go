@@ -1,0 +1,97 @@
+package shim
+
+import (
+	"context"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent/api"
+)
+
+// execSettleTimeout bounds how long an init's exit waits for its execs' exits to be queued.
+const execSettleTimeout = 10 * time.Second
+
+// watchExit waits for a process to exit in the guest, lets its output drain and publishes the
+// exit. A container's init is reported after its execs. The exit is recorded under p.ops, so
+// it never overtakes a Start's TaskStart.
+func (c *container) watchExit(ctx context.Context, p *process) {
+	ctx = context.WithoutCancel(ctx)
+	code, at := uint32(255), time.Now()
+	resp, err := c.sandbox.agent.WaitProcess(ctx, &api.ProcessRequest{ContainerId: c.id, ExecId: p.execID})
+	if err == nil {
+		code, at = resp.ExitStatus, guestTime(resp.ExitedAtUnixNano, time.Now())
+	} else {
+		log.G(ctx).WithError(err).WithField("process", p.String()).Warn("lost the process (the VM died?); reporting exit 255")
+	}
+	if h := p.hostIO(); h != nil {
+		h.drain()
+	}
+	if p.execID == "" {
+		c.settleExecs(ctx)
+	}
+	p.ops.Lock()
+	if p.exit(code, at) {
+		c.events.publish(&eventstypes.TaskExit{
+			ContainerID: c.id, ID: p.eventID(), Pid: p.getPid(), ExitStatus: code, ExitedAt: protobuf.ToTimestamp(at),
+		})
+	}
+	p.ops.Unlock()
+	p.markReported()
+}
+
+// guestTime is a time the guest reported, unless it is not a time (zero or negative) or
+// lies after now, the host's clock when the reply arrived; then it is now.
+func guestTime(unixNano int64, now time.Time) time.Time {
+	t := time.Unix(0, unixNano)
+	if unixNano <= 0 || t.After(now) {
+		return now
+	}
+	return t
+}
+
+// settleExecs makes sure the execs of a container whose init exited have exited and been
+// reported first. In a private PID namespace they died with the init; in a shared one the
+// shim kills them.
+func (c *container) settleExecs(ctx context.Context) {
+	c.mu.Lock()
+	var running []*process
+	for _, e := range c.execs {
+		if st := e.state().status; st == statusRunning || st == statusPaused {
+			running = append(running, e)
+		}
+	}
+	c.mu.Unlock()
+	if len(running) == 0 {
+		return
+	}
+	if ag, err := c.guest(); err == nil && c.sharedPID {
+		_, _ = ag.SignalProcess(ctx, &api.SignalProcessRequest{ContainerId: c.id, Signal: uint32(unix.SIGKILL), All: true})
+	}
+	deadline := time.After(execSettleTimeout)
+	for _, e := range running {
+		select {
+		case <-e.reported:
+		case <-deadline:
+			return
+		}
+	}
+}
+
+// watchVM reports, with the end of the guest's console log, a VM or agent that goes away
+// while the pod runs; the processes' waits then fail and they are reported as exited.
+func watchVM(ctx context.Context, sb *sandbox) {
+	what := "the pod VM exited"
+	select {
+	case <-sb.vm.Done():
+	case <-sb.agent.Done():
+		what = "the connection to the guest agent closed"
+	}
+	if !sb.stopping.Load() {
+		log.G(ctx).WithField("sandbox", sb.id).Errorf("%s unexpectedly; the end of the console log (%s):\n%s",
+			what, sb.consolePath(), consoleTail(sb.consolePath(), 60))
+	}
+}
