@@ -72,6 +72,10 @@ type rig struct {
 	// discovered is what the fake network found (nil: no netns path given).
 	discoverErr error
 	ports       fakePorts
+	// Optional wrappers around the fakes, for a test that changes one of their behaviours.
+	wrapVM    func(*hypervisor.Fake) hypervisor.Hypervisor
+	wrapAgent func(*agent.Fake) agentConn
+	wrapShare func(*rootfs.Fake) rootfs.Provider
 }
 
 // fakePorts records the port forwarder the shim starts and stops.
@@ -112,9 +116,17 @@ func newRig(t *testing.T) *rig {
 		},
 		newVM: func(cfg qemu.Config) (hypervisor.Hypervisor, error) {
 			r.vmCfg = &cfg
+			if r.wrapVM != nil {
+				return r.wrapVM(r.vm), nil
+			}
 			return r.vm, nil
 		},
-		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) { return r.agent, nil },
+		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
+			if r.wrapAgent != nil {
+				return r.wrapAgent(r.agent), nil
+			}
+			return r.agent, nil
+		},
 		discover: func(ctx context.Context, netns string) (*network.Pod, error) {
 			if r.discoverErr != nil {
 				return nil, r.discoverErr
@@ -124,6 +136,9 @@ func newRig(t *testing.T) *rig {
 		},
 		newShare: func(_ context.Context, stateDir, guestDir string, _ *config.Config) (rootfs.Provider, error) {
 			r.share.Export = filepath.Join(stateDir, rootfs.ExportDir)
+			if r.wrapShare != nil {
+				return r.wrapShare(r.share), nil
+			}
 			return r.share, nil
 		},
 		forwardPorts: func(ctx context.Context, netns string, dial network.GuestDialer) (portForwarder, error) {

@@ -1,0 +1,573 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/rootfs"
+)
+
+// execSpec is an Exec request's process spec.
+func execSpec(t *testing.T) *anypb.Any {
+	t.Helper()
+	b, err := json.Marshal(&specs.Process{Args: []string{"sh"}, Cwd: "/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: b}
+}
+
+func (r *rig) mustExec(id, execID string) {
+	r.t.Helper()
+	if _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: id, ExecID: execID, Spec: execSpec(r.t)}); err != nil {
+		r.t.Fatalf("exec %s %s: %v", id, execID, err)
+	}
+}
+
+// running creates and starts the sandbox pod1 and the workload c1.
+func (r *rig) running() {
+	r.t.Helper()
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	r.mustCreate("c1", workloadAnnotations("pod1"))
+	r.mustStart("c1", "")
+}
+
+// published waits until an event satisfying match was published.
+func (r *rig) published(what string, match func(any) bool) {
+	r.t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		for _, e := range r.pub.list() {
+			if match(e) {
+				return
+			}
+		}
+	}
+	r.t.Fatalf("no %s was published", what)
+}
+
+func wantFailedPrecondition(t *testing.T, what string, err error, words string) {
+	t.Helper()
+	if !errdefs.IsFailedPrecondition(native(err)) || !strings.Contains(err.Error(), words) {
+		t.Errorf("%s: %v, want failed precondition saying %q", what, err, words)
+	}
+}
+
+func TestPauseResume(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	r.mustExec("c1", "e1")
+	r.mustStart("c1", "e1")
+	if _, err := r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "c1"}); err != nil {
+		t.Fatal(err)
+	}
+	if !r.agent.Paused("c1") {
+		t.Error("the guest's container is not paused")
+	}
+	for _, id := range []string{"", "e1"} {
+		if st := r.state("c1", id); st.Status != task.Status_PAUSED {
+			t.Errorf("c1 %q is %v after pause, want paused", id, st.Status)
+		}
+	}
+	_, err := r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "c1"})
+	wantFailedPrecondition(t, "second pause", err, "it is paused; cannot pause it")
+	_, err = r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c1"})
+	wantFailedPrecondition(t, "delete of a paused task", err, "kill it first")
+	_, err = r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "c1", ExecID: "e2", Spec: execSpec(t)})
+	wantFailedPrecondition(t, "exec in a paused container", err, "is paused; exec needs it running")
+
+	if _, err := r.svc.Resume(r.ctx, &taskAPI.ResumeRequest{ID: "c1"}); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.state("c1", "e1"); st.Status != task.Status_RUNNING || r.agent.Paused("c1") {
+		t.Errorf("after resume: exec %v, guest paused %v; want running, not paused", st.Status, r.agent.Paused("c1"))
+	}
+	_, err = r.svc.Resume(r.ctx, &taskAPI.ResumeRequest{ID: "c1"})
+	wantFailedPrecondition(t, "second resume", err, "it is running; cannot resume it")
+	r.published("TaskPaused", func(e any) bool { p, ok := e.(*eventstypes.TaskPaused); return ok && p.ContainerID == "c1" })
+	r.published("TaskResumed", func(e any) bool { p, ok := e.(*eventstypes.TaskResumed); return ok && p.ContainerID == "c1" })
+
+	// A guest that fails to pause leaves the container running.
+	r.agent.FailOn("PauseContainer", errors.New("freezer: device busy"))
+	if _, err := r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "c1"}); err == nil || !strings.Contains(err.Error(), "device busy") {
+		t.Errorf("pause the guest refused: %v", err)
+	}
+	if st := r.state("c1", ""); st.Status != task.Status_RUNNING {
+		t.Errorf("c1 is %v after a failed pause, want running", st.Status)
+	}
+	// A paused container can still be killed; its exit ends the pause.
+	r.agent.FailOn("PauseContainer", nil)
+	if _, err := r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "c1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "c1", Signal: 9}); err != nil {
+		t.Fatal(err)
+	}
+	r.agent.Exit("c1", "e1", 137) // its exec dies with it
+	if w := r.wait("c1", ""); w.ExitStatus != 137 {
+		t.Errorf("paused c1 killed: exit %d, want 137", w.ExitStatus)
+	}
+	_, err = r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "c1"})
+	wantFailedPrecondition(t, "pause of a stopped task", err, "it is stopped")
+}
+
+func TestPauseOfACreatedTaskFails(t *testing.T) {
+	r := newRig(t)
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	_, err := r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "pod1"})
+	wantFailedPrecondition(t, "pause before start", err, "it is created; cannot pause it")
+	_, err = r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "pod1", ExecID: "e1", Spec: execSpec(t)})
+	wantFailedPrecondition(t, "exec before start", err, "is created; exec needs it running")
+}
+
+// Many containers created, started, killed and deleted at once, each created twice at the
+// same time and deleted three times at once: every successful create is matched by exactly
+// one successful delete, and the shim ends with only the sandbox.
+func TestConcurrentCreateDelete(t *testing.T) {
+	r := newRig(t)
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	const n = 8
+	var wg sync.WaitGroup
+	errs := make(chan error, 8*n)
+	var mu sync.Mutex
+	created, deleted := map[string]int{}, map[string]int{}
+	count := func(m map[string]int, id string) {
+		mu.Lock()
+		m[id]++
+		mu.Unlock()
+	}
+	lifecycle := func(id, bundle string) {
+		defer wg.Done()
+		_, err := r.svc.Create(r.ctx, &taskAPI.CreateTaskRequest{ID: id, Bundle: bundle})
+		if errdefs.IsAlreadyExists(native(err)) {
+			return // the other create won
+		}
+		if err != nil {
+			errs <- fmt.Errorf("create %s: %w", id, err)
+			return
+		}
+		count(created, id)
+		// State, Kill, Delete race with each other and with the create's own goroutines.
+		var inner sync.WaitGroup
+		for j := 0; j < 3; j++ {
+			inner.Add(1)
+			go func() {
+				defer inner.Done()
+				_, _ = r.svc.State(r.ctx, &taskAPI.StateRequest{ID: id})
+				_, _ = r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: id, Signal: 9})
+				_, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: id})
+				switch {
+				case err == nil:
+					count(deleted, id)
+				case errdefs.IsNotFound(native(err)):
+				default:
+					errs <- fmt.Errorf("delete %s: %w", id, err)
+				}
+			}()
+		}
+		inner.Wait()
+	}
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("c%d", i)
+		bundle := r.bundle(id, workloadAnnotations("pod1"), podNetns)
+		wg.Add(2)
+		go lifecycle(id, bundle)
+		go lifecycle(id, bundle)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("c%d", i)
+		if created[id] == 0 || created[id] != deleted[id] {
+			t.Errorf("%s created %d times, deleted %d times", id, created[id], deleted[id])
+		}
+	}
+	if got := r.service.pod.size(); got != 1 {
+		t.Errorf("%d containers left, want only the sandbox", got)
+	}
+	if got := r.share.Prepared(); len(got) != 1 || got[0] != "pod1" {
+		t.Errorf("filesystems still prepared: %v, want [pod1]", got)
+	}
+}
+
+func TestOnlyOneVMOwnerAtATime(t *testing.T) {
+	r := newRig(t)
+	var wg sync.WaitGroup
+	results := make([]error, 2)
+	for i := range results {
+		id := fmt.Sprintf("solo%d", i)
+		bundle := r.bundle(id, nil, podNetns)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, results[i] = r.svc.Create(r.ctx, &taskAPI.CreateTaskRequest{ID: id, Bundle: bundle})
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range results {
+		if err == nil {
+			ok++
+		} else if !errdefs.IsAlreadyExists(native(err)) {
+			t.Errorf("second VM owner: %v, want already exists", err)
+		}
+	}
+	if ok != 1 {
+		t.Errorf("%d of two standalone containers got the shim's VM, want 1", ok)
+	}
+}
+
+// Deleting the sandbox first stops the VM: what was left reports exit 255 and can still be
+// deleted, after which the shim shuts down.
+func TestSandboxDeleteWithWorkloadsLeft(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "pod1", Signal: 9}); err != nil {
+		t.Fatal(err)
+	}
+	r.wait("pod1", "")
+	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, stopped, _ := r.vm.State(); !stopped {
+		t.Error("the VM still runs")
+	}
+	if w := r.wait("c1", ""); w.ExitStatus != 255 {
+		t.Errorf("c1 exit %d after its VM stopped, want 255", w.ExitStatus)
+	}
+	r.published("TaskExit of c1", func(e any) bool { x, ok := e.(*eventstypes.TaskExit); return ok && x.ID == "c1" })
+	_, err := r.svc.Pids(r.ctx, &taskAPI.PidsRequest{ID: "c1"})
+	wantFailedPrecondition(t, "pids of a container whose VM stopped", err, "pod VM pod1 is stopped")
+	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "c1", Signal: 9}); err != nil {
+		t.Errorf("kill of c1: %v", err)
+	}
+	if _, err := r.svc.Shutdown(r.ctx, &taskAPI.ShutdownRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-r.sd.Done():
+		t.Fatal("the shim shut down while it still had c1")
+	default:
+	}
+	if d, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c1"}); err != nil || d.ExitStatus != 255 {
+		t.Fatalf("delete c1: %v, exit %d", err, d.GetExitStatus())
+	}
+	// (r.ctx ends with the shutdown, and with it the call's context, as in containerd.)
+	_, _ = r.svc.Shutdown(r.ctx, &taskAPI.ShutdownRequest{})
+	select {
+	case <-r.sd.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the shim did not shut down without containers")
+	}
+}
+
+// dyingAgent is a guest whose VM dies while it creates a container.
+type dyingAgent struct {
+	*agent.Fake
+	vm   *hypervisor.Fake
+	only string
+}
+
+func (a *dyingAgent) CreateContainer(ctx context.Context, r *api.CreateContainerRequest) (*api.CreateContainerResponse, error) {
+	if r.ContainerId != a.only {
+		return a.Fake.CreateContainer(ctx, r)
+	}
+	a.vm.Exit()
+	a.Fake.Close()
+	return nil, errors.New("ttrpc: closed")
+}
+
+func TestVMDiesDuringCreate(t *testing.T) {
+	for _, id := range []string{"pod1", "c1"} {
+		t.Run(id, func(t *testing.T) {
+			r := newRig(t)
+			r.wrapAgent = func(f *agent.Fake) agentConn { return &dyingAgent{Fake: f, vm: r.vm, only: id} }
+			if id == "c1" {
+				r.mustCreate("pod1", sandboxAnnotations("pod1"))
+				r.mustStart("pod1", "")
+			}
+			ann := sandboxAnnotations("pod1")
+			if id == "c1" {
+				ann = workloadAnnotations("pod1")
+			}
+			_, err := r.create(id, ann, podNetns)
+			if err == nil || !strings.Contains(err.Error(), "create container "+id+" in the VM") {
+				t.Fatalf("create: %v, want it to say the guest create failed", err)
+			}
+			if _, err := r.svc.State(r.ctx, &taskAPI.StateRequest{ID: id}); !errdefs.IsNotFound(native(err)) {
+				t.Errorf("%s still known: %v", id, err)
+			}
+			if got := r.share.Released(); len(got) == 0 || got[len(got)-1] != id {
+				t.Errorf("released %v, want %s's filesystems released", got, id)
+			}
+			if id == "pod1" {
+				if entries, _ := os.ReadDir(r.stateDir); len(entries) != 0 {
+					t.Errorf("state left behind: %v", entries)
+				}
+				return
+			}
+			// The sandbox learns that its VM is gone.
+			if w := r.wait("pod1", ""); w.ExitStatus != 255 {
+				t.Errorf("pod1 exit %d, want 255", w.ExitStatus)
+			}
+		})
+	}
+}
+
+// blockShare attaches two disks to every workload; blockVM fails to plug the second.
+type blockShare struct{ *rootfs.Fake }
+
+func (s blockShare) Prepare(ctx context.Context, id, bundle string, spec *specs.Spec, m []mount.Mount) (*rootfs.Attachment, error) {
+	att, err := s.Fake.Prepare(ctx, id, bundle, spec, m)
+	if err == nil && id != "pod1" {
+		att.BlockDevices = []*hypervisor.BlockDevice{{ID: id + "-d1", Path: "/dev/pvc1"}, {ID: id + "-d2", Path: "/dev/pvc2"}}
+	}
+	return att, err
+}
+
+type blockVM struct{ *hypervisor.Fake }
+
+func (v blockVM) Hotplug(ctx context.Context, d hypervisor.Device) error {
+	if strings.HasSuffix(d.DeviceID(), "-d2") {
+		return errors.New("device_add: bus full")
+	}
+	return v.Fake.Hotplug(ctx, d)
+}
+
+func TestHotplugFailureLeavesNothing(t *testing.T) {
+	r := newRig(t)
+	r.wrapShare = func(f *rootfs.Fake) rootfs.Provider { return blockShare{f} }
+	r.wrapVM = func(f *hypervisor.Fake) hypervisor.Hypervisor { return blockVM{f} }
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	_, err := r.create("c1", workloadAnnotations("pod1"), podNetns)
+	if err == nil || !strings.Contains(err.Error(), "hot-plug /dev/pvc2") || !strings.Contains(err.Error(), "bus full") {
+		t.Fatalf("create: %v, want the hot-plug failure", err)
+	}
+	if _, _, devices := r.vm.State(); len(devices) != 0 {
+		t.Errorf("devices left plugged: %v", devices)
+	}
+	if got := r.share.Prepared(); len(got) != 1 || got[0] != "pod1" {
+		t.Errorf("prepared %v, want only pod1", got)
+	}
+	for _, c := range r.agent.Calls() {
+		if c == "CreateContainer c1" {
+			t.Error("the guest was asked to create c1 without its disks")
+		}
+	}
+	if _, err := r.svc.State(r.ctx, &taskAPI.StateRequest{ID: "c1"}); !errdefs.IsNotFound(native(err)) {
+		t.Errorf("c1 still known: %v", err)
+	}
+}
+
+// Shutdown does nothing while a VM runs a container; the shim's exit (signal, or Shutdown
+// once empty) stops the VM and cleans its state.
+func TestShutdownWithALiveVM(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	if _, err := r.svc.Shutdown(r.ctx, &taskAPI.ShutdownRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-r.sd.Done():
+		t.Fatal("Shutdown ended a shim that still runs containers")
+	default:
+	}
+	if _, stopped, _ := r.vm.State(); stopped {
+		t.Fatal("Shutdown stopped a VM that still runs containers")
+	}
+	r.sd.Shutdown() // what a SIGTERM to the shim does
+	<-r.sd.Done()
+	if _, stopped, _ := r.vm.State(); !stopped {
+		t.Error("the shim's exit left the VM running")
+	}
+	if !r.agent.IsShutdown() {
+		t.Error("the guest was not asked to shut down")
+	}
+	if _, err := os.Stat(filepath.Join(r.stateDir, "pod1")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state dir left: %v", err)
+	}
+	r.service.events.publish(&eventstypes.TaskOOM{ContainerID: "late"}) // dropped, not a panic
+}
+
+// Errors cross the ttrpc edge as status codes with the shim's message.
+func TestErrorsBecomeStatusCodesAtTheEdge(t *testing.T) {
+	r := newRig(t)
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	for _, tc := range []struct {
+		name string
+		call func() error
+		code codes.Code
+	}{
+		{"not found", func() error { _, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "nope"}); return err }, codes.NotFound},
+		{"failed precondition", func() error {
+			_, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1", ExecID: "e9"})
+			return err
+		}, codes.NotFound},
+		{"already exists", func() error { _, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns); return err }, codes.AlreadyExists},
+		{"not implemented", func() error {
+			_, err := r.svc.Checkpoint(r.ctx, &taskAPI.CheckpointTaskRequest{ID: "pod1"})
+			return err
+		}, codes.Unimplemented},
+		{"invalid argument", func() error {
+			_, err := r.svc.Create(r.ctx, &taskAPI.CreateTaskRequest{ID: "x", Bundle: r.bundle("x", nil, podNetns), Checkpoint: "/cp"})
+			return err
+		}, codes.InvalidArgument},
+	} {
+		err := tc.call()
+		if st, ok := grpcstatus.FromError(err); !ok || st.Code() != tc.code || st.Message() == "" {
+			t.Errorf("%s: %v, want status %v with a message", tc.name, err, tc.code)
+		}
+	}
+}
+
+func TestUpdateResizeCloseIOConnect(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	limit := int64(64 << 20)
+	res, err := typeurl.MarshalAnyToProto(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}, CPU: &specs.LinuxCPU{Cpus: "0-3"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.svc.Update(r.ctx, &taskAPI.UpdateTaskRequest{ID: "c1", Resources: res}); err != nil {
+		t.Fatal(err)
+	}
+	var sent specs.LinuxResources
+	if err := json.Unmarshal(r.agent.Resources("c1"), &sent); err != nil || sent.Memory == nil || *sent.Memory.Limit != limit || sent.CPU.Cpus != "" {
+		t.Errorf("the guest got resources %s (%v), want the memory limit and no host cpuset", r.agent.Resources("c1"), err)
+	}
+	if _, err := r.svc.Update(r.ctx, &taskAPI.UpdateTaskRequest{ID: "c1"}); err != nil {
+		t.Errorf("update without resources: %v", err)
+	}
+	wrong, _ := typeurl.MarshalAnyToProto(&specs.Process{})
+	if _, err := r.svc.Update(r.ctx, &taskAPI.UpdateTaskRequest{ID: "c1", Resources: wrong}); !errdefs.IsInvalidArgument(native(err)) {
+		t.Errorf("update with a process spec: %v, want invalid argument", err)
+	}
+	if _, err := r.svc.Update(r.ctx, &taskAPI.UpdateTaskRequest{ID: "c1", Resources: &anypb.Any{TypeUrl: "nonsense"}}); !errdefs.IsInvalidArgument(native(err)) {
+		t.Errorf("update with an unknown type: %v, want invalid argument", err)
+	}
+
+	if _, err := r.svc.ResizePty(r.ctx, &taskAPI.ResizePtyRequest{ID: "c1", Width: 80, Height: 24}); err != nil {
+		t.Fatal(err)
+	}
+	if w, h := r.agent.PtySize("c1", ""); w != 80 || h != 24 {
+		t.Errorf("pty %dx%d, want 80x24", w, h)
+	}
+	if _, err := r.svc.CloseIO(r.ctx, &taskAPI.CloseIORequest{ID: "c1", Stdin: true}); err != nil {
+		t.Errorf("close stdin: %v", err)
+	}
+	if _, err := r.svc.CloseIO(r.ctx, &taskAPI.CloseIORequest{ID: "c1", ExecID: "nope"}); !errdefs.IsNotFound(native(err)) {
+		t.Errorf("close stdin of an unknown exec: %v", err)
+	}
+	c, err := r.svc.Connect(r.ctx, &taskAPI.ConnectRequest{ID: "c1"})
+	if err != nil || c.ShimPid != uint32(os.Getpid()) || c.TaskPid != r.state("c1", "").Pid {
+		t.Errorf("connect: %+v %v", c, err)
+	}
+	for name, call := range map[string]func() error{
+		"update": func() error { _, err := r.svc.Update(r.ctx, &taskAPI.UpdateTaskRequest{ID: "x"}); return err },
+		"resize": func() error { _, err := r.svc.ResizePty(r.ctx, &taskAPI.ResizePtyRequest{ID: "x"}); return err },
+		"pause":  func() error { _, err := r.svc.Pause(r.ctx, &taskAPI.PauseRequest{ID: "x"}); return err },
+		"resume": func() error { _, err := r.svc.Resume(r.ctx, &taskAPI.ResumeRequest{ID: "x"}); return err },
+		"exec":   func() error { _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "x"}); return err },
+		"kill":   func() error { _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "x"}); return err },
+	} {
+		if err := call(); !errdefs.IsNotFound(native(err)) {
+			t.Errorf("%s of an unknown container: %v, want not found", name, err)
+		}
+	}
+}
+
+func TestExecLifecycle(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	if _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "c1", ExecID: "bad"}); !errdefs.IsInvalidArgument(native(err)) {
+		t.Errorf("exec without a spec: %v", err)
+	}
+	if _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "c1", ExecID: "bad", Spec: &anypb.Any{Value: []byte("{")}}); !errdefs.IsInvalidArgument(native(err)) {
+		t.Errorf("exec with a broken spec: %v", err)
+	}
+	r.mustExec("c1", "e1")
+	if _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "c1", ExecID: "e1", Spec: execSpec(t)}); !errdefs.IsAlreadyExists(native(err)) {
+		t.Errorf("second exec e1: %v", err)
+	}
+	// Killed before it started, it never runs.
+	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "c1", ExecID: "e1", Signal: 15}); err != nil {
+		t.Fatal(err)
+	}
+	if w := r.wait("c1", "e1"); w.ExitStatus != 128+15 {
+		t.Errorf("exec killed before start: exit %d, want 143", w.ExitStatus)
+	}
+	_, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e1"})
+	wantFailedPrecondition(t, "start of a killed exec", err, "it is stopped; cannot start it")
+	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c1", ExecID: "e1"}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Deleted before it started: exit 137, and gone.
+	r.mustExec("c1", "e2")
+	d, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c1", ExecID: "e2"})
+	if err != nil || d.ExitStatus != killedBeforeStart {
+		t.Errorf("delete of an exec never started: %v, exit %d", err, d.GetExitStatus())
+	}
+	if _, err := r.svc.State(r.ctx, &taskAPI.StateRequest{ID: "c1", ExecID: "e2"}); !errdefs.IsNotFound(native(err)) {
+		t.Errorf("deleted exec still known: %v", err)
+	}
+
+	// A guest that fails to start the exec leaves it created, and removed from the guest.
+	r.mustExec("c1", "e3")
+	r.agent.FailOn("StartProcess", errors.New("exec format error"))
+	if _, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e3"}); err == nil || !strings.Contains(err.Error(), "exec format error") {
+		t.Errorf("start refused by the guest: %v", err)
+	}
+	r.agent.FailOn("StartProcess", nil)
+	if st := r.state("c1", "e3"); st.Status != task.Status_CREATED {
+		t.Errorf("exec that failed to start is %v, want created", st.Status)
+	}
+	r.agent.FailOn("ExecProcess", errors.New("no such file"))
+	if _, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e3"}); err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Errorf("exec refused by the guest: %v", err)
+	}
+	r.agent.FailOn("ExecProcess", nil)
+
+	// Started, it runs until it exits; then a running exec of a dead init is reported first.
+	r.mustStart("c1", "e3")
+	var started []string
+	for _, e := range r.pub.list() {
+		if x, ok := e.(*eventstypes.TaskExecStarted); ok {
+			started = append(started, x.ExecID)
+		}
+	}
+	if sort.Strings(started); strings.Join(started, ",") != "e3" {
+		t.Errorf("TaskExecStarted for %v, want [e3]", started)
+	}
+	r.agent.Exit("c1", "e3", 0)
+	if w := r.wait("c1", "e3"); w.ExitStatus != 0 {
+		t.Errorf("exec exit %d", w.ExitStatus)
+	}
+}
