@@ -1,0 +1,46 @@
+package shim
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/podvm/podvm/version"
+)
+
+func TestManagerNameAndInfo(t *testing.T) {
+	info, err := manager{}.Info(context.Background(), nil)
+	if err != nil || manager.Name(manager{}) != RuntimeName || info.Name != RuntimeName || info.Version.Version != version.Version {
+		t.Errorf("info %+v %v, name %q", info, err, manager{}.Name())
+	}
+}
+
+// `shim delete` runs in the bundle dir after the shim died and cleans up from the record.
+func TestManagerStopCleansFromTheRecord(t *testing.T) {
+	bundle, state := t.TempDir(), filepath.Join(t.TempDir(), "pod1")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(bundle)
+	st, err := manager{}.Stop(context.Background(), "pod1")
+	if err != nil || st.ExitStatus != int(killedBeforeStart) {
+		t.Fatalf("stop without a record: %+v %v, want exit 137 and no error", st, err)
+	}
+	if err := (record{SandboxID: "pod1", StateDir: state, OwnsVM: true}).write(bundle); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (manager{}).Stop(context.Background(), "pod1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(state); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state dir left after shim delete: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(bundle, recordFile), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (manager{}).Stop(context.Background(), "pod1"); err == nil {
+		t.Error("stop with a broken record: no error")
+	}
+}
