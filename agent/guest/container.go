@@ -8,25 +8,19 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/containerd/cgroups/v3/cgroup2"
 	"github.com/containerd/errdefs"
-	// Device rules in cgroups need the devices controller implementation linked in.
-	_ "github.com/opencontainers/cgroups/devices"
-	"github.com/opencontainers/runc/libcontainer"
-	"github.com/opencontainers/runc/libcontainer/specconv"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // container is one OCI container in the guest and its processes.
 type container struct {
 	id   string
-	lc   *libcontainer.Container
+	rc   runtimeContainer
 	init *process
 
 	mu    sync.Mutex
 	execs map[string]*process
-	// cgroup is the container's cgroup v2 group, relative to /sys/fs/cgroup.
-	cgroup string
 	// mounts are the guest mount points of its disks.
 	mounts []string
 }
@@ -87,22 +81,6 @@ func guestCgroupsPath(id, p string) string {
 	return p
 }
 
-func newLibcontainer(stateRoot, id string, spec *specs.Spec) (*libcontainer.Container, error) {
-	spec.Linux.CgroupsPath = guestCgroupsPath(id, spec.Linux.CgroupsPath)
-	cfg, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{
-		CgroupName: id,
-		Spec:       spec,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("container %s: convert spec: %w: %w", id, err, errdefs.ErrInvalidArgument)
-	}
-	lc, err := libcontainer.Create(stateRoot, id, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", id, err)
-	}
-	return lc, nil
-}
-
 func (c *container) process(execID string) (*process, error) {
 	if execID == "" {
 		return c.init, nil
@@ -116,10 +94,8 @@ func (c *container) process(execID string) (*process, error) {
 	return p, nil
 }
 
-func (c *container) cgroupManager() (*cgroup2.Manager, error) {
-	m, err := cgroup2.Load(c.cgroup)
-	if err != nil {
-		return nil, fmt.Errorf("container %s: cgroup %s: %w", c.id, c.cgroup, err)
-	}
-	return m, nil
+// kill sends SIGKILL to every process of the container, its init last.
+func (c *container) kill() {
+	_ = c.rc.SignalAll(unix.SIGKILL)
+	_ = c.rc.Signal(unix.SIGKILL)
 }

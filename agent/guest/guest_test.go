@@ -66,13 +66,13 @@ func TestGuestCgroupsPath(t *testing.T) {
 	}
 }
 
-func TestToLibcontainerProcess(t *testing.T) {
+func TestConvertProcess(t *testing.T) {
 	p := &specs.Process{
 		Args: []string{"sh"}, User: specs.User{UID: 1000, GID: 100, AdditionalGids: []uint32{5, 6}},
 		Rlimits:      []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 1024, Soft: 512}},
 		Capabilities: &specs.LinuxCapabilities{Bounding: []string{"CAP_KILL"}},
 	}
-	lp, err := toLibcontainerProcess(p)
+	lp, err := convertProcess(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,7 @@ func TestToLibcontainerProcess(t *testing.T) {
 		t.Fatal("capabilities not converted")
 	}
 	p.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_BOGUS"}}
-	if _, err := toLibcontainerProcess(p); !errdefs.IsInvalidArgument(err) {
+	if _, err := convertProcess(p); !errdefs.IsInvalidArgument(err) {
 		t.Fatalf("unknown rlimit: %v, want invalid argument", err)
 	}
 }
@@ -136,7 +136,7 @@ func FuzzParseSpec(f *testing.F) {
 			return
 		}
 		_ = guestCgroupsPath("c", spec.Linux.CgroupsPath)
-		if _, err := toLibcontainerProcess(spec.Process); err != nil && !errors.Is(err, errdefs.ErrInvalidArgument) {
+		if _, err := convertProcess(spec.Process); err != nil && !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Fatalf("process conversion error is not invalid argument: %v", err)
 		}
 	})

@@ -7,7 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/cgroups/v3/cgroup2"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -24,6 +23,7 @@ const containerStateRoot = "/run/podvm-agent/containers"
 // Server implements the agent API in the guest.
 type Server struct {
 	started time.Time
+	rt      containerRuntime
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -35,10 +35,15 @@ type Server struct {
 	powerOff func()
 }
 
-// NewServer returns an agent with no containers.
+// NewServer returns an agent with no containers, running them with libcontainer.
 func NewServer() *Server {
+	return newServer(libcontainerRuntime{root: containerStateRoot})
+}
+
+func newServer(rt containerRuntime) *Server {
 	return &Server{
 		started:    time.Now(),
+		rt:         rt,
 		containers: map[string]*container{},
 		oom:        make(chan string, 64),
 		ports:      newPorts(),
@@ -96,14 +101,9 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	if _, ok := s.containers[id]; ok {
-		s.mu.Unlock()
-		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrAlreadyExists)
+	if err := s.reserve(id); err != nil {
+		return nil, err
 	}
-	// Reserve the id while the container is being made.
-	s.containers[id] = nil
-	s.mu.Unlock()
 	defer func() {
 		if retErr != nil {
 			s.mu.Lock()
@@ -111,7 +111,6 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 			s.mu.Unlock()
 		}
 	}()
-
 	if err := applyPodSysctls(spec); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
@@ -124,63 +123,63 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 			unmountAll(ctx, mounts)
 		}
 	}()
-	init, err := newProcess("", spec.Process, req.Stdio, true)
+	c, err := s.create(id, spec, req.Stdio)
 	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", id, err)
-	}
-	lc, err := newLibcontainer(containerStateRoot, id, spec)
-	if err != nil {
-		init.release()
 		return nil, err
 	}
-	c := &container{id: id, lc: lc, init: init, execs: map[string]*process{}, cgroup: spec.Linux.CgroupsPath, mounts: mounts}
-	if err := lc.Start(init.lc); err != nil {
-		init.release()
-		_ = lc.Destroy()
-		return nil, fmt.Errorf("container %s: create: %w", id, err)
-	}
-	if err := init.started(); err != nil {
-		_ = lc.Signal(unix.SIGKILL)
-		init.release()
-		_ = lc.Destroy()
-		return nil, fmt.Errorf("container %s: %w", id, err)
-	}
+	c.mounts = mounts
 	s.watchOOM(ctx, c)
 	s.mu.Lock()
 	s.containers[id] = c
 	s.mu.Unlock()
 	log.G(ctx).WithField("container", id).Info("created")
-	return &api.CreateContainerResponse{Pid: uint32(init.pid)}, nil
+	return &api.CreateContainerResponse{Pid: uint32(c.init.getPid())}, nil
 }
 
-// watchOOM turns the container cgroup's oom_kill events into GetOOMEvent replies.
-func (s *Server) watchOOM(ctx context.Context, c *container) {
-	m, err := c.cgroupManager()
-	if err != nil {
-		log.G(ctx).WithError(err).Warn("no OOM events for container")
-		return
+// reserve holds id while its container is being made: other calls do not find it yet, and a
+// second create of it fails.
+func (s *Server) reserve(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.containers[id]; ok {
+		return fmt.Errorf("container %q: %w", id, errdefs.ErrAlreadyExists)
 	}
-	events, errs := m.EventChan()
-	go func() {
-		var last uint64
-		for {
-			select {
-			case ev, ok := <-events:
-				if !ok {
-					return
-				}
-				if ev.OOMKill > last {
-					last = ev.OOMKill
-					select {
-					case s.oom <- c.id:
-					default:
-					}
-				}
-			case <-errs:
-				return
-			}
+	s.containers[id] = nil
+	return nil
+}
+
+// create has the runtime make the container and its init, stopped before the program runs.
+func (s *Server) create(id string, spec *specs.Spec, stdio *api.Stdio) (*container, error) {
+	init, err := newProcess("", spec.Process, stdio, true)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	rc, rp, err := s.rt.Create(id, spec, init.cfg)
+	if err != nil {
+		init.release()
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	if err := init.started(rp); err != nil {
+		_ = rc.Signal(unix.SIGKILL)
+		init.release()
+		_ = rc.Destroy()
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	return &container{id: id, rc: rc, init: init, execs: map[string]*process{}}, nil
+}
+
+// watchOOM turns the container's OOM kills into GetOOMEvent replies. Events beyond what the
+// queue holds are dropped: the host only needs to know that one happened.
+func (s *Server) watchOOM(ctx context.Context, c *container) {
+	err := c.rc.WatchOOM(func() {
+		select {
+		case s.oom <- c.id:
+		default:
 		}
-	}()
+	})
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("container", c.id).Warn("no OOM events for container")
+	}
 }
 
 func (s *Server) ExecProcess(ctx context.Context, req *api.ExecProcessRequest) (*api.Empty, error) {
@@ -221,21 +220,22 @@ func (s *Server) StartProcess(ctx context.Context, req *api.ProcessRequest) (*ap
 		return nil, err
 	}
 	if req.ExecId == "" {
-		if err := c.lc.Exec(); err != nil {
+		if err := c.rc.Start(); err != nil {
 			return nil, fmt.Errorf("container %s: start: %w", c.id, err)
 		}
-		return &api.StartProcessResponse{Pid: uint32(p.pid)}, nil
+		return &api.StartProcessResponse{Pid: uint32(p.getPid())}, nil
 	}
-	if err := c.lc.Run(p.lc); err != nil {
+	rp, err := c.rc.Exec(p.cfg)
+	if err != nil {
 		p.io.closeChild()
 		p.setExited(255)
 		return nil, fmt.Errorf("exec %s in %s: start: %w", req.ExecId, c.id, err)
 	}
-	if err := p.started(); err != nil {
-		_ = p.lc.Signal(unix.SIGKILL)
+	if err := p.started(rp); err != nil {
+		_ = rp.Signal(unix.SIGKILL)
 		return nil, fmt.Errorf("exec %s in %s: %w", req.ExecId, c.id, err)
 	}
-	return &api.StartProcessResponse{Pid: uint32(p.pid)}, nil
+	return &api.StartProcessResponse{Pid: uint32(p.getPid())}, nil
 }
 
 func (s *Server) SignalProcess(ctx context.Context, req *api.SignalProcessRequest) (*api.Empty, error) {
@@ -245,22 +245,8 @@ func (s *Server) SignalProcess(ctx context.Context, req *api.SignalProcessReques
 	}
 	sig := unix.Signal(req.Signal)
 	if req.All && req.ExecId == "" {
-		m, err := c.cgroupManager()
-		if err != nil {
-			return nil, err
-		}
-		if sig == unix.SIGKILL {
-			if err := m.Kill(); err != nil {
-				return nil, fmt.Errorf("container %s: kill all: %w", c.id, err)
-			}
-			return &api.Empty{}, nil
-		}
-		pids, err := m.Procs(true)
-		if err != nil {
-			return nil, err
-		}
-		for _, pid := range pids {
-			_ = unix.Kill(int(pid), sig)
+		if err := c.rc.SignalAll(sig); err != nil {
+			return nil, fmt.Errorf("container %s: signal all: %w", c.id, err)
 		}
 		return &api.Empty{}, nil
 	}
@@ -363,15 +349,12 @@ func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRe
 		if !req.Force {
 			return nil, fmt.Errorf("container %s is still running; stop it or remove with force: %w", c.id, errdefs.ErrFailedPrecondition)
 		}
-		if m, err := c.cgroupManager(); err == nil {
-			_ = m.Kill()
-		}
-		_ = c.lc.Signal(unix.SIGKILL)
+		c.kill()
 		if _, _, err := c.init.waitExit(ctx); err != nil {
 			return nil, fmt.Errorf("container %s: waiting for it to die: %w", c.id, err)
 		}
 	}
-	if err := c.lc.Destroy(); err != nil {
+	if err := c.rc.Destroy(); err != nil {
 		log.G(ctx).WithError(err).WithField("container", c.id).Warn("destroy")
 	}
 	c.mu.Lock()
@@ -393,16 +376,16 @@ func (s *Server) ListProcesses(ctx context.Context, req *api.ContainerRequest) (
 	if err != nil {
 		return nil, err
 	}
-	pids, err := c.lc.Processes()
+	pids, err := c.rc.Processes()
 	if err != nil {
 		return nil, fmt.Errorf("container %s: list processes: %w", c.id, err)
 	}
 	byPid := map[int]string{}
 	c.mu.Lock()
 	for id, p := range c.execs {
-		p.mu.Lock()
-		byPid[p.pid] = id
-		p.mu.Unlock()
+		if pid := p.getPid(); pid != 0 {
+			byPid[pid] = id
+		}
 	}
 	c.mu.Unlock()
 	resp := &api.ListProcessesResponse{}
@@ -417,7 +400,7 @@ func (s *Server) PauseContainer(ctx context.Context, req *api.ContainerRequest) 
 	if err != nil {
 		return nil, err
 	}
-	if err := c.lc.Pause(); err != nil {
+	if err := c.rc.Pause(); err != nil {
 		return nil, fmt.Errorf("container %s: pause: %w", c.id, err)
 	}
 	return &api.Empty{}, nil
@@ -428,7 +411,7 @@ func (s *Server) ResumeContainer(ctx context.Context, req *api.ContainerRequest)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.lc.Resume(); err != nil {
+	if err := c.rc.Resume(); err != nil {
 		return nil, fmt.Errorf("container %s: resume: %w", c.id, err)
 	}
 	return &api.Empty{}, nil
@@ -443,11 +426,7 @@ func (s *Server) UpdateContainer(ctx context.Context, req *api.UpdateContainerRe
 	if err := json.Unmarshal(req.Resources, &r); err != nil {
 		return nil, fmt.Errorf("container %s: resources are not valid JSON: %v: %w", c.id, err, errdefs.ErrInvalidArgument)
 	}
-	m, err := c.cgroupManager()
-	if err != nil {
-		return nil, err
-	}
-	if err := m.Update(cgroup2.ToResources(&r)); err != nil {
+	if err := c.rc.Update(&r); err != nil {
 		return nil, fmt.Errorf("container %s: update resources: %w", c.id, err)
 	}
 	return &api.Empty{}, nil
@@ -458,11 +437,7 @@ func (s *Server) Stats(ctx context.Context, req *api.ContainerRequest) (*api.Sta
 	if err != nil {
 		return nil, err
 	}
-	m, err := c.cgroupManager()
-	if err != nil {
-		return nil, err
-	}
-	st, err := m.Stat()
+	st, err := c.rc.Stats()
 	if err != nil {
 		return nil, fmt.Errorf("container %s: stats: %w", c.id, err)
 	}
@@ -492,10 +467,7 @@ func (s *Server) Shutdown(ctx context.Context, _ *api.Empty) (*api.Empty, error)
 	}
 	s.mu.Unlock()
 	for _, c := range cs {
-		if m, err := c.cgroupManager(); err == nil {
-			_ = m.Kill()
-		}
-		_ = c.lc.Signal(unix.SIGKILL)
+		c.kill()
 	}
 	log.G(ctx).Info("shutdown requested, powering off")
 	// Reply first; the host quits QEMU if the power-off does not come.
