@@ -136,6 +136,12 @@ func (l *serialListener) Accept() (net.Conn, error) {
 		return nil, net.ErrClosed
 	case <-l.free:
 	}
+	select {
+	case <-l.closed: // both were ready: closed wins
+		l.free <- struct{}{}
+		return nil, net.ErrClosed
+	default:
+	}
 	l.mu.Lock()
 	wait := l.backoff
 	l.mu.Unlock()
