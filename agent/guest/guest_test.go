@@ -3,6 +3,7 @@ package guest
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -11,6 +12,8 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent/api"
 )
 
 func writeFile(t *testing.T, path, content string) {
@@ -140,4 +143,84 @@ func FuzzParseSpec(f *testing.F) {
 			t.Fatalf("process conversion error is not invalid argument: %v", err)
 		}
 	})
+}
+
+func TestApplyPodSysctlsRefuses(t *testing.T) {
+	spec := &specs.Spec{Linux: &specs.Linux{Sysctl: map[string]string{"net.ipv4/../../x": "1"}}}
+	if err := applyPodSysctls(spec); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("a sysctl name with a path: %v, want invalid argument", err)
+	}
+	// With a network namespace of its own, libcontainer applies them; non-net ones always.
+	spec = &specs.Spec{Linux: &specs.Linux{
+		Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}},
+		Sysctl:     map[string]string{"net.ipv4.ip_forward": "1"},
+	}}
+	if err := applyPodSysctls(spec); err != nil || len(spec.Linux.Sysctl) != 1 {
+		t.Fatalf("own netns: %v, sysctls %v", err, spec.Linux.Sysctl)
+	}
+	spec = &specs.Spec{Linux: &specs.Linux{Sysctl: map[string]string{"kernel.msgmax": "1"}}}
+	if err := applyPodSysctls(spec); err != nil || len(spec.Linux.Sysctl) != 1 {
+		t.Fatalf("non-net sysctl: %v, sysctls %v", err, spec.Linux.Sysctl)
+	}
+}
+
+func TestToRoute(t *testing.T) {
+	r, err := toRoute(&api.Route{Destination: "10.0.0.0/8", Gateway: "10.1.2.1", Source: "10.1.2.3", Metric: 5, Scope: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Dst.String() != "10.0.0.0/8" || r.Gw.String() != "10.1.2.1" || r.Src.String() != "10.1.2.3" || r.Priority != 5 {
+		t.Fatalf("route %+v", r)
+	}
+	for _, bad := range []*api.Route{{Destination: "10.0.0.0"}, {Gateway: "gw"}} {
+		if _, err := toRoute(bad); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("toRoute(%v): %v, want invalid argument", bad, err)
+		}
+	}
+}
+
+// TestSerialListener runs the listener on a FIFO, which opens read-write like a port.
+func TestSerialListener(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vport")
+	if err := unix.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l := newSerialListener(path)
+	if l.Addr().Network() != "virtio-serial" || l.Addr().String() != path {
+		t.Fatalf("addr %v", l.Addr())
+	}
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 4)
+	if n, err := c.Read(b); err != nil || string(b[:n]) != "ping" {
+		t.Fatalf("read %q, %v", b[:n], err)
+	}
+	if c.LocalAddr() != l.Addr() || c.RemoteAddr().String() != "host" {
+		t.Fatalf("conn addrs %v %v", c.LocalAddr(), c.RemoteAddr())
+	}
+	if err := c.SetDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	// The port opens once: the next Accept waits for this connection to close.
+	next := make(chan error, 1)
+	go func() {
+		c2, err := l.Accept()
+		if err == nil {
+			c2.Close()
+		}
+		next <- err
+	}()
+	c.Close()
+	if err := <-next; err != nil {
+		t.Fatalf("Accept after Close of the connection: %v", err)
+	}
+	l.Close()
+	if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept on a closed listener: %v", err)
+	}
 }
