@@ -42,18 +42,35 @@ func TestFindSerialPort(t *testing.T) {
 func TestFindDisk(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "vda", "serial"), "rootdisk")
+	tick := make(chan time.Time)
+	found := make(chan string, 1)
 	go func() {
-		time.Sleep(50 * time.Millisecond)
-		writeFile(t, filepath.Join(dir, "vdb", "serial"), "pvc-1\n")
+		dev, err := pollDisk(context.Background(), dir, "pvc-1", tick)
+		if err != nil {
+			dev = err.Error()
+		}
+		found <- dev
 	}()
-	got, err := findDisk(context.Background(), dir, "pvc-1")
-	if err != nil || got != "/dev/vdb" {
-		t.Fatalf("findDisk = %q, %v (a disk that appears late must be found)", got, err)
+	// The send returns once the first look missed the disk; then it appears.
+	tick <- time.Now()
+	writeFile(t, filepath.Join(dir, "vdb", "serial"), "pvc-1\n")
+	var got string
+	for got == "" {
+		select {
+		case tick <- time.Now():
+		case got = <-found:
+		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Millisecond)
-	defer cancel()
+	if got != "/dev/vdb" {
+		t.Fatalf("findDisk = %q (a disk that appears late must be found)", got)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
 	if _, err := findDisk(ctx, dir, "missing"); !errdefs.IsNotFound(err) {
 		t.Fatalf("missing disk: %v, want not found", err)
+	}
+	if _, err := findDisk(context.Background(), dir, ""); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("empty serial: %v, want invalid argument", err)
 	}
 }
 

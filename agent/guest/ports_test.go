@@ -31,7 +31,8 @@ func TestPortForwardOverTTRPC(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	api.RegisterAgentService(srv, s)
+	reads := make(chan uint64, 1)
+	api.RegisterAgentService(srv, readSignal{Server: s, reads: reads})
 	go srv.Serve(context.Background(), l)
 	defer srv.Close()
 	c, err := agent.Connect(ctx, func(ctx context.Context) (net.Conn, error) {
@@ -126,12 +127,17 @@ func TestPortForwardOverTTRPC(t *testing.T) {
 		}
 		guest := <-accepted
 		defer guest.Close()
+		for len(reads) > 0 {
+			<-reads // earlier subtests' reads
+		}
 		errc := make(chan error, 1)
 		go func() {
 			_, err := pc.Read(make([]byte, 10))
 			errc <- err
 		}()
-		time.Sleep(100 * time.Millisecond)
+		if id := <-reads; id != pc.ID() {
+			t.Fatalf("the agent got a read of connection %d, want %d", id, pc.ID())
+		}
 		if err := pc.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -170,4 +176,19 @@ func expectEOF(t *testing.T, conn net.Conn) {
 	if n, err := conn.Read(make([]byte, 1)); err != io.EOF {
 		t.Errorf("guest side read %d bytes, %v; want EOF", n, err)
 	}
+}
+
+// readSignal tells on reads: each ReadConn the agent gets puts its connection id on reads
+// (if there is room) before it is served.
+type readSignal struct {
+	*Server
+	reads chan uint64
+}
+
+func (r readSignal) ReadConn(ctx context.Context, req *api.ReadConnRequest) (*api.ReadConnResponse, error) {
+	select {
+	case r.reads <- req.ConnId:
+	default:
+	}
+	return r.Server.ReadConn(ctx, req)
 }

@@ -22,11 +22,18 @@ const sysBlock = "/sys/block"
 // findDisk waits for the virtio-blk disk with the given serial to appear (hot-plug is
 // asynchronous) and returns its /dev path.
 func findDisk(ctx context.Context, sysRoot, serial string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	return pollDisk(ctx, sysRoot, serial, t.C)
+}
+
+// pollDisk looks for the disk now and again at each tick, until ctx ends.
+func pollDisk(ctx context.Context, sysRoot, serial string, tick <-chan time.Time) (string, error) {
 	if serial == "" {
 		return "", fmt.Errorf("disk serial is empty: %w", errdefs.ErrInvalidArgument)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
 	for {
 		entries, _ := os.ReadDir(sysRoot)
 		for _, e := range entries {
@@ -38,7 +45,7 @@ func findDisk(ctx context.Context, sysRoot, serial string) (string, error) {
 		select {
 		case <-ctx.Done():
 			return "", fmt.Errorf("no disk with serial %q appeared in the guest: %w", serial, errdefs.ErrNotFound)
-		case <-time.After(20 * time.Millisecond):
+		case <-tick:
 		}
 	}
 }
