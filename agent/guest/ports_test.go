@@ -22,44 +22,9 @@ func TestPortForwardOverTTRPC(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	s := NewServer()
-	sock := filepath.Join(t.TempDir(), "agent.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := ttrpc.NewServer(serverOptions(s)...)
-	if err != nil {
-		t.Fatal(err)
-	}
 	reads := make(chan uint64, 1)
-	api.RegisterAgentService(srv, readSignal{Server: s, reads: reads})
-	go srv.Serve(context.Background(), l)
-	defer srv.Close()
-	c, err := agent.Connect(ctx, func(ctx context.Context) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-
-	// The "guest service"; each subtest takes the connection its DialPort made.
-	svc, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer svc.Close()
-	accepted := make(chan net.Conn, 4)
-	go func() {
-		for {
-			conn, err := svc.Accept()
-			if err != nil {
-				return
-			}
-			accepted <- conn
-		}
-	}()
-	port := uint32(svc.Addr().(*net.TCPAddr).Port)
+	c := serveOverTTRPC(ctx, t, s, readSignal{Server: s, reads: reads})
+	accepted, port := guestService(t)
 
 	t.Run("echo with half-close", func(t *testing.T) {
 		pc, err := agent.DialPort(ctx, c, port)
@@ -191,4 +156,52 @@ func (r readSignal) ReadConn(ctx context.Context, req *api.ReadConnRequest) (*ap
 	default:
 	}
 	return r.Server.ReadConn(ctx, req)
+}
+
+// serveOverTTRPC serves svc with s's server options on a unix socket and returns a host
+// client connected to it; both end with the test.
+func serveOverTTRPC(ctx context.Context, t *testing.T, s *Server, svc api.AgentService) *agent.Client {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ttrpc.NewServer(serverOptions(s)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api.RegisterAgentService(srv, svc)
+	go srv.Serve(context.Background(), l)
+	t.Cleanup(func() { srv.Close() })
+	c, err := agent.Connect(ctx, func(ctx context.Context) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// guestService listens on the test's loopback, standing in for a server in the guest, and
+// hands out the connections it accepts.
+func guestService(t *testing.T) (<-chan net.Conn, uint32) {
+	t.Helper()
+	svc, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close() })
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			conn, err := svc.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- conn
+		}
+	}()
+	return accepted, uint32(svc.Addr().(*net.TCPAddr).Port)
 }
