@@ -142,7 +142,7 @@ func (h hostProbe) check(ctx context.Context, path string) []checkResult {
 	} else if hc.VirtiofsdPath != "" {
 		add(statusFail, "virtiofsd", "%s: not executable; fix hypervisor.virtiofsd_path or set it to \"\" to search", hc.VirtiofsdPath)
 	} else {
-		add(statusFail, "virtiofsd", "not in /usr/libexec, /usr/lib/qemu or PATH; install it (Debian 12: qemu-system-x86 ships /usr/lib/qemu/virtiofsd; later: apt-get install virtiofsd) or set hypervisor.virtiofsd_path")
+		add(statusFail, "virtiofsd", "not in /usr/libexec, PATH or /usr/lib/qemu; install it (Debian 12: qemu-system-x86 ships /usr/lib/qemu/virtiofsd; later: apt-get install virtiofsd) or set hypervisor.virtiofsd_path")
 	}
 
 	detected := h.detectAccel()
@@ -205,13 +205,7 @@ func (h hostProbe) virtiofsd(configured string) string {
 		}
 		return ""
 	}
-	for _, p := range []string{"/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"} {
-		if h.access(p, unix.X_OK) == nil {
-			return p
-		}
-	}
-	p, _ := h.lookPath("virtiofsd")
-	return p
+	return qemu.FindVirtiofsd(h.access, h.lookPath)
 }
 
 // stateDir checks that dir is writable, or can be created, without changing anything.

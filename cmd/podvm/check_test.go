@@ -159,7 +159,7 @@ func TestCheck(t *testing.T) {
 			"FAIL  guest kernel    /usr/share/podvm/vmlinuz: no such file or directory; run 'make install' (or 'podvm image build --output /usr/share/podvm') or set hypervisor.kernel",
 			"FAIL  guest initrd    /usr/share/podvm/initrd.img: no such file or directory; run 'make install' (or 'podvm image build --output /usr/share/podvm') or set hypervisor.initrd",
 			"warn  guest image",
-			"FAIL  virtiofsd       not in /usr/libexec, /usr/lib/qemu or PATH",
+			"FAIL  virtiofsd       not in /usr/libexec, PATH or /usr/lib/qemu",
 			"warn  kvm",
 			"warn  vhost-vsock",
 			"warn  vhost-net",

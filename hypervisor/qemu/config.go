@@ -5,6 +5,7 @@ package qemu
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -44,6 +45,21 @@ const (
 	tcgTranslationCacheMiB = 64
 	// sunPathMax is the longest unix socket path (sockaddr_un.sun_path minus the NUL).
 	sunPathMax = 107
+
+	// DefaultUIDBase and DefaultUIDCount are the range QEMU's unprivileged uid and gid are
+	// chosen from when Config leaves them 0: far above login users (1000+), nobody (65534)
+	// and the ranges user namespaces are usually given, below 2^31 so that no tool reads
+	// them as negative.
+	DefaultUIDBase  = 2_000_000_000
+	DefaultUIDCount = 1 << 20
+	// MinUIDBase keeps the range clear of root and the system users (uids below 1000).
+	MinUIDBase = 1000
+	// maxUID is the largest uid a range may include: (uid_t)-1 means "unchanged" to set*uid.
+	maxUID = 1<<32 - 2
+
+	// consoleFdset is the -add-fd set holding the console pipe; QMP add-fd without an
+	// fdset-id (block hot-plug) takes the lowest free id, so it never collides.
+	consoleFdset = 1000
 )
 
 // Files in Config.StateDir.
@@ -59,6 +75,9 @@ const (
 	// SharedMountFile records the SharedDir bind mount made for mount propagation, so
 	// Cleanup can undo it after a crash.
 	SharedMountFile = "shared-mount"
+	// ChrootDir is the empty, root-owned directory QEMU chroots into once it has opened
+	// everything it needs (-chroot).
+	ChrootDir = "root"
 )
 
 // Config describes one VM. New resolves the environment-dependent defaults (see Resolve)
@@ -87,9 +106,9 @@ type Config struct {
 
 	// SharedDir is shared with the guest over virtio-fs (tag SharedFSTag); empty = none.
 	SharedDir string
-	// VirtiofsdPath defaults to the first of /usr/libexec/virtiofsd,
-	// /usr/lib/qemu/virtiofsd and virtiofsd in PATH. Both the C virtiofsd (QEMU <= 7.2) and
-	// the Rust one are supported.
+	// VirtiofsdPath defaults to the first of VirtiofsdSearchPath (the Rust virtiofsd's
+	// places first, then QEMU's C one in /usr/lib/qemu). Both are supported; either runs
+	// without CAP_MKNOD and CAP_SETFCAP.
 	VirtiofsdPath string
 	// VirtiofsCache is "auto" (default), "always" or "never".
 	VirtiofsCache string
@@ -105,6 +124,13 @@ type Config struct {
 	// HotplugSlots is how many PCIe root ports to create for hot-plugged devices:
 	// 0 = DefaultHotplugSlots, negative = none.
 	HotplugSlots int
+
+	// UIDBase and UIDCount are the range QEMU's uid (and its gid, the same number) is picked
+	// from by ID (see RunAs): after opening its devices, memory, sockets and console, QEMU
+	// drops to that uid/gid with no capabilities (-runas) and chroots into the empty
+	// StateDir/root (-chroot). 0 = DefaultUIDBase, DefaultUIDCount.
+	UIDBase  uint32
+	UIDCount uint32
 }
 
 // Resolve returns a copy of c with every default filled in, probing the host where needed
@@ -134,7 +160,7 @@ func (c Config) Resolve() (Config, error) {
 	if c.SharedDir != "" && c.VirtiofsdPath == "" {
 		c.VirtiofsdPath = findVirtiofsd()
 		if c.VirtiofsdPath == "" {
-			return c, errors.New("VirtiofsdPath: no virtiofsd in /usr/libexec, /usr/lib/qemu or PATH; install virtiofsd or set VirtiofsdPath (or leave SharedDir empty)")
+			return c, errors.New("VirtiofsdPath: no virtiofsd in /usr/libexec, PATH or /usr/lib/qemu; install virtiofsd (the Rust one is preferred) or set VirtiofsdPath (or leave SharedDir empty)")
 		}
 	}
 	c.setPureDefaults()
@@ -154,17 +180,71 @@ func (c *Config) setPureDefaults() {
 	if c.SharedDir != "" && c.VirtiofsCache == "" {
 		c.VirtiofsCache = "auto"
 	}
+	if c.UIDBase == 0 {
+		c.UIDBase = DefaultUIDBase
+	}
+	if c.UIDCount == 0 {
+		c.UIDCount = DefaultUIDCount
+	}
 }
 
-func findVirtiofsd() string {
-	for _, p := range []string{"/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"} {
-		if unix.Access(p, unix.X_OK) == nil {
+// RunAs is the uid and gid QEMU runs as after start-up: UIDBase plus a hash (FNV-1a) of ID
+// modulo UIDCount, so a VM keeps its uid across shim restarts and two VMs rarely share one
+// (with the default range, about 1 in 10,000 for 150 VMs on a node).
+func (c *Config) RunAs() (uid, gid uint32) {
+	base, count := c.UIDBase, c.UIDCount
+	if base == 0 {
+		base = DefaultUIDBase
+	}
+	if count == 0 {
+		count = DefaultUIDCount
+	}
+	h := fnv.New32a()
+	h.Write([]byte(c.ID))
+	uid = base + h.Sum32()%count
+	return uid, uid
+}
+
+// ValidateUIDRange checks a uid range for QEMU (see Config.UIDBase); the error says what to
+// change. The node config uses it too.
+func ValidateUIDRange(base, count uint64) error {
+	switch {
+	case base < MinUIDBase:
+		return fmt.Errorf("uid base %d: must be at least %d (root and system users are below), e.g. %d", base, MinUIDBase, uint64(DefaultUIDBase))
+	case count < 1:
+		return fmt.Errorf("uid count %d: must be at least 1, e.g. %d", count, uint64(DefaultUIDCount))
+	case base+count-1 > maxUID:
+		return fmt.Errorf("uid range %d..%d: ends above %d (the largest uid); lower the base or the count", base, base+count-1, uint64(maxUID))
+	case base <= 65534 && 65534 <= base+count-1:
+		return fmt.Errorf("uid range %d..%d: includes 65534 (nobody, also the overflow uid); start above it, e.g. %d", base, base+count-1, uint64(DefaultUIDBase))
+	}
+	return nil
+}
+
+// VirtiofsdSearchPath is where Resolve looks for virtiofsd when VirtiofsdPath is empty, in
+// order; "virtiofsd" (no slash) is looked up in PATH. The Rust virtiofsd (Debian/Ubuntu's
+// virtiofsd package and Fedora put it in /usr/libexec; cargo installs into PATH) comes
+// before the C one QEMU up to 7.2 ships in /usr/lib/qemu.
+var VirtiofsdSearchPath = []string{"/usr/libexec/virtiofsd", "virtiofsd", "/usr/lib/qemu/virtiofsd"}
+
+// FindVirtiofsd returns the first usable virtiofsd of VirtiofsdSearchPath, or "". access
+// and lookPath are unix.Access and exec.LookPath, or fakes in tests.
+func FindVirtiofsd(access func(path string, mode uint32) error, lookPath func(file string) (string, error)) string {
+	for _, p := range VirtiofsdSearchPath {
+		if !strings.Contains(p, "/") {
+			if found, err := lookPath(p); err == nil {
+				return found
+			}
+			continue
+		}
+		if access(p, unix.X_OK) == nil {
 			return p
 		}
 	}
-	p, _ := exec.LookPath("virtiofsd")
-	return p
+	return ""
 }
+
+func findVirtiofsd() string { return FindVirtiofsd(unix.Access, exec.LookPath) }
 
 // DetectAccel returns "kvm" when /dev/kvm opens read-write and KVM_CREATE_VM succeeds,
 // else "tcg".
@@ -261,6 +341,9 @@ func (c *Config) Validate() error {
 	default:
 		bad("AgentTransport %q: must be %q or %q (or empty to detect)", c.AgentTransport, TransportVsock, TransportSerial)
 	}
+	if err := ValidateUIDRange(uint64(c.UIDBase), uint64(c.UIDCount)); err != nil {
+		bad("UIDBase/UIDCount: %w", err)
+	}
 	if c.HotplugSlots > 30 {
 		bad("HotplugSlots %d: at most 30 root ports fit on the root bus", c.HotplugSlots)
 	}
@@ -315,7 +398,7 @@ func (c *Config) KernelCmdline() string {
 }
 
 // ExtraFiles are the files QEMU inherits, in the order Args numbers them from fd 3: the tap
-// files of NetDevices.
+// files of NetDevices. The console pipe's write end follows them (ConsoleFD).
 func (c *Config) ExtraFiles() []*os.File {
 	var files []*os.File
 	for _, nd := range c.NetDevices {
@@ -325,6 +408,10 @@ func (c *Config) ExtraFiles() []*os.File {
 	}
 	return files
 }
+
+// ConsoleFD is the descriptor number QEMU inherits the console pipe's write end as: the one
+// after ExtraFiles.
+func (c *Config) ConsoleFD() int { return 3 + len(c.ExtraFiles()) }
 
 // Args builds QEMU's argv (without argv[0]) from a resolved Config. It is pure: it reads no
 // files and probes nothing, so it gives the same command line on any host.
@@ -359,7 +446,11 @@ func (c Config) Args() ([]string, error) {
 	}
 	a = append(a, "-append", c.KernelCmdline())
 	a = append(a,
-		"-chardev", "file,id=console,path="+opt(c.path(ConsoleLog))+",append=on",
+		// The console goes into a pipe the VM drains into a size-capped log (the guest
+		// controls what it writes); QEMU gets the write end as a descriptor.
+		"-add-fd", fmt.Sprintf("fd=%d,set=%d,opaque=console", c.ConsoleFD(), consoleFdset),
+		// append=on: without it QEMU truncates, which a pipe refuses.
+		"-chardev", fmt.Sprintf("file,id=console,path=/dev/fdset/%d,append=on", consoleFdset),
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,path="+opt(c.path(QMPSocket))+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
@@ -413,7 +504,18 @@ func (c Config) Args() ([]string, error) {
 	for i := 0; i < c.HotplugSlots; i++ {
 		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", rootPort(i), i+1))
 	}
-	a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+	// Confinement: once QEMU has opened everything (memory, kernel, devices, sockets, the
+	// console), it chroots into an empty root-owned directory and drops to an unprivileged
+	// uid/gid, which leaves it no capabilities. QEMU 7.2 installs its seccomp filter before
+	// it drops privileges, so elevateprivileges=deny would kill it at its own setgid();
+	// allow is safe after the drop (all its uids are the unprivileged one, so set*id cannot
+	// gain anything) and spawn=deny still forbids exec.
+	uid, gid := c.RunAs()
+	a = append(a,
+		"-runas", fmt.Sprintf("%d:%d", uid, gid),
+		"-chroot", c.path(ChrootDir),
+		"-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+	)
 	return a, nil
 }
 

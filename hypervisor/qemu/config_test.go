@@ -42,7 +42,8 @@ func TestArgs(t *testing.T) {
 				"-bios /usr/share/qemu/qboot.rom",
 				"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
 				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests quiet",
-				"-chardev file,id=console,path=/run/podvm/pod1/console.log,append=on", "-serial chardev:console",
+				"-add-fd fd=3,set=1000,opaque=console",
+				"-chardev file,id=console,path=/dev/fdset/1000,append=on", "-serial chardev:console",
 				"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
 				"-pidfile /run/podvm/pod1/qemu.pid",
 				"-device virtio-serial-pci,id=vser",
@@ -50,9 +51,10 @@ func TestArgs(t *testing.T) {
 				"-device virtserialport,bus=vser.0,chardev=agent,name=podvm.agent",
 				"-device pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
 				"-device pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
-				"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+				"-runas 2000131047:2000131047", "-chroot /run/podvm/pod1/root",
+				"-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
 			},
-			notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev"},
+			notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev", "console.log"},
 		},
 		{
 			name: "kvm vsock debug sized",
@@ -200,5 +202,122 @@ func TestDetectAccel(t *testing.T) {
 	}
 	if _, err := os.Stat("/dev/kvm"); err != nil && a != AccelTCG {
 		t.Fatalf("no /dev/kvm but DetectAccel() = %q", a)
+	}
+}
+
+func TestRunAs(t *testing.T) {
+	c := baseConfig()
+	uid, gid := c.RunAs()
+	if uid != gid || uid < DefaultUIDBase || uid >= DefaultUIDBase+DefaultUIDCount {
+		t.Fatalf("RunAs() = %d:%d, want one number in the default range", uid, gid)
+	}
+	if u2, _ := c.RunAs(); u2 != uid {
+		t.Fatalf("RunAs not deterministic: %d then %d", uid, u2)
+	}
+	other := baseConfig()
+	other.ID = "pod2"
+	if u2, _ := other.RunAs(); u2 == uid {
+		t.Fatalf("pod1 and pod2 both run as %d", uid)
+	}
+	c.UIDBase, c.UIDCount = 500000, 10
+	seen := map[uint32]bool{}
+	for i := 0; i < 200; i++ {
+		c.ID = "pod-" + strings.Repeat("x", i)
+		u, _ := c.RunAs()
+		if u < 500000 || u >= 500010 {
+			t.Fatalf("ID %q: uid %d outside 500000..500009", c.ID, u)
+		}
+		seen[u] = true
+	}
+	if len(seen) < 5 {
+		t.Fatalf("200 IDs used only %d of 10 uids", len(seen))
+	}
+}
+
+func TestValidateUIDRange(t *testing.T) {
+	tests := []struct {
+		base, count uint64
+		wantErr     string
+	}{
+		{DefaultUIDBase, DefaultUIDCount, ""},
+		{100000, 1, ""},
+		{0, 10, "at least 1000"},
+		{999, 10, "at least 1000"},
+		{100000, 0, "at least 1"},
+		{65000, 1000, "65534"},
+		{1<<32 - 10, 100, "largest uid"},
+		{1<<32 - 11, 10, ""},
+	}
+	for _, tt := range tests {
+		err := ValidateUIDRange(tt.base, tt.count)
+		switch {
+		case tt.wantErr == "" && err != nil:
+			t.Errorf("ValidateUIDRange(%d, %d) = %v, want nil", tt.base, tt.count, err)
+		case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+			t.Errorf("ValidateUIDRange(%d, %d) = %v, want an error with %q", tt.base, tt.count, err, tt.wantErr)
+		}
+	}
+	c := baseConfig()
+	c.UIDBase = 5
+	if _, err := c.Args(); err == nil || !strings.Contains(err.Error(), "UIDBase/UIDCount") {
+		t.Fatalf("Args with UIDBase 5: %v, want a UIDBase/UIDCount error", err)
+	}
+}
+
+func TestConsoleFDFollowsTaps(t *testing.T) {
+	c := baseConfig()
+	c.NetDevices = []*hypervisor.NetDevice{
+		{ID: "a", TapFiles: []*os.File{os.NewFile(100, "t1"), os.NewFile(101, "t2")}},
+		{ID: "b", TapFiles: []*os.File{os.NewFile(102, "t3")}},
+	}
+	if got := c.ConsoleFD(); got != 6 {
+		t.Fatalf("ConsoleFD = %d, want 6 (after fds 3, 4, 5 of the taps)", got)
+	}
+	args, err := c.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(args, " ")
+	for _, w := range []string{"fds=3:4", "fd=5", "-add-fd fd=6,set=1000,opaque=console"} {
+		if !strings.Contains(joined, w) {
+			t.Errorf("missing %q in %s", w, joined)
+		}
+	}
+}
+
+func TestFindVirtiofsdPrefersRust(t *testing.T) {
+	exists := func(paths ...string) func(string, uint32) error {
+		return func(p string, _ uint32) error {
+			for _, q := range paths {
+				if p == q {
+					return nil
+				}
+			}
+			return os.ErrNotExist
+		}
+	}
+	inPath := func(found string) func(string) (string, error) {
+		return func(string) (string, error) {
+			if found == "" {
+				return "", os.ErrNotExist
+			}
+			return found, nil
+		}
+	}
+	tests := []struct {
+		name   string
+		access func(string, uint32) error
+		look   func(string) (string, error)
+		want   string
+	}{
+		{"rust in libexec first", exists("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"), inPath("/usr/bin/virtiofsd"), "/usr/libexec/virtiofsd"},
+		{"PATH before QEMU's C one", exists("/usr/lib/qemu/virtiofsd"), inPath("/usr/local/bin/virtiofsd"), "/usr/local/bin/virtiofsd"},
+		{"C one as fallback", exists("/usr/lib/qemu/virtiofsd"), inPath(""), "/usr/lib/qemu/virtiofsd"},
+		{"none", exists(), inPath(""), ""},
+	}
+	for _, tt := range tests {
+		if got := FindVirtiofsd(tt.access, tt.look); got != tt.want {
+			t.Errorf("%s: FindVirtiofsd = %q, want %q", tt.name, got, tt.want)
+		}
 	}
 }

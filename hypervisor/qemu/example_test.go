@@ -53,8 +53,10 @@ func ExampleConfig_Args() {
 	//   /usr/share/podvm/initrd \
 	//   -append \
 	//   console=ttyS0 panic=-1 reboot=k cryptomgr.notests quiet \
+	//   -add-fd \
+	//   fd=3,set=1000,opaque=console \
 	//   -chardev \
-	//   file,id=console,path=/run/podvm/4f2a/console.log,append=on \
+	//   file,id=console,path=/dev/fdset/1000,append=on \
 	//   -serial \
 	//   chardev:console \
 	//   -chardev \
@@ -81,6 +83,10 @@ func ExampleConfig_Args() {
 	//   pcie-root-port,id=hp0,bus=pcie.0,chassis=1 \
 	//   -device \
 	//   pcie-root-port,id=hp1,bus=pcie.0,chassis=2 \
+	//   -runas \
+	//   2000933314:2000933314 \
+	//   -chroot \
+	//   /run/podvm/4f2a/root \
 	//   -sandbox \
-	//   on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny
+	//   on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny
 }

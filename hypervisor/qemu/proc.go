@@ -88,36 +88,15 @@ func killAndWait(ctx context.Context, pid int) error {
 	}
 }
 
-// logTail returns the last lines of a log file, for error messages.
+// logTail returns the last lines of a log file (at most 2 KiB of it), for error messages.
 func logTail(path string) string {
-	const max = 2048
-	f, err := os.Open(path)
+	b, err := ReadTail(path, 2048)
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return fmt.Sprintf("(no log: %v)", err)
-	}
-	off := max64(0, st.Size()-max)
-	buf := make([]byte, st.Size()-off)
-	n, _ := f.ReadAt(buf, off)
-	s := strings.TrimSpace(string(buf[:n]))
-	if off > 0 {
-		if i := strings.IndexByte(s, '\n'); i >= 0 {
-			s = s[i+1:]
-		}
-	}
+	s := strings.TrimSpace(string(b))
 	if s == "" {
 		return "(" + path + " is empty)"
 	}
 	return path + ": " + s
-}
-
-func max64(a, b int64) int64 {
-	if a > b {
-		return a
-	}
-	return b
 }

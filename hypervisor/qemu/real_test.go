@@ -151,6 +151,7 @@ func TestRealVM(t *testing.T) {
 	if v.Pid() <= 0 {
 		t.Fatal("no pid")
 	}
+	checkConfined(t, v.Pid(), cfg)
 
 	// A mount made under SharedDir after virtiofsd started must reach virtiofsd's sandbox.
 	late := filepath.Join(cfg.SharedDir, "late")
@@ -187,6 +188,7 @@ func TestRealVM(t *testing.T) {
 		return strings.Contains(string(b), "Linux version")
 	})
 	t.Logf("kernel output after %s", time.Since(start))
+	checkVirtiofsdCaps(t, v.fs.pid())
 
 	conn, err := v.DialAgent(ctx)
 	if err != nil {
@@ -213,15 +215,21 @@ func TestRealVM(t *testing.T) {
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// QEMU is chrooted and unprivileged: it gets the image as a descriptor (add-fd).
+	imgF, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer imgF.Close()
 	for _, d := range []*hypervisor.BlockDevice{
-		{ID: "disk0", Path: img, ReadOnly: true},
-		{ID: "disk1", Path: img, Cache: "writeback", ReadOnly: true},
+		{ID: "disk0", Path: img, File: imgF, ReadOnly: true},
+		{ID: "disk1", Path: img, File: imgF, Cache: "writeback", ReadOnly: true},
 	} {
 		if err := v.Hotplug(ctx, d); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "disk2", Path: img}); err == nil {
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "disk2", Path: img, File: imgF}); err == nil {
 		t.Fatal("third hot-plug with 2 slots succeeded")
 	}
 	uctx, ucancel := context.WithTimeout(ctx, 300*time.Millisecond)
@@ -312,4 +320,81 @@ func TestRealCleanupAfterCrash(t *testing.T) {
 		t.Fatalf("second Cleanup: %v", err)
 	}
 	v.Stop(ctx)
+}
+
+// checkConfined checks that QEMU (pid) runs as cfg's unprivileged uid/gid with no
+// capabilities, chrooted into the VM's empty root dir.
+func checkConfined(t *testing.T, pid int, cfg Config) {
+	t.Helper()
+	uid, gid := cfg.RunAs()
+	status := procStatus(t, pid)
+	for _, l := range []string{"Uid", "Gid", "Groups", "CapEff", "CapPrm", "Seccomp"} {
+		t.Logf("qemu %s:\t%s", l, status[l])
+	}
+	wantIDs := func(key string, id uint32) {
+		t.Helper()
+		for _, f := range strings.Fields(status[key]) { // real, effective, saved, fs
+			if f != strconv.FormatUint(uint64(id), 10) {
+				t.Errorf("qemu %s: %q, want %d everywhere", key, status[key], id)
+				return
+			}
+		}
+	}
+	wantIDs("Uid", uid)
+	wantIDs("Gid", gid)
+	if g := status["Groups"]; g != strconv.FormatUint(uint64(gid), 10) && g != "" {
+		t.Errorf("qemu Groups: %q, want only %d", g, gid)
+	}
+	for _, c := range []string{"CapEff", "CapPrm"} {
+		if status[c] != "0000000000000000" {
+			t.Errorf("qemu %s = %s, want none", c, status[c])
+		}
+	}
+	if status["Seccomp"] != "2" {
+		t.Errorf("qemu Seccomp = %q, want 2 (filter)", status["Seccomp"])
+	}
+	root, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("qemu root: %s", root)
+	if root != filepath.Join(cfg.StateDir, ChrootDir) {
+		t.Errorf("qemu root %q, want the chroot %q", root, filepath.Join(cfg.StateDir, ChrootDir))
+	}
+	if ents, err := os.ReadDir(root); err != nil || len(ents) != 0 {
+		t.Errorf("chroot %s: %d entries, %v; want empty", root, len(ents), err)
+	}
+}
+
+// checkVirtiofsdCaps checks that no process of virtiofsd (the C one forks into its sandbox
+// once QEMU connects) has CAP_MKNOD or CAP_SETFCAP.
+func checkVirtiofsdCaps(t *testing.T, pid int) {
+	t.Helper()
+	const capMknod, capSetfcap = 27, 31
+	for _, p := range descendants(pid) {
+		st := procStatus(t, p)
+		eff, err := strconv.ParseUint(st["CapEff"], 16, 64)
+		if err != nil {
+			continue // gone
+		}
+		t.Logf("virtiofsd pid %d CapEff %s", p, st["CapEff"])
+		if eff&(1<<capMknod|1<<capSetfcap) != 0 {
+			t.Errorf("virtiofsd pid %d has CAP_MKNOD or CAP_SETFCAP: CapEff %s", p, st["CapEff"])
+		}
+	}
+}
+
+func procStatus(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return map[string]string{}
+	}
+	m := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			m[k] = strings.TrimSpace(v)
+		}
+	}
+	return m
 }

@@ -63,6 +63,11 @@ func flavorFromHelp(help []byte) virtiofsdFlavor {
 	return 0
 }
 
+// virtiofsdDropCaps are the capabilities virtiofsd gives up (modcaps syntax, the same in both
+// implementations): without CAP_MKNOD the guest cannot make device nodes on the host, without
+// CAP_SETFCAP it cannot give host files capabilities.
+const virtiofsdDropCaps = "-mknod:-setfcap"
+
 // virtiofsdArgs builds virtiofsd's argv (without argv[0]) for the given flavor.
 func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug bool) ([]string, error) {
 	switch f {
@@ -76,6 +81,7 @@ func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug
 			"-o", "cache=" + cache,
 			"-o", "announce_submounts",
 			"-o", "sandbox=namespace",
+			"-o", "modcaps=" + virtiofsdDropCaps,
 			"--thread-pool-size=1",
 		}
 		if debug {
@@ -89,6 +95,7 @@ func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug
 			"--cache", cache,
 			"--announce-submounts",
 			"--sandbox", "namespace",
+			"--modcaps=" + virtiofsdDropCaps,
 			"--thread-pool-size", "1",
 		}
 		if debug {

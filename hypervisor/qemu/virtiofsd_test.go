@@ -15,16 +15,16 @@ func TestVirtiofsdArgs(t *testing.T) {
 	}{
 		{"C auto", virtiofsdC, "auto", false, []string{
 			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=auto",
-			"-o", "announce_submounts", "-o", "sandbox=namespace", "--thread-pool-size=1"}},
+			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1"}},
 		{"C never is none", virtiofsdC, "never", true, []string{
 			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=none",
-			"-o", "announce_submounts", "-o", "sandbox=namespace", "--thread-pool-size=1", "-o", "log_level=debug"}},
+			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1", "-o", "log_level=debug"}},
 		{"Rust never", virtiofsdRust, "never", false, []string{
 			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "never",
-			"--announce-submounts", "--sandbox", "namespace", "--thread-pool-size", "1"}},
+			"--announce-submounts", "--sandbox", "namespace", "--modcaps=-mknod:-setfcap", "--thread-pool-size", "1"}},
 		{"Rust always debug", virtiofsdRust, "always", true, []string{
 			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "always",
-			"--announce-submounts", "--sandbox", "namespace", "--thread-pool-size", "1", "--log-level", "debug"}},
+			"--announce-submounts", "--sandbox", "namespace", "--modcaps=-mknod:-setfcap", "--thread-pool-size", "1", "--log-level", "debug"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -128,7 +128,9 @@ func (v *VM) Config() Config { return v.cfg }
 // StateDir is the VM's state directory.
 func (v *VM) StateDir() string { return v.cfg.StateDir }
 
-// ConsolePath is the file the guest's serial console is written to.
+// ConsolePath is the file the guest's serial console is written to: at most ConsoleLogMax
+// bytes, with the part before in ConsolePath()+RotatedSuffix. Read its end with ReadTail or
+// TailLines.
 func (v *VM) ConsolePath() string { return v.cfg.path(ConsoleLog) }
 
 // Done implements hypervisor.Hypervisor. It is also closed by Stop of a VM never started.
@@ -219,24 +221,60 @@ func (v *VM) start(ctx context.Context) (err error) {
 		v.fs = fs
 	}
 
-	logf, err := os.OpenFile(cfg.path(QEMULog), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err := makeChroot(cfg.path(ChrootDir)); err != nil {
+		return err
+	}
+	// QEMU's stdout/stderr and the guest's console are capped: the guest can make QEMU
+	// print, and writes its console at will.
+	qemuLog, err := newCappedLog(cfg.path(QEMULog), ConsoleLogMax)
 	if err != nil {
 		return fmt.Errorf("creating QEMU log: %w", err)
 	}
-	defer logf.Close()
+	consoleLog, err := newCappedLog(cfg.path(ConsoleLog), ConsoleLogMax)
+	if err != nil {
+		qemuLog.Close()
+		return fmt.Errorf("creating console log: %w", err)
+	}
+	consoleR, consoleW, err := os.Pipe()
+	if err != nil {
+		qemuLog.Close()
+		consoleLog.Close()
+		return fmt.Errorf("creating console pipe: %w", err)
+	}
 	cmd := exec.Command(cfg.QEMUPath, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = cfg.ExtraFiles()
+	cmd.Stdout, cmd.Stderr = qemuLog, qemuLog
+	cmd.ExtraFiles = append(cfg.ExtraFiles(), consoleW)
 	cmd.SysProcAttr = childProcAttr()
 	v.logger(ctx).WithField("args", args).Debug("starting qemu")
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	// QEMU holds the only write end now: the drain below ends when QEMU exits.
+	consoleW.Close()
+	if err != nil {
+		consoleR.Close()
+		consoleLog.Close()
+		qemuLog.Close()
 		return fmt.Errorf("running %s: %w", cfg.QEMUPath, err)
 	}
+	consoleDone := make(chan struct{})
+	go func() {
+		defer close(consoleDone)
+		if err := drain(consoleR, consoleLog); err != nil {
+			v.logger(ctx).WithError(err).Warn("console log")
+		}
+	}()
 	v.mu.Lock()
 	v.cmd = cmd
 	v.mu.Unlock()
 	go func() {
-		werr := cmd.Wait()
+		werr := cmd.Wait() // also waits for qemu.log's copy to end
+		qemuLog.Close()
+		// Done means the console log is complete too; the bound is for a write end that
+		// something other than QEMU holds open (none should).
+		select {
+		case <-consoleDone:
+		case <-time.After(2 * time.Second):
+			consoleR.Close()
+		}
 		v.mu.Lock()
 		v.exitErr = werr
 		v.mu.Unlock()
@@ -267,6 +305,21 @@ func (v *VM) start(ctx context.Context) (err error) {
 	}
 	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
 	v.attachMonitor(ctx, mon)
+	return nil
+}
+
+// makeChroot makes dir the empty, root-owned directory QEMU chroots into. A leftover from an
+// earlier start is reused only when it is still an empty directory.
+func makeChroot(dir string) error {
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("QEMU chroot %s: %w; it must be an empty directory, remove it", dir, err)
+	}
+	if err := os.Mkdir(dir, 0o555); err != nil {
+		return fmt.Errorf("creating QEMU chroot: %w", err)
+	}
+	if err := os.Chown(dir, 0, 0); err != nil {
+		return fmt.Errorf("QEMU chroot %s: %w", dir, err)
+	}
 	return nil
 }
 
