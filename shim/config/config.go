@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
 )
 
 const (
@@ -86,6 +88,12 @@ type Hypervisor struct {
 	// HotplugSlots is how many PCIe root ports the VM gets for hot-plugged block devices;
 	// 0 = none.
 	HotplugSlots int `toml:"hotplug_slots"`
+	// UIDBase and UIDCount are the range QEMU's unprivileged uid (and gid, the same number)
+	// is picked from, by sandbox id: QEMU drops to it, with no capabilities and chrooted into
+	// an empty directory, once it has opened what it needs. Keep the range clear of real
+	// users, user-namespace ranges (/etc/subuid) and other services' ids.
+	UIDBase  int64 `toml:"uid_base"`
+	UIDCount int64 `toml:"uid_count"`
 }
 
 // Sandbox is the [sandbox] section: VM sizes and per-sandbox state.
@@ -137,6 +145,8 @@ func Default() *Config {
 			Initrd:       "/usr/share/podvm/initrd.img",
 			KernelParams: []string{},
 			HotplugSlots: 2,
+			UIDBase:      qemu.DefaultUIDBase,
+			UIDCount:     qemu.DefaultUIDCount,
 		},
 		Sandbox: Sandbox{
 			DefaultVCPUs:   1,
@@ -262,6 +272,16 @@ func (c *Config) Validate() error {
 	if h.HotplugSlots < 0 || h.HotplugSlots > MaxHotplugSlots {
 		bad("hypervisor.hotplug_slots", h.HotplugSlots, fmt.Sprintf("must be between 0 and %d", MaxHotplugSlots))
 	}
+	switch {
+	case h.UIDBase < 0:
+		bad("hypervisor.uid_base", h.UIDBase, "must not be negative")
+	case h.UIDCount < 0:
+		bad("hypervisor.uid_count", h.UIDCount, "must not be negative")
+	default:
+		if err := qemu.ValidateUIDRange(uint64(h.UIDBase), uint64(h.UIDCount)); err != nil {
+			bad("hypervisor.uid_base/uid_count", fmt.Sprintf("%d/%d", h.UIDBase, h.UIDCount), err.Error())
+		}
+	}
 
 	s := &c.Sandbox
 	maxOK := true
@@ -384,32 +404,35 @@ func tomlValue(v any) string {
 // example returns a good setting of key ("section.key"), for messages.
 func example(key string) string {
 	ex := map[string]string{
-		"hypervisor":                 "[hypervisor]",
-		"hypervisor.qemu_path":       `qemu_path = "/usr/bin/qemu-system-x86_64"`,
-		"hypervisor.accel":           `accel = "tcg"`,
-		"hypervisor.kernel":          `kernel = "/usr/share/podvm/vmlinuz"`,
-		"hypervisor.initrd":          `initrd = "/usr/share/podvm/initrd.img"`,
-		"hypervisor.kernel_params":   `kernel_params = ["loglevel=4"]`,
-		"hypervisor.firmware":        `firmware = "/usr/share/qemu/qboot.rom"`,
-		"hypervisor.virtiofsd_path":  `virtiofsd_path = "/usr/libexec/virtiofsd"`,
-		"hypervisor.agent_transport": `agent_transport = "serial"`,
-		"hypervisor.debug":           `debug = true`,
-		"hypervisor.hotplug_slots":   `hotplug_slots = 2`,
-		"sandbox":                    "[sandbox]",
-		"sandbox.default_vcpus":      `default_vcpus = 1`,
-		"sandbox.default_memory":     `default_memory = "512Mi"`,
-		"sandbox.max_vcpus":          `max_vcpus = 4`,
-		"sandbox.max_memory":         `max_memory = "16Gi"`,
-		"sandbox.memory_overhead":    `memory_overhead = "256Mi"`,
-		"sandbox.state_dir":          `state_dir = "/run/podvm"`,
-		"sandbox.agent_timeout":      `agent_timeout = "60s"`,
-		"annotations":                "[annotations]",
-		"annotations.allowed":        `allowed = ["vcpus", "memory", "disk.*"]`,
-		"virtiofs":                   "[virtiofs]",
-		"virtiofs.cache":             `cache = "auto"`,
-		"block":                      "[block]",
-		"block.cache":                `cache = "none"`,
-		"block.aio":                  `aio = "threads"`,
+		"hypervisor":                    "[hypervisor]",
+		"hypervisor.qemu_path":          `qemu_path = "/usr/bin/qemu-system-x86_64"`,
+		"hypervisor.accel":              `accel = "tcg"`,
+		"hypervisor.kernel":             `kernel = "/usr/share/podvm/vmlinuz"`,
+		"hypervisor.initrd":             `initrd = "/usr/share/podvm/initrd.img"`,
+		"hypervisor.kernel_params":      `kernel_params = ["loglevel=4"]`,
+		"hypervisor.firmware":           `firmware = "/usr/share/qemu/qboot.rom"`,
+		"hypervisor.virtiofsd_path":     `virtiofsd_path = "/usr/libexec/virtiofsd"`,
+		"hypervisor.agent_transport":    `agent_transport = "serial"`,
+		"hypervisor.debug":              `debug = true`,
+		"hypervisor.hotplug_slots":      `hotplug_slots = 2`,
+		"hypervisor.uid_base":           `uid_base = 2000000000`,
+		"hypervisor.uid_count":          `uid_count = 1048576`,
+		"hypervisor.uid_base/uid_count": `uid_base = 2000000000 and uid_count = 1048576`,
+		"sandbox":                       "[sandbox]",
+		"sandbox.default_vcpus":         `default_vcpus = 1`,
+		"sandbox.default_memory":        `default_memory = "512Mi"`,
+		"sandbox.max_vcpus":             `max_vcpus = 4`,
+		"sandbox.max_memory":            `max_memory = "16Gi"`,
+		"sandbox.memory_overhead":       `memory_overhead = "256Mi"`,
+		"sandbox.state_dir":             `state_dir = "/run/podvm"`,
+		"sandbox.agent_timeout":         `agent_timeout = "60s"`,
+		"annotations":                   "[annotations]",
+		"annotations.allowed":           `allowed = ["vcpus", "memory", "disk.*"]`,
+		"virtiofs":                      "[virtiofs]",
+		"virtiofs.cache":                `cache = "auto"`,
+		"block":                         "[block]",
+		"block.cache":                   `cache = "none"`,
+		"block.aio":                     `aio = "threads"`,
 	}[key]
 	return ex
 }

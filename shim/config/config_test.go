@@ -71,6 +71,8 @@ virtiofsd_path = "/usr/libexec/virtiofsd"
 agent_transport = "serial"
 debug = true
 hotplug_slots = 0
+uid_base = 500000
+uid_count = 4096
 
 [sandbox]
 default_vcpus = 2
@@ -103,6 +105,7 @@ max_disk_size = "1Ti"
 			KernelParams: []string{"loglevel=7", "tsc=reliable"},
 			Firmware:     "/usr/share/qemu/qboot.rom", VirtiofsdPath: "/usr/libexec/virtiofsd",
 			AgentTransport: "serial", Debug: true, HotplugSlots: 0,
+			UIDBase: 500000, UIDCount: 4096,
 		},
 		Sandbox: Sandbox{
 			DefaultVCPUs: 2, DefaultMemory: GiB, MaxVCPUs: 8, MaxMemory: 32 * GiB,
@@ -136,7 +139,7 @@ func TestParseErrors(t *testing.T) {
 		name, data, want string
 	}{
 		{"unknown key", "[hypervisor]\nqemu_pth = 'x'\n",
-			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots"},
+			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
 				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block\n" +
@@ -175,6 +178,12 @@ func TestParseErrors(t *testing.T) {
 			`podvm config /etc/podvm/config.toml: hypervisor.kernel_params = ["a=1 b=2"]: "a=1 b=2" is not one kernel parameter (empty or contains whitespace); give one parameter per element; use e.g. kernel_params = ["loglevel=4"]`},
 		{"transport", "[hypervisor]\nagent_transport = \"tcp\"\n",
 			`podvm config /etc/podvm/config.toml: hypervisor.agent_transport = "tcp": must be "" (auto), "vsock" or "serial"; use e.g. agent_transport = "serial"`},
+		{"uid base root", "[hypervisor]\nuid_base = 0\n",
+			`podvm config /etc/podvm/config.toml: hypervisor.uid_base/uid_count = "0/1048576": uid base 0: must be at least 1000 (root and system users are below), e.g. 2000000000; use e.g. uid_base = 2000000000 and uid_count = 1048576`},
+		{"uid count negative", "[hypervisor]\nuid_count = -1\n",
+			`podvm config /etc/podvm/config.toml: hypervisor.uid_count = -1: must not be negative; use e.g. uid_count = 1048576`},
+		{"uid range past the top", "[hypervisor]\nuid_base = 4294967000\nuid_count = 1000\n",
+			`podvm config /etc/podvm/config.toml: hypervisor.uid_base/uid_count = "4294967000/1000": uid range 4294967000..4294967999: ends above 4294967294 (the largest uid); lower the base or the count; use e.g. uid_base = 2000000000 and uid_count = 1048576`},
 		{"hotplug slots", "[hypervisor]\nhotplug_slots = 31\n",
 			`podvm config /etc/podvm/config.toml: hypervisor.hotplug_slots = 31: must be between 0 and 30; use e.g. hotplug_slots = 2`},
 		{"default vcpus over max", "[sandbox]\ndefault_vcpus = 4\nmax_vcpus = 2\n",
@@ -242,6 +251,9 @@ func TestQEMUConfig(t *testing.T) {
 		q.Kernel != c.Hypervisor.Kernel || q.Initrd != c.Hypervisor.Initrd || q.HotplugSlots != 2 ||
 		q.AgentTransport != "" || q.VirtiofsCache != "auto" || q.Accel != "auto" || q.KernelParams[0] != "x=1" {
 		t.Errorf("QEMUConfig = %+v", q)
+	}
+	if q := c.QEMUConfig("abc", VMSize{}); q.UIDBase != 2_000_000_000 || q.UIDCount != 1<<20 {
+		t.Errorf("QEMU uid range %d/%d, want the defaults", q.UIDBase, q.UIDCount)
 	}
 	c.Hypervisor.HotplugSlots = 0
 	if q := c.QEMUConfig("abc", VMSize{}); q.HotplugSlots >= 0 {

@@ -38,5 +38,7 @@ func (c *Config) QEMUConfig(id string, size VMSize) qemu.Config {
 		VirtiofsCache:  c.Virtiofs.Cache,
 		AgentTransport: transport,
 		HotplugSlots:   slots,
+		UIDBase:        uint32(h.UIDBase), // Validate keeps both in uint32's range
+		UIDCount:       uint32(h.UIDCount),
 	}
 }
