@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -376,15 +375,12 @@ func isConnClosed(err error) bool {
 }
 
 // consoleTail returns the last n lines of a VM's console log, for error messages: the state
-// dir with the full log goes when the sandbox does.
+// dir with the full log goes when the sandbox does. It reads only the end of the log (the
+// guest writes it, and may have written a lot).
 func consoleTail(path string, n int) string {
-	b, err := os.ReadFile(path)
+	b, err := qemu.ReadTail(path, qemu.DefaultTailBytes)
 	if err != nil {
 		return fmt.Sprintf("(no console log: %v)", err)
 	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
+	return qemu.LastLines(b, n)
 }

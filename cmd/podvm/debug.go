@@ -106,41 +106,95 @@ func runDebugConsole(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.Open(filepath.Join(dir, qemu.ConsoleLog))
+	return printConsole(ctx, e, filepath.Join(dir, qemu.ConsoleLog), *lines, *follow, dir)
+}
+
+// printConsole prints a console log: its last n lines (read from the end of the file), or
+// with n 0 the rotated part and the log itself, streamed. follow keeps printing what is
+// appended, across rotations, until ctx ends or dir goes away.
+func printConsole(ctx context.Context, e *env, path string, n int, follow bool, dir string) error {
+	out := &crlfWriter{w: e.stdout}
+	if n > 0 {
+		b, err := qemu.ReadTail(path, min(int64(n)*1024, 2*qemu.ConsoleLogMax))
+		if err != nil {
+			return fmt.Errorf("console log: %w", err)
+		}
+		if s := qemu.LastLines(b, n); s != "" {
+			fmt.Fprintln(e.stdout, s)
+		}
+	} else if err := streamFile(out, path+qemu.RotatedSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("console log: %w", err)
+	}
+	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("console log: %w", err)
 	}
-	defer f.Close()
-	b, err := io.ReadAll(f)
-	if err != nil {
-		return err
-	}
-	out := strings.ReplaceAll(string(b), "\r\n", "\n")
-	if *lines > 0 {
-		ls := strings.Split(strings.TrimRight(out, "\n"), "\n")
-		if len(ls) > *lines {
-			ls = ls[len(ls)-*lines:]
+	defer func() { f.Close() }()
+	if n > 0 {
+		if _, err := f.Seek(0, io.SeekEnd); err != nil {
+			return fmt.Errorf("console log: %w", err)
 		}
-		out = strings.Join(ls, "\n") + "\n"
+	} else if _, err := io.Copy(out, f); err != nil {
+		return fmt.Errorf("console log: %w", err)
 	}
-	fmt.Fprint(e.stdout, out)
-	for *follow {
+	for follow {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(200 * time.Millisecond):
 		}
-		b, err := io.ReadAll(f)
-		if err != nil {
-			return err
+		if _, err := io.Copy(out, f); err != nil {
+			return fmt.Errorf("console log: %w", err)
 		}
-		fmt.Fprint(e.stdout, strings.ReplaceAll(string(b), "\r\n", "\n"))
+		// Rotated: what was console.log is console.log.1 now, and f has all of it.
+		if cur, err := os.Stat(path); err == nil {
+			if old, err := f.Stat(); err == nil && !os.SameFile(cur, old) {
+				if nf, err := os.Open(path); err == nil {
+					f.Close()
+					f = nf
+					continue
+				}
+			}
+		}
 		if _, err := os.Stat(dir); err != nil {
 			fmt.Fprintln(e.stderr, "podvm debug console: the sandbox is gone")
 			return nil
 		}
 	}
 	return nil
+}
+
+func streamFile(w io.Writer, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(w, f)
+	return err
+}
+
+// crlfWriter turns the serial console's "\r\n" line ends into "\n" while streaming.
+type crlfWriter struct {
+	w  io.Writer
+	cr bool // the last byte written was a '\r', held back
+}
+
+func (c *crlfWriter) Write(p []byte) (int, error) {
+	buf := make([]byte, 0, len(p)+1)
+	for _, b := range p {
+		if c.cr && b != '\n' {
+			buf = append(buf, '\r')
+		}
+		c.cr = b == '\r'
+		if !c.cr {
+			buf = append(buf, b)
+		}
+	}
+	if _, err := c.w.Write(buf); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 func findSandbox(stateDir, prefix string) (string, error) {
@@ -217,8 +271,8 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 		defer cancel()
 		_ = vm.Stop(sctx)
 		if *console {
-			if b, err := os.ReadFile(vm.ConsolePath()); err == nil {
-				fmt.Fprintf(e.stdout, "--- console log ---\n%s", strings.ReplaceAll(string(b), "\r\n", "\n"))
+			if b, err := qemu.ReadTail(vm.ConsolePath(), 256<<10); err == nil {
+				fmt.Fprintf(e.stdout, "--- console log (its end) ---\n%s\n", qemu.LastLines(b, 0))
 			}
 		}
 	}()
@@ -226,8 +280,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	defer cancel()
 	c, err := agent.Connect(actx, vm.DialAgent, vm.Done())
 	if err != nil {
-		b, _ := os.ReadFile(vm.ConsolePath())
-		return fmt.Errorf("%w\nthe end of the console log:\n%s", err, tailLines(string(b), 30))
+		return fmt.Errorf("%w\nthe end of the console log:\n%s", err, qemu.TailLines(vm.ConsolePath(), 30))
 	}
 	defer c.Close()
 	fmt.Fprintf(e.stdout, "agent %s ready %s after QEMU start (guest kernel %s, %s from kernel start to agent)\n",
@@ -237,12 +290,4 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	defer scancel()
 	_, _ = c.Shutdown(sctx, &api.Empty{})
 	return nil
-}
-
-func tailLines(s string, n int) string {
-	ls := strings.Split(strings.TrimRight(strings.ReplaceAll(s, "\r\n", "\n"), "\n"), "\n")
-	if len(ls) > n {
-		ls = ls[len(ls)-n:]
-	}
-	return strings.Join(ls, "\n")
 }

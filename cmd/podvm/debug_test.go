@@ -49,3 +49,34 @@ func TestDebugListAndConsole(t *testing.T) {
 		}
 	}
 }
+
+func TestDebugConsoleRotated(t *testing.T) {
+	state := t.TempDir()
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte("[sandbox]\nstate_dir = \""+state+"\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(state, "dddd4444")
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(filepath.Join(dir, "console.log.1"), []byte("old1\r\nold2\r"), 0o644)
+	os.WriteFile(filepath.Join(dir, "console.log"), []byte("\nnew1\r\nnew2\r\n"), 0o644)
+	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "console", "--config", cfg, "dddd")
+	if want := "old1\nold2\nnew1\nnew2\n"; r.code != 0 || r.stdout != want {
+		t.Errorf("debug console: exit %d stdout %q (want %q) stderr %q", r.code, r.stdout, want, r.stderr)
+	}
+	r = runCLI(t, t.TempDir(), t.TempDir(), "debug", "console", "--config", cfg, "-n", "3", "dddd")
+	if want := "old2\nnew1\nnew2\n"; r.code != 0 || r.stdout != want {
+		t.Errorf("debug console -n 3: exit %d stdout %q (want %q) stderr %q", r.code, r.stdout, want, r.stderr)
+	}
+}
+
+func TestCRLFWriter(t *testing.T) {
+	var b strings.Builder
+	w := &crlfWriter{w: &b}
+	for _, chunk := range []string{"a\r", "\nb\r", "x\r\r\n", "c"} {
+		w.Write([]byte(chunk))
+	}
+	if got, want := b.String(), "a\nb\rx\r\nc"; got != want {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+}
