@@ -313,8 +313,8 @@ func TestPrepareBinds(t *testing.T) {
 		{"/etc/hosts", "", "127.0.0.1 localhost\n", true, ""},
 		{"/etc/hostname", "", "pod-a\n", false, ""},
 		{"/linked", "key", "value", true, ""},
-		{"/vols", "", "", false, ""},                 // ro: the bind's top mount read-only...
-		{"/vols", "secret/token", "s3cr3t", true, "secret"}, // ...its sub-mounts as they are (runc's "ro")
+		{"/vols", "", "", false, ""},                          // ro: the bind's top mount read-only...
+		{"/vols", "secret/token", "s3cr3t", true, "secret"},   // ...its sub-mounts as they are (runc's "ro")
 		{"/rvols", "secret/token", "s3cr3t", false, "secret"}, // rro: read-only recursively
 		{"/opt", "", "", true, ""},
 	}

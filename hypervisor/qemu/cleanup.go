@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 
 	"github.com/containerd/log"
@@ -50,19 +49,6 @@ func Cleanup(ctx context.Context, stateDir string) error {
 		if err := os.Remove(pidFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
-	}
-	record := filepath.Join(stateDir, SharedMountFile)
-	if b, err := os.ReadFile(record); err == nil {
-		dir := strings.TrimSpace(string(b))
-		if filepath.IsAbs(dir) {
-			if err := unmountShared(stateDir, dir); err != nil {
-				errs = append(errs, err)
-			}
-		} else {
-			os.Remove(record)
-		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
 	}
 	for _, s := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
 		os.Remove(filepath.Join(stateDir, s))

@@ -72,9 +72,6 @@ const (
 	VirtiofsdSocket = "virtiofsd.sock"
 	VirtiofsdLog    = "virtiofsd.log"
 	VirtiofsdPid    = "virtiofsd.pid"
-	// SharedMountFile records the SharedDir bind mount made for mount propagation, so
-	// Cleanup can undo it after a crash.
-	SharedMountFile = "shared-mount"
 	// ChrootDir is the empty, root-owned directory QEMU chroots into once it has opened
 	// everything it needs (-chroot).
 	ChrootDir = "root"

@@ -183,8 +183,10 @@ func TestHotplugErrors(t *testing.T) {
 			cmds:    []string{"add-fd", "blockdev-add", "device_add", "add-fd", "blockdev-add", "device_add"},
 		},
 		{
-			name:    "duplicate id",
-			setup:   func(v *VM, mon *qmp.FakeMonitor) { v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}) },
+			name: "duplicate id",
+			setup: func(v *VM, mon *qmp.FakeMonitor) {
+				v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img})
+			},
 			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			is:      errdefs.ErrAlreadyExists,
 			wantErr: "already plugged",

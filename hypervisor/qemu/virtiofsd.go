@@ -1,21 +1,17 @@
 package qemu
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/containerd/log"
-	"golang.org/x/sys/unix"
 )
 
 // virtiofsdFlavor is which virtiofsd implementation a binary is; their command lines differ.
@@ -111,99 +107,6 @@ type virtiofsd struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error // exit status, valid after done
-}
-
-// makeSharedMount bind-mounts dir onto itself and makes it a shared mount, so mounts made
-// under dir after virtiofsd started propagate into virtiofsd's own mount namespace. It
-// records the mount in the state dir for Cleanup.
-func makeSharedMount(stateDir, dir string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("creating shared dir: %w", err)
-	}
-	if err := os.WriteFile(filepath.Join(stateDir, SharedMountFile), []byte(dir+"\n"), 0o600); err != nil {
-		return fmt.Errorf("recording shared dir mount: %w", err)
-	}
-	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
-		os.Remove(filepath.Join(stateDir, SharedMountFile))
-		return fmt.Errorf("bind-mounting shared dir %s onto itself: %w", dir, err)
-	}
-	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
-		unmountShared(stateDir, dir)
-		return fmt.Errorf("making shared dir %s a shared mount: %w", dir, err)
-	}
-	return nil
-}
-
-// unmountShared undoes makeSharedMount (lazily, taking whatever is still mounted below dir
-// with it) and removes its record.
-func unmountShared(stateDir, dir string) error {
-	record := filepath.Join(stateDir, SharedMountFile)
-	mounted, err := isMountPoint(dir)
-	if err != nil {
-		return err
-	}
-	if mounted {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("unmounting shared dir %s: %w", dir, err)
-		}
-	}
-	if err := os.Remove(record); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("removing %s: %w", record, err)
-	}
-	return nil
-}
-
-// isMountPoint reports whether dir is a mount point in this mount namespace.
-func isMountPoint(dir string) (bool, error) {
-	points, err := mountPoints("/proc/self/mountinfo")
-	if err != nil {
-		return false, err
-	}
-	clean := filepath.Clean(dir)
-	for _, p := range points {
-		if p == clean {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
-// mountPoints lists the mount points in a mountinfo file.
-func mountPoints(mountinfo string) ([]string, error) {
-	b, err := os.ReadFile(mountinfo)
-	if err != nil {
-		return nil, fmt.Errorf("reading mount table: %w", err)
-	}
-	var points []string
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		points = append(points, unescapeMountinfo(fields[4]))
-	}
-	return points, sc.Err()
-}
-
-// unescapeMountinfo decodes the \NNN octal escapes mountinfo uses for space, tab, \n and \.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // startVirtiofsd starts virtiofsd for cfg and waits until its socket listens.

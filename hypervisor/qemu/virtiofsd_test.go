@@ -1,7 +1,13 @@
 package qemu
 
 import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
 	"reflect"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -69,4 +75,42 @@ func TestUnescapeMountinfo(t *testing.T) {
 			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
 		}
 	}
+}
+
+// mountPoints lists the mount points in a mountinfo file.
+func mountPoints(mountinfo string) ([]string, error) {
+	b, err := os.ReadFile(mountinfo)
+	if err != nil {
+		return nil, fmt.Errorf("reading mount table: %w", err)
+	}
+	var points []string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		points = append(points, unescapeMountinfo(fields[4]))
+	}
+	return points, sc.Err()
+}
+
+// unescapeMountinfo decodes the \NNN octal escapes mountinfo uses for space, tab, \n and \.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

@@ -52,7 +52,6 @@ type VM struct {
 	cmd     *exec.Cmd
 	mon     qmp.Monitor
 	fs      *virtiofsd
-	shared  bool // SharedDir bind mount is in place
 	exitErr error
 
 	done     chan struct{} // closed when QEMU exits
@@ -210,10 +209,6 @@ func (v *VM) start(ctx context.Context) (err error) {
 		os.Remove(cfg.path(f))
 	}
 	if cfg.SharedDir != "" {
-		if err := makeSharedMount(cfg.StateDir, cfg.SharedDir); err != nil {
-			return err
-		}
-		v.shared = true
 		fs, err := startVirtiofsd(ctx, cfg)
 		if err != nil {
 			return err
@@ -363,7 +358,7 @@ func (v *VM) monitor() (qmp.Monitor, error) {
 }
 
 // Stop implements hypervisor.Hypervisor: QMP quit, SIGKILL after a short grace or when ctx
-// ends, then virtiofsd and the shared mount. It is idempotent and safe after a failed Start.
+// ends, then virtiofsd. It is idempotent and safe after a failed Start.
 func (v *VM) Stop(ctx context.Context) error {
 	v.life.Lock()
 	defer v.life.Unlock()
@@ -407,13 +402,6 @@ func (v *VM) teardown(ctx context.Context, graceful bool) error {
 		}
 		os.Remove(v.cfg.path(VirtiofsdPid))
 		v.fs = nil
-	}
-	if v.shared {
-		if err := unmountShared(v.cfg.StateDir, v.cfg.SharedDir); err != nil {
-			errs = append(errs, err)
-		} else {
-			v.shared = false
-		}
 	}
 	return errors.Join(errs...)
 }
