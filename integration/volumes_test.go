@@ -164,7 +164,13 @@ func volRunPod(ctx context.Context, t *testing.T, env *harness.Env, o harness.Po
 // kubernetes.io~<plugin>/<name>.
 func kubeletVolume(t *testing.T, root, plugin, name string, files map[string]string) string {
 	t.Helper()
-	d := filepath.Join(root, "pods", "uid-1", "volumes", "kubernetes.io~"+plugin, name)
+	return podVolume(t, root, "uid-1", plugin, name, files)
+}
+
+// podVolume is kubeletVolume for the pod with UID uid.
+func podVolume(t *testing.T, root, uid, plugin, name string, files map[string]string) string {
+	t.Helper()
+	d := filepath.Join(root, "pods", uid, "volumes", "kubernetes.io~"+plugin, name)
 	if err := os.MkdirAll(d, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -367,8 +373,9 @@ func TestVolumesDiskImage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 	defer cancel()
 	root := t.TempDir()
-	data := kubeletVolume(t, root, "csi", "data", nil)
-	junk := kubeletVolume(t, root, "csi", "junk", map[string]string{"disk.img": strings.Repeat("not ext4", 1024)})
+	// Disk images are only ever made in the pod's own volume dirs (pods/<its uid>/...).
+	data := podVolume(t, root, "uid-vd1", "csi", "data", nil)
+	junk := podVolume(t, root, "uid-vd1", "csi", "junk", map[string]string{"disk.img": strings.Repeat("not ext4", 1024)})
 	ann := map[string]string{"podvm.io/disk.data": "64Mi", "podvm.io/disk.junk": "64Mi"}
 	withVolume := func(name, vol, hostDir string) *runtimeapi.ContainerConfig {
 		cfg := env.ContainerConfig(harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
@@ -376,7 +383,7 @@ func TestVolumesDiskImage(t *testing.T) {
 		return cfg
 	}
 
-	pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk", Namespace: "it", Handler: "podvm", Annotations: ann})
+	pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk", Namespace: "it", UID: "uid-vd1", Handler: "podvm", Annotations: ann})
 	w := volStart(ctx, t, env, pod, withVolume("writer", "data", data))
 	volMust(ctx, t, env, w, "echo disk-image-data > /data/hello && sync")
 	if got := volMust(ctx, t, env, w, "grep ' /data ' /proc/mounts | cut -d' ' -f3"); got != "ext4" {
@@ -399,7 +406,16 @@ func TestVolumesDiskImage(t *testing.T) {
 	}
 	volRemovePod(ctx, t, env, pod)
 
-	pod = volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk-2", Namespace: "it", Handler: "podvm", Annotations: ann})
+	// The volume moves on to the next pod, as a PVC's data does.
+	next := filepath.Join(root, "pods", "uid-vd2", "volumes", "kubernetes.io~csi", "data")
+	if err := os.MkdirAll(filepath.Dir(next), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(data, next); err != nil {
+		t.Fatal(err)
+	}
+	data = next
+	pod = volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk-2", Namespace: "it", UID: "uid-vd2", Handler: "podvm", Annotations: ann})
 	r := volStart(ctx, t, env, pod, withVolume("reader", "data", data))
 	if got := volMust(ctx, t, env, r, "cat /data/hello"); got != "disk-image-data" {
 		t.Errorf("next pod read %q, want disk-image-data", got)
