@@ -2,11 +2,8 @@
 // the host-side client (this package) and the agent itself (guest/).
 package agent
 
-// Port is the vsock port the agent listens on.
-const Port = 1024
-
-// SerialPortName is the virtio-serial port name the agent listens on.
-const SerialPortName = "podvm.agent"
+// The agent's vsock port and virtio-serial port name, and the virtio-fs tag, are the VM's
+// device contract: hypervisor.AgentVsockPort, AgentSerialPort and SharedFSTag.
 
 // GuestSharedDir is where the agent mounts the sandbox's virtio-fs share in the guest.
 const GuestSharedDir = "/run/podvm/shared"

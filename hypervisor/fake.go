@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"path/filepath"
 	"sync"
 )
 
@@ -14,11 +15,12 @@ type Fake struct {
 	StartErr error
 	// DialAgentFunc, if set, serves DialAgent.
 	DialAgentFunc func(ctx context.Context) (net.Conn, error)
+	// Console is what ConsolePath returns.
+	Console string
 
 	mu       sync.Mutex
 	started  bool
 	stopped  bool
-	paused   bool
 	devices  map[string]Device
 	done     chan struct{}
 	doneOnce sync.Once
@@ -57,18 +59,6 @@ func (f *Fake) Exit() { f.doneOnce.Do(func() { close(f.done) }) }
 // Done implements Hypervisor.
 func (f *Fake) Done() <-chan struct{} { return f.done }
 
-// Pause implements Hypervisor.
-func (f *Fake) Pause(ctx context.Context) error { f.set(&f.paused, true); return nil }
-
-// Resume implements Hypervisor.
-func (f *Fake) Resume(ctx context.Context) error { f.set(&f.paused, false); return nil }
-
-func (f *Fake) set(b *bool, v bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	*b = v
-}
-
 // Hotplug implements Hypervisor.
 func (f *Fake) Hotplug(ctx context.Context, d Device) error {
 	f.mu.Lock()
@@ -99,8 +89,22 @@ func (f *Fake) DialAgent(ctx context.Context) (net.Conn, error) {
 	return nil, errors.New("fake hypervisor: no agent")
 }
 
-// Pid implements Hypervisor.
-func (f *Fake) Pid() int { return 0 }
+// ConsolePath implements Hypervisor.
+func (f *Fake) ConsolePath() string { return f.Console }
+
+// FakeKind is the kind of FakeDriver.
+const FakeKind = "fake"
+
+// FakeDriver is a Driver of kind FakeKind for tests of its users: New is newVM, Cleanup does
+// nothing and the console log is console.log in the state dir.
+func FakeDriver(newVM func(Config) (Hypervisor, error)) Driver {
+	return Driver{
+		Kind:        FakeKind,
+		New:         newVM,
+		Cleanup:     func(context.Context, string) error { return nil },
+		ConsolePath: func(stateDir string) string { return filepath.Join(stateDir, "console.log") },
+	}
+}
 
 // State reports what happened to the fake: started, stopped, and the plugged device IDs.
 func (f *Fake) State() (started, stopped bool, devices []string) {

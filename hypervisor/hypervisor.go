@@ -1,6 +1,8 @@
 // Package hypervisor defines what podvm needs from a virtual machine monitor: one VM per pod,
 // started and stopped, with devices added while it runs and a connection to the guest agent.
-// The QEMU implementation lives in hypervisor/qemu; hypervisor/qmp is its monitor protocol.
+// Config and Driver are neutral: callers (the shim) pick a Driver by kind and never see the
+// VMM behind it. The QEMU implementation lives in hypervisor/qemu; hypervisor/qmp is its
+// monitor protocol.
 package hypervisor
 
 import (
@@ -19,8 +21,6 @@ type Hypervisor interface {
 	Stop(ctx context.Context) error
 	// Done is closed when the VM process has exited.
 	Done() <-chan struct{}
-	Pause(ctx context.Context) error
-	Resume(ctx context.Context) error
 	// Hotplug adds a device to the running VM.
 	Hotplug(ctx context.Context, d Device) error
 	// Unplug removes a device added by Hotplug, by its ID.
@@ -28,8 +28,8 @@ type Hypervisor interface {
 	// DialAgent opens one connection to the guest agent's transport (vsock, or the
 	// virtio-serial socket). It does not wait for the agent to be ready.
 	DialAgent(ctx context.Context) (net.Conn, error)
-	// Pid is the VM process's pid, 0 before Start.
-	Pid() int
+	// ConsolePath is the file the guest's console is logged to (capped; read its end only).
+	ConsolePath() string
 }
 
 // Device is something that can be hot-plugged into a VM: *BlockDevice or *NetDevice.

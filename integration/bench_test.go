@@ -33,6 +33,7 @@ import (
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
 )
@@ -207,7 +208,7 @@ func BenchmarkBootToAgentReady(b *testing.B) {
 		if err := os.MkdirAll(shared, 0o755); err != nil {
 			b.Fatal(err)
 		}
-		vm, err := qemu.New(qemu.Config{
+		vm, err := qemu.New(hypervisor.Config{
 			ID: "bench-" + strconv.Itoa(i), StateDir: stateDir, Accel: testAccel(),
 			VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
 			AgentTransport: qemu.TransportSerial, Debug: testDebug(),

@@ -73,7 +73,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	} else if err := os.MkdirAll(shared, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	vm, err := qemu.New(qemu.Config{
+	vm, err := qemu.New(hypervisor.Config{
 		ID: filepath.Base(stateDir), StateDir: stateDir, Accel: testAccel(),
 		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
 		AgentTransport: qemu.TransportSerial, Debug: testDebug(), NetDevices: o.NetDevices,
@@ -124,7 +124,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 		req.Hostname = "podvm-it"
 	}
 	if req.SharedFsTag == "" {
-		req.SharedFsTag = qemu.SharedFSTag
+		req.SharedFsTag = hypervisor.SharedFSTag
 	}
 	sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
 	defer scancel()

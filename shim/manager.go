@@ -24,14 +24,17 @@ import (
 	"github.com/containerd/plugin/registry"
 	"golang.org/x/sys/unix"
 
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/version"
 )
 
 // RuntimeName is the containerd runtime type this shim implements.
 const RuntimeName = "io.containerd.podvm.v2"
 
-// Run is the shim binary's main: containerd's shim lifecycle with podvm's task service.
-func Run(ctx context.Context) {
+// Run is the shim binary's main: containerd's shim lifecycle with podvm's task service, running
+// pods on the given hypervisor drivers (the node config's hypervisor.kind picks one).
+func Run(ctx context.Context, drivers ...hypervisor.Driver) {
+	hv := hypervisor.NewDrivers(drivers...)
 	registry.Register(&plugin.Registration{
 		Type:     plugins.TTRPCPlugin,
 		ID:       "task",
@@ -51,19 +54,21 @@ func Run(ctx context.Context) {
 			if err != nil {
 				return nil, err
 			}
-			return NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), DefaultBackend())
+			return NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), DefaultBackend(hv))
 		},
 	})
 	// The shim's children are QEMU and virtiofsd, waited for by os/exec: containerd's implicit
 	// reaper would take their exit statuses, and as a subreaper the shim would inherit
 	// orphans nobody reaps. Container processes live in the guest.
-	shim.RunShim(ctx, manager{}, func(c *shim.Config) {
+	shim.RunShim(ctx, manager{drivers: hv}, func(c *shim.Config) {
 		c.NoReaper = true
 		c.NoSubreaper = true
 	})
 }
 
-type manager struct{}
+type manager struct {
+	drivers hypervisor.Drivers
+}
 
 func (manager) Name() string { return RuntimeName }
 
@@ -153,7 +158,7 @@ func (manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *boo
 
 // Stop is `containerd-shim-podvm-v2 delete`: containerd runs it (in the container's bundle
 // dir) when the shim is gone, to clean up from what is on disk.
-func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	bundle, err := os.Getwd()
 	if err != nil {
 		return shim.StopStatus{}, err
@@ -167,7 +172,11 @@ func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if err != nil {
 		return status, err
 	}
-	cleanupState(ctx, *rec, id)
+	drv, err := rec.driver(m.drivers)
+	if err != nil {
+		log.G(ctx).WithError(err).Error("the VM's processes cannot be cleaned up by this shim")
+	}
+	cleanupState(ctx, drv, *rec, id)
 	return status, nil
 }
 

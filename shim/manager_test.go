@@ -3,6 +3,7 @@ package shim
 import (
 	"context"
 	"errors"
+	"github.com/podvm/podvm/hypervisor"
 	"os"
 	"path/filepath"
 	"testing"
@@ -28,11 +29,19 @@ func TestManagerStopCleansFromTheRecord(t *testing.T) {
 	if err != nil || st.ExitStatus != int(killedBeforeStart) {
 		t.Fatalf("stop without a record: %+v %v, want exit 137 and no error", st, err)
 	}
-	if err := (record{SandboxID: "pod1", StateDir: state, OwnsVM: true}).write(bundle); err != nil {
+	// The record names the VM's driver; delete cleans up with that one.
+	var cleaned []string
+	drv := hypervisor.FakeDriver(nil)
+	drv.Cleanup = func(_ context.Context, dir string) error { cleaned = append(cleaned, dir); return nil }
+	m := manager{drivers: hypervisor.NewDrivers(drv)}
+	if err := (record{SandboxID: "pod1", StateDir: state, OwnsVM: true, Hypervisor: hypervisor.FakeKind}).write(bundle); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := (manager{}).Stop(context.Background(), "pod1"); err != nil {
+	if _, err := m.Stop(context.Background(), "pod1"); err != nil {
 		t.Fatal(err)
+	}
+	if len(cleaned) != 1 || cleaned[0] != state {
+		t.Errorf("driver cleanups %v, want one of %s", cleaned, state)
 	}
 	if _, err := os.Stat(state); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("state dir left after shim delete: %v", err)

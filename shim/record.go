@@ -10,9 +10,10 @@ import (
 
 	"github.com/containerd/log"
 
-	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // recordFile is written into a container's bundle (and the sandbox's state dir) so that
@@ -26,6 +27,17 @@ type record struct {
 	// OwnsVM is true for the container whose deletion ends the VM (the pod sandbox, or a
 	// standalone container).
 	OwnsVM bool `json:"owns_vm"`
+	// Hypervisor is the kind of the VM's driver (records without it are QEMU's).
+	Hypervisor string `json:"hypervisor,omitempty"`
+}
+
+// driver returns the hypervisor driver of the record's VM.
+func (r record) driver(drivers hypervisor.Drivers) (hypervisor.Driver, error) {
+	kind := r.Hypervisor
+	if kind == "" {
+		kind = config.DefaultKind
+	}
+	return drivers.Get(kind)
 }
 
 func (r record) write(dir string) error {
@@ -55,7 +67,7 @@ func readRecord(dir string) (*record, error) {
 // cleanupState removes what a sandbox left on the host: for the VM owner the QEMU and
 // virtiofsd processes, the taps, every mount and the state dir; for another container (id)
 // its mounts in the shared dir. Idempotent; errors are logged, the clean-up goes on.
-func cleanupState(ctx context.Context, r record, id string) {
+func cleanupState(ctx context.Context, drv hypervisor.Driver, r record, id string) {
 	if r.StateDir == "" {
 		return
 	}
@@ -65,7 +77,9 @@ func cleanupState(ctx context.Context, r record, id string) {
 		}
 		return
 	}
-	if err := qemu.Cleanup(ctx, r.StateDir); err != nil {
+	if drv.Cleanup == nil {
+		log.G(ctx).WithField("hypervisor", r.Hypervisor).Error("no driver to clean up the VM processes with")
+	} else if err := drv.Cleanup(ctx, r.StateDir); err != nil {
 		log.G(ctx).WithError(err).Warn("clean up VM processes")
 	}
 	if r.Netns != "" {

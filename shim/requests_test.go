@@ -127,6 +127,11 @@ func TestExecLifecycle(t *testing.T) {
 
 	// Started, it runs until it exits; then a running exec of a dead init is reported first.
 	r.mustStart("c1", "e3")
+	// Events reach containerd through a queue: wait for this one before counting.
+	r.published("TaskExecStarted e3", func(e any) bool {
+		x, ok := e.(*eventstypes.TaskExecStarted)
+		return ok && x.ExecID == "e3"
+	})
 	var started []string
 	for _, e := range r.pub.list() {
 		if x, ok := e.(*eventstypes.TaskExecStarted); ok {

@@ -24,7 +24,7 @@ import (
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
-	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/internal/logfile"
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
 	"github.com/podvm/podvm/shim/config"
@@ -42,9 +42,10 @@ type agentConn interface {
 // (DefaultBackend); unit tests wire fakes.
 type backend struct {
 	loadConfig func(path string) (*config.Config, error)
-	newVM      func(cfg qemu.Config) (hypervisor.Hypervisor, error)
-	connect    func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error)
-	discover   func(ctx context.Context, netnsPath string) (*network.Pod, error)
+	// drivers are the hypervisors the shim has; the node config's hypervisor.kind picks one.
+	drivers  hypervisor.Drivers
+	connect  func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error)
+	discover func(ctx context.Context, netnsPath string) (*network.Pod, error)
 	// newShare sets up the pod's virtio-fs share in its state dir.
 	newShare func(ctx context.Context, stateDir, guestDir string, cfg *config.Config) (rootfs.Provider, error)
 	// forwardPorts carries loopback TCP of the pod netns into the guest (CRI PortForward).
@@ -56,13 +57,11 @@ type portForwarder interface {
 	Close(ctx context.Context) error
 }
 
-// DefaultBackend runs pods with QEMU, the real network wiring and virtio-fs.
-func DefaultBackend() backend {
+// DefaultBackend runs pods with the given hypervisors, the real network wiring and virtio-fs.
+func DefaultBackend(drivers hypervisor.Drivers) backend {
 	return backend{
 		loadConfig: config.Load,
-		newVM: func(cfg qemu.Config) (hypervisor.Hypervisor, error) {
-			return qemu.New(cfg)
-		},
+		drivers:    drivers,
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
 			c, err := agent.Connect(ctx, vm.DialAgent, vm.Done())
 			if err != nil {
@@ -140,6 +139,7 @@ type sandbox struct {
 	id       string
 	stateDir string
 	netns    string
+	driver   hypervisor.Driver
 	vm       hypervisor.Hypervisor
 	agent    agentConn
 	share    rootfs.Provider
@@ -168,7 +168,12 @@ type guestContainer struct {
 // everything made so far is undone.
 func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox, retErr error) {
 	start := time.Now()
-	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns, disks: map[string][]string{}}
+	drv, err := b.drivers.Get(o.cfg.Hypervisor.Kind)
+	if err != nil {
+		return nil, fmt.Errorf("%w (%s): %w", err, configName(o.cfg), errdefs.ErrInvalidArgument)
+	}
+	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
+		driver: drv, disks: map[string][]string{}}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -177,7 +182,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 			sb.shutdown(context.WithoutCancel(ctx))
 		}
 	}()
-	rec := record{SandboxID: o.id, StateDir: sb.stateDir, Netns: o.netns, OwnsVM: true}
+	rec := sb.record()
 	if err := rec.write(sb.stateDir); err != nil {
 		return nil, err
 	}
@@ -189,47 +194,81 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, fmt.Errorf("the pod's shared filesystem: %w", err)
 	}
 	sb.share = share
-
-	var nics []*hypervisor.NetDevice
-	var pod *network.Pod
-	if o.netns != "" {
-		var err error
-		if pod, err = b.discover(ctx, o.netns); err != nil {
-			return nil, fmt.Errorf("pod network: %w", err)
-		}
-		for _, ep := range pod.Endpoints {
-			nic, err := ep.Attach(ctx)
-			if err != nil {
-				return nil, fmt.Errorf("pod network: %w", err)
-			}
-			sb.endpoints = append(sb.endpoints, ep)
-			nics = append(nics, nic)
-		}
-	}
-
-	qcfg := o.cfg.QEMUConfig(o.id, o.size)
-	qcfg.StateDir, qcfg.SharedDir, qcfg.NetDevices = sb.stateDir, share.ExportDir(), nics
-	cid, err := randomCID()
+	pod, nics, err := sb.attachNetwork(ctx, b)
 	if err != nil {
 		return nil, err
 	}
-	qcfg.VsockCID = cid
-	vm, err := b.newVM(qcfg)
+	if err := sb.startVM(ctx, b, o, nics); err != nil {
+		return nil, err
+	}
+	if err := sb.setupGuest(ctx, b, o.host, pod); err != nil {
+		return nil, err
+	}
+	sb.ready = true
+	log.G(ctx).WithFields(log.Fields{
+		"sandbox": o.id, "hypervisor": drv.Kind, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB,
+		"size_from": o.size.Source, "nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
+	}).Info("pod VM ready")
+	return sb, nil
+}
+
+// record is what `shim delete` needs to clean up after this sandbox's shim died.
+func (sb *sandbox) record() record {
+	return record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true, Hypervisor: sb.driver.Kind}
+}
+
+// attachNetwork wires every interface of the pod netns to a tap for the VM.
+func (sb *sandbox) attachNetwork(ctx context.Context, b backend) (*network.Pod, []*hypervisor.NetDevice, error) {
+	if sb.netns == "" {
+		return nil, nil, nil
+	}
+	pod, err := b.discover(ctx, sb.netns)
 	if err != nil {
-		return nil, fmt.Errorf("VM config (check %s): %w", configName(o.cfg), err)
+		return nil, nil, fmt.Errorf("pod network: %w", err)
+	}
+	var nics []*hypervisor.NetDevice
+	for _, ep := range pod.Endpoints {
+		nic, err := ep.Attach(ctx)
+		if err != nil {
+			return nil, nil, fmt.Errorf("pod network: %w", err)
+		}
+		sb.endpoints = append(sb.endpoints, ep)
+		nics = append(nics, nic)
+	}
+	return pod, nics, nil
+}
+
+// startVM boots the VM and connects to its agent.
+func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice) error {
+	vcfg := o.cfg.VMConfig(o.id, o.size)
+	vcfg.StateDir, vcfg.SharedDir, vcfg.NetDevices = sb.stateDir, sb.share.ExportDir(), nics
+	cid, err := randomCID()
+	if err != nil {
+		return err
+	}
+	vcfg.VsockCID = cid
+	vm, err := sb.driver.New(vcfg)
+	if err != nil {
+		return fmt.Errorf("VM config (check %s): %w", configName(o.cfg), err)
 	}
 	if err := vm.Start(ctx); err != nil {
-		return nil, fmt.Errorf("start the pod VM: %w", err)
+		return fmt.Errorf("start the pod VM: %w", err)
 	}
 	sb.vm = vm
 	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
 	defer cancel()
 	conn, err := b.connect(actx, vm)
 	if err != nil {
-		return nil, fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
+		return fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 	}
 	sb.agent = conn
-	req := &api.SetupSandboxRequest{Hostname: o.host, SharedFsTag: qemu.SharedFSTag}
+	return nil
+}
+
+// setupGuest sends the agent the pod's hostname, network and share, and starts forwarding
+// the pod netns's loopback ports into the guest.
+func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, pod *network.Pod) error {
+	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag}
 	if pod != nil {
 		for _, ep := range pod.Endpoints {
 			req.Interfaces = append(req.Interfaces, ep.Guest())
@@ -237,25 +276,22 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		req.Routes, req.Neighbors = pod.Routes, pod.Neighbors
 	}
 	if _, err := sb.agent.SetupSandbox(ctx, req); err != nil {
-		return nil, fmt.Errorf("set up the guest: %w", err)
+		return fmt.Errorf("set up the guest: %w", err)
 	}
-	if o.netns != "" {
-		// A pod runs without port-forward rather than not at all (e.g. no iptables on the node).
-		ag := sb.agent
-		sb.ports, err = b.forwardPorts(ctx, o.netns, func(ctx context.Context, port uint16) (network.GuestConn, error) {
-			return agent.DialPort(ctx, ag, uint32(port))
-		})
-		if err != nil {
-			sb.ports = nil
-			log.G(ctx).WithError(err).Warn("port-forward (kubectl/crictl port-forward) to this pod will not work")
-		}
+	if sb.netns == "" {
+		return nil
 	}
-	sb.ready = true
-	log.G(ctx).WithFields(log.Fields{
-		"sandbox": o.id, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB, "size_from": o.size.Source,
-		"nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
-	}).Info("pod VM ready")
-	return sb, nil
+	// A pod runs without port-forward rather than not at all (e.g. no iptables on the node).
+	ag := sb.agent
+	ports, err := b.forwardPorts(ctx, sb.netns, func(ctx context.Context, port uint16) (network.GuestConn, error) {
+		return agent.DialPort(ctx, ag, uint32(port))
+	})
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("port-forward (kubectl/crictl port-forward) to this pod will not work")
+		return nil
+	}
+	sb.ports = ports
+	return nil
 }
 
 // configName names the node config in messages.
@@ -277,7 +313,7 @@ func randomCID() (uint32, error) {
 }
 
 func (sb *sandbox) consolePath() string {
-	return filepath.Join(sb.stateDir, qemu.ConsoleLog)
+	return sb.driver.ConsolePath(sb.stateDir)
 }
 
 // prepare makes a container's filesystems and disks available to the guest.
@@ -367,7 +403,7 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 	if sb.share != nil {
 		sb.share.Close()
 	}
-	cleanupState(ctx, record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true}, sb.id)
+	cleanupState(ctx, sb.driver, sb.record(), sb.id)
 }
 
 func isConnClosed(err error) bool {
@@ -378,9 +414,9 @@ func isConnClosed(err error) bool {
 // dir with the full log goes when the sandbox does. It reads only the end of the log (the
 // guest writes it, and may have written a lot).
 func consoleTail(path string, n int) string {
-	b, err := qemu.ReadTail(path, qemu.DefaultTailBytes)
+	b, err := logfile.ReadTail(path, logfile.DefaultTailBytes)
 	if err != nil {
 		return fmt.Sprintf("(no console log: %v)", err)
 	}
-	return qemu.LastLines(b, n)
+	return logfile.LastLines(b, n)
 }

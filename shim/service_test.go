@@ -26,7 +26,6 @@ import (
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
-	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
 	"github.com/podvm/podvm/shim/config"
@@ -68,7 +67,7 @@ type rig struct {
 	nic      *network.Fake
 	stateDir string
 	sd       shutdown.Service
-	vmCfg    *qemu.Config
+	vmCfg    *hypervisor.Config
 	// discovered is what the fake network found (nil: no netns path given).
 	discoverErr error
 	ports       fakePorts
@@ -109,18 +108,20 @@ func newRig(t *testing.T) *rig {
 	b := backend{
 		loadConfig: func(path string) (*config.Config, error) {
 			cfg := config.Default()
+			cfg.Hypervisor.Kind = hypervisor.FakeKind
 			cfg.Sandbox.StateDir = r.stateDir
 			cfg.Annotations.Allowed = []string{"memory", "vcpus"}
 			cfg.Sandbox.MaxVCPUs = 4
 			return cfg, nil
 		},
-		newVM: func(cfg qemu.Config) (hypervisor.Hypervisor, error) {
+		// The shim sees its VMs only through a hypervisor.Driver: the fake plugs in as QEMU does.
+		drivers: hypervisor.NewDrivers(hypervisor.FakeDriver(func(cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
 			r.vmCfg = &cfg
 			if r.wrapVM != nil {
 				return r.wrapVM(r.vm), nil
 			}
 			return r.vm, nil
-		},
+		})),
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
 			if r.wrapAgent != nil {
 				return r.wrapAgent(r.agent), nil
@@ -277,7 +278,7 @@ func TestSandboxBootsVMAndWiresThePod(t *testing.T) {
 		t.Errorf("VM config: %d MiB, %d vCPUs, %d NICs; want 768, 2, 1", r.vmCfg.MemoryMiB, r.vmCfg.VCPUs, len(r.vmCfg.NetDevices))
 	}
 	setup := r.agent.Setup()
-	if setup == nil || setup.Hostname != "pod-host" || setup.SharedFsTag != qemu.SharedFSTag ||
+	if setup == nil || setup.Hostname != "pod-host" || setup.SharedFsTag != hypervisor.SharedFSTag ||
 		len(setup.Interfaces) != 1 || setup.Interfaces[0].Mac != "02:00:00:00:00:01" || len(setup.Routes) != 1 {
 		t.Errorf("SetupSandbox = %+v", setup)
 	}

@@ -18,12 +18,12 @@ import (
 	"github.com/containerd/ttrpc"
 	"github.com/mdlayher/vsock"
 
-	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
 )
 
-// Serve runs the agent API on every transport the guest has (vsock port agent.Port, the
-// virtio-serial port agent.SerialPortName) until ctx ends or no transport is left.
+// Serve runs the agent API on every transport the guest has (vsock port hypervisor.AgentVsockPort, the
+// virtio-serial port hypervisor.AgentSerialPort) until ctx ends or no transport is left.
 func Serve(ctx context.Context, svc api.AgentService) error {
 	srv, err := ttrpc.NewServer(serverOptions(svc)...)
 	if err != nil {
@@ -32,18 +32,18 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 	api.RegisterAgentService(srv, svc)
 
 	var listeners []net.Listener
-	if l, err := vsock.Listen(agent.Port, nil); err == nil {
+	if l, err := vsock.Listen(hypervisor.AgentVsockPort, nil); err == nil {
 		listeners = append(listeners, l)
 	} else {
 		log.G(ctx).WithError(err).Debug("no vsock")
 	}
-	if dev, err := findSerialPort("/sys/class/virtio-ports", agent.SerialPortName); err == nil {
+	if dev, err := findSerialPort("/sys/class/virtio-ports", hypervisor.AgentSerialPort); err == nil {
 		listeners = append(listeners, newSerialListener(dev))
 	} else {
 		log.G(ctx).WithError(err).Debug("no virtio-serial port")
 	}
 	if len(listeners) == 0 {
-		return errors.New("no agent transport: the VM has neither vsock nor the virtio-serial port " + agent.SerialPortName)
+		return errors.New("no agent transport: the VM has neither vsock nor the virtio-serial port " + hypervisor.AgentSerialPort)
 	}
 	errc := make(chan error, len(listeners))
 	for _, l := range listeners {

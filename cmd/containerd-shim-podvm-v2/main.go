@@ -5,9 +5,11 @@ package main
 import (
 	"context"
 
+	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/shim"
 )
 
 func main() {
-	shim.Run(context.Background())
+	// The hypervisors this shim can run pods on; the node config's hypervisor.kind picks one.
+	shim.Run(context.Background(), qemu.Driver())
 }

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/rootfs/guestimage"
 	"github.com/podvm/podvm/shim/config"
@@ -147,11 +148,11 @@ func (h hostProbe) check(ctx context.Context, path string) []checkResult {
 
 	detected := h.detectAccel()
 	switch {
-	case hc.Accel == config.AccelKVM && detected != qemu.AccelKVM:
+	case hc.Accel == hypervisor.AccelKVM && detected != qemu.AccelKVM:
 		add(statusFail, "kvm", "accel = \"kvm\" but /dev/kvm is not usable (missing, no permission, or KVM_CREATE_VM fails); enable virtualization / load kvm_intel or kvm_amd, or set accel = \"tcg\"")
-	case hc.Accel == config.AccelKVM:
+	case hc.Accel == hypervisor.AccelKVM:
 		add(statusOK, "kvm", "/dev/kvm usable; accel = \"kvm\"")
-	case hc.Accel == config.AccelTCG:
+	case hc.Accel == hypervisor.AccelTCG:
 		note := "not usable"
 		if detected == qemu.AccelKVM {
 			note = "usable: set accel = \"auto\" to use it"
@@ -165,9 +166,9 @@ func (h hostProbe) check(ctx context.Context, path string) []checkResult {
 
 	_, vsockErr := h.stat("/dev/vhost-vsock")
 	switch {
-	case hc.AgentTransport == config.TransportVsock && vsockErr != nil:
+	case hc.AgentTransport == hypervisor.TransportVsock && vsockErr != nil:
 		add(statusFail, "vhost-vsock", "agent_transport = \"vsock\" but /dev/vhost-vsock: %s; modprobe vhost_vsock, or set agent_transport = \"\" to fall back to virtio-serial", errText(vsockErr))
-	case hc.AgentTransport == config.TransportSerial:
+	case hc.AgentTransport == hypervisor.TransportSerial:
 		add(statusOK, "vhost-vsock", "agent_transport = \"serial\": agent over virtio-serial")
 	case vsockErr != nil:
 		add(statusWarn, "vhost-vsock", "no /dev/vhost-vsock: agent over virtio-serial (works; modprobe vhost_vsock for vsock)")

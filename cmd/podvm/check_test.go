@@ -235,7 +235,7 @@ func TestConfigCommand(t *testing.T) {
 	}
 	for _, s := range []string{
 		"# podvm node config: " + cfg + ", with defaults for the keys it leaves out\n",
-		"[hypervisor]\nqemu_path = 'qemu-system-x86_64'\naccel = 'auto'\n",
+		"[hypervisor]\nkind = 'qemu'\nqemu_path = 'qemu-system-x86_64'\naccel = 'auto'\n",
 		"default_memory = '1Gi'\n",
 		"allowed = ['memory']\n",
 		"[block]\ncache = 'none'\naio = 'threads'\n",

@@ -16,7 +16,9 @@ import (
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/internal/logfile"
 	"github.com/podvm/podvm/shim/config"
 )
 
@@ -115,14 +117,14 @@ func runDebugConsole(ctx context.Context, e *env, args []string) error {
 func printConsole(ctx context.Context, e *env, path string, n int, follow bool, dir string) error {
 	out := &crlfWriter{w: e.stdout}
 	if n > 0 {
-		b, err := qemu.ReadTail(path, min(int64(n)*1024, 2*qemu.ConsoleLogMax))
+		b, err := logfile.ReadTail(path, min(int64(n)*1024, 2*qemu.ConsoleLogMax))
 		if err != nil {
 			return fmt.Errorf("console log: %w", err)
 		}
-		if s := qemu.LastLines(b, n); s != "" {
+		if s := logfile.LastLines(b, n); s != "" {
 			fmt.Fprintln(e.stdout, s)
 		}
-	} else if err := streamFile(out, path+qemu.RotatedSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+	} else if err := streamFile(out, path+logfile.RotatedSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("console log: %w", err)
 	}
 	f, err := os.Open(path)
@@ -249,7 +251,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	qcfg := cfg.QEMUConfig(id, size)
+	qcfg := cfg.VMConfig(id, size)
 	qcfg.StateDir = dir
 	qcfg.Debug = qcfg.Debug || *verbose
 	qcfg.VsockCID = uint32(3 + os.Getpid())
@@ -258,7 +260,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	accel := qcfg.Accel
-	if accel == "" || accel == qemu.AccelAuto {
+	if accel == "" || accel == hypervisor.AccelAuto {
 		accel = qemu.DetectAccel()
 	}
 	fmt.Fprintf(e.stdout, "booting %s + %s (%s, %d vCPU, %d MiB)\n", qcfg.Kernel, qcfg.Initrd, accel, size.VCPUs, size.MemoryMiB)
@@ -271,8 +273,8 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 		defer cancel()
 		_ = vm.Stop(sctx)
 		if *console {
-			if b, err := qemu.ReadTail(vm.ConsolePath(), 256<<10); err == nil {
-				fmt.Fprintf(e.stdout, "--- console log (its end) ---\n%s\n", qemu.LastLines(b, 0))
+			if b, err := logfile.ReadTail(vm.ConsolePath(), 256<<10); err == nil {
+				fmt.Fprintf(e.stdout, "--- console log (its end) ---\n%s\n", logfile.LastLines(b, 0))
 			}
 		}
 	}()
@@ -280,7 +282,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	defer cancel()
 	c, err := agent.Connect(actx, vm.DialAgent, vm.Done())
 	if err != nil {
-		return fmt.Errorf("%w\nthe end of the console log:\n%s", err, qemu.TailLines(vm.ConsolePath(), 30))
+		return fmt.Errorf("%w\nthe end of the console log:\n%s", err, logfile.TailLines(vm.ConsolePath(), 30))
 	}
 	defer c.Close()
 	fmt.Fprintf(e.stdout, "agent %s ready %s after QEMU start (guest kernel %s, %s from kernel start to agent)\n",

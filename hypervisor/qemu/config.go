@@ -18,26 +18,8 @@ import (
 )
 
 const (
-	// SharedFSTag is the virtio-fs tag the guest mounts the shared directory by.
-	SharedFSTag = "podvm"
-	// AgentPortName is the virtio-serial port name of the agent (guest:
-	// /sys/class/virtio-ports/*/name).
-	AgentPortName = "podvm.agent"
-	// AgentVsockPort is the vsock port the guest agent listens on.
-	AgentVsockPort = 1024
-
-	AccelAuto = "auto"
-	AccelKVM  = "kvm"
-	AccelTCG  = "tcg"
-
-	TransportVsock  = "vsock"
-	TransportSerial = "serial"
-
-	// DefaultHotplugSlots is how many PCIe root ports are created for hot-plug when
-	// Config.HotplugSlots is 0.
-	DefaultHotplugSlots = 2
-	DefaultVCPUs        = 1
-	DefaultMemoryMiB    = 512
+	DefaultVCPUs     = 1
+	DefaultMemoryMiB = 512
 
 	defaultFirmware = "/usr/share/qemu/qboot.rom"
 	// tcgTranslationCacheMiB caps TCG's translation cache (QEMU reserves 1 GiB by default;
@@ -46,20 +28,23 @@ const (
 	// sunPathMax is the longest unix socket path (sockaddr_un.sun_path minus the NUL).
 	sunPathMax = 107
 
-	// DefaultUIDBase and DefaultUIDCount are the range QEMU's unprivileged uid and gid are
-	// chosen from when Config leaves them 0: far above login users (1000+), nobody (65534)
-	// and the ranges user namespaces are usually given, below 2^31 so that no tool reads
-	// them as negative.
-	DefaultUIDBase  = 2_000_000_000
-	DefaultUIDCount = 1 << 20
-	// MinUIDBase keeps the range clear of root and the system users (uids below 1000).
-	MinUIDBase = 1000
-	// maxUID is the largest uid a range may include: (uid_t)-1 means "unchanged" to set*uid.
-	maxUID = 1<<32 - 2
+	// ConsoleLogMax is the size at which the console log (and QEMU's own log) is rotated, so
+	// a guest that floods its serial console costs the host at most about twice this on disk.
+	ConsoleLogMax = 1 << 20
 
 	// consoleFdset is the -add-fd set holding the console pipe; QMP add-fd without an
 	// fdset-id (block hot-plug) takes the lowest free id, so it never collides.
 	consoleFdset = 1000
+)
+
+// The device contract with the guest, and the choices of hypervisor.Config, under the names
+// this package's code reads best with.
+const (
+	AccelAuto       = hypervisor.AccelAuto
+	AccelKVM        = hypervisor.AccelKVM
+	AccelTCG        = hypervisor.AccelTCG
+	TransportVsock  = hypervisor.TransportVsock
+	TransportSerial = hypervisor.TransportSerial
 )
 
 // Files in Config.StateDir.
@@ -77,73 +62,24 @@ const (
 	ChrootDir = "root"
 )
 
-// Config describes one VM. New resolves the environment-dependent defaults (see Resolve)
-// and validates it.
-type Config struct {
-	// ID names the VM (QEMU's -name podvm-<ID>); letters, digits, '-', '_' and '.'.
-	ID string
-	// StateDir is the VM's own directory (created by Start): sockets, logs, pidfiles.
-	StateDir string
-	// QEMUPath is the qemu-system-x86_64 binary; default: looked up in PATH.
-	QEMUPath string
-	// Accel is "auto" (or ""), "kvm" or "tcg". auto is kvm when /dev/kvm works, else tcg.
-	Accel string
-	// VCPUs defaults to 1, MemoryMiB to 512.
-	VCPUs     int
-	MemoryMiB int
-	// Kernel (required) and Initrd are booted directly; KernelParams are appended to
-	// "console=ttyS0 panic=-1 reboot=k cryptomgr.notests" (+ "quiet" unless Debug), so a
-	// later parameter overrides a default one.
-	Kernel       string
-	Initrd       string
-	KernelParams []string
-	Debug        bool
-	// Firmware defaults to /usr/share/qemu/qboot.rom when it exists, else QEMU's SeaBIOS.
-	Firmware string
-
-	// SharedDir is shared with the guest over virtio-fs (tag SharedFSTag); empty = none.
-	SharedDir string
-	// VirtiofsdPath defaults to the first of VirtiofsdSearchPath (the Rust virtiofsd's
-	// places first, then QEMU's C one in /usr/lib/qemu). Both are supported; either runs
-	// without CAP_MKNOD and CAP_SETFCAP.
-	VirtiofsdPath string
-	// VirtiofsCache is "auto" (default), "always" or "never".
-	VirtiofsCache string
-
-	// AgentTransport is "vsock", "serial", or "" for vsock when /dev/vhost-vsock exists
-	// and serial otherwise. VsockCID (>= 3, unique on the host) is required with vsock.
-	AgentTransport string
-	VsockCID       uint32
-
-	// NetDevices are cold-plugged at boot; their tap files are passed to QEMU and closed
-	// in this process once QEMU has started.
-	NetDevices []*hypervisor.NetDevice
-	// HotplugSlots is how many PCIe root ports to create for hot-plugged devices:
-	// 0 = DefaultHotplugSlots, negative = none.
-	HotplugSlots int
-
-	// UIDBase and UIDCount are the range QEMU's uid (and its gid, the same number) is picked
-	// from by ID (see RunAs): after opening its devices, memory, sockets and console, QEMU
-	// drops to that uid/gid with no capabilities (-runas) and chroots into the empty
-	// StateDir/root (-chroot). 0 = DefaultUIDBase, DefaultUIDCount.
-	UIDBase  uint32
-	UIDCount uint32
-}
+// Config is hypervisor.Config with QEMU's methods: Resolve fills in the defaults (probing
+// the host), Validate checks, Args builds the command line.
+type Config hypervisor.Config
 
 // Resolve returns a copy of c with every default filled in, probing the host where needed
 // (PATH, /dev/kvm, /dev/vhost-vsock, firmware and virtiofsd locations). It does not validate.
 func (c Config) Resolve() (Config, error) {
-	if c.QEMUPath == "" {
+	if c.Binary == "" {
 		p, err := exec.LookPath("qemu-system-x86_64")
 		if err != nil {
-			return c, fmt.Errorf("QEMUPath: qemu-system-x86_64 not found in PATH; install QEMU (Debian: qemu-system-x86) or set QEMUPath")
+			return c, fmt.Errorf("Binary: qemu-system-x86_64 not found in PATH; install QEMU (Debian: qemu-system-x86) or set hypervisor.qemu_path")
 		}
-		c.QEMUPath = p
+		c.Binary = p
 	}
 	if c.Accel == "" || c.Accel == AccelAuto {
 		c.Accel = DetectAccel()
 	}
-	if c.AgentTransport == "" || c.AgentTransport == AccelAuto {
+	if c.AgentTransport == "" || c.AgentTransport == hypervisor.TransportAuto {
 		c.AgentTransport = TransportSerial
 		if _, err := os.Stat("/dev/vhost-vsock"); err == nil {
 			c.AgentTransport = TransportVsock
@@ -171,17 +107,14 @@ func (c *Config) setPureDefaults() {
 	if c.MemoryMiB == 0 {
 		c.MemoryMiB = DefaultMemoryMiB
 	}
-	if c.HotplugSlots == 0 {
-		c.HotplugSlots = DefaultHotplugSlots
-	}
 	if c.SharedDir != "" && c.VirtiofsCache == "" {
 		c.VirtiofsCache = "auto"
 	}
 	if c.UIDBase == 0 {
-		c.UIDBase = DefaultUIDBase
+		c.UIDBase = hypervisor.DefaultUIDBase
 	}
 	if c.UIDCount == 0 {
-		c.UIDCount = DefaultUIDCount
+		c.UIDCount = hypervisor.DefaultUIDCount
 	}
 }
 
@@ -191,31 +124,15 @@ func (c *Config) setPureDefaults() {
 func (c *Config) RunAs() (uid, gid uint32) {
 	base, count := c.UIDBase, c.UIDCount
 	if base == 0 {
-		base = DefaultUIDBase
+		base = hypervisor.DefaultUIDBase
 	}
 	if count == 0 {
-		count = DefaultUIDCount
+		count = hypervisor.DefaultUIDCount
 	}
 	h := fnv.New32a()
 	h.Write([]byte(c.ID))
 	uid = base + h.Sum32()%count
 	return uid, uid
-}
-
-// ValidateUIDRange checks a uid range for QEMU (see Config.UIDBase); the error says what to
-// change. The node config uses it too.
-func ValidateUIDRange(base, count uint64) error {
-	switch {
-	case base < MinUIDBase:
-		return fmt.Errorf("uid base %d: must be at least %d (root and system users are below), e.g. %d", base, MinUIDBase, uint64(DefaultUIDBase))
-	case count < 1:
-		return fmt.Errorf("uid count %d: must be at least 1, e.g. %d", count, uint64(DefaultUIDCount))
-	case base+count-1 > maxUID:
-		return fmt.Errorf("uid range %d..%d: ends above %d (the largest uid); lower the base or the count", base, base+count-1, uint64(maxUID))
-	case base <= 65534 && 65534 <= base+count-1:
-		return fmt.Errorf("uid range %d..%d: includes 65534 (nobody, also the overflow uid); start above it, e.g. %d", base, base+count-1, uint64(DefaultUIDBase))
-	}
-	return nil
 }
 
 // VirtiofsdSearchPath is where Resolve looks for virtiofsd when VirtiofsdPath is empty, in
@@ -286,8 +203,8 @@ func (c *Config) Validate() error {
 	} else if n := len(filepath.Join(c.StateDir, VirtiofsdSocket)); n > sunPathMax {
 		bad("StateDir %q: too long for unix sockets in it (%d > %d bytes); use a shorter path", c.StateDir, n, sunPathMax)
 	}
-	if c.QEMUPath == "" {
-		bad("QEMUPath: empty; set it or call Resolve")
+	if c.Binary == "" {
+		bad("Binary: empty; set it or call Resolve")
 	}
 	switch c.Accel {
 	case AccelKVM, AccelTCG:
@@ -338,11 +255,11 @@ func (c *Config) Validate() error {
 	default:
 		bad("AgentTransport %q: must be %q or %q (or empty to detect)", c.AgentTransport, TransportVsock, TransportSerial)
 	}
-	if err := ValidateUIDRange(uint64(c.UIDBase), uint64(c.UIDCount)); err != nil {
+	if err := hypervisor.ValidateUIDRange(uint64(c.UIDBase), uint64(c.UIDCount)); err != nil {
 		bad("UIDBase/UIDCount: %w", err)
 	}
-	if c.HotplugSlots > 30 {
-		bad("HotplugSlots %d: at most 30 root ports fit on the root bus", c.HotplugSlots)
+	if c.HotplugSlots < 0 || c.HotplugSlots > hypervisor.MaxHotplugSlots {
+		bad("HotplugSlots %d: must be between 0 and %d (root ports on the root bus)", c.HotplugSlots, hypervisor.MaxHotplugSlots)
 	}
 	seen := map[string]bool{}
 	for i, nd := range c.NetDevices {
@@ -460,7 +377,7 @@ func (c Config) Args() ([]string, error) {
 		a = append(a,
 			"-device", "virtio-serial-pci,id=vser",
 			"-chardev", "socket,id=agent,path="+opt(c.path(AgentSocket))+",server=on,wait=off",
-			"-device", "virtserialport,bus=vser.0,chardev=agent,name="+AgentPortName,
+			"-device", "virtserialport,bus=vser.0,chardev=agent,name="+hypervisor.AgentSerialPort,
 		)
 	case TransportVsock:
 		a = append(a, "-device", "vhost-vsock-pci,id=vsock,guest-cid="+strconv.FormatUint(uint64(c.VsockCID), 10))
@@ -468,7 +385,7 @@ func (c Config) Args() ([]string, error) {
 	if c.SharedDir != "" {
 		a = append(a,
 			"-chardev", "socket,id=fs,path="+opt(c.path(VirtiofsdSocket)),
-			"-device", "vhost-user-fs-pci,id=fs,chardev=fs,tag="+SharedFSTag,
+			"-device", "vhost-user-fs-pci,id=fs,chardev=fs,tag="+hypervisor.SharedFSTag,
 		)
 	}
 	fd := 3

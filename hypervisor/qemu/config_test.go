@@ -13,12 +13,13 @@ func baseConfig() Config {
 	return Config{
 		ID:             "pod1",
 		StateDir:       "/run/podvm/pod1",
-		QEMUPath:       "/usr/bin/qemu-system-x86_64",
+		Binary:         "/usr/bin/qemu-system-x86_64",
 		Accel:          AccelTCG,
 		AgentTransport: TransportSerial,
 		Kernel:         "/usr/share/podvm/vmlinuz",
 		Initrd:         "/usr/share/podvm/initrd",
 		Firmware:       "/usr/share/qemu/qboot.rom",
+		HotplugSlots:   2,
 	}
 }
 
@@ -62,7 +63,7 @@ func TestArgs(t *testing.T) {
 				c.Accel, c.AgentTransport, c.VsockCID = AccelKVM, TransportVsock, 42
 				c.VCPUs, c.MemoryMiB, c.Debug = 4, 2048, true
 				c.KernelParams = []string{"init=/podvm-agent", "panic=0"}
-				c.HotplugSlots = -1
+				c.HotplugSlots = 0
 				c.Initrd, c.Firmware = "", ""
 			},
 			want: []string{
@@ -185,11 +186,11 @@ func TestArgsRejectsBadConfig(t *testing.T) {
 
 func TestNewChecksFiles(t *testing.T) {
 	c := baseConfig()
-	c.QEMUPath = "/bin/true"
+	c.Binary = "/bin/true"
 	c.Kernel = "/nonexistent/vmlinuz"
 	c.Initrd = ""
 	c.Firmware = ""
-	_, err := New(c)
+	_, err := New(hypervisor.Config(c))
 	if err == nil || !strings.Contains(err.Error(), `Kernel "/nonexistent/vmlinuz"`) {
 		t.Fatalf("got %v", err)
 	}
@@ -208,7 +209,7 @@ func TestDetectAccel(t *testing.T) {
 func TestRunAs(t *testing.T) {
 	c := baseConfig()
 	uid, gid := c.RunAs()
-	if uid != gid || uid < DefaultUIDBase || uid >= DefaultUIDBase+DefaultUIDCount {
+	if uid != gid || uid < hypervisor.DefaultUIDBase || uid >= hypervisor.DefaultUIDBase+hypervisor.DefaultUIDCount {
 		t.Fatalf("RunAs() = %d:%d, want one number in the default range", uid, gid)
 	}
 	if u2, _ := c.RunAs(); u2 != uid {
@@ -239,7 +240,7 @@ func TestValidateUIDRange(t *testing.T) {
 		base, count uint64
 		wantErr     string
 	}{
-		{DefaultUIDBase, DefaultUIDCount, ""},
+		{hypervisor.DefaultUIDBase, hypervisor.DefaultUIDCount, ""},
 		{100000, 1, ""},
 		{0, 10, "at least 1000"},
 		{999, 10, "at least 1000"},
@@ -249,12 +250,12 @@ func TestValidateUIDRange(t *testing.T) {
 		{1<<32 - 11, 10, ""},
 	}
 	for _, tt := range tests {
-		err := ValidateUIDRange(tt.base, tt.count)
+		err := hypervisor.ValidateUIDRange(tt.base, tt.count)
 		switch {
 		case tt.wantErr == "" && err != nil:
-			t.Errorf("ValidateUIDRange(%d, %d) = %v, want nil", tt.base, tt.count, err)
+			t.Errorf("hypervisor.ValidateUIDRange(%d, %d) = %v, want nil", tt.base, tt.count, err)
 		case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
-			t.Errorf("ValidateUIDRange(%d, %d) = %v, want an error with %q", tt.base, tt.count, err, tt.wantErr)
+			t.Errorf("hypervisor.ValidateUIDRange(%d, %d) = %v, want an error with %q", tt.base, tt.count, err, tt.wantErr)
 		}
 	}
 	c := baseConfig()

@@ -12,7 +12,7 @@ func ExampleConfig_Args() {
 	cfg := qemu.Config{
 		ID:             "4f2a",
 		StateDir:       "/run/podvm/4f2a",
-		QEMUPath:       "/usr/bin/qemu-system-x86_64",
+		Binary:         "/usr/bin/qemu-system-x86_64",
 		Accel:          qemu.AccelTCG,
 		AgentTransport: qemu.TransportSerial,
 		Kernel:         "/usr/share/podvm/vmlinuz",
@@ -20,6 +20,7 @@ func ExampleConfig_Args() {
 		Firmware:       "/usr/share/qemu/qboot.rom",
 		SharedDir:      "/run/podvm/4f2a/shared",
 		VirtiofsdPath:  "/usr/lib/qemu/virtiofsd",
+		HotplugSlots:   2,
 	}
 	args, err := cfg.Args()
 	if err != nil {

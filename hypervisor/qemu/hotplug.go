@@ -154,7 +154,7 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 		}
 	}
 	if slot < 0 {
-		return fmt.Errorf("all %d PCIe root ports for hot-plug are in use; raise Config.HotplugSlots: %w", len(v.slots), errdefs.ErrResourceExhausted)
+		return fmt.Errorf("all %d PCIe root ports for hot-plug are in use; raise hypervisor.hotplug_slots in the node config: %w", len(v.slots), errdefs.ErrResourceExhausted)
 	}
 	// Validate before QEMU holds anything; the fdset id is only known after add-fd.
 	if _, _, err := blockdevArgs(d, slot, 0); err != nil {

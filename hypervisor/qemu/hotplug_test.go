@@ -178,7 +178,7 @@ func TestHotplugErrors(t *testing.T) {
 				}
 			},
 			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
-			wantErr: "raise Config.HotplugSlots",
+			wantErr: "raise hypervisor.hotplug_slots in the node config",
 			is:      errdefs.ErrResourceExhausted,
 			cmds:    []string{"add-fd", "blockdev-add", "device_add", "add-fd", "blockdev-add", "device_add"},
 		},

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/podvm/podvm/internal/logfile"
 )
 
 func writePidFile(path string, pid int) error {
@@ -90,7 +92,7 @@ func killAndWait(ctx context.Context, pid int) error {
 
 // logTail returns the last lines of a log file (at most 2 KiB of it), for error messages.
 func logTail(path string) string {
-	b, err := ReadTail(path, 2048)
+	b, err := logfile.ReadTail(path, 2048)
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}

@@ -85,6 +85,7 @@ func realConfig(t *testing.T, kernel string) Config {
 		KernelParams: []string{"panic=0"},
 		Debug:        true, // no "quiet": the test looks for "Linux version"
 		SharedDir:    shared,
+		HotplugSlots: 2,
 	}
 }
 
@@ -145,7 +146,7 @@ func TestRealVM(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	v, err := New(cfg)
+	v, err := New(hypervisor.Config(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +281,7 @@ func TestRealStartFailureCleansUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := realConfig(t, notAKernel)
-	v, err := New(cfg)
+	v, err := New(hypervisor.Config(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,7 +307,7 @@ func TestRealStartFailureCleansUp(t *testing.T) {
 func TestRealCleanupAfterCrash(t *testing.T) {
 	kernel := requireReal(t)
 	cfg := realConfig(t, kernel)
-	v, err := New(cfg)
+	v, err := New(hypervisor.Config(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qmp"
+	"github.com/podvm/podvm/internal/logfile"
 )
 
 const (
@@ -68,9 +70,28 @@ type VM struct {
 
 var _ hypervisor.Hypervisor = (*VM)(nil)
 
+// Kind is this driver's hypervisor kind (the node config's hypervisor.kind).
+const Kind = "qemu"
+
+// Driver is QEMU as a hypervisor.Driver.
+func Driver() hypervisor.Driver {
+	return hypervisor.Driver{
+		Kind: Kind,
+		New: func(cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
+			vm, err := New(cfg)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return vm, nil
+		},
+		Cleanup:     Cleanup,
+		ConsolePath: func(stateDir string) string { return filepath.Join(stateDir, ConsoleLog) },
+	}
+}
+
 // New resolves and validates cfg and checks that the files it names exist. It starts nothing.
-func New(cfg Config) (*VM, error) {
-	cfg, err := cfg.Resolve()
+func New(hc hypervisor.Config) (*VM, error) {
+	cfg, err := Config(hc).Resolve()
 	if err != nil {
 		return nil, fmt.Errorf("invalid qemu config: %w", err)
 	}
@@ -78,8 +99,8 @@ func New(cfg Config) (*VM, error) {
 		return nil, err
 	}
 	var errs []error
-	if _, err := exec.LookPath(cfg.QEMUPath); err != nil {
-		errs = append(errs, fmt.Errorf("QEMUPath %q: not an executable: %w", cfg.QEMUPath, err))
+	if _, err := exec.LookPath(cfg.Binary); err != nil {
+		errs = append(errs, fmt.Errorf("Binary %q (hypervisor.qemu_path): not an executable: %w", cfg.Binary, err))
 	}
 	for _, f := range []struct{ field, path string }{{"Kernel", cfg.Kernel}, {"Initrd", cfg.Initrd}, {"Firmware", cfg.Firmware}} {
 		if f.path == "" {
@@ -128,8 +149,8 @@ func (v *VM) Config() Config { return v.cfg }
 func (v *VM) StateDir() string { return v.cfg.StateDir }
 
 // ConsolePath is the file the guest's serial console is written to: at most ConsoleLogMax
-// bytes, with the part before in ConsolePath()+RotatedSuffix. Read its end with ReadTail or
-// TailLines.
+// bytes, with the part before in ConsolePath()+logfile.RotatedSuffix. Read its end with logfile.ReadTail
+// or logfile.TailLines.
 func (v *VM) ConsolePath() string { return v.cfg.path(ConsoleLog) }
 
 // Done implements hypervisor.Hypervisor. It is also closed by Stop of a VM never started.
@@ -221,11 +242,11 @@ func (v *VM) start(ctx context.Context) (err error) {
 	}
 	// QEMU's stdout/stderr and the guest's console are capped: the guest can make QEMU
 	// print, and writes its console at will.
-	qemuLog, err := newCappedLog(cfg.path(QEMULog), ConsoleLogMax)
+	qemuLog, err := logfile.NewCapped(cfg.path(QEMULog), ConsoleLogMax)
 	if err != nil {
 		return fmt.Errorf("creating QEMU log: %w", err)
 	}
-	consoleLog, err := newCappedLog(cfg.path(ConsoleLog), ConsoleLogMax)
+	consoleLog, err := logfile.NewCapped(cfg.path(ConsoleLog), ConsoleLogMax)
 	if err != nil {
 		qemuLog.Close()
 		return fmt.Errorf("creating console log: %w", err)
@@ -236,7 +257,7 @@ func (v *VM) start(ctx context.Context) (err error) {
 		consoleLog.Close()
 		return fmt.Errorf("creating console pipe: %w", err)
 	}
-	cmd := exec.Command(cfg.QEMUPath, args...)
+	cmd := exec.Command(cfg.Binary, args...)
 	cmd.Stdout, cmd.Stderr = qemuLog, qemuLog
 	cmd.ExtraFiles = append(cfg.ExtraFiles(), consoleW)
 	cmd.SysProcAttr = childProcAttr()
@@ -248,12 +269,12 @@ func (v *VM) start(ctx context.Context) (err error) {
 		consoleR.Close()
 		consoleLog.Close()
 		qemuLog.Close()
-		return fmt.Errorf("running %s: %w", cfg.QEMUPath, err)
+		return fmt.Errorf("running %s: %w", cfg.Binary, err)
 	}
 	consoleDone := make(chan struct{})
 	go func() {
 		defer close(consoleDone)
-		if err := drain(consoleR, consoleLog); err != nil {
+		if err := logfile.Drain(consoleR, consoleLog); err != nil {
 			v.logger(ctx).WithError(err).Warn("console log")
 		}
 	}()
@@ -500,7 +521,7 @@ func (v *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	}
 	ch := make(chan result, 1)
 	go func() {
-		c, err := vsock.Dial(v.cfg.VsockCID, AgentVsockPort, nil)
+		c, err := vsock.Dial(v.cfg.VsockCID, hypervisor.AgentVsockPort, nil)
 		if err != nil {
 			ch <- result{nil, err}
 			return
@@ -510,7 +531,7 @@ func (v *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	select {
 	case r := <-ch:
 		if r.err != nil {
-			return nil, fmt.Errorf("dialing agent on vsock %d:%d: %w", v.cfg.VsockCID, AgentVsockPort, r.err)
+			return nil, fmt.Errorf("dialing agent on vsock %d:%d: %w", v.cfg.VsockCID, hypervisor.AgentVsockPort, r.err)
 		}
 		return r.c, nil
 	case <-ctx.Done():

@@ -22,7 +22,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
-	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/hypervisor"
 )
 
 const (
@@ -34,16 +34,8 @@ const (
 	EnvPath = "PODVM_CONFIG"
 )
 
-// Accelerators, agent transports and cache modes, as written in the file.
-const (
-	AccelAuto = "auto"
-	AccelKVM  = "kvm"
-	AccelTCG  = "tcg"
-
-	TransportAuto   = "auto"
-	TransportVsock  = "vsock"
-	TransportSerial = "serial"
-)
+// DefaultKind is the hypervisor kind when the file names none.
+const DefaultKind = "qemu"
 
 // Limits on the VM size.
 const (
@@ -51,8 +43,6 @@ const (
 	MinMemory = 128 * MiB
 	// MaxVCPUsLimit is QEMU's limit on vCPUs for the q35 machine without an IOMMU.
 	MaxVCPUsLimit = 255
-	// MaxHotplugSlots is how many PCIe root ports fit on the root bus next to the fixed devices.
-	MaxHotplugSlots = 30
 )
 
 // Config is the node configuration. Field tags are the TOML keys.
@@ -68,11 +58,13 @@ type Config struct {
 	Path string `toml:"-"`
 }
 
-// Hypervisor is the [hypervisor] section: the QEMU process and the guest image.
+// Hypervisor is the [hypervisor] section: the VMM process and the guest image.
 type Hypervisor struct {
+	// Kind is the VMM implementation ("qemu", the default); the shim says which it has.
+	Kind string `toml:"kind"`
 	// QEMUPath is an absolute path or a command name looked up in PATH.
 	QEMUPath string `toml:"qemu_path"`
-	// Accel is AccelAuto (KVM when /dev/kvm works, else TCG), AccelKVM or AccelTCG.
+	// Accel is hypervisor.AccelAuto (KVM when /dev/kvm works, else TCG), AccelKVM or AccelTCG.
 	Accel        string   `toml:"accel"`
 	Kernel       string   `toml:"kernel"`
 	Initrd       string   `toml:"initrd"`
@@ -81,8 +73,8 @@ type Hypervisor struct {
 	Firmware string `toml:"firmware"`
 	// VirtiofsdPath "" = the first of /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd and PATH.
 	VirtiofsdPath string `toml:"virtiofsd_path"`
-	// AgentTransport is "" or TransportAuto (vsock when /dev/vhost-vsock exists, else
-	// virtio-serial), TransportVsock or TransportSerial.
+	// AgentTransport is "" or hypervisor.TransportAuto (vsock when /dev/vhost-vsock exists,
+	// else virtio-serial), TransportVsock or TransportSerial.
 	AgentTransport string `toml:"agent_transport"`
 	Debug          bool   `toml:"debug"`
 	// HotplugSlots is how many PCIe root ports the VM gets for hot-plugged block devices;
@@ -138,15 +130,16 @@ type Block struct {
 func Default() *Config {
 	return &Config{
 		Hypervisor: Hypervisor{
+			Kind:     DefaultKind,
 			QEMUPath: "qemu-system-x86_64",
-			Accel:    AccelAuto,
+			Accel:    hypervisor.AccelAuto,
 			// guestimage.DefaultOutputDir: where `make install` puts the guest image.
 			Kernel:       "/usr/share/podvm/vmlinuz",
 			Initrd:       "/usr/share/podvm/initrd.img",
 			KernelParams: []string{},
 			HotplugSlots: 2,
-			UIDBase:      qemu.DefaultUIDBase,
-			UIDCount:     qemu.DefaultUIDCount,
+			UIDBase:      hypervisor.DefaultUIDBase,
+			UIDCount:     hypervisor.DefaultUIDCount,
 		},
 		Sandbox: Sandbox{
 			DefaultVCPUs:   1,
@@ -238,13 +231,16 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("%s = %s: %s; use e.g. %s", key, tomlValue(value), problem, example(key)))
 	}
 	h := &c.Hypervisor
+	if h.Kind == "" || strings.ContainsAny(h.Kind, " \t/") {
+		bad("hypervisor.kind", h.Kind, "must name a hypervisor implementation")
+	}
 	switch {
 	case h.QEMUPath == "":
 		bad("hypervisor.qemu_path", h.QEMUPath, "empty")
 	case strings.ContainsRune(h.QEMUPath, '/') && !filepath.IsAbs(h.QEMUPath):
 		bad("hypervisor.qemu_path", h.QEMUPath, "must be an absolute path or a command name looked up in PATH")
 	}
-	if !slices.Contains([]string{AccelAuto, AccelKVM, AccelTCG}, h.Accel) {
+	if !slices.Contains([]string{hypervisor.AccelAuto, hypervisor.AccelKVM, hypervisor.AccelTCG}, h.Accel) {
 		bad("hypervisor.accel", h.Accel, `must be "auto", "kvm" or "tcg"`)
 	}
 	absPath := func(key, p string, optional bool) {
@@ -266,11 +262,11 @@ func (c *Config) Validate() error {
 			break
 		}
 	}
-	if !slices.Contains([]string{"", TransportAuto, TransportVsock, TransportSerial}, h.AgentTransport) {
+	if !slices.Contains([]string{"", hypervisor.TransportAuto, hypervisor.TransportVsock, hypervisor.TransportSerial}, h.AgentTransport) {
 		bad("hypervisor.agent_transport", h.AgentTransport, `must be "" (auto), "vsock" or "serial"`)
 	}
-	if h.HotplugSlots < 0 || h.HotplugSlots > MaxHotplugSlots {
-		bad("hypervisor.hotplug_slots", h.HotplugSlots, fmt.Sprintf("must be between 0 and %d", MaxHotplugSlots))
+	if h.HotplugSlots < 0 || h.HotplugSlots > hypervisor.MaxHotplugSlots {
+		bad("hypervisor.hotplug_slots", h.HotplugSlots, fmt.Sprintf("must be between 0 and %d", hypervisor.MaxHotplugSlots))
 	}
 	switch {
 	case h.UIDBase < 0:
@@ -278,7 +274,7 @@ func (c *Config) Validate() error {
 	case h.UIDCount < 0:
 		bad("hypervisor.uid_count", h.UIDCount, "must not be negative")
 	default:
-		if err := qemu.ValidateUIDRange(uint64(h.UIDBase), uint64(h.UIDCount)); err != nil {
+		if err := hypervisor.ValidateUIDRange(uint64(h.UIDBase), uint64(h.UIDCount)); err != nil {
 			bad("hypervisor.uid_base/uid_count", fmt.Sprintf("%d/%d", h.UIDBase, h.UIDCount), err.Error())
 		}
 	}
@@ -405,6 +401,7 @@ func tomlValue(v any) string {
 func example(key string) string {
 	ex := map[string]string{
 		"hypervisor":                    "[hypervisor]",
+		"hypervisor.kind":               `kind = "qemu"`,
 		"hypervisor.qemu_path":          `qemu_path = "/usr/bin/qemu-system-x86_64"`,
 		"hypervisor.accel":              `accel = "tcg"`,
 		"hypervisor.kernel":             `kernel = "/usr/share/podvm/vmlinuz"`,

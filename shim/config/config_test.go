@@ -100,7 +100,7 @@ max_disk_size = "1Ti"
 	}
 	want := &Config{
 		Hypervisor: Hypervisor{
-			QEMUPath: "/opt/qemu/bin/qemu-system-x86_64", Accel: "tcg",
+			Kind: "qemu", QEMUPath: "/opt/qemu/bin/qemu-system-x86_64", Accel: "tcg",
 			Kernel: "/srv/podvm/vmlinuz", Initrd: "/srv/podvm/initrd.img",
 			KernelParams: []string{"loglevel=7", "tsc=reliable"},
 			Firmware:     "/usr/share/qemu/qboot.rom", VirtiofsdPath: "/usr/libexec/virtiofsd",
@@ -139,7 +139,7 @@ func TestParseErrors(t *testing.T) {
 		name, data, want string
 	}{
 		{"unknown key", "[hypervisor]\nqemu_pth = 'x'\n",
-			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
+			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: kind, qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
 				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block\n" +
@@ -242,22 +242,24 @@ func TestResolvePath(t *testing.T) {
 	}
 }
 
-func TestQEMUConfig(t *testing.T) {
+func TestVMConfig(t *testing.T) {
 	c := Default()
 	c.Hypervisor.KernelParams = []string{"x=1"}
 	c.Hypervisor.AgentTransport = "auto"
-	q := c.QEMUConfig("abc", VMSize{VCPUs: 2, MemoryMiB: 768})
+	q := c.VMConfig("abc", VMSize{VCPUs: 2, MemoryMiB: 768})
 	if q.ID != "abc" || q.StateDir != "/run/podvm/abc" || q.VCPUs != 2 || q.MemoryMiB != 768 ||
 		q.Kernel != c.Hypervisor.Kernel || q.Initrd != c.Hypervisor.Initrd || q.HotplugSlots != 2 ||
-		q.AgentTransport != "" || q.VirtiofsCache != "auto" || q.Accel != "auto" || q.KernelParams[0] != "x=1" {
-		t.Errorf("QEMUConfig = %+v", q)
+		q.AgentTransport != "auto" || q.VirtiofsCache != "auto" || q.Accel != "auto" || q.KernelParams[0] != "x=1" ||
+		q.Binary != "qemu-system-x86_64" {
+		t.Errorf("VMConfig = %+v", q)
 	}
-	if q := c.QEMUConfig("abc", VMSize{}); q.UIDBase != 2_000_000_000 || q.UIDCount != 1<<20 {
-		t.Errorf("QEMU uid range %d/%d, want the defaults", q.UIDBase, q.UIDCount)
+	if q := c.VMConfig("abc", VMSize{}); q.UIDBase != 2_000_000_000 || q.UIDCount != 1<<20 {
+		t.Errorf("VMM uid range %d/%d, want the defaults", q.UIDBase, q.UIDCount)
 	}
+	// One meaning of hotplug_slots end to end: the number of slots, 0 for none.
 	c.Hypervisor.HotplugSlots = 0
-	if q := c.QEMUConfig("abc", VMSize{}); q.HotplugSlots >= 0 {
-		t.Errorf("hotplug_slots 0 gives qemu HotplugSlots %d, want negative (none)", q.HotplugSlots)
+	if q := c.VMConfig("abc", VMSize{}); q.HotplugSlots != 0 {
+		t.Errorf("hotplug_slots 0 gives HotplugSlots %d, want 0 (none)", q.HotplugSlots)
 	}
 }
 

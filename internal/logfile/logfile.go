@@ -1,4 +1,6 @@
-package qemu
+// Package logfile keeps logs that an untrusted party fills (a guest's serial console, a VMM's
+// output) bounded on disk, and reads only their end.
+package logfile
 
 import (
 	"bytes"
@@ -13,20 +15,16 @@ import (
 )
 
 const (
-	// ConsoleLogMax is the size at which the console log is rotated: console.log becomes
-	// console.log.1 (replacing the previous one) and a new console.log starts, so a guest that
-	// floods its serial console costs the host at most about twice this on disk.
-	ConsoleLogMax = 1 << 20
 	// RotatedSuffix is appended to a capped log's name for its previous part.
 	RotatedSuffix = ".1"
 	// DefaultTailBytes is how much of the end of a log the tail helpers read at most.
 	DefaultTailBytes = 64 << 10
 )
 
-// cappedLog is an io.WriteCloser that appends to a file and rotates it to path+".1" once it
+// Capped is an io.WriteCloser that appends to a file and rotates it to path+".1" once it
 // reaches max bytes. It never returns a write error (a log must not stall the VM that feeds
 // it): the first failure is kept and reported by Close, later bytes are dropped.
-type cappedLog struct {
+type Capped struct {
 	path string
 	max  int64
 
@@ -36,8 +34,8 @@ type cappedLog struct {
 	err  error
 }
 
-// newCappedLog opens (truncating) the log at path, capped at max bytes per part.
-func newCappedLog(path string, max int64) (*cappedLog, error) {
+// NewCapped opens (truncating) the log at path, capped at max bytes per part.
+func NewCapped(path string, max int64) (*Capped, error) {
 	if max <= 0 {
 		return nil, fmt.Errorf("capped log %s: max %d must be positive", path, max)
 	}
@@ -46,10 +44,10 @@ func newCappedLog(path string, max int64) (*cappedLog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating log %s: %w", path, err)
 	}
-	return &cappedLog{path: path, max: max, f: f}, nil
+	return &Capped{path: path, max: max, f: f}, nil
 }
 
-func (l *cappedLog) Write(p []byte) (int, error) {
+func (l *Capped) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := len(p)
@@ -73,7 +71,7 @@ func (l *cappedLog) Write(p []byte) (int, error) {
 }
 
 // rotate moves the full log to path.1 and starts an empty one. Called with mu held.
-func (l *cappedLog) rotate() {
+func (l *Capped) rotate() {
 	if err := l.f.Close(); err != nil {
 		l.err = fmt.Errorf("closing log %s: %w", l.path, err)
 		return
@@ -92,7 +90,7 @@ func (l *cappedLog) rotate() {
 }
 
 // Close closes the log and returns the first error writing it hit, if any.
-func (l *cappedLog) Close() error {
+func (l *Capped) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.f != nil {
@@ -106,7 +104,7 @@ func (l *cappedLog) Close() error {
 
 // drain copies r into w until r ends, then closes both. It keeps reading after w fails, so
 // the writer on the other side of r (QEMU) never blocks on a full pipe.
-func drain(r io.ReadCloser, w io.WriteCloser) error {
+func Drain(r io.ReadCloser, w io.WriteCloser) error {
 	_, err := io.Copy(w, r)
 	if errors.Is(err, os.ErrClosed) {
 		err = nil

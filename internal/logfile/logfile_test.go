@@ -1,4 +1,4 @@
-package qemu
+package logfile
 
 import (
 	"bytes"
@@ -15,7 +15,7 @@ import (
 func TestCappedLogFloodStaysBounded(t *testing.T) {
 	const max = 4096
 	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := newCappedLog(path, max)
+	l, err := NewCapped(path, max)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +57,7 @@ func TestCappedLogFloodStaysBounded(t *testing.T) {
 func TestCappedLogKeepsNewestLines(t *testing.T) {
 	const max = 1000
 	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := newCappedLog(path, max)
+	l, err := NewCapped(path, max)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func TestCappedLogKeepsNewestLines(t *testing.T) {
 func TestCappedLogWriteErrorsDoNotBlock(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "console.log")
-	l, err := newCappedLog(path, 10)
+	l, err := NewCapped(path, 10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func TestCappedLogWriteErrorsDoNotBlock(t *testing.T) {
 
 func TestDrainEndsAtEOF(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := newCappedLog(path, 100)
+	l, err := NewCapped(path, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestDrainEndsAtEOF(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error)
-	go func() { done <- drain(r, l) }()
+	go func() { done <- Drain(r, l) }()
 	for i := 0; i < 100; i++ {
 		fmt.Fprintf(w, "%03d\n", i)
 	}
@@ -193,6 +193,6 @@ func tailOf(b []byte) []byte {
 	return b
 }
 
-var _ io.Writer = (*cappedLog)(nil)
+var _ io.Writer = (*Capped)(nil)
 
 func mkfifo(path string) error { return unix.Mkfifo(path, 0o600) }
