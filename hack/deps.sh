@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything podvm's build, demo and tests need on a fresh Debian 12 machine, as root.
 # Idempotent: each step checks what is there first. Go tools go to $PODVM_DEV (default
-# /opt/podvm-dev): bin/ for containerd, runc, protoc plugins; cni/ for CNI plugins; kernel/ for the
-# guest kernel package (downloaded, never installed on the host).
+# /opt/podvm-dev): bin/ for containerd, runc, protoc plugins, golangci-lint; cni/ for CNI plugins;
+# kernel/ for the guest kernel package (downloaded, never installed on the host).
 set -euo pipefail
 
 PODVM_DEV=${PODVM_DEV:-/opt/podvm-dev}
@@ -11,6 +11,9 @@ RUNC_VERSION=v1.5.2
 CNI_PLUGINS_VERSION=v1.9.1
 PROTOC_GEN_GO_VERSION=v1.36.12
 PROTOC_GEN_TTRPC_VERSION=v1.2.9
+# The linter behind `make lint` (.golangci.yml is a v2 config); built with this tree's Go, so it
+# understands the go.mod's language version.
+GOLANGCI_LINT_VERSION=v2.15.0
 # The guest kernel: Debian's cloud kernel flavour, resolved from the metapackage at install time.
 KERNEL_META=${KERNEL_META:-linux-image-cloud-amd64}
 
@@ -68,6 +71,7 @@ GOBIN_SUBDIR=cni goinstall cni-plugins "$CNI_PLUGINS_VERSION" \
   "github.com/containernetworking/plugins/plugins/meta/portmap@$CNI_PLUGINS_VERSION"
 goinstall protoc-gen-go "$PROTOC_GEN_GO_VERSION" "google.golang.org/protobuf/cmd/protoc-gen-go@$PROTOC_GEN_GO_VERSION"
 goinstall protoc-gen-go-ttrpc "$PROTOC_GEN_TTRPC_VERSION" "github.com/containerd/ttrpc/cmd/protoc-gen-go-ttrpc@$PROTOC_GEN_TTRPC_VERSION"
+goinstall golangci-lint "$GOLANGCI_LINT_VERSION" "github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$GOLANGCI_LINT_VERSION"
 
 # The guest kernel package, downloaded (not installed) into $PODVM_DEV/kernel.
 if ! ls "$PODVM_DEV"/kernel/linux-image-*.deb >/dev/null 2>&1; then
