@@ -63,14 +63,14 @@ func Connect(ctx context.Context, dial Dialer, vmDone <-chan struct{}) (*Client,
 	c := &Client{AgentService: api.NewAgentClient(tc), tc: tc, closed: closed}
 	v, err := c.Version(ctx, &api.VersionRequest{})
 	if err != nil {
-		tc.Close()
+		_ = tc.Close()
 		if cause := context.Cause(ctx); cause != nil {
 			err = cause
 		}
 		return nil, fmt.Errorf("guest agent did not answer: %w", err)
 	}
 	if v.AgentVersion != Version {
-		tc.Close()
+		_ = tc.Close()
 		return nil, fmt.Errorf("guest agent speaks %q, this host %q: rebuild the guest image with `podvm image build`", v.AgentVersion, Version)
 	}
 	c.Info = v

@@ -264,6 +264,7 @@ func (f *Fake) Version(ctx context.Context, _ *api.VersionRequest) (*api.Version
 	return &api.VersionResponse{AgentVersion: Version, KernelRelease: "fake"}, nil
 }
 
+// SetupSandbox implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) SetupSandbox(ctx context.Context, r *api.SetupSandboxRequest) (*api.Empty, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -274,6 +275,7 @@ func (f *Fake) SetupSandbox(ctx context.Context, r *api.SetupSandboxRequest) (*a
 	return &api.Empty{}, nil
 }
 
+// CreateContainer implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) CreateContainer(ctx context.Context, r *api.CreateContainerRequest) (*api.CreateContainerResponse, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -292,6 +294,7 @@ func (f *Fake) CreateContainer(ctx context.Context, r *api.CreateContainerReques
 	return &api.CreateContainerResponse{Pid: p.pid}, nil
 }
 
+// ExecProcess implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) ExecProcess(ctx context.Context, r *api.ExecProcessRequest) (*api.Empty, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -306,6 +309,7 @@ func (f *Fake) ExecProcess(ctx context.Context, r *api.ExecProcessRequest) (*api
 	return &api.Empty{}, nil
 }
 
+// StartProcess implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) StartProcess(ctx context.Context, r *api.ProcessRequest) (*api.StartProcessResponse, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -341,6 +345,7 @@ func (f *Fake) SignalProcess(ctx context.Context, r *api.SignalProcessRequest) (
 	return &api.Empty{}, nil
 }
 
+// WaitProcess implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) WaitProcess(ctx context.Context, r *api.ProcessRequest) (*api.WaitProcessResponse, error) {
 	p, err := f.serve("WaitProcess", r.ContainerId, r.ExecId)
 	if err != nil {
@@ -418,6 +423,7 @@ func (f *Fake) WriteStdin(ctx context.Context, r *api.WriteStdinRequest) (*api.W
 	return &api.WriteStdinResponse{Written: uint32(len(r.Data))}, nil
 }
 
+// CloseStdin implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) CloseStdin(ctx context.Context, r *api.ProcessRequest) (*api.Empty, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -428,6 +434,7 @@ func (f *Fake) CloseStdin(ctx context.Context, r *api.ProcessRequest) (*api.Empt
 	return &api.Empty{}, nil
 }
 
+// RemoveProcess implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) RemoveProcess(ctx context.Context, r *api.ProcessRequest) (*api.Empty, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -438,6 +445,7 @@ func (f *Fake) RemoveProcess(ctx context.Context, r *api.ProcessRequest) (*api.E
 	return &api.Empty{}, nil
 }
 
+// RemoveContainer implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) RemoveContainer(ctx context.Context, r *api.RemoveContainerRequest) (*api.Empty, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -467,6 +475,7 @@ func (f *Fake) PauseContainer(ctx context.Context, r *api.ContainerRequest) (*ap
 	return f.setPaused("PauseContainer", r.ContainerId, true)
 }
 
+// ResumeContainer implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) ResumeContainer(ctx context.Context, r *api.ContainerRequest) (*api.Empty, error) {
 	return f.setPaused("ResumeContainer", r.ContainerId, false)
 }
@@ -609,6 +618,7 @@ func (f *Fake) ReadConn(ctx context.Context, r *api.ReadConnRequest) (*api.ReadC
 	return &api.ReadConnResponse{Data: buf[:n], Eof: c.eof}, nil
 }
 
+// WriteConn implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) WriteConn(ctx context.Context, r *api.WriteConnRequest) (*api.WriteConnResponse, error) {
 	c, err := f.conn("WriteConn", r.ConnId)
 	if err != nil {
@@ -621,6 +631,7 @@ func (f *Fake) WriteConn(ctx context.Context, r *api.WriteConnRequest) (*api.Wri
 	return &api.WriteConnResponse{Written: uint32(n)}, nil
 }
 
+// CloseConn implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) CloseConn(ctx context.Context, r *api.CloseConnRequest) (*api.Empty, error) {
 	c, err := f.conn("CloseConn", r.ConnId)
 	if err != nil {

@@ -225,7 +225,7 @@ func openHandle(path string) (*netlink.Handle, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open netns: %w", err)
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle in netns: %w", err)

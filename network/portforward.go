@@ -77,7 +77,7 @@ func ForwardPorts(ctx context.Context, netnsPath string, dial GuestDialer) (_ *P
 	}
 	defer func() {
 		if retErr != nil {
-			ln.Close()
+			_ = ln.Close()
 		}
 	}()
 	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
@@ -117,7 +117,7 @@ func (f *PortForwarder) serve() {
 			return
 		}
 		if !f.track(c) {
-			c.Close()
+			_ = c.Close()
 			return
 		}
 		f.wg.Add(1)
@@ -144,7 +144,7 @@ func (f *PortForwarder) untrack(c io.Closer) {
 	f.mu.Lock()
 	delete(f.conns, c)
 	f.mu.Unlock()
-	c.Close()
+	_ = c.Close()
 }
 
 func (f *PortForwarder) handle(c *net.TCPConn) {
@@ -165,7 +165,7 @@ func (f *PortForwarder) handle(c *net.TCPConn) {
 		return
 	}
 	if !f.track(g) {
-		g.Close()
+		_ = g.Close()
 		return
 	}
 	defer f.untrack(g)
@@ -189,8 +189,8 @@ func (f *PortForwarder) handle(c *net.TCPConn) {
 		if err := <-errc; err != nil {
 			// One side broke: end both, which also ends the other copy.
 			f.log.WithError(err).WithField("port", port).Debug("port-forward: connection ended")
-			c.Close()
-			g.Close()
+			_ = c.Close()
+			_ = g.Close()
 		}
 	}
 }
@@ -198,7 +198,7 @@ func (f *PortForwarder) handle(c *net.TCPConn) {
 // reset closes c with a RST instead of a FIN.
 func reset(c *net.TCPConn) {
 	_ = c.SetLinger(0)
-	c.Close()
+	_ = c.Close()
 }
 
 // Close removes the rule, stops accepting and ends every forwarded connection. It is
@@ -217,10 +217,10 @@ func (f *PortForwarder) Close(ctx context.Context) error {
 	if f.netns != "" {
 		err = removePortForwardRules(f.netns)
 	}
-	f.ln.Close()
+	_ = f.ln.Close()
 	f.cancel()
 	for c := range conns {
-		c.Close()
+		_ = c.Close()
 	}
 	done := make(chan struct{})
 	go func() { f.wg.Wait(); close(done) }()

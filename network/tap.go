@@ -66,7 +66,7 @@ func (e *tapEndpoint) attach() (_ *hypervisor.NetDevice, err error) {
 	defer func() {
 		if err != nil {
 			for _, f := range files {
-				f.Close()
+				_ = f.Close()
 			}
 			_ = unwire(h, link)
 			if tap, lerr := h.LinkByName(e.tap); lerr == nil {
@@ -250,7 +250,7 @@ func createTap(nsPath, name string, queues int) ([]*os.File, error) {
 	})
 	if err != nil {
 		for _, f := range files {
-			f.Close()
+			_ = f.Close()
 		}
 		return nil, err
 	}
@@ -264,7 +264,7 @@ func inNetns(path string, fn func() error) error {
 	if err != nil {
 		return fmt.Errorf("open netns: %w", err)
 	}
-	defer target.Close()
+	defer func() { _ = target.Close() }()
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -274,7 +274,7 @@ func inNetns(path string, fn func() error) error {
 			errc <- fmt.Errorf("get thread netns: %w", err)
 			return
 		}
-		defer orig.Close()
+		defer func() { _ = orig.Close() }()
 		if err := netns.Set(target); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("enter netns: %w", err)

@@ -208,7 +208,7 @@ func openBlockDevice(p string, major, minor int64, ro bool) (*os.File, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK ||
 		int64(unix.Major(st.Rdev)) != major || int64(unix.Minor(st.Rdev)) != minor {
-		f.Close()
+		_ = f.Close()
 		return nil, fmt.Errorf("%s is no longer block device %d:%d: %w", p, major, minor, errdefs.ErrNotFound)
 	}
 	return f, nil
@@ -427,7 +427,7 @@ func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs
 	if err := errors.Join(errs...); err != nil {
 		for _, d := range out {
 			if d.file != nil {
-				d.file.Close()
+				_ = d.file.Close()
 			}
 		}
 		return nil, err
@@ -457,7 +457,7 @@ func (s *Share) ensureImage(ctx context.Context, d *diskImage) error {
 	if err != nil {
 		return fmt.Errorf("volume directory %s: %w", d.dir, err)
 	}
-	defer dir.Close()
+	defer func() { _ = dir.Close() }()
 	var dst unix.Stat_t
 	if err := unix.Fstat(int(dir.Fd()), &dst); err != nil {
 		return fmt.Errorf("volume directory %s: %w", d.dir, err)
@@ -476,7 +476,7 @@ func (s *Share) ensureImage(ctx context.Context, d *diskImage) error {
 		return fmt.Errorf("%s: %w", img, err)
 	}
 	if err := checkExt4(f, img); err != nil {
-		f.Close()
+		_ = f.Close()
 		return err
 	}
 	if fi, err := f.Stat(); err == nil && fi.Size() != d.size {
@@ -497,7 +497,7 @@ func openImage(dirfd int, name string, dev uint64, ro bool) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer unix.Close(pfd)
+	defer func() { _ = unix.Close(pfd) }()
 	var st unix.Stat_t
 	if err := unix.Fstat(pfd, &st); err != nil {
 		return nil, err
@@ -560,7 +560,7 @@ func (s *Share) createImage(ctx context.Context, dirfd int, dev uint64, size int
 	named := false
 	defer func() {
 		if retErr != nil {
-			f.Close()
+			_ = f.Close()
 			if !named {
 				_ = unix.Unlinkat(dirfd, tmp, 0)
 			}

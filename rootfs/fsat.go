@@ -55,7 +55,7 @@ func makeTargetAt(dirfd int, name string, dir bool) (int, error) {
 	if err != nil {
 		return -1, &os.PathError{Op: "create", Path: name, Err: err}
 	}
-	unix.Close(fd)
+	_ = unix.Close(fd)
 	return openBeneath(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW)
 }
 
@@ -83,7 +83,7 @@ func bindAt(srcfd, targetfd int, ro, rro bool) error {
 	if err != nil {
 		return fmt.Errorf("open_tree: %w", err)
 	}
-	defer unix.Close(tree)
+	defer func() { _ = unix.Close(tree) }()
 	attr := &unix.MountAttr{Attr_set: hostAttrs}
 	if rro {
 		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
@@ -160,7 +160,7 @@ func detachAll(dirfd int, dirPath, rel string) error {
 				continue
 			}
 			err = unix.Unmount(procFd(fd), unix.MNT_DETACH)
-			unix.Close(fd)
+			_ = unix.Close(fd)
 			if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: gone meanwhile
 				errs = append(errs, fmt.Errorf("detaching mount %s: %w", name, err))
 			}
@@ -214,7 +214,7 @@ func removeAt(dirfd int, name string, dev uint64) error {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
 	}
-	d.Close()
+	_ = d.Close()
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}

@@ -86,7 +86,7 @@ func (a *Attachment) Close() {
 func closeDevices(ds []*hypervisor.BlockDevice) {
 	for _, d := range ds {
 		if d.File != nil {
-			d.File.Close()
+			_ = d.File.Close()
 		}
 	}
 }
@@ -150,7 +150,7 @@ func CreateShare(ctx context.Context, stateDir, guestDir string) (_ *Share, retE
 	}
 	st, err := fstatFd(int(root.Fd()))
 	if err != nil {
-		root.Close()
+		_ = root.Close()
 		return nil, fmt.Errorf("opening the share: %w", err)
 	}
 	return &Share{stateDir: dir, guestDir: filepath.Clean(guestDir), root: root, dev: st.Dev}, nil
@@ -206,7 +206,7 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	defer func() {
 		if retErr != nil {
 			for _, d := range images {
-				d.file.Close()
+				_ = d.file.Close()
 			}
 		}
 	}()
@@ -227,7 +227,7 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		}
 		return nil, fmt.Errorf("container %s: creating its shared dir: %w", containerID, err)
 	}
-	defer unix.Close(ctr)
+	defer func() { _ = unix.Close(ctr) }()
 	defer func() {
 		if retErr != nil {
 			if err := s.release(containerID); err != nil {
@@ -249,7 +249,7 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", containerID, err)
 	}
-	defer unix.Close(mounts)
+	defer func() { _ = unix.Close(mounts) }()
 	for i := range gspec.Mounts {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
@@ -279,7 +279,7 @@ func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *sp
 	if err != nil {
 		return fmt.Errorf("container %s: %w", containerID, err)
 	}
-	defer unix.Close(target)
+	defer func() { _ = unix.Close(target) }()
 	if len(rootfs) == 0 {
 		src := spec.Root.Path
 		if !filepath.IsAbs(src) {
@@ -289,7 +289,7 @@ func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *sp
 		if err != nil {
 			return err
 		}
-		defer unix.Close(fd)
+		defer func() { _ = unix.Close(fd) }()
 		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
 			return fmt.Errorf("container %s: root.path %s is not a directory: %w", containerID, src, errdefs.ErrInvalidArgument)
 		}
@@ -306,7 +306,7 @@ func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *sp
 	if err != nil {
 		return fmt.Errorf("container %s: its rootfs: %w", containerID, err)
 	}
-	defer unix.Close(top)
+	defer func() { _ = unix.Close(top) }()
 	if err := unix.MountSetattr(top, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: hostAttrs}); err != nil {
 		return fmt.Errorf("container %s: making its rootfs nosuid,nodev on the host: %w", containerID, err)
 	}
@@ -319,13 +319,13 @@ func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	dir := st.Mode&unix.S_IFMT == unix.S_IFDIR
 	target, err := makeTargetAt(mounts, name, dir)
 	if err != nil {
 		return fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
 	}
-	defer unix.Close(target)
+	defer func() { _ = unix.Close(target) }()
 	ro, rro := readOnly(m.Options)
 	if err := bindAt(fd, target, ro, rro); err != nil {
 		return fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
@@ -377,7 +377,7 @@ func Cleanup(ctx context.Context, stateDir string) error {
 	if err != nil {
 		return fmt.Errorf("state dir %s: %w", stateDir, err)
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	st, err := fstatFd(fd)
 	if err != nil {
 		return fmt.Errorf("state dir %s: %w", stateDir, err)
@@ -412,7 +412,7 @@ func CleanupContainer(ctx context.Context, stateDir, containerID string) error {
 	if err != nil {
 		return fmt.Errorf("share %s: %w", staging, err)
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	st, err := fstatFd(fd)
 	if err != nil {
 		return fmt.Errorf("share %s: %w", staging, err)
@@ -502,7 +502,7 @@ func (s *Share) openSource(containerID, dest, src string) (int, unix.Stat_t, err
 		return -1, st, fmt.Errorf("container %s: opening source %s of mount %s: %w", containerID, src, dest, err)
 	}
 	fail := func(err error) (int, unix.Stat_t, error) {
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		return -1, st, err
 	}
 	if st, err = fstatFd(fd); err != nil {
@@ -517,11 +517,11 @@ func (s *Share) openSource(containerID, dest, src string) (int, unix.Stat_t, err
 	default:
 		return fail(fmt.Errorf("container %s: source %s of mount %s is a FIFO or other special file, which virtio-fs cannot share (only files and directories; not supported): %w", containerID, src, dest, errdefs.ErrNotImplemented))
 	}
-	real, err := fdPath(fd)
+	realSrc, err := fdPath(fd)
 	if err != nil {
 		return fail(fmt.Errorf("container %s: source %s of mount %s: %w", containerID, src, dest, err))
 	}
-	if within(s.stateDir, real) || within(real, s.stateDir) {
+	if within(s.stateDir, realSrc) || within(realSrc, s.stateDir) {
 		return fail(fmt.Errorf("container %s: source %s of mount %s overlaps the sandbox's state dir %s; sharing it would share the share with itself (mount a narrower host path): %w", containerID, src, dest, s.stateDir, errdefs.ErrNotImplemented))
 	}
 	return fd, st, nil

@@ -33,7 +33,7 @@ func syncOverlays(dirfd int, dirPath, name string) {
 			continue
 		}
 		_ = unix.Syncfs(fd)
-		unix.Close(fd)
+		_ = unix.Close(fd)
 	}
 }
 

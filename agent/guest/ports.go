@@ -72,7 +72,7 @@ func (p *ports) dial(ctx context.Context, port uint32) (uint64, error) {
 
 // read blocks until the guest side sent something or closed; it gives up, without losing
 // bytes, when ctx ends.
-func (p *ports) read(ctx context.Context, id uint64, max uint32) ([]byte, bool, error) {
+func (p *ports) read(ctx context.Context, id uint64, limit uint32) ([]byte, bool, error) {
 	pc, err := p.get(id)
 	if err != nil {
 		return nil, false, err
@@ -82,7 +82,7 @@ func (p *ports) read(ctx context.Context, id uint64, max uint32) ([]byte, bool, 
 	if pc.eof {
 		return nil, true, nil
 	}
-	data, eof, err := readOnce(ctx, pc.c, max)
+	data, eof, err := readOnce(ctx, pc.c, limit)
 	pc.eof = eof
 	if err != nil && ctx.Err() == nil {
 		err = fmt.Errorf("port connection %d: %w", id, err)
@@ -140,7 +140,7 @@ func (p *ports) hostGone(ctx context.Context) {
 	}
 	p.mu.Unlock()
 	for _, pc := range conns {
-		pc.c.Close()
+		_ = pc.c.Close()
 	}
 	if len(conns) > 0 {
 		log.G(ctx).Infof("host connection gone: closed %d port-forward connections", len(conns))
@@ -160,6 +160,7 @@ func (c *hostConn) Close() error {
 	return err
 }
 
+// DialPort implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) DialPort(ctx context.Context, req *api.DialPortRequest) (*api.DialPortResponse, error) {
 	id, err := s.ports.dial(ctx, req.Port)
 	if err != nil {
@@ -168,6 +169,7 @@ func (s *Server) DialPort(ctx context.Context, req *api.DialPortRequest) (*api.D
 	return &api.DialPortResponse{ConnId: id}, nil
 }
 
+// ReadConn implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) ReadConn(ctx context.Context, req *api.ReadConnRequest) (*api.ReadConnResponse, error) {
 	data, eof, err := s.ports.read(ctx, req.ConnId, req.MaxBytes)
 	if err != nil {
@@ -176,6 +178,7 @@ func (s *Server) ReadConn(ctx context.Context, req *api.ReadConnRequest) (*api.R
 	return &api.ReadConnResponse{Data: data, Eof: eof}, nil
 }
 
+// WriteConn implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) WriteConn(ctx context.Context, req *api.WriteConnRequest) (*api.WriteConnResponse, error) {
 	n, err := s.ports.write(ctx, req.ConnId, req.Data)
 	if err != nil {
@@ -184,6 +187,7 @@ func (s *Server) WriteConn(ctx context.Context, req *api.WriteConnRequest) (*api
 	return &api.WriteConnResponse{Written: uint32(n)}, nil
 }
 
+// CloseConn implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) CloseConn(ctx context.Context, req *api.CloseConnRequest) (*api.Empty, error) {
 	if err := s.ports.close(req.ConnId, req.WriteOnly); err != nil {
 		return nil, err

@@ -99,8 +99,9 @@ func (p *process) started(rp runtimeProcess) error {
 	p.mu.Unlock()
 	p.io.closeChild()
 	if p.consoleSock != nil {
-		master, err := utils.RecvFile(p.consoleSock)
-		p.consoleSock.Close()
+		// runc 1.5 has no public successor (cmsg is internal to runc); revisit with runc 1.6.
+		master, err := utils.RecvFile(p.consoleSock) //nolint:staticcheck // SA1019, see above
+		_ = p.consoleSock.Close()
 		p.consoleSock = nil
 		if err != nil {
 			return fmt.Errorf("receive terminal: %w", err)
@@ -193,6 +194,6 @@ func (p *process) release() {
 	p.io.closeChild()
 	p.io.close()
 	if p.consoleSock != nil {
-		p.consoleSock.Close()
+		_ = p.consoleSock.Close()
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"github.com/containerd/cgroups/v3/cgroup2"
 	cgroupstats "github.com/containerd/cgroups/v3/cgroup2/stats"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
 	// Device rules in cgroups need the devices controller implementation linked in.
 	_ "github.com/opencontainers/cgroups/devices"
 	"github.com/opencontainers/runc/libcontainer"
@@ -151,7 +153,10 @@ func (c *lcContainer) WatchOOM(onOOM func()) error {
 					last = ev.OOMKill
 					onOOM()
 				}
-			case <-errs:
+			case err := <-errs:
+				// memory.events is gone with the cgroup (the container was deleted) or cannot
+				// be read: either way no more OOM events will come.
+				log.L.WithError(err).Debug("podvm-agent: OOM watch ended")
 				return
 			}
 		}

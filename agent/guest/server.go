@@ -53,6 +53,7 @@ func newServer(rt containerRuntime) *Server {
 
 var _ api.AgentService = (*Server)(nil)
 
+// Version implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) Version(ctx context.Context, _ *api.VersionRequest) (*api.VersionResponse, error) {
 	var u unix.Utsname
 	_ = unix.Uname(&u)
@@ -66,6 +67,7 @@ func (s *Server) Version(ctx context.Context, _ *api.VersionRequest) (*api.Versi
 	}, nil
 }
 
+// SetupSandbox implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) SetupSandbox(ctx context.Context, req *api.SetupSandboxRequest) (*api.Empty, error) {
 	if err := setupSandbox(ctx, req); err != nil {
 		return nil, err
@@ -92,6 +94,7 @@ func (s *Server) proc(cid, execID string) (*container, *process, error) {
 	return c, p, err
 }
 
+// CreateContainer implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRequest) (_ *api.CreateContainerResponse, retErr error) {
 	id := req.ContainerId
 	if id == "" {
@@ -182,6 +185,7 @@ func (s *Server) watchOOM(ctx context.Context, c *container) {
 	}
 }
 
+// ExecProcess implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) ExecProcess(ctx context.Context, req *api.ExecProcessRequest) (*api.Empty, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -211,6 +215,7 @@ func (s *Server) ExecProcess(ctx context.Context, req *api.ExecProcessRequest) (
 	return &api.Empty{}, nil
 }
 
+// StartProcess implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) StartProcess(ctx context.Context, req *api.ProcessRequest) (*api.StartProcessResponse, error) {
 	c, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -238,6 +243,7 @@ func (s *Server) StartProcess(ctx context.Context, req *api.ProcessRequest) (*ap
 	return &api.StartProcessResponse{Pid: uint32(p.getPid())}, nil
 }
 
+// SignalProcess implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) SignalProcess(ctx context.Context, req *api.SignalProcessRequest) (*api.Empty, error) {
 	c, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -256,6 +262,7 @@ func (s *Server) SignalProcess(ctx context.Context, req *api.SignalProcessReques
 	return &api.Empty{}, nil
 }
 
+// WaitProcess implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) WaitProcess(ctx context.Context, req *api.ProcessRequest) (*api.WaitProcessResponse, error) {
 	_, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -268,6 +275,7 @@ func (s *Server) WaitProcess(ctx context.Context, req *api.ProcessRequest) (*api
 	return &api.WaitProcessResponse{ExitStatus: status, ExitedAtUnixNano: at.UnixNano()}, nil
 }
 
+// ResizePty implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) ResizePty(ctx context.Context, req *api.ResizePtyRequest) (*api.Empty, error) {
 	_, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -279,6 +287,7 @@ func (s *Server) ResizePty(ctx context.Context, req *api.ResizePtyRequest) (*api
 	return &api.Empty{}, nil
 }
 
+// ReadStdio implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) ReadStdio(ctx context.Context, req *api.ReadStdioRequest) (*api.ReadStdioResponse, error) {
 	_, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -295,6 +304,7 @@ func (s *Server) ReadStdio(ctx context.Context, req *api.ReadStdioRequest) (*api
 	return &api.ReadStdioResponse{Data: data, Eof: eof}, nil
 }
 
+// WriteStdin implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) WriteStdin(ctx context.Context, req *api.WriteStdinRequest) (*api.WriteStdinResponse, error) {
 	_, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -307,6 +317,7 @@ func (s *Server) WriteStdin(ctx context.Context, req *api.WriteStdinRequest) (*a
 	return &api.WriteStdinResponse{Written: uint32(n)}, nil
 }
 
+// CloseStdin implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) CloseStdin(ctx context.Context, req *api.ProcessRequest) (*api.Empty, error) {
 	_, p, err := s.proc(req.ContainerId, req.ExecId)
 	if err != nil {
@@ -322,6 +333,7 @@ func (s *Server) CloseStdin(ctx context.Context, req *api.ProcessRequest) (*api.
 	return &api.Empty{}, nil
 }
 
+// RemoveProcess implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) RemoveProcess(ctx context.Context, req *api.ProcessRequest) (*api.Empty, error) {
 	if req.ExecId == "" {
 		return nil, fmt.Errorf("use RemoveContainer for a container's init: %w", errdefs.ErrInvalidArgument)
@@ -340,6 +352,7 @@ func (s *Server) RemoveProcess(ctx context.Context, req *api.ProcessRequest) (*a
 	return &api.Empty{}, nil
 }
 
+// RemoveContainer implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRequest) (*api.Empty, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -371,6 +384,7 @@ func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRe
 	return &api.Empty{}, nil
 }
 
+// ListProcesses implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) ListProcesses(ctx context.Context, req *api.ContainerRequest) (*api.ListProcessesResponse, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -395,6 +409,7 @@ func (s *Server) ListProcesses(ctx context.Context, req *api.ContainerRequest) (
 	return resp, nil
 }
 
+// PauseContainer implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) PauseContainer(ctx context.Context, req *api.ContainerRequest) (*api.Empty, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -406,6 +421,7 @@ func (s *Server) PauseContainer(ctx context.Context, req *api.ContainerRequest) 
 	return &api.Empty{}, nil
 }
 
+// ResumeContainer implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) ResumeContainer(ctx context.Context, req *api.ContainerRequest) (*api.Empty, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -417,6 +433,7 @@ func (s *Server) ResumeContainer(ctx context.Context, req *api.ContainerRequest)
 	return &api.Empty{}, nil
 }
 
+// UpdateContainer implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) UpdateContainer(ctx context.Context, req *api.UpdateContainerRequest) (*api.Empty, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -432,6 +449,7 @@ func (s *Server) UpdateContainer(ctx context.Context, req *api.UpdateContainerRe
 	return &api.Empty{}, nil
 }
 
+// Stats implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) Stats(ctx context.Context, req *api.ContainerRequest) (*api.StatsResponse, error) {
 	c, err := s.container(req.ContainerId)
 	if err != nil {
@@ -448,6 +466,7 @@ func (s *Server) Stats(ctx context.Context, req *api.ContainerRequest) (*api.Sta
 	return &api.StatsResponse{Cgroup2Metrics: b}, nil
 }
 
+// GetOOMEvent implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) GetOOMEvent(ctx context.Context, _ *api.Empty) (*api.OOMEvent, error) {
 	select {
 	case id := <-s.oom:
@@ -457,6 +476,7 @@ func (s *Server) GetOOMEvent(ctx context.Context, _ *api.Empty) (*api.OOMEvent, 
 	}
 }
 
+// Shutdown implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) Shutdown(ctx context.Context, _ *api.Empty) (*api.Empty, error) {
 	s.mu.Lock()
 	cs := make([]*container, 0, len(s.containers))

@@ -45,7 +45,7 @@ func (r *pullReader) set(f *os.File) {
 	close(r.ready)
 }
 
-func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error) {
+func (r *pullReader) read(ctx context.Context, limit uint32) ([]byte, bool, error) {
 	select {
 	case <-r.ready:
 	case <-ctx.Done():
@@ -56,7 +56,7 @@ func (r *pullReader) read(ctx context.Context, max uint32) ([]byte, bool, error)
 	if r.eof || r.f == nil {
 		return nil, true, nil
 	}
-	data, eof, err := readOnce(ctx, r.f, max)
+	data, eof, err := readOnce(ctx, r.f, limit)
 	r.eof = eof
 	return data, eof, err
 }
@@ -67,14 +67,14 @@ type deadlineReader interface {
 	SetReadDeadline(time.Time) error
 }
 
-// readOnce reads at most max bytes (maxChunk when 0 or more), blocking until there is data, the
+// readOnce reads at most limit bytes (maxChunk when 0 or more), blocking until there is data, the
 // stream ended or ctx ends. A read that ctx interrupts loses nothing. eof reports the end of the
 // stream: io.EOF, or EIO from a pty master whose terminal's last user closed it.
-func readOnce(ctx context.Context, r deadlineReader, max uint32) (data []byte, eof bool, err error) {
-	if max == 0 || max > maxChunk {
-		max = maxChunk
+func readOnce(ctx context.Context, r deadlineReader, limit uint32) (data []byte, eof bool, err error) {
+	if limit == 0 || limit > maxChunk {
+		limit = maxChunk
 	}
-	buf := make([]byte, max)
+	buf := make([]byte, limit)
 	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
 	n, err := r.Read(buf)
 	if !stop() {
@@ -101,7 +101,7 @@ func (r *pullReader) close() {
 	select {
 	case <-r.ready:
 		if r.f != nil {
-			r.f.Close()
+			_ = r.f.Close()
 		}
 	default:
 		r.set(nil)
@@ -172,18 +172,18 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 func (s *stdio) setConsole(master *os.File, width, height uint32) error {
 	// Reopen non-blocking so reads can be interrupted by deadlines.
 	fd, err := unix.Dup(int(master.Fd()))
-	master.Close()
+	_ = master.Close()
 	if err != nil {
 		return err
 	}
 	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		return err
 	}
 	f := os.NewFile(uintptr(fd), "pty-master")
 	c, err := console.ConsoleFromFile(f)
 	if err != nil {
-		f.Close()
+		_ = f.Close()
 		return err
 	}
 	if width > 0 && height > 0 {
@@ -204,7 +204,7 @@ func (nopCloser) Close() error { return nil }
 
 func (s *stdio) closeChild() {
 	for _, f := range s.child {
-		f.Close()
+		_ = f.Close()
 	}
 	s.child = nil
 }

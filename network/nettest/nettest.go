@@ -86,7 +86,7 @@ func Do(path string, fn func() error) error {
 			errc <- err
 			return
 		}
-		defer orig.Close()
+		defer func() { _ = orig.Close() }()
 		if path != "" {
 			target, err := netns.GetFromPath(path)
 			if err != nil {
@@ -94,7 +94,7 @@ func Do(path string, fn func() error) error {
 				return
 			}
 			err = netns.Set(target)
-			target.Close()
+			_ = target.Close()
 			if err != nil {
 				errc <- err
 				return
@@ -118,7 +118,7 @@ func Handle(t testing.TB, path string) *netlink.Handle {
 	if err != nil {
 		t.Fatalf("open netns %s: %v", path, err)
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		t.Fatalf("netlink handle in %s: %v", path, err)
@@ -144,7 +144,7 @@ func Veth(t testing.TB, a, b End) (netlink.Link, netlink.Link) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nsb.Close()
+	defer func() { _ = nsb.Close() }()
 	v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a.Name, MTU: a.MTU}, PeerName: b.Name, PeerNamespace: netlink.NsFd(nsb)}
 	if err := ha.LinkAdd(v); err != nil {
 		t.Fatalf("add veth %s (%s) — %s (%s): %v", a.Name, a.Netns, b.Name, b.Netns, err)
@@ -196,7 +196,7 @@ func Listen(t testing.TB, path, addr string) net.Listener {
 	if err != nil {
 		t.Fatalf("listen on %s in %s: %v", addr, path, err)
 	}
-	t.Cleanup(func() { l.Close() })
+	t.Cleanup(func() { _ = l.Close() })
 	return l
 }
 

@@ -157,7 +157,7 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 	if err != nil {
 		return nil, fmt.Errorf("temporary directory: %w", err)
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }()
 
 	start = time.Now()
 	kt, extracted, err := openKernel(ctx, b.opts.Kernel, b.opts.KernelVersion, tmp)
@@ -294,7 +294,7 @@ func checkAgent(p string) (agentInfo, error) {
 		}
 		return agentInfo{}, fmt.Errorf("agent: %w", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	fi, err := f.Stat()
 	if err != nil {
 		return agentInfo{}, fmt.Errorf("agent: %w", err)
@@ -331,7 +331,7 @@ func resolve(kt kernelTree, depPath string, wanted []string) ([]Module, []string
 	if err != nil {
 		return nil, nil, err
 	}
-	defer df.Close()
+	defer func() { _ = df.Close() }()
 	dep, err := ParseModulesDep(df)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", depPath, err)
@@ -340,7 +340,7 @@ func resolve(kt kernelTree, depPath string, wanted []string) ([]Module, []string
 	bf, err := os.Open(filepath.Join(kt.modulesDir, "modules.builtin"))
 	switch {
 	case err == nil:
-		defer bf.Close()
+		defer func() { _ = bf.Close() }()
 		if builtin, err = ParseModulesBuiltin(bf); err != nil {
 			return nil, nil, err
 		}
@@ -455,7 +455,7 @@ func copyN(w io.Writer, p string, n int64) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	if _, err := io.CopyN(w, f, n); err != nil {
 		return fmt.Errorf("copy %s: %w (did it change while building?)", p, err)
 	}
@@ -486,7 +486,7 @@ func readModule(p string) ([]byte, string, error) {
 		if err != nil {
 			return nil, "", fmt.Errorf("gzip: %w", err)
 		}
-		defer gr.Close()
+		defer func() { _ = gr.Close() }()
 		r = gr
 	case ".zst":
 		zr, err := zstd.NewReader(bytes.NewReader(raw), zstd.WithDecoderConcurrency(1))
@@ -559,8 +559,8 @@ func (s *stagedFile) commit() error {
 // discard removes the temporary file unless it was committed.
 func (s *stagedFile) discard() {
 	if !s.done {
-		s.f.Close()
-		os.Remove(s.f.Name())
+		_ = s.f.Close()
+		_ = os.Remove(s.f.Name())
 	}
 }
 
@@ -569,7 +569,7 @@ func copyFile(dst io.Writer, src string) error {
 	if err != nil {
 		return fmt.Errorf("copy kernel: %w", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	if _, err := io.Copy(dst, f); err != nil {
 		return fmt.Errorf("copy kernel %s: %w", src, err)
 	}
@@ -581,7 +581,7 @@ func syncDir(dir string) error {
 	if err != nil {
 		return fmt.Errorf("sync %s: %w", dir, err)
 	}
-	defer d.Close()
+	defer func() { _ = d.Close() }()
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", dir, err)
 	}

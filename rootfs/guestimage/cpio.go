@@ -87,18 +87,18 @@ func unixMode(m fs.FileMode) (uint32, error) {
 	if m&fs.ModeSticky != 0 {
 		mode |= sISVTX
 	}
-	switch t := m.Type(); {
-	case t == 0:
+	switch t := m.Type(); t {
+	case 0:
 		mode |= sIFREG
-	case t == fs.ModeDir:
+	case fs.ModeDir:
 		mode |= sIFDIR
-	case t == fs.ModeSymlink:
+	case fs.ModeSymlink:
 		mode |= sIFLNK
-	case t == fs.ModeDevice|fs.ModeCharDevice:
+	case fs.ModeDevice | fs.ModeCharDevice:
 		mode |= sIFCHR
-	case t == fs.ModeDevice:
+	case fs.ModeDevice:
 		mode |= sIFBLK
-	case t == fs.ModeNamedPipe:
+	case fs.ModeNamedPipe:
 		mode |= sIFIFO
 	default:
 		return 0, fmt.Errorf("file type %v cannot be stored in a cpio archive", t)

@@ -116,7 +116,7 @@ func isDebPackage(p string) bool {
 	if err != nil {
 		return false
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	magic := make([]byte, 8)
 	n, _ := f.Read(magic)
 	return n == 8 && string(magic) == "!<arch>\n"
