@@ -222,12 +222,12 @@ func TestCleanup(t *testing.T) {
 		if len(nd.TapFiles) != 2 {
 			t.Errorf("%s: %d tap files, want 2 queues", ep.Name(), len(nd.TapFiles))
 		}
-		// Held open, as a running QEMU would.
-		defer func() {
+		// Held open, as a running QEMU would, until the test ends.
+		t.Cleanup(func() {
 			for _, f := range nd.TapFiles {
-				f.Close()
+				_ = f.Close()
 			}
-		}()
+		})
 	}
 	// Another party's ingress filter on net1 must survive.
 	h := nettest.Handle(t, p.pod)

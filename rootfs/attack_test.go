@@ -85,7 +85,11 @@ func TestGuestSeesShareReadOnly(t *testing.T) {
 	if _, err := e.share.Prepare(ctx, "c1", "", spec, rootfs); err != nil {
 		t.Fatal(err)
 	}
-	defer e.share.Release(ctx, "c1")
+	defer func() {
+		if err := e.share.Release(ctx, "c1"); err != nil {
+			t.Error(err)
+		}
+	}()
 	for _, dir := range []string{e.shared, filepath.Join(e.shared, "c1"), filepath.Join(e.shared, "c1", "mounts")} {
 		if err := os.WriteFile(filepath.Join(dir, "fill"), []byte("x"), 0o644); !errors.Is(err, unix.EROFS) {
 			t.Errorf("create in %s: %v, want EROFS", dir, err)

@@ -444,7 +444,7 @@ func TestDiskImagePlantedLinks(t *testing.T) {
 	go func() {
 		defer close(done)
 		link := filepath.Join(vol, "link")
-		real := filepath.Join(vol, "real")
+		realImg := filepath.Join(vol, "realImg")
 		for i := 0; ; i++ {
 			select {
 			case <-stop:
@@ -452,10 +452,10 @@ func TestDiskImagePlantedLinks(t *testing.T) {
 			default:
 			}
 			_ = os.Symlink(victim, link)
-			_ = os.Rename(img, real)
+			_ = os.Rename(img, realImg)
 			_ = os.Rename(link, img)
 			_ = os.Rename(img, link)
-			_ = os.Rename(real, img)
+			_ = os.Rename(realImg, img)
 		}
 	}()
 	opened, refused := 0, 0

@@ -3,6 +3,7 @@ package guest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net"
 	"path/filepath"
@@ -36,7 +37,9 @@ func TestPortForwardOverTTRPC(t *testing.T) {
 		go func() {
 			defer guest.Close()
 			b, _ := io.ReadAll(guest) // until the host's CloseWrite
-			guest.Write(append(b, "bye"...))
+			if _, err := guest.Write(append(b, "bye"...)); err != nil {
+				t.Errorf("guest side write: %v", err)
+			}
 		}()
 		// More than one chunk each way, to exercise the pull loop.
 		payload := bytes.Repeat([]byte("0123456789abcdef"), 20000)
@@ -138,7 +141,7 @@ func TestPortForwardOverTTRPC(t *testing.T) {
 func expectEOF(t *testing.T, conn net.Conn) {
 	t.Helper()
 	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if n, err := conn.Read(make([]byte, 1)); err != io.EOF {
+	if n, err := conn.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 		t.Errorf("guest side read %d bytes, %v; want EOF", n, err)
 	}
 }
@@ -172,7 +175,9 @@ func serveOverTTRPC(ctx context.Context, t *testing.T, s *Server, svc api.AgentS
 		t.Fatal(err)
 	}
 	api.RegisterAgentService(srv, svc)
-	go srv.Serve(context.Background(), l)
+	// Serve returns ttrpc.ErrServerClosed once the test closes srv; any other failure shows up
+	// as the test's calls failing.
+	go func() { _ = srv.Serve(context.Background(), l) }()
 	t.Cleanup(func() { srv.Close() })
 	c, err := agent.Connect(ctx, func(ctx context.Context) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "unix", sock)

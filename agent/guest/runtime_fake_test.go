@@ -116,7 +116,8 @@ func (r *fakeRuntime) newProcess(cfg *procConfig) (*fakeProcess, error) {
 		}
 		master := os.NewFile(uintptr(fd), "ptmx")
 		defer master.Close()
-		if err := utils.SendFile(cfg.consoleSocket, master); err != nil {
+		// The counterpart of process.go's RecvFile, deprecated alike with no public successor yet.
+		if err := utils.SendFile(cfg.consoleSocket, master); err != nil { //nolint:staticcheck // SA1019
 			return nil, err
 		}
 		if p.out, err = os.OpenFile(slave, os.O_RDWR|unix.O_NOCTTY, 0); err != nil {

@@ -50,8 +50,10 @@ func TestPullReaderCapsChunk(t *testing.T) {
 	pr := newPullReader(r)
 	defer pr.close()
 	go func() {
-		w.Write(bytes.Repeat([]byte("x"), 10))
-		w.Close()
+		if _, err := w.Write(bytes.Repeat([]byte("x"), 10)); err != nil {
+			t.Errorf("write: %v", err)
+		}
+		_ = w.Close()
 	}()
 	var got []byte
 	for {

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -30,11 +29,10 @@ func requirePrereq(t *testing.T, format string, args ...any) {
 // buildStaticAgent builds a tiny static Go program to stand in for podvm-agent.
 func buildStaticAgent(t *testing.T) string {
 	t.Helper()
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(gobin); err != nil {
-		if gobin, err = exec.LookPath("go"); err != nil {
-			requirePrereq(t, "go toolchain to build a static test agent")
-		}
+	// go test puts its own GOROOT/bin first in PATH, so this is the toolchain running the test.
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		requirePrereq(t, "go toolchain to build a static test agent")
 	}
 	dir := t.TempDir()
 	src := "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"podvm test agent\") }\n"
@@ -80,19 +78,31 @@ func fakeKernelTree(t *testing.T, withDep bool) (string, map[string]string) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			io.WriteString(w, data)
-			w.Close()
+			if _, err := io.WriteString(w, data); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.Close(); err != nil { // flushes the compressed stream
+				t.Fatal(err)
+			}
 		case ".gz":
 			w := gzip.NewWriter(&buf)
-			io.WriteString(w, data)
-			w.Close()
+			if _, err := io.WriteString(w, data); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.Close(); err != nil { // flushes the compressed stream
+				t.Fatal(err)
+			}
 		case ".zst":
 			w, err := zstd.NewWriter(&buf)
 			if err != nil {
 				t.Fatal(err)
 			}
-			io.WriteString(w, data)
-			w.Close()
+			if _, err := io.WriteString(w, data); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.Close(); err != nil { // flushes the compressed stream
+				t.Fatal(err)
+			}
 		}
 		write(filepath.Join(md, rel), buf.Bytes())
 	}
@@ -291,10 +301,14 @@ func TestBuildErrors(t *testing.T) {
 	tree, _ := fakeKernelTree(t, true)
 	agent := buildStaticAgent(t)
 	notDeb := filepath.Join(t.TempDir(), "kernel.deb")
-	os.WriteFile(notDeb, []byte("not an ar archive"), 0o644)
+	if err := os.WriteFile(notDeb, []byte("not an ar archive"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	empty := t.TempDir()
 	script := filepath.Join(t.TempDir(), "agent.sh")
-	os.WriteFile(script, []byte("#!/bin/sh\n"), 0o755)
+	if err := os.WriteFile(script, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 
 	tests := []struct {
 		name string
@@ -339,7 +353,9 @@ func TestFindKernelPackage(t *testing.T) {
 		"linux-image-6.1.0-3-cloud-amd64_6.1.8-1_amd64.deb",
 		"linux-headers-6.1.0-99-cloud-amd64_6.1.999-1_amd64.deb",
 	} {
-		os.WriteFile(filepath.Join(dir, n), nil, 0o644)
+		if err := os.WriteFile(filepath.Join(dir, n), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	got, err := FindKernelPackage(dir)
 	if err != nil {

@@ -200,7 +200,9 @@ func TestCPIOWriterErrors(t *testing.T) {
 			if err := w.WriteHeader(&CPIOHeader{Name: "f", Size: 4}); err != nil {
 				return err
 			}
-			w.Write([]byte("ab"))
+			if _, err := w.Write([]byte("ab")); err != nil {
+				return err
+			}
 			return w.Close()
 		}, "2 bytes short"},
 		{"long file", func(w *CPIOWriter) error {
@@ -243,8 +245,12 @@ func TestCPIOExtract(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	w.Write([]byte("content"))
-	w.Close()
+	if _, err := w.Write([]byte("content")); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 	dir := t.TempDir()
 	cmd := exec.Command("cpio", "-i", "-d", "--quiet")
 	cmd.Dir = dir
