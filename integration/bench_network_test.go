@@ -197,9 +197,8 @@ func pingAvgMs(b *testing.B, out string) float64 {
 // netComparison accumulates one metric per handler (a sum and a divisor) and reports both
 // and their ratio.
 type netComparison struct {
-	b         *testing.B
-	sum, div  map[string]float64
-	iteration int
+	b        *testing.B
+	sum, div map[string]float64
 }
 
 func newNetComparison(b *testing.B) *netComparison {

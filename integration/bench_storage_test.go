@@ -145,9 +145,7 @@ func storageRun(ctx context.Context, t *testing.T, env *harness.Env, id, handler
 		for k, c := range cmds {
 			if strings.Contains(c.cmd, "of="+file) {
 				c.cmd += " conv=notrunc"
-				if strings.Contains(c.cmd, "conv=fsync conv=notrunc") {
-					c.cmd = strings.Replace(c.cmd, "conv=fsync conv=notrunc", "conv=fsync,notrunc", 1)
-				}
+				c.cmd = strings.Replace(c.cmd, "conv=fsync conv=notrunc", "conv=fsync,notrunc", 1)
 				cmds[k] = c
 			}
 		}

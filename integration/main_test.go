@@ -38,8 +38,12 @@ func run(m *testing.M) int {
 			return 1
 		}
 	} else {
-		os.Setenv("PODVM_BIN", filepath.Join(dir, "bin"))
-		os.Setenv("PODVM_IMAGE_DIR", filepath.Join(dir, "image"))
+		for k, v := range map[string]string{"PODVM_BIN": filepath.Join(dir, "bin"), "PODVM_IMAGE_DIR": filepath.Join(dir, "image")} {
+			if err := os.Setenv(k, v); err != nil {
+				fmt.Fprintln(os.Stderr, "integration:", err)
+				return 1
+			}
+		}
 	}
 	return m.Run()
 }

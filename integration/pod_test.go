@@ -171,7 +171,9 @@ func TestContainerSettings(t *testing.T) {
 			// containerd grants a privileged container every capability it holds itself.
 			caps := sh(t, ctx, env, pid, "grep CapEff /proc/self/status | cut -f2")
 			var capEff uint64
-			fmt.Sscanf(caps, "%x", &capEff)
+			if _, err := fmt.Sscanf(caps, "%x", &capEff); err != nil {
+				t.Fatalf("CapEff %q: %v", caps, err)
+			}
 			const capSysAdmin, capNetAdmin = 21, 12
 			if capEff&(1<<capSysAdmin) == 0 || capEff&(1<<capNetAdmin) == 0 {
 				t.Errorf("privileged CapEff %q lacks CAP_SYS_ADMIN or CAP_NET_ADMIN", caps)
@@ -292,7 +294,9 @@ func TestPodvmRejectsBadAnnotations(t *testing.T) {
 	}
 	memKiB := sh(t, ctx, env, id, "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
 	var kib int
-	fmt.Sscan(memKiB, &kib)
+	if _, err := fmt.Sscan(memKiB, &kib); err != nil {
+		t.Fatalf("MemTotal %q: %v", memKiB, err)
+	}
 	if kib < 300<<10 || kib > 384<<10 {
 		t.Errorf("guest MemTotal %d KiB, want a little under 384 MiB", kib)
 	}

@@ -209,11 +209,11 @@ func readHostFile(t testing.TB, p string) string {
 	return string(b)
 }
 
-// waitProcessesGone waits until no process has stateDir on its command line, at most max.
-func waitProcessesGone(t testing.TB, stateDir string, max time.Duration) {
+// waitProcessesGone waits until no process has stateDir on its command line, at most limit.
+func waitProcessesGone(t testing.TB, stateDir string, limit time.Duration) {
 	t.Helper()
 	start := time.Now()
-	for waited := false; time.Since(start) < max; waited = true {
+	for waited := false; time.Since(start) < limit; waited = true {
 		out, _ := exec.Command("pgrep", "-f", stateDir).Output()
 		if len(strings.TrimSpace(string(out))) == 0 {
 			if waited {

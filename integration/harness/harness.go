@@ -17,7 +17,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -219,7 +218,7 @@ func (e *Env) start(ctx context.Context, t testing.TB) error {
 	if err != nil {
 		return err
 	}
-	t.Cleanup(func() { regLog.Close() })
+	t.Cleanup(func() { _ = regLog.Close() })
 	reg, err := startRegistry(ns, regLog)
 	if err != nil {
 		return err
@@ -337,7 +336,7 @@ func (e *Env) startContainerd() error {
 	if err != nil {
 		return err
 	}
-	defer logf.Close()
+	defer func() { _ = logf.Close() }()
 
 	var path []string
 	if e.opts.ShimDir != "" {
@@ -435,11 +434,4 @@ func (e *Env) LogTail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func joinErrs(errs []string) error {
-	if len(errs) == 0 {
-		return nil
-	}
-	return errors.New(strings.Join(errs, "; "))
 }

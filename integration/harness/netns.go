@@ -51,13 +51,13 @@ func (n *netNS) do(fn func() error) error {
 			errc <- fmt.Errorf("get current netns: %w", err)
 			return
 		}
-		defer orig.Close()
+		defer func() { _ = orig.Close() }()
 		target, err := netns.GetFromPath(n.path)
 		if err != nil {
 			errc <- fmt.Errorf("open netns %s: %w", n.path, err)
 			return
 		}
-		defer target.Close()
+		defer func() { _ = target.Close() }()
 		if err := netns.Set(target); err != nil {
 			errc <- fmt.Errorf("enter netns %s: %w", n.name, err)
 			return

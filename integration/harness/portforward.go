@@ -10,7 +10,8 @@ import (
 	"strconv"
 	"time"
 
-	httpstreamspdy "k8s.io/apimachinery/pkg/util/httpstream/spdy"
+	// Deprecated for k8s.io/streaming, but client-go v0.37 still dials through apimachinery's types.
+	httpstreamspdy "k8s.io/apimachinery/pkg/util/httpstream/spdy" //nolint:staticcheck // SA1019, see above
 	"k8s.io/client-go/transport/spdy"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
@@ -51,7 +52,7 @@ func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []
 	if err != nil {
 		return nil, fmt.Errorf("port-forward upgrade %s: %w", u, err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 
 	// The header names and values of k8s.io/api/core/v1 (StreamType, PortHeader, ...).
 	headers := http.Header{}
@@ -62,7 +63,7 @@ func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []
 	if err != nil {
 		return nil, fmt.Errorf("port-forward error stream: %w", err)
 	}
-	errStream.Close() // only the server writes to it
+	_ = errStream.Close() // only the server writes to it
 	errc := make(chan []byte, 1)
 	go func() {
 		b, _ := io.ReadAll(errStream)
@@ -84,7 +85,7 @@ func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []
 		// the error stream.
 		_ = err
 	}
-	data.Close() // half-close: no more data from us
+	_ = data.Close() // half-close: no more data from us
 
 	res := &PortForwardResult{}
 	select {

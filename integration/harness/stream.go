@@ -9,7 +9,8 @@ import (
 	"net/url"
 	"time"
 
-	httpstreamspdy "k8s.io/apimachinery/pkg/util/httpstream/spdy"
+	// Deprecated for k8s.io/streaming, but client-go v0.37 still dials through apimachinery's types.
+	httpstreamspdy "k8s.io/apimachinery/pkg/util/httpstream/spdy" //nolint:staticcheck // SA1019, see above
 	"k8s.io/client-go/tools/remotecommand"
 	"k8s.io/client-go/util/exec"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"

@@ -190,7 +190,12 @@ func (e *Env) cgroupDirs() []string {
 func (e *Env) killCgroupProcesses() {
 	for _, d := range e.cgroupDirs() {
 		_ = filepath.WalkDir(d, func(p string, de os.DirEntry, err error) error {
-			if err != nil || de.IsDir() || de.Name() != "cgroup.procs" {
+			if err != nil {
+				// Best effort: a cgroup removed mid-walk has no processes left to kill; go on
+				// with the others.
+				return nil //nolint:nilerr // see above
+			}
+			if de.IsDir() || de.Name() != "cgroup.procs" {
 				return nil
 			}
 			b, _ := os.ReadFile(p)
