@@ -1,8 +1,13 @@
+//go:build realvm
+
 package qemu
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,7 +21,8 @@ import (
 	"github.com/podvm/podvm/hypervisor"
 )
 
-// The tests in this file run a real QEMU (TCG) with a real virtiofsd. They need root, QEMU,
+// The tests in this file run a real QEMU (TCG) with a real virtiofsd, so they are built only
+// with -tags realvm: `make integration` runs them, `make unit` (no QEMU) does not. They need root, QEMU,
 // virtiofsd and a guest kernel: PODVM_TEST_KERNEL (a vmlinuz), or the Debian
 // linux-image-*-cloud-amd64 .deb in /opt/podvm-dev/kernel. Missing prerequisites skip the
 // tests, except with CI=true, where they fail them.
@@ -409,4 +415,23 @@ func procStatus(t *testing.T, pid int) map[string]string {
 		}
 	}
 	return m
+}
+
+// mountPoints lists the mount points in a mountinfo file.
+func mountPoints(mountinfo string) ([]string, error) {
+	b, err := os.ReadFile(mountinfo)
+	if err != nil {
+		return nil, fmt.Errorf("reading mount table: %w", err)
+	}
+	var points []string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		points = append(points, unescapeMountinfo(fields[4]))
+	}
+	return points, sc.Err()
 }

@@ -1,10 +1,6 @@
 package qemu
 
 import (
-	"bufio"
-	"bytes"
-	"fmt"
-	"os"
 	"reflect"
 	"strconv"
 	"strings"
@@ -75,25 +71,6 @@ func TestUnescapeMountinfo(t *testing.T) {
 			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
 		}
 	}
-}
-
-// mountPoints lists the mount points in a mountinfo file.
-func mountPoints(mountinfo string) ([]string, error) {
-	b, err := os.ReadFile(mountinfo)
-	if err != nil {
-		return nil, fmt.Errorf("reading mount table: %w", err)
-	}
-	var points []string
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		points = append(points, unescapeMountinfo(fields[4]))
-	}
-	return points, sc.Err()
 }
 
 // unescapeMountinfo decodes the \NNN octal escapes mountinfo uses for space, tab, \n and \.
