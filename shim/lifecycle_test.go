@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -57,14 +58,9 @@ func (r *rig) running() {
 // published waits until an event satisfying match was published.
 func (r *rig) published(what string, match func(any) bool) {
 	r.t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		for _, e := range r.pub.list() {
-			if match(e) {
-				return
-			}
-		}
+	if !r.pub.waitFor(10*time.Second, func(events []any) bool { return slices.ContainsFunc(events, match) }) {
+		r.t.Fatalf("no %s was published", what)
 	}
-	r.t.Fatalf("no %s was published", what)
 }
 
 func wantFailedPrecondition(t *testing.T, what string, err error, words string) {

@@ -12,22 +12,23 @@ import (
 // ooms waits until a TaskOOM for last was published and returns the TaskOOMs' ids.
 func (r *rig) ooms(last string) []string {
 	r.t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		var ids []string
-		for _, e := range r.pub.list() {
+	var ids []string
+	ok := r.pub.waitFor(10*time.Second, func(events []any) bool {
+		ids = nil
+		for _, e := range events {
 			if o, ok := e.(*eventstypes.TaskOOM); ok {
 				ids = append(ids, o.ContainerID)
 			}
 		}
-		if len(ids) > 0 && ids[len(ids)-1] == last {
-			for i := range ids {
-				ids[i] = logSafe(ids[i], 20) // a test failure shows huge ids short
-			}
-			return ids
-		}
+		return len(ids) > 0 && ids[len(ids)-1] == last
+	})
+	if !ok {
+		r.t.Fatalf("no TaskOOM for %s was published", last)
 	}
-	r.t.Fatalf("no TaskOOM for %s was published", last)
-	return nil
+	for i := range ids {
+		ids[i] = logSafe(ids[i], 20) // a test failure shows huge ids short
+	}
+	return ids
 }
 
 // A guest names containers in its OOM events: only the shim's own, live ones are published,

@@ -31,17 +31,45 @@ import (
 	"github.com/podvm/podvm/shim/config"
 )
 
-// recorder is a shim.Publisher that keeps the events.
+// recorder is a shim.Publisher that keeps the events and tells waiters of each new one.
 type recorder struct {
-	mu     sync.Mutex
-	events []any
+	mu      sync.Mutex
+	events  []any
+	changed chan struct{} // closed and replaced at every Publish
 }
 
 func (r *recorder) Publish(ctx context.Context, topic string, event events.Event) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.events = append(r.events, event)
+	if r.changed != nil {
+		close(r.changed)
+		r.changed = nil
+	}
 	return nil
+}
+
+// waitFor waits until done(events so far) holds, or timeout; it reports whether it held.
+func (r *recorder) waitFor(timeout time.Duration, done func([]any) bool) bool {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		r.mu.Lock()
+		if done(append([]any(nil), r.events...)) {
+			r.mu.Unlock()
+			return true
+		}
+		if r.changed == nil {
+			r.changed = make(chan struct{})
+		}
+		changed := r.changed
+		r.mu.Unlock()
+		select {
+		case <-changed:
+		case <-deadline.C:
+			return false
+		}
+	}
 }
 
 func (r *recorder) Close() error { return nil }
@@ -313,14 +341,15 @@ func TestLifecycleEventsAndExitOrder(t *testing.T) {
 	}
 	// Events go out asynchronously, in order.
 	var exits []string
-	for deadline := time.Now().Add(5 * time.Second); len(exits) < 2 && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+	r.pub.waitFor(5*time.Second, func(events []any) bool {
 		exits = nil
-		for _, e := range r.pub.list() {
+		for _, e := range events {
 			if x, ok := e.(*eventstypes.TaskExit); ok {
 				exits = append(exits, x.ID)
 			}
 		}
-	}
+		return len(exits) >= 2
+	})
 	if len(exits) != 2 || exits[0] != "e1" || exits[1] != "c1" {
 		t.Errorf("exit events %v, want the exec's before the init's: [e1 c1]", exits)
 	}

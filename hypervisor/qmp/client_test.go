@@ -30,6 +30,8 @@ func TestClient(t *testing.T) {
 		Status  string `json:"status"`
 		Running bool   `json:"running"`
 	}
+	// waiting tells the test that a request the fake never answers has reached it.
+	waiting := make(chan struct{}, 1)
 	tests := []struct {
 		name   string
 		handle func(s *session, r *serverReq)
@@ -203,14 +205,17 @@ func TestClient(t *testing.T) {
 		{
 			name: "abrupt close fails pending calls and closes events",
 			handle: func(s *session, r *serverReq) {
-				if r.Execute == "die" {
+				switch r.Execute {
+				case "wait":
+					waiting <- struct{}{} // in flight, never answered
+				case "die":
 					s.conn.Close()
 				}
 			},
 			run: func(t *testing.T, c *Client) {
 				errc := make(chan error, 1)
 				go func() { errc <- c.Execute(context.Background(), "wait", nil, nil) }()
-				time.Sleep(20 * time.Millisecond)
+				<-waiting
 				err := c.Execute(context.Background(), "die", nil, nil)
 				for _, e := range []error{err, <-errc} {
 					if !errors.Is(e, ErrClosed) || !strings.Contains(e.Error(), "monitor connection closed") {
