@@ -60,10 +60,12 @@ lint:
 	@bad=$$(gofmt -l $$(git ls-files '*.go')); [ -z "$$bad" ] || { echo "gofmt needed: $$bad" >&2; exit 1; }
 	$(GO) vet ./...
 	CGO_ENABLED=1 $(GO) vet -tags '$(AGENT_TAGS)' $(AGENT_PKGS)
+	$(GO) vet -tags realvm ./hypervisor/qemu/
 	@if [ ! -x $(GOLANGCI_LINT) ]; then \
 		if [ "$$CI" = true ]; then echo "lint: $(GOLANGCI_LINT) missing: run 'make deps'" >&2; exit 1; fi; \
 		echo "lint: skipping golangci-lint, $(GOLANGCI_LINT) is missing: run 'make deps'" >&2; exit 0; fi; \
 	set -x; $(GOLANGCI_LINT) run ./... && \
+	$(GOLANGCI_LINT) run --build-tags realvm ./hypervisor/qemu/ && \
 	CGO_ENABLED=1 $(GOLANGCI_LINT) run --build-tags '$(AGENT_TAGS)' $(AGENT_PKGS)
 
 # Unit tests, race-detected: no root, no QEMU (fakes stand in).
@@ -72,9 +74,12 @@ unit:
 
 # Integration tests: real containerd, QEMU, CNI and guest kernel. They find the binaries and the
 # guest image through these variables.
+# The real-QEMU tests of hypervisor/qemu (-tags realvm) run first, then the CRI-level suite.
 integration: build image
+	@mkdir -p $(OUT)
 	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
-		$(GO) test -count=1 -timeout $(IT_TIMEOUT) -v -run '$(IT_RUN)' ./integration/... 2>&1 | tee $(OUT)/integration.log; \
+		bash -o pipefail -c '$(GO) test -count=1 -timeout 10m -tags realvm -v -run "$(IT_RUN)" ./hypervisor/qemu/ && \
+		$(GO) test -count=1 -timeout $(IT_TIMEOUT) -v -run "$(IT_RUN)" ./integration/...' 2>&1 | tee $(OUT)/integration.log; \
 		exit $${PIPESTATUS[0]}
 
 test: deps
