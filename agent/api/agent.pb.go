@@ -216,14 +216,10 @@ type SetupSandboxRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Hostname string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
 	// Tag of the virtio-fs share to mount at the guest's shared dir; empty: none.
-	SharedFsTag string       `protobuf:"bytes,2,opt,name=shared_fs_tag,json=sharedFsTag,proto3" json:"shared_fs_tag,omitempty"`
-	Interfaces  []*Interface `protobuf:"bytes,3,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
-	Routes      []*Route     `protobuf:"bytes,4,rep,name=routes,proto3" json:"routes,omitempty"`
-	Neighbors   []*Neighbor  `protobuf:"bytes,5,rep,name=neighbors,proto3" json:"neighbors,omitempty"`
-	// Contents for the guest's own /etc/resolv.conf (containers get theirs from their spec).
-	ResolvConf []byte `protobuf:"bytes,6,opt,name=resolv_conf,json=resolvConf,proto3" json:"resolv_conf,omitempty"`
-	// Block devices the host has hot-plugged, by serial, to mount in the guest.
-	BlockMounts   []*BlockMount `protobuf:"bytes,7,rep,name=block_mounts,json=blockMounts,proto3" json:"block_mounts,omitempty"`
+	SharedFsTag   string       `protobuf:"bytes,2,opt,name=shared_fs_tag,json=sharedFsTag,proto3" json:"shared_fs_tag,omitempty"`
+	Interfaces    []*Interface `protobuf:"bytes,3,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
+	Routes        []*Route     `protobuf:"bytes,4,rep,name=routes,proto3" json:"routes,omitempty"`
+	Neighbors     []*Neighbor  `protobuf:"bytes,5,rep,name=neighbors,proto3" json:"neighbors,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -289,20 +285,6 @@ func (x *SetupSandboxRequest) GetRoutes() []*Route {
 func (x *SetupSandboxRequest) GetNeighbors() []*Neighbor {
 	if x != nil {
 		return x.Neighbors
-	}
-	return nil
-}
-
-func (x *SetupSandboxRequest) GetResolvConf() []byte {
-	if x != nil {
-		return x.ResolvConf
-	}
-	return nil
-}
-
-func (x *SetupSandboxRequest) GetBlockMounts() []*BlockMount {
-	if x != nil {
-		return x.BlockMounts
 	}
 	return nil
 }
@@ -2158,7 +2140,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x0fVersionResponse\x12#\n" +
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12%\n" +
 	"\x0ekernel_release\x18\x02 \x01(\tR\rkernelRelease\x12'\n" +
-	"\x10boot_to_ready_ns\x18\x03 \x01(\x03R\rbootToReadyNs\"\xd7\x02\n" +
+	"\x10boot_to_ready_ns\x18\x03 \x01(\x03R\rbootToReadyNs\"\x9e\x02\n" +
 	"\x13SetupSandboxRequest\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\"\n" +
 	"\rshared_fs_tag\x18\x02 \x01(\tR\vsharedFsTag\x129\n" +
@@ -2166,10 +2148,7 @@ const file_agent_proto_rawDesc = "" +
 	"interfaces\x18\x03 \x03(\v2\x19.podvm.agent.v1.InterfaceR\n" +
 	"interfaces\x12-\n" +
 	"\x06routes\x18\x04 \x03(\v2\x15.podvm.agent.v1.RouteR\x06routes\x126\n" +
-	"\tneighbors\x18\x05 \x03(\v2\x18.podvm.agent.v1.NeighborR\tneighbors\x12\x1f\n" +
-	"\vresolv_conf\x18\x06 \x01(\fR\n" +
-	"resolvConf\x12=\n" +
-	"\fblock_mounts\x18\a \x03(\v2\x1a.podvm.agent.v1.BlockMountR\vblockMounts\"a\n" +
+	"\tneighbors\x18\x05 \x03(\v2\x18.podvm.agent.v1.NeighborR\tneighborsJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"a\n" +
 	"\tInterface\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
@@ -2381,66 +2360,65 @@ var file_agent_proto_depIdxs = []int32{
 	5,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
 	6,  // 1: podvm.agent.v1.SetupSandboxRequest.routes:type_name -> podvm.agent.v1.Route
 	7,  // 2: podvm.agent.v1.SetupSandboxRequest.neighbors:type_name -> podvm.agent.v1.Neighbor
-	8,  // 3: podvm.agent.v1.SetupSandboxRequest.block_mounts:type_name -> podvm.agent.v1.BlockMount
-	9,  // 4: podvm.agent.v1.CreateContainerRequest.stdio:type_name -> podvm.agent.v1.Stdio
-	11, // 5: podvm.agent.v1.CreateContainerRequest.devices:type_name -> podvm.agent.v1.DeviceNode
-	8,  // 6: podvm.agent.v1.CreateContainerRequest.block_mounts:type_name -> podvm.agent.v1.BlockMount
-	9,  // 7: podvm.agent.v1.ExecProcessRequest.stdio:type_name -> podvm.agent.v1.Stdio
-	0,  // 8: podvm.agent.v1.ReadStdioRequest.stream:type_name -> podvm.agent.v1.StdioStream
-	25, // 9: podvm.agent.v1.ListProcessesResponse.processes:type_name -> podvm.agent.v1.ProcessInfo
-	2,  // 10: podvm.agent.v1.Agent.Version:input_type -> podvm.agent.v1.VersionRequest
-	4,  // 11: podvm.agent.v1.Agent.SetupSandbox:input_type -> podvm.agent.v1.SetupSandboxRequest
-	10, // 12: podvm.agent.v1.Agent.CreateContainer:input_type -> podvm.agent.v1.CreateContainerRequest
-	13, // 13: podvm.agent.v1.Agent.ExecProcess:input_type -> podvm.agent.v1.ExecProcessRequest
-	14, // 14: podvm.agent.v1.Agent.StartProcess:input_type -> podvm.agent.v1.ProcessRequest
-	16, // 15: podvm.agent.v1.Agent.SignalProcess:input_type -> podvm.agent.v1.SignalProcessRequest
-	14, // 16: podvm.agent.v1.Agent.WaitProcess:input_type -> podvm.agent.v1.ProcessRequest
-	18, // 17: podvm.agent.v1.Agent.ResizePty:input_type -> podvm.agent.v1.ResizePtyRequest
-	19, // 18: podvm.agent.v1.Agent.ReadStdio:input_type -> podvm.agent.v1.ReadStdioRequest
-	21, // 19: podvm.agent.v1.Agent.WriteStdin:input_type -> podvm.agent.v1.WriteStdinRequest
-	14, // 20: podvm.agent.v1.Agent.CloseStdin:input_type -> podvm.agent.v1.ProcessRequest
-	14, // 21: podvm.agent.v1.Agent.RemoveProcess:input_type -> podvm.agent.v1.ProcessRequest
-	23, // 22: podvm.agent.v1.Agent.RemoveContainer:input_type -> podvm.agent.v1.RemoveContainerRequest
-	24, // 23: podvm.agent.v1.Agent.ListProcesses:input_type -> podvm.agent.v1.ContainerRequest
-	24, // 24: podvm.agent.v1.Agent.PauseContainer:input_type -> podvm.agent.v1.ContainerRequest
-	24, // 25: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
-	27, // 26: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
-	24, // 27: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
-	1,  // 28: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
-	1,  // 29: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
-	30, // 30: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
-	32, // 31: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
-	34, // 32: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
-	36, // 33: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
-	3,  // 34: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
-	1,  // 35: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
-	12, // 36: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
-	1,  // 37: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
-	15, // 38: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
-	1,  // 39: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
-	17, // 40: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
-	1,  // 41: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
-	20, // 42: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
-	22, // 43: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
-	1,  // 44: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
-	1,  // 45: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
-	1,  // 46: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
-	26, // 47: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
-	1,  // 48: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 49: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 50: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
-	28, // 51: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
-	29, // 52: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
-	1,  // 53: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
-	31, // 54: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
-	33, // 55: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
-	35, // 56: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
-	1,  // 57: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
-	34, // [34:58] is the sub-list for method output_type
-	10, // [10:34] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	9,  // 3: podvm.agent.v1.CreateContainerRequest.stdio:type_name -> podvm.agent.v1.Stdio
+	11, // 4: podvm.agent.v1.CreateContainerRequest.devices:type_name -> podvm.agent.v1.DeviceNode
+	8,  // 5: podvm.agent.v1.CreateContainerRequest.block_mounts:type_name -> podvm.agent.v1.BlockMount
+	9,  // 6: podvm.agent.v1.ExecProcessRequest.stdio:type_name -> podvm.agent.v1.Stdio
+	0,  // 7: podvm.agent.v1.ReadStdioRequest.stream:type_name -> podvm.agent.v1.StdioStream
+	25, // 8: podvm.agent.v1.ListProcessesResponse.processes:type_name -> podvm.agent.v1.ProcessInfo
+	2,  // 9: podvm.agent.v1.Agent.Version:input_type -> podvm.agent.v1.VersionRequest
+	4,  // 10: podvm.agent.v1.Agent.SetupSandbox:input_type -> podvm.agent.v1.SetupSandboxRequest
+	10, // 11: podvm.agent.v1.Agent.CreateContainer:input_type -> podvm.agent.v1.CreateContainerRequest
+	13, // 12: podvm.agent.v1.Agent.ExecProcess:input_type -> podvm.agent.v1.ExecProcessRequest
+	14, // 13: podvm.agent.v1.Agent.StartProcess:input_type -> podvm.agent.v1.ProcessRequest
+	16, // 14: podvm.agent.v1.Agent.SignalProcess:input_type -> podvm.agent.v1.SignalProcessRequest
+	14, // 15: podvm.agent.v1.Agent.WaitProcess:input_type -> podvm.agent.v1.ProcessRequest
+	18, // 16: podvm.agent.v1.Agent.ResizePty:input_type -> podvm.agent.v1.ResizePtyRequest
+	19, // 17: podvm.agent.v1.Agent.ReadStdio:input_type -> podvm.agent.v1.ReadStdioRequest
+	21, // 18: podvm.agent.v1.Agent.WriteStdin:input_type -> podvm.agent.v1.WriteStdinRequest
+	14, // 19: podvm.agent.v1.Agent.CloseStdin:input_type -> podvm.agent.v1.ProcessRequest
+	14, // 20: podvm.agent.v1.Agent.RemoveProcess:input_type -> podvm.agent.v1.ProcessRequest
+	23, // 21: podvm.agent.v1.Agent.RemoveContainer:input_type -> podvm.agent.v1.RemoveContainerRequest
+	24, // 22: podvm.agent.v1.Agent.ListProcesses:input_type -> podvm.agent.v1.ContainerRequest
+	24, // 23: podvm.agent.v1.Agent.PauseContainer:input_type -> podvm.agent.v1.ContainerRequest
+	24, // 24: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
+	27, // 25: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
+	24, // 26: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
+	1,  // 27: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
+	1,  // 28: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
+	30, // 29: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
+	32, // 30: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
+	34, // 31: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
+	36, // 32: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
+	3,  // 33: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
+	1,  // 34: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
+	12, // 35: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
+	1,  // 36: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
+	15, // 37: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
+	1,  // 38: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
+	17, // 39: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
+	1,  // 40: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
+	20, // 41: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
+	22, // 42: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
+	1,  // 43: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
+	1,  // 44: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
+	1,  // 45: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
+	26, // 46: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
+	1,  // 47: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 48: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 49: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
+	28, // 50: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
+	29, // 51: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
+	1,  // 52: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
+	31, // 53: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
+	33, // 54: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
+	35, // 55: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
+	1,  // 56: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
+	33, // [33:57] is the sub-list for method output_type
+	9,  // [9:33] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }

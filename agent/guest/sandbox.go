@@ -30,11 +30,6 @@ func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
 			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
 		}
 	}
-	if len(req.ResolvConf) > 0 {
-		if err := os.WriteFile("/etc/resolv.conf", req.ResolvConf, 0o644); err != nil {
-			return err
-		}
-	}
 	if err := setupNetwork(ctx, req); err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
