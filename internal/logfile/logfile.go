@@ -22,11 +22,11 @@ const (
 )
 
 // Capped is an io.WriteCloser that appends to a file and rotates it to path+".1" once it
-// reaches max bytes. It never returns a write error (a log must not stall the VM that feeds
+// reaches limit bytes. It never returns a write error (a log must not stall the VM that feeds
 // it): the first failure is kept and reported by Close, later bytes are dropped.
 type Capped struct {
-	path string
-	max  int64
+	path  string
+	limit int64
 
 	mu   sync.Mutex
 	f    *os.File
@@ -34,17 +34,19 @@ type Capped struct {
 	err  error
 }
 
-// NewCapped opens (truncating) the log at path, capped at max bytes per part.
-func NewCapped(path string, max int64) (*Capped, error) {
-	if max <= 0 {
-		return nil, fmt.Errorf("capped log %s: max %d must be positive", path, max)
+// NewCapped opens (truncating) the log at path, capped at limit bytes per part.
+func NewCapped(path string, limit int64) (*Capped, error) {
+	if limit <= 0 {
+		return nil, fmt.Errorf("capped log %s: limit %d must be positive", path, limit)
 	}
-	os.Remove(path + RotatedSuffix)
+	// Best effort: a stale previous part is only old output, and the first rotation replaces
+	// it; if it cannot be replaced then, that failure is kept and reported by Close.
+	_ = os.Remove(path + RotatedSuffix)
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("creating log %s: %w", path, err)
 	}
-	return &Capped{path: path, max: max, f: f}, nil
+	return &Capped{path: path, limit: limit, f: f}, nil
 }
 
 func (l *Capped) Write(p []byte) (int, error) {
@@ -52,12 +54,12 @@ func (l *Capped) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	n := len(p)
 	for len(p) > 0 && l.err == nil {
-		if l.size >= l.max {
+		if l.size >= l.limit {
 			l.rotate()
 			continue
 		}
 		chunk := p
-		if room := l.max - l.size; int64(len(chunk)) > room {
+		if room := l.limit - l.size; int64(len(chunk)) > room {
 			chunk = chunk[:room]
 		}
 		w, err := l.f.Write(chunk)
@@ -102,29 +104,29 @@ func (l *Capped) Close() error {
 	return l.err
 }
 
-// drain copies r into w until r ends, then closes both. It keeps reading after w fails, so
+// Drain copies r into w until r ends, then closes both. It keeps reading after w fails, so
 // the writer on the other side of r (QEMU) never blocks on a full pipe.
 func Drain(r io.ReadCloser, w io.WriteCloser) error {
 	_, err := io.Copy(w, r)
 	if errors.Is(err, os.ErrClosed) {
 		err = nil
 	}
-	r.Close()
+	_ = r.Close() // the read end, at EOF: nothing is lost if closing it fails
 	return errors.Join(err, w.Close())
 }
 
-// ReadTail returns at most max bytes from the end of the log at path. When path holds less
-// than max and a rotated path.1 exists, the rest comes from the end of path.1. It seeks, so
-// it never reads more than max bytes, however large the files are.
-func ReadTail(path string, max int64) ([]byte, error) {
-	cur, err := readFileTail(path, max)
+// ReadTail returns at most limit bytes from the end of the log at path. When path holds less
+// than limit and a rotated path.1 exists, the rest comes from the end of path.1. It seeks, so
+// it never reads more than limit bytes, however large the files are.
+func ReadTail(path string, limit int64) ([]byte, error) {
+	cur, err := readFileTail(path, limit)
 	if err != nil {
 		return nil, err
 	}
-	if int64(len(cur)) >= max {
+	if int64(len(cur)) >= limit {
 		return cur, nil
 	}
-	prev, err := readFileTail(path+RotatedSuffix, max-int64(len(cur)))
+	prev, err := readFileTail(path+RotatedSuffix, limit-int64(len(cur)))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return cur, nil
@@ -134,14 +136,14 @@ func ReadTail(path string, max int64) ([]byte, error) {
 	return append(prev, cur...), nil
 }
 
-// readFileTail returns the last max bytes of one file.
-func readFileTail(path string, max int64) ([]byte, error) {
+// readFileTail returns the last limit bytes of one file.
+func readFileTail(path string, limit int64) ([]byte, error) {
 	// O_NONBLOCK: a FIFO planted at path must not hang the reader (it is refused below).
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -149,7 +151,7 @@ func readFileTail(path string, max int64) ([]byte, error) {
 	if !st.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s: not a regular file", path)
 	}
-	off := st.Size() - max
+	off := st.Size() - limit
 	if off < 0 {
 		off = 0
 	}

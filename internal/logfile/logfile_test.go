@@ -13,9 +13,9 @@ import (
 )
 
 func TestCappedLogFloodStaysBounded(t *testing.T) {
-	const max = 4096
+	const limit = 4096
 	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := NewCapped(path, max)
+	l, err := NewCapped(path, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,16 +27,19 @@ func TestCappedLogFloodStaysBounded(t *testing.T) {
 			t.Fatalf("Write = %d, %v", n, err)
 		}
 		if i%1000 == 0 {
-			checkLogSizes(t, path, max)
+			checkLogSizes(t, path, limit)
 		}
 	}
-	big := bytes.Repeat([]byte("B"), 10*max) // one write larger than the cap
-	l.Write(big)
-	l.Write([]byte("the end\n"))
+	big := bytes.Repeat([]byte("B"), 10*limit) // one write larger than the cap
+	for _, p := range [][]byte{big, []byte("the end\n")} {
+		if n, err := l.Write(p); err != nil || n != len(p) {
+			t.Fatalf("Write = %d, %v", n, err)
+		}
+	}
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}
-	checkLogSizes(t, path, max)
+	checkLogSizes(t, path, limit)
 	cur, _ := os.ReadFile(path)
 	prev, _ := os.ReadFile(path + RotatedSuffix)
 	if !bytes.HasSuffix(cur, []byte("the end\n")) {
@@ -46,7 +49,7 @@ func TestCappedLogFloodStaysBounded(t *testing.T) {
 	// least a cap's worth of them.
 	both := append(prev, cur...)
 	body := both[:len(both)-len("the end\n")]
-	if len(both) < max || len(bytes.Trim(body, "B")) != 0 {
+	if len(both) < limit || len(bytes.Trim(body, "B")) != 0 {
 		t.Fatalf("the two parts (%d bytes) are not the newest bytes: %q + %q", len(both), tailOf(prev), tailOf(cur))
 	}
 	if _, err := os.Stat(path + ".2"); !os.IsNotExist(err) {
@@ -55,32 +58,34 @@ func TestCappedLogFloodStaysBounded(t *testing.T) {
 }
 
 func TestCappedLogKeepsNewestLines(t *testing.T) {
-	const max = 1000
+	const limit = 1000
 	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := NewCapped(path, max)
+	l, err := NewCapped(path, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 5000; i++ {
 		fmt.Fprintf(l, "msg %d\r\n", i)
 	}
-	l.Close()
-	checkLogSizes(t, path, max)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkLogSizes(t, path, limit)
 	got := TailLines(path, 3)
 	if want := "msg 4997\nmsg 4998\nmsg 4999"; got != want {
 		t.Fatalf("TailLines = %q, want %q", got, want)
 	}
 	// The tail spans the rotation when the current part is short.
-	all := LastLines(mustReadTail(t, path, 2*max), 0)
+	all := LastLines(mustReadTail(t, path, 2*limit), 0)
 	lines := strings.Split(all, "\n")
 	if lines[len(lines)-1] != "msg 4999" || len(lines) < 150 {
 		t.Fatalf("ReadTail over both parts gave %d lines ending %q", len(lines), lines[len(lines)-1])
 	}
 	for i := 1; i < len(lines); i++ {
 		var a, b int
-		fmt.Sscanf(lines[i-1], "msg %d", &a)
-		fmt.Sscanf(lines[i], "msg %d", &b)
-		if b != a+1 {
+		_, errA := fmt.Sscanf(lines[i-1], "msg %d", &a)
+		_, errB := fmt.Sscanf(lines[i], "msg %d", &b)
+		if errA != nil || errB != nil || b != a+1 {
 			t.Fatalf("gap or partial line across the rotation: %q then %q", lines[i-1], lines[i])
 		}
 	}
@@ -139,7 +144,9 @@ func TestReadTail(t *testing.T) {
 	for i := 0; i < 10000; i++ {
 		fmt.Fprintf(&b, "line %d\n", i)
 	}
-	os.WriteFile(path, []byte(b.String()), 0o600)
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	got, err := ReadTail(path, 100)
 	if err != nil {
 		t.Fatal(err)
@@ -168,20 +175,20 @@ func TestReadTail(t *testing.T) {
 	}
 }
 
-func mustReadTail(t *testing.T, path string, max int64) []byte {
+func mustReadTail(t *testing.T, path string, limit int64) []byte {
 	t.Helper()
-	b, err := ReadTail(path, max)
+	b, err := ReadTail(path, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
 }
 
-func checkLogSizes(t *testing.T, path string, max int64) {
+func checkLogSizes(t *testing.T, path string, limit int64) {
 	t.Helper()
 	for _, p := range []string{path, path + RotatedSuffix} {
-		if st, err := os.Stat(p); err == nil && st.Size() > max {
-			t.Fatalf("%s is %d bytes, over the cap %d", filepath.Base(p), st.Size(), max)
+		if st, err := os.Stat(p); err == nil && st.Size() > limit {
+			t.Fatalf("%s is %d bytes, over the cap %d", filepath.Base(p), st.Size(), limit)
 		}
 	}
 }
