@@ -341,18 +341,35 @@ func podVolume(src, podUID string) (name, plugin string, ok bool) {
 // into disk images (see the package doc for the matching rule), creates missing images, and
 // returns them. Annotations the node config does not allow are ignored.
 func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs.Spec) ([]*diskImage, error) {
+	byVolume, err := s.diskAnnotations(ctx, containerID, gspec.Annotations)
+	if err != nil || len(byVolume) == 0 {
+		return nil, err
+	}
+	out, err := matchDiskMounts(containerID, gspec, byVolume)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.openImages(ctx, containerID, gspec.Annotations, out); err != nil {
+		for _, d := range out {
+			if d.file != nil {
+				_ = d.file.Close()
+			}
+		}
+		return nil, err
+	}
+	return out, nil
+}
+
+// diskAnnotations parses the allowed podvm.io/disk.<volume> annotations, by volume name.
+func (s *Share) diskAnnotations(ctx context.Context, containerID string, ann map[string]string) (map[string]*diskImage, error) {
 	var keys []string
-	for k := range gspec.Annotations {
+	for k := range ann {
 		if strings.HasPrefix(k, DiskAnnotationPrefix) {
 			keys = append(keys, k)
 		}
 	}
-	if len(keys) == 0 {
-		return nil, nil
-	}
 	sort.Strings(keys)
 	byVolume := map[string]*diskImage{}
-	var out []*diskImage
 	for _, k := range keys {
 		if s.block.Allowed == nil || !s.block.Allowed(k) {
 			log.G(ctx).WithField("annotation", k).Warn("disk-image annotation ignored: not allowed by annotations.allowed in the node config (add \"disk.*\")")
@@ -362,16 +379,23 @@ func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs
 		if vol == "" || vol == "." || vol == ".." || strings.ContainsAny(vol, "/\x00") {
 			return nil, fmt.Errorf("container %s: annotation %s: %q is not a volume name: %w", containerID, truncate(k), truncate(vol), errdefs.ErrInvalidArgument)
 		}
-		size, err := ParseDiskSize(gspec.Annotations[k])
+		size, err := ParseDiskSize(ann[k])
 		if err != nil {
 			return nil, fmt.Errorf("container %s: annotation %s (disk image of volume %s): %v; fix the pod's annotation: %w", containerID, k, vol, err, errdefs.ErrInvalidArgument)
 		}
 		byVolume[vol] = &diskImage{volume: vol, key: k, size: size, allRO: true}
 	}
+	return byVolume, nil
+}
+
+// matchDiskMounts finds the bind mounts of gspec whose source is this pod's own directory of
+// an annotated volume, and returns the disk images in the order they are first mounted.
+func matchDiskMounts(containerID string, gspec *specs.Spec, byVolume map[string]*diskImage) ([]*diskImage, error) {
 	podUID := gspec.Annotations[PodUIDAnnotation]
-	if podUID == "" && len(byVolume) > 0 {
+	if podUID == "" {
 		return nil, fmt.Errorf("container %s: disk-image annotations need the pod's UID (annotation %s, set by containerd's CRI) to find the pod's own volumes; run the pod through the CRI: %w", containerID, PodUIDAnnotation, errdefs.ErrInvalidArgument)
 	}
+	var out []*diskImage
 	for i := range gspec.Mounts {
 		m := &gspec.Mounts[i]
 		if !isBind(m) || isPodShm(m) {
@@ -403,36 +427,29 @@ func (s *Share) diskImages(ctx context.Context, containerID string, gspec *specs
 			d.allRO = false
 		}
 	}
+	return out, nil
+}
+
+// openImages opens (making them where missing) the images of ds, within the node's size cap.
+func (s *Share) openImages(ctx context.Context, containerID string, ann map[string]string, ds []*diskImage) error {
 	maxSize := s.block.MaxDiskSize
 	if maxSize <= 0 {
 		maxSize = DefaultMaxDiskSize
 	}
-	var errs []error
-	for _, d := range out {
+	for _, d := range ds {
 		if err := ctx.Err(); err != nil {
-			errs = append(errs, err)
-			break
+			return err
 		}
 		if d.size > maxSize {
-			errs = append(errs, fmt.Errorf("container %s: annotation %s=%s asks for more than this node allows (max_disk_size %d MiB in the node config's [block]); ask for less: %w", containerID, d.key, truncate(gspec.Annotations[d.key]), maxSize>>20, errdefs.ErrInvalidArgument))
-			break
+			return fmt.Errorf("container %s: annotation %s=%s asks for more than this node allows (max_disk_size %d MiB in the node config's [block]); ask for less: %w", containerID, d.key, truncate(ann[d.key]), maxSize>>20, errdefs.ErrInvalidArgument)
 		}
 		if err := s.ensureImage(ctx, d); err != nil {
-			errs = append(errs, fmt.Errorf("container %s: disk image of volume %s (annotation %s=%s): %w", containerID, d.volume, d.key, truncate(gspec.Annotations[d.key]), err))
-			break
+			return fmt.Errorf("container %s: disk image of volume %s (annotation %s=%s): %w", containerID, d.volume, d.key, truncate(ann[d.key]), err)
 		}
 		d.serial = serialFor('d', containerID, d.volume)
 		d.guestAt = filepath.Join(GuestDiskDir, d.serial)
 	}
-	if err := errors.Join(errs...); err != nil {
-		for _, d := range out {
-			if d.file != nil {
-				_ = d.file.Close()
-			}
-		}
-		return nil, err
-	}
-	return out, nil
+	return nil
 }
 
 // subPathVolume recognises kubelet's subPath bind sources,

@@ -193,32 +193,15 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 	}
 	// Block volumes and disk images first: they only check and rewrite the spec (and make a
 	// missing image), so a bad request fails before anything is mounted.
-	disks, nodes, err := s.blockVolumes(containerID, gspec)
+	att, onDisk, err := s.prepareDisks(ctx, containerID, gspec)
 	if err != nil {
 		return nil, err
 	}
 	defer func() {
 		if retErr != nil {
-			closeDevices(disks)
+			att.Close()
 		}
 	}()
-	images, err := s.diskImages(ctx, containerID, gspec)
-	defer func() {
-		if retErr != nil {
-			for _, d := range images {
-				_ = d.file.Close()
-			}
-		}
-	}()
-	if err != nil {
-		return nil, err
-	}
-	onDisk := map[int]bool{}
-	for _, d := range images {
-		for _, i := range d.mounts {
-			onDisk[i] = true
-		}
-	}
 
 	ctr, err := mkdirOpen(s.rootfd(), containerID)
 	if err != nil {
@@ -243,16 +226,47 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		gspec.Root = &specs.Root{}
 	}
 	gspec.Root.Path = filepath.Join(s.guestDir, containerID, rootfsDir)
+	if err := s.bindVolumes(ctx, containerID, ctr, gspec, onDisk); err != nil {
+		return nil, err
+	}
+	return att, nil
+}
 
-	// The bind mounts.
+// prepareDisks takes the block volumes and disk images out of gspec: an Attachment with the
+// disks to plug (their files open) and gspec, and the indexes of the mounts now on a disk.
+func (s *Share) prepareDisks(ctx context.Context, containerID string, gspec *specs.Spec) (*Attachment, map[int]bool, error) {
+	disks, nodes, err := s.blockVolumes(containerID, gspec)
+	if err != nil {
+		return nil, nil, err
+	}
+	images, err := s.diskImages(ctx, containerID, gspec)
+	if err != nil {
+		closeDevices(disks)
+		return nil, nil, err
+	}
+	onDisk := map[int]bool{}
+	for _, d := range images {
+		for _, i := range d.mounts {
+			onDisk[i] = true
+		}
+	}
+	att := &Attachment{Spec: gspec, BlockDevices: disks, Devices: nodes}
+	s.attachDisks(att, images)
+	return att, onDisk, nil
+}
+
+// bindVolumes binds the source of every bind mount of gspec (but those onDisk) under a new
+// mounts dir in ctr and points the mount at its guest path. The pod's /dev/shm becomes
+// GuestShmDir.
+func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gspec *specs.Spec, onDisk map[int]bool) error {
 	mounts, err := mkdirOpen(ctr, mountsDir)
 	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", containerID, err)
+		return fmt.Errorf("container %s: %w", containerID, err)
 	}
 	defer func() { _ = unix.Close(mounts) }()
 	for i := range gspec.Mounts {
 		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
+			return fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
 		}
 		m := &gspec.Mounts[i]
 		if !isBind(m) || onDisk[i] {
@@ -264,13 +278,11 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		}
 		name := mountName(i, m.Destination)
 		if err := s.bindVolume(containerID, mounts, name, m); err != nil {
-			return nil, err
+			return err
 		}
 		m.Source = filepath.Join(s.guestDir, containerID, mountsDir, name)
 	}
-	att := &Attachment{Spec: gspec, BlockDevices: disks, Devices: nodes}
-	s.attachDisks(att, images)
-	return att, nil
+	return nil
 }
 
 // mountRootfs mounts the container's root filesystem on a new rootfs dir in ctr.
