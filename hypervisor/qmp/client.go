@@ -80,16 +80,16 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 	select {
 	case m := <-c.greet:
 		if m == nil {
-			c.Close()
+			_ = c.Close() // Close reports nothing; the error returned says what failed
 			return nil, fmt.Errorf("qmp: reading greeting from %s: %w", socketPath, c.err())
 		}
 		c.version = m.version
 	case <-ctx.Done():
-		c.Close()
+		_ = c.Close()
 		return nil, fmt.Errorf("qmp: waiting for the greeting on %s: %w", socketPath, ctx.Err())
 	}
 	if err := c.Execute(ctx, "qmp_capabilities", nil, nil); err != nil {
-		c.Close()
+		_ = c.Close()
 		return nil, err
 	}
 	return c, nil
@@ -167,7 +167,7 @@ func (c *Client) fail(cause error) {
 		pending := c.pending
 		c.pending = nil
 		c.mu.Unlock()
-		c.conn.Close()
+		_ = c.conn.Close() // the connection is being abandoned: cause is what matters
 		for _, ch := range pending {
 			close(ch) // a closed channel means "connection gone"
 		}
@@ -351,18 +351,19 @@ func (c *Client) write(ctx context.Context, b []byte, files []*os.File) error {
 	}
 
 	fired := make(chan struct{})
+	// SetWriteDeadline fails only on a closed connection, on which the write fails anyway.
 	stop := context.AfterFunc(ctx, func() {
-		c.conn.SetWriteDeadline(time.Now())
+		_ = c.conn.SetWriteDeadline(time.Now())
 		close(fired)
 	})
 	defer func() {
 		if !stop() {
 			<-fired
-			c.conn.SetWriteDeadline(time.Time{})
+			_ = c.conn.SetWriteDeadline(time.Time{})
 		}
 	}()
 
-	n := 0
+	var n int
 	var err error
 	if len(files) > 0 {
 		fds := make([]int, len(files))

@@ -58,7 +58,7 @@ func TestClient(t *testing.T) {
 		{
 			name: "arguments reach QEMU",
 			handle: func(s *session, r *serverReq) {
-				s.reply(r, json.RawMessage(r.Arguments))
+				s.reply(r, r.Arguments)
 			},
 			run: func(t *testing.T, c *Client) {
 				var got map[string]string
@@ -248,7 +248,9 @@ func TestClient(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer pr.Close()
-				pw.Write([]byte("hello"))
+				if _, err := pw.Write([]byte("hello")); err != nil {
+					t.Fatal(err)
+				}
 				pw.Close()
 				var got string
 				if err := c.ExecuteWithFiles(context.Background(), "getfd", map[string]string{"fdname": "x"}, &got, pr); err != nil {

@@ -42,7 +42,8 @@ const greeting = `{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major"
 func (s *session) sendRaw(line string) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	s.conn.Write([]byte(line + "\r\n"))
+	// The client under test may have hung up; what it saw is what the test checks.
+	_, _ = s.conn.Write([]byte(line + "\r\n"))
 }
 
 func (s *session) reply(r *serverReq, ret any) {
