@@ -158,22 +158,36 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 		return nil, fmt.Errorf("temporary directory: %w", err)
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
-
-	start = time.Now()
-	kt, extracted, err := openKernel(ctx, b.opts.Kernel, b.opts.KernelVersion, tmp)
+	kt, mods, builtin, err := b.kernelModules(ctx, tmp)
 	if err != nil {
 		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(b.opts.OutputDir, 0o755); err != nil {
+		return nil, fmt.Errorf("output directory: %w", err)
+	}
+	return b.writeImage(ctx, kt, mods, builtin, agent)
+}
+
+// kernelModules opens the kernel (extracting a package into tmp) and resolves the modules the
+// initrd carries, in load order, and those built into the kernel.
+func (b *builder) kernelModules(ctx context.Context, tmp string) (kernelTree, []Module, []string, error) {
+	start := time.Now()
+	kt, extracted, err := openKernel(ctx, b.opts.Kernel, b.opts.KernelVersion, tmp)
+	if err != nil {
+		return kernelTree{}, nil, nil, err
 	}
 	if extracted {
 		b.step("extract kernel package", "", start)
 	} else {
 		b.step("open kernel tree", "", start)
 	}
-
 	start = time.Now()
 	depPath, generated, err := modulesDepPath(ctx, kt, tmp)
 	if err != nil {
-		return nil, err
+		return kernelTree{}, nil, nil, err
 	}
 	if generated {
 		b.step("generate modules.dep with depmod", "", start)
@@ -181,33 +195,38 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 	start = time.Now()
 	mods, builtin, err := resolve(kt, depPath, b.opts.Modules)
 	if err != nil {
-		return nil, fmt.Errorf("kernel %s: %w", kt.version, err)
+		return kernelTree{}, nil, nil, fmt.Errorf("kernel %s: %w", kt.version, err)
 	}
 	detail := fmt.Sprintf("%d modules", len(mods))
 	if len(builtin) > 0 {
 		detail += fmt.Sprintf(" (%s built in)", strings.Join(builtin, ", "))
 	}
 	b.step("resolve modules", detail, start)
+	return kt, mods, builtin, nil
+}
 
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(b.opts.OutputDir, 0o755); err != nil {
-		return nil, fmt.Errorf("output directory: %w", err)
-	}
+// writeImage writes the initrd, the kernel and image.json into the output dir, each staged
+// and put in place only once all three are complete.
+func (b *builder) writeImage(ctx context.Context, kt kernelTree, mods []Module, builtin []string, agent agentInfo) (*Manifest, error) {
 	var staged []*stagedFile
 	defer func() {
 		for _, s := range staged {
 			s.discard()
 		}
 	}()
+	stage := func(name string) (*stagedFile, error) {
+		f, err := newStagedFile(b.opts.OutputDir, name)
+		if err == nil {
+			staged = append(staged, f)
+		}
+		return f, err
+	}
 
-	start = time.Now()
-	initrd, err := newStagedFile(b.opts.OutputDir, InitrdFile)
+	start := time.Now()
+	initrd, err := stage(InitrdFile)
 	if err != nil {
 		return nil, err
 	}
-	staged = append(staged, initrd)
 	initrdModules, err := writeInitrd(ctx, initrd, b.opts.Compress, kt, mods, agent)
 	if err != nil {
 		return nil, fmt.Errorf("write initrd: %w", err)
@@ -218,11 +237,10 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 	b.step("write initrd", mib(initrd.size), start)
 
 	start = time.Now()
-	kernel, err := newStagedFile(b.opts.OutputDir, KernelFile)
+	kernel, err := stage(KernelFile)
 	if err != nil {
 		return nil, err
 	}
-	staged = append(staged, kernel)
 	if err := copyFile(kernel, kt.vmlinuz); err != nil {
 		return nil, err
 	}
@@ -243,11 +261,10 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 		BuildTime:     time.Now().UTC().Truncate(time.Second),
 	}
 	start = time.Now()
-	manifest, err := newStagedFile(b.opts.OutputDir, ManifestFile)
+	manifest, err := stage(ManifestFile)
 	if err != nil {
 		return nil, err
 	}
-	staged = append(staged, manifest)
 	enc := json.NewEncoder(manifest)
 	enc.SetIndent("", "  ")
 	if err := enc.Encode(m); err != nil {
