@@ -19,6 +19,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/internal/testutil"
 )
 
 // volEnv is podvmEnv with a podvm state dir of its own, so that other tests' VMs running on
@@ -264,23 +265,10 @@ func TestVolumesBind(t *testing.T) {
 func losetup(t *testing.T, size int64) string {
 	t.Helper()
 	require(t, needCmd("losetup"))
-	f := filepath.Join(t.TempDir(), "block.raw")
-	if err := os.WriteFile(f, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(f, size); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("losetup", "--find", "--show", f).CombinedOutput()
+	dev, err := testutil.LoopDevice(t, size)
 	if err != nil {
-		t.Fatalf("losetup: %v: %s", err, out)
+		t.Fatal(err)
 	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
-		}
-	})
 	return dev
 }
 
