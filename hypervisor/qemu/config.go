@@ -18,7 +18,9 @@ import (
 )
 
 const (
-	DefaultVCPUs     = 1
+	// DefaultVCPUs is the vCPU count of a VM whose Config leaves VCPUs 0.
+	DefaultVCPUs = 1
+	// DefaultMemoryMiB is the memory of a VM whose Config leaves MemoryMiB 0.
 	DefaultMemoryMiB = 512
 
 	defaultFirmware = "/usr/share/qemu/qboot.rom"
@@ -72,7 +74,7 @@ func (c Config) Resolve() (Config, error) {
 	if c.Binary == "" {
 		p, err := exec.LookPath("qemu-system-x86_64")
 		if err != nil {
-			return c, fmt.Errorf("Binary: qemu-system-x86_64 not found in PATH; install QEMU (Debian: qemu-system-x86) or set hypervisor.qemu_path")
+			return c, errors.New("qemu config: Binary: qemu-system-x86_64 not found in PATH; install QEMU (Debian: qemu-system-x86) or set hypervisor.qemu_path")
 		}
 		c.Binary = p
 	}
@@ -167,13 +169,14 @@ func DetectAccel() string {
 	if err != nil {
 		return AccelTCG
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }() // only probed
+
 	const kvmCreateVM = 0xAE01 // _IO(KVMIO, 0x01)
 	vm, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), kvmCreateVM, 0)
 	if errno != 0 {
 		return AccelTCG
 	}
-	unix.Close(int(vm))
+	_ = unix.Close(int(vm)) // created only to see that it can be
 	return AccelKVM
 }
 
@@ -193,105 +196,135 @@ func validID(s string) bool {
 // Validate checks a resolved Config (see Resolve). Each error names the field and says how
 // to fix it. It only looks at the values, not at the files they name.
 func (c *Config) Validate() error {
-	var errs []error
-	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	var p problems
+	c.validateMachine(&p)
+	c.validateBoot(&p)
+	c.validateSharedDir(&p)
+	c.validateAgentTransport(&p)
+	if err := hypervisor.ValidateUIDRange(uint64(c.UIDBase), uint64(c.UIDCount)); err != nil {
+		p.add("UIDBase/UIDCount: %w", err)
+	}
+	if c.HotplugSlots < 0 || c.HotplugSlots > hypervisor.MaxHotplugSlots {
+		p.add("HotplugSlots %d: must be between 0 and %d (root ports on the root bus)", c.HotplugSlots, hypervisor.MaxHotplugSlots)
+	}
+	validateNetDevices(&p, c.NetDevices)
+	if len(p) > 0 {
+		return fmt.Errorf("invalid qemu config: %w", errors.Join(p...))
+	}
+	return nil
+}
+
+// problems collects what Validate finds wrong, in the order it checks.
+type problems []error
+
+func (p *problems) add(format string, a ...any) { *p = append(*p, fmt.Errorf(format, a...)) }
+
+// validateMachine checks the VM's identity, state dir, QEMU binary, accelerator and size.
+func (c *Config) validateMachine(p *problems) {
 	if !validID(c.ID) {
-		bad("ID %q: must be non-empty and use only letters, digits, '-', '_' and '.'", c.ID)
+		p.add("ID %q: must be non-empty and use only letters, digits, '-', '_' and '.'", c.ID)
 	}
 	if !filepath.IsAbs(c.StateDir) {
-		bad("StateDir %q: must be an absolute path (e.g. /run/podvm/<id>)", c.StateDir)
+		p.add("StateDir %q: must be an absolute path (e.g. /run/podvm/<id>)", c.StateDir)
 	} else if n := len(filepath.Join(c.StateDir, VirtiofsdSocket)); n > sunPathMax {
-		bad("StateDir %q: too long for unix sockets in it (%d > %d bytes); use a shorter path", c.StateDir, n, sunPathMax)
+		p.add("StateDir %q: too long for unix sockets in it (%d > %d bytes); use a shorter path", c.StateDir, n, sunPathMax)
 	}
 	if c.Binary == "" {
-		bad("Binary: empty; set it or call Resolve")
+		p.add("Binary: empty; set it or call Resolve")
 	}
 	switch c.Accel {
 	case AccelKVM, AccelTCG:
 	default:
-		bad("Accel %q: must be %q, %q or %q (auto is resolved by Resolve/New)", c.Accel, AccelAuto, AccelKVM, AccelTCG)
+		p.add("Accel %q: must be %q, %q or %q (auto is resolved by Resolve/New)", c.Accel, AccelAuto, AccelKVM, AccelTCG)
 	}
 	if c.VCPUs < 1 || c.VCPUs > 255 {
-		bad("VCPUs %d: must be between 1 and 255", c.VCPUs)
+		p.add("VCPUs %d: must be between 1 and 255", c.VCPUs)
 	}
 	if c.MemoryMiB < 64 {
-		bad("MemoryMiB %d: must be at least 64", c.MemoryMiB)
+		p.add("MemoryMiB %d: must be at least 64", c.MemoryMiB)
 	}
+}
+
+// validateBoot checks the kernel, initrd, firmware and kernel parameters.
+func (c *Config) validateBoot(p *problems) {
 	if c.Kernel == "" {
-		bad("Kernel: required; set it to the guest kernel image (e.g. /usr/share/podvm/vmlinuz)")
+		p.add("Kernel: required; set it to the guest kernel image (e.g. /usr/share/podvm/vmlinuz)")
 	} else if !filepath.IsAbs(c.Kernel) {
-		bad("Kernel %q: must be an absolute path", c.Kernel)
+		p.add("Kernel %q: must be an absolute path", c.Kernel)
 	}
 	if c.Initrd != "" && !filepath.IsAbs(c.Initrd) {
-		bad("Initrd %q: must be an absolute path", c.Initrd)
+		p.add("Initrd %q: must be an absolute path", c.Initrd)
 	}
 	if c.Firmware != "" && !filepath.IsAbs(c.Firmware) {
-		bad("Firmware %q: must be an absolute path", c.Firmware)
+		p.add("Firmware %q: must be an absolute path", c.Firmware)
 	}
-	for _, p := range c.KernelParams {
-		if p == "" || strings.ContainsAny(p, " \t\n") {
-			bad("KernelParams: %q is not one kernel parameter (empty or contains whitespace); give one parameter per element", p)
-		}
-	}
-	if c.SharedDir != "" {
-		if !filepath.IsAbs(c.SharedDir) {
-			bad("SharedDir %q: must be an absolute path", c.SharedDir)
-		}
-		if c.VirtiofsdPath == "" {
-			bad("VirtiofsdPath: empty with SharedDir set; set it or call Resolve")
-		}
-		switch c.VirtiofsCache {
-		case "auto", "always", "never":
-		default:
-			bad("VirtiofsCache %q: must be auto, always or never", c.VirtiofsCache)
+	for _, kp := range c.KernelParams {
+		if kp == "" || strings.ContainsAny(kp, " \t\n") {
+			p.add("KernelParams: %q is not one kernel parameter (empty or contains whitespace); give one parameter per element", kp)
 		}
 	}
+}
+
+// validateSharedDir checks the virtio-fs share, if there is one.
+func (c *Config) validateSharedDir(p *problems) {
+	if c.SharedDir == "" {
+		return
+	}
+	if !filepath.IsAbs(c.SharedDir) {
+		p.add("SharedDir %q: must be an absolute path", c.SharedDir)
+	}
+	if c.VirtiofsdPath == "" {
+		p.add("VirtiofsdPath: empty with SharedDir set; set it or call Resolve")
+	}
+	switch c.VirtiofsCache {
+	case "auto", "always", "never":
+	default:
+		p.add("VirtiofsCache %q: must be auto, always or never", c.VirtiofsCache)
+	}
+}
+
+// validateAgentTransport checks how the shim reaches the guest agent.
+func (c *Config) validateAgentTransport(p *problems) {
 	switch c.AgentTransport {
 	case TransportSerial:
 	case TransportVsock:
 		if c.VsockCID < 3 || c.VsockCID == 0xFFFFFFFF {
-			bad("VsockCID %d: AgentTransport vsock needs a host-unique guest CID >= 3", c.VsockCID)
+			p.add("VsockCID %d: AgentTransport vsock needs a host-unique guest CID >= 3", c.VsockCID)
 		}
 	default:
-		bad("AgentTransport %q: must be %q or %q (or empty to detect)", c.AgentTransport, TransportVsock, TransportSerial)
+		p.add("AgentTransport %q: must be %q or %q (or empty to detect)", c.AgentTransport, TransportVsock, TransportSerial)
 	}
-	if err := hypervisor.ValidateUIDRange(uint64(c.UIDBase), uint64(c.UIDCount)); err != nil {
-		bad("UIDBase/UIDCount: %w", err)
-	}
-	if c.HotplugSlots < 0 || c.HotplugSlots > hypervisor.MaxHotplugSlots {
-		bad("HotplugSlots %d: must be between 0 and %d (root ports on the root bus)", c.HotplugSlots, hypervisor.MaxHotplugSlots)
-	}
+}
+
+// validateNetDevices checks each network device and that their IDs are unique.
+func validateNetDevices(p *problems, devs []*hypervisor.NetDevice) {
 	seen := map[string]bool{}
-	for i, nd := range c.NetDevices {
+	for i, nd := range devs {
 		switch {
 		case nd == nil:
-			bad("NetDevices[%d]: nil", i)
+			p.add("NetDevices[%d]: nil", i)
 			continue
 		case !validID(nd.ID):
-			bad("NetDevices[%d].ID %q: must be non-empty and use only letters, digits, '-', '_' and '.'", i, nd.ID)
+			p.add("NetDevices[%d].ID %q: must be non-empty and use only letters, digits, '-', '_' and '.'", i, nd.ID)
 		case seen[nd.ID]:
-			bad("NetDevices[%d].ID %q: duplicate", i, nd.ID)
+			p.add("NetDevices[%d].ID %q: duplicate", i, nd.ID)
 		}
 		seen[nd.ID] = true
 		if len(nd.TapFiles) == 0 {
-			bad("NetDevices[%d].TapFiles: at least one tap file (one per queue) is required", i)
+			p.add("NetDevices[%d].TapFiles: at least one tap file (one per queue) is required", i)
 		}
 		for j, f := range nd.TapFiles {
 			if f == nil {
-				bad("NetDevices[%d].TapFiles[%d]: nil", i, j)
+				p.add("NetDevices[%d].TapFiles[%d]: nil", i, j)
 			}
 		}
 		if nd.MAC != nil && len(nd.MAC) != 6 {
-			bad("NetDevices[%d].MAC %q: must be a 6-byte Ethernet address", i, nd.MAC)
+			p.add("NetDevices[%d].MAC %q: must be a 6-byte Ethernet address", i, nd.MAC)
 		}
 		if nd.MTU != 0 && (nd.MTU < 68 || nd.MTU > 65535) {
-			bad("NetDevices[%d].MTU %d: must be 0 (default) or between 68 and 65535", i, nd.MTU)
+			p.add("NetDevices[%d].MTU %d: must be 0 (default) or between 68 and 65535", i, nd.MTU)
 		}
 	}
-	if len(errs) > 0 {
-		return fmt.Errorf("invalid qemu config: %w", errors.Join(errs...))
-	}
-	return nil
 }
 
 // opt escapes a value for a QEMU -opt list, where ',' must be doubled.
@@ -334,6 +367,24 @@ func (c Config) Args() ([]string, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
+	var a []string
+	for _, part := range [][]string{
+		c.machineArgs(),
+		c.bootArgs(),
+		c.controlArgs(),
+		c.agentArgs(),
+		c.sharedDirArgs(),
+		c.netArgs(),
+		c.hotplugArgs(),
+		c.confinementArgs(),
+	} {
+		a = append(a, part...)
+	}
+	return a, nil
+}
+
+// machineArgs name the VM and give it its machine type, accelerator, vCPUs and memory.
+func (c *Config) machineArgs() []string {
 	a := []string{
 		"-name", "podvm-" + c.ID + ",debug-threads=on",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -345,12 +396,17 @@ func (c Config) Args() ([]string, error) {
 		a = append(a, "-accel", "tcg,tb-size="+strconv.Itoa(tcgTranslationCacheMiB))
 	}
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
-	a = append(a,
+	return append(a,
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-m", mem,
 		"-object", "memory-backend-memfd,id=mem,size="+mem+",share=on",
 		"-numa", "node,memdev=mem",
 	)
+}
+
+// bootArgs are the firmware, kernel, initrd and kernel command line.
+func (c *Config) bootArgs() []string {
+	var a []string
 	if c.Firmware != "" {
 		a = append(a, "-bios", opt(c.Firmware))
 	}
@@ -358,36 +414,57 @@ func (c Config) Args() ([]string, error) {
 	if c.Initrd != "" {
 		a = append(a, "-initrd", opt(c.Initrd))
 	}
-	a = append(a, "-append", c.KernelCmdline())
-	a = append(a,
+	return append(a, "-append", c.KernelCmdline())
+}
+
+// controlArgs are the serial console, the QMP monitor, the pidfile and QEMU's own messages,
+// and the devices every VM has (an RNG).
+func (c *Config) controlArgs() []string {
+	return []string{
 		// The console goes into a pipe the VM drains into a size-capped log (the guest
 		// controls what it writes); QEMU gets the write end as a descriptor.
 		"-add-fd", fmt.Sprintf("fd=%d,set=%d,opaque=console", c.ConsoleFD(), consoleFdset),
 		// append=on: without it QEMU truncates, which a pipe refuses.
 		"-chardev", fmt.Sprintf("file,id=console,path=/dev/fdset/%d,append=on", consoleFdset),
 		"-serial", "chardev:console",
-		"-chardev", "socket,id=qmp,path="+opt(c.path(QMPSocket))+",server=on,wait=off",
+		"-chardev", "socket,id=qmp,path=" + opt(c.path(QMPSocket)) + ",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 		"-pidfile", c.path(QEMUPidFile),
 		"-msg", "timestamp=on",
 		"-device", "virtio-rng-pci,id=rng",
-	)
+	}
+}
+
+// agentArgs are the device the guest agent is reached through.
+func (c *Config) agentArgs() []string {
 	switch c.AgentTransport {
 	case TransportSerial:
-		a = append(a,
+		return []string{
 			"-device", "virtio-serial-pci,id=vser",
-			"-chardev", "socket,id=agent,path="+opt(c.path(AgentSocket))+",server=on,wait=off",
-			"-device", "virtserialport,bus=vser.0,chardev=agent,name="+hypervisor.AgentSerialPort,
-		)
+			"-chardev", "socket,id=agent,path=" + opt(c.path(AgentSocket)) + ",server=on,wait=off",
+			"-device", "virtserialport,bus=vser.0,chardev=agent,name=" + hypervisor.AgentSerialPort,
+		}
 	case TransportVsock:
-		a = append(a, "-device", "vhost-vsock-pci,id=vsock,guest-cid="+strconv.FormatUint(uint64(c.VsockCID), 10))
+		return []string{"-device", "vhost-vsock-pci,id=vsock,guest-cid=" + strconv.FormatUint(uint64(c.VsockCID), 10)}
 	}
-	if c.SharedDir != "" {
-		a = append(a,
-			"-chardev", "socket,id=fs,path="+opt(c.path(VirtiofsdSocket)),
-			"-device", "vhost-user-fs-pci,id=fs,chardev=fs,tag="+hypervisor.SharedFSTag,
-		)
+	return nil
+}
+
+// sharedDirArgs connect virtiofsd's socket as a virtio-fs device, with SharedDir set.
+func (c *Config) sharedDirArgs() []string {
+	if c.SharedDir == "" {
+		return nil
 	}
+	return []string{
+		"-chardev", "socket,id=fs,path=" + opt(c.path(VirtiofsdSocket)),
+		"-device", "vhost-user-fs-pci,id=fs,chardev=fs,tag=" + hypervisor.SharedFSTag,
+	}
+}
+
+// netArgs are a tap netdev and a virtio-net device per NetDevice, the tap files numbered as
+// ExtraFiles passes them (from fd 3).
+func (c *Config) netArgs() []string {
+	var a []string
 	fd := 3
 	for _, nd := range c.NetDevices {
 		fds := make([]string, len(nd.TapFiles))
@@ -395,42 +472,58 @@ func (c Config) Args() ([]string, error) {
 			fds[i] = strconv.Itoa(fd)
 			fd++
 		}
-		vhost := "off"
-		if nd.VhostNet {
-			vhost = "on"
-		}
-		netdev := "tap,id=net-" + nd.ID + ",vhost=" + vhost
-		dev := "virtio-net-pci,id=nic-" + nd.ID + ",netdev=net-" + nd.ID
-		if len(fds) == 1 {
-			netdev += ",fd=" + fds[0]
-		} else {
-			netdev += ",fds=" + strings.Join(fds, ":")
-			dev += ",mq=on,vectors=" + strconv.Itoa(2*len(fds)+2)
-		}
-		if nd.MAC != nil {
-			dev += ",mac=" + nd.MAC.String()
-		}
-		if nd.MTU != 0 {
-			dev += ",host_mtu=" + strconv.Itoa(nd.MTU)
-		}
+		netdev, dev := netDeviceArgs(nd, fds)
 		a = append(a, "-netdev", netdev, "-device", dev)
 	}
+	return a
+}
+
+// netDeviceArgs are the -netdev and -device values of one NetDevice whose tap files QEMU
+// has as descriptors fds.
+func netDeviceArgs(nd *hypervisor.NetDevice, fds []string) (netdev, dev string) {
+	vhost := "off"
+	if nd.VhostNet {
+		vhost = "on"
+	}
+	netdev = "tap,id=net-" + nd.ID + ",vhost=" + vhost
+	dev = "virtio-net-pci,id=nic-" + nd.ID + ",netdev=net-" + nd.ID
+	if len(fds) == 1 {
+		netdev += ",fd=" + fds[0]
+	} else {
+		netdev += ",fds=" + strings.Join(fds, ":")
+		dev += ",mq=on,vectors=" + strconv.Itoa(2*len(fds)+2)
+	}
+	if nd.MAC != nil {
+		dev += ",mac=" + nd.MAC.String()
+	}
+	if nd.MTU != 0 {
+		dev += ",host_mtu=" + strconv.Itoa(nd.MTU)
+	}
+	return netdev, dev
+}
+
+// hotplugArgs are the empty PCIe root ports block devices are hot-plugged into.
+func (c *Config) hotplugArgs() []string {
+	var a []string
 	for i := 0; i < c.HotplugSlots; i++ {
 		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", rootPort(i), i+1))
 	}
-	// Confinement: once QEMU has opened everything (memory, kernel, devices, sockets, the
-	// console), it chroots into an empty root-owned directory and drops to an unprivileged
-	// uid/gid, which leaves it no capabilities. QEMU 7.2 installs its seccomp filter before
-	// it drops privileges, so elevateprivileges=deny would kill it at its own setgid();
-	// allow is safe after the drop (all its uids are the unprivileged one, so set*id cannot
-	// gain anything) and spawn=deny still forbids exec.
+	return a
+}
+
+// confinementArgs: once QEMU has opened everything (memory, kernel, devices, sockets, the
+// console), it chroots into an empty root-owned directory and drops to an unprivileged
+// uid/gid, which leaves it no capabilities. QEMU 7.2 installs its seccomp filter before
+// it drops privileges, so elevateprivileges=deny would kill it at its own setgid();
+// allow is safe after the drop (all its uids are the unprivileged one, so set*id cannot
+// gain anything) and spawn=deny still forbids exec.
+func (c *Config) confinementArgs() []string {
 	uid, gid := c.RunAs()
-	a = append(a,
+	return []string{
 		"-runas", fmt.Sprintf("%d:%d", uid, gid),
 		"-chroot", c.path(ChrootDir),
 		"-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
-	)
-	return a, nil
+	}
 }
 
 func rootPort(i int) string { return "hp" + strconv.Itoa(i) }

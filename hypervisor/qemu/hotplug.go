@@ -61,67 +61,25 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64) (blockdev, d
 	if d.File == nil {
 		return nil, nil, fmt.Errorf("device %q (%s): no open File; the VM is given descriptors, never paths: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
 	}
-	format := d.Format
-	switch format {
-	case "":
-		format = "raw"
-	case "raw", "qcow2":
-	default:
-		return nil, nil, fmt.Errorf("Format %q: must be raw or qcow2: %w", d.Format, errdefs.ErrInvalidArgument)
-	}
-	serial := d.Serial
-	if serial == "" {
-		serial = d.ID
-	}
-	if len(serial) > maxSerial {
-		return nil, nil, fmt.Errorf("Serial %q: longer than virtio-blk's %d bytes; set a shorter Serial: %w", serial, maxSerial, errdefs.ErrInvalidArgument)
-	}
-	direct := true
-	switch d.Cache {
-	case "", "none":
-	case "writeback":
-		direct = false
-	default:
-		return nil, nil, fmt.Errorf("Cache %q: must be none or writeback: %w", d.Cache, errdefs.ErrInvalidArgument)
-	}
-	aio := d.AIO
-	switch aio {
-	case "":
-		aio = "threads"
-	case "threads", "io_uring":
-	case "native":
-		if !direct {
-			return nil, nil, fmt.Errorf("AIO native needs Cache none (O_DIRECT): %w", errdefs.ErrInvalidArgument)
-		}
-	default:
-		return nil, nil, fmt.Errorf("AIO %q: must be threads, native or io_uring: %w", d.AIO, errdefs.ErrInvalidArgument)
-	}
-	st, err := d.File.Stat()
+	o, err := resolveBlockOptions(d)
 	if err != nil {
-		return nil, nil, fmt.Errorf("device %q (%s): %w", d.ID, d.Path, err)
+		return nil, nil, err
 	}
-	driver := "file"
-	switch {
-	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
-		driver = "host_device"
-	case st.Mode().IsRegular():
-	default:
-		return nil, nil, fmt.Errorf("device %q (%s): neither a block device nor a regular file: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
-	}
-	if err := checkAccessMode(d.File, d.ReadOnly); err != nil {
-		return nil, nil, fmt.Errorf("device %q (%s): %w", d.ID, d.Path, err)
+	driver, err := blockFileDriver(d)
+	if err != nil {
+		return nil, nil, err
 	}
 	node, dev := blockNames(slot)
-	cache := map[string]any{"direct": direct, "no-flush": false}
+	cache := map[string]any{"direct": o.direct, "no-flush": false}
 	blockdev = map[string]any{
-		"driver":    format,
+		"driver":    o.format,
 		"node-name": node,
 		"read-only": d.ReadOnly,
 		"cache":     cache,
 		"file": map[string]any{
 			"driver":    driver,
 			"filename":  fmt.Sprintf("/dev/fdset/%d", fdset),
-			"aio":       aio,
+			"aio":       o.aio,
 			"read-only": d.ReadOnly,
 			"cache":     cache,
 		},
@@ -131,9 +89,75 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64) (blockdev, d
 		"id":     dev,
 		"drive":  node,
 		"bus":    rootPort(slot),
-		"serial": serial,
+		"serial": o.serial,
 	}
 	return blockdev, device, nil
+}
+
+// blockOptions are a BlockDevice's settings with the defaults filled in.
+type blockOptions struct {
+	format string // image format: raw or qcow2
+	serial string // the serial the guest sees
+	direct bool   // O_DIRECT (Cache none)
+	aio    string // threads, native or io_uring
+}
+
+// resolveBlockOptions checks d's Format, Serial, Cache and AIO and fills in their defaults.
+func resolveBlockOptions(d *hypervisor.BlockDevice) (blockOptions, error) {
+	o := blockOptions{format: d.Format, serial: d.Serial, direct: true, aio: d.AIO}
+	switch o.format {
+	case "":
+		o.format = "raw"
+	case "raw", "qcow2":
+	default:
+		return o, fmt.Errorf("image format %q (Format): must be raw or qcow2: %w", d.Format, errdefs.ErrInvalidArgument)
+	}
+	if o.serial == "" {
+		o.serial = d.ID
+	}
+	if len(o.serial) > maxSerial {
+		return o, fmt.Errorf("serial %q (Serial): longer than virtio-blk's %d bytes; set a shorter Serial: %w", o.serial, maxSerial, errdefs.ErrInvalidArgument)
+	}
+	switch d.Cache {
+	case "", "none":
+	case "writeback":
+		o.direct = false
+	default:
+		return o, fmt.Errorf("cache mode %q (Cache): must be none or writeback: %w", d.Cache, errdefs.ErrInvalidArgument)
+	}
+	switch o.aio {
+	case "":
+		o.aio = "threads"
+	case "threads", "io_uring":
+	case "native":
+		if !o.direct {
+			return o, fmt.Errorf("AIO native needs Cache none (O_DIRECT): %w", errdefs.ErrInvalidArgument)
+		}
+	default:
+		return o, fmt.Errorf("AIO %q: must be threads, native or io_uring: %w", d.AIO, errdefs.ErrInvalidArgument)
+	}
+	return o, nil
+}
+
+// blockFileDriver returns QEMU's protocol driver for d.File (host_device for a block device,
+// file for a regular file), after checking that the descriptor's access mode fits ReadOnly.
+func blockFileDriver(d *hypervisor.BlockDevice) (string, error) {
+	st, err := d.File.Stat()
+	if err != nil {
+		return "", fmt.Errorf("device %q (%s): %w", d.ID, d.Path, err)
+	}
+	driver := "file"
+	switch {
+	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
+		driver = "host_device"
+	case st.Mode().IsRegular():
+	default:
+		return "", fmt.Errorf("device %q (%s): neither a block device nor a regular file: %w", d.ID, d.Path, errdefs.ErrInvalidArgument)
+	}
+	if err := checkAccessMode(d.File, d.ReadOnly); err != nil {
+		return "", fmt.Errorf("device %q (%s): %w", d.ID, d.Path, err)
+	}
+	return driver, nil
 }
 
 func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -100,7 +101,7 @@ func New(hc hypervisor.Config) (*VM, error) {
 	}
 	var errs []error
 	if _, err := exec.LookPath(cfg.Binary); err != nil {
-		errs = append(errs, fmt.Errorf("Binary %q (hypervisor.qemu_path): not an executable: %w", cfg.Binary, err))
+		errs = append(errs, fmt.Errorf("qemu binary %q (Binary, hypervisor.qemu_path): not an executable: %w", cfg.Binary, err))
 	}
 	for _, f := range []struct{ field, path string }{{"Kernel", cfg.Kernel}, {"Initrd", cfg.Initrd}, {"Firmware", cfg.Firmware}} {
 		if f.path == "" {
@@ -123,7 +124,7 @@ func New(hc hypervisor.Config) (*VM, error) {
 		}
 	}
 	if cfg.Accel == AccelKVM && DetectAccel() != AccelKVM {
-		errs = append(errs, errors.New("Accel \"kvm\": /dev/kvm is missing or unusable here; load kvm_intel/kvm_amd, or use Accel \"tcg\" or \"auto\""))
+		errs = append(errs, errors.New("accel \"kvm\" (Accel): /dev/kvm is missing or unusable here; load kvm_intel/kvm_amd, or use Accel \"tcg\" or \"auto\""))
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("invalid qemu config: %w", errors.Join(errs...))
@@ -211,23 +212,21 @@ func (v *VM) setState(s vmState) {
 	v.mu.Unlock()
 }
 
-func (v *VM) start(ctx context.Context) (err error) {
+func (v *VM) start(ctx context.Context) error {
 	cfg := &v.cfg
-	// Tap files belong to the VM: QEMU has its own copies once started.
+	// Tap files belong to the VM: QEMU has its own copies once started, and on failure nobody
+	// else needs them.
 	defer func() {
 		for _, f := range cfg.ExtraFiles() {
-			f.Close()
+			_ = f.Close()
 		}
 	}()
 	args, err := cfg.Args()
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("creating state dir: %w", err)
-	}
-	for _, f := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
-		os.Remove(cfg.path(f))
+	if err := prepareStateDir(cfg); err != nil {
+		return err
 	}
 	if cfg.SharedDir != "" {
 		fs, err := startVirtiofsd(ctx, cfg)
@@ -236,26 +235,64 @@ func (v *VM) start(ctx context.Context) (err error) {
 		}
 		v.fs = fs
 	}
-
 	if err := makeChroot(cfg.path(ChrootDir)); err != nil {
 		return err
 	}
-	// QEMU's stdout/stderr and the guest's console are capped: the guest can make QEMU
-	// print, and writes its console at will.
-	qemuLog, err := logfile.NewCapped(cfg.path(QEMULog), ConsoleLogMax)
+	cmd, err := v.launchQEMU(ctx, args)
 	if err != nil {
-		return fmt.Errorf("creating QEMU log: %w", err)
+		return err
 	}
-	consoleLog, err := logfile.NewCapped(cfg.path(ConsoleLog), ConsoleLogMax)
+	mon, err := v.dialMonitor(ctx)
 	if err != nil {
-		qemuLog.Close()
-		return fmt.Errorf("creating console log: %w", err)
+		return err
 	}
+	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
+	v.attachMonitor(ctx, mon)
+	return nil
+}
+
+// prepareStateDir creates the state dir and removes the sockets an earlier start left there.
+func prepareStateDir(cfg *Config) error {
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("creating state dir: %w", err)
+	}
+	for _, f := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
+		// Best effort: QEMU and virtiofsd bind these anew, and say in their logs if they cannot.
+		_ = os.Remove(cfg.path(f))
+	}
+	return nil
+}
+
+// openLogs creates QEMU's own log and the console log, both capped: the guest can make QEMU
+// print, and writes its console at will.
+func openLogs(cfg *Config) (qemuLog, consoleLog *logfile.Capped, err error) {
+	qemuLog, err = logfile.NewCapped(cfg.path(QEMULog), ConsoleLogMax)
+	if err != nil {
+		return nil, nil, fmt.Errorf("creating QEMU log: %w", err)
+	}
+	consoleLog, err = logfile.NewCapped(cfg.path(ConsoleLog), ConsoleLogMax)
+	if err != nil {
+		_ = qemuLog.Close() // nothing written to it yet
+		return nil, nil, fmt.Errorf("creating console log: %w", err)
+	}
+	return qemuLog, consoleLog, nil
+}
+
+// launchQEMU starts QEMU with args, its output going to QEMU's log and the guest's console
+// into a pipe drained into the console log, and starts reaping it (see reap).
+func (v *VM) launchQEMU(ctx context.Context, args []string) (*exec.Cmd, error) {
+	cfg := &v.cfg
+	qemuLog, consoleLog, err := openLogs(cfg)
+	if err != nil {
+		return nil, err
+	}
+	// On the failure paths below nothing has been written to the logs yet: closing them
+	// cannot report anything.
 	consoleR, consoleW, err := os.Pipe()
 	if err != nil {
-		qemuLog.Close()
-		consoleLog.Close()
-		return fmt.Errorf("creating console pipe: %w", err)
+		_ = qemuLog.Close()
+		_ = consoleLog.Close()
+		return nil, fmt.Errorf("creating console pipe: %w", err)
 	}
 	cmd := exec.Command(cfg.Binary, args...)
 	cmd.Stdout, cmd.Stderr = qemuLog, qemuLog
@@ -263,14 +300,25 @@ func (v *VM) start(ctx context.Context) (err error) {
 	cmd.SysProcAttr = childProcAttr()
 	v.logger(ctx).WithField("args", args).Debug("starting qemu")
 	err = cmd.Start()
-	// QEMU holds the only write end now: the drain below ends when QEMU exits.
-	consoleW.Close()
+	// QEMU holds the only write end now: the drain ends when QEMU exits. Closing our copy of
+	// a pipe end cannot fail in a way that matters.
+	_ = consoleW.Close()
 	if err != nil {
-		consoleR.Close()
-		consoleLog.Close()
-		qemuLog.Close()
-		return fmt.Errorf("running %s: %w", cfg.Binary, err)
+		_ = consoleR.Close()
+		_ = consoleLog.Close()
+		_ = qemuLog.Close()
+		return nil, fmt.Errorf("running %s: %w", cfg.Binary, err)
 	}
+	v.mu.Lock()
+	v.cmd = cmd
+	v.mu.Unlock()
+	v.reap(ctx, cmd, qemuLog, consoleR, consoleLog)
+	return cmd, nil
+}
+
+// reap drains the console pipe into the console log and waits for QEMU to exit; then it
+// records how QEMU exited and closes v.done.
+func (v *VM) reap(ctx context.Context, cmd *exec.Cmd, qemuLog io.Closer, consoleR io.ReadCloser, consoleLog io.WriteCloser) {
 	consoleDone := make(chan struct{})
 	go func() {
 		defer close(consoleDone)
@@ -278,25 +326,28 @@ func (v *VM) start(ctx context.Context) (err error) {
 			v.logger(ctx).WithError(err).Warn("console log")
 		}
 	}()
-	v.mu.Lock()
-	v.cmd = cmd
-	v.mu.Unlock()
 	go func() {
 		werr := cmd.Wait() // also waits for qemu.log's copy to end
-		qemuLog.Close()
+		if err := qemuLog.Close(); err != nil {
+			v.logger(ctx).WithError(err).Warn("qemu log")
+		}
 		// Done means the console log is complete too; the bound is for a write end that
 		// something other than QEMU holds open (none should).
 		select {
 		case <-consoleDone:
 		case <-time.After(2 * time.Second):
-			consoleR.Close()
+			_ = consoleR.Close() // only to end the drain: it reports the console log's errors
 		}
 		v.mu.Lock()
 		v.exitErr = werr
 		v.mu.Unlock()
 		v.doneOnce.Do(func() { close(v.done) })
 	}()
+}
 
+// dialMonitor connects to QEMU's QMP socket, giving up when ctx ends or QEMU exits.
+func (v *VM) dialMonitor(ctx context.Context) (*qmp.Client, error) {
+	qemuLog := v.cfg.path(QEMULog)
 	dctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
@@ -306,7 +357,7 @@ func (v *VM) start(ctx context.Context) (err error) {
 		case <-dctx.Done():
 		}
 	}()
-	mon, err := qmp.Dial(dctx, cfg.path(QMPSocket))
+	mon, err := qmp.Dial(dctx, v.cfg.path(QMPSocket))
 	if err != nil {
 		// QEMU exiting usually shows up first as a closed monitor: give it a moment to be
 		// reaped so the error carries QEMU's own complaint.
@@ -314,14 +365,12 @@ func (v *VM) start(ctx context.Context) (err error) {
 		defer t.Stop()
 		select {
 		case <-v.done:
-			return fmt.Errorf("qemu exited during startup (%v): %s", v.ExitError(), logTail(cfg.path(QEMULog)))
+			return nil, fmt.Errorf("qemu exited during startup (%v): %s", v.ExitError(), logTail(qemuLog))
 		case <-t.C:
 		}
-		return fmt.Errorf("connecting to QMP: %w (%s)", err, logTail(cfg.path(QEMULog)))
+		return nil, fmt.Errorf("connecting to QMP: %w (%s)", err, logTail(qemuLog))
 	}
-	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
-	v.attachMonitor(ctx, mon)
-	return nil
+	return mon, nil
 }
 
 // makeChroot makes dir the empty, root-owned directory QEMU chroots into. A leftover from an
@@ -402,6 +451,15 @@ func (v *VM) Stop(ctx context.Context) error {
 	return nil
 }
 
+// removePidFile removes the pidfile of a process that has exited. Like Cleanup, it treats
+// failing to remove one as an error: a pidfile says the process may still be running.
+func removePidFile(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing pidfile: %w", err)
+	}
+	return nil
+}
+
 // teardown stops whatever start got to. graceful asks QEMU to quit first.
 func (v *VM) teardown(ctx context.Context, graceful bool) error {
 	var errs []error
@@ -412,16 +470,16 @@ func (v *VM) teardown(ctx context.Context, graceful bool) error {
 		if err := v.stopQEMU(ctx, cmd, mon, graceful); err != nil {
 			errs = append(errs, err)
 		}
-		os.Remove(v.cfg.path(QEMUPidFile))
+		errs = append(errs, removePidFile(v.cfg.path(QEMUPidFile)))
 	}
 	if mon != nil {
-		mon.Close()
+		_ = mon.Close() // QEMU is gone or being killed: the connection only has to be released
 	}
 	if v.fs != nil {
 		if err := v.fs.stop(ctx); err != nil {
 			errs = append(errs, err)
 		}
-		os.Remove(v.cfg.path(VirtiofsdPid))
+		errs = append(errs, removePidFile(v.cfg.path(VirtiofsdPid)))
 		v.fs = nil
 	}
 	return errors.Join(errs...)
@@ -537,7 +595,7 @@ func (v *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	case <-ctx.Done():
 		go func() {
 			if r := <-ch; r.c != nil {
-				r.c.Close()
+				_ = r.c.Close() // a late connection nobody asked for any more
 			}
 		}()
 		return nil, ctx.Err()
