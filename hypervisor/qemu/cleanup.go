@@ -39,7 +39,8 @@ func Cleanup(ctx context.Context, stateDir string) error {
 		if processIs(pid, p.binary, p.marker) {
 			log.G(ctx).WithField("pid", pid).WithField("binary", p.binary).Info("killing leftover process")
 			if pgid, err := syscall.Getpgid(pid); err == nil && pgid == pid {
-				syscall.Kill(-pid, syscall.SIGKILL) // virtiofsd's sandboxed child too
+				// virtiofsd's sandboxed child too; killAndWait below checks the process itself.
+				_ = syscall.Kill(-pid, syscall.SIGKILL)
 			}
 			if err := killAndWait(ctx, pid); err != nil {
 				errs = append(errs, err)
@@ -51,7 +52,8 @@ func Cleanup(ctx context.Context, stateDir string) error {
 		}
 	}
 	for _, s := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
-		os.Remove(filepath.Join(stateDir, s))
+		// Best effort: nothing listens on them any more, and Start removes them again.
+		_ = os.Remove(filepath.Join(stateDir, s))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("cleaning up VM state in %s: %w", stateDir, err)

@@ -62,7 +62,9 @@ func autoDelete(mon *qmp.FakeMonitor) {
 			return nil, false, nil
 		}
 		var a struct{ ID string }
-		json.Unmarshal(args, &a)
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, true, err
+		}
 		go mon.InjectEvent(qmp.Event{Name: "DEVICE_DELETED", Data: json.RawMessage(`{"device":"` + a.ID + `","path":"/machine/peripheral/` + a.ID + `"}`)})
 		return struct{}{}, true, nil
 	})
@@ -185,7 +187,9 @@ func TestHotplugErrors(t *testing.T) {
 		{
 			name: "duplicate id",
 			setup: func(v *VM, mon *qmp.FakeMonitor) {
-				v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img})
+				if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
+					panic(err)
+				}
 			},
 			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			is:      errdefs.ErrAlreadyExists,

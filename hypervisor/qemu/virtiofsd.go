@@ -3,6 +3,7 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -120,12 +121,13 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 	if err != nil {
 		return nil, err
 	}
-	os.Remove(sock)
+	// Best effort: virtiofsd binds anew and says in its log if it cannot.
+	_ = os.Remove(sock)
 	logf, err := os.OpenFile(cfg.path(VirtiofsdLog), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("creating virtiofsd log: %w", err)
 	}
-	defer logf.Close()
+	defer func() { _ = logf.Close() }() // virtiofsd writes to its own copy
 	cmd := exec.Command(cfg.VirtiofsdPath, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = childProcAttr()
@@ -139,12 +141,10 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 		close(v.done)
 	}()
 	if err := writePidFile(cfg.path(VirtiofsdPid), cmd.Process.Pid); err != nil {
-		v.stop(ctx)
-		return nil, err
+		return nil, errors.Join(err, v.stop(ctx))
 	}
 	if err := v.waitListening(ctx, sock, cfg.path(VirtiofsdLog)); err != nil {
-		v.stop(ctx)
-		return nil, err
+		return nil, errors.Join(err, v.stop(ctx))
 	}
 	return v, nil
 }
@@ -202,8 +202,9 @@ func (v *virtiofsd) stop(ctx context.Context) error {
 		return waitGroupGone(v.pid())
 	default:
 	}
-	// Signal the process group: the C virtiofsd forks into its sandbox.
-	syscall.Kill(-v.pid(), syscall.SIGTERM)
+	// Signal the process group: the C virtiofsd forks into its sandbox. The signals fail only
+	// when the group is gone already, which the waits below see.
+	_ = syscall.Kill(-v.pid(), syscall.SIGTERM)
 	t := time.NewTimer(2 * time.Second)
 	defer t.Stop()
 	select {
@@ -212,7 +213,7 @@ func (v *virtiofsd) stop(ctx context.Context) error {
 	case <-t.C:
 	case <-ctx.Done():
 	}
-	syscall.Kill(-v.pid(), syscall.SIGKILL)
+	_ = syscall.Kill(-v.pid(), syscall.SIGKILL)
 	select {
 	case <-v.done:
 		return waitGroupGone(v.pid())
@@ -231,7 +232,7 @@ func waitGroupGone(pgid int) error {
 			if killed {
 				return fmt.Errorf("process group %d still has processes after SIGKILL", pgid)
 			}
-			syscall.Kill(-pgid, syscall.SIGKILL)
+			_ = syscall.Kill(-pgid, syscall.SIGKILL) // the loop checks whether it worked
 			killed, deadline = true, time.Now().Add(5*time.Second)
 		}
 		time.Sleep(10 * time.Millisecond)
