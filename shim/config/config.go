@@ -226,119 +226,136 @@ func (c *Config) source() string {
 // Validate checks every value and reports all bad ones, each with its key, what is wrong and an
 // example of a good value.
 func (c *Config) Validate() error {
-	var errs []error
-	bad := func(key string, value any, problem string) {
-		errs = append(errs, fmt.Errorf("%s = %s: %s; use e.g. %s", key, tomlValue(value), problem, example(key)))
+	var p problems
+	validateHypervisor(&p, &c.Hypervisor)
+	validateSandbox(&p, &c.Sandbox)
+	for _, a := range c.Annotations.Allowed {
+		if problem := checkPattern(a); problem != "" {
+			p.bad("annotations.allowed", c.Annotations.Allowed, fmt.Sprintf("%q %s", a, problem))
+		}
 	}
-	h := &c.Hypervisor
+	if !slices.Contains([]string{"auto", "always", "never"}, c.Virtiofs.Cache) {
+		p.bad("virtiofs.cache", c.Virtiofs.Cache, `must be "auto", "always" or "never"`)
+	}
+	validateBlock(&p, &c.Block)
+	if len(p) == 0 {
+		return nil
+	}
+	return &Error{File: c.source(), Errs: []error(p)}
+}
+
+// problems collects what Validate finds wrong, in the order it checks.
+type problems []error
+
+// bad records that key = value is wrong because of problem.
+func (p *problems) bad(key string, value any, problem string) {
+	*p = append(*p, fmt.Errorf("%s = %s: %s; use e.g. %s", key, tomlValue(value), problem, example(key)))
+}
+
+// absPath checks that path, the value of key, is absolute (or empty when optional).
+func (p *problems) absPath(key, path string, optional bool) {
+	switch {
+	case path == "" && optional:
+	case path == "":
+		p.bad(key, path, "empty")
+	case !filepath.IsAbs(path):
+		p.bad(key, path, "must be an absolute path")
+	}
+}
+
+// validateHypervisor checks the [hypervisor] section.
+func validateHypervisor(p *problems, h *Hypervisor) {
 	if h.Kind == "" || strings.ContainsAny(h.Kind, " \t/") {
-		bad("hypervisor.kind", h.Kind, "must name a hypervisor implementation")
+		p.bad("hypervisor.kind", h.Kind, "must name a hypervisor implementation")
 	}
 	switch {
 	case h.QEMUPath == "":
-		bad("hypervisor.qemu_path", h.QEMUPath, "empty")
+		p.bad("hypervisor.qemu_path", h.QEMUPath, "empty")
 	case strings.ContainsRune(h.QEMUPath, '/') && !filepath.IsAbs(h.QEMUPath):
-		bad("hypervisor.qemu_path", h.QEMUPath, "must be an absolute path or a command name looked up in PATH")
+		p.bad("hypervisor.qemu_path", h.QEMUPath, "must be an absolute path or a command name looked up in PATH")
 	}
 	if !slices.Contains([]string{hypervisor.AccelAuto, hypervisor.AccelKVM, hypervisor.AccelTCG}, h.Accel) {
-		bad("hypervisor.accel", h.Accel, `must be "auto", "kvm" or "tcg"`)
+		p.bad("hypervisor.accel", h.Accel, `must be "auto", "kvm" or "tcg"`)
 	}
-	absPath := func(key, p string, optional bool) {
-		switch {
-		case p == "" && optional:
-		case p == "":
-			bad(key, p, "empty")
-		case !filepath.IsAbs(p):
-			bad(key, p, "must be an absolute path")
-		}
-	}
-	absPath("hypervisor.kernel", h.Kernel, false)
-	absPath("hypervisor.initrd", h.Initrd, false)
-	absPath("hypervisor.firmware", h.Firmware, true)
-	absPath("hypervisor.virtiofsd_path", h.VirtiofsdPath, true)
-	for _, p := range h.KernelParams {
-		if p == "" || strings.ContainsAny(p, " \t\r\n") {
-			bad("hypervisor.kernel_params", h.KernelParams, fmt.Sprintf("%q is not one kernel parameter (empty or contains whitespace); give one parameter per element", p))
+	p.absPath("hypervisor.kernel", h.Kernel, false)
+	p.absPath("hypervisor.initrd", h.Initrd, false)
+	p.absPath("hypervisor.firmware", h.Firmware, true)
+	p.absPath("hypervisor.virtiofsd_path", h.VirtiofsdPath, true)
+	for _, kp := range h.KernelParams {
+		if kp == "" || strings.ContainsAny(kp, " \t\r\n") {
+			p.bad("hypervisor.kernel_params", h.KernelParams, fmt.Sprintf("%q is not one kernel parameter (empty or contains whitespace); give one parameter per element", kp))
 			break
 		}
 	}
 	if !slices.Contains([]string{"", hypervisor.TransportAuto, hypervisor.TransportVsock, hypervisor.TransportSerial}, h.AgentTransport) {
-		bad("hypervisor.agent_transport", h.AgentTransport, `must be "" (auto), "vsock" or "serial"`)
+		p.bad("hypervisor.agent_transport", h.AgentTransport, `must be "" (auto), "vsock" or "serial"`)
 	}
 	if h.HotplugSlots < 0 || h.HotplugSlots > hypervisor.MaxHotplugSlots {
-		bad("hypervisor.hotplug_slots", h.HotplugSlots, fmt.Sprintf("must be between 0 and %d", hypervisor.MaxHotplugSlots))
+		p.bad("hypervisor.hotplug_slots", h.HotplugSlots, fmt.Sprintf("must be between 0 and %d", hypervisor.MaxHotplugSlots))
 	}
 	switch {
 	case h.UIDBase < 0:
-		bad("hypervisor.uid_base", h.UIDBase, "must not be negative")
+		p.bad("hypervisor.uid_base", h.UIDBase, "must not be negative")
 	case h.UIDCount < 0:
-		bad("hypervisor.uid_count", h.UIDCount, "must not be negative")
+		p.bad("hypervisor.uid_count", h.UIDCount, "must not be negative")
 	default:
 		if err := hypervisor.ValidateUIDRange(uint64(h.UIDBase), uint64(h.UIDCount)); err != nil {
-			bad("hypervisor.uid_base/uid_count", fmt.Sprintf("%d/%d", h.UIDBase, h.UIDCount), err.Error())
+			p.bad("hypervisor.uid_base/uid_count", fmt.Sprintf("%d/%d", h.UIDBase, h.UIDCount), err.Error())
 		}
 	}
+}
 
-	s := &c.Sandbox
+// validateSandbox checks the [sandbox] section: each default within its maximum (when that
+// maximum is itself valid), the overhead, the state dir and the agent timeout.
+func validateSandbox(p *problems, s *Sandbox) {
 	maxOK := true
 	if s.MaxVCPUs < 1 || s.MaxVCPUs > MaxVCPUsLimit {
-		bad("sandbox.max_vcpus", s.MaxVCPUs, fmt.Sprintf("must be between 1 and %d", MaxVCPUsLimit))
+		p.bad("sandbox.max_vcpus", s.MaxVCPUs, fmt.Sprintf("must be between 1 and %d", MaxVCPUsLimit))
 		maxOK = false
 	}
 	switch {
 	case s.DefaultVCPUs < 1:
-		bad("sandbox.default_vcpus", s.DefaultVCPUs, "must be at least 1")
+		p.bad("sandbox.default_vcpus", s.DefaultVCPUs, "must be at least 1")
 	case maxOK && s.DefaultVCPUs > s.MaxVCPUs:
-		bad("sandbox.default_vcpus", s.DefaultVCPUs, fmt.Sprintf("more than max_vcpus = %d", s.MaxVCPUs))
+		p.bad("sandbox.default_vcpus", s.DefaultVCPUs, fmt.Sprintf("more than max_vcpus = %d", s.MaxVCPUs))
 	}
 	maxOK = true
 	if s.MaxMemory < MinMemory {
-		bad("sandbox.max_memory", s.MaxMemory, "less than the minimum "+MinMemory.String())
+		p.bad("sandbox.max_memory", s.MaxMemory, "less than the minimum "+MinMemory.String())
 		maxOK = false
 	}
 	switch {
 	case s.DefaultMemory < MinMemory:
-		bad("sandbox.default_memory", s.DefaultMemory, "less than the minimum "+MinMemory.String())
+		p.bad("sandbox.default_memory", s.DefaultMemory, "less than the minimum "+MinMemory.String())
 	case maxOK && s.DefaultMemory > s.MaxMemory:
-		bad("sandbox.default_memory", s.DefaultMemory, "more than max_memory = "+s.MaxMemory.String())
+		p.bad("sandbox.default_memory", s.DefaultMemory, "more than max_memory = "+s.MaxMemory.String())
 	}
 	if s.MemoryOverhead < 0 {
-		bad("sandbox.memory_overhead", s.MemoryOverhead, "must not be negative")
+		p.bad("sandbox.memory_overhead", s.MemoryOverhead, "must not be negative")
 	}
-	absPath("sandbox.state_dir", s.StateDir, false)
+	p.absPath("sandbox.state_dir", s.StateDir, false)
 	if s.AgentTimeout.Duration < time.Second {
-		bad("sandbox.agent_timeout", s.AgentTimeout, "must be at least 1s")
+		p.bad("sandbox.agent_timeout", s.AgentTimeout, "must be at least 1s")
 	}
+}
 
-	for _, a := range c.Annotations.Allowed {
-		if problem := checkPattern(a); problem != "" {
-			bad("annotations.allowed", c.Annotations.Allowed, fmt.Sprintf("%q %s", a, problem))
-		}
+// validateBlock checks the [block] section.
+func validateBlock(p *problems, b *Block) {
+	if !slices.Contains([]string{"none", "writeback"}, b.Cache) {
+		p.bad("block.cache", b.Cache, `must be "none" or "writeback"`)
 	}
-
-	if !slices.Contains([]string{"auto", "always", "never"}, c.Virtiofs.Cache) {
-		bad("virtiofs.cache", c.Virtiofs.Cache, `must be "auto", "always" or "never"`)
-	}
-	if !slices.Contains([]string{"none", "writeback"}, c.Block.Cache) {
-		bad("block.cache", c.Block.Cache, `must be "none" or "writeback"`)
-	}
-	switch c.Block.AIO {
+	switch b.AIO {
 	case "threads", "io_uring":
 	case "native":
-		if c.Block.Cache != "none" {
-			bad("block.aio", c.Block.AIO, `needs block.cache = "none" (O_DIRECT); with "writeback" use "threads" or "io_uring"`)
+		if b.Cache != "none" {
+			p.bad("block.aio", b.AIO, `needs block.cache = "none" (O_DIRECT); with "writeback" use "threads" or "io_uring"`)
 		}
 	default:
-		bad("block.aio", c.Block.AIO, `must be "threads", "native" or "io_uring"`)
+		p.bad("block.aio", b.AIO, `must be "threads", "native" or "io_uring"`)
 	}
-	if c.Block.MaxDiskSize < 16*MiB {
-		bad("block.max_disk_size", c.Block.MaxDiskSize.String(), `must be at least 16Mi (the smallest disk image); e.g. "32Gi"`)
+	if b.MaxDiskSize < 16*MiB {
+		p.bad("block.max_disk_size", b.MaxDiskSize.String(), `must be at least 16Mi (the smallest disk image); e.g. "32Gi"`)
 	}
-
-	if len(errs) == 0 {
-		return nil
-	}
-	return &Error{File: c.source(), Errs: errs}
 }
 
 // Error is a config file that does not decode or validate; Errs has one error per problem.
@@ -477,7 +494,8 @@ func decodeError(file string, data []byte, err error) error {
 func nonStringValue(data []byte) error {
 	var doc map[string]any
 	if toml.Unmarshal(data, &doc) != nil {
-		return nil
+		// Not TOML at all: there is no value to point at, and decodeError keeps go-toml's error.
+		return nil //nolint:nilerr // nil means "no such value found", not success
 	}
 	t := reflect.TypeFor[Config]()
 	for _, typ := range []reflect.Type{reflect.TypeFor[Duration](), reflect.TypeFor[Bytes]()} {

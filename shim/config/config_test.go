@@ -42,7 +42,9 @@ func TestLoadDefaults(t *testing.T) {
 	}
 
 	// An empty file is the defaults too, with Path set.
-	os.WriteFile(def, nil, 0o644)
+	if err := os.WriteFile(def, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	c, err := load("", def)
 	if err != nil || c.Path != def {
 		t.Fatalf("empty file: %+v, %v", c, err)
@@ -59,7 +61,7 @@ func TestLoadDefaults(t *testing.T) {
 
 func TestLoadFullFile(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "podvm.toml")
-	os.WriteFile(p, []byte(`
+	err := os.WriteFile(p, []byte(`
 [hypervisor]
 qemu_path = "/opt/qemu/bin/qemu-system-x86_64"
 accel = "tcg"
@@ -94,6 +96,9 @@ cache = "writeback"
 aio = "io_uring"
 max_disk_size = "1Ti"
 `), 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
 	got, err := Load(p)
 	if err != nil {
 		t.Fatal(err)
