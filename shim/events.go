@@ -35,7 +35,9 @@ func (q *eventQueue) forward(ctx context.Context, publisher shim.Publisher, even
 		}
 		cancel()
 	}
-	publisher.Close()
+	if err := publisher.Close(); err != nil {
+		log.G(ctx).WithError(err).Warn("close event publisher")
+	}
 }
 
 // publish queues an event; after close it is dropped.

@@ -38,7 +38,7 @@ func closeOnExecByProc(minFD int) error {
 	if err != nil {
 		return fmt.Errorf("list open fds: %w", err)
 	}
-	defer d.Close()
+	defer func() { _ = d.Close() }() // read-only
 	names, err := d.Readdirnames(-1)
 	if err != nil {
 		return fmt.Errorf("list open fds: %w", err)

@@ -104,7 +104,7 @@ func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID s
 				log.G(ctx).WithError(err).Warn("stdio copy")
 			}
 			// containerd (CRI's exec especially) waits for EOF on its end.
-			o.close()
+			o.close(ctx)
 		}()
 	}
 	copyOut(api.StdioStream_STDOUT, stdout)
@@ -132,7 +132,7 @@ func (h *hostIO) closeStdin() {
 	h.stdinMu.Lock()
 	defer h.stdinMu.Unlock()
 	if h.stdin != nil {
-		h.stdin.Close()
+		_ = h.stdin.Close() // our read end of containerd's fifo: closing it only ends the copy
 		h.stdin = nil
 	}
 }
@@ -144,10 +144,13 @@ type output struct {
 	once    sync.Once
 }
 
-func (o *output) close() {
+// close closes the endpoint once, logging a failure (a log file may lose its last bytes).
+func (o *output) close(ctx context.Context) {
 	o.once.Do(func() {
 		for _, c := range o.closers {
-			c.Close()
+			if err := c.Close(); err != nil {
+				log.G(ctx).WithError(err).Warn("close stdio")
+			}
 		}
 	})
 }
@@ -174,7 +177,7 @@ func openOutput(ctx context.Context, target string) (*output, error) {
 		// containerd reopens its side (e.g. after a restart).
 		r, err := fifo.OpenFifo(ctx, path, syscall.O_RDONLY, 0)
 		if err != nil {
-			w.Close()
+			_ = w.Close() // nothing written yet
 			return nil, fmt.Errorf("open fifo %s: %w", path, err)
 		}
 		return &output{w: w, closers: []io.Closer{w, r}}, nil
@@ -211,39 +214,34 @@ func startLoggingBinary(ctx context.Context, uri, ns, id string) (io.WriteCloser
 			args = append(args, vs[0])
 		}
 	}
+	// Closing the pipe ends below cannot lose anything: none has carried data yet, or (after
+	// Start) the binary holds its own copies.
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	errR, errW, err := os.Pipe()
 	if err != nil {
-		outR.Close()
-		outW.Close()
+		closeFiles(outR, outW)
 		return nil, nil, nil, err
 	}
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
-		for _, f := range []*os.File{outR, outW, errR, errW} {
-			f.Close()
-		}
+		closeFiles(outR, outW, errR, errW)
 		return nil, nil, nil, err
 	}
 	cmd := exec.Command(u.Path, args...)
 	cmd.Env = append(os.Environ(), "CONTAINER_ID="+id, "CONTAINER_NAMESPACE="+ns)
 	cmd.ExtraFiles = []*os.File{outR, errR, readyW}
 	err = cmd.Start()
-	outR.Close()
-	errR.Close()
-	readyW.Close()
+	closeFiles(outR, errR, readyW)
 	if err != nil {
-		readyR.Close()
-		outW.Close()
-		errW.Close()
+		closeFiles(readyR, outW, errW)
 		return nil, nil, nil, fmt.Errorf("start logging binary %s: %w", u.Path, err)
 	}
 	// Wait until the binary says it is ready (closes fd 5).
 	_, _ = io.Copy(io.Discard, readyR)
-	readyR.Close()
+	closeFiles(readyR)
 	wait := func() {
 		done := make(chan struct{})
 		go func() { _ = cmd.Wait(); close(done) }()
@@ -255,6 +253,13 @@ func startLoggingBinary(ctx context.Context, uri, ns, id string) (io.WriteCloser
 		}
 	}
 	return outW, errW, wait, nil
+}
+
+// closeFiles closes pipe ends that carry no data that could be lost.
+func closeFiles(files ...*os.File) {
+	for _, f := range files {
+		_ = f.Close()
+	}
 }
 
 // drain waits for the output copies to finish, at most ioGrace.
@@ -276,8 +281,10 @@ func (h *hostIO) close() {
 		h.cancel()
 		h.out.Wait()
 		h.closeStdin()
+		// Normally each output has closed these already when its copy ended (logging a
+		// failure); this covers copies that never started, so a second close is expected.
 		for _, c := range h.closers {
-			c.Close()
+			_ = c.Close()
 		}
 		if h.wait != nil {
 			h.wait()

@@ -54,7 +54,7 @@ func Run(ctx context.Context, drivers ...hypervisor.Driver) {
 			if err != nil {
 				return nil, err
 			}
-			return NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), DefaultBackend(hv))
+			return NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), defaultBackend(hv))
 		},
 	})
 	// The shim's children are QEMU and virtiofsd, waited for by os/exec: containerd's implicit
@@ -118,7 +118,7 @@ func (manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *boo
 	}
 	defer func() {
 		if retErr != nil {
-			socket.Close()
+			_ = socket.Close() // best effort: the start failed, the error says why
 			_ = shim.RemoveSocket(address)
 		}
 	}()
@@ -126,7 +126,8 @@ func (manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *boo
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	// The shim inherits its own copy; ours only has to go.
+	defer func() { _ = f.Close() }()
 
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {

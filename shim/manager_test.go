@@ -3,11 +3,11 @@ package shim
 import (
 	"context"
 	"errors"
-	"github.com/podvm/podvm/hypervisor"
 	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/version"
 )
 

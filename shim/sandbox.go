@@ -57,8 +57,8 @@ type portForwarder interface {
 	Close(ctx context.Context) error
 }
 
-// DefaultBackend runs pods with the given hypervisors, the real network wiring and virtio-fs.
-func DefaultBackend(drivers hypervisor.Drivers) backend {
+// defaultBackend runs pods with the given hypervisors, the real network wiring and virtio-fs.
+func defaultBackend(drivers hypervisor.Drivers) backend {
 	return backend{
 		loadConfig: config.Load,
 		drivers:    drivers,
@@ -386,7 +386,9 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 			log.G(ctx).WithError(err).Debug("agent shutdown")
 		}
 		acancel()
-		sb.agent.Close()
+		if err := sb.agent.Close(); err != nil && !isConnClosed(err) {
+			log.G(ctx).WithError(err).Debug("close agent connection")
+		}
 	}
 	if sb.vm != nil {
 		sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
@@ -401,7 +403,10 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 		}
 	}
 	if sb.share != nil {
-		sb.share.Close()
+		// What is mounted stays for cleanupState below; this only lets go of descriptors.
+		if err := sb.share.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("close rootfs share")
+		}
 	}
 	cleanupState(ctx, sb.driver, sb.record(), sb.id)
 }
