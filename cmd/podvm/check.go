@@ -90,112 +90,146 @@ type hostProbe struct {
 
 // check runs every check against the config at path.
 func (h hostProbe) check(ctx context.Context, path string) []checkResult {
-	var rs []checkResult
-	add := func(s status, name, format string, a ...any) {
-		rs = append(rs, checkResult{s, name, fmt.Sprintf(format, a...)})
+	var r report
+	cfg := checkConfig(&r, path)
+	hc := cfg.Hypervisor
+	h.checkQEMU(ctx, &r, hc.QEMUPath)
+	h.checkGuestImage(&r, hc.Kernel, hc.Initrd)
+	h.checkVirtiofsd(&r, hc.VirtiofsdPath)
+	h.checkKVM(&r, hc.Accel)
+	h.checkHostDevices(&r, hc.AgentTransport)
+	r.put(h.stateDir(cfg.Sandbox.StateDir))
+	if p, err := h.lookPath(shimName); err != nil {
+		r.add(statusFail, "shim", "%s not in PATH; run 'make install' (it goes to /usr/local/bin) and make sure containerd's PATH includes it", shimName)
+	} else {
+		r.add(statusOK, "shim", "%s", p)
 	}
+	return r
+}
 
+// report collects check results in the order they are made.
+type report []checkResult
+
+func (r *report) add(s status, name, format string, a ...any) {
+	r.put(s, name, fmt.Sprintf(format, a...))
+}
+
+func (r *report) put(s status, name, msg string) {
+	*r = append(*r, checkResult{s, name, msg})
+}
+
+// checkConfig loads the config at path; when it does not load, the checks go on with the
+// built-in defaults.
+func checkConfig(r *report, path string) *config.Config {
 	cfg, err := config.Load(path)
 	switch {
 	case err != nil:
-		add(statusFail, "config", "%v (the checks below use the built-in defaults)", err)
+		r.add(statusFail, "config", "%v (the checks below use the built-in defaults)", err)
 		cfg = config.Default()
 	case cfg.Path == "":
-		add(statusOK, "config", "no %s: built-in defaults (see 'podvm config')", config.DefaultPath)
+		r.add(statusOK, "config", "no %s: built-in defaults (see 'podvm config')", config.DefaultPath)
 	default:
-		add(statusOK, "config", "%s loads", cfg.Path)
+		r.add(statusOK, "config", "%s loads", cfg.Path)
 	}
-	hc := cfg.Hypervisor
+	return cfg
+}
 
-	if p, err := h.lookPath(hc.QEMUPath); err != nil {
-		add(statusFail, "qemu", "%s: not found or not executable; install QEMU (Debian: apt-get install qemu-system-x86) or set hypervisor.qemu_path", hc.QEMUPath)
+// checkQEMU finds the QEMU binary and asks it for its version.
+func (h hostProbe) checkQEMU(ctx context.Context, r *report, qemuPath string) {
+	if p, err := h.lookPath(qemuPath); err != nil {
+		r.add(statusFail, "qemu", "%s: not found or not executable; install QEMU (Debian: apt-get install qemu-system-x86) or set hypervisor.qemu_path", qemuPath)
 	} else if v, err := h.version(ctx, p); err != nil {
-		add(statusFail, "qemu", "%s --version: %v; check the QEMU installation", p, err)
+		r.add(statusFail, "qemu", "%s --version: %v; check the QEMU installation", p, err)
 	} else {
-		add(statusOK, "qemu", "%s: %s", p, v)
+		r.add(statusOK, "qemu", "%s: %s", p, v)
 	}
+}
 
-	missingImage := "run 'make install' (or 'podvm image build --output " + filepath.Dir(hc.Kernel) + "') or set hypervisor.%s"
+// checkGuestImage checks the guest kernel and initrd, and reads the image manifest next to
+// the kernel.
+func (h hostProbe) checkGuestImage(r *report, kernel, initrd string) {
+	missingImage := "run 'make install' (or 'podvm image build --output " + filepath.Dir(kernel) + "') or set hypervisor.%s"
 	for _, f := range []struct{ name, key, path string }{
-		{"guest kernel", "kernel", hc.Kernel},
-		{"guest initrd", "initrd", hc.Initrd},
+		{"guest kernel", "kernel", kernel},
+		{"guest initrd", "initrd", initrd},
 	} {
 		if fi, err := h.stat(f.path); err != nil {
-			add(statusFail, f.name, "%s: %s; "+missingImage, f.path, errText(err), f.key)
+			r.add(statusFail, f.name, "%s: %s; "+missingImage, f.path, errText(err), f.key)
 		} else if !fi.Mode().IsRegular() {
-			add(statusFail, f.name, "%s: not a regular file; "+missingImage, f.path, f.key)
+			r.add(statusFail, f.name, "%s: not a regular file; "+missingImage, f.path, f.key)
 		} else {
-			add(statusOK, f.name, "%s (%d bytes)", f.path, fi.Size())
+			r.add(statusOK, f.name, "%s (%d bytes)", f.path, fi.Size())
 		}
 	}
-	manifest := filepath.Join(filepath.Dir(hc.Kernel), guestimage.ManifestFile)
+	manifest := filepath.Join(filepath.Dir(kernel), guestimage.ManifestFile)
 	var m guestimage.Manifest
 	if b, err := h.readFile(manifest); err != nil {
-		add(statusWarn, "guest image", "%s: %s; the kernel version is unknown ('podvm image build' writes it next to the kernel)", manifest, errText(err))
+		r.add(statusWarn, "guest image", "%s: %s; the kernel version is unknown ('podvm image build' writes it next to the kernel)", manifest, errText(err))
 	} else if err := json.Unmarshal(b, &m); err != nil || m.KernelVersion == "" {
-		add(statusWarn, "guest image", "%s: not a podvm image manifest; rebuild the image with 'podvm image build'", manifest)
+		r.add(statusWarn, "guest image", "%s: not a podvm image manifest; rebuild the image with 'podvm image build'", manifest)
 	} else {
-		add(statusOK, "guest image", "kernel %s, %d modules, built %s", m.KernelVersion, len(m.Modules), m.BuildTime.UTC().Format(time.RFC3339))
+		r.add(statusOK, "guest image", "kernel %s, %d modules, built %s", m.KernelVersion, len(m.Modules), m.BuildTime.UTC().Format(time.RFC3339))
 	}
+}
 
-	if p := h.virtiofsd(hc.VirtiofsdPath); p != "" {
-		add(statusOK, "virtiofsd", "%s", p)
-	} else if hc.VirtiofsdPath != "" {
-		add(statusFail, "virtiofsd", "%s: not executable; fix hypervisor.virtiofsd_path or set it to \"\" to search", hc.VirtiofsdPath)
+// checkVirtiofsd finds the virtiofsd the VM will use.
+func (h hostProbe) checkVirtiofsd(r *report, configured string) {
+	if p := h.virtiofsd(configured); p != "" {
+		r.add(statusOK, "virtiofsd", "%s", p)
+	} else if configured != "" {
+		r.add(statusFail, "virtiofsd", "%s: not executable; fix hypervisor.virtiofsd_path or set it to \"\" to search", configured)
 	} else {
-		add(statusFail, "virtiofsd", "not in /usr/libexec, PATH or /usr/lib/qemu; install it (Debian 12: qemu-system-x86 ships /usr/lib/qemu/virtiofsd; later: apt-get install virtiofsd) or set hypervisor.virtiofsd_path")
+		r.add(statusFail, "virtiofsd", "not in /usr/libexec, PATH or /usr/lib/qemu; install it (Debian 12: qemu-system-x86 ships /usr/lib/qemu/virtiofsd; later: apt-get install virtiofsd) or set hypervisor.virtiofsd_path")
 	}
+}
 
+// checkKVM compares the configured accelerator with what /dev/kvm offers.
+func (h hostProbe) checkKVM(r *report, accel string) {
 	detected := h.detectAccel()
 	switch {
-	case hc.Accel == hypervisor.AccelKVM && detected != qemu.AccelKVM:
-		add(statusFail, "kvm", "accel = \"kvm\" but /dev/kvm is not usable (missing, no permission, or KVM_CREATE_VM fails); enable virtualization / load kvm_intel or kvm_amd, or set accel = \"tcg\"")
-	case hc.Accel == hypervisor.AccelKVM:
-		add(statusOK, "kvm", "/dev/kvm usable; accel = \"kvm\"")
-	case hc.Accel == hypervisor.AccelTCG:
+	case accel == hypervisor.AccelKVM && detected != qemu.AccelKVM:
+		r.add(statusFail, "kvm", "accel = \"kvm\" but /dev/kvm is not usable (missing, no permission, or KVM_CREATE_VM fails); enable virtualization / load kvm_intel or kvm_amd, or set accel = \"tcg\"")
+	case accel == hypervisor.AccelKVM:
+		r.add(statusOK, "kvm", "/dev/kvm usable; accel = \"kvm\"")
+	case accel == hypervisor.AccelTCG:
 		note := "not usable"
 		if detected == qemu.AccelKVM {
 			note = "usable: set accel = \"auto\" to use it"
 		}
-		add(statusOK, "kvm", "accel = \"tcg\" forced (software emulation, slow); /dev/kvm %s", note)
+		r.add(statusOK, "kvm", "accel = \"tcg\" forced (software emulation, slow); /dev/kvm %s", note)
 	case detected == qemu.AccelKVM:
-		add(statusOK, "kvm", "/dev/kvm usable; accel \"auto\" picks kvm")
+		r.add(statusOK, "kvm", "/dev/kvm usable; accel \"auto\" picks kvm")
 	default:
-		add(statusWarn, "kvm", "/dev/kvm not usable (missing, no permission, or KVM_CREATE_VM fails): accel \"auto\" will use TCG (slow); enable virtualization / load kvm_intel or kvm_amd for KVM")
+		r.add(statusWarn, "kvm", "/dev/kvm not usable (missing, no permission, or KVM_CREATE_VM fails): accel \"auto\" will use TCG (slow); enable virtualization / load kvm_intel or kvm_amd for KVM")
 	}
+}
 
+// checkHostDevices checks /dev/vhost-vsock (against the agent transport), /dev/vhost-net and
+// /dev/net/tun.
+func (h hostProbe) checkHostDevices(r *report, agentTransport string) {
 	_, vsockErr := h.stat("/dev/vhost-vsock")
 	switch {
-	case hc.AgentTransport == hypervisor.TransportVsock && vsockErr != nil:
-		add(statusFail, "vhost-vsock", "agent_transport = \"vsock\" but /dev/vhost-vsock: %s; modprobe vhost_vsock, or set agent_transport = \"\" to fall back to virtio-serial", errText(vsockErr))
-	case hc.AgentTransport == hypervisor.TransportSerial:
-		add(statusOK, "vhost-vsock", "agent_transport = \"serial\": agent over virtio-serial")
+	case agentTransport == hypervisor.TransportVsock && vsockErr != nil:
+		r.add(statusFail, "vhost-vsock", "agent_transport = \"vsock\" but /dev/vhost-vsock: %s; modprobe vhost_vsock, or set agent_transport = \"\" to fall back to virtio-serial", errText(vsockErr))
+	case agentTransport == hypervisor.TransportSerial:
+		r.add(statusOK, "vhost-vsock", "agent_transport = \"serial\": agent over virtio-serial")
 	case vsockErr != nil:
-		add(statusWarn, "vhost-vsock", "no /dev/vhost-vsock: agent over virtio-serial (works; modprobe vhost_vsock for vsock)")
+		r.add(statusWarn, "vhost-vsock", "no /dev/vhost-vsock: agent over virtio-serial (works; modprobe vhost_vsock for vsock)")
 	default:
-		add(statusOK, "vhost-vsock", "/dev/vhost-vsock: agent over vsock")
+		r.add(statusOK, "vhost-vsock", "/dev/vhost-vsock: agent over vsock")
 	}
 
 	if _, err := h.stat("/dev/vhost-net"); err != nil {
-		add(statusWarn, "vhost-net", "no /dev/vhost-net: virtio-net without vhost (slower networking); modprobe vhost_net")
+		r.add(statusWarn, "vhost-net", "no /dev/vhost-net: virtio-net without vhost (slower networking); modprobe vhost_net")
 	} else {
-		add(statusOK, "vhost-net", "/dev/vhost-net: virtio-net with vhost")
+		r.add(statusOK, "vhost-net", "/dev/vhost-net: virtio-net with vhost")
 	}
 
 	if err := h.access("/dev/net/tun", unix.R_OK|unix.W_OK); err != nil {
-		add(statusFail, "tun", "/dev/net/tun: %s; modprobe tun (pods' network goes through a tap device)", errText(err))
+		r.add(statusFail, "tun", "/dev/net/tun: %s; modprobe tun (pods' network goes through a tap device)", errText(err))
 	} else {
-		add(statusOK, "tun", "/dev/net/tun")
+		r.add(statusOK, "tun", "/dev/net/tun")
 	}
-
-	add(h.stateDir(cfg.Sandbox.StateDir))
-
-	if p, err := h.lookPath(shimName); err != nil {
-		add(statusFail, "shim", "%s not in PATH; run 'make install' (it goes to /usr/local/bin) and make sure containerd's PATH includes it", shimName)
-	} else {
-		add(statusOK, "shim", "%s", p)
-	}
-	return rs
 }
 
 // virtiofsd returns the virtiofsd the VM will use (as qemu.Config.Resolve picks it), or "".

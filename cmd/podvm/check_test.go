@@ -104,11 +104,17 @@ func goodHost() fakeHost {
 func TestCheck(t *testing.T) {
 	noConfig := filepath.Join(t.TempDir(), "none.toml")
 	badConfig := filepath.Join(t.TempDir(), "bad.toml")
-	os.WriteFile(badConfig, []byte("[hypervisor]\naccel = \"hvf\"\n"), 0o644)
+	if err := os.WriteFile(badConfig, []byte("[hypervisor]\naccel = \"hvf\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	tcgConfig := filepath.Join(t.TempDir(), "tcg.toml")
-	os.WriteFile(tcgConfig, []byte("[hypervisor]\naccel = \"tcg\"\n"), 0o644)
+	if err := os.WriteFile(tcgConfig, []byte("[hypervisor]\naccel = \"tcg\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	kvmConfig := filepath.Join(t.TempDir(), "kvm.toml")
-	os.WriteFile(kvmConfig, []byte("[hypervisor]\naccel = \"kvm\"\nagent_transport = \"vsock\"\n"), 0o644)
+	if err := os.WriteFile(kvmConfig, []byte("[hypervisor]\naccel = \"kvm\"\nagent_transport = \"vsock\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	bare := goodHost()
 	bare.kvm = false
@@ -202,7 +208,9 @@ func TestStateDir(t *testing.T) {
 func TestCheckCommand(t *testing.T) {
 	// On the real host; the outcome depends on it, so only the shape is checked.
 	cfg := filepath.Join(t.TempDir(), "config.toml")
-	os.WriteFile(cfg, []byte("[hypervisor]\naccel = \"tcg\"\n"), 0o644)
+	if err := os.WriteFile(cfg, []byte("[hypervisor]\naccel = \"tcg\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	r := runCLI(t, t.TempDir(), t.TempDir(), "check", "--config", cfg)
 	if !strings.HasPrefix(r.stdout, "ok    config          "+cfg+" loads\n") {
 		t.Errorf("stdout = %q", r.stdout)
@@ -228,7 +236,9 @@ func TestCheckCommand(t *testing.T) {
 func TestConfigCommand(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "config.toml")
-	os.WriteFile(cfg, []byte("[sandbox]\ndefault_memory = \"1Gi\"\n[annotations]\nallowed = [\"memory\"]\n"), 0o644)
+	if err := os.WriteFile(cfg, []byte("[sandbox]\ndefault_memory = \"1Gi\"\n[annotations]\nallowed = [\"memory\"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	r := runCLI(t, dir, dir, "config", "--config", cfg)
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
@@ -246,7 +256,9 @@ func TestConfigCommand(t *testing.T) {
 	}
 	// The output is a config file that loads.
 	out := filepath.Join(dir, "printed.toml")
-	os.WriteFile(out, []byte(r.stdout), 0o644)
+	if err := os.WriteFile(out, []byte(r.stdout), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if r := runCLI(t, dir, dir, "config", "--config", out); r.code != 0 {
 		t.Errorf("printed config does not load: %s", r.stderr)
 	}
@@ -256,7 +268,9 @@ func TestConfigCommand(t *testing.T) {
 	if r.code != 1 || !strings.Contains(r.stderr, "podvm: podvm config "+filepath.Join(dir, "missing.toml")+": file does not exist") {
 		t.Errorf("missing $PODVM_CONFIG: exit %d, stderr %s", r.code, r.stderr)
 	}
-	os.WriteFile(cfg, []byte("[sandbox]\ndefault_memory = \"lots\"\n"), 0o644)
+	if err := os.WriteFile(cfg, []byte("[sandbox]\ndefault_memory = \"lots\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	r = runCLI(t, dir, dir, "config", "--config", cfg)
 	if want := `podvm: podvm config ` + cfg + `: line 2: sandbox.default_memory: "lots" is not a size; use e.g. default_memory = "512Mi"`; r.code != 1 || !strings.Contains(r.stderr, want) {
 		t.Errorf("bad config: exit %d, stderr %s\nwant %s", r.code, r.stderr, want)

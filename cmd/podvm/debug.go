@@ -131,7 +131,7 @@ func printConsole(ctx context.Context, e *env, path string, n int, follow bool, 
 	if err != nil {
 		return fmt.Errorf("console log: %w", err)
 	}
-	defer func() { f.Close() }()
+	defer func() { _ = f.Close() }() // read-only (and f may be replaced below)
 	if n > 0 {
 		if _, err := f.Seek(0, io.SeekEnd); err != nil {
 			return fmt.Errorf("console log: %w", err)
@@ -152,7 +152,7 @@ func printConsole(ctx context.Context, e *env, path string, n int, follow bool, 
 		if cur, err := os.Stat(path); err == nil {
 			if old, err := f.Stat(); err == nil && !os.SameFile(cur, old) {
 				if nf, err := os.Open(path); err == nil {
-					f.Close()
+					_ = f.Close() // read-only
 					f = nf
 					continue
 				}
@@ -171,7 +171,7 @@ func streamFile(w io.Writer, path string) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	_, err = io.Copy(w, f)
 	return err
 }
@@ -245,7 +245,11 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer func() {
+		if err := os.RemoveAll(dir); err != nil {
+			fmt.Fprintf(e.stderr, "podvm debug boot: removing its state dir: %v\n", err)
+		}
+	}()
 	id := filepath.Base(dir)
 	size, err := config.Size(cfg, nil)
 	if err != nil {
@@ -284,7 +288,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("%w\nthe end of the console log:\n%s", err, logfile.TailLines(vm.ConsolePath(), 30))
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }() // the guest is shut down below, the VM stopped after
 	fmt.Fprintf(e.stdout, "agent %s ready %s after QEMU start (guest kernel %s, %s from kernel start to agent)\n",
 		c.Info.AgentVersion, time.Since(start).Round(time.Millisecond), c.Info.KernelRelease,
 		time.Duration(c.Info.BootToReadyNs).Round(time.Millisecond))

@@ -22,9 +22,15 @@ func TestDebugListAndConsole(t *testing.T) {
 		}
 	}
 	// This test's own pid stands in for a live QEMU; a pid that cannot exist for a dead one.
-	os.WriteFile(filepath.Join(running, "qemu.pid"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
-	os.WriteFile(filepath.Join(gone, "qemu.pid"), []byte("999999999\n"), 0o644)
-	os.WriteFile(filepath.Join(running, "console.log"), []byte("line1\r\nline2\r\nline3\r\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(running, "qemu.pid"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(gone, "qemu.pid"), []byte("999999999\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(running, "console.log"), []byte("line1\r\nline2\r\nline3\r\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "list", "--config", cfg)
 	if r.code != 0 || !strings.Contains(r.stdout, "aaaa1111bbbb") || !strings.Contains(r.stdout, "running") || !strings.Contains(r.stdout, "stopped") {
@@ -57,9 +63,15 @@ func TestDebugConsoleRotated(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(state, "dddd4444")
-	os.MkdirAll(dir, 0o700)
-	os.WriteFile(filepath.Join(dir, "console.log.1"), []byte("old1\r\nold2\r"), 0o644)
-	os.WriteFile(filepath.Join(dir, "console.log"), []byte("\nnew1\r\nnew2\r\n"), 0o644)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "console.log.1"), []byte("old1\r\nold2\r"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "console.log"), []byte("\nnew1\r\nnew2\r\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "console", "--config", cfg, "dddd")
 	if want := "old1\nold2\nnew1\nnew2\n"; r.code != 0 || r.stdout != want {
 		t.Errorf("debug console: exit %d stdout %q (want %q) stderr %q", r.code, r.stdout, want, r.stderr)
@@ -74,7 +86,9 @@ func TestCRLFWriter(t *testing.T) {
 	var b strings.Builder
 	w := &crlfWriter{w: &b}
 	for _, chunk := range []string{"a\r", "\nb\r", "x\r\r\n", "c"} {
-		w.Write([]byte(chunk))
+		if n, err := w.Write([]byte(chunk)); err != nil || n != len(chunk) {
+			t.Fatalf("Write(%q) = %d, %v", chunk, n, err)
+		}
 	}
 	if got, want := b.String(), "a\nb\rx\r\nc"; got != want {
 		t.Fatalf("got %q, want %q", got, want)

@@ -96,7 +96,7 @@ func copyFile(src, dst string, mode os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	defer in.Close()
+	defer func() { _ = in.Close() }() // read-only
 	var b []byte
 	if b, err = io.ReadAll(in); err != nil {
 		return err
@@ -115,12 +115,13 @@ func writeFile(dst string, data []byte, mode os.FileMode) error {
 	}
 	_, werr := tmp.Write(data)
 	cerr := tmp.Close()
+	// On failure the temporary file is removed best effort: the error returned is what failed.
 	if err := errors.Join(werr, cerr, os.Chmod(tmp.Name(), mode)); err != nil {
-		os.Remove(tmp.Name())
+		_ = os.Remove(tmp.Name())
 		return err
 	}
 	if err := os.Rename(tmp.Name(), dst); err != nil {
-		os.Remove(tmp.Name())
+		_ = os.Remove(tmp.Name())
 		return err
 	}
 	return nil

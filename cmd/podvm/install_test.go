@@ -12,10 +12,14 @@ import (
 func TestInstallIntoAStagingRoot(t *testing.T) {
 	bin, img, root := t.TempDir(), t.TempDir(), t.TempDir()
 	for _, f := range []string{"podvm", shimName} {
-		os.WriteFile(filepath.Join(bin, f), []byte("#!/bin/true\n"), 0o755)
+		if err := os.WriteFile(filepath.Join(bin, f), []byte("#!/bin/true\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, f := range []string{"vmlinuz", "initrd.img", "image.json"} {
-		os.WriteFile(filepath.Join(img, f), []byte(f), 0o644)
+		if err := os.WriteFile(filepath.Join(img, f), []byte(f), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	r := runCLI(t, bin, t.TempDir(), "install", "--root", root, "--prefix", "/usr", "--image", img)
 	if r.code != 0 {
@@ -39,7 +43,9 @@ func TestInstallIntoAStagingRoot(t *testing.T) {
 
 	// A second install keeps the operator's config.
 	cfg := filepath.Join(root, "etc/podvm/config.toml")
-	os.WriteFile(cfg, []byte("# mine\n"), 0o644)
+	if err := os.WriteFile(cfg, []byte("# mine\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if r := runCLI(t, bin, t.TempDir(), "install", "--root", root, "--image", img); r.code != 0 || !strings.Contains(r.stdout, "keeping") {
 		t.Fatalf("reinstall: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}

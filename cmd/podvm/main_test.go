@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 )
@@ -98,7 +96,9 @@ func TestImageBuild(t *testing.T) {
 		filepath.Join(md, "kernel", "b", "main-mod.ko"): "main",
 		filepath.Join(md, "modules.dep"):                "kernel/b/main-mod.ko: kernel/a/dep.ko\nkernel/a/dep.ko:\n",
 	} {
-		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -137,14 +137,15 @@ func TestImageBuild(t *testing.T) {
 
 func buildStatic(t *testing.T, dst string) {
 	t.Helper()
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(gobin); errors.Is(err, os.ErrNotExist) {
-		if gobin, err = exec.LookPath("go"); err != nil {
-			t.Skip("no go toolchain to build a static test agent")
-		}
+	// go test puts its own toolchain's bin dir first in PATH.
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go toolchain to build a static test agent")
 	}
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "main.go"), []byte("package main\n\nfunc main() {}\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte("package main\n\nfunc main() {}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(gobin, "build", "-o", dst, "main.go")
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-buildvcs=false", "GO111MODULE=off")
