@@ -126,8 +126,7 @@ func (manager) Start(ctx context.Context, opts *bootapi.BootstrapParams) (_ *boo
 	if err != nil {
 		return nil, err
 	}
-	// The shim inherits its own copy; ours only has to go.
-	defer func() { _ = f.Close() }()
+	defer func() { _ = f.Close() }() // the shim inherits its own copy
 
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
