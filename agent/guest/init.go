@@ -88,7 +88,11 @@ func moveToTmpfs(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.G(ctx).Infof("podvm-agent: loaded %d modules in %s", n, time.Since(start).Round(time.Millisecond))
+	if n == 0 {
+		log.G(ctx).Debug("podvm-agent: no kernel modules to load (the kernel has everything built in)")
+	} else {
+		log.G(ctx).Infof("podvm-agent: loaded %d modules in %s", n, time.Since(start).Round(time.Millisecond))
+	}
 
 	// Move onto a tmpfs root.
 	if err := mountAll([]mnt{{"rootfs", newRoot, "tmpfs", 0, "mode=0755"}}); err != nil {
@@ -215,8 +219,9 @@ func reap(ctx context.Context, server *os.Process) {
 	}
 }
 
-// LoadModules loads the modules listed in the file at path, in order. A missing list is not an
-// error (a kernel with everything built in needs none).
+// LoadModules loads the modules listed in the file at path, in order. A missing or empty list is
+// not an error: a kernel with everything built in (podvm's own, `make kernel`) needs none, and its
+// image carries an empty list.
 func LoadModules(ctx context.Context, path string) (int, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -248,6 +253,9 @@ func loadModule(path string) error {
 	}
 	defer func() { _ = f.Close() }()
 	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+		if errors.Is(err, unix.ENOSYS) {
+			return fmt.Errorf("%w: this kernel cannot load modules (CONFIG_MODULES is off); build the image with no modules for it", err)
+		}
 		return err
 	}
 	return nil
