@@ -369,6 +369,95 @@ func TestFindKernelPackage(t *testing.T) {
 	}
 }
 
+func TestFindKernel(t *testing.T) {
+	dir := t.TempDir()
+	deb := filepath.Join(dir, "linux-image-6.1.0-28-cloud-amd64_6.1.119-1_amd64.deb")
+	if err := os.WriteFile(deb, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := FindKernel(dir); err != nil || got != deb {
+		t.Errorf("without a built kernel: FindKernel = %s, %v; want the package", got, err)
+	}
+	built, _ := builtinKernelTree(t)
+	if err := os.Symlink(built, filepath.Join(dir, BuiltKernelLink)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := FindKernel(dir); err != nil || got != filepath.Join(dir, BuiltKernelLink) {
+		t.Errorf("with a built kernel: FindKernel = %s, %v; want the link", got, err)
+	}
+	if _, err := FindKernel(t.TempDir()); err == nil || !strings.Contains(err.Error(), "make kernel") {
+		t.Errorf("empty dir: error = %v", err)
+	}
+}
+
+// builtinKernelTree makes a tree as kernel/build.sh installs it: a kernel with no loadable
+// modules, an empty modules.dep and modules.builtin listing what a guest needs.
+func builtinKernelTree(t *testing.T) (string, string) {
+	t.Helper()
+	root := t.TempDir()
+	const ver = "6.1.192-podvm"
+	md := filepath.Join(root, "lib", "modules", ver)
+	if err := os.MkdirAll(md, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "boot"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var builtin strings.Builder
+	for _, p := range []string{
+		"kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio_pci.ko",
+		"kernel/drivers/char/virtio_console.ko", "kernel/fs/fuse/fuse.ko", "kernel/fs/fuse/virtiofs.ko",
+		"kernel/net/vmw_vsock/vsock.ko", "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+		"kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko", "kernel/drivers/net/virtio_net.ko",
+		"kernel/drivers/block/virtio_blk.ko", "kernel/fs/overlayfs/overlay.ko", "kernel/fs/ext4/ext4.ko",
+	} {
+		builtin.WriteString(p + "\n")
+	}
+	for name, data := range map[string]string{
+		filepath.Join(md, "modules.builtin"):        builtin.String(),
+		filepath.Join(md, "modules.dep"):            "",
+		filepath.Join(root, "boot", "vmlinuz-"+ver): "bzImage",
+		filepath.Join(root, "boot", "config-"+ver):  "# CONFIG_MODULES is not set\n",
+	} {
+		if err := os.WriteFile(name, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return root, ver
+}
+
+// A kernel with everything built in: no module in the initrd, an empty load list for the agent,
+// and every default module reported as built in.
+func TestBuildBuiltinKernel(t *testing.T) {
+	tree, ver := builtinKernelTree(t)
+	out := t.TempDir()
+	m, err := Build(context.Background(), Options{Kernel: tree, Agent: buildStaticAgent(t), OutputDir: out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.KernelVersion != ver || len(m.Modules) != 0 {
+		t.Errorf("KernelVersion %q, Modules %v; want %s and none", m.KernelVersion, m.Modules, ver)
+	}
+	if len(m.Builtin) != len(DefaultModules()) {
+		t.Errorf("Builtin = %v, want all of %v", m.Builtin, DefaultModules())
+	}
+	files := readInitrd(t, filepath.Join(out, InitrdFile))
+	list, ok := files[strings.TrimPrefix(ModulesListPath, "/")]
+	if !ok || len(list.data) != 0 {
+		t.Errorf("module list in the initrd: present %v, %q; want an empty list", ok, list.data)
+	}
+	for name := range files {
+		if strings.HasSuffix(name, ".ko") {
+			t.Errorf("initrd holds a module: %s", name)
+		}
+	}
+	// A module the kernel has neither built in nor loadable is an error, not a silent gap.
+	_, err = Build(context.Background(), Options{Kernel: tree, Agent: buildStaticAgent(t), OutputDir: t.TempDir(), Modules: []string{"xfs"}})
+	if err == nil || !strings.Contains(err.Error(), "xfs") {
+		t.Errorf("missing module: error = %v", err)
+	}
+}
+
 func TestStepString(t *testing.T) {
 	for _, tt := range []struct {
 		s    Step

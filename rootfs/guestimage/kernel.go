@@ -21,6 +21,24 @@ const kernelHint = "expected a Debian kernel package (linux-image-*.deb) or a di
 	"boot/vmlinuz-<version> and lib/modules/<version>/; `make deps` downloads Debian's cloud kernel to " +
 	DefaultKernelDir
 
+// BuiltKernelLink is the name, inside the kernel directory (DefaultKernelDir), of the link to the
+// kernel tree `make kernel` (kernel/build.sh) last built: podvm's own kernel, everything built in.
+const BuiltKernelLink = "podvm"
+
+// FindKernel returns the default guest kernel in dir: the tree `make kernel` built (dir/podvm),
+// else the newest Debian kernel package there (see FindKernelPackage).
+func FindKernel(dir string) (string, error) {
+	link := filepath.Join(dir, BuiltKernelLink)
+	if fi, err := os.Stat(link); err == nil && fi.IsDir() {
+		return link, nil
+	}
+	p, err := FindKernelPackage(dir)
+	if err != nil {
+		return "", fmt.Errorf("no kernel built by `make kernel` (%s) and %w", link, err)
+	}
+	return p, nil
+}
+
 // FindKernelPackage returns the newest linux-image-*.deb in dir, comparing file names with
 // numbers ordered by value (so 6.1.0-28 is newer than 6.1.0-9).
 func FindKernelPackage(dir string) (string, error) {
