@@ -101,6 +101,18 @@ func testPodLifecycle(t *testing.T, env *harness.Env, handler string) {
 		t.Errorf("streaming exec: exit %d, stdout %q, stderr %q; want 3, \"got abc\\n\", \"err\\n\"", code, out.String(), errOut.String())
 	}
 
+	// The end of stdin reaches the process, and everything before it: `kubectl exec -i -- cat`
+	// and `kubectl cp` (tar reading to EOF) return, byte-exact. More than a pipe holds.
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 12<<10)
+	var catOut bytes.Buffer
+	sctx, scancel = context.WithTimeout(ctx, 60*time.Second)
+	code, err = env.Exec(sctx, main, []string{"cat"}, harness.StreamOptions{Stdin: bytes.NewReader(payload), Stdout: &catOut})
+	scancel()
+	if err != nil || code != 0 || !bytes.Equal(catOut.Bytes(), payload) {
+		t.Errorf("exec -i cat with %d bytes piped in: exit %d, err %v, %d bytes back (equal: %v); want them all back and exit 0",
+			len(payload), code, err, catOut.Len(), bytes.Equal(catOut.Bytes(), payload))
+	}
+
 	// The CRI log file has both streams, in CRI format.
 	lctx, lcancel := step()
 	lines, err := harness.WaitLog(lctx, mainLog, "stderr", "oops\n")

@@ -40,6 +40,10 @@ type hostIO struct {
 
 	stdinMu sync.Mutex
 	stdin   io.ReadCloser
+	// stdinDone is closed when the stdin copy ended (nil before startStdin); stdinClosing is
+	// set by CloseIO.
+	stdinDone    chan struct{}
+	stdinClosing bool
 	// closers and wait are set up by startIO and used by close, once.
 	closers   []io.Closer
 	wait      func() // waits for a logging binary
@@ -48,6 +52,10 @@ type hostIO struct {
 
 // ioGrace bounds how long an exited process's output may take to drain.
 const ioGrace = 5 * time.Second
+
+// stdinDrainGrace bounds how long the stdin copy may take to reach the end of the fifo after
+// CloseIO (containerd has closed its end by then; only another writer keeps it open).
+const stdinDrainGrace = 5 * time.Second
 
 // startIO opens containerd's endpoints and starts copying until EOF or close. The fifos are
 // opened under the IO's own lifetime, not the request's: containerd/fifo closes a fifo whose
@@ -112,27 +120,74 @@ func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID s
 	return h, nil
 }
 
-// startStdin begins copying stdin; it must run after the process exists in the guest.
+// startStdin begins copying stdin; it must run after the process exists in the guest. When
+// the copy ends, at the fifo's end or cut short, the guest's stdin is closed, so the process
+// sees end-of-file either way.
 func (h *hostIO) startStdin(ctx context.Context, ag api.AgentService, containerID, execID string) {
 	h.stdinMu.Lock()
 	r := h.stdin
-	h.stdinMu.Unlock()
-	if r == nil {
+	if r == nil || h.stdinDone != nil {
+		h.stdinMu.Unlock()
 		return
 	}
+	done := make(chan struct{})
+	h.stdinDone = done
+	closing := h.stdinClosing
+	h.stdinMu.Unlock()
 	go func() {
-		if err := agent.CopyIn(ctx, ag, containerID, execID, r); err != nil && !errors.Is(err, os.ErrClosed) && ctx.Err() == nil {
+		defer close(done)
+		err := agent.CopyIn(ctx, ag, containerID, execID, r)
+		if errors.Is(err, os.ErrClosed) {
+			// Cut before the fifo's end: the guest's stdin still ends here.
+			cctx, cancel := context.WithTimeout(ctx, ioGrace)
+			_, err = ag.CloseStdin(cctx, &api.ProcessRequest{ContainerId: containerID, ExecId: execID})
+			cancel()
+		}
+		if err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Debug("stdin copy")
 		}
+		h.dropStdin()
 	}()
+	if closing {
+		go h.cutStdinAfter(done)
+	}
 }
 
-// closeStdin ends the stdin copy (CloseIO); the copy then closes the guest's stdin.
+// closeStdin is CloseIO. containerd closes its end of the fifo first, so the copy forwards
+// what is still in the fifo, reads its end and closes the guest's stdin; closing our read end
+// now would drop that data and never tell the guest. A copy that has not ended after
+// stdinDrainGrace (another writer holds the fifo open) is cut, and the guest's stdin closed
+// all the same.
 func (h *hostIO) closeStdin() {
 	h.stdinMu.Lock()
 	defer h.stdinMu.Unlock()
+	if h.stdin == nil || h.stdinClosing {
+		return
+	}
+	h.stdinClosing = true
+	if h.stdinDone != nil {
+		go h.cutStdinAfter(h.stdinDone)
+	}
+	// Not started yet: startStdin copies to the end and bounds it the same way.
+}
+
+// cutStdinAfter closes our end of the stdin fifo unless the copy ends within stdinDrainGrace.
+func (h *hostIO) cutStdinAfter(done <-chan struct{}) {
+	t := time.NewTimer(stdinDrainGrace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		h.dropStdin()
+	}
+}
+
+// dropStdin closes our read end of containerd's stdin fifo (it only ends the copy).
+func (h *hostIO) dropStdin() {
+	h.stdinMu.Lock()
+	defer h.stdinMu.Unlock()
 	if h.stdin != nil {
-		_ = h.stdin.Close() // our read end of containerd's fifo: closing it only ends the copy
+		_ = h.stdin.Close()
 		h.stdin = nil
 	}
 }
@@ -280,7 +335,7 @@ func (h *hostIO) close() {
 	h.closeOnce.Do(func() {
 		h.cancel()
 		h.out.Wait()
-		h.closeStdin()
+		h.dropStdin()
 		// Normally each output has closed these already when its copy ended (logging a
 		// failure); this covers copies that never started, so a second close is expected.
 		for _, c := range h.closers {

@@ -2,11 +2,14 @@ package shim
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
@@ -70,5 +73,86 @@ func TestUnsupportedStdioScheme(t *testing.T) {
 	defer cancel()
 	if _, err := startIO(ctx, ag, "ns", "c", "", stdioPaths{stdout: "tcp://example:1"}); err == nil || !strings.Contains(err.Error(), "unsupported scheme") {
 		t.Fatalf("startIO with tcp://: %v, want an unsupported-scheme error", err)
+	}
+}
+
+// stdinFifo makes a stdin fifo as containerd does.
+func stdinFifo(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "stdin")
+	if err := unix.Mkfifo(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// waitStdin waits until the fake agent saw the end of the process's stdin.
+func waitStdin(t *testing.T, ag *agent.Fake, cid string) []byte {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, closed := ag.Stdin(cid, "")
+		if closed {
+			return b
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest's stdin was never closed (%d bytes arrived)", len(b))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestCloseIODeliversAllStdinThenEOF is `echo x | kubectl exec -i -- cat`: containerd writes
+// everything into the stdin fifo, closes its end and calls CloseIO at once. All of it must
+// reach the guest, then the end of it, as it does with runc.
+func TestCloseIODeliversAllStdinThenEOF(t *testing.T) {
+	ag := ioAgent(t)
+	path := stdinFifo(t)
+	ctx := context.Background()
+	h, err := startIO(ctx, ag, "ns", "c", "", stdioPaths{stdin: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.close()
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := []byte(strings.Repeat("0123456789abcdef", 12<<10)) // more than a fifo holds
+	written := make(chan error, 1)
+	go func() { _, err := w.Write(payload); written <- errors.Join(err, w.Close()) }()
+	h.startStdin(ctx, ag, "c", "")
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	h.closeStdin() // CloseIO, right after the client closed its end
+	if got := waitStdin(t, ag, "c"); string(got) != string(payload) {
+		t.Errorf("the guest got %d of %d bytes of stdin", len(got), len(payload))
+	}
+}
+
+// TestCloseIOWithAWriterLeftEndsStdin: if something still holds the fifo open after CloseIO,
+// the copy is cut after a grace period and the guest's stdin closed anyway.
+func TestCloseIOWithAWriterLeftEndsStdin(t *testing.T) {
+	ag := ioAgent(t)
+	path := stdinFifo(t)
+	ctx := context.Background()
+	h, err := startIO(ctx, ag, "ns", "c", "", stdioPaths{stdin: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.close()
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if _, err := w.Write([]byte("partial")); err != nil {
+		t.Fatal(err)
+	}
+	h.startStdin(ctx, ag, "c", "")
+	h.closeStdin()
+	if got := waitStdin(t, ag, "c"); string(got) != "partial" {
+		t.Errorf("the guest got %q, want %q", got, "partial")
 	}
 }
