@@ -7,7 +7,11 @@ import (
 	"path/filepath"
 	"testing"
 
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
 	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/shim/config"
 	"github.com/podvm/podvm/version"
 )
 
@@ -51,5 +55,22 @@ func TestManagerStopCleansFromTheRecord(t *testing.T) {
 	}
 	if _, err := (manager{}).Stop(context.Background(), "pod1"); err == nil {
 		t.Error("stop with a broken record: no error")
+	}
+}
+
+// A pod without a hostname gets the node's, as a runc container does.
+func TestSandboxWithoutHostnameGetsTheNodes(t *testing.T) {
+	b := backend{loadConfig: func(string) (*config.Config, error) { return config.Default(), nil }}
+	spec := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: "/var/run/netns/x"}}}}
+	o, err := b.sandboxOptions(context.Background(), &taskAPI.CreateTaskRequest{ID: "p"}, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if node, _ := os.Hostname(); o.host != node || node == "" {
+		t.Errorf("hostname %q, want the node's %q", o.host, node)
+	}
+	spec.Hostname = "pod-a"
+	if o, _ := b.sandboxOptions(context.Background(), &taskAPI.CreateTaskRequest{ID: "p"}, spec); o.host != "pod-a" {
+		t.Errorf("hostname %q, want the pod's", o.host)
 	}
 }

@@ -131,7 +131,12 @@ func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskReques
 		return nil, fmt.Errorf("pod %s asks for the host's network (hostNetwork), which a VM cannot share; "+
 			"run it without hostNetwork or with another RuntimeClass: %w", r.ID, errdefs.ErrInvalidArgument)
 	}
-	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: spec.Hostname}, nil
+	host := spec.Hostname
+	if host == "" {
+		// A new UTS namespace starts with the node's name; a runc container shows it too.
+		host, _ = os.Hostname()
+	}
+	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host}, nil
 }
 
 // sandbox is the pod's VM and what is wired to it.
