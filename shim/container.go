@@ -78,6 +78,10 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 			c.sharedPID = true
 		}
 	}
+	if shared := hostNamespaces(spec); len(shared) > 0 {
+		log.G(ctx).WithFields(log.Fields{"container": r.ID, "namespaces": shared}).
+			Warn("host namespaces asked for (hostPID/hostIPC): in a podvm pod they are the pod VM's, not the node's")
+	}
 	prepStart := time.Now()
 	guest, err := sb.prepare(ctx, r.ID, r.Bundle, spec, mount.FromProto(r.Rootfs))
 	if err != nil {

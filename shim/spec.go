@@ -66,6 +66,27 @@ func netnsPath(spec *specs.Spec) (path string, ok bool) {
 	return "", false
 }
 
+// hostNamespaces names the node namespaces a spec shares instead of having its own (a pod's
+// hostPID, hostIPC): in a VM pod those are the VM's, the pod's own guest, never the node's.
+// (hostNetwork is refused: see sandboxOptions.)
+func hostNamespaces(spec *specs.Spec) []string {
+	if spec.Linux == nil {
+		return nil
+	}
+	has := map[specs.LinuxNamespaceType]bool{}
+	for _, ns := range spec.Linux.Namespaces {
+		has[ns.Type] = true
+	}
+	var shared []string
+	if !has[specs.PIDNamespace] {
+		shared = append(shared, "pid")
+	}
+	if !has[specs.IPCNamespace] {
+		shared = append(shared, "ipc")
+	}
+	return shared
+}
+
 // adaptSpecForGuest rewrites what in a host-made spec means nothing, or something wrong, inside
 // the guest. Filesystem paths are rootfs.Provider's business; this handles the rest:
 //   - the network namespace: containers use the guest's own stack, which is the pod's;
