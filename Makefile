@@ -1,5 +1,5 @@
 # podvm — build, test and demo. Everything runs as root on Debian 12; `make deps` installs
-# what is missing (apt packages, pinned Go tools into $(PODVM_DEV), the guest kernel package).
+# what is missing (apt packages, pinned Go tools into $(PODVM_DEV), the kernel source and package).
 
 SHELL       := /bin/bash
 PODVM_DEV   ?= /opt/podvm-dev
@@ -21,7 +21,7 @@ AGENT_TAGS  := seccomp netgo osusergo
 IT_TIMEOUT  ?= 30m
 IT_RUN      ?= .
 
-.PHONY: all deps build agent shim cli image proto unit integration lint test demo bench install clean
+.PHONY: all deps build agent shim cli kernel image proto unit integration lint test demo bench install clean
 
 all: build
 
@@ -41,10 +41,21 @@ shim:
 cli:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/podvm ./cmd/podvm
 
+# The guest kernel: Debian's linux-source-6.1 with tinyconfig + kernel/config/*.config, everything
+# built in (docs/kernel.md). Cached in $(PODVM_DEV)/kernel-build/<hash of source and config>, so a
+# machine builds each config once (several minutes); later runs take a second.
+kernel:
+	PODVM_DEV=$(PODVM_DEV) bash kernel/build.sh >/dev/null
+
 # The guest image for tests and the demo (install puts it in /usr/share/podvm).
-image: agent cli
-	@[ -n "$(KERNEL_DEB)" ] || { echo "no guest kernel package in $(PODVM_DEV)/kernel: run 'make deps'" >&2; exit 1; }
-	$(BIN)/podvm image build --kernel $(KERNEL_DEB) --agent $(BIN)/podvm-agent --output $(IMAGE_DIR)
+# KERNEL=built (default): the kernel of `make kernel`; KERNEL=deb: Debian's cloud kernel package
+# (make deps downloads it), its modules in the initrd; any other value: a kernel package or tree.
+KERNEL      ?= built
+IMAGE_KERNEL = $(if $(filter built,$(KERNEL)),$(shell PODVM_DEV=$(PODVM_DEV) bash kernel/build.sh --dir),$(if $(filter deb,$(KERNEL)),$(KERNEL_DEB),$(KERNEL)))
+
+image: agent cli $(if $(filter built,$(KERNEL)),kernel)
+	@[ -n "$(IMAGE_KERNEL)" ] || { echo "no guest kernel (KERNEL=$(KERNEL)): run 'make deps'" >&2; exit 1; }
+	$(BIN)/podvm image build --kernel $(IMAGE_KERNEL) --agent $(BIN)/podvm-agent --output $(IMAGE_DIR)
 
 proto:
 	protoc -I agent/api --go_out=paths=source_relative:agent/api \

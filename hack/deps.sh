@@ -2,7 +2,8 @@
 # Installs everything podvm's build, demo and tests need on a fresh Debian 12 machine, as root.
 # Idempotent: each step checks what is there first. Go tools go to $PODVM_DEV (default
 # /opt/podvm-dev): bin/ for containerd, runc, protoc plugins, golangci-lint; cni/ for CNI plugins;
-# kernel/ for the guest kernel package (downloaded, never installed on the host).
+# kernel/ for the guest kernel package (downloaded, never installed on the host). The kernel
+# source (linux-source-6.1) is an apt package; `make kernel` builds it into $PODVM_DEV/kernel-build.
 set -euo pipefail
 
 PODVM_DEV=${PODVM_DEV:-/opt/podvm-dev}
@@ -20,6 +21,8 @@ KERNEL_META=${KERNEL_META:-linux-image-cloud-amd64}
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static iproute2 iptables protobuf-compiler
   libseccomp-dev cpio e2fsprogs kmod make gcc git ca-certificates
+  # The guest kernel `make kernel` builds (kernel/build.sh): the source and its build tools.
+  linux-source-6.1 xz-utils bc bison flex perl libelf-dev libssl-dev lz4
 )
 
 log() { printf '[deps] %s\n' "$*"; }
