@@ -86,6 +86,24 @@ func stdinFifo(t *testing.T) string {
 	return p
 }
 
+// stdinIO starts the IO of process "c" with a stdin fifo, and opens the fifo's write end as
+// containerd does.
+func stdinIO(t *testing.T) (*agent.Fake, *hostIO, *os.File) {
+	t.Helper()
+	ag := ioAgent(t)
+	path := stdinFifo(t)
+	h, err := startIO(context.Background(), ag, "ns", "c", "", stdioPaths{stdin: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.close)
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ag, h, w
+}
+
 // waitStdin waits until the fake agent saw the end of the process's stdin.
 func waitStdin(t *testing.T, ag *agent.Fake, cid string) []byte {
 	t.Helper()
@@ -106,18 +124,8 @@ func waitStdin(t *testing.T, ag *agent.Fake, cid string) []byte {
 // everything into the stdin fifo, closes its end and calls CloseIO at once. All of it must
 // reach the guest, then the end of it, as it does with runc.
 func TestCloseIODeliversAllStdinThenEOF(t *testing.T) {
-	ag := ioAgent(t)
-	path := stdinFifo(t)
 	ctx := context.Background()
-	h, err := startIO(ctx, ag, "ns", "c", "", stdioPaths{stdin: path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.close()
-	w, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ag, h, w := stdinIO(t)
 	payload := []byte(strings.Repeat("0123456789abcdef", 12<<10)) // more than a fifo holds
 	written := make(chan error, 1)
 	go func() { _, err := w.Write(payload); written <- errors.Join(err, w.Close()) }()
@@ -134,19 +142,9 @@ func TestCloseIODeliversAllStdinThenEOF(t *testing.T) {
 // TestCloseIOWithAWriterLeftEndsStdin: if something still holds the fifo open after CloseIO,
 // the copy is cut after a grace period and the guest's stdin closed anyway.
 func TestCloseIOWithAWriterLeftEndsStdin(t *testing.T) {
-	ag := ioAgent(t)
-	path := stdinFifo(t)
 	ctx := context.Background()
-	h, err := startIO(ctx, ag, "ns", "c", "", stdioPaths{stdin: path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.close()
-	w, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
+	ag, h, w := stdinIO(t)
+	defer func() { _ = w.Close() }()
 	if _, err := w.Write([]byte("partial")); err != nil {
 		t.Fatal(err)
 	}
