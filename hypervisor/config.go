@@ -20,7 +20,8 @@ const (
 
 // Accelerators.
 const (
-	// AccelAuto is KVM when /dev/kvm works, else TCG (emulation).
+	// AccelAuto is KVM when it boots the guest and is not slower than TCG (the driver probes
+	// once per node), else TCG (emulation).
 	AccelAuto = "auto"
 	AccelKVM  = "kvm"
 	AccelTCG  = "tcg"
@@ -62,6 +63,9 @@ type Config struct {
 	Binary string
 	// Accel is AccelAuto (or ""), AccelKVM or AccelTCG.
 	Accel string
+	// CPU is the guest CPU model under KVM; empty means the driver's choice (QEMU: the one its
+	// accelerator probe found working, else "host"). Ignored under TCG.
+	CPU string
 	// VCPUs and MemoryMiB size the VM; 0 means the driver's default.
 	VCPUs     int
 	MemoryMiB int

@@ -3,6 +3,7 @@
 package qemu
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -69,17 +70,18 @@ const (
 type Config hypervisor.Config
 
 // Resolve returns a copy of c with every default filled in, probing the host where needed
-// (PATH, /dev/kvm, /dev/vhost-vsock, firmware and virtiofsd locations). It does not validate.
-func (c Config) Resolve() (Config, error) {
+// (PATH, /dev/vhost-vsock, firmware and virtiofsd locations, and for accel "auto" the
+// accelerator probe's cached result, see CachedAccel). It does not validate.
+func (c Config) Resolve() (Config, error) { return c.ResolveContext(context.Background()) }
+
+// ResolveContext is Resolve; ctx bounds the accelerator probe when accel "auto" has to run it.
+func (c Config) ResolveContext(ctx context.Context) (Config, error) {
 	if c.Binary == "" {
 		p, err := exec.LookPath("qemu-system-x86_64")
 		if err != nil {
 			return c, errors.New("qemu config: Binary: qemu-system-x86_64 not found in PATH; install QEMU (Debian: qemu-system-x86) or set hypervisor.qemu_path")
 		}
 		c.Binary = p
-	}
-	if c.Accel == "" || c.Accel == AccelAuto {
-		c.Accel = DetectAccel()
 	}
 	if c.AgentTransport == "" || c.AgentTransport == hypervisor.TransportAuto {
 		c.AgentTransport = TransportSerial
@@ -99,6 +101,11 @@ func (c Config) Resolve() (Config, error) {
 		}
 	}
 	c.setPureDefaults()
+	if c.Accel == "" || c.Accel == AccelAuto {
+		if err := c.resolveAutoAccel(ctx); err != nil {
+			return c, err
+		}
+	}
 	return c, nil
 }
 
@@ -236,6 +243,9 @@ func (c *Config) validateMachine(p *problems) {
 	case AccelKVM, AccelTCG:
 	default:
 		p.add("Accel %q: must be %q, %q or %q (auto is resolved by Resolve/New)", c.Accel, AccelAuto, AccelKVM, AccelTCG)
+	}
+	if c.CPU != "" && !validCPUModel(c.CPU) {
+		p.add("CPU %q: not a QEMU CPU model (letters, digits and '-', '_', '.', then ',feature=on|off' options), e.g. %q or %q", c.CPU, CPUHost, "qemu64")
 	}
 	if c.VCPUs < 1 || c.VCPUs > 255 {
 		p.add("VCPUs %d: must be between 1 and 255", c.VCPUs)
@@ -391,7 +401,7 @@ func (c *Config) machineArgs() []string {
 		"-machine", "q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
 	}
 	if c.Accel == AccelKVM {
-		a = append(a, "-accel", "kvm", "-cpu", "host")
+		a = append(a, "-accel", "kvm", "-cpu", c.kvmCPU())
 	} else {
 		a = append(a, "-accel", "tcg,tb-size="+strconv.Itoa(tcgTranslationCacheMiB))
 	}
