@@ -211,7 +211,8 @@ func TestCheckCommand(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte("[hypervisor]\naccel = \"tcg\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r := runCLI(t, t.TempDir(), t.TempDir(), "check", "--config", cfg)
+	// --boot=false: unit tests boot no QEMU (the probe has its realvm test).
+	r := runCLI(t, t.TempDir(), t.TempDir(), "check", "--boot=false", "--config", cfg)
 	if !strings.HasPrefix(r.stdout, "ok    config          "+cfg+" loads\n") {
 		t.Errorf("stdout = %q", r.stdout)
 	}

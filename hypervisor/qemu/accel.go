@@ -407,7 +407,15 @@ func probeKey(c *Config) (ProbeKey, error) {
 		if f.path == "" && f.optional {
 			continue
 		}
-		st, err := os.Stat(f.path)
+		path := f.path
+		if !strings.Contains(path, "/") { // a binary looked up in PATH, as exec does
+			p, err := exec.LookPath(path)
+			if err != nil {
+				return k, fmt.Errorf("accelerator probe: %w", err)
+			}
+			path = p
+		}
+		st, err := os.Stat(path)
 		if err != nil {
 			return k, fmt.Errorf("accelerator probe: %w", err)
 		}
