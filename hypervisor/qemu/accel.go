@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent"
@@ -229,6 +230,7 @@ func (p *prober) cached(ctx context.Context, refresh bool) (ProbeResult, error) 
 // probe runs TCG, then the KVM CPU models (the next only when QEMU aborted with the one
 // before), and decides.
 func (p *prober) probe(ctx context.Context) (ProbeResult, error) {
+	cleanStaleProbes(ctx, p.nodeDir)
 	r := ProbeResult{Time: p.now().UTC(), QEMUVersion: p.qemuVersion(ctx)}
 	r.TCG = p.boot(ctx, AccelTCG, "", ProbeTimeout)
 	kvmErr := p.kvmDevice()
@@ -358,6 +360,28 @@ func (p *prober) bootGuest(ctx context.Context, accel, cpu string, limit time.Du
 		}
 	}
 	return a
+}
+
+// cleanStaleProbes stops and removes what probes of processes that died mid-boot left in
+// nodeDir (QEMU loses its parent-death signal when it drops to its own uid). A live
+// process's probe dir is left alone.
+func cleanStaleProbes(ctx context.Context, nodeDir string) {
+	dirs, _ := filepath.Glob(filepath.Join(nodeDir, "accel-probe-*-*"))
+	for _, dir := range dirs {
+		var pid int
+		var accel string
+		if n, _ := fmt.Sscanf(filepath.Base(dir), "accel-probe-%d-%s", &pid, &accel); n != 2 || pid <= 0 {
+			continue
+		}
+		if err := unix.Kill(pid, 0); err == nil || errors.Is(err, unix.EPERM) {
+			continue // its prober still runs (or the pid was reused: then it is removed later)
+		}
+		if err := Cleanup(ctx, dir); err != nil {
+			log.G(ctx).WithError(err).Warn("accelerator probe: cleaning up a dead probe's VM")
+			continue
+		}
+		_ = os.RemoveAll(dir) // only a dead probe's logs and sockets
+	}
 }
 
 // qemuComplaint is the line of QEMU's log that says why it stopped: the refused MSR if there

@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -409,5 +410,27 @@ func TestQEMUComplaint(t *testing.T) {
 	}
 	if got := qemuComplaint(p); got != "qemu-system-x86_64: could not load kernel" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// TestCleanStaleProbes: a probe dir of a dead process goes, a live one's stays.
+func TestCleanStaleProbes(t *testing.T) {
+	node := t.TempDir()
+	dead := filepath.Join(node, "accel-probe-999999999-kvm")
+	live := filepath.Join(node, fmt.Sprintf("accel-probe-%d-tcg", os.Getpid()))
+	other := filepath.Join(node, "pod1")
+	for _, d := range []string{dead, live, other} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dead, QEMULog), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cleanStaleProbes(context.Background(), node)
+	for d, want := range map[string]bool{dead: false, live: true, other: true} {
+		if _, err := os.Stat(d); (err == nil) != want {
+			t.Errorf("%s: exists %v, want %v", d, err == nil, want)
+		}
 	}
 }
