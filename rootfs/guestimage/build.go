@@ -401,7 +401,7 @@ func writeInitrd(ctx context.Context, w io.Writer, comp Compression, kt kernelTr
 	entries["init"] = &initrdEntry{hdr: CPIOHeader{Name: "init", Mode: 0o755, Size: agent.size}, src: agent.path}
 
 	var list bytes.Buffer
-	var out []InitrdModule
+	out := []InitrdModule{} // "modules": [] in image.json for a kernel with everything built in
 	for _, m := range mods {
 		if err := ctx.Err(); err != nil {
 			return nil, err
