@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
 )
 
@@ -52,6 +53,7 @@ allowed = [%s]
 		PodvmConfigPath:  cfg,
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{podvmStateDir},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile},
 	}
 }
 

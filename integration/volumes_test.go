@@ -18,6 +18,7 @@ import (
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
 	"github.com/podvm/podvm/internal/testutil"
 )
@@ -46,7 +47,8 @@ func volEnv(t *testing.T, block string, allowed ...string) *harness.Env {
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return harness.Start(t, harness.Options{ShimDir: bin, PodvmConfigPath: cfg, LeakDirs: []string{stateDir}})
+	return harness.Start(t, harness.Options{ShimDir: bin, PodvmConfigPath: cfg, LeakDirs: []string{stateDir},
+		LeakDirsKeep: []string{qemu.AccelCacheFile, qemu.AccelLockFile}})
 }
 
 // volAssertNothingUnder fails t if a process still names dir on its command line or something

@@ -56,6 +56,9 @@ type Options struct {
 	LeakProcessNames []string
 	// LeakDirs are directories that AssertNoLeaks requires to be empty or absent, e.g. /run/podvm.
 	LeakDirs []string
+	// LeakDirsKeep are names AssertNoLeaks allows in LeakDirs: node-wide files that outlive
+	// pods by design (the accelerator probe's cache and lock).
+	LeakDirsKeep []string
 	// SetupTimeout bounds Start (image builds, containerd start). Default 3 minutes.
 	SetupTimeout time.Duration
 	// BridgeMTU is the MTU the CNI bridge plugin gives the bridge and every pod veth; 0 leaves

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -384,9 +385,13 @@ func (e *Env) leaks() []string {
 		if err == nil && len(entries) > 0 {
 			var names []string
 			for _, de := range entries {
-				names = append(names, de.Name())
+				if !slices.Contains(e.opts.LeakDirsKeep, de.Name()) {
+					names = append(names, de.Name())
+				}
 			}
-			leaks = append(leaks, fmt.Sprintf("%s not empty: %s", d, strings.Join(names, ", ")))
+			if len(names) > 0 {
+				leaks = append(leaks, fmt.Sprintf("%s not empty: %s", d, strings.Join(names, ", ")))
+			}
 		}
 	}
 	return leaks
