@@ -16,7 +16,6 @@ import (
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
-	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/internal/logfile"
 	"github.com/podvm/podvm/shim/config"
@@ -263,10 +262,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	accel := qcfg.Accel
-	if accel == "" || accel == hypervisor.AccelAuto {
-		accel = qemu.DetectAccel()
-	}
+	accel := vm.Config().Accel // what New resolved "auto" to (the node's probe)
 	fmt.Fprintf(e.stdout, "booting %s + %s (%s, %d vCPU, %d MiB)\n", qcfg.Kernel, qcfg.Initrd, accel, size.VCPUs, size.MemoryMiB)
 	start := time.Now()
 	if err := vm.Start(ctx); err != nil {
