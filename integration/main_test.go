@@ -73,7 +73,7 @@ func buildAll(dir string) error {
 			return err
 		}
 	}
-	kernel, err := guestimage.FindKernelPackage(filepath.Join(devDir(), "kernel"))
+	kernel, err := guestimage.FindKernel(filepath.Join(devDir(), "kernel"))
 	if err != nil {
 		return err
 	}

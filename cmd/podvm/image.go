@@ -27,7 +27,7 @@ func runImage(ctx context.Context, e *env, args []string) error {
 func runImageBuild(ctx context.Context, e *env, args []string) error {
 	const name = "podvm image build"
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	kernel := fs.String("kernel", "", "Debian kernel package (.deb) or extracted `FILE_OR_DIR` with boot/vmlinuz-<version> and lib/modules/<version>/\n(default: the newest "+filepath.Join(e.kernelDir, "linux-image-*.deb")+", which 'make deps' downloads)")
+	kernel := fs.String("kernel", "", "Debian kernel package (.deb) or extracted `FILE_OR_DIR` with boot/vmlinuz-<version> and lib/modules/<version>/\n(default: the kernel 'make kernel' built, "+filepath.Join(e.kernelDir, guestimage.BuiltKernelLink)+", else the newest "+filepath.Join(e.kernelDir, "linux-image-*.deb")+", which 'make deps' downloads)")
 	kernelVersion := fs.String("kernel-version", "", "kernel `VERSION` to use when the tree holds several")
 	agent := fs.String("agent", "", "static podvm-agent binary (`PATH`) to run as /init (default: "+agentName+" next to the podvm binary)")
 	output := fs.String("output", guestimage.DefaultOutputDir, "`DIR` to write vmlinuz, initrd.img and image.json into")
@@ -52,7 +52,7 @@ func runImageBuild(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	if *kernel == "" {
-		if *kernel, err = guestimage.FindKernelPackage(e.kernelDir); err != nil {
+		if *kernel, err = guestimage.FindKernel(e.kernelDir); err != nil {
 			return fmt.Errorf("no --kernel given: %w", err)
 		}
 	}

@@ -52,7 +52,7 @@ func TestDispatch(t *testing.T) {
 		{"build bad flag", []string{"image", "build", "--kernal", "x"}, 2, "", "flag provided but not defined: -kernal\nRun 'podvm image build -h' for usage."},
 		{"build bad compress", []string{"image", "build", "--compress", "lz4"}, 2, "", `compression "lz4": use "none" or "gzip"`},
 		{"build extra arg", []string{"image", "build", "vmlinuz"}, 2, "", `unexpected argument "vmlinuz"`},
-		{"build no kernel", []string{"image", "build"}, 1, "", "podvm: no --kernel given: no linux-image-*.deb in " + empty + ": run `make deps`"},
+		{"build no kernel", []string{"image", "build"}, 1, "", "podvm: no --kernel given: no kernel built by `make kernel` (" + filepath.Join(empty, "podvm") + ") and no linux-image-*.deb in " + empty + ": run `make deps`"},
 		{"build no agent", []string{"image", "build", "--kernel", empty}, 1, "", "no --agent given and no podvm-agent next to podvm (" + filepath.Join(empty, "podvm-agent") + "): build it with `make`"},
 		{"build dynamic agent", []string{"image", "build", "--kernel", "/nonexistent.deb", "--agent", "/bin/true"}, 1, "", "podvm: agent /bin/true is dynamically linked"},
 	}
