@@ -25,248 +25,232 @@ func dialFake(t *testing.T, q *fakeQEMU) *Client {
 	return c
 }
 
+// TestClient runs the client against a fake QEMU, one subtest per behaviour; each subtest
+// gives the fake its own command handler.
 func TestClient(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		run  func(t *testing.T)
+	}{
+		{"reply decoded into out", testReplyDecoded},
+		{"arguments reach QEMU", testArgumentsReachQEMU},
+		{"error reply keeps class", testErrorReplyKeepsClass},
+		{"out-of-order replies to concurrent callers", testOutOfOrderReplies},
+		{"events interleaved with replies", testEventsInterleaved},
+		{"undrained events never block replies (oldest dropped)", testUndrainedEvents},
+		{"cancelled call does not wedge the connection", testCancelledCall},
+		{"abrupt close fails pending calls and closes events", testAbruptClose},
+		{"file descriptors travel with the command", testFilesTravel},
+	} {
+		t.Run(tt.name, tt.run)
+	}
+}
+
+func testReplyDecoded(t *testing.T) {
 	type status struct {
 		Status  string `json:"status"`
 		Running bool   `json:"running"`
 	}
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		s.reply(r, map[string]any{"status": "running", "running": true})
+	}))
+	var st status
+	if err := c.Execute(context.Background(), "query-status", nil, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st != (status{"running", true}) {
+		t.Fatalf("got %+v", st)
+	}
+	if v := c.Version(); v.Major != 7 || v.Minor != 2 || v.Micro != 22 || !v.AtLeast(7, 1) || v.AtLeast(8, 0) {
+		t.Fatalf("version %v", v)
+	}
+}
+
+func testArgumentsReachQEMU(t *testing.T) {
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		s.reply(r, r.Arguments)
+	}))
+	var got map[string]string
+	if err := c.Execute(context.Background(), "echo", map[string]string{"id": "x,y"}, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["id"] != "x,y" {
+		t.Fatalf("got %v", got)
+	}
+}
+
+func testErrorReplyKeepsClass(t *testing.T) {
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		s.replyErr(r, "DeviceNotFound", "Device 'blk0' not found")
+	}))
+	err := c.Execute(context.Background(), "device_del", map[string]string{"id": "blk0"}, nil)
+	var qe *Error
+	if !errors.As(err, &qe) || qe.Class != "DeviceNotFound" || qe.Cmd != "device_del" {
+		t.Fatalf("got %v", err)
+	}
+	if want := "qmp: device_del: DeviceNotFound: Device 'blk0' not found"; err.Error() != want {
+		t.Fatalf("Error() = %q, want %q", err.Error(), want)
+	}
+}
+
+func testOutOfOrderReplies(t *testing.T) {
+	var mu sync.Mutex
+	var held []*serverReq
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		mu.Lock()
+		defer mu.Unlock()
+		held = append(held, r)
+		if len(held) < 3 {
+			return
+		}
+		for i := len(held) - 1; i >= 0; i-- { // reply in reverse order
+			s.reply(held[i], held[i].Execute)
+		}
+		held = nil
+	}))
+	var wg sync.WaitGroup
+	for _, cmd := range []string{"a", "b", "c"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var got string
+			if err := c.Execute(context.Background(), cmd, nil, &got); err != nil || got != cmd {
+				t.Errorf("%s: got %q, %v", cmd, got, err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func testEventsInterleaved(t *testing.T) {
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		s.event("STOP", "{}")
+		s.event("DEVICE_DELETED", `{"device": "blk0", "path": "/machine/peripheral/blk0"}`)
+		s.reply(r, struct{}{})
+	}))
+	if err := c.Execute(context.Background(), "stop", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"STOP", "DEVICE_DELETED"} {
+		select {
+		case ev := <-c.Events():
+			if ev.Name != want {
+				t.Fatalf("event %q, want %q", ev.Name, want)
+			}
+			if !ev.Timestamp.Equal(time.Unix(1700000000, 250000000)) {
+				t.Fatalf("timestamp %v", ev.Timestamp)
+			}
+			if want == "DEVICE_DELETED" && !strings.Contains(string(ev.Data), `"blk0"`) {
+				t.Fatalf("data %s", ev.Data)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no %s event", want)
+		}
+	}
+}
+
+func testUndrainedEvents(t *testing.T) {
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		for i := range EventBuffer + 50 {
+			s.event("E", `{"n": `+itoa(i)+`}`)
+		}
+		s.reply(r, struct{}{})
+	}))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.Execute(ctx, "flood", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if d := c.DroppedEvents(); d != 50 {
+		t.Fatalf("dropped %d, want 50", d)
+	}
+	ev := <-c.Events()
+	if string(ev.Data) != `{"n": 50}` {
+		t.Fatalf("oldest kept event %s, want n=50", ev.Data)
+	}
+}
+
+func testCancelledCall(t *testing.T) {
+	var mu sync.Mutex
+	var hung *serverReq
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.Execute == "hang" {
+			hung = r
+			return
+		}
+		if hung != nil { // late reply to the abandoned call first
+			s.reply(hung, "late")
+			hung = nil
+		}
+		s.reply(r, "ok")
+	}))
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := c.Execute(ctx, "hang", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want deadline exceeded", err)
+	}
+	var got string
+	if err := c.Execute(context.Background(), "next", nil, &got); err != nil || got != "ok" {
+		t.Fatalf("got %q, %v", got, err)
+	}
+}
+
+func testAbruptClose(t *testing.T) {
 	// waiting tells the test that a request the fake never answers has reached it.
 	waiting := make(chan struct{}, 1)
-	tests := []struct {
-		name   string
-		handle func(s *session, r *serverReq)
-		run    func(t *testing.T, c *Client)
-	}{
-		{
-			name: "reply decoded into out",
-			handle: func(s *session, r *serverReq) {
-				s.reply(r, map[string]any{"status": "running", "running": true})
-			},
-			run: func(t *testing.T, c *Client) {
-				var st status
-				if err := c.Execute(context.Background(), "query-status", nil, &st); err != nil {
-					t.Fatal(err)
-				}
-				if st != (status{"running", true}) {
-					t.Fatalf("got %+v", st)
-				}
-				if v := c.Version(); v.Major != 7 || v.Minor != 2 || v.Micro != 22 || !v.AtLeast(7, 1) || v.AtLeast(8, 0) {
-					t.Fatalf("version %v", v)
-				}
-			},
-		},
-		{
-			name: "arguments reach QEMU",
-			handle: func(s *session, r *serverReq) {
-				s.reply(r, r.Arguments)
-			},
-			run: func(t *testing.T, c *Client) {
-				var got map[string]string
-				if err := c.Execute(context.Background(), "echo", map[string]string{"id": "x,y"}, &got); err != nil {
-					t.Fatal(err)
-				}
-				if got["id"] != "x,y" {
-					t.Fatalf("got %v", got)
-				}
-			},
-		},
-		{
-			name: "error reply keeps class",
-			handle: func(s *session, r *serverReq) {
-				s.replyErr(r, "DeviceNotFound", "Device 'blk0' not found")
-			},
-			run: func(t *testing.T, c *Client) {
-				err := c.Execute(context.Background(), "device_del", map[string]string{"id": "blk0"}, nil)
-				var qe *Error
-				if !errors.As(err, &qe) || qe.Class != "DeviceNotFound" || qe.Cmd != "device_del" {
-					t.Fatalf("got %v", err)
-				}
-				if want := "qmp: device_del: DeviceNotFound: Device 'blk0' not found"; err.Error() != want {
-					t.Fatalf("Error() = %q, want %q", err.Error(), want)
-				}
-			},
-		},
-		{
-			name: "out-of-order replies to concurrent callers",
-			handle: func() func(s *session, r *serverReq) {
-				var mu sync.Mutex
-				var held []*serverReq
-				return func(s *session, r *serverReq) {
-					mu.Lock()
-					defer mu.Unlock()
-					held = append(held, r)
-					if len(held) < 3 {
-						return
-					}
-					for i := len(held) - 1; i >= 0; i-- { // reply in reverse order
-						s.reply(held[i], held[i].Execute)
-					}
-					held = nil
-				}
-			}(),
-			run: func(t *testing.T, c *Client) {
-				var wg sync.WaitGroup
-				for _, cmd := range []string{"a", "b", "c"} {
-					wg.Add(1)
-					go func() {
-						defer wg.Done()
-						var got string
-						if err := c.Execute(context.Background(), cmd, nil, &got); err != nil || got != cmd {
-							t.Errorf("%s: got %q, %v", cmd, got, err)
-						}
-					}()
-				}
-				wg.Wait()
-			},
-		},
-		{
-			name: "events interleaved with replies",
-			handle: func(s *session, r *serverReq) {
-				s.event("STOP", "{}")
-				s.event("DEVICE_DELETED", `{"device": "blk0", "path": "/machine/peripheral/blk0"}`)
-				s.reply(r, struct{}{})
-			},
-			run: func(t *testing.T, c *Client) {
-				if err := c.Execute(context.Background(), "stop", nil, nil); err != nil {
-					t.Fatal(err)
-				}
-				for _, want := range []string{"STOP", "DEVICE_DELETED"} {
-					select {
-					case ev := <-c.Events():
-						if ev.Name != want {
-							t.Fatalf("event %q, want %q", ev.Name, want)
-						}
-						if !ev.Timestamp.Equal(time.Unix(1700000000, 250000000)) {
-							t.Fatalf("timestamp %v", ev.Timestamp)
-						}
-						if want == "DEVICE_DELETED" && !strings.Contains(string(ev.Data), `"blk0"`) {
-							t.Fatalf("data %s", ev.Data)
-						}
-					case <-time.After(5 * time.Second):
-						t.Fatalf("no %s event", want)
-					}
-				}
-			},
-		},
-		{
-			name: "undrained events never block replies (oldest dropped)",
-			handle: func(s *session, r *serverReq) {
-				for i := range EventBuffer + 50 {
-					s.event("E", `{"n": `+itoa(i)+`}`)
-				}
-				s.reply(r, struct{}{})
-			},
-			run: func(t *testing.T, c *Client) {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				if err := c.Execute(ctx, "flood", nil, nil); err != nil {
-					t.Fatal(err)
-				}
-				if d := c.DroppedEvents(); d != 50 {
-					t.Fatalf("dropped %d, want 50", d)
-				}
-				ev := <-c.Events()
-				if string(ev.Data) != `{"n": 50}` {
-					t.Fatalf("oldest kept event %s, want n=50", ev.Data)
-				}
-			},
-		},
-		{
-			name: "cancelled call does not wedge the connection",
-			handle: func() func(s *session, r *serverReq) {
-				var mu sync.Mutex
-				var hung *serverReq
-				return func(s *session, r *serverReq) {
-					mu.Lock()
-					defer mu.Unlock()
-					if r.Execute == "hang" {
-						hung = r
-						return
-					}
-					if hung != nil { // late reply to the abandoned call first
-						s.reply(hung, "late")
-						hung = nil
-					}
-					s.reply(r, "ok")
-				}
-			}(),
-			run: func(t *testing.T, c *Client) {
-				ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-				defer cancel()
-				if err := c.Execute(ctx, "hang", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
-					t.Fatalf("got %v, want deadline exceeded", err)
-				}
-				var got string
-				if err := c.Execute(context.Background(), "next", nil, &got); err != nil || got != "ok" {
-					t.Fatalf("got %q, %v", got, err)
-				}
-			},
-		},
-		{
-			name: "abrupt close fails pending calls and closes events",
-			handle: func(s *session, r *serverReq) {
-				switch r.Execute {
-				case "wait":
-					waiting <- struct{}{} // in flight, never answered
-				case "die":
-					s.conn.Close()
-				}
-			},
-			run: func(t *testing.T, c *Client) {
-				errc := make(chan error, 1)
-				go func() { errc <- c.Execute(context.Background(), "wait", nil, nil) }()
-				<-waiting
-				err := c.Execute(context.Background(), "die", nil, nil)
-				for _, e := range []error{err, <-errc} {
-					if !errors.Is(e, ErrClosed) || !strings.Contains(e.Error(), "monitor connection closed") {
-						t.Fatalf("got %v, want ErrClosed", e)
-					}
-				}
-				if _, ok := <-c.Events(); ok {
-					t.Fatal("events channel still open")
-				}
-				if err := c.Execute(context.Background(), "after", nil, nil); !errors.Is(err, ErrClosed) {
-					t.Fatalf("after close: %v", err)
-				}
-			},
-		},
-		{
-			name: "file descriptors travel with the command",
-			handle: func(s *session, r *serverReq) {
-				if len(r.fds) != 1 {
-					s.replyErr(r, "GenericError", "No file descriptor supplied via SCM_RIGHTS")
-					return
-				}
-				buf := make([]byte, 16)
-				n, _ := unix.Read(r.fds[0], buf)
-				unix.Close(r.fds[0])
-				s.reply(r, string(buf[:n]))
-			},
-			run: func(t *testing.T, c *Client) {
-				pr, pw, err := os.Pipe()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer pr.Close()
-				if _, err := pw.Write([]byte("hello")); err != nil {
-					t.Fatal(err)
-				}
-				pw.Close()
-				var got string
-				if err := c.ExecuteWithFiles(context.Background(), "getfd", map[string]string{"fdname": "x"}, &got, pr); err != nil {
-					t.Fatal(err)
-				}
-				if got != "hello" {
-					t.Fatalf("server read %q through the passed fd", got)
-				}
-			},
-		},
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		switch r.Execute {
+		case "wait":
+			waiting <- struct{}{} // in flight, never answered
+		case "die":
+			s.conn.Close()
+		}
+	}))
+	errc := make(chan error, 1)
+	go func() { errc <- c.Execute(context.Background(), "wait", nil, nil) }()
+	<-waiting
+	err := c.Execute(context.Background(), "die", nil, nil)
+	for _, e := range []error{err, <-errc} {
+		if !errors.Is(e, ErrClosed) || !strings.Contains(e.Error(), "monitor connection closed") {
+			t.Fatalf("got %v, want ErrClosed", e)
+		}
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			q := newFakeQEMU(t, tt.handle)
-			tt.run(t, dialFake(t, q))
-		})
+	if _, ok := <-c.Events(); ok {
+		t.Fatal("events channel still open")
+	}
+	if err := c.Execute(context.Background(), "after", nil, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after close: %v", err)
+	}
+}
+
+func testFilesTravel(t *testing.T) {
+	c := dialFake(t, newFakeQEMU(t, func(s *session, r *serverReq) {
+		if len(r.fds) != 1 {
+			s.replyErr(r, "GenericError", "No file descriptor supplied via SCM_RIGHTS")
+			return
+		}
+		buf := make([]byte, 16)
+		n, _ := unix.Read(r.fds[0], buf)
+		unix.Close(r.fds[0])
+		s.reply(r, string(buf[:n]))
+	}))
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	if _, err := pw.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	var got string
+	if err := c.ExecuteWithFiles(context.Background(), "getfd", map[string]string{"fdname": "x"}, &got, pr); err != nil {
+		t.Fatal(err)
+	}
+	if got != "hello" {
+		t.Fatalf("server read %q through the passed fd", got)
 	}
 }
 
