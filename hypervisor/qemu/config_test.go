@@ -23,91 +23,97 @@ func baseConfig() Config {
 	}
 }
 
+// The taps are descriptor numbers only: Args and ExtraFiles never touch them.
+var (
+	testTap1, testTap2 = os.NewFile(100, "tap1"), os.NewFile(101, "tap2")
+	testMAC, _         = net.ParseMAC("02:00:00:00:00:01")
+)
+
+// argsTests are the command lines TestArgs expects, each from baseConfig changed by mod.
+var argsTests = []struct {
+	name    string
+	mod     func(c *Config)
+	want    []string // consecutive argument pairs or single args that must appear
+	notWant []string // substrings no argument may contain
+}{
+	{
+		name: "tcg serial defaults",
+		want: []string{
+			"-name podvm-pod1,debug-threads=on",
+			"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+			"-machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
+			"-accel tcg,tb-size=64", "-smp 1", "-m 512M",
+			"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",
+			"-bios /usr/share/qemu/qboot.rom",
+			"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests quiet",
+			"-add-fd fd=3,set=1000,opaque=console",
+			"-chardev file,id=console,path=/dev/fdset/1000,append=on", "-serial chardev:console",
+			"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
+			"-pidfile /run/podvm/pod1/qemu.pid",
+			"-device virtio-serial-pci,id=vser",
+			"-chardev socket,id=agent,path=/run/podvm/pod1/agent.sock,server=on,wait=off",
+			"-device virtserialport,bus=vser.0,chardev=agent,name=podvm.agent",
+			"-device pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+			"-device pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
+			"-runas 2000131047:2000131047", "-chroot /run/podvm/pod1/root",
+			"-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+		},
+		notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev", "console.log"},
+	},
+	{
+		name: "kvm vsock debug sized",
+		mod: func(c *Config) {
+			c.Accel, c.AgentTransport, c.VsockCID = AccelKVM, TransportVsock, 42
+			c.VCPUs, c.MemoryMiB, c.Debug = 4, 2048, true
+			c.KernelParams = []string{"init=/podvm-agent", "panic=0"}
+			c.HotplugSlots = 0
+			c.Initrd, c.Firmware = "", ""
+		},
+		want: []string{
+			"-accel kvm", "-cpu host", "-smp 4", "-m 2048M",
+			"-object memory-backend-memfd,id=mem,size=2048M,share=on",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests podvm.debug init=/podvm-agent panic=0",
+			"-device vhost-vsock-pci,id=vsock,guest-cid=42",
+		},
+		notWant: []string{"tcg", "virtio-serial", "quiet", "-initrd", "-bios", "pcie-root-port"},
+	},
+	{
+		name: "virtio-fs",
+		mod: func(c *Config) {
+			c.SharedDir, c.VirtiofsdPath, c.VirtiofsCache = "/run/podvm/pod1/shared", "/usr/lib/qemu/virtiofsd", "auto"
+		},
+		want: []string{
+			"-chardev socket,id=fs,path=/run/podvm/pod1/virtiofsd.sock",
+			"-device vhost-user-fs-pci,id=fs,chardev=fs,tag=podvm",
+		},
+	},
+	{
+		name: "net devices",
+		mod: func(c *Config) {
+			c.NetDevices = []*hypervisor.NetDevice{
+				{ID: "eth0", MAC: testMAC, MTU: 1450, TapFiles: []*os.File{testTap1}},
+				{ID: "eth1", TapFiles: []*os.File{testTap1, testTap2}, VhostNet: true},
+			}
+			c.HotplugSlots = 3
+		},
+		want: []string{
+			"-netdev tap,id=net-eth0,vhost=off,fd=3",
+			"-device virtio-net-pci,id=nic-eth0,netdev=net-eth0,mac=02:00:00:00:00:01,host_mtu=1450",
+			"-netdev tap,id=net-eth1,vhost=on,fds=4:5",
+			"-device virtio-net-pci,id=nic-eth1,netdev=net-eth1,mq=on,vectors=6",
+			"-device pcie-root-port,id=hp2,bus=pcie.0,chassis=3",
+		},
+	},
+	{
+		name: "commas in paths are escaped",
+		mod:  func(c *Config) { c.StateDir = "/run/a,b" },
+		want: []string{"-chardev socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"},
+	},
+}
+
 func TestArgs(t *testing.T) {
-	tap1, tap2 := os.NewFile(100, "tap1"), os.NewFile(101, "tap2")
-	mac, _ := net.ParseMAC("02:00:00:00:00:01")
-	tests := []struct {
-		name    string
-		mod     func(c *Config)
-		want    []string // consecutive argument pairs or single args that must appear
-		notWant []string // substrings no argument may contain
-	}{
-		{
-			name: "tcg serial defaults",
-			want: []string{
-				"-name podvm-pod1,debug-threads=on",
-				"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-				"-machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
-				"-accel tcg,tb-size=64", "-smp 1", "-m 512M",
-				"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",
-				"-bios /usr/share/qemu/qboot.rom",
-				"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
-				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests quiet",
-				"-add-fd fd=3,set=1000,opaque=console",
-				"-chardev file,id=console,path=/dev/fdset/1000,append=on", "-serial chardev:console",
-				"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
-				"-pidfile /run/podvm/pod1/qemu.pid",
-				"-device virtio-serial-pci,id=vser",
-				"-chardev socket,id=agent,path=/run/podvm/pod1/agent.sock,server=on,wait=off",
-				"-device virtserialport,bus=vser.0,chardev=agent,name=podvm.agent",
-				"-device pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
-				"-device pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
-				"-runas 2000131047:2000131047", "-chroot /run/podvm/pod1/root",
-				"-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
-			},
-			notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev", "console.log"},
-		},
-		{
-			name: "kvm vsock debug sized",
-			mod: func(c *Config) {
-				c.Accel, c.AgentTransport, c.VsockCID = AccelKVM, TransportVsock, 42
-				c.VCPUs, c.MemoryMiB, c.Debug = 4, 2048, true
-				c.KernelParams = []string{"init=/podvm-agent", "panic=0"}
-				c.HotplugSlots = 0
-				c.Initrd, c.Firmware = "", ""
-			},
-			want: []string{
-				"-accel kvm", "-cpu host", "-smp 4", "-m 2048M",
-				"-object memory-backend-memfd,id=mem,size=2048M,share=on",
-				"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests podvm.debug init=/podvm-agent panic=0",
-				"-device vhost-vsock-pci,id=vsock,guest-cid=42",
-			},
-			notWant: []string{"tcg", "virtio-serial", "quiet", "-initrd", "-bios", "pcie-root-port"},
-		},
-		{
-			name: "virtio-fs",
-			mod: func(c *Config) {
-				c.SharedDir, c.VirtiofsdPath, c.VirtiofsCache = "/run/podvm/pod1/shared", "/usr/lib/qemu/virtiofsd", "auto"
-			},
-			want: []string{
-				"-chardev socket,id=fs,path=/run/podvm/pod1/virtiofsd.sock",
-				"-device vhost-user-fs-pci,id=fs,chardev=fs,tag=podvm",
-			},
-		},
-		{
-			name: "net devices",
-			mod: func(c *Config) {
-				c.NetDevices = []*hypervisor.NetDevice{
-					{ID: "eth0", MAC: mac, MTU: 1450, TapFiles: []*os.File{tap1}},
-					{ID: "eth1", TapFiles: []*os.File{tap1, tap2}, VhostNet: true},
-				}
-				c.HotplugSlots = 3
-			},
-			want: []string{
-				"-netdev tap,id=net-eth0,vhost=off,fd=3",
-				"-device virtio-net-pci,id=nic-eth0,netdev=net-eth0,mac=02:00:00:00:00:01,host_mtu=1450",
-				"-netdev tap,id=net-eth1,vhost=on,fds=4:5",
-				"-device virtio-net-pci,id=nic-eth1,netdev=net-eth1,mq=on,vectors=6",
-				"-device pcie-root-port,id=hp2,bus=pcie.0,chassis=3",
-			},
-		},
-		{
-			name: "commas in paths are escaped",
-			mod:  func(c *Config) { c.StateDir = "/run/a,b" },
-			want: []string{"-chardev socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"},
-		},
-	}
-	for _, tt := range tests {
+	for _, tt := range argsTests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := baseConfig()
 			if tt.mod != nil {
@@ -117,24 +123,34 @@ func TestArgs(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			joined := "\x00" + strings.Join(args, "\x00") + "\x00"
-			for _, w := range tt.want {
-				if !strings.Contains(joined, "\x00"+strings.Replace(w, " ", "\x00", 1)+"\x00") {
-					t.Errorf("missing %q in\n%s", w, strings.Join(args, " "))
-				}
-			}
-			for _, nw := range tt.notWant {
-				for _, a := range args {
-					if strings.Contains(a, nw) {
-						t.Errorf("unexpected %q in argument %q", nw, a)
-					}
-				}
-			}
+			assertArgs(t, args, tt.want, tt.notWant)
 		})
 	}
+}
+
+// assertArgs checks that every want ("-flag value" or "-flag") stands in args as consecutive
+// arguments and that no argument contains any of notWant.
+func assertArgs(t *testing.T, args, want, notWant []string) {
+	t.Helper()
+	joined := "\x00" + strings.Join(args, "\x00") + "\x00"
+	for _, w := range want {
+		if !strings.Contains(joined, "\x00"+strings.Replace(w, " ", "\x00", 1)+"\x00") {
+			t.Errorf("missing %q in\n%s", w, strings.Join(args, " "))
+		}
+	}
+	for _, nw := range notWant {
+		for _, a := range args {
+			if strings.Contains(a, nw) {
+				t.Errorf("unexpected %q in argument %q", nw, a)
+			}
+		}
+	}
+}
+
+func TestExtraFiles(t *testing.T) {
 	c := baseConfig()
-	c.NetDevices = []*hypervisor.NetDevice{{ID: "a", TapFiles: []*os.File{tap1}}, {ID: "b", TapFiles: []*os.File{tap2}}}
-	if ef := c.ExtraFiles(); len(ef) != 2 || ef[0] != tap1 || ef[1] != tap2 {
+	c.NetDevices = []*hypervisor.NetDevice{{ID: "a", TapFiles: []*os.File{testTap1}}, {ID: "b", TapFiles: []*os.File{testTap2}}}
+	if ef := c.ExtraFiles(); len(ef) != 2 || ef[0] != testTap1 || ef[1] != testTap2 {
 		t.Fatalf("ExtraFiles %v", ef)
 	}
 }

@@ -128,7 +128,41 @@ func TestHotplugBlock(t *testing.T) {
 	}
 }
 
-func TestHotplugErrors(t *testing.T) {
+// hotplugErrorCase is a Hotplug that must fail: with an error containing wantErr (and
+// matching is), after sending the monitor exactly cmds.
+type hotplugErrorCase struct {
+	name    string
+	setup   func(v *VM, mon *qmp.FakeMonitor)
+	dev     hypervisor.Device
+	wantErr string
+	is      error
+	cmds    []string
+}
+
+func runHotplugErrors(t *testing.T, tests []hotplugErrorCase) {
+	t.Helper()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v, mon := fakeVM(t)
+			if tt.setup != nil {
+				tt.setup(v, mon)
+			}
+			err := v.Hotplug(context.Background(), tt.dev)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("got %v, want error containing %q", err, tt.wantErr)
+			}
+			if tt.is != nil && !errors.Is(err, tt.is) {
+				t.Fatalf("error %v is not %v", err, tt.is)
+			}
+			if got := strings.Join(mon.Commands(), ","); got != strings.Join(tt.cmds, ",") {
+				t.Fatalf("commands %q, want %q", got, tt.cmds)
+			}
+		})
+	}
+}
+
+// TestHotplugRejectsBadDevices: devices Hotplug refuses before it sends QEMU anything.
+func TestHotplugRejectsBadDevices(t *testing.T) {
 	img := diskImage(t)
 	f := openDisk(t, img, false)
 	dir, err := os.Open(filepath.Dir(img))
@@ -136,15 +170,7 @@ func TestHotplugErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer dir.Close()
-	ctx := context.Background()
-	tests := []struct {
-		name    string
-		setup   func(v *VM, mon *qmp.FakeMonitor)
-		dev     hypervisor.Device
-		wantErr string
-		is      error
-		cmds    []string
-	}{
+	runHotplugErrors(t, []hotplugErrorCase{
 		{name: "a path, no descriptor", dev: &hypervisor.BlockDevice{ID: "d", Path: img}, wantErr: "never paths", is: errdefs.ErrInvalidArgument},
 		{name: "read-only descriptor for a writable disk", dev: &hypervisor.BlockDevice{ID: "d", File: openDisk(t, img, true), Path: img}, wantErr: "access mode", is: errdefs.ErrInvalidArgument},
 		{name: "bad format", dev: &hypervisor.BlockDevice{ID: "d", File: f, Path: img, Format: "vmdk"}, wantErr: "Format"},
@@ -152,6 +178,22 @@ func TestHotplugErrors(t *testing.T) {
 		{name: "native aio with writeback", dev: &hypervisor.BlockDevice{ID: "d", File: f, Path: img, AIO: "native", Cache: "writeback"}, wantErr: "AIO native"},
 		{name: "directory", dev: &hypervisor.BlockDevice{ID: "d", File: dir, Path: filepath.Dir(img)}, wantErr: "neither a block device"},
 		{name: "net device", dev: &hypervisor.NetDevice{ID: "eth1"}, wantErr: "Config.NetDevices", is: errdefs.ErrNotImplemented},
+	})
+}
+
+// TestHotplugFailsCleanly: QMP errors, a full set of slots and a taken ID fail the plug, and
+// a half-done plug is undone.
+func TestHotplugFailsCleanly(t *testing.T) {
+	img := diskImage(t)
+	f := openDisk(t, img, false)
+	plug := func(v *VM, ids ...string) {
+		for _, id := range ids {
+			if err := v.Hotplug(context.Background(), &hypervisor.BlockDevice{ID: id, File: f, Path: img}); err != nil {
+				panic(err)
+			}
+		}
+	}
+	runHotplugErrors(t, []hotplugErrorCase{
 		{
 			name: "blockdev-add error keeps class",
 			setup: func(v *VM, mon *qmp.FakeMonitor) {
@@ -171,50 +213,22 @@ func TestHotplugErrors(t *testing.T) {
 			cmds:    []string{"add-fd", "blockdev-add", "device_add", "blockdev-del", "remove-fd"},
 		},
 		{
-			name: "no free slot",
-			setup: func(v *VM, mon *qmp.FakeMonitor) {
-				for _, id := range []string{"x", "y"} {
-					if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, File: f, Path: img}); err != nil {
-						panic(err)
-					}
-				}
-			},
+			name:    "no free slot",
+			setup:   func(v *VM, _ *qmp.FakeMonitor) { plug(v, "x", "y") },
 			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			wantErr: "raise hypervisor.hotplug_slots in the node config",
 			is:      errdefs.ErrResourceExhausted,
 			cmds:    []string{"add-fd", "blockdev-add", "device_add", "add-fd", "blockdev-add", "device_add"},
 		},
 		{
-			name: "duplicate id",
-			setup: func(v *VM, mon *qmp.FakeMonitor) {
-				if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
-					panic(err)
-				}
-			},
+			name:    "duplicate id",
+			setup:   func(v *VM, _ *qmp.FakeMonitor) { plug(v, "d") },
 			dev:     &hypervisor.BlockDevice{ID: "d", File: f, Path: img},
 			is:      errdefs.ErrAlreadyExists,
 			wantErr: "already plugged",
 			cmds:    []string{"add-fd", "blockdev-add", "device_add"},
 		},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			v, mon := fakeVM(t)
-			if tt.setup != nil {
-				tt.setup(v, mon)
-			}
-			err := v.Hotplug(ctx, tt.dev)
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Fatalf("got %v, want error containing %q", err, tt.wantErr)
-			}
-			if tt.is != nil && !errors.Is(err, tt.is) {
-				t.Fatalf("error %v is not %v", err, tt.is)
-			}
-			if got := strings.Join(mon.Commands(), ","); got != strings.Join(tt.cmds, ",") {
-				t.Fatalf("commands %q, want %q", got, tt.cmds)
-			}
-		})
-	}
+	})
 }
 
 func TestHotplugFreesSlotOnUnplug(t *testing.T) {

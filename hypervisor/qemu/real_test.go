@@ -145,6 +145,8 @@ func descendants(pid int) []int {
 	return out
 }
 
+// TestRealVM boots one VM and takes it through its life: confinement, the share, the
+// console, the agent's channel, pause and resume, hot-plug, stop.
 func TestRealVM(t *testing.T) {
 	kernel := requireReal(t)
 	cfg := realConfig(t, kernel)
@@ -152,10 +154,7 @@ func TestRealVM(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	v, err := New(hypervisor.Config(cfg))
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := newRealVM(t, cfg)
 	t.Cleanup(func() {
 		if err := v.Stop(context.Background()); err != nil {
 			t.Errorf("Stop: %v", err)
@@ -173,9 +172,40 @@ func TestRealVM(t *testing.T) {
 		t.Fatal("no pid")
 	}
 	checkConfined(t, v.Pid(), cfg)
+	checkLateMountShared(t, v, cfg.SharedDir)
 
-	// A mount made under SharedDir after virtiofsd started must reach virtiofsd's sandbox.
-	late := filepath.Join(cfg.SharedDir, "late")
+	waitFor(t, "kernel output on the console", 15*time.Second, func() bool {
+		b, _ := os.ReadFile(v.ConsolePath())
+		return strings.Contains(string(b), "Linux version")
+	})
+	t.Logf("kernel output after %s", time.Since(start))
+	checkVirtiofsdCaps(t, v.fs.pid())
+
+	conn, err := v.DialAgent(ctx)
+	if err != nil {
+		t.Fatalf("DialAgent: %v", err)
+	}
+	conn.Close()
+
+	checkPauseResume(ctx, t, v)
+	checkRealHotplug(ctx, t, v, testDir)
+	checkStopLeavesNothing(ctx, t, v, testDir)
+}
+
+func newRealVM(t *testing.T, cfg Config) *VM {
+	t.Helper()
+	v, err := New(hypervisor.Config(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// checkLateMountShared: a mount made under the shared dir after virtiofsd started must reach
+// virtiofsd's sandbox, a mount namespace of its own.
+func checkLateMountShared(t *testing.T, v *VM, shared string) {
+	t.Helper()
+	late := filepath.Join(shared, "late")
 	if err := os.Mkdir(late, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -204,20 +234,10 @@ func TestRealVM(t *testing.T) {
 	if !sandboxed {
 		t.Fatal("virtiofsd runs in no mount namespace of its own")
 	}
+}
 
-	waitFor(t, "kernel output on the console", 15*time.Second, func() bool {
-		b, _ := os.ReadFile(v.ConsolePath())
-		return strings.Contains(string(b), "Linux version")
-	})
-	t.Logf("kernel output after %s", time.Since(start))
-	checkVirtiofsdCaps(t, v.fs.pid())
-
-	conn, err := v.DialAgent(ctx)
-	if err != nil {
-		t.Fatalf("DialAgent: %v", err)
-	}
-	conn.Close()
-
+func checkPauseResume(ctx context.Context, t *testing.T, v *VM) {
+	t.Helper()
 	if err := v.Pause(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -230,10 +250,13 @@ func TestRealVM(t *testing.T) {
 	if st, err := v.Status(ctx); err != nil || st != "running" {
 		t.Fatalf("after Resume: %q %v", st, err)
 	}
+}
 
-	// Hot-plug against the real QEMU checks the blockdev-add/device_add arguments. The
-	// panicked guest never acknowledges an unplug, so Unplug must give up with ctx.
-	img := filepath.Join(testDir, "disk.img")
+// checkRealHotplug: hot-plug against the real QEMU checks the blockdev-add/device_add
+// arguments. The panicked guest never acknowledges an unplug, so Unplug must give up with ctx.
+func checkRealHotplug(ctx context.Context, t *testing.T, v *VM, dir string) {
+	t.Helper()
+	img := filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -260,9 +283,13 @@ func TestRealVM(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Unplug in a dead guest: %v, want deadline exceeded", err)
 	}
+}
 
+// checkStopLeavesNothing stops v twice and checks that no process or mount under dir is
+// left. The tmpfs under SharedDir stays mounted: Stop's detach of the bind must take it along.
+func checkStopLeavesNothing(ctx context.Context, t *testing.T, v *VM, dir string) {
+	t.Helper()
 	qemuPid := v.Pid()
-	// The tmpfs under SharedDir stays mounted: Stop's detach of the bind must take it along.
 	stopStart := time.Now()
 	if err := v.Stop(ctx); err != nil {
 		t.Fatal(err)
@@ -279,7 +306,7 @@ func TestRealVM(t *testing.T) {
 	if err := unix.Kill(qemuPid, 0); err == nil {
 		t.Fatalf("qemu pid %d still exists", qemuPid)
 	}
-	if l := leftovers(t, testDir); len(l) > 0 {
+	if l := leftovers(t, dir); len(l) > 0 {
 		t.Fatalf("left behind: %v", l)
 	}
 }
@@ -291,13 +318,10 @@ func TestRealStartFailureCleansUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := realConfig(t, notAKernel)
-	v, err := New(hypervisor.Config(cfg))
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := newRealVM(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	err = v.Start(ctx)
+	err := v.Start(ctx)
 	if err == nil {
 		_ = v.Stop(ctx) // the test fails either way; this only stops the VM
 		t.Fatal("Start with a bogus kernel succeeded")
@@ -317,10 +341,7 @@ func TestRealStartFailureCleansUp(t *testing.T) {
 func TestRealCleanupAfterCrash(t *testing.T) {
 	kernel := requireReal(t)
 	cfg := realConfig(t, kernel)
-	v, err := New(hypervisor.Config(cfg))
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := newRealVM(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := v.Start(ctx); err != nil {
