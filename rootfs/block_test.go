@@ -219,24 +219,38 @@ func closeAll(ds []*diskImage) {
 	}
 }
 
-func TestDiskImages(t *testing.T) {
+// diskAllowed is the node's annotations.allowed for disk images.
+func diskAllowed(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
+
+// diskVolume skips the test without mkfs.ext4 and makes a volume "data" of plugin's kind for
+// this pod under a new kubelet root.
+func diskVolume(t *testing.T, plugin string) (root, vol string) {
+	t.Helper()
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
 		t.Skip("no mkfs.ext4")
 	}
+	root = t.TempDir()
+	return root, podVolumeDir(t, root, testPodUID, plugin, "data")
+}
+
+// dataDisk is a spec that mounts vol at /data and asks for a 64Mi disk image for it.
+func dataDisk(vol string, ro bool) *specs.Spec {
+	return diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, ro)
+}
+
+// TestDiskImagesRefused: what diskImages refuses before it makes an image, and what it ignores.
+func TestDiskImagesRefused(t *testing.T) {
 	ctx := context.Background()
-	root := t.TempDir()
-	vol := podVolumeDir(t, root, testPodUID, "empty-dir", "data")
-	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
-	s := (&Share{}).WithBlock(BlockOptions{Cache: "none", AIO: "threads", Allowed: allowed})
+	_, vol := diskVolume(t, "empty-dir")
+	s := (&Share{}).WithBlock(BlockOptions{Cache: "none", AIO: "threads", Allowed: diskAllowed})
 
 	// Not allowed: ignored, the volume stays a shared directory.
-	spec := diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
-	if ds, err := (&Share{}).diskImages(ctx, "c1", spec); err != nil || len(ds) != 0 {
+	if ds, err := (&Share{}).diskImages(ctx, "c1", dataDisk(vol, false)); err != nil || len(ds) != 0 {
 		t.Fatalf("not allowed: %v %v", ds, err)
 	}
 
 	// A size that does not parse names the annotation and the volume.
-	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "lots"}, false)
+	spec := diskSpec(vol, map[string]string{"podvm.io/disk.data": "lots"}, false)
 	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "podvm.io/disk.data") || !strings.Contains(err.Error(), "volume data") {
 		t.Fatalf("bad size: %v", err)
 	}
@@ -244,22 +258,28 @@ func TestDiskImages(t *testing.T) {
 		t.Fatal("an image was made for a bad annotation")
 	}
 	// Above the node's cap: refused before anything is made.
-	capped := (&Share{}).WithBlock(BlockOptions{Allowed: allowed, MaxDiskSize: 32 << 20})
-	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
-	if _, err := capped.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "max_disk_size") {
+	capped := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed, MaxDiskSize: 32 << 20})
+	if _, err := capped.diskImages(ctx, "c1", dataDisk(vol, false)); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "max_disk_size") {
 		t.Fatalf("above the cap: %v", err)
 	}
 	// Read-only everywhere and no image yet: nothing is made.
-	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, true)
-	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "read-only") {
+	if _, err := s.diskImages(ctx, "c1", dataDisk(vol, true)); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "read-only") {
 		t.Fatalf("read-only without an image: %v", err)
 	}
 	if ents, _ := os.ReadDir(vol); len(ents) != 0 {
 		t.Fatalf("made for a read-only volume: %v", ents)
 	}
+}
+
+// TestDiskImagesMade: an image is made sparse and formatted and attached as an open file;
+// read-only mounts get it read-only; a subPath of it is refused.
+func TestDiskImagesMade(t *testing.T) {
+	ctx := context.Background()
+	root, vol := diskVolume(t, "empty-dir")
+	s := (&Share{}).WithBlock(BlockOptions{Cache: "none", AIO: "threads", Allowed: diskAllowed})
 
 	// Created sparse, formatted, attached as an open file.
-	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi", "podvm.io/disk.other": "1Gi"}, false)
+	spec := diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi", "podvm.io/disk.other": "1Gi"}, false)
 	ds, err := s.diskImages(ctx, "c1", spec)
 	if err != nil || len(ds) != 1 {
 		t.Fatalf("%v %v", ds, err)
@@ -290,8 +310,7 @@ func TestDiskImages(t *testing.T) {
 	att.Close()
 
 	// Read-only mounts give a read-only disk, opened read-only.
-	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, true)
-	ds, err = s.diskImages(ctx, "c1", spec)
+	ds, err = s.diskImages(ctx, "c1", dataDisk(vol, true))
 	if err != nil || len(ds) != 1 || !ds[0].allRO {
 		t.Fatalf("ro: %v %v", ds, err)
 	}
@@ -301,16 +320,23 @@ func TestDiskImages(t *testing.T) {
 	closeAll(ds)
 
 	// A subPath of a disk-image volume is refused.
-	spec = diskSpec(filepath.Join(root, "pods", testPodUID, "volume-subpaths/data/c/1"), map[string]string{"podvm.io/disk.data": "64Mi"}, false)
-	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsNotImplemented(err) {
+	if _, err := s.diskImages(ctx, "c1", dataDisk(filepath.Join(root, "pods", testPodUID, "volume-subpaths/data/c/1"), false)); !errdefs.IsNotImplemented(err) {
 		t.Fatalf("subPath: %v", err)
 	}
+}
 
-	// A corrupt image is refused with what to do.
+// TestDiskImagesBroken: a corrupt or truncated image is refused with what to do, and mkfs
+// failing leaves nothing behind.
+func TestDiskImagesBroken(t *testing.T) {
+	ctx := context.Background()
+	_, vol := diskVolume(t, "empty-dir")
+	s := (&Share{}).WithBlock(BlockOptions{Cache: "none", AIO: "threads", Allowed: diskAllowed})
+	img := filepath.Join(vol, DiskImageName)
+	spec := dataDisk(vol, false)
+
 	if err := os.WriteFile(img, make([]byte, 4096), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	spec = diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
 	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "no ext4") {
 		t.Fatalf("corrupt: %v", err)
 	}
@@ -320,9 +346,8 @@ func TestDiskImages(t *testing.T) {
 	if _, err := s.diskImages(ctx, "c1", spec); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "too short") {
 		t.Fatalf("truncated: %v", err)
 	}
-	// mkfs failing leaves nothing behind.
 	os.Remove(img)
-	bad := (&Share{}).WithBlock(BlockOptions{Allowed: allowed, Mkfs: "/bin/false"})
+	bad := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed, Mkfs: "/bin/false"})
 	if _, err := bad.diskImages(ctx, "c1", spec); err == nil || !strings.Contains(err.Error(), "formatting") {
 		t.Fatalf("mkfs failure: %v", err)
 	}
@@ -337,8 +362,7 @@ func TestDiskImages(t *testing.T) {
 func TestDiskImagesOnlyThisPodsVolumes(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
-	s := (&Share{}).WithBlock(BlockOptions{Allowed: allowed})
+	s := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed})
 	ann := map[string]string{"podvm.io/disk.data": "64Mi"}
 	hostPath := filepath.Join(root, "host", "data")
 	if err := os.MkdirAll(hostPath, 0o755); err != nil {
@@ -375,21 +399,9 @@ func TestDiskImagesOnlyThisPodsVolumes(t *testing.T) {
 	}
 }
 
-// TestDiskImagePlantedLinks: an image name that a pod sharing the volume turned into a
-// symlink or a hard link to a host file is refused, and that file is never opened for the
-// VM, also while the swap races the shim.
-func TestDiskImagePlantedLinks(t *testing.T) {
-	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
-		t.Skip("no mkfs.ext4")
-	}
-	ctx := context.Background()
-	root := t.TempDir()
-	vol := podVolumeDir(t, root, testPodUID, "csi", "data")
-	allowed := func(k string) bool { return strings.HasPrefix(k, "podvm.io/disk.") }
-	s := (&Share{}).WithBlock(BlockOptions{Allowed: allowed})
-	spec := func() *specs.Spec { return diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false) }
-
-	// A "host disk": a valid ext4 image outside the volume.
+// hostDisk makes a "host disk": a valid ext4 image under root, outside any volume.
+func hostDisk(t *testing.T, root string) (string, os.FileInfo) {
+	t.Helper()
 	victim := filepath.Join(root, "host-disk.img")
 	if err := os.WriteFile(victim, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -400,27 +412,47 @@ func TestDiskImagePlantedLinks(t *testing.T) {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", victim).CombinedOutput(); err != nil {
 		t.Fatalf("%v %s", err, out)
 	}
-	vfi, _ := os.Stat(victim)
+	fi, err := os.Stat(victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return victim, fi
+}
+
+// TestDiskImagePlantedLinks: an image name that a pod sharing the volume turned into a
+// symlink or a hard link to a host file is refused.
+func TestDiskImagePlantedLinks(t *testing.T) {
+	ctx := context.Background()
+	root, vol := diskVolume(t, "csi")
+	s := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed})
+	victim, _ := hostDisk(t, root)
 	img := filepath.Join(vol, DiskImageName)
 
 	if err := os.Symlink(victim, img); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.diskImages(ctx, "c1", spec()); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "symbolic link") {
+	if _, err := s.diskImages(ctx, "c1", dataDisk(vol, false)); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "symbolic link") {
 		t.Errorf("symlinked image: %v, want refused", err)
 	}
 	os.Remove(img)
 	if err := os.Link(victim, img); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.diskImages(ctx, "c1", spec()); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "hard links") {
+	if _, err := s.diskImages(ctx, "c1", dataDisk(vol, false)); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "hard links") {
 		t.Errorf("hard-linked image: %v, want refused", err)
 	}
-	os.Remove(img)
+}
 
-	// Race: the pod keeps swapping the name between a real image and a symlink to the host
-	// disk while the shim opens it.
-	if ds, err := s.diskImages(ctx, "c1", spec()); err != nil {
+// TestDiskImageSwapRace: the pod keeps swapping the image's name between a real image and a
+// symlink to a host disk while the shim opens it; the host disk is never opened for the VM.
+func TestDiskImageSwapRace(t *testing.T) {
+	ctx := context.Background()
+	root, vol := diskVolume(t, "csi")
+	s := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed})
+	victim, vfi := hostDisk(t, root)
+	img := filepath.Join(vol, DiskImageName)
+
+	if ds, err := s.diskImages(ctx, "c1", dataDisk(vol, false)); err != nil {
 		t.Fatal(err)
 	} else {
 		closeAll(ds)
@@ -446,7 +478,7 @@ func TestDiskImagePlantedLinks(t *testing.T) {
 	}()
 	opened, refused := 0, 0
 	for i := 0; i < 2000; i++ {
-		ds, err := s.diskImages(ctx, "c1", spec())
+		ds, err := s.diskImages(ctx, "c1", dataDisk(vol, false))
 		if err != nil {
 			refused++
 			continue

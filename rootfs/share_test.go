@@ -132,6 +132,16 @@ func (e *env) noMounts() {
 	}
 }
 
+// release releases container id and checks that it left nothing behind.
+func (e *env) release(id string) {
+	e.t.Helper()
+	if err := e.share.Release(context.Background(), id); err != nil {
+		e.t.Fatal(err)
+	}
+	e.noMounts()
+	e.gone(id)
+}
+
 func (e *env) gone(id string) {
 	e.t.Helper()
 	if _, err := os.Lstat(filepath.Join(e.staging, id)); !errors.Is(err, fs.ErrNotExist) {
@@ -195,11 +205,7 @@ func TestPrepareOverlayRootfs(t *testing.T) {
 	if len(att.BlockDevices)+len(att.BlockMounts)+len(att.Devices) != 0 {
 		t.Errorf("unexpected block devices: %+v", att)
 	}
-	if err := e.share.Release(ctx, "c1"); err != nil {
-		t.Fatal(err)
-	}
-	e.noMounts()
-	e.gone("c1")
+	e.release("c1")
 	if got := readFile(t, filepath.Join(upper, "new")); got != "x" {
 		t.Errorf("Release lost the upper dir's data: %q", got)
 	}
@@ -226,58 +232,118 @@ func TestPrepareBundleRootfs(t *testing.T) {
 	if att.Spec.Root.Path != guestDir+"/c1/rootfs" {
 		t.Errorf("guest root %q", att.Spec.Root.Path)
 	}
-	if err := e.share.Release(ctx, "c1"); err != nil {
-		t.Fatal(err)
-	}
-	e.noMounts()
-	e.gone("c1")
+	e.release("c1")
 	if _, err := os.Stat(filepath.Join(bundle, "rootfs", "etc", "os-release")); err != nil {
 		t.Errorf("Release touched the bundle: %v", err)
 	}
 }
 
-func TestPrepareBinds(t *testing.T) {
-	e := newEnv(t)
-	ctx := context.Background()
-	cfg := e.dir("configmap", map[string]string{"key": "value"})
-	empty := e.dir("emptydir", nil)
+// bindSources are the volume sources TestPrepareBinds shares, as kubelet makes them.
+type bindSources struct {
+	cfg, empty, secret string
+}
+
+// bindFixture makes the sources and the spec's mounts: every kind of bind the share handles.
+func bindFixture(e *env) (bindSources, []specs.Mount) {
+	t := e.t
+	t.Helper()
+	src := bindSources{cfg: e.dir("configmap", map[string]string{"key": "value"}), empty: e.dir("emptydir", nil)}
 	hosts := e.file("hosts", "127.0.0.1 localhost\n")
 	hostname := e.file("hostname", "pod-a\n")
 	// A symlinked source, as kubelet's configMap ..data links are: resolved on the host.
 	link := filepath.Join(e.vols, "cfg-link")
-	if err := os.Symlink(cfg, link); err != nil {
+	if err := os.Symlink(src.cfg, link); err != nil {
 		t.Fatal(err)
 	}
 	// A source with a mount below it: shared recursively.
-	secret := e.dir("secret", nil)
-	if err := unix.Mount("tmpfs", secret, "tmpfs", 0, "size=1m"); err != nil {
+	src.secret = e.dir("secret", nil)
+	if err := unix.Mount("tmpfs", src.secret, "tmpfs", 0, "size=1m"); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = unix.Unmount(secret, unix.MNT_DETACH) })
-	if err := os.WriteFile(filepath.Join(secret, "token"), []byte("s3cr3t"), 0o600); err != nil {
+	t.Cleanup(func() { _ = unix.Unmount(src.secret, unix.MNT_DETACH) })
+	if err := os.WriteFile(filepath.Join(src.secret, "token"), []byte("s3cr3t"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	secretParent := filepath.Dir(secret)
+	secretParent := filepath.Dir(src.secret)
 
 	shm := "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/abc/shm"
-	in := append(baseMounts(),
-		bindMount(cfg, "/cfg", "ro", "rprivate"),
-		bindMount(empty, "/data", "rw", "rslave"),
+	return src, append(baseMounts(),
+		bindMount(src.cfg, "/cfg", "ro", "rprivate"),
+		bindMount(src.empty, "/data", "rw", "rslave"),
 		bindMount(hosts, "/etc/hosts", "rw"),
 		bindMount(hostname, "/etc/hostname", "ro"),
 		bindMount(link, "/linked"),
 		bindMount(secretParent, "/vols", "ro"),
 		bindMount(secretParent, "/rvols", "rro"),
 		bindMount(shm, "/dev/shm", "rw"),
-		specs.Mount{Destination: "/opt", Source: empty, Options: []string{"bind"}}, // no type: a bind by its options
+		specs.Mount{Destination: "/opt", Source: src.empty, Options: []string{"bind"}}, // no type: a bind by its options
 	)
+}
+
+func TestPrepareBinds(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	src, in := bindFixture(e)
 	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: in}
 	rootfs, _ := e.overlay("c1", nil)
 	att, err := e.share.Prepare(ctx, "c1", "", spec, rootfs)
 	if err != nil {
 		t.Fatal(err)
 	}
-	hostPath := func(m specs.Mount) string {
+	checkBindsKeepOptions(t, att.Spec.Mounts, in)
+	checkBindAccess(t, e, att.Spec.Mounts)
+	if got := readFile(t, filepath.Join(src.empty, "written-data")); got != "w" {
+		t.Errorf("write through the emptyDir share did not reach its source: %q", got)
+	}
+
+	e.release("c1")
+	if got := readFile(t, filepath.Join(src.secret, "token")); got != "s3cr3t" {
+		t.Errorf("Release disturbed a volume below a shared source: %q", got)
+	}
+	if got := readFile(t, filepath.Join(src.cfg, "key")); got != "value" {
+		t.Errorf("configMap source changed: %q", got)
+	}
+	if err := e.share.Release(ctx, "c1"); err != nil {
+		t.Errorf("second Release: %v", err)
+	}
+	if err := e.share.Release(ctx, "never-prepared"); err != nil {
+		t.Errorf("Release of an unknown container: %v", err)
+	}
+}
+
+// checkBindsKeepOptions: Prepare changes only the sources of binds (and /dev/shm's to the
+// guest's own); the other mounts, and every mount's type and options, stay as they were.
+func checkBindsKeepOptions(t *testing.T, got, in []specs.Mount) {
+	t.Helper()
+	base := baseMounts()
+	if !reflect.DeepEqual(got[:len(base)], base) {
+		t.Errorf("non-bind mounts changed: %+v", got[:len(base)])
+	}
+	for i, m := range got {
+		if !reflect.DeepEqual(m.Options, in[i].Options) || m.Type != in[i].Type || m.Destination != in[i].Destination {
+			t.Errorf("mount %s: type/options changed: %q %v, want %q %v", m.Destination, m.Type, m.Options, in[i].Type, in[i].Options)
+		}
+	}
+	shm := ""
+	for _, m := range got {
+		if m.Destination == "/dev/shm" {
+			shm = m.Source
+		}
+	}
+	if shm != GuestShmDir {
+		t.Errorf("/dev/shm source %q, want the guest's %s", shm, GuestShmDir)
+	}
+}
+
+// checkBindAccess reads and writes through the share what bindFixture's binds expose, as the
+// guest would: readable, and writable exactly where the bind is.
+func checkBindAccess(t *testing.T, e *env, mounts []specs.Mount) {
+	t.Helper()
+	byDest := map[string]specs.Mount{}
+	for _, m := range mounts {
+		byDest[m.Destination] = m
+	}
+	hostPath := func(t *testing.T, m specs.Mount) string {
 		t.Helper()
 		rel, ok := strings.CutPrefix(m.Source, guestDir+"/")
 		if !ok {
@@ -285,24 +351,6 @@ func TestPrepareBinds(t *testing.T) {
 		}
 		return filepath.Join(e.shared, rel)
 	}
-	byDest := map[string]specs.Mount{}
-	for _, m := range att.Spec.Mounts {
-		byDest[m.Destination] = m
-	}
-
-	base := baseMounts()
-	if !reflect.DeepEqual(att.Spec.Mounts[:len(base)], base) {
-		t.Errorf("non-bind mounts changed: %+v", att.Spec.Mounts[:len(base)])
-	}
-	for i, m := range att.Spec.Mounts {
-		if !reflect.DeepEqual(m.Options, in[i].Options) || m.Type != in[i].Type || m.Destination != in[i].Destination {
-			t.Errorf("mount %s: type/options changed: %q %v, want %q %v", m.Destination, m.Type, m.Options, in[i].Type, in[i].Options)
-		}
-	}
-	if got := byDest["/dev/shm"].Source; got != GuestShmDir {
-		t.Errorf("/dev/shm source %q, want the guest's %s", got, GuestShmDir)
-	}
-
 	tests := []struct {
 		dest, file, want string
 		writable         bool
@@ -320,7 +368,7 @@ func TestPrepareBinds(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(strings.TrimPrefix(tc.dest+"/"+tc.writeIn, "/"), func(t *testing.T) {
-			p := hostPath(byDest[tc.dest])
+			p := hostPath(t, byDest[tc.dest])
 			fi, err := os.Stat(p)
 			if err != nil {
 				t.Fatal(err)
@@ -342,27 +390,6 @@ func TestPrepareBinds(t *testing.T) {
 				t.Errorf("write through a read-only share: err %v, want EROFS", err)
 			}
 		})
-	}
-	if got := readFile(t, filepath.Join(empty, "written-data")); got != "w" {
-		t.Errorf("write through the emptyDir share did not reach its source: %q", got)
-	}
-
-	if err := e.share.Release(ctx, "c1"); err != nil {
-		t.Fatal(err)
-	}
-	e.noMounts()
-	e.gone("c1")
-	if got := readFile(t, filepath.Join(secret, "token")); got != "s3cr3t" {
-		t.Errorf("Release disturbed a volume below a shared source: %q", got)
-	}
-	if got := readFile(t, filepath.Join(cfg, "key")); got != "value" {
-		t.Errorf("configMap source changed: %q", got)
-	}
-	if err := e.share.Release(ctx, "c1"); err != nil {
-		t.Errorf("second Release: %v", err)
-	}
-	if err := e.share.Release(ctx, "never-prepared"); err != nil {
-		t.Errorf("Release of an unknown container: %v", err)
 	}
 }
 
@@ -386,10 +413,7 @@ func TestSameSourceInTwoContainers(t *testing.T) {
 	if got := readFile(t, filepath.Join(e.shared, "b/mounts/0-data/f")); got != "from a" {
 		t.Errorf("b reads %q, want a's write, also after a was released", got)
 	}
-	if err := e.share.Release(ctx, "b"); err != nil {
-		t.Fatal(err)
-	}
-	e.noMounts()
+	e.release("b")
 	if got := readFile(t, filepath.Join(empty, "f")); got != "from a" {
 		t.Errorf("emptyDir lost its data: %q", got)
 	}
@@ -498,10 +522,7 @@ func TestPrepareRefusals(t *testing.T) {
 	if left, _ := mountsUnder(filepath.Join(e.shared, "c1")); len(left) != 1 {
 		t.Errorf("mounts of c1 after a refused second Prepare: %v, want its rootfs", left)
 	}
-	if err := e.share.Release(ctx, "c1"); err != nil {
-		t.Fatal(err)
-	}
-	e.noMounts()
+	e.release("c1")
 }
 
 func TestCleanupAfterCrash(t *testing.T) {
