@@ -75,34 +75,12 @@ func fakeKernelTree(t *testing.T, withDep bool) (string, map[string]string) {
 			buf.WriteString(data)
 		case ".xz":
 			w, err := xz.NewWriter(&buf)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := io.WriteString(w, data); err != nil {
-				t.Fatal(err)
-			}
-			if err := w.Close(); err != nil { // flushes the compressed stream
-				t.Fatal(err)
-			}
+			compress(t, w, err, data)
 		case ".gz":
-			w := gzip.NewWriter(&buf)
-			if _, err := io.WriteString(w, data); err != nil {
-				t.Fatal(err)
-			}
-			if err := w.Close(); err != nil { // flushes the compressed stream
-				t.Fatal(err)
-			}
+			compress(t, gzip.NewWriter(&buf), nil, data)
 		case ".zst":
 			w, err := zstd.NewWriter(&buf)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := io.WriteString(w, data); err != nil {
-				t.Fatal(err)
-			}
-			if err := w.Close(); err != nil { // flushes the compressed stream
-				t.Fatal(err)
-			}
+			compress(t, w, err, data)
 		}
 		write(filepath.Join(md, rel), buf.Bytes())
 	}
@@ -121,6 +99,21 @@ kernel/drivers/block/unused.ko:
 	}
 	write(filepath.Join(md, "modules.builtin"), []byte("kernel/fs/ext4/ext4.ko\n"))
 	return root, contents
+}
+
+// compress writes data through the compressor w (whose constructor returned err) and
+// closes it, which flushes the compressed stream.
+func compress(t *testing.T, w io.WriteCloser, err error, data string) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(w, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func readInitrd(t *testing.T, p string) map[string]cpioEntry {
@@ -188,8 +181,13 @@ func TestBuildFakeKernel(t *testing.T) {
 			t.Errorf("no step %q reported", s)
 		}
 	}
+	checkOutputDir(t, out, m)
+	checkInitrd(t, readInitrd(t, filepath.Join(out, "initrd.img")), agentData, wantMods, contents)
+}
 
-	// Output files: no temporaries left, the kernel copied, image.json matching the result.
+// checkOutputDir: no temporaries left, the kernel copied, image.json matching the result.
+func checkOutputDir(t *testing.T, out string, m *Manifest) {
+	t.Helper()
 	ents, _ := os.ReadDir(out)
 	var names []string
 	for _, e := range ents {
@@ -209,8 +207,12 @@ func TestBuildFakeKernel(t *testing.T) {
 	if fi, _ := os.Stat(filepath.Join(out, "initrd.img")); onDisk.InitrdSize != fi.Size() || onDisk.AgentSHA256 != m.AgentSHA256 || len(onDisk.Modules) != 4 {
 		t.Errorf("image.json = %s", j)
 	}
+}
 
-	files := readInitrd(t, filepath.Join(out, "initrd.img"))
+// checkInitrd: the initrd holds the agent as /init, the device nodes and directories the
+// guest needs, the wanted modules decompressed and listed in podvm.modules, and no other.
+func checkInitrd(t *testing.T, files map[string]cpioEntry, agentData []byte, wantMods []InitrdModule, contents map[string]string) {
+	t.Helper()
 	init := files["init"]
 	if init.mode != 0o100755 || !bytes.Equal(init.data, agentData) {
 		t.Errorf("/init mode %o, %d bytes; want 100755 and the agent's %d bytes", init.mode, len(init.data), len(agentData))
