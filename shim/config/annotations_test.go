@@ -58,121 +58,134 @@ func TestAllowed(t *testing.T) {
 	}
 }
 
+// cpuLimit is the sandbox annotations containerd sets from a pod's CPU limits.
+func cpuLimit(quota, period string) map[string]string {
+	return map[string]string{CRISandboxCPUQuota: quota, CRISandboxCPUPeriod: period}
+}
+
+// withAnns returns a copy of m with the key-value pairs kv added.
+func withAnns(m map[string]string, kv ...string) map[string]string {
+	out := map[string]string{}
+	for k, v := range m {
+		out[k] = v
+	}
+	for i := 0; i < len(kv); i += 2 {
+		out[kv[i]] = kv[i+1]
+	}
+	return out
+}
+
 func TestSize(t *testing.T) {
-	cpu := func(quota, period string) map[string]string {
-		return map[string]string{CRISandboxCPUQuota: quota, CRISandboxCPUPeriod: period}
-	}
-	with := func(m map[string]string, kv ...string) map[string]string {
-		out := map[string]string{}
-		for k, v := range m {
-			out[k] = v
-		}
-		for i := 0; i < len(kv); i += 2 {
-			out[kv[i]] = kv[i+1]
-		}
-		return out
-	}
 	both := testConfig("vcpus", "memory")
 	none := testConfig()
-	defaults := Default() // no file: messages point at the default path
-	defaults.Sandbox.MaxVCPUs = 2
-	defaults.Annotations.Allowed = []string{"*"}
-
 	tests := []struct {
 		name string
 		cfg  *Config
 		anns map[string]string
 		want VMSize
-		err  string
 	}{
-		{"defaults", both, nil, VMSize{1, 512, "default", "default", "default", nil}, ""},
+		{"defaults", both, nil, VMSize{1, 512, "default", "default", "default", nil}},
 		{"annotations", both, map[string]string{AnnotationVCPUs: "2", AnnotationMemory: "1Gi"},
-			VMSize{2, 1024, "annotation", "annotation", "annotation", nil}, ""},
+			VMSize{2, 1024, "annotation", "annotation", "annotation", nil}},
 		{"annotation memory rounds up to MiB", both, map[string]string{AnnotationMemory: "200000000"},
-			VMSize{1, 191, "default+annotation", "default", "annotation", nil}, ""},
+			VMSize{1, 191, "default+annotation", "default", "annotation", nil}},
 		{"annotations beat sandbox resources", both,
-			with(cpu("200000", "100000"), CRISandboxMemory, "1073741824", AnnotationVCPUs, "1", AnnotationMemory, "256Mi"),
-			VMSize{1, 256, "annotation", "annotation", "annotation", nil}, ""},
-		{"sandbox resources", both, with(cpu("150000", "100000"), CRISandboxMemory, "536870912"),
-			VMSize{2, 768, "sandbox-resources", "sandbox-resources", "sandbox-resources", nil}, ""},
+			withAnns(cpuLimit("200000", "100000"), CRISandboxMemory, "1073741824", AnnotationVCPUs, "1", AnnotationMemory, "256Mi"),
+			VMSize{1, 256, "annotation", "annotation", "annotation", nil}},
+		{"sandbox resources", both, withAnns(cpuLimit("150000", "100000"), CRISandboxMemory, "536870912"),
+			VMSize{2, 768, "sandbox-resources", "sandbox-resources", "sandbox-resources", nil}},
 		{"sandbox resources: small quota is 1 vCPU, small memory is the minimum", both,
-			with(cpu("1000", "100000"), CRISandboxMemory, "1"),
-			VMSize{1, 257, "sandbox-resources", "sandbox-resources", "sandbox-resources", nil}, ""},
+			withAnns(cpuLimit("1000", "100000"), CRISandboxMemory, "1"),
+			VMSize{1, 257, "sandbox-resources", "sandbox-resources", "sandbox-resources", nil}},
 		{"sandbox resources unset (0, -1) fall back to defaults", both,
-			with(cpu("-1", "100000"), CRISandboxMemory, "0"),
-			VMSize{1, 512, "default", "default", "default", nil}, ""},
+			withAnns(cpuLimit("-1", "100000"), CRISandboxMemory, "0"),
+			VMSize{1, 512, "default", "default", "default", nil}},
 		{"quota without period is ignored", both, map[string]string{CRISandboxCPUQuota: "200000"},
-			VMSize{1, 512, "default", "default", "default", nil}, ""},
-		{"annotation vcpus, resources memory", both, with(cpu("200000", "100000"), CRISandboxMemory, "1073741824", AnnotationVCPUs, "1"),
-			VMSize{1, 1280, "annotation+sandbox-resources", "annotation", "sandbox-resources", nil}, ""},
+			VMSize{1, 512, "default", "default", "default", nil}},
+		{"annotation vcpus, resources memory", both, withAnns(cpuLimit("200000", "100000"), CRISandboxMemory, "1073741824", AnnotationVCPUs, "1"),
+			VMSize{1, 1280, "annotation+sandbox-resources", "annotation", "sandbox-resources", nil}},
 		{"not allowed: ignored with warnings", none,
-			with(cpu("200000", "100000"), AnnotationVCPUs, "64", AnnotationMemory, "abc"),
+			withAnns(cpuLimit("200000", "100000"), AnnotationVCPUs, "64", AnnotationMemory, "abc"),
 			VMSize{2, 512, "sandbox-resources+default", "sandbox-resources", "default", []string{
 				`annotation podvm.io/vcpus ignored: not allowed by annotations.allowed in /etc/podvm/config.toml (add "vcpus" to allow it)`,
 				`annotation podvm.io/memory ignored: not allowed by annotations.allowed in /etc/podvm/config.toml (add "memory" to allow it)`,
-			}}, ""},
+			}}},
 		{"only memory allowed", testConfig("memory"), map[string]string{AnnotationVCPUs: "2", AnnotationMemory: "1Gi"},
 			VMSize{1, 1024, "default+annotation", "default", "annotation", []string{
 				`annotation podvm.io/vcpus ignored: not allowed by annotations.allowed in /etc/podvm/config.toml (add "vcpus" to allow it)`,
-			}}, ""},
-		{"vcpus at max", both, map[string]string{AnnotationVCPUs: "2"}, VMSize{2, 512, "annotation+default", "annotation", "default", nil}, ""},
-		{"memory at bounds", both, map[string]string{AnnotationMemory: "4Gi"}, VMSize{1, 4096, "default+annotation", "default", "annotation", nil}, ""},
-		{"memory at minimum", both, map[string]string{AnnotationMemory: "128Mi"}, VMSize{1, 128, "default+annotation", "default", "annotation", nil}, ""},
-
-		// Errors.
-		{"vcpus not a number", both, map[string]string{AnnotationVCPUs: "two"}, VMSize{},
-			`annotation podvm.io/vcpus="two": not a whole number; use e.g. 2`},
-		{"vcpus fraction", both, map[string]string{AnnotationVCPUs: "1.5"}, VMSize{},
-			`annotation podvm.io/vcpus="1.5": not a whole number; use e.g. 2`},
-		{"vcpus zero", both, map[string]string{AnnotationVCPUs: "0"}, VMSize{},
-			`annotation podvm.io/vcpus="0": less than 1; use e.g. 1`},
-		{"vcpus negative", both, map[string]string{AnnotationVCPUs: "-3"}, VMSize{},
-			`annotation podvm.io/vcpus="-3": less than 1; use e.g. 1`},
-		{"vcpus over max", both, map[string]string{AnnotationVCPUs: "64"}, VMSize{},
-			`annotation podvm.io/vcpus="64": more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml)`},
-		{"vcpus overflow", both, map[string]string{AnnotationVCPUs: "99999999999999999999"}, VMSize{},
-			`annotation podvm.io/vcpus="99999999999999999999": more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml)`},
-		{"vcpus over max, default config", defaults, map[string]string{AnnotationVCPUs: "3"}, VMSize{},
-			`annotation podvm.io/vcpus="3": more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml)`},
-		{"memory not a size", both, map[string]string{AnnotationMemory: "abc"}, VMSize{},
-			`annotation podvm.io/memory="abc": not a size; use e.g. 512Mi`},
-		{"memory with unit typo", both, map[string]string{AnnotationMemory: "1GB"}, VMSize{},
-			`annotation podvm.io/memory="1GB": not a size; use e.g. 512Mi`},
-		{"memory too small", both, map[string]string{AnnotationMemory: "64Mi"}, VMSize{},
-			`annotation podvm.io/memory="64Mi": less than the minimum 128Mi; use e.g. 512Mi`},
-		{"memory over max", both, map[string]string{AnnotationMemory: "5Gi"}, VMSize{},
-			`annotation podvm.io/memory="5Gi": more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml)`},
-		{"memory overflow", both, map[string]string{AnnotationMemory: "9Ei"}, VMSize{},
-			`annotation podvm.io/memory="9Ei": more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml)`},
-		{"both bad", both, map[string]string{AnnotationVCPUs: "x", AnnotationMemory: "y"}, VMSize{},
-			"annotation podvm.io/vcpus=\"x\": not a whole number; use e.g. 2\nannotation podvm.io/memory=\"y\": not a size; use e.g. 512Mi"},
-		{"cpu limit over max", both, cpu("400000", "100000"), VMSize{},
-			`pod CPU limit (io.kubernetes.cri.sandbox-cpu-quota/io.kubernetes.cri.sandbox-cpu-period = 400000/100000, 4 vCPUs): more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml); lower the pod's CPU limits or raise max_vcpus`},
-		{"bad quota", both, cpu("lots", "100000"), VMSize{},
-			`annotation io.kubernetes.cri.sandbox-cpu-quota="lots": not an integer (containerd sets it from the pod's CPU limits)`},
-		{"bad period", both, cpu("100000", ""), VMSize{},
-			`annotation io.kubernetes.cri.sandbox-cpu-period="": not an integer (containerd sets it from the pod's CPU limits)`},
-		{"memory limit over max", both, map[string]string{CRISandboxMemory: "4294967296"}, VMSize{},
-			`pod memory limit (io.kubernetes.cri.sandbox-memory = 4294967296) + memory_overhead 256Mi: more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml); lower the pod's memory limits or raise max_memory`},
-		{"memory limit overflow", both, map[string]string{CRISandboxMemory: "9223372036854775807"}, VMSize{},
-			`pod memory limit (io.kubernetes.cri.sandbox-memory = 9223372036854775807) + memory_overhead 256Mi: more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml); lower the pod's memory limits or raise max_memory`},
-		{"bad memory limit", both, map[string]string{CRISandboxMemory: "-5"}, VMSize{},
-			`annotation io.kubernetes.cri.sandbox-memory="-5": not a byte count (containerd sets it from the pod's memory limits)`},
+			}}},
+		{"vcpus at max", both, map[string]string{AnnotationVCPUs: "2"}, VMSize{2, 512, "annotation+default", "annotation", "default", nil}},
+		{"memory at bounds", both, map[string]string{AnnotationMemory: "4Gi"}, VMSize{1, 4096, "default+annotation", "default", "annotation", nil}},
+		{"memory at minimum", both, map[string]string{AnnotationMemory: "128Mi"}, VMSize{1, 128, "default+annotation", "default", "annotation", nil}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := Size(tt.cfg, tt.anns)
-			if tt.err != "" {
-				if err == nil || err.Error() != tt.err {
-					t.Errorf("Size = %+v, %v\nwant error %s", got, err, tt.err)
-				}
-				return
-			}
 			if err != nil {
 				t.Fatalf("Size: %v", err)
 			}
 			if !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("Size =\n%+v\nwant\n%+v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestSizeErrors: every refusal says what was wrong and what to write instead.
+func TestSizeErrors(t *testing.T) {
+	both := testConfig("vcpus", "memory")
+	defaults := Default() // no file: messages point at the default path
+	defaults.Sandbox.MaxVCPUs = 2
+	defaults.Annotations.Allowed = []string{"*"}
+	tests := []struct {
+		name string
+		cfg  *Config
+		anns map[string]string
+		err  string
+	}{
+		{"vcpus not a number", both, map[string]string{AnnotationVCPUs: "two"},
+			`annotation podvm.io/vcpus="two": not a whole number; use e.g. 2`},
+		{"vcpus fraction", both, map[string]string{AnnotationVCPUs: "1.5"},
+			`annotation podvm.io/vcpus="1.5": not a whole number; use e.g. 2`},
+		{"vcpus zero", both, map[string]string{AnnotationVCPUs: "0"},
+			`annotation podvm.io/vcpus="0": less than 1; use e.g. 1`},
+		{"vcpus negative", both, map[string]string{AnnotationVCPUs: "-3"},
+			`annotation podvm.io/vcpus="-3": less than 1; use e.g. 1`},
+		{"vcpus over max", both, map[string]string{AnnotationVCPUs: "64"},
+			`annotation podvm.io/vcpus="64": more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml)`},
+		{"vcpus overflow", both, map[string]string{AnnotationVCPUs: "99999999999999999999"},
+			`annotation podvm.io/vcpus="99999999999999999999": more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml)`},
+		{"vcpus over max, default config", defaults, map[string]string{AnnotationVCPUs: "3"},
+			`annotation podvm.io/vcpus="3": more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml)`},
+		{"memory not a size", both, map[string]string{AnnotationMemory: "abc"},
+			`annotation podvm.io/memory="abc": not a size; use e.g. 512Mi`},
+		{"memory with unit typo", both, map[string]string{AnnotationMemory: "1GB"},
+			`annotation podvm.io/memory="1GB": not a size; use e.g. 512Mi`},
+		{"memory too small", both, map[string]string{AnnotationMemory: "64Mi"},
+			`annotation podvm.io/memory="64Mi": less than the minimum 128Mi; use e.g. 512Mi`},
+		{"memory over max", both, map[string]string{AnnotationMemory: "5Gi"},
+			`annotation podvm.io/memory="5Gi": more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml)`},
+		{"memory overflow", both, map[string]string{AnnotationMemory: "9Ei"},
+			`annotation podvm.io/memory="9Ei": more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml)`},
+		{"both bad", both, map[string]string{AnnotationVCPUs: "x", AnnotationMemory: "y"},
+			"annotation podvm.io/vcpus=\"x\": not a whole number; use e.g. 2\nannotation podvm.io/memory=\"y\": not a size; use e.g. 512Mi"},
+		{"cpu limit over max", both, cpuLimit("400000", "100000"),
+			`pod CPU limit (io.kubernetes.cri.sandbox-cpu-quota/io.kubernetes.cri.sandbox-cpu-period = 400000/100000, 4 vCPUs): more than the node allows (max_vcpus = 2 in /etc/podvm/config.toml); lower the pod's CPU limits or raise max_vcpus`},
+		{"bad quota", both, cpuLimit("lots", "100000"),
+			`annotation io.kubernetes.cri.sandbox-cpu-quota="lots": not an integer (containerd sets it from the pod's CPU limits)`},
+		{"bad period", both, cpuLimit("100000", ""),
+			`annotation io.kubernetes.cri.sandbox-cpu-period="": not an integer (containerd sets it from the pod's CPU limits)`},
+		{"memory limit over max", both, map[string]string{CRISandboxMemory: "4294967296"},
+			`pod memory limit (io.kubernetes.cri.sandbox-memory = 4294967296) + memory_overhead 256Mi: more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml); lower the pod's memory limits or raise max_memory`},
+		{"memory limit overflow", both, map[string]string{CRISandboxMemory: "9223372036854775807"},
+			`pod memory limit (io.kubernetes.cri.sandbox-memory = 9223372036854775807) + memory_overhead 256Mi: more than the node allows (max_memory = 4Gi in /etc/podvm/config.toml); lower the pod's memory limits or raise max_memory`},
+		{"bad memory limit", both, map[string]string{CRISandboxMemory: "-5"},
+			`annotation io.kubernetes.cri.sandbox-memory="-5": not a byte count (containerd sets it from the pod's memory limits)`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got, err := Size(tt.cfg, tt.anns); err == nil || err.Error() != tt.err {
+				t.Errorf("Size = %+v, %v\nwant error %s", got, err, tt.err)
 			}
 		})
 	}

@@ -139,10 +139,34 @@ max_disk_size = "1Ti"
 	}
 }
 
+// parseErrorTest is a config (data) that Parse must refuse with the error want.
+type parseErrorTest struct {
+	name, data, want string
+}
+
+func runParseErrors(t *testing.T, tests []parseErrorTest) {
+	t.Helper()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse([]byte(tt.data), file)
+			if err == nil {
+				t.Fatalf("Parse = %+v, want error %s", c, tt.want)
+			}
+			if err.Error() != tt.want {
+				t.Errorf("error:\n got %s\nwant %s", err, tt.want)
+			}
+			var ce *Error
+			if !errors.As(err, &ce) || ce.File != file {
+				t.Errorf("error %T is not a *config.Error for %s", err, file)
+			}
+		})
+	}
+}
+
+// TestParseErrors: TOML that does not decode into the config (unknown keys, syntax, a value of
+// the wrong TOML type) is refused with the line, what was wrong and what to write.
 func TestParseErrors(t *testing.T) {
-	tests := []struct {
-		name, data, want string
-	}{
+	runParseErrors(t, []parseErrorTest{
 		{"unknown key", "[hypervisor]\nqemu_pth = 'x'\n",
 			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: kind, qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
@@ -171,6 +195,12 @@ func TestParseErrors(t *testing.T) {
 			`podvm config /etc/podvm/config.toml: line 2: sandbox.agent_timeout: "soon" is not a duration; use e.g. agent_timeout = "60s"`},
 		{"duration as int", "[sandbox]\nagent_timeout = 60\n",
 			`podvm config /etc/podvm/config.toml: sandbox.agent_timeout: want a duration string like "60s", got a TOML integer; use e.g. agent_timeout = "60s"`},
+	})
+}
+
+// TestParseValueErrors: values that decode but are not valid are refused with what to write.
+func TestParseValueErrors(t *testing.T) {
+	runParseErrors(t, []parseErrorTest{
 		{"accel", "[hypervisor]\naccel = \"hvf\"\n",
 			`podvm config /etc/podvm/config.toml: hypervisor.accel = "hvf": must be "auto", "kvm" or "tcg"; use e.g. accel = "tcg"`},
 		{"relative qemu", "[hypervisor]\nqemu_path = \"bin/qemu\"\n",
@@ -215,22 +245,7 @@ func TestParseErrors(t *testing.T) {
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
 				"  sandbox.max_vcpus = 0: must be between 1 and 255; use e.g. max_vcpus = 4\n" +
 				`  sandbox.default_memory = "64Mi": less than the minimum 128Mi; use e.g. default_memory = "512Mi"`},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			c, err := Parse([]byte(tt.data), file)
-			if err == nil {
-				t.Fatalf("Parse = %+v, want error %s", c, tt.want)
-			}
-			if err.Error() != tt.want {
-				t.Errorf("error:\n got %s\nwant %s", err, tt.want)
-			}
-			var ce *Error
-			if !errors.As(err, &ce) || ce.File != file {
-				t.Errorf("error %T is not a *config.Error for %s", err, file)
-			}
-		})
-	}
+	})
 }
 
 func TestResolvePath(t *testing.T) {
