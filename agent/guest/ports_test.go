@@ -23,118 +23,134 @@ func TestPortForwardOverTTRPC(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	s := NewServer()
-	reads := make(chan uint64, 1)
-	c := serveOverTTRPC(ctx, t, s, readSignal{Server: s, reads: reads})
-	accepted, port := guestService(t)
+	f := &portFixture{s: s, reads: make(chan uint64, 1)}
+	f.c = serveOverTTRPC(ctx, t, s, readSignal{Server: s, reads: f.reads})
+	f.accepted, f.port = guestService(t)
 
-	t.Run("echo with half-close", func(t *testing.T) {
-		pc, err := agent.DialPort(ctx, c, port)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		guest := <-accepted
-		go func() {
-			defer guest.Close()
-			b, _ := io.ReadAll(guest) // until the host's CloseWrite
-			if _, err := guest.Write(append(b, "bye"...)); err != nil {
-				t.Errorf("guest side write: %v", err)
-			}
-		}()
-		// More than one chunk each way, to exercise the pull loop.
-		payload := bytes.Repeat([]byte("0123456789abcdef"), 20000)
-		if _, err := pc.Write(payload); err != nil {
-			t.Fatal(err)
-		}
-		if err := pc.CloseWrite(); err != nil {
-			t.Fatal(err)
-		}
-		got, err := io.ReadAll(pc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want := append(payload, "bye"...); !bytes.Equal(got, want) {
-			t.Fatalf("got %d bytes back, want %d", len(got), len(want))
-		}
-		if err := pc.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.ReadConn(ctx, &api.ReadConnRequest{ConnId: pc.ID()}); !errdefs.IsNotFound(err) {
-			t.Errorf("ReadConn after Close: %v, want not found", err)
-		}
-	})
+	t.Run("echo with half-close", func(t *testing.T) { f.echo(ctx, t) })
+	t.Run("refused", func(t *testing.T) { f.refused(ctx, t) })
+	t.Run("a blocked read ends with Close", func(t *testing.T) { f.blockedRead(ctx, t) })
+	t.Run("host connection gone closes everything", func(t *testing.T) { f.hostGone(ctx, t) })
+}
 
-	t.Run("refused", func(t *testing.T) {
-		free, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := uint32(free.Addr().(*net.TCPAddr).Port)
-		free.Close()
-		if _, err := agent.DialPort(ctx, c, p); !errdefs.IsUnavailable(err) {
-			t.Errorf("DialPort to a closed port: %v, want unavailable", err)
-		}
-		if _, err := c.DialPort(ctx, &api.DialPortRequest{Port: 70000}); !errdefs.IsInvalidArgument(err) {
-			t.Errorf("DialPort 70000: %v, want invalid argument", err)
-		}
-		for name, call := range map[string]func() error{
-			"read":  func() error { _, err := c.ReadConn(ctx, &api.ReadConnRequest{ConnId: 999}); return err },
-			"write": func() error { _, err := c.WriteConn(ctx, &api.WriteConnRequest{ConnId: 999}); return err },
-			"close": func() error { _, err := c.CloseConn(ctx, &api.CloseConnRequest{ConnId: 999}); return err },
-		} {
-			if err := call(); !errdefs.IsNotFound(err) {
-				t.Errorf("%s of an unknown connection: %v, want not found", name, err)
-			}
-		}
-	})
+// portFixture is an agent served over ttrpc (c), telling on its reads, and a guest service
+// on port that hands out the connections it accepts.
+type portFixture struct {
+	s        *Server
+	c        *agent.Client
+	reads    chan uint64
+	accepted <-chan net.Conn
+	port     uint32
+}
 
-	t.Run("a blocked read ends with Close", func(t *testing.T) {
-		pc, err := agent.DialPort(ctx, c, port)
-		if err != nil {
-			t.Fatal(err)
-		}
-		guest := <-accepted
+func (f *portFixture) echo(ctx context.Context, t *testing.T) {
+	pc, err := agent.DialPort(ctx, f.c, f.port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	guest := <-f.accepted
+	go func() {
 		defer guest.Close()
-		for len(reads) > 0 {
-			<-reads // earlier subtests' reads
+		b, _ := io.ReadAll(guest) // until the host's CloseWrite
+		if _, err := guest.Write(append(b, "bye"...)); err != nil {
+			t.Errorf("guest side write: %v", err)
 		}
-		errc := make(chan error, 1)
-		go func() {
-			_, err := pc.Read(make([]byte, 10))
-			errc <- err
-		}()
-		if id := <-reads; id != pc.ID() {
-			t.Fatalf("the agent got a read of connection %d, want %d", id, pc.ID())
-		}
-		if err := pc.Close(); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case err := <-errc:
-			if err == nil {
-				t.Error("Read after Close returned no error")
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatal("Read still blocked after Close")
-		}
-		expectEOF(t, guest)
-	})
+	}()
+	// More than one chunk each way, to exercise the pull loop.
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 20000)
+	if _, err := pc.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	if err := pc.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := append(payload, "bye"...); !bytes.Equal(got, want) {
+		t.Fatalf("got %d bytes back, want %d", len(got), len(want))
+	}
+	if err := pc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.c.ReadConn(ctx, &api.ReadConnRequest{ConnId: pc.ID()}); !errdefs.IsNotFound(err) {
+		t.Errorf("ReadConn after Close: %v, want not found", err)
+	}
+}
 
-	t.Run("host connection gone closes everything", func(t *testing.T) {
-		if _, err := agent.DialPort(ctx, c, port); err != nil {
-			t.Fatal(err)
+func (f *portFixture) refused(ctx context.Context, t *testing.T) {
+	c := f.c
+	free, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := uint32(free.Addr().(*net.TCPAddr).Port)
+	free.Close()
+	if _, err := agent.DialPort(ctx, c, p); !errdefs.IsUnavailable(err) {
+		t.Errorf("DialPort to a closed port: %v, want unavailable", err)
+	}
+	if _, err := c.DialPort(ctx, &api.DialPortRequest{Port: 70000}); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("DialPort 70000: %v, want invalid argument", err)
+	}
+	for name, call := range map[string]func() error{
+		"read":  func() error { _, err := c.ReadConn(ctx, &api.ReadConnRequest{ConnId: 999}); return err },
+		"write": func() error { _, err := c.WriteConn(ctx, &api.WriteConnRequest{ConnId: 999}); return err },
+		"close": func() error { _, err := c.CloseConn(ctx, &api.CloseConnRequest{ConnId: 999}); return err },
+	} {
+		if err := call(); !errdefs.IsNotFound(err) {
+			t.Errorf("%s of an unknown connection: %v, want not found", name, err)
 		}
-		guest := <-accepted
-		defer guest.Close()
-		c.Close()
-		expectEOF(t, guest)
-		s.ports.mu.Lock()
-		n := len(s.ports.conns)
-		s.ports.mu.Unlock()
-		if n != 0 {
-			t.Errorf("%d port connections left after the host left", n)
+	}
+}
+
+func (f *portFixture) blockedRead(ctx context.Context, t *testing.T) {
+	pc, err := agent.DialPort(ctx, f.c, f.port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest := <-f.accepted
+	defer guest.Close()
+	for len(f.reads) > 0 {
+		<-f.reads // earlier subtests' reads
+	}
+	errc := make(chan error, 1)
+	go func() {
+		_, err := pc.Read(make([]byte, 10))
+		errc <- err
+	}()
+	if id := <-f.reads; id != pc.ID() {
+		t.Fatalf("the agent got a read of connection %d, want %d", id, pc.ID())
+	}
+	if err := pc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errc:
+		if err == nil {
+			t.Error("Read after Close returned no error")
 		}
-	})
+	case <-time.After(5 * time.Second):
+		t.Fatal("Read still blocked after Close")
+	}
+	expectEOF(t, guest)
+}
+
+func (f *portFixture) hostGone(ctx context.Context, t *testing.T) {
+	if _, err := agent.DialPort(ctx, f.c, f.port); err != nil {
+		t.Fatal(err)
+	}
+	guest := <-f.accepted
+	defer guest.Close()
+	f.c.Close()
+	expectEOF(t, guest)
+	f.s.ports.mu.Lock()
+	n := len(f.s.ports.conns)
+	f.s.ports.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d port connections left after the host left", n)
+	}
 }
 
 // expectEOF checks that the guest-side peer of a port connection sees it closed.

@@ -246,12 +246,17 @@ func (c *fakeContainer) isPaused() bool {
 }
 
 func (c *fakeContainer) Update(r *specs.LinuxResources) error {
-	if err := c.rt.err(opUpdate); err != nil {
+	return c.set(opUpdate, func() { c.resources = r })
+}
+
+// set fails as the runtime was told op fails, or calls f under the container's lock.
+func (c *fakeContainer) set(op string, f func()) error {
+	if err := c.rt.err(op); err != nil {
 		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.resources = r
+	f()
 	return nil
 }
 
@@ -265,13 +270,7 @@ func (c *fakeContainer) Stats() (*cgroupstats.Metrics, error) {
 }
 
 func (c *fakeContainer) WatchOOM(onOOM func()) error {
-	if err := c.rt.err(opWatchOOM); err != nil {
-		return err
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.onOOM = onOOM
-	return nil
+	return c.set(opWatchOOM, func() { c.onOOM = onOOM })
 }
 
 // oom plays the kernel OOM-killing a process of the container.
