@@ -80,15 +80,21 @@ func startForwarder(t *testing.T, g *guestStandIn, port *uint16) *PortForwarder 
 	return f
 }
 
-func TestPortForwarderCopies(t *testing.T) {
-	g := newGuestStandIn(t, echoThenBye)
-	port := uint16(8080)
+// dialForwarder starts a forwarder to g for connections to port, and connects to it.
+func dialForwarder(t *testing.T, g *guestStandIn, port uint16) (*PortForwarder, *net.TCPConn) {
+	t.Helper()
 	f := startForwarder(t, g, &port)
 	c, err := net.DialTCP("tcp4", nil, f.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
+	return f, c
+}
+
+func TestPortForwarderCopies(t *testing.T) {
+	g := newGuestStandIn(t, echoThenBye)
+	_, c := dialForwarder(t, g, 8080)
 	payload := bytes.Repeat([]byte("podvm "), 100000)
 	errc := make(chan error, 1)
 	go func() {
@@ -146,13 +152,7 @@ func isReset(err error) bool {
 func TestPortForwarderCloseEndsConnections(t *testing.T) {
 	// A guest service that never answers nor closes.
 	g := newGuestStandIn(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
-	port := uint16(8080)
-	f := startForwarder(t, g, &port)
-	c, err := net.DialTCP("tcp4", nil, f.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	f, c := dialForwarder(t, g, 8080)
 	if _, err := c.Write([]byte("hello")); err != nil {
 		t.Fatal(err)
 	}

@@ -15,19 +15,21 @@ import (
 	"github.com/podvm/podvm/network/nettest"
 )
 
-// TestForwardPorts checks the netns half of port-forward for real: loopback TCP in the pod netns
-// reaches the guest dialer with its original port, pod traffic is not redirected, and Close and
-// Cleanup leave no rule.
-func TestForwardPorts(t *testing.T) {
+// forwardPortsNetns skips without root or iptables and returns a new pod netns.
+func forwardPortsNetns(t *testing.T) string {
+	t.Helper()
 	nettest.Require(t)
 	if _, err := exec.LookPath("iptables"); err != nil {
 		t.Skip("no iptables")
 	}
-	ctx := context.Background()
-	pod := nettest.Netns(t)
-	// The guest stand-in: answers with the port it was dialled for.
-	dialled := make(chan uint16, 10)
-	dial := func(ctx context.Context, port uint16) (network.GuestConn, error) {
+	return nettest.Netns(t)
+}
+
+// guestStandIn answers every dial with the line "guest port ok" and reports the port it was
+// dialled for on dialled.
+func guestStandIn() (dial network.GuestDialer, dialled chan uint16) {
+	dialled = make(chan uint16, 10)
+	return func(ctx context.Context, port uint16) (network.GuestConn, error) {
 		dialled <- port
 		a, b := net.Pipe()
 		go func() {
@@ -35,7 +37,43 @@ func TestForwardPorts(t *testing.T) {
 			_, _ = io.WriteString(b, "guest port ok\n")
 		}()
 		return pipeConn{a}, nil
+	}, dialled
+}
+
+// dialIn does what containerd does: dial addr from inside the pod netns, and read to EOF.
+func dialIn(pod, addr string) (string, error) {
+	var got string
+	err := nettest.Do(pod, func() error {
+		c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		got = string(b)
+		return err
+	})
+	return got, err
+}
+
+// noMoreDials checks that the guest was dialled no more than the test has seen.
+func noMoreDials(t *testing.T, dialled chan uint16) {
+	t.Helper()
+	select {
+	case p := <-dialled:
+		t.Errorf("unexpected guest dial for port %d", p)
+	default:
 	}
+}
+
+// TestForwardPorts checks the netns half of port-forward for real: loopback TCP in the pod netns
+// reaches the guest dialer with its original port, pod traffic is not redirected, and Cleanup
+// leaves no rule.
+func TestForwardPorts(t *testing.T) {
+	pod := forwardPortsNetns(t)
+	ctx := context.Background()
+	dial, dialled := guestStandIn()
 	f, err := network.ForwardPorts(ctx, pod, dial)
 	if err != nil {
 		t.Fatal(err)
@@ -46,31 +84,35 @@ func TestForwardPorts(t *testing.T) {
 		t.Fatalf("rules after ForwardPorts: %q, %v; want one", rules, err)
 	}
 
-	// What containerd does: dial localhost:<port> from inside the pod netns.
-	dialIn := func(addr string) (string, error) {
-		var got string
-		err := nettest.Do(pod, func() error {
-			c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-			b, err := io.ReadAll(c)
-			got = string(b)
-			return err
-		})
-		return got, err
-	}
-	got, err := dialIn("127.0.0.1:8080")
+	got, err := dialIn(pod, "127.0.0.1:8080")
 	if err != nil || got != "guest port ok\n" {
 		t.Fatalf("127.0.0.1:8080 in the pod netns: %q, %v", got, err)
 	}
 	if p := <-dialled; p != 8080 {
 		t.Errorf("guest dialled on port %d, want 8080", p)
 	}
+	checkOwnAddressNotRedirected(t, pod)
 
-	// Only loopback addresses are redirected: the netns's own non-loopback address is not.
+	// Cleanup (a restarted shim's delete) removes the rule without the forwarder's help.
+	if err := network.Cleanup(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	if rules, err := network.PortForwardRules(pod); err != nil || len(rules) != 0 {
+		t.Errorf("rules after Cleanup: %q, %v", rules, err)
+	}
+	if _, err := dialIn(pod, "127.0.0.1:8080"); err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Errorf("127.0.0.1:8080 after Cleanup: %v, want refused", err)
+	}
+	if err := f.Close(ctx); err != nil {
+		t.Errorf("Close after Cleanup: %v", err)
+	}
+	noMoreDials(t, dialled)
+}
+
+// checkOwnAddressNotRedirected: only loopback addresses are redirected, the netns's own
+// non-loopback address is not.
+func checkOwnAddressNotRedirected(t *testing.T, pod string) {
+	t.Helper()
 	h := nettest.Handle(t, pod)
 	lo, err := h.LinkByName("lo")
 	if err != nil {
@@ -86,40 +128,27 @@ func TestForwardPorts(t *testing.T) {
 			c.Close()
 		}
 	}()
-	if got, err := dialIn("10.123.9.1:8080"); err != nil || got != "netns\n" {
+	if got, err := dialIn(pod, "10.123.9.1:8080"); err != nil || got != "netns\n" {
 		t.Errorf("10.123.9.1:8080 in the pod netns: %q, %v; want the netns's own listener", got, err)
 	}
+}
 
-	// Cleanup (a restarted shim's delete) removes the rule without the forwarder's help.
-	if err := network.Cleanup(ctx, pod); err != nil {
-		t.Fatal(err)
-	}
-	if rules, err := network.PortForwardRules(pod); err != nil || len(rules) != 0 {
-		t.Errorf("rules after Cleanup: %q, %v", rules, err)
-	}
-	if _, err := dialIn("127.0.0.1:8080"); err == nil || !strings.Contains(err.Error(), "refused") {
-		t.Errorf("127.0.0.1:8080 after Cleanup: %v, want refused", err)
-	}
-	if err := f.Close(ctx); err != nil {
-		t.Errorf("Close after Cleanup: %v", err)
-	}
-
-	// Close removes its rule.
-	f2, err := network.ForwardPorts(ctx, pod, dial)
+// TestForwardPortsCloseRemovesRule: Close removes the forwarder's rule.
+func TestForwardPortsCloseRemovesRule(t *testing.T) {
+	pod := forwardPortsNetns(t)
+	ctx := context.Background()
+	dial, dialled := guestStandIn()
+	f, err := network.ForwardPorts(ctx, pod, dial)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f2.Close(ctx); err != nil {
+	if err := f.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if rules, err := network.PortForwardRules(pod); err != nil || len(rules) != 0 {
 		t.Errorf("rules after Close: %q, %v", rules, err)
 	}
-	select {
-	case p := <-dialled:
-		t.Errorf("unexpected guest dial for port %d", p)
-	default:
-	}
+	noMoreDials(t, dialled)
 }
 
 // pipeConn gives net.Pipe's end a CloseWrite, which it lacks.
