@@ -101,26 +101,23 @@ func goodHost() fakeHost {
 	}}
 }
 
-func TestCheck(t *testing.T) {
-	noConfig := filepath.Join(t.TempDir(), "none.toml")
-	badConfig := filepath.Join(t.TempDir(), "bad.toml")
-	if err := os.WriteFile(badConfig, []byte("[hypervisor]\naccel = \"hvf\"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	tcgConfig := filepath.Join(t.TempDir(), "tcg.toml")
-	if err := os.WriteFile(tcgConfig, []byte("[hypervisor]\naccel = \"tcg\"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	kvmConfig := filepath.Join(t.TempDir(), "kvm.toml")
-	if err := os.WriteFile(kvmConfig, []byte("[hypervisor]\naccel = \"kvm\"\nagent_transport = \"vsock\"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
-	bare := goodHost()
-	bare.kvm = false
+// bareHost is goodHost without KVM, vhost devices or image.json.
+func bareHost() fakeHost {
+	h := goodHost()
+	h.kvm = false
 	for _, p := range []string{"/dev/vhost-vsock", "/dev/vhost-net", "/usr/share/podvm/image.json"} {
-		delete(bare.files, p)
+		delete(h.files, p)
 	}
+	return h
+}
+
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	noConfig := filepath.Join(dir, "none.toml")
+	badConfig := writeConfig(t, dir, "bad.toml", "[hypervisor]\naccel = \"hvf\"\n")
+	tcgConfig := writeConfig(t, dir, "tcg.toml", "[hypervisor]\naccel = \"tcg\"\n")
+	kvmConfig := writeConfig(t, dir, "kvm.toml", "[hypervisor]\naccel = \"kvm\"\nagent_transport = \"vsock\"\n")
+	bare := bareHost()
 	broken := fakeHost{files: map[string]string{"/": ""}}
 
 	tests := []struct {
