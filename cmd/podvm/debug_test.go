@@ -8,29 +8,35 @@ import (
 	"testing"
 )
 
-func TestDebugListAndConsole(t *testing.T) {
-	state := t.TempDir()
-	cfg := filepath.Join(t.TempDir(), "config.toml")
-	if err := os.WriteFile(cfg, []byte("[sandbox]\nstate_dir = \""+state+"\"\n"), 0o644); err != nil {
+// stateConfig makes a state dir and a node config that points at it.
+func stateConfig(t *testing.T) (state, cfg string) {
+	t.Helper()
+	state = t.TempDir()
+	return state, writeConfig(t, t.TempDir(), "config.toml", "[sandbox]\nstate_dir = \""+state+"\"\n")
+}
+
+// writeSandbox makes the state dir of sandbox id holding files.
+func writeSandbox(t *testing.T, state, id string, files map[string]string) {
+	t.Helper()
+	dir := filepath.Join(state, id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	running := filepath.Join(state, "aaaa1111bbbb2222")
-	gone := filepath.Join(state, "cccc3333")
-	for _, d := range []string{running, gone} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+func TestDebugListAndConsole(t *testing.T) {
+	state, cfg := stateConfig(t)
 	// This test's own pid stands in for a live QEMU; a pid that cannot exist for a dead one.
-	if err := os.WriteFile(filepath.Join(running, "qemu.pid"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(gone, "qemu.pid"), []byte("999999999\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(running, "console.log"), []byte("line1\r\nline2\r\nline3\r\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeSandbox(t, state, "aaaa1111bbbb2222", map[string]string{
+		"qemu.pid":    strconv.Itoa(os.Getpid()) + "\n",
+		"console.log": "line1\r\nline2\r\nline3\r\n",
+	})
+	writeSandbox(t, state, "cccc3333", map[string]string{"qemu.pid": "999999999\n"})
 
 	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "list", "--config", cfg)
 	if r.code != 0 || !strings.Contains(r.stdout, "aaaa1111bbbb") || !strings.Contains(r.stdout, "running") || !strings.Contains(r.stdout, "stopped") {
@@ -57,21 +63,11 @@ func TestDebugListAndConsole(t *testing.T) {
 }
 
 func TestDebugConsoleRotated(t *testing.T) {
-	state := t.TempDir()
-	cfg := filepath.Join(t.TempDir(), "config.toml")
-	if err := os.WriteFile(cfg, []byte("[sandbox]\nstate_dir = \""+state+"\"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(state, "dddd4444")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "console.log.1"), []byte("old1\r\nold2\r"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "console.log"), []byte("\nnew1\r\nnew2\r\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	state, cfg := stateConfig(t)
+	writeSandbox(t, state, "dddd4444", map[string]string{
+		"console.log.1": "old1\r\nold2\r",
+		"console.log":   "\nnew1\r\nnew2\r\n",
+	})
 	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "console", "--config", cfg, "dddd")
 	if want := "old1\nold2\nnew1\nnew2\n"; r.code != 0 || r.stdout != want {
 		t.Errorf("debug console: exit %d stdout %q (want %q) stderr %q", r.code, r.stdout, want, r.stderr)
