@@ -2,12 +2,10 @@ package shim
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -21,47 +19,12 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/rootfs"
 )
-
-// execSpec is an Exec request's process spec.
-func execSpec(t *testing.T) *anypb.Any {
-	t.Helper()
-	b, err := json.Marshal(&specs.Process{Args: []string{"sh"}, Cwd: "/"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: b}
-}
-
-func (r *rig) mustExec(id, execID string) {
-	r.t.Helper()
-	if _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: id, ExecID: execID, Spec: execSpec(r.t)}); err != nil {
-		r.t.Fatalf("exec %s %s: %v", id, execID, err)
-	}
-}
-
-// running creates and starts the sandbox pod1 and the workload c1.
-func (r *rig) running() {
-	r.t.Helper()
-	r.mustCreate("pod1", sandboxAnnotations("pod1"))
-	r.mustStart("pod1", "")
-	r.mustCreate("c1", workloadAnnotations("pod1"))
-	r.mustStart("c1", "")
-}
-
-// published waits until an event satisfying match was published.
-func (r *rig) published(what string, match func(any) bool) {
-	r.t.Helper()
-	if !r.pub.waitFor(10*time.Second, func(events []any) bool { return slices.ContainsFunc(events, match) }) {
-		r.t.Fatalf("no %s was published", what)
-	}
-}
 
 func wantFailedPrecondition(t *testing.T, what string, err error, words string) {
 	t.Helper()
@@ -243,16 +206,7 @@ func TestOnlyOneVMOwnerAtATime(t *testing.T) {
 func TestSandboxDeleteWithWorkloadsLeft(t *testing.T) {
 	r := newRig(t)
 	r.running()
-	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "pod1", Signal: 9}); err != nil {
-		t.Fatal(err)
-	}
-	r.wait("pod1", "")
-	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, stopped, _ := r.vm.State(); !stopped {
-		t.Error("the VM still runs")
-	}
+	r.deleteSandbox("pod1")
 	if w := r.wait("c1", ""); w.ExitStatus != 255 {
 		t.Errorf("c1 exit %d after its VM stopped, want 255", w.ExitStatus)
 	}
@@ -262,14 +216,7 @@ func TestSandboxDeleteWithWorkloadsLeft(t *testing.T) {
 	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "c1", Signal: 9}); err != nil {
 		t.Errorf("kill of c1: %v", err)
 	}
-	if _, err := r.svc.Shutdown(r.ctx, &taskAPI.ShutdownRequest{}); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-r.sd.Done():
-		t.Fatal("the shim shut down while it still had c1")
-	default:
-	}
+	r.shutdownRefused("the shim shut down while it still had c1")
 	if d, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c1"}); err != nil || d.ExitStatus != 255 {
 		t.Fatalf("delete c1: %v, exit %d", err, d.GetExitStatus())
 	}
@@ -385,14 +332,7 @@ func TestHotplugFailureLeavesNothing(t *testing.T) {
 func TestShutdownWithALiveVM(t *testing.T) {
 	r := newRig(t)
 	r.running()
-	if _, err := r.svc.Shutdown(r.ctx, &taskAPI.ShutdownRequest{}); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-r.sd.Done():
-		t.Fatal("Shutdown ended a shim that still runs containers")
-	default:
-	}
+	r.shutdownRefused("Shutdown ended a shim that still runs containers")
 	if _, stopped, _ := r.vm.State(); stopped {
 		t.Fatal("Shutdown stopped a VM that still runs containers")
 	}

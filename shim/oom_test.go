@@ -35,10 +35,7 @@ func (r *rig) ooms(last string) []string {
 // and one burst of kills is one event.
 func TestOOMEventsFromTheGuestAreChecked(t *testing.T) {
 	r := newRig(t)
-	r.mustCreate("pod1", sandboxAnnotations("pod1"))
-	r.mustStart("pod1", "")
-	r.mustCreate("c1", workloadAnnotations("pod1"))
-	r.mustStart("c1", "")
+	r.running()
 	r.mustCreate("c2", workloadAnnotations("pod1"))
 	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c2"}); err != nil {
 		t.Fatal(err)

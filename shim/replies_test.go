@@ -1,7 +1,6 @@
 package shim
 
 import (
-	"encoding/json"
 	"testing"
 	"time"
 
@@ -9,8 +8,6 @@ import (
 	"github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/podvm/podvm/agent/api"
 )
@@ -20,11 +17,7 @@ func TestPidsRepliesAreChecked(t *testing.T) {
 	r := newRig(t)
 	r.mustCreate("pod1", sandboxAnnotations("pod1"))
 	r.mustStart("pod1", "")
-	spec, _ := json.Marshal(&specs.Process{Args: []string{"sh"}, Cwd: "/"})
-	if _, err := r.svc.Exec(r.ctx, &taskAPI.ExecProcessRequest{ID: "pod1", ExecID: "e1",
-		Spec: &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: spec}}); err != nil {
-		t.Fatal(err)
-	}
+	r.mustExec("pod1", "e1")
 	r.agent.ProcessList = &api.ListProcessesResponse{Processes: []*api.ProcessInfo{
 		{Pid: 1}, {Pid: 7, ExecId: "e1"}, {Pid: 8, ExecId: "made-up-by-the-guest"},
 	}}
