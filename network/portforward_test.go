@@ -25,6 +25,18 @@ func forwardPortsNetns(t *testing.T) string {
 	return nettest.Netns(t)
 }
 
+// forwarding starts port-forward in a new pod netns to a guestStandIn.
+func forwarding(ctx context.Context, t *testing.T) (pod string, _ *network.PortForwarder, dialled chan uint16) {
+	t.Helper()
+	pod = forwardPortsNetns(t)
+	dial, dialled := guestStandIn()
+	f, err := network.ForwardPorts(ctx, pod, dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pod, f, dialled
+}
+
 // guestStandIn answers every dial with the line "guest port ok" and reports the port it was
 // dialled for on dialled.
 func guestStandIn() (dial network.GuestDialer, dialled chan uint16) {
@@ -71,13 +83,8 @@ func noMoreDials(t *testing.T, dialled chan uint16) {
 // reaches the guest dialer with its original port, pod traffic is not redirected, and Cleanup
 // leaves no rule.
 func TestForwardPorts(t *testing.T) {
-	pod := forwardPortsNetns(t)
 	ctx := context.Background()
-	dial, dialled := guestStandIn()
-	f, err := network.ForwardPorts(ctx, pod, dial)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pod, f, dialled := forwarding(ctx, t)
 	defer f.Close(ctx)
 	rules, err := network.PortForwardRules(pod)
 	if err != nil || len(rules) != 1 {
@@ -135,13 +142,8 @@ func checkOwnAddressNotRedirected(t *testing.T, pod string) {
 
 // TestForwardPortsCloseRemovesRule: Close removes the forwarder's rule.
 func TestForwardPortsCloseRemovesRule(t *testing.T) {
-	pod := forwardPortsNetns(t)
 	ctx := context.Background()
-	dial, dialled := guestStandIn()
-	f, err := network.ForwardPorts(ctx, pod, dial)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pod, f, dialled := forwarding(ctx, t)
 	if err := f.Close(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -399,6 +399,15 @@ func TestDiskImagesOnlyThisPodsVolumes(t *testing.T) {
 	}
 }
 
+// plantFixture is a share that makes disk images, a CSI volume and a host disk outside it
+// for a pod to link to.
+func plantFixture(t *testing.T) (s *Share, vol, victim string, victimInfo os.FileInfo) {
+	t.Helper()
+	root, vol := diskVolume(t, "csi")
+	victim, victimInfo = hostDisk(t, root)
+	return (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed}), vol, victim, victimInfo
+}
+
 // hostDisk makes a "host disk": a valid ext4 image under root, outside any volume.
 func hostDisk(t *testing.T, root string) (string, os.FileInfo) {
 	t.Helper()
@@ -423,9 +432,7 @@ func hostDisk(t *testing.T, root string) (string, os.FileInfo) {
 // symlink or a hard link to a host file is refused.
 func TestDiskImagePlantedLinks(t *testing.T) {
 	ctx := context.Background()
-	root, vol := diskVolume(t, "csi")
-	s := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed})
-	victim, _ := hostDisk(t, root)
+	s, vol, victim, _ := plantFixture(t)
 	img := filepath.Join(vol, DiskImageName)
 
 	if err := os.Symlink(victim, img); err != nil {
@@ -447,9 +454,7 @@ func TestDiskImagePlantedLinks(t *testing.T) {
 // symlink to a host disk while the shim opens it; the host disk is never opened for the VM.
 func TestDiskImageSwapRace(t *testing.T) {
 	ctx := context.Background()
-	root, vol := diskVolume(t, "csi")
-	s := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed})
-	victim, vfi := hostDisk(t, root)
+	s, vol, victim, vfi := plantFixture(t)
 	img := filepath.Join(vol, DiskImageName)
 
 	if ds, err := s.diskImages(ctx, "c1", dataDisk(vol, false)); err != nil {

@@ -12,13 +12,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func TestCappedLogFloodStaysBounded(t *testing.T) {
-	const limit = 4096
+// newCapped opens a capped console.log of limit bytes in a new directory.
+func newCapped(t *testing.T, limit int64) (string, *Capped) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "console.log")
 	l, err := NewCapped(path, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return path, l
+}
+
+func TestCappedLogFloodStaysBounded(t *testing.T) {
+	const limit = 4096
+	path, l := newCapped(t, limit)
 	// Far more than the cap, in odd-sized writes that straddle the rotations.
 	var last string
 	for i := 0; i < 20000; i++ {
@@ -59,11 +66,7 @@ func TestCappedLogFloodStaysBounded(t *testing.T) {
 
 func TestCappedLogKeepsNewestLines(t *testing.T) {
 	const limit = 1000
-	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := NewCapped(path, limit)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path, l := newCapped(t, limit)
 	for i := 0; i < 5000; i++ {
 		fmt.Fprintf(l, "msg %d\r\n", i)
 	}
@@ -92,12 +95,7 @@ func TestCappedLogKeepsNewestLines(t *testing.T) {
 }
 
 func TestCappedLogWriteErrorsDoNotBlock(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "console.log")
-	l, err := NewCapped(path, 10)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path, l := newCapped(t, 10)
 	// Make the rotation fail: console.log.1 is a non-empty directory.
 	if err := os.MkdirAll(filepath.Join(path+RotatedSuffix, "x"), 0o755); err != nil {
 		t.Fatal(err)
@@ -113,11 +111,7 @@ func TestCappedLogWriteErrorsDoNotBlock(t *testing.T) {
 }
 
 func TestDrainEndsAtEOF(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "console.log")
-	l, err := NewCapped(path, 100)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path, l := newCapped(t, 100)
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
