@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"text/template"
 )
 
 // streamPort is the CRI streaming server's port. It lives inside the harness's own network
@@ -28,62 +29,70 @@ type containerdConfig struct {
 	LogLevel          string
 }
 
+// configTemplate is containerd 2.4's config format version 3; q quotes a string as TOML (and
+// Go) do.
+var configTemplate = template.Must(template.New("config.toml").Funcs(template.FuncMap{
+	"q": func(s string) string { return fmt.Sprintf("%q", s) },
+}).Parse(`version = 3
+root = {{q .Root}}
+state = {{q .State}}
+temp = {{q .Temp}}
+# NRI's socket is a host-global path; the harness does not need NRI.
+disabled_plugins = ["io.containerd.nri.v1.nri"]
+
+[grpc]
+  address = {{q .GRPCAddress}}
+[ttrpc]
+  address = {{q .TTRPCAddress}}
+[debug]
+  level = {{q .LogLevel}}
+
+[plugins]
+  [plugins.'io.containerd.internal.v1.opt']
+    path = {{q .Opt}}
+  [plugins.'io.containerd.shim.v1.manager']
+    socket_dir = {{q .SocketDir}}
+  [plugins.'io.containerd.grpc.v1.cri']
+    disable_tcp_service = true
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "{{.StreamPort}}"
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = "overlayfs"
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = {{q .SandboxImage}}
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = {{q .RegistryConfig}}
+  [plugins.'io.containerd.cri.v1.runtime']
+    enable_selinux = false
+    restrict_oom_score_adj = true
+    netns_mounts_under_state_dir = true
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = [{{q .CNIBinDir}}]
+      conf_dir = {{q .CNIConfDir}}
+      max_conf_num = 1
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = "runc"
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+          BinaryName = {{q .RuncBinary}}
+          Root = {{q .RuncRoot}}
+          SystemdCgroup = false
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podvm]
+        runtime_type = "io.containerd.podvm.v2"
+        pod_annotations = ["podvm.io/*"]
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podvm.options]
+          ConfigPath = {{q .PodvmConfigPath}}
+`))
+
 // render writes containerd 2.4's config format version 3.
-func (c containerdConfig) render() string {
-	q := func(s string) string { return fmt.Sprintf("%q", s) }
+func (c containerdConfig) render() (string, error) {
 	var b strings.Builder
-	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
-	w("version = 3")
-	w("root = %s", q(c.Root))
-	w("state = %s", q(c.State))
-	w("temp = %s", q(c.Temp))
-	w("# NRI's socket is a host-global path; the harness does not need NRI.")
-	w(`disabled_plugins = ["io.containerd.nri.v1.nri"]`)
-	w("")
-	w("[grpc]")
-	w("  address = %s", q(c.GRPCAddress))
-	w("[ttrpc]")
-	w("  address = %s", q(c.TTRPCAddress))
-	w("[debug]")
-	w("  level = %s", q(c.LogLevel))
-	w("")
-	w("[plugins]")
-	w("  [plugins.'io.containerd.internal.v1.opt']")
-	w("    path = %s", q(c.Opt))
-	w("  [plugins.'io.containerd.shim.v1.manager']")
-	w("    socket_dir = %s", q(c.SocketDir))
-	w("  [plugins.'io.containerd.grpc.v1.cri']")
-	w("    disable_tcp_service = true")
-	w("    stream_server_address = \"127.0.0.1\"")
-	w("    stream_server_port = \"%d\"", streamPort)
-	w("  [plugins.'io.containerd.cri.v1.images']")
-	w("    snapshotter = \"overlayfs\"")
-	w("    [plugins.'io.containerd.cri.v1.images'.pinned_images]")
-	w("      sandbox = %s", q(c.SandboxImage))
-	w("    [plugins.'io.containerd.cri.v1.images'.registry]")
-	w("      config_path = %s", q(c.RegistryConfig))
-	w("  [plugins.'io.containerd.cri.v1.runtime']")
-	w("    enable_selinux = false")
-	w("    restrict_oom_score_adj = true")
-	w("    netns_mounts_under_state_dir = true")
-	w("    [plugins.'io.containerd.cri.v1.runtime'.cni]")
-	w("      bin_dirs = [%s]", q(c.CNIBinDir))
-	w("      conf_dir = %s", q(c.CNIConfDir))
-	w("      max_conf_num = 1")
-	w("    [plugins.'io.containerd.cri.v1.runtime'.containerd]")
-	w("      default_runtime_name = \"runc\"")
-	w("      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]")
-	w("        runtime_type = \"io.containerd.runc.v2\"")
-	w("        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]")
-	w("          BinaryName = %s", q(c.RuncBinary))
-	w("          Root = %s", q(c.RuncRoot))
-	w("          SystemdCgroup = false")
-	w("      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podvm]")
-	w("        runtime_type = \"io.containerd.podvm.v2\"")
-	w("        pod_annotations = [\"podvm.io/*\"]")
-	w("        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podvm.options]")
-	w("          ConfigPath = %s", q(c.PodvmConfigPath))
-	return b.String()
+	err := configTemplate.Execute(&b, struct {
+		containerdConfig
+		StreamPort int
+	}{c, streamPort})
+	return b.String(), err
 }
 
 // cniConflist is the pod network: a bridge with host-local IPAM on subnet, portmap and loopback

@@ -32,6 +32,8 @@ import (
 	internalapi "k8s.io/cri-api/pkg/apis"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	criclient "k8s.io/cri-client/pkg"
+
+	"github.com/podvm/podvm/internal/logfile"
 )
 
 // Options configures one harness environment. The zero value runs containerd with the runc
@@ -326,7 +328,11 @@ func (e *Env) writeConfig() error {
 	if len(cfg.SocketDir) > 42 {
 		return fmt.Errorf("shim socket dir %s is longer than containerd's limit of 42 characters", cfg.SocketDir)
 	}
-	return os.WriteFile(e.ConfigPath(), []byte(cfg.render()), 0o644)
+	toml, err := cfg.render()
+	if err != nil {
+		return fmt.Errorf("containerd config: %w", err)
+	}
+	return os.WriteFile(e.ConfigPath(), []byte(toml), 0o644)
 }
 
 // ConfigPath is the containerd config.toml the harness wrote.
@@ -380,61 +386,69 @@ func (e *Env) waitCRI(ctx context.Context) error {
 			return fmt.Errorf("containerd's CRI not ready: %v (%w); log tail:\n%s", lastErr, ctx.Err(), e.LogTail(40))
 		case <-time.After(200 * time.Millisecond):
 		}
-		if e.Runtime == nil {
-			if _, err := os.Stat(e.grpcAddr); err != nil {
-				lastErr = err
-				continue
-			}
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			rt, err := criclient.NewRemoteRuntimeServiceBuilder().WithEndpoint(e.Endpoint).
-				WithConnectionTimeout(30 * time.Second).Build(cctx)
-			cancel()
-			if err != nil {
-				lastErr = err
-				continue
-			}
-			e.Runtime = rt
-		}
-		if e.Images == nil {
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			is, err := criclient.NewRemoteImageServiceBuilder().WithEndpoint(e.Endpoint).
-				WithConnectionTimeout(5 * time.Minute).Build(cctx)
-			cancel()
-			if err != nil {
-				lastErr = err
-				continue
-			}
-			e.Images = is
-		}
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		st, err := e.Runtime.Status(cctx, false)
-		cancel()
-		if err != nil {
-			lastErr = err
+		if lastErr = e.connectCRI(ctx); lastErr != nil {
 			continue
 		}
-		ready := map[string]bool{}
-		for _, c := range st.GetStatus().GetConditions() {
-			ready[c.Type] = c.Status
-			if !c.Status {
-				lastErr = fmt.Errorf("%s: %s %s", c.Type, c.Reason, c.Message)
-			}
-		}
-		if ready[runtimeapi.RuntimeReady] && ready[runtimeapi.NetworkReady] {
+		var ready bool
+		if ready, lastErr = e.criReady(ctx); ready {
 			return nil
 		}
 	}
 }
 
+// connectCRI makes whichever of kubelet's CRI clients is still missing, once containerd's
+// socket exists.
+func (e *Env) connectCRI(ctx context.Context) error {
+	if e.Runtime == nil {
+		if _, err := os.Stat(e.grpcAddr); err != nil {
+			return err
+		}
+		rt, err := withTimeout(ctx, 5*time.Second, criclient.NewRemoteRuntimeServiceBuilder().WithEndpoint(e.Endpoint).
+			WithConnectionTimeout(30*time.Second).Build)
+		if err != nil {
+			return err
+		}
+		e.Runtime = rt
+	}
+	if e.Images == nil {
+		is, err := withTimeout(ctx, 5*time.Second, criclient.NewRemoteImageServiceBuilder().WithEndpoint(e.Endpoint).
+			WithConnectionTimeout(5*time.Minute).Build)
+		if err != nil {
+			return err
+		}
+		e.Images = is
+	}
+	return nil
+}
+
+// criReady asks the CRI's Status whether RuntimeReady and NetworkReady hold; when not, the
+// error says why (the call's error, or the last condition that is false).
+func (e *Env) criReady(ctx context.Context) (bool, error) {
+	st, err := withTimeout(ctx, 5*time.Second, func(ctx context.Context) (*runtimeapi.StatusResponse, error) {
+		return e.Runtime.Status(ctx, false)
+	})
+	if err != nil {
+		return false, err
+	}
+	var notReady error
+	ready := map[string]bool{}
+	for _, c := range st.GetStatus().GetConditions() {
+		ready[c.Type] = c.Status
+		if !c.Status {
+			notReady = fmt.Errorf("%s: %s %s", c.Type, c.Reason, c.Message)
+		}
+	}
+	return ready[runtimeapi.RuntimeReady] && ready[runtimeapi.NetworkReady], notReady
+}
+
+// withTimeout calls f with ctx bounded to d.
+func withTimeout[T any](ctx context.Context, d time.Duration, f func(context.Context) (T, error)) (T, error) {
+	cctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return f(cctx)
+}
+
 // LogTail returns the last n lines of containerd's log.
 func (e *Env) LogTail(n int) string {
-	b, err := os.ReadFile(e.ContainerdLog)
-	if err != nil {
-		return fmt.Sprintf("(no containerd log: %v)", err)
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
+	return logfile.TailLines(e.ContainerdLog, n)
 }
