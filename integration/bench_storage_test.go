@@ -98,11 +98,11 @@ func measureStorage(b *testing.B) map[string]float64 {
 		for _, h := range []string{"runc", "podvm"} {
 			dev := losetup(t, (storageMiB+16)<<20)
 			scratch := kubeletVolume(t, t.TempDir(), "empty-dir", "scratch", nil)
-			pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "bench-storage-" + h, Namespace: "bench", Handler: h})
+			pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "bench-storage-" + h, Namespace: "bench", Handler: h})
 			cfg := env.ContainerConfig(harness.ContainerOptions{Name: "io", Command: []string{"sleep", "3600"}})
 			cfg.Mounts = []*runtimeapi.Mount{{ContainerPath: "/scratch", HostPath: scratch}}
 			cfg.Devices = []*runtimeapi.Device{{ContainerPath: "/dev/xvdb", HostPath: dev, Permissions: "rwm"}}
-			id := volStart(ctx, t, env, pod, cfg)
+			id := startContainer(t, ctx, env, pod, cfg)
 			for _, tg := range []struct{ name, file string }{
 				{"rootfs", "/bench.dat"}, {"emptydir", "/scratch/bench.dat"}, {"block", "/dev/xvdb"},
 			} {
@@ -110,7 +110,7 @@ func measureStorage(b *testing.B) map[string]float64 {
 					res[h+"-"+tg.name+"-"+op] = v
 				}
 			}
-			volRemovePod(ctx, t, env, pod)
+			removePod(ctx, t, env, pod)
 		}
 		env.AssertNoLeaks(t)
 	})

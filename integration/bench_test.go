@@ -32,10 +32,9 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/podvm/podvm/agent"
-	"github.com/podvm/podvm/agent/api"
-	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/internal/logfile"
 )
 
 // benchHandlers are the runtime handlers compared, runc first: it is the baseline the ratios
@@ -52,65 +51,38 @@ const benchDeadline = 20 * time.Minute
 // outside the timer. A first pod, outside the measurement, pulls the pause image and warms the
 // caches.
 func BenchmarkRunPodSandbox(b *testing.B) {
-	cmp := newComparison(b)
-	for _, h := range benchHandlers {
-		b.Run(h, func(b *testing.B) {
-			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) {
-				removePod(ctx, b, env, runPod(ctx, b, env, h, "warmup"))
-				var ds durations
-				i := 0
-				for b.Loop() {
-					start := time.Now()
-					pod, err := env.RunPod(ctx, harness.PodOptions{Name: fmt.Sprintf("bench-%d", i), Handler: h})
-					d := time.Since(start)
-					b.StopTimer()
-					if err != nil {
-						b.Fatal(err)
-					}
-					ds = append(ds, d)
-					assertPodReady(ctx, b, env, pod)
-					removePod(ctx, b, env, pod)
-					i++
-					b.StartTimer()
+	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		removePod(ctx, b, env, runPod(ctx, b, env, h, "warmup"))
+		ds := timedLoop(b, func(i int) (time.Duration, func()) {
+			start := time.Now()
+			pod, err := env.RunPod(ctx, harness.PodOptions{Name: fmt.Sprintf("bench-%d", i), Handler: h})
+			return time.Since(start), func() {
+				if err != nil {
+					b.Fatal(err)
 				}
-				cmp.reportLatency(b, h, "RunPodSandbox", ds)
-			})
+				assertPodReady(ctx, b, env, pod)
+				removePod(ctx, b, env, pod)
+			}
 		})
-	}
-	cmp.log()
+		cmp.reportLatency(b, h, "RunPodSandbox", ds)
+	})
 }
 
 // BenchmarkCreateStartContainer measures CreateContainer + StartContainer of a busybox
 // `sleep 3600` in a running pod, until ContainerStatus says RUNNING. The pod is made once; each
 // container is stopped and removed outside the timer. The image is pulled before the loop.
 func BenchmarkCreateStartContainer(b *testing.B) {
-	cmp := newComparison(b)
-	for _, h := range benchHandlers {
-		b.Run(h, func(b *testing.B) {
-			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) {
-				pod := runPod(ctx, b, env, h, "bench")
-				if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
-					b.Fatal(err)
-				}
-				removeContainer(ctx, b, env, startSleeper(ctx, b, env, pod, "warmup"))
-				var ds durations
-				i := 0
-				for b.Loop() {
-					start := time.Now()
-					id := startSleeper(ctx, b, env, pod, fmt.Sprintf("c%d", i))
-					d := time.Since(start)
-					b.StopTimer()
-					ds = append(ds, d)
-					removeContainer(ctx, b, env, id)
-					i++
-					b.StartTimer()
-				}
-				removePod(ctx, b, env, pod)
-				cmp.reportLatency(b, h, "CreateStartContainer", ds)
-			})
+	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: h})
+		removeContainer(ctx, b, env, startSleeper(ctx, b, env, pod, "warmup"), 0)
+		ds := timedLoop(b, func(i int) (time.Duration, func()) {
+			start := time.Now()
+			id := startSleeper(ctx, b, env, pod, fmt.Sprintf("c%d", i))
+			return time.Since(start), func() { removeContainer(ctx, b, env, id, 0) }
 		})
-	}
-	cmp.log()
+		removePod(ctx, b, env, pod)
+		cmp.reportLatency(b, h, "CreateStartContainer", ds)
+	})
 }
 
 // BenchmarkPodMemory measures the host memory one idle pod costs: the proportional set size
@@ -119,49 +91,64 @@ func BenchmarkCreateStartContainer(b *testing.B) {
 // touched included) and virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`,
 // lets it settle, measures, and removes it; ns/op is that whole cycle and means nothing here.
 func BenchmarkPodMemory(b *testing.B) {
+	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: h}))
+		var mibs []float64
+		for i := 0; b.Loop(); i++ {
+			pod := runPod(ctx, b, env, h, fmt.Sprintf("mem-%d", i))
+			startSleeper(ctx, b, env, pod, "sleep")
+			select { // idle: let start-up work and page-ins finish
+			case <-time.After(podSettle):
+			case <-ctx.Done():
+				b.Fatal(ctx.Err())
+			}
+			procs, err := podProcesses(env, pod.ID)
+			if err != nil {
+				b.Fatal(err)
+			}
+			total := 0.0
+			for _, p := range procs {
+				total += p.pssMiB
+			}
+			if i == 0 {
+				b.Logf("%s pod processes: %s", h, describeProcs(procs))
+			}
+			mibs = append(mibs, total)
+			removePod(ctx, b, env, pod)
+		}
+		cmp.reportMemory(b, h, mibs)
+	})
+}
+
+// podSettle is how long BenchmarkPodMemory lets a started pod sit before measuring it.
+const podSettle = 3 * time.Second
+
+// compareHandlers runs fn as a sub-benchmark per handler of benchHandlers (runc first), each
+// in withBenchEnv, then logs what they reported to cmp as one table.
+func compareHandlers(b *testing.B, fn func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison)) {
 	cmp := newComparison(b)
 	for _, h := range benchHandlers {
 		b.Run(h, func(b *testing.B) {
-			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) {
-				warm := runPod(ctx, b, env, h, "warmup")
-				if _, err := env.PullImage(ctx, env.BusyboxImage, warm.Config); err != nil {
-					b.Fatal(err)
-				}
-				removePod(ctx, b, env, warm)
-				var mibs []float64
-				i := 0
-				for b.Loop() {
-					pod := runPod(ctx, b, env, h, fmt.Sprintf("mem-%d", i))
-					startSleeper(ctx, b, env, pod, "sleep")
-					select { // idle: let start-up work and page-ins finish
-					case <-time.After(podSettle):
-					case <-ctx.Done():
-						b.Fatal(ctx.Err())
-					}
-					procs, err := podProcesses(env, pod.ID)
-					if err != nil {
-						b.Fatal(err)
-					}
-					total := 0.0
-					for _, p := range procs {
-						total += p.pssMiB
-					}
-					if i == 0 {
-						b.Logf("%s pod processes: %s", h, describeProcs(procs))
-					}
-					mibs = append(mibs, total)
-					removePod(ctx, b, env, pod)
-					i++
-				}
-				cmp.reportMemory(b, h, mibs)
-			})
+			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) { fn(ctx, b, h, env, cmp) })
 		})
 	}
 	cmp.log()
 }
 
-// podSettle is how long BenchmarkPodMemory lets a started pod sit before measuring it.
-const podSettle = 3 * time.Second
+// timedLoop runs b.Loop. Iteration i runs step(i), which returns how long its measured part
+// took and what to do after it (check and clean up); that runs with the timer stopped. It
+// returns the measured durations.
+func timedLoop(b *testing.B, step func(i int) (time.Duration, func())) durations {
+	var ds durations
+	for i := 0; b.Loop(); i++ {
+		d, after := step(i)
+		b.StopTimer()
+		ds = append(ds, d)
+		after()
+		b.StartTimer()
+	}
+	return ds
+}
 
 // BenchmarkBootToAgentReady measures the VM alone, without containerd or the shim: from
 // starting virtiofsd and QEMU (the same VM bootVM makes: 1 vCPU, 512 MiB, virtio-fs share,
@@ -181,80 +168,84 @@ func BenchmarkBootToAgentReady(b *testing.B) {
 	// The VM logs each start at info level; only warnings and errors belong in benchmark output.
 	quiet := logrus.New()
 	quiet.SetLevel(logrus.WarnLevel)
-	ctx = log.WithLogger(ctx, logrus.NewEntry(quiet))
-
-	var cur *qemu.VM
-	var curAgent *agent.Client
-	stop := func() {
-		sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer scancel()
-		if curAgent != nil {
-			_, _ = curAgent.Shutdown(sctx, &api.Empty{})
-			curAgent.Close()
-			curAgent = nil
-		}
-		if cur != nil {
-			if err := cur.Stop(sctx); err != nil {
-				b.Errorf("stop VM: %v", err)
-			}
-			cur = nil
-		}
-	}
-	b.Cleanup(stop) // a failed iteration leaves no VM behind
-
-	boot := func(i int) (time.Duration, time.Duration) {
-		stateDir := filepath.Join(root, strconv.Itoa(i))
-		shared := filepath.Join(stateDir, "shared")
-		if err := os.MkdirAll(shared, 0o755); err != nil {
-			b.Fatal(err)
-		}
-		vm, err := qemu.New(hypervisor.Config{
-			ID: "bench-" + strconv.Itoa(i), StateDir: stateDir, Accel: testAccel(),
-			VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
-			AgentTransport: qemu.TransportSerial, Debug: testDebug(),
-		})
-		if err != nil {
-			b.Fatal(err)
-		}
-		start := time.Now()
-		if err := vm.Start(ctx); err != nil {
-			b.Fatalf("start VM: %v", err)
-		}
-		cur = vm
-		cctx, ccancel := context.WithTimeout(ctx, 60*time.Second)
-		defer ccancel()
-		c, err := agent.Connect(cctx, vm.DialAgent, vm.Done())
-		d := time.Since(start)
-		if err != nil {
-			console, _ := os.ReadFile(vm.ConsolePath())
-			b.Fatalf("connect to agent: %v; guest console:\n%s", err, tail(string(console), 40))
-		}
-		curAgent = c
-		return d, time.Duration(c.Info.GetBootToReadyNs())
-	}
+	v := &benchVM{b: b, ctx: log.WithLogger(ctx, logrus.NewEntry(quiet)), root: root, kernel: kernel, initrd: initrd}
+	b.Cleanup(v.stop) // a failed iteration leaves no VM behind
 
 	// The first boot pages the kernel and initrd in; it is not measured.
-	boot(-1)
-	stop()
-	var host, guest durations
-	i := 0
-	for b.Loop() {
-		h, g := boot(i)
-		b.StopTimer()
-		host, guest = append(host, h), append(guest, g)
-		stop()
-		if err := os.RemoveAll(filepath.Join(root, strconv.Itoa(i))); err != nil {
-			b.Fatal(err)
+	v.boot(-1)
+	v.stop()
+	var guest durations
+	host := timedLoop(b, func(i int) (time.Duration, func()) {
+		h, g := v.boot(i)
+		return h, func() {
+			guest = append(guest, g)
+			v.stop()
+			if err := os.RemoveAll(v.stateDir(i)); err != nil {
+				b.Fatal(err)
+			}
 		}
-		i++
-		b.StartTimer()
-	}
+	})
 	b.ReportMetric(host.quantileMs(0.5), "ms/median")
 	b.ReportMetric(host.quantileMs(0.9), "ms/p90")
 	b.ReportMetric(guest.quantileMs(0.5), "guest-ms/median")
 	b.Logf("host %s; guest %s", host, guest)
 	b.Logf("boot to agent ready over %d boots: host median %.0f ms (p90 %.0f), guest kernel start to agent serving median %.0f ms",
 		len(host), host.quantileMs(0.5), host.quantileMs(0.9), guest.quantileMs(0.5))
+}
+
+// benchVM is BenchmarkBootToAgentReady's VM: one at a time, each in a state dir of its own
+// under root.
+type benchVM struct {
+	b              *testing.B
+	ctx            context.Context
+	root           string
+	kernel, initrd string
+	vm             *qemu.VM
+	agent          *agent.Client
+}
+
+func (v *benchVM) stateDir(i int) string { return filepath.Join(v.root, strconv.Itoa(i)) }
+
+// boot boots VM i and waits for its agent. It returns the time from QEMU's start to the agent's
+// answer, and the guest's own kernel-start-to-agent-serving time.
+func (v *benchVM) boot(i int) (time.Duration, time.Duration) {
+	b := v.b
+	stateDir := v.stateDir(i)
+	shared := filepath.Join(stateDir, "shared")
+	if err := os.MkdirAll(shared, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	vm, err := qemu.New(testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.initrd))
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	if err := vm.Start(v.ctx); err != nil {
+		b.Fatalf("start VM: %v", err)
+	}
+	v.vm = vm
+	cctx, ccancel := context.WithTimeout(v.ctx, 60*time.Second)
+	defer ccancel()
+	c, err := agent.Connect(cctx, vm.DialAgent, vm.Done())
+	d := time.Since(start)
+	if err != nil {
+		b.Fatalf("connect to agent: %v; guest console:\n%s", err, logfile.TailLines(vm.ConsolePath(), 40))
+	}
+	v.agent = c
+	return d, time.Duration(c.Info.GetBootToReadyNs())
+}
+
+// stop shuts the current VM down, if there is one.
+func (v *benchVM) stop() {
+	if v.vm == nil {
+		return
+	}
+	sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer scancel()
+	if err := stopGuest(sctx, v.vm, v.agent); err != nil {
+		v.b.Errorf("stop VM: %v", err)
+	}
+	v.vm, v.agent = nil, nil
 }
 
 // withBenchEnv runs fn with a fresh harness environment for handler and a context bounded by
@@ -286,25 +277,9 @@ func withBenchEnv(b *testing.B, handler string, fn func(ctx context.Context, env
 // in their command lines.
 func podvmBenchEnv(t testing.TB) *harness.Env {
 	t.Helper()
-	kernel, initrd := guestImage(t)
-	bin := os.Getenv("PODVM_BIN")
-	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
-	stateDir, err := os.MkdirTemp("/run", "pvb-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { assertNothingUnder(t, stateDir) }) // after the env's teardown
-	cfg := filepath.Join(t.TempDir(), "podvm.toml")
-	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\ninitrd = %q\ndebug = %v\n\n[sandbox]\nstate_dir = %q\n",
-		testAccel(), kernel, initrd, testDebug(), stateDir)
-	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return harness.Start(t, harness.Options{
-		ShimDir:         bin,
-		PodvmConfigPath: cfg,
-		LeakDirs:        []string{stateDir},
-	})
+	opts := podvmShimOptions(t, ownStateDir(t, "pvb-"), "")
+	opts.LeakDirsKeep = nil
+	return harness.Start(t, opts)
 }
 
 // assertNothingUnder fails t if a process still names dir on its command line or something is
@@ -405,11 +380,12 @@ func startSleeper(ctx context.Context, t testing.TB, env *harness.Env, pod *harn
 	}
 }
 
-func removeContainer(ctx context.Context, t testing.TB, env *harness.Env, id string) {
+// removeContainer stops a container, killing it after grace seconds, and removes it.
+func removeContainer(ctx context.Context, t testing.TB, env *harness.Env, id string, grace int64) {
 	t.Helper()
 	sctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
-	if err := env.Runtime.StopContainer(sctx, id, 0); err != nil {
+	if err := env.Runtime.StopContainer(sctx, id, grace); err != nil {
 		t.Fatalf("StopContainer %s: %v", id, err)
 	}
 	if err := env.Runtime.RemoveContainer(sctx, id); err != nil {

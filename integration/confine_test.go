@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -16,14 +15,36 @@ import (
 // jail QEMU runs in once started: its own unprivileged uid and gid, no capabilities, seccomp,
 // and an empty root-owned directory as its root; virtiofsd without CAP_MKNOD/CAP_SETFCAP.
 func TestQEMUConfined(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	stateDir := vmStateDir(t)
+	ctx, stateDir := vmTest(t, 3*time.Minute)
 	g := bootVM(t, ctx, stateDir) // the guest reached its agent and mounted the share
-	pid := g.vm.Pid()
-	qcfg := g.vm.Config()
+	checkQEMUJail(t, g.vm, stateDir)
+	checkVirtiofsdCaps(t, stateDir)
+
+	// QMP still works from the jail (query-status, stop/cont), and the console reaches its
+	// capped log through the pipe.
+	if err := g.vm.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.vm.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := g.vm.Status(ctx); err != nil || s != "running" {
+		t.Fatalf("status after resume: %q %v", s, err)
+	}
+	if fi, err := os.Stat(g.vm.ConsolePath()); err != nil {
+		t.Fatalf("console log: %v", err)
+	} else if fi.Size() > qemu.ConsoleLogMax {
+		t.Fatalf("console log is %d bytes, over its cap %d", fi.Size(), qemu.ConsoleLogMax)
+	}
+}
+
+// checkQEMUJail checks the running QEMU's credentials, capabilities, seccomp mode and root.
+func checkQEMUJail(t *testing.T, vm *qemu.VM, stateDir string) {
+	t.Helper()
+	pid := vm.Pid()
+	qcfg := vm.Config()
 	uid, gid := qcfg.RunAs()
-	st := jailStatus(t, pid)
+	st := procStatus(t, pid)
 	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"} {
 		t.Logf("/proc/%d/status %s:\t%s", pid, k, st[k])
 	}
@@ -63,8 +84,12 @@ func TestQEMUConfined(t *testing.T) {
 	if ents, _ := os.ReadDir(want); len(ents) != 0 || fi.Mode().Perm()&0o222 != 0 {
 		t.Errorf("chroot %s: %d entries, mode %v; want empty and read-only", want, len(ents), fi.Mode())
 	}
+}
 
-	// virtiofsd (the C one forks into its sandbox) keeps no CAP_MKNOD or CAP_SETFCAP.
+// checkVirtiofsdCaps: virtiofsd (the C one forks into its sandbox) keeps no CAP_MKNOD or
+// CAP_SETFCAP.
+func checkVirtiofsdCaps(t *testing.T, stateDir string) {
+	t.Helper()
 	const capMknod, capSetfcap = 27, 31
 	sock := filepath.Join(stateDir, qemu.VirtiofsdSocket)
 	found := 0
@@ -80,7 +105,7 @@ func TestQEMUConfined(t *testing.T) {
 			continue
 		}
 		found++
-		eff, err := strconv.ParseUint(jailStatus(t, p)["CapEff"], 16, 64)
+		eff, err := strconv.ParseUint(procStatus(t, p)["CapEff"], 16, 64)
 		if err != nil {
 			continue
 		}
@@ -92,26 +117,10 @@ func TestQEMUConfined(t *testing.T) {
 	if found == 0 {
 		t.Error("no virtiofsd process for this VM")
 	}
-
-	// QMP still works from the jail (query-status, stop/cont), and the console reaches its
-	// capped log through the pipe.
-	if err := g.vm.Pause(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := g.vm.Resume(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if s, err := g.vm.Status(ctx); err != nil || s != "running" {
-		t.Fatalf("status after resume: %q %v", s, err)
-	}
-	if fi, err := os.Stat(g.vm.ConsolePath()); err != nil {
-		t.Fatalf("console log: %v", err)
-	} else if fi.Size() > qemu.ConsoleLogMax {
-		t.Fatalf("console log is %d bytes, over its cap %d", fi.Size(), qemu.ConsoleLogMax)
-	}
 }
 
-func jailStatus(t *testing.T, pid int) map[string]string {
+// procStatus reads /proc/<pid>/status into a map.
+func procStatus(t *testing.T, pid int) map[string]string {
 	t.Helper()
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {

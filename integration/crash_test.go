@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,16 +22,8 @@ import (
 // remove the taps, mounts and state from what is on disk, and kubelet's usual calls must then
 // take the pod down cleanly.
 func TestPodvmShimKilled(t *testing.T) {
-	env := podvmEnv(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
-	pod, err := env.RunPod(ctx, harness.PodOptions{Name: "crash", Namespace: "it", Handler: "podvm"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
-		t.Fatal(err)
-	}
+	env, ctx := podvmTest(t, 5*time.Minute)
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "crash", Namespace: "it", Handler: "podvm"})
 	startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
 	nsPath, err := env.PodNetNSPath(ctx, pod.ID)
 	if err != nil {

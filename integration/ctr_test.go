@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,9 +10,7 @@ import (
 // TestPodvmCtrRun runs a container with plain `ctr run --runtime io.containerd.podvm.v2`: no
 // CRI, no pod. It gets a VM of its own, which goes when the container does.
 func TestPodvmCtrRun(t *testing.T) {
-	env := podvmEnv(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
+	env, ctx := podvmTest(t, 5*time.Minute)
 	ctr := filepath.Join(devDir(), "bin", "ctr")
 	require(t, needFile(ctr))
 	sock := strings.TrimPrefix(env.Endpoint, "unix://")

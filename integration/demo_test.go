@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -17,9 +16,7 @@ import (
 // ordinary test of the suite too.
 func TestDemo(t *testing.T) {
 	say := func(format string, args ...any) { fmt.Printf("demo: "+format+"\n", args...) }
-	env := podvmEnv(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
+	env, ctx := podvmTest(t, 5*time.Minute)
 	say("containerd is running in network namespace %s with runtime handler \"podvm\" (RuntimeClass podvm)", env.NetNS)
 
 	start := time.Now()

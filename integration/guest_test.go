@@ -22,6 +22,7 @@ import (
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/internal/logfile"
 	"github.com/podvm/podvm/rootfs"
 )
 
@@ -73,11 +74,9 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	} else if err := os.MkdirAll(shared, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	vm, err := qemu.New(hypervisor.Config{
-		ID: filepath.Base(stateDir), StateDir: stateDir, Accel: testAccel(),
-		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
-		AgentTransport: qemu.TransportSerial, Debug: testDebug(), NetDevices: o.NetDevices,
-	})
+	cfg := testVMConfig(filepath.Base(stateDir), stateDir, shared, kernel, initrd)
+	cfg.NetDevices = o.NetDevices
+	vm, err := qemu.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,11 +88,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if g.agent != nil {
-			_, _ = g.agent.Shutdown(sctx, &api.Empty{})
-			g.agent.Close()
-		}
-		if err := vm.Stop(sctx); err != nil {
+		if err := stopGuest(sctx, vm, g.agent); err != nil {
 			t.Errorf("stop VM: %v", err)
 		}
 		if share != nil {
@@ -103,9 +98,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 			}
 		}
 		if t.Failed() {
-			if b, err := os.ReadFile(vm.ConsolePath()); err == nil {
-				t.Logf("guest console:\n%s", tail(string(b), 60))
-			}
+			t.Logf("guest console:\n%s", logfile.TailLines(vm.ConsolePath(), 60))
 		}
 	})
 	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -134,12 +127,23 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	return g
 }
 
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
+// testVMConfig is the VM the tests boot: 1 vCPU, 512 MiB, the test guest image, shared as its
+// virtio-fs share, the agent over virtio-serial.
+func testVMConfig(id, stateDir, shared, kernel, initrd string) hypervisor.Config {
+	return hypervisor.Config{
+		ID: id, StateDir: stateDir, Accel: testAccel(),
+		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
+		AgentTransport: qemu.TransportSerial, Debug: testDebug(),
 	}
-	return strings.Join(lines, "\n")
+}
+
+// stopGuest shuts the guest down through its agent (if connected) and stops the VM.
+func stopGuest(ctx context.Context, vm *qemu.VM, c *agent.Client) error {
+	if c != nil {
+		_, _ = c.Shutdown(ctx, &api.Empty{})
+		c.Close()
+	}
+	return vm.Stop(ctx)
 }
 
 // busyboxRootfs makes a minimal rootfs under the VM's shared dir and returns the guest path.
@@ -246,9 +250,7 @@ func execProcess(t testing.TB, args []string, terminal bool) []byte {
 
 // TestGuestRunsContainers boots a real VM and runs containers in it through the agent.
 func TestGuestRunsContainers(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	stateDir := vmStateDir(t)
+	ctx, stateDir := vmTest(t, 5*time.Minute)
 	g := bootVM(t, ctx, stateDir)
 	c := g.agent
 	t.Logf("agent ready %s after QEMU start (guest: %s since kernel start), guest kernel %s",
@@ -256,90 +258,130 @@ func TestGuestRunsContainers(t *testing.T) {
 	if c.Info.KernelRelease == hostKernel(t) {
 		t.Fatalf("guest kernel %q is the host's: not running in the VM", c.Info.KernelRelease)
 	}
+	t.Run("stdout, stderr and exit code", func(t *testing.T) { testGuestStdio(t, ctx, g) })
+	t.Run("exec, terminal, stdin and kill", func(t *testing.T) { testGuestExec(t, ctx, g) })
+}
 
-	t.Run("stdout, stderr and exit code", func(t *testing.T) {
-		root := busyboxRootfs(t, g, "c1")
-		spec := defaultSpec(t, "c1", root, oci.WithProcessArgs("sh", "-c", "echo out; echo err >&2; uname -r; exit 3"))
-		if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c1", Spec: spec,
-			Stdio: &api.Stdio{Stdout: true, Stderr: true}}); err != nil {
-			t.Fatalf("create: %v", err)
-		}
-		out := collect(ctx, c, "c1", "", api.StdioStream_STDOUT, api.StdioStream_STDERR)
-		if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c1"}); err != nil {
-			t.Fatalf("start: %v", err)
-		}
-		if code := wait(t, ctx, c, "c1", ""); code != 3 {
-			t.Errorf("exit status %d, want 3", code)
-		}
-		stdout, stderr := out.wait(t)
-		want := "out\n" + c.Info.KernelRelease + "\n"
-		if stdout != want || stderr != "err\n" {
-			t.Errorf("stdout %q stderr %q; want %q and %q", stdout, stderr, want, "err\n")
-		}
-		if strings.Contains(stdout, hostKernel(t)) {
-			t.Errorf("uname -r in the container is the host's %q", hostKernel(t))
-		}
-		if _, err := c.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: "c1"}); err != nil {
-			t.Fatal(err)
-		}
-	})
+// testGuestStdio: a container's stdout, stderr and exit code come back through the agent, and
+// it runs on the guest's kernel.
+func testGuestStdio(t *testing.T, ctx context.Context, g *guestVM) {
+	c := g.agent
+	root := busyboxRootfs(t, g, "c1")
+	spec := defaultSpec(t, "c1", root, oci.WithProcessArgs("sh", "-c", "echo out; echo err >&2; uname -r; exit 3"))
+	stdout, stderr, code := runGuestContainer(t, ctx, c, "c1", spec)
+	if code != 3 {
+		t.Errorf("exit status %d, want 3", code)
+	}
+	want := "out\n" + c.Info.KernelRelease + "\n"
+	if stdout != want || stderr != "err\n" {
+		t.Errorf("stdout %q stderr %q; want %q and %q", stdout, stderr, want, "err\n")
+	}
+	if strings.Contains(stdout, hostKernel(t)) {
+		t.Errorf("uname -r in the container is the host's %q", hostKernel(t))
+	}
+	removeGuestContainer(t, ctx, c, "c1")
+}
 
-	t.Run("exec, terminal, stdin and kill", func(t *testing.T) {
-		root := busyboxRootfs(t, g, "c2")
-		spec := defaultSpec(t, "c2", root, oci.WithProcessArgs("sleep", "1000"),
-			oci.WithRlimit(&specs.POSIXRlimit{Type: "RLIMIT_NOFILE", Hard: 4321, Soft: 1234}))
-		if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c2", Spec: spec}); err != nil {
-			t.Fatalf("create: %v", err)
-		}
-		if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c2"}); err != nil {
-			t.Fatalf("start: %v", err)
-		}
+// testGuestExec: execs in a running container (its hostname and init's rlimits, a terminal of
+// the size asked for, stdin to EOF), then SIGKILL of the container.
+func testGuestExec(t *testing.T, ctx context.Context, g *guestVM) {
+	c := g.agent
+	root := busyboxRootfs(t, g, "c2")
+	spec := defaultSpec(t, "c2", root, oci.WithProcessArgs("sleep", "1000"),
+		oci.WithRlimit(&specs.POSIXRlimit{Type: "RLIMIT_NOFILE", Hard: 4321, Soft: 1234}))
+	if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: "c2", Spec: spec}); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c2"}); err != nil {
+		t.Fatalf("start: %v", err)
+	}
 
-		runExec := func(id string, args []string, stdio *api.Stdio, stdin string) (string, uint32) {
-			t.Helper()
-			if _, err := c.ExecProcess(ctx, &api.ExecProcessRequest{ContainerId: "c2", ExecId: id,
-				Process: execProcess(t, args, stdio.Terminal), Stdio: stdio}); err != nil {
-				t.Fatalf("exec %s: %v", id, err)
-			}
-			out := collect(ctx, c, "c2", id, api.StdioStream_STDOUT)
-			if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: "c2", ExecId: id}); err != nil {
-				t.Fatalf("start exec %s: %v", id, err)
-			}
-			if stdin != "" {
-				if err := agent.CopyIn(ctx, c, "c2", id, strings.NewReader(stdin)); err != nil {
-					t.Fatalf("stdin: %v", err)
-				}
-			}
-			code := wait(t, ctx, c, "c2", id)
-			stdout, _ := out.wait(t)
-			if _, err := c.RemoveProcess(ctx, &api.ProcessRequest{ContainerId: "c2", ExecId: id}); err != nil {
-				t.Errorf("remove exec %s: %v", id, err)
-			}
-			return stdout, code
-		}
+	if out, code := guestExec(t, ctx, c, "c2", "e1", []string{"sh", "-c", "echo hi; hostname; grep 'open files' /proc/1/limits | tr -s ' ' | cut -d' ' -f4,5"}, &api.Stdio{Stdout: true}, ""); out != "hi\nc-c2\n1234 4321\n" || code != 0 {
+		t.Errorf("exec: %q exit %d; want hi, the container's hostname and its init's RLIMIT_NOFILE 1234 4321, exit 0", out, code)
+	}
+	out, code := guestExec(t, ctx, c, "c2", "e2", []string{"sh", "-c", "tty; stty size"}, &api.Stdio{Terminal: true, Stdout: true, Width: 100, Height: 40}, "")
+	if code != 0 || !strings.Contains(out, "/dev/pts/") || !strings.Contains(out, "40 100") {
+		t.Errorf("terminal exec: %q exit %d; want a /dev/pts tty of 40 rows, 100 columns", out, code)
+	}
+	payload := strings.Repeat("stdin line\n", 2000)
+	if out, code := guestExec(t, ctx, c, "c2", "e3", []string{"cat"}, &api.Stdio{Stdin: true, Stdout: true}, payload); out != payload || code != 0 {
+		t.Errorf("cat of stdin: got %d bytes exit %d, want %d bytes exit 0", len(out), code, len(payload))
+	}
 
-		if out, code := runExec("e1", []string{"sh", "-c", "echo hi; hostname; grep 'open files' /proc/1/limits | tr -s ' ' | cut -d' ' -f4,5"}, &api.Stdio{Stdout: true}, ""); out != "hi\nc-c2\n1234 4321\n" || code != 0 {
-			t.Errorf("exec: %q exit %d; want hi, the container's hostname and its init's RLIMIT_NOFILE 1234 4321, exit 0", out, code)
-		}
-		out, code := runExec("e2", []string{"sh", "-c", "tty; stty size"}, &api.Stdio{Terminal: true, Stdout: true, Width: 100, Height: 40}, "")
-		if code != 0 || !strings.Contains(out, "/dev/pts/") || !strings.Contains(out, "40 100") {
-			t.Errorf("terminal exec: %q exit %d; want a /dev/pts tty of 40 rows, 100 columns", out, code)
-		}
-		payload := strings.Repeat("stdin line\n", 2000)
-		if out, code := runExec("e3", []string{"cat"}, &api.Stdio{Stdin: true, Stdout: true}, payload); out != payload || code != 0 {
-			t.Errorf("cat of stdin: got %d bytes exit %d, want %d bytes exit 0", len(out), code, len(payload))
-		}
+	if _, err := c.SignalProcess(ctx, &api.SignalProcessRequest{ContainerId: "c2", Signal: uint32(unix.SIGKILL)}); err != nil {
+		t.Fatalf("kill: %v", err)
+	}
+	if code := wait(t, ctx, c, "c2", ""); code != 137 {
+		t.Errorf("killed container exit status %d, want 137", code)
+	}
+	removeGuestContainer(t, ctx, c, "c2")
+}
 
-		if _, err := c.SignalProcess(ctx, &api.SignalProcessRequest{ContainerId: "c2", Signal: uint32(unix.SIGKILL)}); err != nil {
-			t.Fatalf("kill: %v", err)
+// guestExec runs exec id in container cid through the agent, with stdin (if not empty) written
+// to it, and returns its stdout and exit status; the exec is removed after.
+func guestExec(t *testing.T, ctx context.Context, c api.AgentService, cid, id string, args []string, stdio *api.Stdio, stdin string) (string, uint32) {
+	t.Helper()
+	if _, err := c.ExecProcess(ctx, &api.ExecProcessRequest{ContainerId: cid, ExecId: id,
+		Process: execProcess(t, args, stdio.Terminal), Stdio: stdio}); err != nil {
+		t.Fatalf("exec %s: %v", id, err)
+	}
+	out := collect(ctx, c, cid, id, api.StdioStream_STDOUT)
+	if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: cid, ExecId: id}); err != nil {
+		t.Fatalf("start exec %s: %v", id, err)
+	}
+	if stdin != "" {
+		if err := agent.CopyIn(ctx, c, cid, id, strings.NewReader(stdin)); err != nil {
+			t.Fatalf("stdin: %v", err)
 		}
-		if code := wait(t, ctx, c, "c2", ""); code != 137 {
-			t.Errorf("killed container exit status %d, want 137", code)
-		}
-		if _, err := c.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: "c2"}); err != nil {
-			t.Fatal(err)
-		}
-	})
+	}
+	code := wait(t, ctx, c, cid, id)
+	stdout, _ := out.wait(t)
+	if _, err := c.RemoveProcess(ctx, &api.ProcessRequest{ContainerId: cid, ExecId: id}); err != nil {
+		t.Errorf("remove exec %s: %v", id, err)
+	}
+	return stdout, code
+}
+
+// runGuestContainer creates container id from spec through the agent, with stdout and stderr,
+// runs it to its exit and returns its output and exit status.
+func runGuestContainer(t testing.TB, ctx context.Context, c api.AgentService, id string, spec []byte) (stdout, stderr string, code uint32) {
+	t.Helper()
+	if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{ContainerId: id, Spec: spec,
+		Stdio: &api.Stdio{Stdout: true, Stderr: true}}); err != nil {
+		t.Fatalf("create %s: %v", id, err)
+	}
+	return startGuestContainer(t, ctx, c, id)
+}
+
+// startGuestContainer starts the created container id, waits for its exit and returns its
+// stdout, stderr and exit status.
+func startGuestContainer(t testing.TB, ctx context.Context, c api.AgentService, id string) (stdout, stderr string, code uint32) {
+	t.Helper()
+	out := collect(ctx, c, id, "", api.StdioStream_STDOUT, api.StdioStream_STDERR)
+	if _, err := c.StartProcess(ctx, &api.ProcessRequest{ContainerId: id}); err != nil {
+		t.Fatalf("start %s: %v", id, err)
+	}
+	code = wait(t, ctx, c, id, "")
+	stdout, stderr = out.wait(t)
+	return stdout, stderr, code
+}
+
+// removeGuestContainer removes container id through the agent.
+func removeGuestContainer(t testing.TB, ctx context.Context, c api.AgentService, id string) {
+	t.Helper()
+	if _, err := c.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: id}); err != nil {
+		t.Errorf("remove %s: %v", id, err)
+	}
+}
+
+// vmTest starts a test that boots a VM itself: a context bounded by timeout (cancelled when
+// the test ends, before the VM's cleanup) and the VM's state dir (vmStateDir).
+func vmTest(t *testing.T, timeout time.Duration) (context.Context, string) {
+	t.Helper()
+	stateDir := vmStateDir(t)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	return ctx, stateDir
 }
 
 // vmStateDir makes a state dir for a VM the test boots itself, and checks at the end that the

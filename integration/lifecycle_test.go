@@ -23,77 +23,124 @@ func testPodLifecycle(t *testing.T, env *harness.Env, handler string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 	defer cancel()
-	step := func() (context.Context, context.CancelFunc) { return context.WithTimeout(ctx, callTimeout) }
-
 	pod, err := env.RunPod(ctx, harness.PodOptions{Name: "lifecycle", Namespace: "it", Handler: handler})
 	if err != nil {
 		t.Fatal(err)
 	}
-
-	// The pod IP comes from the CNI bridge's subnet.
-	sctx, scancel := step()
-	ps, err := env.Runtime.PodSandboxStatus(sctx, pod.ID, false)
-	scancel()
-	if err != nil {
-		t.Fatalf("PodSandboxStatus %s: %v", pod.ID, err)
-	}
-	if got := ps.GetStatus().GetState(); got != runtimeapi.PodSandboxState_SANDBOX_READY {
-		t.Fatalf("pod %s state = %s, want SANDBOX_READY", pod.ID, got)
-	}
-	ip := net.ParseIP(ps.GetStatus().GetNetwork().GetIp())
-	if ip == nil || !env.Subnet.Contains(ip) {
-		t.Fatalf("pod IP %q is not in the bridge subnet %s", ps.GetStatus().GetNetwork().GetIp(), env.Subnet)
-	}
-	t.Logf("pod %s (handler %q) has IP %s", pod.ID, handler, ip)
-
+	l := &lifecycle{ctx: ctx, t: t, env: env, pod: pod}
+	l.checkSandboxReady(handler)
 	if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
 		t.Fatal(err)
 	}
+	main, mainLog := l.startMain()
+	l.checkExecSync(main)
+	l.checkStreamingExec(main)
+	l.checkLog(mainLog)
+	l.stopMain(main)
+	l.checkExits()
+	l.stopAndRemovePod()
+}
 
-	// A long-running container with output on both streams.
-	main, mainLog, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{
+// lifecycle is testPodLifecycle's pod and the steps it takes, in order. Each step fails the test
+// as testPodLifecycle would: t.Fatal ends it, t.Error goes on.
+type lifecycle struct {
+	ctx context.Context
+	t   *testing.T
+	env *harness.Env
+	pod *harness.Pod
+}
+
+// call runs one CRI call under callTimeout.
+func (l *lifecycle) call(f func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(l.ctx, callTimeout)
+	defer cancel()
+	return f(ctx)
+}
+
+// checkSandboxReady: the pod is ready and its IP comes from the CNI bridge's subnet.
+func (l *lifecycle) checkSandboxReady(handler string) {
+	t := l.t
+	t.Helper()
+	var ps *runtimeapi.PodSandboxStatusResponse
+	err := l.call(func(ctx context.Context) (err error) {
+		ps, err = l.env.Runtime.PodSandboxStatus(ctx, l.pod.ID, false)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("PodSandboxStatus %s: %v", l.pod.ID, err)
+	}
+	if got := ps.GetStatus().GetState(); got != runtimeapi.PodSandboxState_SANDBOX_READY {
+		t.Fatalf("pod %s state = %s, want SANDBOX_READY", l.pod.ID, got)
+	}
+	ip := net.ParseIP(ps.GetStatus().GetNetwork().GetIp())
+	if ip == nil || !l.env.Subnet.Contains(ip) {
+		t.Fatalf("pod IP %q is not in the bridge subnet %s", ps.GetStatus().GetNetwork().GetIp(), l.env.Subnet)
+	}
+	t.Logf("pod %s (handler %q) has IP %s", l.pod.ID, handler, ip)
+}
+
+// startMain starts a long-running container with output on both streams and returns its ID
+// and its CRI log.
+func (l *lifecycle) startMain() (id, logPath string) {
+	t := l.t
+	t.Helper()
+	main, mainLog, err := l.env.CreateContainer(l.ctx, l.pod, harness.ContainerOptions{
 		Name:    "main",
 		Command: []string{"sh", "-c", "echo hello; echo oops >&2; sleep 3600"},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sctx, scancel = step()
-	err = env.Runtime.StartContainer(sctx, main)
-	scancel()
-	if err != nil {
+	if err := l.call(func(ctx context.Context) error { return l.env.Runtime.StartContainer(ctx, main) }); err != nil {
 		t.Fatalf("StartContainer %s: %v", main, err)
 	}
-	wctx, wcancel := step()
-	_, err = env.WaitContainerState(wctx, main, runtimeapi.ContainerState_CONTAINER_RUNNING)
-	wcancel()
+	err = l.call(func(ctx context.Context) error {
+		_, err := l.env.WaitContainerState(ctx, main, runtimeapi.ContainerState_CONTAINER_RUNNING)
+		return err
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return main, mainLog
+}
 
-	// ExecSync, as kubelet's exec probes do.
-	sctx, scancel = step()
-	stdout, stderr, err := env.Runtime.ExecSync(sctx, main, []string{"echo", "hi"}, 30*time.Second)
-	scancel()
+// checkExecSync: ExecSync, as kubelet's exec probes do, with its output and exit code.
+func (l *lifecycle) checkExecSync(main string) {
+	t := l.t
+	t.Helper()
+	var stdout, stderr []byte
+	err := l.call(func(ctx context.Context) (err error) {
+		stdout, stderr, err = l.env.Runtime.ExecSync(ctx, main, []string{"echo", "hi"}, 30*time.Second)
+		return err
+	})
 	if err != nil {
 		t.Fatalf("ExecSync echo hi: %v (stdout %q, stderr %q)", err, stdout, stderr)
 	}
 	if string(stdout) != "hi\n" || len(stderr) != 0 {
 		t.Errorf("ExecSync echo hi: stdout %q, stderr %q; want \"hi\\n\" and nothing", stdout, stderr)
 	}
-	sctx, scancel = step()
-	_, _, err = env.Runtime.ExecSync(sctx, main, []string{"sh", "-c", "exit 7"}, 30*time.Second)
-	scancel()
+	err = l.call(func(ctx context.Context) error {
+		_, _, err := l.env.Runtime.ExecSync(ctx, main, []string{"sh", "-c", "exit 7"}, 30*time.Second)
+		return err
+	})
 	if code := execSyncExitCode(err); code != 7 {
 		t.Errorf("ExecSync `exit 7`: exit code %d (err %v), want 7", code, err)
 	}
+}
 
-	// Streaming exec, as `kubectl exec -i` through kubelet does.
+// checkStreamingExec: a streaming exec, as `kubectl exec -i` through kubelet does; the end of
+// stdin reaches the process, and everything before it: `kubectl exec -i -- cat` and `kubectl
+// cp` (tar reading to EOF) return, byte-exact. More than a pipe holds.
+func (l *lifecycle) checkStreamingExec(main string) {
+	t := l.t
+	t.Helper()
 	var out, errOut bytes.Buffer
-	sctx, scancel = step()
-	code, err := env.Exec(sctx, main, []string{"sh", "-c", "read x; echo got $x; echo err >&2; exit 3"},
-		harness.StreamOptions{Stdin: strings.NewReader("abc\n"), Stdout: &out, Stderr: &errOut})
-	scancel()
+	var code int
+	err := l.call(func(ctx context.Context) (err error) {
+		code, err = l.env.Exec(ctx, main, []string{"sh", "-c", "read x; echo got $x; echo err >&2; exit 3"},
+			harness.StreamOptions{Stdin: strings.NewReader("abc\n"), Stdout: &out, Stderr: &errOut})
+		return err
+	})
 	if err != nil {
 		t.Fatalf("streaming exec: %v", err)
 	}
@@ -101,22 +148,26 @@ func testPodLifecycle(t *testing.T, env *harness.Env, handler string) {
 		t.Errorf("streaming exec: exit %d, stdout %q, stderr %q; want 3, \"got abc\\n\", \"err\\n\"", code, out.String(), errOut.String())
 	}
 
-	// The end of stdin reaches the process, and everything before it: `kubectl exec -i -- cat`
-	// and `kubectl cp` (tar reading to EOF) return, byte-exact. More than a pipe holds.
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 12<<10)
 	var catOut bytes.Buffer
-	sctx, scancel = context.WithTimeout(ctx, 60*time.Second)
-	code, err = env.Exec(sctx, main, []string{"cat"}, harness.StreamOptions{Stdin: bytes.NewReader(payload), Stdout: &catOut})
+	sctx, scancel := context.WithTimeout(l.ctx, 60*time.Second)
+	code, err = l.env.Exec(sctx, main, []string{"cat"}, harness.StreamOptions{Stdin: bytes.NewReader(payload), Stdout: &catOut})
 	scancel()
 	if err != nil || code != 0 || !bytes.Equal(catOut.Bytes(), payload) {
 		t.Errorf("exec -i cat with %d bytes piped in: exit %d, err %v, %d bytes back (equal: %v); want them all back and exit 0",
 			len(payload), code, err, catOut.Len(), bytes.Equal(catOut.Bytes(), payload))
 	}
+}
 
-	// The CRI log file has both streams, in CRI format.
-	lctx, lcancel := step()
-	lines, err := harness.WaitLog(lctx, mainLog, "stderr", "oops\n")
-	lcancel()
+// checkLog: the CRI log file has both streams, in CRI format.
+func (l *lifecycle) checkLog(mainLog string) {
+	t := l.t
+	t.Helper()
+	var lines []harness.LogLine
+	err := l.call(func(ctx context.Context) (err error) {
+		lines, err = harness.WaitLog(ctx, mainLog, "stderr", "oops\n")
+		return err
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,26 +177,29 @@ func testPodLifecycle(t *testing.T, env *harness.Env, handler string) {
 	if got := harness.StreamText(lines, "stderr"); got != "oops\n" {
 		t.Errorf("log %s: stderr %q, want \"oops\\n\"", mainLog, got)
 	}
+}
 
-	// StopContainer: sh runs as the container's PID 1 and has no SIGTERM handler, so the
-	// kernel drops SIGTERM; after the grace period the runtime kills it: 128+SIGKILL.
+// stopMain: StopContainer. sh runs as the container's PID 1 and has no SIGTERM handler, so the
+// kernel drops SIGTERM; after the grace period the runtime kills it: 128+SIGKILL. Then
+// RemoveContainer.
+func (l *lifecycle) stopMain(main string) {
+	t := l.t
+	t.Helper()
 	start := time.Now()
-	sctx, scancel = step()
-	err = env.Runtime.StopContainer(sctx, main, 2)
-	scancel()
-	if err != nil {
+	if err := l.call(func(ctx context.Context) error { return l.env.Runtime.StopContainer(ctx, main, 2) }); err != nil {
 		t.Fatalf("StopContainer %s: %v", main, err)
 	}
 	t.Logf("StopContainer with a 2s grace period took %v", time.Since(start).Round(time.Millisecond))
-	assertExited(ctx, t, env, main, 137, "Error")
-	sctx, scancel = step()
-	err = env.Runtime.RemoveContainer(sctx, main)
-	scancel()
-	if err != nil {
+	assertExited(l.ctx, t, l.env, main, 137, "Error")
+	if err := l.call(func(ctx context.Context) error { return l.env.Runtime.RemoveContainer(ctx, main) }); err != nil {
 		t.Fatalf("RemoveContainer %s: %v", main, err)
 	}
+}
 
-	// Containers that exit on their own report their exit codes and reasons.
+// checkExits: containers that exit on their own report their exit codes and reasons.
+func (l *lifecycle) checkExits() {
+	t := l.t
+	t.Helper()
 	for _, tc := range []struct {
 		name   string
 		script string
@@ -155,46 +209,47 @@ func testPodLifecycle(t *testing.T, env *harness.Env, handler string) {
 		{"succeeds", "exit 0", 0, "Completed"},
 		{"fails", "echo bad >&2; exit 1", 1, "Error"},
 	} {
-		id, _, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{Name: tc.name, Command: []string{"sh", "-c", tc.script}})
+		id, _, err := l.env.CreateContainer(l.ctx, l.pod, harness.ContainerOptions{Name: tc.name, Command: []string{"sh", "-c", tc.script}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		sctx, scancel = step()
-		err = env.Runtime.StartContainer(sctx, id)
-		scancel()
-		if err != nil {
+		if err := l.call(func(ctx context.Context) error { return l.env.Runtime.StartContainer(ctx, id) }); err != nil {
 			t.Fatalf("StartContainer %s: %v", tc.name, err)
 		}
-		assertExited(ctx, t, env, id, tc.code, tc.reason)
+		assertExited(l.ctx, t, l.env, id, tc.code, tc.reason)
 	}
+}
 
-	// StopPodSandbox is retried by kubelet, so a second call must succeed too.
+// stopAndRemovePod: StopPodSandbox is retried by kubelet, so a second call must succeed too;
+// the pod is then NOTREADY, and gone from the list once removed.
+func (l *lifecycle) stopAndRemovePod() {
+	t := l.t
+	t.Helper()
+	id := l.pod.ID
 	for i := 1; i <= 2; i++ {
-		sctx, scancel = step()
-		err = env.Runtime.StopPodSandbox(sctx, pod.ID)
-		scancel()
-		if err != nil {
-			t.Fatalf("StopPodSandbox %s (call %d): %v", pod.ID, i, err)
+		if err := l.call(func(ctx context.Context) error { return l.env.Runtime.StopPodSandbox(ctx, id) }); err != nil {
+			t.Fatalf("StopPodSandbox %s (call %d): %v", id, i, err)
 		}
 	}
-	sctx, scancel = step()
-	ps, err = env.Runtime.PodSandboxStatus(sctx, pod.ID, false)
-	scancel()
+	var ps *runtimeapi.PodSandboxStatusResponse
+	err := l.call(func(ctx context.Context) (err error) {
+		ps, err = l.env.Runtime.PodSandboxStatus(ctx, id, false)
+		return err
+	})
 	if err != nil {
 		t.Fatalf("PodSandboxStatus after stop: %v", err)
 	}
 	if got := ps.GetStatus().GetState(); got != runtimeapi.PodSandboxState_SANDBOX_NOTREADY {
 		t.Errorf("pod state after StopPodSandbox = %s, want SANDBOX_NOTREADY", got)
 	}
-	sctx, scancel = step()
-	err = env.Runtime.RemovePodSandbox(sctx, pod.ID)
-	scancel()
-	if err != nil {
-		t.Fatalf("RemovePodSandbox %s: %v", pod.ID, err)
+	if err := l.call(func(ctx context.Context) error { return l.env.Runtime.RemovePodSandbox(ctx, id) }); err != nil {
+		t.Fatalf("RemovePodSandbox %s: %v", id, err)
 	}
-	sctx, scancel = step()
-	pods, err := env.Runtime.ListPodSandbox(sctx, nil)
-	scancel()
+	var pods []*runtimeapi.PodSandbox
+	err = l.call(func(ctx context.Context) (err error) {
+		pods, err = l.env.Runtime.ListPodSandbox(ctx, nil)
+		return err
+	})
 	if err != nil {
 		t.Fatalf("ListPodSandbox: %v", err)
 	}

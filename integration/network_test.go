@@ -22,7 +22,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/podvm/podvm/integration/harness"
@@ -61,12 +60,11 @@ func TestPodNetwork(t *testing.T) {
 	env := harness.Start(t, netOptions(t))
 	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Minute)
 	defer cancel()
-	gw := env.Gateway().String()
-	dns := &runtimeapi.DNSConfig{
+	n := &netTest{ctx: ctx, env: env, gw: env.Gateway().String(), dns: &runtimeapi.DNSConfig{
 		Servers:  []string{"10.96.0.10", "10.96.0.11"},
 		Searches: []string{"it.svc.cluster.local", "svc.cluster.local"},
 		Options:  []string{"ndots:5", "timeout:2"},
-	}
+	}}
 
 	t.Run("hostNetwork", func(t *testing.T) { testHostNetwork(ctx, t, env) })
 
@@ -75,236 +73,260 @@ func TestPodNetwork(t *testing.T) {
 		{name: "web-vm", handler: "podvm", hostPort: 18080},
 		{name: "web-vm2", handler: "podvm"},
 	}
+	n.byName = map[string]*netPod{}
 	for _, p := range pods {
-		startNetPod(ctx, t, env, p, dns)
-	}
-	byName := map[string]*netPod{}
-	for _, p := range pods {
-		byName[p.name] = p
+		startNetPod(ctx, t, env, p, n.dns)
+		n.byName[p.name] = p
 	}
 
 	// A listener of the node's on the gateway address: it tells each client the source address
 	// it saw, which must be the pod IP (no NAT between pod and node).
-	ln, err := env.Listen(gw + ":7070")
+	ln, err := env.Listen(n.gw + ":7070")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-			fmt.Fprintf(c, "from=%s\n", host)
-			c.Close()
-		}
-	}()
+	go serveSourceAddr(ln)
 
 	for _, p := range pods {
-		t.Run(p.name, func(t *testing.T) {
-			t.Run("pod IP is the container's", func(t *testing.T) {
-				out := execOK(ctx, t, env, p.ctr, "ip -4 -o addr show dev eth0")
-				if !strings.Contains(out, " inet "+p.ip+"/") {
-					t.Errorf("PodSandboxStatus says %s; eth0 in the container has:\n%s", p.ip, out)
-				}
-				if p.handler != "podvm" {
-					return
-				}
-				// It is the guest's NIC: another kernel, and eth0's MAC from the pod netns.
-				var host unix.Utsname
-				_ = unix.Uname(&host)
-				if kr := strings.TrimSpace(execOK(ctx, t, env, p.ctr, "uname -r")); kr == unix.ByteSliceToString(host.Release[:]) {
-					t.Errorf("the container runs on the host kernel %s, not in a VM", kr)
-				}
-				veth := podLink(ctx, t, env, p, "eth0")
-				if mac := strings.TrimSpace(execOK(ctx, t, env, p.ctr, "cat /sys/class/net/eth0/address")); mac != veth.Attrs().HardwareAddr.String() {
-					t.Errorf("guest eth0 MAC %s, pod netns eth0 MAC %s; want the same", mac, veth.Attrs().HardwareAddr)
-				}
-			})
+		t.Run(p.name, func(t *testing.T) { n.testPod(t, p) })
+	}
+	t.Run("pod to pod", n.testPodToPod)
+	t.Run("port-forward", n.testPortForward)
 
-			t.Run("node reaches the pod IP", func(t *testing.T) {
-				body := httpGet(ctx, t, env, net.JoinHostPort(p.ip, "8080"), "/")
-				if want := "hello from " + p.hostname() + "\n"; body != want {
-					t.Errorf("GET http://%s:8080/ = %q, want %q", p.ip, body, want)
-				}
-			})
+	assertNoNetLeaks(t, env, pods)
+}
 
-			t.Run("1 MiB both ways byte-exact", func(t *testing.T) {
-				// Node -> pod -> node through the echo service.
-				payload := make([]byte, 1<<20)
-				_, _ = rand.Read(payload)
-				got := echoRoundTrip(ctx, t, env, net.JoinHostPort(p.ip, "9000"), payload)
-				if !bytes.Equal(got, payload) {
-					t.Errorf("echo of 1 MiB: got %d bytes back, equal %v", len(got), bytes.Equal(got, payload))
-				}
-				// Pod -> node: the file the pod made, as the pod sees it and as it arrives.
-				body := httpGet(ctx, t, env, net.JoinHostPort(p.ip, "8080"), "/big")
-				sum := sha256.Sum256([]byte(body))
-				inPod := strings.Fields(execOK(ctx, t, env, p.ctr, "sha256sum /www/big"))
-				if len(body) != 1<<20 || len(inPod) == 0 || inPod[0] != hex.EncodeToString(sum[:]) {
-					t.Errorf("GET /big: %d bytes sha256 %x; in the pod: %v", len(body), sum, inPod)
-				}
-			})
+// netTest is what TestPodNetwork's subtests share: its pods (by name), the bridge's gateway
+// and the DNS config every pod got.
+type netTest struct {
+	ctx    context.Context
+	env    *harness.Env
+	gw     string
+	dns    *runtimeapi.DNSConfig
+	byName map[string]*netPod
+}
 
-			t.Run("reaches the gateway", func(t *testing.T) {
-				out := execOK(ctx, t, env, p.ctr, "ping -c 2 -W 5 "+gw)
-				if !strings.Contains(out, "2 packets received") {
-					t.Errorf("ping %s:\n%s", gw, out)
-				}
-				if out := execOK(ctx, t, env, p.ctr, "nc -w 10 "+gw+" 7070 </dev/null"); out != "from="+p.ip+"\n" {
-					t.Errorf("the node's listener on %s:7070 says %q, want from=%s", gw, out, p.ip)
-				}
-			})
+// serveSourceAddr answers every connection to ln with "from=<client address>" and closes it,
+// until ln is closed.
+func serveSourceAddr(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+		fmt.Fprintf(c, "from=%s\n", host)
+		c.Close()
+	}
+}
 
-			t.Run("DNS config is the CRI's", func(t *testing.T) {
-				got := nonEmptyLines(execOK(ctx, t, env, p.ctr, "cat /etc/resolv.conf"))
-				want := []string{
-					"nameserver " + dns.Servers[0], "nameserver " + dns.Servers[1],
-					"search " + strings.Join(dns.Searches, " "), "options " + strings.Join(dns.Options, " "),
-				}
-				sort.Strings(want)
-				if strings.Join(got, "\n") != strings.Join(want, "\n") {
-					t.Errorf("/etc/resolv.conf has %q, want %q", got, want)
-				}
-			})
-
-			t.Run("hostname is the pod's", func(t *testing.T) {
-				if got := strings.TrimSpace(execOK(ctx, t, env, p.ctr, "hostname")); got != p.hostname() {
-					t.Errorf("hostname %q, want %q", got, p.hostname())
-				}
-			})
-
-			t.Run("MTU is the veth's", func(t *testing.T) {
-				veth := podLink(ctx, t, env, p, "eth0")
-				got := strings.TrimSpace(execOK(ctx, t, env, p.ctr, "cat /sys/class/net/eth0/mtu"))
-				if got != strconv.Itoa(veth.Attrs().MTU) || veth.Attrs().MTU != netTestMTU {
-					t.Errorf("eth0 MTU in the container %s, pod veth %d, bridge config %d; want all equal", got, veth.Attrs().MTU, netTestMTU)
-				}
-				if p.handler == "podvm" {
-					tap := podLink(ctx, t, env, p, "tap0_podvm")
-					if tap.Attrs().MTU != veth.Attrs().MTU {
-						t.Errorf("tap MTU %d, veth MTU %d", tap.Attrs().MTU, veth.Attrs().MTU)
-					}
-				}
-			})
-
-			if p.hostPort != 0 {
-				t.Run("hostPort", func(t *testing.T) {
-					addr := net.JoinHostPort(gw, strconv.Itoa(int(p.hostPort)))
-					body := httpGet(ctx, t, env, addr, "/")
-					if want := "hello from " + p.hostname() + "\n"; body != want {
-						t.Errorf("GET http://%s/ (hostPort %d -> 8080) = %q, want %q", addr, p.hostPort, body, want)
-					}
-				})
+// testPod checks one pod's network from the node and from inside the pod; the same for every
+// handler.
+func (n *netTest) testPod(t *testing.T, p *netPod) {
+	t.Run("pod IP is the container's", func(t *testing.T) { n.testPodIP(t, p) })
+	t.Run("node reaches the pod IP", func(t *testing.T) {
+		body := httpGet(n.ctx, t, n.env, net.JoinHostPort(p.ip, "8080"), "/")
+		if want := "hello from " + p.hostname() + "\n"; body != want {
+			t.Errorf("GET http://%s:8080/ = %q, want %q", p.ip, body, want)
+		}
+	})
+	t.Run("1 MiB both ways byte-exact", func(t *testing.T) { n.testPayloads(t, p) })
+	t.Run("reaches the gateway", func(t *testing.T) {
+		out := execOK(n.ctx, t, n.env, p.ctr, "ping -c 2 -W 5 "+n.gw)
+		if !strings.Contains(out, "2 packets received") {
+			t.Errorf("ping %s:\n%s", n.gw, out)
+		}
+		if out := execOK(n.ctx, t, n.env, p.ctr, "nc -w 10 "+n.gw+" 7070 </dev/null"); out != "from="+p.ip+"\n" {
+			t.Errorf("the node's listener on %s:7070 says %q, want from=%s", n.gw, out, p.ip)
+		}
+	})
+	t.Run("DNS config is the CRI's", func(t *testing.T) {
+		got := nonEmptyLines(execOK(n.ctx, t, n.env, p.ctr, "cat /etc/resolv.conf"))
+		want := []string{
+			"nameserver " + n.dns.Servers[0], "nameserver " + n.dns.Servers[1],
+			"search " + strings.Join(n.dns.Searches, " "), "options " + strings.Join(n.dns.Options, " "),
+		}
+		sort.Strings(want)
+		if strings.Join(got, "\n") != strings.Join(want, "\n") {
+			t.Errorf("/etc/resolv.conf has %q, want %q", got, want)
+		}
+	})
+	t.Run("hostname is the pod's", func(t *testing.T) {
+		if got := strings.TrimSpace(execOK(n.ctx, t, n.env, p.ctr, "hostname")); got != p.hostname() {
+			t.Errorf("hostname %q, want %q", got, p.hostname())
+		}
+	})
+	t.Run("MTU is the veth's", func(t *testing.T) { n.testMTU(t, p) })
+	if p.hostPort != 0 {
+		t.Run("hostPort", func(t *testing.T) {
+			addr := net.JoinHostPort(n.gw, strconv.Itoa(int(p.hostPort)))
+			body := httpGet(n.ctx, t, n.env, addr, "/")
+			if want := "hello from " + p.hostname() + "\n"; body != want {
+				t.Errorf("GET http://%s/ (hostPort %d -> 8080) = %q, want %q", addr, p.hostPort, body, want)
 			}
 		})
 	}
+}
 
-	t.Run("pod to pod", func(t *testing.T) {
-		for _, tc := range []struct{ from, to string }{
-			{"web-vm", "web-runc"},
-			{"web-vm", "web-vm2"},
-			{"web-vm2", "web-vm"},
-			{"web-runc", "web-vm"},
-		} {
-			t.Run(tc.from+" to "+tc.to, func(t *testing.T) {
-				from, to := byName[tc.from], byName[tc.to]
-				out := execOK(ctx, t, env, from.ctr, `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 10 `+to.ip+" 8080")
-				if !strings.Contains(out, "\r\n\r\nhello from "+to.hostname()+"\n") {
-					t.Errorf("GET http://%s:8080/ from %s:\n%s", to.ip, tc.from, out)
-				}
-			})
+// testPodIP: the IP PodSandboxStatus reports is eth0's in the container; for podvm, eth0 is the
+// guest's NIC (another kernel) with the MAC of the pod netns's eth0.
+func (n *netTest) testPodIP(t *testing.T, p *netPod) {
+	out := execOK(n.ctx, t, n.env, p.ctr, "ip -4 -o addr show dev eth0")
+	if !strings.Contains(out, " inet "+p.ip+"/") {
+		t.Errorf("PodSandboxStatus says %s; eth0 in the container has:\n%s", p.ip, out)
+	}
+	if p.handler != "podvm" {
+		return
+	}
+	if kr := strings.TrimSpace(execOK(n.ctx, t, n.env, p.ctr, "uname -r")); kr == hostKernel(t) {
+		t.Errorf("the container runs on the host kernel %s, not in a VM", kr)
+	}
+	veth := podLink(n.ctx, t, n.env, p, "eth0")
+	if mac := strings.TrimSpace(execOK(n.ctx, t, n.env, p.ctr, "cat /sys/class/net/eth0/address")); mac != veth.Attrs().HardwareAddr.String() {
+		t.Errorf("guest eth0 MAC %s, pod netns eth0 MAC %s; want the same", mac, veth.Attrs().HardwareAddr)
+	}
+}
+
+// testPayloads sends 1 MiB node -> pod -> node through the echo service and fetches the 1 MiB
+// file the pod made, comparing it with what the pod sees.
+func (n *netTest) testPayloads(t *testing.T, p *netPod) {
+	payload := make([]byte, 1<<20)
+	_, _ = rand.Read(payload)
+	got := echoRoundTrip(n.ctx, t, n.env, net.JoinHostPort(p.ip, "9000"), payload)
+	if !bytes.Equal(got, payload) {
+		t.Errorf("echo of 1 MiB: got %d bytes back, equal %v", len(got), bytes.Equal(got, payload))
+	}
+	body := httpGet(n.ctx, t, n.env, net.JoinHostPort(p.ip, "8080"), "/big")
+	sum := sha256.Sum256([]byte(body))
+	inPod := strings.Fields(execOK(n.ctx, t, n.env, p.ctr, "sha256sum /www/big"))
+	if len(body) != 1<<20 || len(inPod) == 0 || inPod[0] != hex.EncodeToString(sum[:]) {
+		t.Errorf("GET /big: %d bytes sha256 %x; in the pod: %v", len(body), sum, inPod)
+	}
+}
+
+// testMTU: eth0 in the container has the pod veth's MTU, which is the bridge config's; podvm's
+// tap has it too.
+func (n *netTest) testMTU(t *testing.T, p *netPod) {
+	veth := podLink(n.ctx, t, n.env, p, "eth0")
+	got := strings.TrimSpace(execOK(n.ctx, t, n.env, p.ctr, "cat /sys/class/net/eth0/mtu"))
+	if got != strconv.Itoa(veth.Attrs().MTU) || veth.Attrs().MTU != netTestMTU {
+		t.Errorf("eth0 MTU in the container %s, pod veth %d, bridge config %d; want all equal", got, veth.Attrs().MTU, netTestMTU)
+	}
+	if p.handler == "podvm" {
+		tap := podLink(n.ctx, t, n.env, p, "tap0_podvm")
+		if tap.Attrs().MTU != veth.Attrs().MTU {
+			t.Errorf("tap MTU %d, veth MTU %d", tap.Attrs().MTU, veth.Attrs().MTU)
 		}
-	})
+	}
+}
 
-	// CRI PortForward: containerd dials localhost:<port> inside the pod's netns on the node. A
-	// runc pod listens there; for a podvm pod the shim's forwarder does (an iptables REDIRECT of
-	// loopback TCP to its listener) and carries the connection to the same port in the guest
-	// (docs/networking.md, "port-forward").
-	t.Run("port-forward", func(t *testing.T) {
-		big := make([]byte, 1<<20)
-		_, _ = rand.Read(big)
-		for _, tc := range []struct {
-			name     string
-			pod      string
-			port     int32
-			send     []byte
-			wantData string // in the reply
-			wantEcho bool   // the reply is send
-			wantErr  string // in the error stream
-		}{
-			{name: "runc", pod: "web-runc", port: 8080, wantData: "hello from h-web-runc\n"},
-			{name: "podvm", pod: "web-vm", port: 8080, wantData: "hello from h-web-vm\n"},
-			{name: "podvm second pod", pod: "web-vm2", port: 8080, wantData: "hello from h-web-vm2\n"},
-			{name: "podvm 1MiB echo", pod: "web-vm", port: 9000, send: big, wantEcho: true},
-			// Nothing listens on 8081 in the guest: the forwarder resets the connection it
-			// accepted, and containerd reports that on the error stream.
-			{name: "podvm closed port", pod: "web-vm", port: 8081, wantErr: "reset"},
-		} {
-			t.Run(tc.name, func(t *testing.T) {
-				p := byName[tc.pod]
-				pctx, pcancel := context.WithTimeout(ctx, time.Minute)
-				defer pcancel()
-				send := tc.send
-				if send == nil {
-					send = []byte("GET / HTTP/1.0\r\n\r\n")
-				}
-				res, err := env.PortForward(pctx, p.pod.ID, tc.port, send)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Logf("port-forward to %s:%d: %d bytes back, error stream %q", tc.pod, tc.port, len(res.Data), res.RemoteError)
-				if tc.wantData != "" && !strings.Contains(string(res.Data), tc.wantData) {
-					t.Errorf("reply %q lacks %q", res.Data, tc.wantData)
-				}
-				if tc.wantEcho && !bytes.Equal(res.Data, send) {
-					t.Errorf("echo: %d bytes back, want the %d sent, identical", len(res.Data), len(send))
-				}
-				if tc.wantErr == "" && res.RemoteError != "" {
-					t.Errorf("error stream: %s", res.RemoteError)
-				}
-				if tc.wantErr != "" {
-					if !strings.Contains(res.RemoteError, tc.wantErr) {
-						t.Errorf("error stream %q, want it to contain %q", res.RemoteError, tc.wantErr)
-					}
-					if len(res.Data) != 0 {
-						t.Errorf("got data %q although nothing listens", res.Data)
-					}
-				}
-			})
-		}
-
-		// The shim's rule is in the pod netns while the pod runs and gone once it stopped. The
-		// test holds the netns open, so it outlives StopPodSandbox for the check.
-		t.Run("rule removed at stop", func(t *testing.T) {
-			p := byName["web-vm2"]
-			path, err := env.PodNetNSPath(ctx, p.pod.ID)
-			if err != nil || path == "" {
-				t.Fatalf("pod netns: %q %v", path, err)
-			}
-			ns, err := netns.GetFromPath(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ns.Close()
-			held := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), int(ns))
-			if rules, err := network.PortForwardRules(held); err != nil || len(rules) != 1 {
-				t.Fatalf("podvm rules in the running pod's netns: %q, %v; want one", rules, err)
-			}
-			sctx, scancel := context.WithTimeout(ctx, 2*time.Minute)
-			defer scancel()
-			if err := env.Runtime.StopPodSandbox(sctx, p.pod.ID); err != nil {
-				t.Fatal(err)
-			}
-			if rules, err := network.PortForwardRules(held); err != nil || len(rules) != 0 {
-				t.Errorf("podvm rules in the pod netns after StopPodSandbox: %q, %v; want none", rules, err)
+// testPodToPod: each pod's web server answers the others, across handlers.
+func (n *netTest) testPodToPod(t *testing.T) {
+	for _, tc := range []struct{ from, to string }{
+		{"web-vm", "web-runc"},
+		{"web-vm", "web-vm2"},
+		{"web-vm2", "web-vm"},
+		{"web-runc", "web-vm"},
+	} {
+		t.Run(tc.from+" to "+tc.to, func(t *testing.T) {
+			from, to := n.byName[tc.from], n.byName[tc.to]
+			out := execOK(n.ctx, t, n.env, from.ctr, `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 10 `+to.ip+" 8080")
+			if !strings.Contains(out, "\r\n\r\nhello from "+to.hostname()+"\n") {
+				t.Errorf("GET http://%s:8080/ from %s:\n%s", to.ip, tc.from, out)
 			}
 		})
-	})
+	}
+}
 
-	assertNoNetLeaks(t, env, pods)
+// portForwardCase is one CRI PortForward of testPortForward.
+type portForwardCase struct {
+	name     string
+	pod      string
+	port     int32
+	send     []byte
+	wantData string // in the reply
+	wantEcho bool   // the reply is send
+	wantErr  string // in the error stream
+}
+
+// testPortForward: CRI PortForward. containerd dials localhost:<port> inside the pod's netns on
+// the node. A runc pod listens there; for a podvm pod the shim's forwarder does (an iptables
+// REDIRECT of loopback TCP to its listener) and carries the connection to the same port in the
+// guest (docs/networking.md, "port-forward").
+func (n *netTest) testPortForward(t *testing.T) {
+	big := make([]byte, 1<<20)
+	_, _ = rand.Read(big)
+	for _, tc := range []portForwardCase{
+		{name: "runc", pod: "web-runc", port: 8080, wantData: "hello from h-web-runc\n"},
+		{name: "podvm", pod: "web-vm", port: 8080, wantData: "hello from h-web-vm\n"},
+		{name: "podvm second pod", pod: "web-vm2", port: 8080, wantData: "hello from h-web-vm2\n"},
+		{name: "podvm 1MiB echo", pod: "web-vm", port: 9000, send: big, wantEcho: true},
+		// Nothing listens on 8081 in the guest: the forwarder resets the connection it
+		// accepted, and containerd reports that on the error stream.
+		{name: "podvm closed port", pod: "web-vm", port: 8081, wantErr: "reset"},
+	} {
+		t.Run(tc.name, func(t *testing.T) { n.portForward(t, tc) })
+	}
+	t.Run("rule removed at stop", func(t *testing.T) { n.testPortForwardRuleRemoved(t, n.byName["web-vm2"]) })
+}
+
+func (n *netTest) portForward(t *testing.T, tc portForwardCase) {
+	p := n.byName[tc.pod]
+	pctx, pcancel := context.WithTimeout(n.ctx, time.Minute)
+	defer pcancel()
+	send := tc.send
+	if send == nil {
+		send = []byte("GET / HTTP/1.0\r\n\r\n")
+	}
+	res, err := n.env.PortForward(pctx, p.pod.ID, tc.port, send)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("port-forward to %s:%d: %d bytes back, error stream %q", tc.pod, tc.port, len(res.Data), res.RemoteError)
+	if tc.wantData != "" && !strings.Contains(string(res.Data), tc.wantData) {
+		t.Errorf("reply %q lacks %q", res.Data, tc.wantData)
+	}
+	if tc.wantEcho && !bytes.Equal(res.Data, send) {
+		t.Errorf("echo: %d bytes back, want the %d sent, identical", len(res.Data), len(send))
+	}
+	if tc.wantErr == "" && res.RemoteError != "" {
+		t.Errorf("error stream: %s", res.RemoteError)
+	}
+	if tc.wantErr != "" {
+		if !strings.Contains(res.RemoteError, tc.wantErr) {
+			t.Errorf("error stream %q, want it to contain %q", res.RemoteError, tc.wantErr)
+		}
+		if len(res.Data) != 0 {
+			t.Errorf("got data %q although nothing listens", res.Data)
+		}
+	}
+}
+
+// testPortForwardRuleRemoved: the shim's rule is in the pod netns while the pod runs and gone
+// once it stopped. The test holds the netns open, so it outlives StopPodSandbox for the check.
+func (n *netTest) testPortForwardRuleRemoved(t *testing.T, p *netPod) {
+	path, err := n.env.PodNetNSPath(n.ctx, p.pod.ID)
+	if err != nil || path == "" {
+		t.Fatalf("pod netns: %q %v", path, err)
+	}
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	held := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), int(ns))
+	if rules, err := network.PortForwardRules(held); err != nil || len(rules) != 1 {
+		t.Fatalf("podvm rules in the running pod's netns: %q, %v; want one", rules, err)
+	}
+	sctx, scancel := context.WithTimeout(n.ctx, 2*time.Minute)
+	defer scancel()
+	if err := n.env.Runtime.StopPodSandbox(sctx, p.pod.ID); err != nil {
+		t.Fatal(err)
+	}
+	if rules, err := network.PortForwardRules(held); err != nil || len(rules) != 0 {
+		t.Errorf("podvm rules in the pod netns after StopPodSandbox: %q, %v; want none", rules, err)
+	}
 }
 
 // netOptions are podvmEnv's options with the bridge at netTestMTU, and without its

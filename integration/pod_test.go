@@ -31,12 +31,12 @@ func envFor(t *testing.T, handler string, allowed ...string) *harness.Env {
 // startContainer creates and starts a container from cfg and waits until it runs.
 func startContainer(t *testing.T, ctx context.Context, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) string {
 	t.Helper()
-	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	id, err := env.Runtime.CreateContainer(cctx, pod.ID, cfg, pod.Config)
+	id, err := createContainer(ctx, env, pod, cfg)
 	if err != nil {
 		t.Fatalf("CreateContainer %s: %v", cfg.Metadata.Name, err)
 	}
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	if err := env.Runtime.StartContainer(cctx, id); err != nil {
 		t.Fatalf("StartContainer %s: %v", cfg.Metadata.Name, err)
 	}
@@ -46,16 +46,10 @@ func startContainer(t *testing.T, ctx context.Context, env *harness.Env, pod *ha
 	return id
 }
 
-// sh runs a shell script in a container with ExecSync and returns its stdout.
+// sh runs a shell script in a container with ExecSync and returns its stdout, trimmed.
 func sh(t *testing.T, ctx context.Context, env *harness.Env, id, script string) string {
 	t.Helper()
-	cctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	stdout, stderr, err := env.Runtime.ExecSync(cctx, id, []string{"sh", "-c", script}, 45*time.Second)
-	if err != nil {
-		t.Fatalf("exec %q: %v (stdout %q stderr %q)", script, err, stdout, stderr)
-	}
-	return strings.TrimSpace(string(stdout))
+	return strings.TrimSpace(execOK(ctx, t, env, id, script))
 }
 
 // TestContainerSettings checks that the OCI process and security settings kubelet sends are
@@ -66,96 +60,16 @@ func TestContainerSettings(t *testing.T) {
 			env := envFor(t, handler)
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 			defer cancel()
-			podCfg := env.PodSandboxConfig(harness.PodOptions{Name: "settings", Namespace: "it", Handler: handler,
-				Hostname: "settings-host", DNS: &runtimeapi.DNSConfig{
-					Servers: []string{"10.96.0.10"}, Searches: []string{"it.svc.cluster.local"}, Options: []string{"ndots:5"}}})
-			// The pod may hold privileged containers (CRI refuses them in other pods).
-			podCfg.Linux.SecurityContext.Privileged = true
-			podCfg.Linux.Sysctls = map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000 30000"}
-			rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
-			podID, err := env.Runtime.RunPodSandbox(rctx, podCfg, handler)
-			rcancel()
-			if err != nil {
-				t.Fatalf("RunPodSandbox: %v", err)
-			}
-			pod := &harness.Pod{ID: podID, Handler: handler, Config: podCfg}
-			if _, err := env.PullImage(ctx, env.BusyboxImage, podCfg); err != nil {
-				t.Fatal(err)
-			}
-
+			pod := runSettingsPod(t, ctx, env, handler)
 			termLog := filepath.Join(t.TempDir(), "termination-log")
-			// kubelet makes the file world-writable, whatever the container's user.
-			if err := os.WriteFile(termLog, nil, 0o666); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Chmod(termLog, 0o666); err != nil {
-				t.Fatal(err)
-			}
-			cfg := env.ContainerConfig(harness.ContainerOptions{Name: "restricted", Command: []string{"sleep", "3600"},
-				Env: map[string]string{"GREETING": "hello world"}, WorkingDir: "/tmp",
-				Mounts: []*runtimeapi.Mount{{ContainerPath: "/dev/termination-log", HostPath: termLog}}})
-			sc := cfg.Linux.SecurityContext
-			sc.RunAsUser = &runtimeapi.Int64Value{Value: 1000}
-			sc.RunAsGroup = &runtimeapi.Int64Value{Value: 3000}
-			sc.SupplementalGroups = []int64{4000}
-			sc.Capabilities = &runtimeapi.Capability{DropCapabilities: []string{"ALL"}, AddCapabilities: []string{"NET_BIND_SERVICE"}}
-			sc.ReadonlyRootfs = true
-			sc.NoNewPrivs = true
-			sc.Seccomp = &runtimeapi.SecurityProfile{ProfileType: runtimeapi.SecurityProfile_RuntimeDefault}
-			cfg.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 64 << 20, CpuQuota: 50000, CpuPeriod: 100000}
-			id := startContainer(t, ctx, env, pod, cfg)
-
-			for _, c := range []struct{ name, script, want string }{
-				{"uid", "id -u", "1000"},
-				{"gid", "id -g", "3000"},
-				{"supplementary groups", "id -G | tr ' ' '\\n' | grep -x 4000", "4000"},
-				{"capability bounding set", "grep CapBnd /proc/self/status | cut -f2", "0000000000000400"},
-				{"no effective capabilities as non-root", "grep CapEff /proc/self/status | cut -f2", "0000000000000000"},
-				{"no new privileges", "grep NoNewPrivs /proc/self/status | cut -f2", "1"},
-				{"seccomp filter", "grep '^Seccomp:' /proc/self/status | cut -f2", "2"},
-				{"read-only rootfs", "touch /probe 2>/dev/null && echo writable || echo read-only", "read-only"},
-				{"masked path", "wc -c < /proc/timer_list", "0"},
-				{"read-only path", "(echo x > /proc/sys/kernel/hostname) 2>/dev/null && echo writable || echo read-only", "read-only"},
-				{"pod sysctl", "cat /proc/sys/kernel/shm_rmid_forced", "1"},
-				{"pod net sysctl", "cat /proc/sys/net/ipv4/ip_local_port_range | tr -s ' \\t' ' '", "20000 30000"},
-				{"memory limit", "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes", "67108864"},
-				{"cpu quota", "cut -d' ' -f1 /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"},
-				{"env", "echo $GREETING", "hello world"},
-				{"cwd", "pwd", "/tmp"},
-				{"hostname", "hostname", "settings-host"},
-				{"/etc/hosts", "grep -q localhost /etc/hosts && echo present", "present"},
-				{"/etc/resolv.conf", "grep -E '^(nameserver|search|options)' /etc/resolv.conf | tr '\\n' ';'", "search it.svc.cluster.local;nameserver 10.96.0.10;options ndots:5;"},
-				{"/dev/shm", "echo shared > /dev/shm/probe && cat /dev/shm/probe", "shared"},
-			} {
-				if got := sh(t, ctx, env, id, c.script); got != c.want {
-					t.Errorf("%s: got %q, want %q", c.name, got, c.want)
-				}
-			}
-			// Stats, as kubelet's and crictl's come from the runtime, and a live resource update.
-			sctx, scancel := context.WithTimeout(ctx, time.Minute)
-			stats, err := env.Runtime.ContainerStats(sctx, id)
-			scancel()
-			if err != nil {
-				t.Errorf("ContainerStats: %v", err)
-			} else if stats.GetMemory().GetWorkingSetBytes().GetValue() == 0 || stats.GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
-				t.Errorf("ContainerStats: memory working set %d, CPU %d ns; want both non-zero",
-					stats.GetMemory().GetWorkingSetBytes().GetValue(), stats.GetCpu().GetUsageCoreNanoSeconds().GetValue())
-			}
-			uctx, ucancel := context.WithTimeout(ctx, time.Minute)
-			err = env.Runtime.UpdateContainerResources(uctx, id, &runtimeapi.ContainerResources{Linux: &runtimeapi.LinuxContainerResources{
-				MemoryLimitInBytes: 96 << 20, CpuQuota: 50000, CpuPeriod: 100000}})
-			ucancel()
-			if err != nil {
-				t.Errorf("UpdateContainerResources: %v", err)
-			} else if got := sh(t, ctx, env, id, "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes"); got != "100663296" {
-				t.Errorf("memory limit after update: %s, want 100663296", got)
-			}
+			id := startRestricted(t, ctx, env, pod, termLog)
+			checkRestricted(t, ctx, env, id)
+			checkStatsAndUpdate(t, ctx, env, id)
 
 			sh(t, ctx, env, id, "echo bye > /dev/termination-log")
 			if b, _ := os.ReadFile(termLog); string(b) != "bye\n" {
 				t.Errorf("termination log on the host: %q, want %q", b, "bye\n")
 			}
-
 			// A terminal exec, as `kubectl exec -it` runs it.
 			var out bytes.Buffer
 			code, err := env.Exec(ctx, id, []string{"sh", "-c", "tty"}, harness.StreamOptions{Stdout: &out, TTY: true})
@@ -163,55 +77,168 @@ func TestContainerSettings(t *testing.T) {
 				t.Errorf("tty exec: exit %d err %v output %q; want a /dev/pts terminal", code, err, out.String())
 			}
 
-			// Privileged: every capability, but no host device (podvm: the host's devices are
-			// not in the VM).
-			pcfg := env.ContainerConfig(harness.ContainerOptions{Name: "privileged", Command: []string{"sleep", "3600"}})
-			pcfg.Linux.SecurityContext.Privileged = true
-			pid := startContainer(t, ctx, env, pod, pcfg)
-			// containerd grants a privileged container every capability it holds itself.
-			caps := sh(t, ctx, env, pid, "grep CapEff /proc/self/status | cut -f2")
-			var capEff uint64
-			if _, err := fmt.Sscanf(caps, "%x", &capEff); err != nil {
-				t.Fatalf("CapEff %q: %v", caps, err)
-			}
-			const capSysAdmin, capNetAdmin = 21, 12
-			if capEff&(1<<capSysAdmin) == 0 || capEff&(1<<capNetAdmin) == 0 {
-				t.Errorf("privileged CapEff %q lacks CAP_SYS_ADMIN or CAP_NET_ADMIN", caps)
-			}
-			hostDisks := sh(t, ctx, env, pid, "ls /dev | grep -cE '^(vd|sd|nvme)' || true")
-			if handler == "podvm" && hostDisks != "0" {
-				t.Errorf("privileged podvm container sees %s host disks in /dev, want none", hostDisks)
-			}
-
-			// Attach to a container's stdin and stdout, as `kubectl attach -i` does.
-			acfg := env.ContainerConfig(harness.ContainerOptions{Name: "attached", Command: []string{"sh", "-c", "read line; echo got $line; sleep 3600"},
-				Stdin: true, StdinOnce: true})
-			aid := startContainer(t, ctx, env, pod, acfg)
-			aout := &lockedBuffer{}
-			actx, acancel := context.WithTimeout(ctx, 30*time.Second)
-			go func() {
-				// The attach stream lasts as long as the container; the test stops it.
-				_ = env.Attach(actx, aid, harness.StreamOptions{Stdin: strings.NewReader("hello\n"), Stdout: aout})
-			}()
-			deadline := time.Now().Add(25 * time.Second)
-			for time.Now().Before(deadline) && !strings.Contains(aout.String(), "got hello") {
-				time.Sleep(100 * time.Millisecond)
-			}
-			acancel()
-			if got := aout.String(); !strings.Contains(got, "got hello") {
-				t.Errorf("attach: output %q, want %q", got, "got hello")
-			}
+			checkPrivileged(t, ctx, env, pod, handler)
+			checkAttach(t, ctx, env, pod)
 			env.AssertNoLeaks(t)
 		})
+	}
+}
+
+// runSettingsPod runs TestContainerSettings' pod: its hostname, DNS and sysctls, and
+// privileged, so that it may hold privileged containers (CRI refuses them in other pods).
+func runSettingsPod(t *testing.T, ctx context.Context, env *harness.Env, handler string) *harness.Pod {
+	t.Helper()
+	podCfg := env.PodSandboxConfig(harness.PodOptions{Name: "settings", Namespace: "it", Handler: handler,
+		Hostname: "settings-host", DNS: &runtimeapi.DNSConfig{
+			Servers: []string{"10.96.0.10"}, Searches: []string{"it.svc.cluster.local"}, Options: []string{"ndots:5"}}})
+	podCfg.Linux.SecurityContext.Privileged = true
+	podCfg.Linux.Sysctls = map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000 30000"}
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
+	podID, err := env.Runtime.RunPodSandbox(rctx, podCfg, handler)
+	rcancel()
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	if _, err := env.PullImage(ctx, env.BusyboxImage, podCfg); err != nil {
+		t.Fatal(err)
+	}
+	return &harness.Pod{ID: podID, Handler: handler, Config: podCfg}
+}
+
+// startRestricted starts a container with every process and security setting kubelet can
+// send, and termLog (made world-writable, as kubelet makes it, whatever the container's user)
+// as its /dev/termination-log.
+func startRestricted(t *testing.T, ctx context.Context, env *harness.Env, pod *harness.Pod, termLog string) string {
+	t.Helper()
+	if err := os.WriteFile(termLog, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(termLog, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	cfg := env.ContainerConfig(harness.ContainerOptions{Name: "restricted", Command: []string{"sleep", "3600"},
+		Env: map[string]string{"GREETING": "hello world"}, WorkingDir: "/tmp",
+		Mounts: []*runtimeapi.Mount{{ContainerPath: "/dev/termination-log", HostPath: termLog}}})
+	sc := cfg.Linux.SecurityContext
+	sc.RunAsUser = &runtimeapi.Int64Value{Value: 1000}
+	sc.RunAsGroup = &runtimeapi.Int64Value{Value: 3000}
+	sc.SupplementalGroups = []int64{4000}
+	sc.Capabilities = &runtimeapi.Capability{DropCapabilities: []string{"ALL"}, AddCapabilities: []string{"NET_BIND_SERVICE"}}
+	sc.ReadonlyRootfs = true
+	sc.NoNewPrivs = true
+	sc.Seccomp = &runtimeapi.SecurityProfile{ProfileType: runtimeapi.SecurityProfile_RuntimeDefault}
+	cfg.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 64 << 20, CpuQuota: 50000, CpuPeriod: 100000}
+	return startContainer(t, ctx, env, pod, cfg)
+}
+
+// memoryMax prints a container's memory limit, under cgroup v2 or v1.
+const memoryMax = "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes"
+
+// checkRestricted checks from inside startRestricted's container that each setting holds, and
+// the pod's sysctls, hostname and the files containerd prepares.
+func checkRestricted(t *testing.T, ctx context.Context, env *harness.Env, id string) {
+	t.Helper()
+	for _, c := range []struct{ name, script, want string }{
+		{"uid", "id -u", "1000"},
+		{"gid", "id -g", "3000"},
+		{"supplementary groups", "id -G | tr ' ' '\\n' | grep -x 4000", "4000"},
+		{"capability bounding set", "grep CapBnd /proc/self/status | cut -f2", "0000000000000400"},
+		{"no effective capabilities as non-root", "grep CapEff /proc/self/status | cut -f2", "0000000000000000"},
+		{"no new privileges", "grep NoNewPrivs /proc/self/status | cut -f2", "1"},
+		{"seccomp filter", "grep '^Seccomp:' /proc/self/status | cut -f2", "2"},
+		{"read-only rootfs", "touch /probe 2>/dev/null && echo writable || echo read-only", "read-only"},
+		{"masked path", "wc -c < /proc/timer_list", "0"},
+		{"read-only path", "(echo x > /proc/sys/kernel/hostname) 2>/dev/null && echo writable || echo read-only", "read-only"},
+		{"pod sysctl", "cat /proc/sys/kernel/shm_rmid_forced", "1"},
+		{"pod net sysctl", "cat /proc/sys/net/ipv4/ip_local_port_range | tr -s ' \\t' ' '", "20000 30000"},
+		{"memory limit", memoryMax, "67108864"},
+		{"cpu quota", "cut -d' ' -f1 /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"},
+		{"env", "echo $GREETING", "hello world"},
+		{"cwd", "pwd", "/tmp"},
+		{"hostname", "hostname", "settings-host"},
+		{"/etc/hosts", "grep -q localhost /etc/hosts && echo present", "present"},
+		{"/etc/resolv.conf", "grep -E '^(nameserver|search|options)' /etc/resolv.conf | tr '\\n' ';'", "search it.svc.cluster.local;nameserver 10.96.0.10;options ndots:5;"},
+		{"/dev/shm", "echo shared > /dev/shm/probe && cat /dev/shm/probe", "shared"},
+	} {
+		if got := sh(t, ctx, env, id, c.script); got != c.want {
+			t.Errorf("%s: got %q, want %q", c.name, got, c.want)
+		}
+	}
+}
+
+// checkStatsAndUpdate: stats, as kubelet's and crictl's come from the runtime, and a live
+// resource update.
+func checkStatsAndUpdate(t *testing.T, ctx context.Context, env *harness.Env, id string) {
+	t.Helper()
+	sctx, scancel := context.WithTimeout(ctx, time.Minute)
+	stats, err := env.Runtime.ContainerStats(sctx, id)
+	scancel()
+	if err != nil {
+		t.Errorf("ContainerStats: %v", err)
+	} else if stats.GetMemory().GetWorkingSetBytes().GetValue() == 0 || stats.GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
+		t.Errorf("ContainerStats: memory working set %d, CPU %d ns; want both non-zero",
+			stats.GetMemory().GetWorkingSetBytes().GetValue(), stats.GetCpu().GetUsageCoreNanoSeconds().GetValue())
+	}
+	uctx, ucancel := context.WithTimeout(ctx, time.Minute)
+	err = env.Runtime.UpdateContainerResources(uctx, id, &runtimeapi.ContainerResources{Linux: &runtimeapi.LinuxContainerResources{
+		MemoryLimitInBytes: 96 << 20, CpuQuota: 50000, CpuPeriod: 100000}})
+	ucancel()
+	if err != nil {
+		t.Errorf("UpdateContainerResources: %v", err)
+	} else if got := sh(t, ctx, env, id, memoryMax); got != "100663296" {
+		t.Errorf("memory limit after update: %s, want 100663296", got)
+	}
+}
+
+// checkPrivileged: a privileged container gets every capability, but no host device (podvm:
+// the host's devices are not in the VM).
+func checkPrivileged(t *testing.T, ctx context.Context, env *harness.Env, pod *harness.Pod, handler string) {
+	t.Helper()
+	pcfg := env.ContainerConfig(harness.ContainerOptions{Name: "privileged", Command: []string{"sleep", "3600"}})
+	pcfg.Linux.SecurityContext.Privileged = true
+	pid := startContainer(t, ctx, env, pod, pcfg)
+	// containerd grants a privileged container every capability it holds itself.
+	caps := sh(t, ctx, env, pid, "grep CapEff /proc/self/status | cut -f2")
+	var capEff uint64
+	if _, err := fmt.Sscanf(caps, "%x", &capEff); err != nil {
+		t.Fatalf("CapEff %q: %v", caps, err)
+	}
+	const capSysAdmin, capNetAdmin = 21, 12
+	if capEff&(1<<capSysAdmin) == 0 || capEff&(1<<capNetAdmin) == 0 {
+		t.Errorf("privileged CapEff %q lacks CAP_SYS_ADMIN or CAP_NET_ADMIN", caps)
+	}
+	hostDisks := sh(t, ctx, env, pid, "ls /dev | grep -cE '^(vd|sd|nvme)' || true")
+	if handler == "podvm" && hostDisks != "0" {
+		t.Errorf("privileged podvm container sees %s host disks in /dev, want none", hostDisks)
+	}
+}
+
+// checkAttach attaches to a container's stdin and stdout, as `kubectl attach -i` does.
+func checkAttach(t *testing.T, ctx context.Context, env *harness.Env, pod *harness.Pod) {
+	t.Helper()
+	acfg := env.ContainerConfig(harness.ContainerOptions{Name: "attached", Command: []string{"sh", "-c", "read line; echo got $line; sleep 3600"},
+		Stdin: true, StdinOnce: true})
+	aid := startContainer(t, ctx, env, pod, acfg)
+	aout := &lockedBuffer{}
+	actx, acancel := context.WithTimeout(ctx, 30*time.Second)
+	go func() {
+		// The attach stream lasts as long as the container; the test stops it.
+		_ = env.Attach(actx, aid, harness.StreamOptions{Stdin: strings.NewReader("hello\n"), Stdout: aout})
+	}()
+	deadline := time.Now().Add(25 * time.Second)
+	for time.Now().Before(deadline) && !strings.Contains(aout.String(), "got hello") {
+		time.Sleep(100 * time.Millisecond)
+	}
+	acancel()
+	if got := aout.String(); !strings.Contains(got, "got hello") {
+		t.Errorf("attach: output %q, want %q", got, "got hello")
 	}
 }
 
 // TestPodvmPodIsOneVM checks that a pod's containers share one VM (and its files), that two
 // pods get two, and that the containers really run in the guest kernel.
 func TestPodvmPodIsOneVM(t *testing.T) {
-	env := podvmEnv(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
-	defer cancel()
+	env, ctx := podvmTest(t, 10*time.Minute)
 	emptyDir := t.TempDir()
 	var pods []*harness.Pod
 	for _, name := range []string{"first", "second"} {
@@ -262,9 +289,7 @@ func countQEMU(t *testing.T, podID string) int {
 // TestPodvmRejectsBadAnnotations checks that a pod with an invalid size annotation fails
 // RunPodSandbox with a message naming the annotation, and leaves nothing behind.
 func TestPodvmRejectsBadAnnotations(t *testing.T) {
-	env := podvmEnv(t, "memory", "vcpus")
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
+	env, ctx := podvmTest(t, 5*time.Minute, "memory", "vcpus")
 	for _, c := range []struct{ key, value string }{
 		{"podvm.io/memory", "abc"},
 		{"podvm.io/vcpus", "9999"},
@@ -280,14 +305,8 @@ func TestPodvmRejectsBadAnnotations(t *testing.T) {
 		}
 	}
 	// An allowed, valid size is used.
-	pod, err := env.RunPod(ctx, harness.PodOptions{Name: "sized", Namespace: "it", Handler: "podvm",
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "sized", Namespace: "it", Handler: "podvm",
 		Annotations: map[string]string{"podvm.io/memory": "384Mi", "podvm.io/vcpus": "2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
-		t.Fatal(err)
-	}
 	id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
 	if n := sh(t, ctx, env, id, "grep -c ^processor /proc/cpuinfo"); n != "2" {
 		t.Errorf("guest has %s vCPUs, want 2", n)

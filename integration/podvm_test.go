@@ -1,10 +1,13 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
@@ -19,19 +22,36 @@ func podvmEnv(t *testing.T, allowed ...string) *harness.Env {
 	return harness.Start(t, podvmOptions(t, allowed...))
 }
 
+// podvmTest is podvmEnv for a test whose calls are bounded by timeout: the context ends with
+// the test, before the environment's teardown.
+func podvmTest(t *testing.T, timeout time.Duration, allowed ...string) (*harness.Env, context.Context) {
+	t.Helper()
+	env := podvmEnv(t, allowed...)
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	t.Cleanup(cancel)
+	return env, ctx
+}
+
 // podvmOptions are podvmEnv's harness options, for tests and benchmarks that change some.
 func podvmOptions(t testing.TB, allowed ...string) harness.Options {
+	t.Helper()
+	opts := podvmShimOptions(t, podvmStateDir, "", allowed...)
+	opts.LeakProcessNames = []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"}
+	return opts
+}
+
+// podvmShimOptions are harness options that run podvm's shim with a node config of the test
+// guest image, stateDir as its state dir, the allowed annotations and, if not empty, block as
+// its [block] section. AssertNoLeaks requires stateDir empty but for the accelerator probe's
+// cache and lock.
+func podvmShimOptions(t testing.TB, stateDir, block string, allowed ...string) harness.Options {
 	t.Helper()
 	kernel, initrd := guestImage(t)
 	bin := os.Getenv("PODVM_BIN")
 	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
-	cfg := filepath.Join(t.TempDir(), "podvm.toml")
-	quoted := ""
+	quoted := make([]string, len(allowed))
 	for i, a := range allowed {
-		if i > 0 {
-			quoted += ", "
-		}
-		quoted += fmt.Sprintf("%q", a)
+		quoted[i] = fmt.Sprintf("%q", a)
 	}
 	body := fmt.Sprintf(`[hypervisor]
 accel = %q
@@ -44,17 +64,33 @@ state_dir = %q
 
 [annotations]
 allowed = [%s]
-`, testAccel(), kernel, initrd, testDebug(), podvmStateDir, quoted)
+`, testAccel(), kernel, initrd, testDebug(), stateDir, strings.Join(quoted, ", "))
+	if block != "" {
+		body += "\n[block]\n" + block + "\n"
+	}
+	cfg := filepath.Join(t.TempDir(), "podvm.toml")
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return harness.Options{
-		ShimDir:          bin,
-		PodvmConfigPath:  cfg,
-		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
-		LeakDirs:         []string{podvmStateDir},
-		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile},
+		ShimDir:         bin,
+		PodvmConfigPath: cfg,
+		LeakDirs:        []string{stateDir},
+		LeakDirsKeep:    []string{qemu.AccelCacheFile, qemu.AccelLockFile},
 	}
+}
+
+// ownStateDir makes a podvm state dir of the test's own under /run, so that other tests' VMs on
+// the same machine are not taken for its leaks: after the test (and its harness's teardown) no
+// process may name it and nothing may be mounted under it, and it is removed.
+func ownStateDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/run", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { assertNothingUnder(t, dir) }) // after the env's teardown
+	return dir
 }
 
 // TestPodvmPodLifecycle is TestRuncPodLifecycle with the podvm handler: the same observable

@@ -23,13 +23,7 @@ func TestRuncPodLifecycle(t *testing.T) {
 func TestRuncTeardownWithRunningPod(t *testing.T) {
 	env := harness.Start(t, harness.Options{})
 	ctx := t.Context()
-	pod, err := env.RunPod(ctx, harness.PodOptions{Name: "left-behind", Handler: "runc"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := env.PullImage(ctx, env.BusyboxImage, pod.Config); err != nil {
-		t.Fatal(err)
-	}
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "left-behind", Handler: "runc"})
 	id, _, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{Command: []string{"sleep", "3600"}})
 	if err != nil {
 		t.Fatal(err)

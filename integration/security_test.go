@@ -94,53 +94,96 @@ func guestSh(t *testing.T, ctx context.Context, env *harness.Env, id, script str
 	return sh(t, ctx, env, id, fmt.Sprintf(inGuest, id, strings.ReplaceAll(script, "'", `'\''`)))
 }
 
+// TestPodvmGuestCannotReachHost: a privileged hostPID container of a podvm pod owns the guest
+// and goes after the host through the pod's share, during other containers' lifecycles, by
+// flooding the console, and by looking for QEMU privileges and the shim's socket.
 func TestPodvmGuestCannotReachHost(t *testing.T) {
-	env := podvmEnv(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
-	defer cancel()
+	env, ctx := podvmTest(t, 10*time.Minute)
 
 	host := t.TempDir()
-	victim := filepath.Join(host, "victim")
-	if err := os.MkdirAll(filepath.Join(victim, "etc", "cron.d"), 0o755); err != nil {
+	a := &attack{t: t, ctx: ctx, env: env, victim: filepath.Join(host, "victim")}
+	if err := os.MkdirAll(filepath.Join(a.victim, "etc", "cron.d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	writeFile(t, filepath.Join(victim, "precious"), "keep me\n")
-	before := hostTree(t, victim)
+	writeFile(t, filepath.Join(a.victim, "precious"), "keep me\n")
+	a.before = hostTree(t, a.victim)
 	vol := kubeletVolume(t, host, "empty-dir", "data", nil)
 	job := kubeletVolume(t, host, "configmap", "job", map[string]string{"payload": "* * * * * root touch /pwned\n"})
+	a.start(vol)
 
+	a.throughShare(vol)         // 1.
+	a.swapDuringContainers(job) // 2.
+	a.consoleFlood()            // 3.
+	a.checkPrivileges()         // 4.
+
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer rcancel()
+	if err := env.RemoveAllPods(rctx); err != nil {
+		t.Fatal(err)
+	}
+	a.checkVictim("the victim dir changed at pod teardown")
+	env.AssertNoLeaks(t)
+}
+
+// attack is TestPodvmGuestCannotReachHost's attacker container, its pod, and the host dir it
+// must not change (before: its tree at the start).
+type attack struct {
+	t        *testing.T
+	ctx      context.Context
+	env      *harness.Env
+	victim   string
+	before   []string
+	pod      *harness.Pod
+	stateDir string // the pod's podvm state dir
+	attacker string // the container
+}
+
+// checkVictim fails the test if the victim dir changed.
+func (a *attack) checkVictim(what string) {
+	a.t.Helper()
+	if got := hostTree(a.t, a.victim); !reflect.DeepEqual(got, a.before) {
+		a.t.Errorf("%s:\n%v", what, got)
+	}
+}
+
+// start runs the pod and the attacker with vol at /data. Privileged and hostPID: inside a
+// podvm pod that means root in the guest's own PID namespace, i.e. the guest kernel and the
+// agent are the attacker's.
+func (a *attack) start(vol string) {
+	t, env := a.t, a.env
+	t.Helper()
 	podCfg := env.PodSandboxConfig(harness.PodOptions{Name: "attacker", Namespace: "it", Handler: "podvm"})
-	// Privileged and hostPID: inside a podvm pod that means root in the guest's own PID
-	// namespace, i.e. the guest kernel and the agent are the attacker's.
 	podCfg.Linux.SecurityContext.Privileged = true
 	podCfg.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_NODE
-	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
+	rctx, rcancel := context.WithTimeout(a.ctx, 2*time.Minute)
 	podID, err := env.Runtime.RunPodSandbox(rctx, podCfg, "podvm")
 	rcancel()
 	if err != nil {
 		t.Fatalf("RunPodSandbox: %v", err)
 	}
-	pod := &harness.Pod{ID: podID, Handler: "podvm", Config: podCfg}
-	if _, err := env.PullImage(ctx, env.BusyboxImage, podCfg); err != nil {
+	a.pod = &harness.Pod{ID: podID, Handler: "podvm", Config: podCfg}
+	if _, err := env.PullImage(a.ctx, env.BusyboxImage, podCfg); err != nil {
 		t.Fatal(err)
 	}
-	stateDir := filepath.Join(podvmStateDir, podID)
+	a.stateDir = filepath.Join(podvmStateDir, podID)
 	acfg := env.ContainerConfig(harness.ContainerOptions{Name: "attacker", Command: []string{"sleep", "3600"},
 		Mounts: []*runtimeapi.Mount{{ContainerPath: "/data", HostPath: vol}}})
 	acfg.Linux.SecurityContext.Privileged = true
 	acfg.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_NODE
-	attacker := startContainer(t, ctx, env, pod, acfg)
+	a.attacker = startContainer(t, a.ctx, env, a.pod, acfg)
+}
 
-	// 1. Writes, links, renames and fills through the share; device nodes and setuid
-	// binaries on a volume.
-	out := guestSh(t, ctx, env, attacker, fmt.Sprintf(attackScript, victim))
+// throughShare: writes, links, renames and fills through the share; device nodes and setuid
+// binaries on a volume.
+func (a *attack) throughShare(vol string) {
+	t := a.t
+	t.Helper()
+	out := guestSh(t, a.ctx, a.env, a.attacker, fmt.Sprintf(attackScript, a.victim))
 	if out != "done" {
 		t.Errorf("attacks that worked from the guest:\n%s", out)
 	}
-	if got := hostTree(t, victim); !reflect.DeepEqual(got, before) {
-		t.Errorf("the victim dir changed:\n%v", got)
-	}
-	entries, _ := os.ReadDir(filepath.Join(stateDir, rootfs.StagingDir))
+	a.checkVictim("the victim dir changed")
+	entries, _ := os.ReadDir(filepath.Join(a.stateDir, rootfs.StagingDir))
 	for _, e := range entries {
 		if !e.IsDir() || strings.ContainsAny(e.Name(), ".") {
 			t.Errorf("the guest made %s in the share", e.Name())
@@ -152,46 +195,52 @@ func TestPodvmGuestCannotReachHost(t *testing.T) {
 	// The setuid bit reaches the volume as it would from a runc container; the host-side
 	// mounts of the share never honour it.
 	var sfs unix.Statfs_t
-	binds, _ := filepath.Glob(filepath.Join(stateDir, rootfs.StagingDir, "*", "mounts", "*-data"))
+	binds, _ := filepath.Glob(filepath.Join(a.stateDir, rootfs.StagingDir, "*", "mounts", "*-data"))
 	if len(binds) != 1 {
 		t.Fatalf("host-side binds of the volume: %v", binds)
 	}
 	if err := unix.Statfs(binds[0], &sfs); err != nil || sfs.Flags&unix.ST_NOSUID == 0 || sfs.Flags&unix.ST_NODEV == 0 {
 		t.Errorf("host-side bind %s: flags %#x (%v), want nosuid,nodev", binds[0], sfs.Flags, err)
 	}
+}
 
-	// 2. Swaps during another container's create, start, stop and delete (the shim's
-	// Prepare and Release run while the guest races them).
+// swapDuringContainers: swaps during another container's create, start, stop and delete (the
+// shim's Prepare and Release run while the guest races them), that container binding job.
+func (a *attack) swapDuringContainers(job string) {
+	t, ctx, env := a.t, a.ctx, a.env
+	t.Helper()
 	swapDone := make(chan string, 1)
 	go func() {
-		script := fmt.Sprintf(inGuest, attacker, strings.ReplaceAll(fmt.Sprintf(swapLoop, victim), "'", `'\''`))
-		stdout, _, _ := env.Runtime.ExecSync(ctx, attacker, []string{"sh", "-c", script}, 5*time.Minute)
+		script := fmt.Sprintf(inGuest, a.attacker, strings.ReplaceAll(fmt.Sprintf(swapLoop, a.victim), "'", `'\''`))
+		stdout, _, _ := env.Runtime.ExecSync(ctx, a.attacker, []string{"sh", "-c", script}, 5*time.Minute)
 		swapDone <- strings.TrimSpace(string(stdout))
 	}()
 	for i := 0; i < 3; i++ {
 		vcfg := env.ContainerConfig(harness.ContainerOptions{Name: "victim-" + strconv.Itoa(i), Command: []string{"true"},
 			Mounts: []*runtimeapi.Mount{{ContainerPath: "/etc/cron.d", HostPath: job, Readonly: true}}})
-		id := startContainer(t, ctx, env, pod, vcfg)
+		id := startContainer(t, ctx, env, a.pod, vcfg)
 		wctx, wcancel := context.WithTimeout(ctx, callTimeout)
 		_, err := env.WaitContainerState(wctx, id, runtimeapi.ContainerState_CONTAINER_EXITED)
 		wcancel()
 		if err != nil {
 			t.Fatal(err)
 		}
-		volRemoveContainer(ctx, t, env, id)
+		removeContainer(ctx, t, env, id, 1)
 	}
-	guestSh(t, ctx, env, attacker, "$0 touch /tmp/stop-swapping")
+	guestSh(t, ctx, env, a.attacker, "$0 touch /tmp/stop-swapping")
 	if got := <-swapDone; got != "swapped" {
 		t.Errorf("swaps that worked from the guest:\n%s", got)
 	}
-	if got := hostTree(t, victim); !reflect.DeepEqual(got, before) {
-		t.Errorf("the victim dir changed:\n%v", got)
-	}
+	a.checkVictim("the victim dir changed")
+}
 
-	// 3. Console flood: the log on the host stays bounded.
-	sh(t, ctx, env, attacker, "mknod /dev/serial0 c 4 64 && head -c 3145728 /dev/zero | tr '\\0' A > /dev/serial0; true")
+// consoleFlood: the console log on the host stays bounded.
+func (a *attack) consoleFlood() {
+	t := a.t
+	t.Helper()
+	sh(t, a.ctx, a.env, a.attacker, "mknod /dev/serial0 c 4 64 && head -c 3145728 /dev/zero | tr '\\0' A > /dev/serial0; true")
 	var logBytes int64
-	logs, _ := filepath.Glob(filepath.Join(stateDir, qemu.ConsoleLog+"*"))
+	logs, _ := filepath.Glob(filepath.Join(a.stateDir, qemu.ConsoleLog+"*"))
 	for _, p := range logs {
 		if fi, err := os.Stat(p); err == nil {
 			logBytes += fi.Size()
@@ -200,21 +249,28 @@ func TestPodvmGuestCannotReachHost(t *testing.T) {
 	if logBytes == 0 || logBytes > 2*qemu.ConsoleLogMax+64<<10 {
 		t.Errorf("console logs %v hold %d bytes after a 3 MiB flood, want at most %d", logs, logBytes, 2*qemu.ConsoleLogMax)
 	}
+}
 
-	// 4. QEMU runs unprivileged; no child holds the shim's task-API socket.
-	b, err := os.ReadFile(filepath.Join(stateDir, qemu.QEMUPidFile))
+// checkPrivileges: QEMU runs unprivileged; no child holds the shim's task-API socket.
+func (a *attack) checkPrivileges() {
+	t := a.t
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(a.stateDir, qemu.QEMUPidFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	qemuPid := strings.TrimSpace(string(b))
+	qemuPid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("%s: %v", qemu.QEMUPidFile, err)
+	}
 	status := procStatus(t, qemuPid)
 	if uids := strings.Fields(status["Uid"]); len(uids) != 4 || uids[0] == "0" || uids[1] == "0" || uids[2] == "0" || uids[3] == "0" {
-		t.Errorf("QEMU (pid %s) Uid %q, want no root uid", qemuPid, status["Uid"])
+		t.Errorf("QEMU (pid %d) Uid %q, want no root uid", qemuPid, status["Uid"])
 	}
 	if status["CapEff"] != "0000000000000000" || status["CapPrm"] != "0000000000000000" {
 		t.Errorf("QEMU CapEff %s CapPrm %s, want none", status["CapEff"], status["CapPrm"])
 	}
-	shim := shimPid(t, podID)
+	shim := shimPid(t, a.pod.ID)
 	listeners := listeningSockets(t, shim)
 	if len(listeners) == 0 {
 		t.Fatalf("shim %d has no listening unix socket", shim)
@@ -224,32 +280,6 @@ func TestPodvmGuestCannotReachHost(t *testing.T) {
 			t.Errorf("processes other than the shim hold its listening socket %s: %v", l, holders)
 		}
 	}
-
-	rctx, rcancel = context.WithTimeout(ctx, 2*time.Minute)
-	defer rcancel()
-	if err := env.RemoveAllPods(rctx); err != nil {
-		t.Fatal(err)
-	}
-	if got := hostTree(t, victim); !reflect.DeepEqual(got, before) {
-		t.Errorf("the victim dir changed at pod teardown:\n%v", got)
-	}
-	env.AssertNoLeaks(t)
-}
-
-// procStatus reads /proc/<pid>/status into a map.
-func procStatus(t *testing.T, pid string) map[string]string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/" + pid + "/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, line := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok {
-			m[k] = strings.TrimSpace(v)
-		}
-	}
-	return m
 }
 
 // shimPid finds the serving podvm shim of a sandbox.

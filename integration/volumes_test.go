@@ -8,7 +8,6 @@ package integration
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +17,6 @@ import (
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
 	"github.com/podvm/podvm/internal/testutil"
 )
@@ -29,76 +27,11 @@ import (
 func volEnv(t *testing.T, block string, allowed ...string) *harness.Env {
 	t.Helper()
 	require(t, needRoot())
-	kernel, initrd := guestImage(t)
-	bin := os.Getenv("PODVM_BIN")
-	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
-	stateDir, err := os.MkdirTemp("/run", "pvv-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { volAssertNothingUnder(t, stateDir) }) // after the env's teardown
-	var quoted []string
-	for _, a := range allowed {
-		quoted = append(quoted, fmt.Sprintf("%q", a))
-	}
-	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\ninitrd = %q\ndebug = %v\n\n[sandbox]\nstate_dir = %q\n\n[annotations]\nallowed = [%s]\n\n[block]\n%s\n",
-		testAccel(), kernel, initrd, testDebug(), stateDir, strings.Join(quoted, ", "), block)
-	cfg := filepath.Join(t.TempDir(), "podvm.toml")
-	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return harness.Start(t, harness.Options{ShimDir: bin, PodvmConfigPath: cfg, LeakDirs: []string{stateDir},
-		LeakDirsKeep: []string{qemu.AccelCacheFile, qemu.AccelLockFile}})
+	return harness.Start(t, podvmShimOptions(t, ownStateDir(t, "pvv-"), block, allowed...))
 }
 
-// volAssertNothingUnder fails t if a process still names dir on its command line or something
-// is mounted under it, then removes dir.
-func volAssertNothingUnder(t testing.TB, dir string) {
-	t.Helper()
-	var left []string
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		left = left[:0]
-		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-		for _, p := range procs {
-			b, _ := os.ReadFile(p)
-			if cmd := strings.ReplaceAll(string(b), "\x00", " "); strings.Contains(cmd, dir+"/") {
-				left = append(left, filepath.Base(filepath.Dir(p))+": "+cmd)
-			}
-		}
-		if len(left) == 0 || time.Now().After(deadline) {
-			break
-		}
-	}
-	for _, p := range left {
-		t.Errorf("leak: process %s", p)
-	}
-	if mi, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(mi), " "+dir+"/") {
-		t.Errorf("leak: mounts left under %s", dir)
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		t.Errorf("leak: remove %s: %v", dir, err)
-	}
-}
-
-// volStart creates and starts a container from cfg in pod and waits until it runs.
-func volStart(ctx context.Context, t *testing.T, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) string {
-	t.Helper()
-	id, err := volCreate(ctx, env, pod, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cctx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	if err := env.Runtime.StartContainer(cctx, id); err != nil {
-		t.Fatalf("StartContainer %s: %v", cfg.Metadata.Name, err)
-	}
-	if _, err := env.WaitContainerState(cctx, id, runtimeapi.ContainerState_CONTAINER_RUNNING); err != nil {
-		t.Fatal(err)
-	}
-	return id
-}
-
-func volCreate(ctx context.Context, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) (string, error) {
+// createContainer creates a container from cfg in pod.
+func createContainer(ctx context.Context, env *harness.Env, pod *harness.Pod, cfg *runtimeapi.ContainerConfig) (string, error) {
 	cctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	return env.Runtime.CreateContainer(cctx, pod.ID, cfg, pod.Config)
@@ -127,31 +60,8 @@ func volMust(ctx context.Context, t *testing.T, env *harness.Env, id, script str
 	return out
 }
 
-func volRemoveContainer(ctx context.Context, t *testing.T, env *harness.Env, id string) {
-	t.Helper()
-	cctx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	if err := env.Runtime.StopContainer(cctx, id, 1); err != nil {
-		t.Fatalf("StopContainer %s: %v", id, err)
-	}
-	if err := env.Runtime.RemoveContainer(cctx, id); err != nil {
-		t.Fatalf("RemoveContainer %s: %v", id, err)
-	}
-}
-
-func volRemovePod(ctx context.Context, t *testing.T, env *harness.Env, pod *harness.Pod) {
-	t.Helper()
-	cctx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	if err := env.Runtime.StopPodSandbox(cctx, pod.ID); err != nil {
-		t.Fatalf("StopPodSandbox %s: %v", pod.ID, err)
-	}
-	if err := env.Runtime.RemovePodSandbox(cctx, pod.ID); err != nil {
-		t.Fatalf("RemovePodSandbox %s: %v", pod.ID, err)
-	}
-}
-
-func volRunPod(ctx context.Context, t *testing.T, env *harness.Env, o harness.PodOptions) *harness.Pod {
+// runPodWithBusybox runs a pod and pulls the busybox image for it.
+func runPodWithBusybox(ctx context.Context, t testing.TB, env *harness.Env, o harness.PodOptions) *harness.Pod {
 	t.Helper()
 	pod, err := env.RunPod(ctx, o)
 	if err != nil {
@@ -191,76 +101,96 @@ func TestVolumesBind(t *testing.T) {
 		t.Run(handler, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 			defer cancel()
-			root := t.TempDir()
-			empty := kubeletVolume(t, root, "empty-dir", "cache", nil)
-			cm := kubeletVolume(t, root, "configmap", "config", map[string]string{"app.properties": "color=blue\n"})
-			secret := kubeletVolume(t, root, "secret", "creds", map[string]string{"password": "s3cret"})
-			hostPath := filepath.Join(root, "host")
-			if err := os.MkdirAll(hostPath, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			// subPath: kubelet binds a single file of a volume.
-			subFile := filepath.Join(root, "pods", "uid-1", "volume-subpaths", "config", "app", "0")
-			if err := os.MkdirAll(filepath.Dir(subFile), 0o755); err != nil {
-				t.Fatal(err)
-			}
-			writeFile(t, subFile, "sub=path\n")
-
-			pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-bind-" + handler, Namespace: "it", Handler: handler})
+			v := newBindVolumes(t)
+			pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "vol-bind-" + handler, Namespace: "it", Handler: handler})
 			mk := func(name string) *runtimeapi.ContainerConfig {
 				cfg := env.ContainerConfig(harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
-				cfg.Mounts = []*runtimeapi.Mount{
-					{ContainerPath: "/cache", HostPath: empty},
-					{ContainerPath: "/etc/config", HostPath: cm, Readonly: true},
-					{ContainerPath: "/etc/creds", HostPath: secret, Readonly: true},
-					{ContainerPath: "/host", HostPath: hostPath},
-					{ContainerPath: "/etc/app.conf", HostPath: subFile, Readonly: true},
-				}
+				cfg.Mounts = v.mounts()
 				return cfg
 			}
-			a := volStart(ctx, t, env, pod, mk("a"))
-			b := volStart(ctx, t, env, pod, mk("b"))
-
-			// emptyDir: one container's write is the other's read.
-			volMust(ctx, t, env, a, "echo from-a > /cache/shared")
-			if got := volMust(ctx, t, env, b, "cat /cache/shared"); got != "from-a" {
-				t.Errorf("emptyDir: b read %q, want from-a", got)
-			}
-			// configMap and secret: readable, not writable.
-			if got := volMust(ctx, t, env, a, "cat /etc/config/app.properties /etc/creds/password"); got != "color=blue\ns3cret" {
-				t.Errorf("configMap/secret read %q", got)
-			}
-			for _, p := range []string{"/etc/config/new", "/etc/creds/password"} {
-				code, _, errOut := volSh(ctx, t, env, a, "echo x > "+p)
-				if code == 0 {
-					t.Errorf("writing %s in a read-only volume succeeded", p)
-				} else if !strings.Contains(errOut, "Read-only") {
-					t.Errorf("writing %s: %q, want a read-only file system error", p, errOut)
-				}
-			}
-			if readHostFile(t, filepath.Join(secret, "password")) != "s3cret" {
-				t.Error("secret changed on the host")
-			}
-			// hostPath: writes land on the host, host writes are seen.
-			volMust(ctx, t, env, a, "echo to-host > /host/out && sync")
-			if got := strings.TrimSpace(readHostFile(t, filepath.Join(hostPath, "out"))); got != "to-host" {
-				t.Errorf("hostPath: host read %q, want to-host", got)
-			}
-			writeFile(t, filepath.Join(hostPath, "in"), "from-host")
-			if got := volMust(ctx, t, env, b, "cat /host/in"); got != "from-host" {
-				t.Errorf("hostPath: container read %q, want from-host", got)
-			}
-			// subPath file: that one file, read-only.
-			if got := volMust(ctx, t, env, b, "cat /etc/app.conf"); got != "sub=path" {
-				t.Errorf("subPath file read %q", got)
-			}
-			if code, _, _ := volSh(ctx, t, env, b, "echo x >> /etc/app.conf"); code == 0 {
-				t.Error("appending to a read-only subPath file succeeded")
-			}
-			volRemovePod(ctx, t, env, pod)
+			a := startContainer(t, ctx, env, pod, mk("a"))
+			b := startContainer(t, ctx, env, pod, mk("b"))
+			v.check(ctx, t, env, a, b)
+			removePod(ctx, t, env, pod)
 		})
 	}
 	env.AssertNoLeaks(t)
+}
+
+// bindVolumes are TestVolumesBind's volumes, as kubelet makes them on the node.
+type bindVolumes struct {
+	empty, cm, secret, hostPath string
+	subFile                     string // subPath: kubelet binds a single file of a volume
+}
+
+func newBindVolumes(t *testing.T) *bindVolumes {
+	root := t.TempDir()
+	v := &bindVolumes{
+		empty:    kubeletVolume(t, root, "empty-dir", "cache", nil),
+		cm:       kubeletVolume(t, root, "configmap", "config", map[string]string{"app.properties": "color=blue\n"}),
+		secret:   kubeletVolume(t, root, "secret", "creds", map[string]string{"password": "s3cret"}),
+		hostPath: filepath.Join(root, "host"),
+		subFile:  filepath.Join(root, "pods", "uid-1", "volume-subpaths", "config", "app", "0"),
+	}
+	for _, d := range []string{v.hostPath, filepath.Dir(v.subFile)} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeFile(t, v.subFile, "sub=path\n")
+	return v
+}
+
+// mounts are the CRI mounts of a container with every volume.
+func (v *bindVolumes) mounts() []*runtimeapi.Mount {
+	return []*runtimeapi.Mount{
+		{ContainerPath: "/cache", HostPath: v.empty},
+		{ContainerPath: "/etc/config", HostPath: v.cm, Readonly: true},
+		{ContainerPath: "/etc/creds", HostPath: v.secret, Readonly: true},
+		{ContainerPath: "/host", HostPath: v.hostPath},
+		{ContainerPath: "/etc/app.conf", HostPath: v.subFile, Readonly: true},
+	}
+}
+
+// check checks each volume from containers a and b (both with mounts) and from the host.
+func (v *bindVolumes) check(ctx context.Context, t *testing.T, env *harness.Env, a, b string) {
+	t.Helper()
+	// emptyDir: one container's write is the other's read.
+	volMust(ctx, t, env, a, "echo from-a > /cache/shared")
+	if got := volMust(ctx, t, env, b, "cat /cache/shared"); got != "from-a" {
+		t.Errorf("emptyDir: b read %q, want from-a", got)
+	}
+	// configMap and secret: readable, not writable.
+	if got := volMust(ctx, t, env, a, "cat /etc/config/app.properties /etc/creds/password"); got != "color=blue\ns3cret" {
+		t.Errorf("configMap/secret read %q", got)
+	}
+	for _, p := range []string{"/etc/config/new", "/etc/creds/password"} {
+		code, _, errOut := volSh(ctx, t, env, a, "echo x > "+p)
+		if code == 0 {
+			t.Errorf("writing %s in a read-only volume succeeded", p)
+		} else if !strings.Contains(errOut, "Read-only") {
+			t.Errorf("writing %s: %q, want a read-only file system error", p, errOut)
+		}
+	}
+	if readHostFile(t, filepath.Join(v.secret, "password")) != "s3cret" {
+		t.Error("secret changed on the host")
+	}
+	// hostPath: writes land on the host, host writes are seen.
+	volMust(ctx, t, env, a, "echo to-host > /host/out && sync")
+	if got := strings.TrimSpace(readHostFile(t, filepath.Join(v.hostPath, "out"))); got != "to-host" {
+		t.Errorf("hostPath: host read %q, want to-host", got)
+	}
+	writeFile(t, filepath.Join(v.hostPath, "in"), "from-host")
+	if got := volMust(ctx, t, env, b, "cat /host/in"); got != "from-host" {
+		t.Errorf("hostPath: container read %q, want from-host", got)
+	}
+	// subPath file: that one file, read-only.
+	if got := volMust(ctx, t, env, b, "cat /etc/app.conf"); got != "sub=path" {
+		t.Errorf("subPath file read %q", got)
+	}
+	if code, _, _ := volSh(ctx, t, env, b, "echo x >> /etc/app.conf"); code == 0 {
+		t.Error("appending to a read-only subPath file succeeded")
+	}
 }
 
 // losetup attaches a new sparse file of size bytes to a loop device, detached at cleanup.
@@ -300,11 +230,11 @@ func TestVolumesBlockDevice(t *testing.T) {
 	defer cancel()
 	const payload = "podvm-block-volume-data"
 
-	pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-block", Namespace: "it", Handler: "podvm"})
-	other := volStart(ctx, t, env, pod, env.ContainerConfig(harness.ContainerOptions{Name: "other", Command: []string{"sleep", "3600"}}))
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "vol-block", Namespace: "it", Handler: "podvm"})
+	other := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Name: "other", Command: []string{"sleep", "3600"}}))
 	cfg := env.ContainerConfig(harness.ContainerOptions{Name: "writer", Command: []string{"sleep", "3600"}})
 	cfg.Devices = []*runtimeapi.Device{{ContainerPath: "/dev/xvda", HostPath: dev, Permissions: "rwm"}}
-	writer := volStart(ctx, t, env, pod, cfg)
+	writer := startContainer(t, ctx, env, pod, cfg)
 	if !qemuHolds(t, pod.ID, dev) {
 		t.Errorf("QEMU has no open %s after the container was created", dev)
 	}
@@ -322,7 +252,7 @@ func TestVolumesBlockDevice(t *testing.T) {
 	// Unplug with the container: the disk leaves the guest and QEMU lets go of the device,
 	// while the pod's other container keeps answering.
 	start := time.Now()
-	volRemoveContainer(ctx, t, env, writer)
+	removeContainer(ctx, t, env, writer, 1)
 	t.Logf("removing the container with the block device (device_del + blockdev-del) took %v", time.Since(start).Round(time.Millisecond))
 	if got := volMust(ctx, t, env, other, serials); got != "" {
 		t.Errorf("guest still has disks %q after the container was removed (had %q)", got, disks)
@@ -337,20 +267,20 @@ func TestVolumesBlockDevice(t *testing.T) {
 	if err != nil || !bytes.HasPrefix(b, []byte(payload)) {
 		t.Errorf("the host device does not start with what the container wrote (%v): %q", err, b[:min(len(b), 32)])
 	}
-	volRemovePod(ctx, t, env, pod)
+	removePod(ctx, t, env, pod)
 
 	// A new pod reads it back, from a read-only device at another path.
-	pod = volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-block-2", Namespace: "it", Handler: "podvm"})
+	pod = runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "vol-block-2", Namespace: "it", Handler: "podvm"})
 	cfg = env.ContainerConfig(harness.ContainerOptions{Name: "reader", Command: []string{"sleep", "3600"}})
 	cfg.Devices = []*runtimeapi.Device{{ContainerPath: "/dev/data", HostPath: dev, Permissions: "r"}}
-	reader := volStart(ctx, t, env, pod, cfg)
+	reader := startContainer(t, ctx, env, pod, cfg)
 	if got := volMust(ctx, t, env, reader, "dd if=/dev/data bs=512 count=1 2>/dev/null | head -c 23"); got != payload {
 		t.Errorf("new pod read %q, want %q", got, payload)
 	}
 	if code, _, _ := volSh(ctx, t, env, reader, "echo x | dd of=/dev/data conv=fsync 2>/dev/null"); code == 0 {
 		t.Error("writing a device given with permissions \"r\" succeeded")
 	}
-	volRemovePod(ctx, t, env, pod)
+	removePod(ctx, t, env, pod)
 	env.AssertNoLeaks(t)
 }
 
@@ -373,8 +303,8 @@ func TestVolumesDiskImage(t *testing.T) {
 		return cfg
 	}
 
-	pod := volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk", Namespace: "it", UID: "uid-vd1", Handler: "podvm", Annotations: ann})
-	w := volStart(ctx, t, env, pod, withVolume("writer", "data", data))
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "vol-disk", Namespace: "it", UID: "uid-vd1", Handler: "podvm", Annotations: ann})
+	w := startContainer(t, ctx, env, pod, withVolume("writer", "data", data))
 	volMust(ctx, t, env, w, "echo disk-image-data > /data/hello && sync")
 	if got := volMust(ctx, t, env, w, "grep ' /data ' /proc/mounts | cut -d' ' -f3"); got != "ext4" {
 		t.Errorf("/data in the container is %q, want ext4", got)
@@ -383,7 +313,7 @@ func TestVolumesDiskImage(t *testing.T) {
 		t.Error("the write went to the shared volume directory, not the disk image")
 	}
 	// CRI creates the task (and so the shim prepares its volumes) at StartContainer.
-	bad, err := volCreate(ctx, env, pod, withVolume("bad", "junk", junk))
+	bad, err := createContainer(ctx, env, pod, withVolume("bad", "junk", junk))
 	if err == nil {
 		sctx, scancel := context.WithTimeout(ctx, callTimeout)
 		err = env.Runtime.StartContainer(sctx, bad)
@@ -394,7 +324,7 @@ func TestVolumesDiskImage(t *testing.T) {
 	} else {
 		t.Logf("corrupt image refused: %v", err)
 	}
-	volRemovePod(ctx, t, env, pod)
+	removePod(ctx, t, env, pod)
 
 	// The volume moves on to the next pod, as a PVC's data does.
 	next := filepath.Join(root, "pods", "uid-vd2", "volumes", "kubernetes.io~csi", "data")
@@ -405,12 +335,12 @@ func TestVolumesDiskImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	data = next
-	pod = volRunPod(ctx, t, env, harness.PodOptions{Name: "vol-disk-2", Namespace: "it", UID: "uid-vd2", Handler: "podvm", Annotations: ann})
-	r := volStart(ctx, t, env, pod, withVolume("reader", "data", data))
+	pod = runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "vol-disk-2", Namespace: "it", UID: "uid-vd2", Handler: "podvm", Annotations: ann})
+	r := startContainer(t, ctx, env, pod, withVolume("reader", "data", data))
 	if got := volMust(ctx, t, env, r, "cat /data/hello"); got != "disk-image-data" {
 		t.Errorf("next pod read %q, want disk-image-data", got)
 	}
-	volRemovePod(ctx, t, env, pod)
+	removePod(ctx, t, env, pod)
 
 	img := filepath.Join(data, "disk.img")
 	if out, err := exec.Command("e2fsck", "-n", "-f", img).CombinedOutput(); err != nil {
