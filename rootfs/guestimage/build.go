@@ -265,12 +265,7 @@ func (b *builder) writeImage(ctx context.Context, kt kernelTree, mods []Module, 
 	if err != nil {
 		return nil, err
 	}
-	enc := json.NewEncoder(manifest)
-	enc.SetIndent("", "  ")
-	if err := enc.Encode(m); err != nil {
-		return nil, fmt.Errorf("write %s: %w", manifest.final, err)
-	}
-	if err := manifest.finish(); err != nil {
+	if err := writeManifest(manifest, m); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -288,6 +283,16 @@ func (b *builder) writeImage(ctx context.Context, kt kernelTree, mods []Module, 
 	}
 	b.step("install", b.opts.OutputDir, start)
 	return m, nil
+}
+
+// writeManifest writes m as indented JSON into its staged file.
+func writeManifest(f *stagedFile, m *Manifest) error {
+	enc := json.NewEncoder(f)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(m); err != nil {
+		return fmt.Errorf("write %s: %w", f.final, err)
+	}
+	return f.finish()
 }
 
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
