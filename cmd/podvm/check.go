@@ -31,10 +31,8 @@ func runCheck(ctx context.Context, e *env, args []string) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	path := configFlag(fs)
 	boot := fs.Bool("boot", true, "boot throw-away guests under TCG and KVM to measure which accelerator works (as accel \"auto\" does; needs root, takes about twice the guest's boot time); false checks /dev/kvm only")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: %s [flags]\n\nChecks that this node can run podvm pods: config, QEMU, guest image, virtiofsd, KVM,\nvhost devices, /dev/net/tun, the state directory and the shim binary, then boots the guest\nimage under TCG and KVM and reports the measured boot times and which accelerator pods get\n(refreshing accel \"auto\"'s cached choice). Prints one line per check (ok, warn or FAIL, and\nwhat to do) and exits 1 if a requirement is not met; a KVM that is unusable while TCG works\nis a warning.\n\nFlags:\n", name)
-		fs.PrintDefaults()
-	}
+	setUsage(fs, name+" [flags]",
+		"Checks that this node can run podvm pods: config, QEMU, guest image, virtiofsd, KVM,\nvhost devices, /dev/net/tun, the state directory and the shim binary, then boots the guest\nimage under TCG and KVM and reports the measured boot times and which accelerator pods get\n(refreshing accel \"auto\"'s cached choice). Prints one line per check (ok, warn or FAIL, and\nwhat to do) and exits 1 if a requirement is not met; a KVM that is unusable while TCG works\nis a warning.")
 	if err := parseFlags(e, fs, args); err != nil {
 		return err
 	}

@@ -12,14 +12,9 @@ func runConfig(_ context.Context, e *env, args []string) error {
 	const name = "podvm config"
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	path := configFlag(fs)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: %s [flags]\n\nPrints the effective node config as TOML: the config file with every key it leaves out\nset to its default. Exits 1 if the file does not load.\n\nFlags:\n", name)
-		fs.PrintDefaults()
-	}
-	if err := parseFlags(e, fs, args); err != nil {
-		return err
-	}
-	c, err := config.Load(*path)
+	setUsage(fs, name+" [flags]",
+		"Prints the effective node config as TOML: the config file with every key it leaves out\nset to its default. Exits 1 if the file does not load.")
+	c, err := parseConfig(e, fs, path, args)
 	if err != nil {
 		return err
 	}

@@ -34,14 +34,9 @@ func runDebug(ctx context.Context, e *env, args []string) error {
 func runDebugList(ctx context.Context, e *env, args []string) error {
 	fs := flag.NewFlagSet("podvm debug list", flag.ContinueOnError)
 	path := configFlag(fs)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: podvm debug list [flags]\n\nLists the pod VMs in the state directory (sandbox.state_dir).\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	if err := parseFlags(e, fs, args); err != nil {
-		return err
-	}
-	cfg, err := config.Load(*path)
+	setUsage(fs, "podvm debug list [flags]",
+		"Lists the pod VMs in the state directory (sandbox.state_dir).")
+	cfg, err := parseConfig(e, fs, path, args)
 	if err != nil {
 		return err
 	}
@@ -84,10 +79,8 @@ func runDebugConsole(ctx context.Context, e *env, args []string) error {
 	path := configFlag(fs)
 	lines := fs.Int("n", 0, "print only the last `N` lines (0: all)")
 	follow := fs.Bool("f", false, "keep printing what the guest writes, until interrupted")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: podvm debug console [flags] SANDBOX-ID-PREFIX\n\nPrints the serial console log of a pod VM: the guest kernel's messages and the agent's log\n(more of both with debug = true in the node config).\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	setUsage(fs, "podvm debug console [flags] SANDBOX-ID-PREFIX",
+		"Prints the serial console log of a pod VM: the guest kernel's messages and the agent's log\n(more of both with debug = true in the node config).")
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -226,14 +219,9 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	path := configFlag(fs)
 	console := fs.Bool("console", false, "print the guest's console log afterwards")
 	verbose := fs.Bool("debug", false, "boot with the kernel's and the agent's debug output")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: podvm debug boot [flags]\n\nBoots a VM from the node config's kernel and initrd (its accelerator, memory defaults and\nagent transport), waits for the guest agent, prints its version and the boot time, and\nstops the VM. Nothing stays behind.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	if err := parseFlags(e, fs, args); err != nil {
-		return err
-	}
-	cfg, err := config.Load(*path)
+	setUsage(fs, "podvm debug boot [flags]",
+		"Boots a VM from the node config's kernel and initrd (its accelerator, memory defaults and\nagent transport), waits for the guest agent, prints its version and the boot time, and\nstops the VM. Nothing stays behind.")
+	cfg, err := parseConfig(e, fs, path, args)
 	if err != nil {
 		return err
 	}

@@ -34,10 +34,8 @@ func runImageBuild(ctx context.Context, e *env, args []string) error {
 	modules := fs.String("modules", strings.Join(guestimage.DefaultModules(), ","), "comma-separated kernel `MODULES` for the guest; their dependencies are added,\nbuilt-in ones skipped, '-' and '_' are the same; \"\" for none")
 	compress := fs.String("compress", string(guestimage.CompressNone), "initrd compression: `none|gzip`")
 	quiet := fs.Bool("quiet", false, "do not report each step on stderr")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: %s [flags]\n\nBuilds the guest kernel and initrd: the initrd holds the agent as /init and the kernel\nmodules it loads, in dependency order. Files are replaced atomically.\n\nFlags:\n", name)
-		fs.PrintDefaults()
-	}
+	setUsage(fs, name+" [flags]",
+		"Builds the guest kernel and initrd: the initrd holds the agent as /init and the kernel\nmodules it loads, in dependency order. Files are replaced atomically.")
 	if err := parseFlags(e, fs, args); err != nil {
 		return err
 	}

@@ -20,10 +20,8 @@ func runInstall(ctx context.Context, e *env, args []string) error {
 	root := fs.String("root", "/", "install under this `DIR` (a node image's staging root); paths inside the files stay the final ones")
 	prefix := fs.String("prefix", "/usr/local", "binaries go to `PREFIX`/bin")
 	imageDir := fs.String("image", "", "`DIR` with vmlinuz, initrd.img and image.json from 'podvm image build' (default: _output/image beside the binaries' bin/, else none)")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: %s [flags]\n\nInstalls podvm: this podvm binary and containerd-shim-podvm-v2 beside it into PREFIX/bin,\nthe guest image into /usr/share/podvm, the containerd drop-in\n/etc/containerd/conf.d/podvm.toml, the RuntimeClass manifest\n/usr/share/podvm/runtimeclass.yaml, and /etc/podvm/config.toml unless one exists (it is never\noverwritten). Then restart containerd and run 'podvm check'.\n\nFlags:\n", name)
-		fs.PrintDefaults()
-	}
+	setUsage(fs, name+" [flags]",
+		"Installs podvm: this podvm binary and containerd-shim-podvm-v2 beside it into PREFIX/bin,\nthe guest image into /usr/share/podvm, the containerd drop-in\n/etc/containerd/conf.d/podvm.toml, the RuntimeClass manifest\n/usr/share/podvm/runtimeclass.yaml, and /etc/podvm/config.toml unless one exists (it is never\noverwritten). Then restart containerd and run 'podvm check'.")
 	if err := parseFlags(e, fs, args); err != nil {
 		return err
 	}

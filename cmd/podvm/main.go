@@ -15,6 +15,8 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+
+	"github.com/podvm/podvm/shim/config"
 )
 
 // command is one subcommand. run gets the arguments after the command's name.
@@ -124,6 +126,22 @@ func printCommands(w io.Writer, prefix string, table []command) {
 
 // parseFlags parses args with fs and turns its errors into usage errors; -h prints the usage to
 // stdout and returns flag.ErrHelp. Positional arguments are refused.
+// setUsage gives fs its help text: the synopsis, what the command does, then the flags.
+func setUsage(fs *flag.FlagSet, synopsis, description string) {
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: %s\n\n%s\n\nFlags:\n", synopsis, description)
+		fs.PrintDefaults()
+	}
+}
+
+// parseConfig parses a command's flags and loads the node config its --config names.
+func parseConfig(e *env, fs *flag.FlagSet, path *string, args []string) (*config.Config, error) {
+	if err := parseFlags(e, fs, args); err != nil {
+		return nil, err
+	}
+	return config.Load(*path)
+}
+
 func parseFlags(e *env, fs *flag.FlagSet, args []string) error {
 	fs.SetOutput(io.Discard) // errors are printed once, by run
 	err := fs.Parse(args)
