@@ -125,8 +125,8 @@ func ValidateUIDRange(base, count uint64) error {
 type Driver struct {
 	// Kind names the implementation ("qemu"); it is kept in the sandbox's crash record.
 	Kind string
-	// New checks cfg and returns a VM that is not started yet.
-	New func(cfg Config) (Hypervisor, error)
+	// New checks cfg and returns a VM that is not started yet; ctx bounds what it probes.
+	New func(ctx context.Context, cfg Config) (Hypervisor, error)
 	// Cleanup stops what a VM with this state dir left behind when its owner died. It is
 	// idempotent and does not remove the state dir.
 	Cleanup func(ctx context.Context, stateDir string) error

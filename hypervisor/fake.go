@@ -97,7 +97,7 @@ const FakeKind = "fake"
 
 // FakeDriver is a Driver of kind FakeKind for tests of its users: New is newVM, Cleanup does
 // nothing and the console log is console.log in the state dir.
-func FakeDriver(newVM func(Config) (Hypervisor, error)) Driver {
+func FakeDriver(newVM func(context.Context, Config) (Hypervisor, error)) Driver {
 	return Driver{
 		Kind:        FakeKind,
 		New:         newVM,

@@ -215,7 +215,7 @@ func (v *benchVM) boot(i int) (time.Duration, time.Duration) {
 	if err := os.MkdirAll(shared, 0o755); err != nil {
 		b.Fatal(err)
 	}
-	vm, err := qemu.New(testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.initrd))
+	vm, err := qemu.New(v.ctx, testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.initrd))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -76,7 +76,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	}
 	cfg := testVMConfig(filepath.Base(stateDir), stateDir, shared, kernel, initrd)
 	cfg.NetDevices = o.NetDevices
-	vm, err := qemu.New(cfg)
+	vm, err := qemu.New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

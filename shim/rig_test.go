@@ -142,7 +142,7 @@ func newRig(t *testing.T) *rig {
 			return cfg, nil
 		},
 		// The shim sees its VMs only through a hypervisor.Driver: the fake plugs in as QEMU does.
-		drivers: hypervisor.NewDrivers(hypervisor.FakeDriver(func(cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
+		drivers: hypervisor.NewDrivers(hypervisor.FakeDriver(func(_ context.Context, cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
 			r.vmCfg = &cfg
 			if r.wrapVM != nil {
 				return r.wrapVM(r.vm), nil

@@ -252,7 +252,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return err
 	}
 	vcfg.VsockCID = cid
-	vm, err := sb.driver.New(vcfg)
+	vm, err := sb.driver.New(ctx, vcfg)
 	if err != nil {
 		return fmt.Errorf("VM config (check %s): %w", configName(o.cfg), err)
 	}

@@ -23,7 +23,7 @@ func probeAccel(ctx context.Context, cfg *config.Config) (qemu.ProbeResult, erro
 	hc := cfg.VMConfig("accel-check", size)
 	qc := qemu.Config(hc)
 	qc.Accel = qemu.AccelTCG // resolve everything but the accelerator, which is measured
-	if qc, err = qc.ResolveContext(ctx); err != nil {
+	if qc, err = qc.Resolve(ctx); err != nil {
 		return qemu.ProbeResult{}, err
 	}
 	if hc.Accel == "" || hc.Accel == hypervisor.AccelAuto {

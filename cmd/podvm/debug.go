@@ -246,7 +246,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	qcfg.StateDir = dir
 	qcfg.Debug = qcfg.Debug || *verbose
 	qcfg.VsockCID = uint32(3 + os.Getpid())
-	vm, err := qemu.New(qcfg)
+	vm, err := qemu.New(ctx, qcfg)
 	if err != nil {
 		return err
 	}

@@ -57,7 +57,7 @@ func TestRealAccelProbe(t *testing.T) {
 		MemoryMiB:      256,
 	}
 	c.Accel = AccelTCG // resolve everything but the accelerator
-	c, err := c.Resolve()
+	c, err := c.Resolve(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +101,7 @@ func TestRealAccelProbe(t *testing.T) {
 	auto := c
 	auto.Accel = AccelAuto
 	start := time.Now()
-	got, err := auto.Resolve()
+	got, err := auto.Resolve(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}

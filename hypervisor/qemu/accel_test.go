@@ -351,7 +351,7 @@ func TestAutoAccelArgs(t *testing.T) {
 			}
 			in := c
 			in.Accel = tt.accel
-			r, err := in.Resolve()
+			r, err := in.Resolve(context.Background())
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -72,10 +72,8 @@ type Config hypervisor.Config
 // Resolve returns a copy of c with every default filled in, probing the host where needed
 // (PATH, /dev/vhost-vsock, firmware and virtiofsd locations, and for accel "auto" the
 // accelerator probe's cached result, see CachedAccel). It does not validate.
-func (c Config) Resolve() (Config, error) { return c.ResolveContext(context.Background()) }
-
-// ResolveContext is Resolve; ctx bounds the accelerator probe when accel "auto" has to run it.
-func (c Config) ResolveContext(ctx context.Context) (Config, error) {
+// ctx bounds the accelerator probe when accel "auto" has to run it.
+func (c Config) Resolve(ctx context.Context) (Config, error) {
 	if c.Binary == "" {
 		p, err := exec.LookPath("qemu-system-x86_64")
 		if err != nil {

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"context"
 	"net"
 	"os"
 	"strings"
@@ -206,7 +207,7 @@ func TestNewChecksFiles(t *testing.T) {
 	c.Kernel = "/nonexistent/vmlinuz"
 	c.Initrd = ""
 	c.Firmware = ""
-	_, err := New(hypervisor.Config(c))
+	_, err := New(context.Background(), hypervisor.Config(c))
 	if err == nil || !strings.Contains(err.Error(), `Kernel "/nonexistent/vmlinuz"`) {
 		t.Fatalf("got %v", err)
 	}

@@ -194,7 +194,7 @@ func TestRealVM(t *testing.T) {
 
 func newRealVM(t *testing.T, cfg Config) *VM {
 	t.Helper()
-	v, err := New(hypervisor.Config(cfg))
+	v, err := New(context.Background(), hypervisor.Config(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -78,8 +78,8 @@ const Kind = "qemu"
 func Driver() hypervisor.Driver {
 	return hypervisor.Driver{
 		Kind: Kind,
-		New: func(cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
-			vm, err := New(cfg)
+		New: func(ctx context.Context, cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
+			vm, err := New(ctx, cfg)
 			if err != nil {
 				return nil, err // not a typed nil in the interface
 			}
@@ -91,8 +91,8 @@ func Driver() hypervisor.Driver {
 }
 
 // New resolves and validates cfg and checks that the files it names exist. It starts nothing.
-func New(hc hypervisor.Config) (*VM, error) {
-	cfg, err := Config(hc).Resolve()
+func New(ctx context.Context, hc hypervisor.Config) (*VM, error) {
+	cfg, err := Config(hc).Resolve(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("invalid qemu config: %w", err)
 	}
