@@ -470,7 +470,9 @@ func subPathVolume(src string) (string, bool) {
 // past the volume directory, so a symlink or hard link planted in the volume (by a pod that
 // shares it) is refused rather than followed.
 func (s *Share) ensureImage(ctx context.Context, d *diskImage) error {
-	dir, err := os.OpenFile(d.dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	// The directory itself is kubelet's and never a symlink: one there is not the pod volume
+	// the path names.
+	dir, err := os.OpenFile(d.dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("volume directory %s: %w", d.dir, err)
 	}

@@ -498,3 +498,28 @@ func TestDiskImageSwapRace(t *testing.T) {
 	<-done
 	t.Logf("2000 tries against a racing pod: %d opened the real image, %d refused, 0 reached the host disk", opened, refused)
 }
+
+// A pod volume path whose last element is a symlink (to a hostPath dir, say) is not the
+// volume kubelet made: no image is made or opened through it.
+func TestDiskImageVolumeDirIsNoSymlink(t *testing.T) {
+	root := t.TempDir()
+	host := filepath.Join(root, "host")
+	if err := os.MkdirAll(host, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vol := filepath.Join(root, "pods", testPodUID, "volumes", "kubernetes.io~empty-dir", "data")
+	if err := os.MkdirAll(filepath.Dir(vol), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(host, vol); err != nil {
+		t.Fatal(err)
+	}
+	s := (&Share{}).WithBlock(BlockOptions{Allowed: diskAllowed})
+	spec := diskSpec(vol, map[string]string{"podvm.io/disk.data": "64Mi"}, false)
+	if _, err := s.diskImages(context.Background(), "c1", spec); err == nil {
+		t.Error("a symlinked volume dir was used")
+	}
+	if ents, _ := os.ReadDir(host); len(ents) != 0 {
+		t.Errorf("made in the symlink's target: %v", ents)
+	}
+}
