@@ -3,6 +3,7 @@ package rootfs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"net"
 	"os"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 )
@@ -635,4 +637,17 @@ func TestFake(t *testing.T) {
 	if _, err := f.Prepare(ctx, "c2", "/b", spec, nil); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Errorf("injected error: %v", err)
 	}
+}
+
+// mountsUnder lists the mount points at or below dir.
+func mountsUnder(dir string) ([]string, error) {
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
+	if err != nil {
+		return nil, fmt.Errorf("reading the mount table: %w", err)
+	}
+	points := make([]string, 0, len(infos))
+	for _, m := range infos {
+		points = append(points, m.Mountpoint)
+	}
+	return points, nil
 }

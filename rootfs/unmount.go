@@ -1,7 +1,6 @@
 package rootfs
 
 import (
-	"fmt"
 	"path/filepath"
 
 	"github.com/moby/sys/mountinfo"
@@ -35,17 +34,4 @@ func syncOverlays(dirfd int, dirPath, name string) {
 		_ = unix.Syncfs(fd)
 		_ = unix.Close(fd)
 	}
-}
-
-// mountsUnder lists the mount points at or below dir.
-func mountsUnder(dir string) ([]string, error) {
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
-	if err != nil {
-		return nil, fmt.Errorf("reading the mount table: %w", err)
-	}
-	points := make([]string, 0, len(infos))
-	for _, m := range infos {
-		points = append(points, m.Mountpoint)
-	}
-	return points, nil
 }
