@@ -28,6 +28,7 @@ import (
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
 	"github.com/podvm/podvm/shim/config"
+	"github.com/podvm/podvm/shim/hostcgroup"
 )
 
 // agentConn is a connection to the guest agent.
@@ -50,6 +51,8 @@ type backend struct {
 	newShare func(ctx context.Context, stateDir, guestDir string, cfg *config.Config) (rootfs.Provider, error)
 	// forwardPorts carries loopback TCP of the pod netns into the guest (CRI PortForward).
 	forwardPorts func(ctx context.Context, netnsPath string, dial network.GuestDialer) (portForwarder, error)
+	// enterCgroup creates the pod's cgroup on the host and moves the shim into it.
+	enterCgroup func(path string, lim hostcgroup.Limits) (hostCgroup, error)
 }
 
 // portForwarder is a running network.PortForwarder.
@@ -60,8 +63,9 @@ type portForwarder interface {
 // defaultBackend runs pods with the given hypervisors, the real network wiring and virtio-fs.
 func defaultBackend(drivers hypervisor.Drivers) backend {
 	return backend{
-		loadConfig: config.Load,
-		drivers:    drivers,
+		loadConfig:  config.Load,
+		drivers:     drivers,
+		enterCgroup: enterHostCgroup,
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
 			c, err := agent.Connect(ctx, vm.DialAgent, vm.Done())
 			if err != nil {
@@ -100,6 +104,7 @@ type sandboxOptions struct {
 	size   config.VMSize
 	netns  string
 	host   string
+	cgroup podCgroup
 }
 
 func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec) (*sandboxOptions, error) {
@@ -136,7 +141,11 @@ func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskReques
 		// A new UTS namespace starts with the node's name; a runc container shows it too.
 		host, _ = os.Hostname()
 	}
-	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host}, nil
+	cg, err := sandboxCgroup(cfg, size, spec)
+	if err != nil {
+		return nil, err
+	}
+	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host, cgroup: cg}, nil
 }
 
 // sandbox is the pod's VM and what is wired to it.
@@ -152,6 +161,10 @@ type sandbox struct {
 	endpoints []network.Endpoint
 	// ports forwards the pod netns's loopback to the guest; nil without a netns.
 	ports portForwarder
+	// cgroupPath is the pod's cgroup on the host ("" for none); cgroup is set once the shim
+	// is in it.
+	cgroupPath string
+	cgroup     hostCgroup
 	// stopping is set when the shim stops the VM on purpose.
 	stopping atomic.Bool
 	// ready is set once the guest is set up; containers are prepared only then.
@@ -178,7 +191,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, fmt.Errorf("%w (%s): %w", err, configName(o.cfg), errdefs.ErrInvalidArgument)
 	}
 	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
-		driver: drv, disks: map[string][]string{}}
+		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -192,6 +205,10 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, err
 	}
 	if err := rec.write(o.bundle); err != nil {
+		return nil, err
+	}
+	// Before virtiofsd and QEMU start: they are born in the pod's cgroup.
+	if err := sb.enterCgroup(ctx, b, o.cgroup); err != nil {
 		return nil, err
 	}
 	share, err := b.newShare(ctx, sb.stateDir, agent.GuestSharedDir, o.cfg)
@@ -219,7 +236,8 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 
 // record is what `shim delete` needs to clean up after this sandbox's shim died.
 func (sb *sandbox) record() record {
-	return record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true, Hypervisor: sb.driver.Kind}
+	return record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true, Hypervisor: sb.driver.Kind,
+		Cgroup: sb.cgroupPath}
 }
 
 // attachNetwork wires every interface of the pod netns to a tap for the VM.
@@ -413,6 +431,8 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 			log.G(ctx).WithError(err).Warn("close rootfs share")
 		}
 	}
+	// The cgroup can go only once nothing is in it, the shim included.
+	sb.leaveCgroup(ctx)
 	cleanupState(ctx, sb.driver, sb.record(), sb.id)
 }
 

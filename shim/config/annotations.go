@@ -28,6 +28,7 @@ const (
 	CRISandboxCPUPeriod = "io.kubernetes.cri.sandbox-cpu-period" // CFS period, µs
 	CRISandboxCPUQuota  = "io.kubernetes.cri.sandbox-cpu-quota"  // CFS quota, µs; <= 0 = unlimited
 	CRISandboxMemory    = "io.kubernetes.cri.sandbox-memory"     // memory limit in bytes; 0 = unlimited
+	CRISandboxCPUShares = "io.kubernetes.cri.sandbox-cpu-shares" // cpu.shares from the pod's CPU requests
 )
 
 // Where a VM's vCPUs or memory came from.
