@@ -237,3 +237,53 @@ func checkCPUQuota(t *testing.T, ctx context.Context, env *harness.Env, id, pare
 		t.Errorf("pod with a CPU hog and a 500m limit used %.2f host cores, want about 0.5", cores)
 	}
 }
+
+// TestUnlimitedContainerNotSqueezed runs a pod of a container limited to 128Mi beside one
+// without a limit, as kubelet sends it (the sandbox's memory is the sum of the limits, 128Mi):
+// the limited one stays limited, the unlimited one is not held to its neighbour's limit and
+// can use 600 MB. podvm sizes the VM as default_memory (here 1Gi) + the limits.
+func TestUnlimitedContainerNotSqueezed(t *testing.T) {
+	for _, handler := range handlers {
+		t.Run(handler, func(t *testing.T) {
+			var env *harness.Env
+			if handler == "podvm" {
+				opts := podvmOptions(t)
+				setSandboxConfig(t, opts.PodvmConfigPath, `default_memory = "1Gi"`)
+				env = harness.Start(t, opts)
+			} else {
+				env = envFor(t, handler)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+			defer cancel()
+			podCfg := env.PodSandboxConfig(harness.PodOptions{Name: "mixed", Namespace: "it", Handler: handler})
+			podCfg.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 128 << 20}
+			pod := runPodConfig(t, ctx, env, podCfg, handler)
+			limitedCfg := env.ContainerConfig(harness.ContainerOptions{Name: "limited", Command: []string{"sleep", "3600"}})
+			limitedCfg.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 128 << 20}
+			limited := startContainer(t, ctx, env, pod, limitedCfg)
+			free := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Name: "free", Command: []string{"sleep", "3600"}}))
+
+			// dd holds its whole block in memory and fills it from /dev/zero.
+			if code, out, errOut := volSh(ctx, t, env, free, "dd if=/dev/zero of=/dev/null bs=600M count=1"); code != 0 {
+				t.Errorf("the unlimited container could not use 600 MB: exit %d, %s %s", code, out, errOut)
+			}
+			if code, _, _ := volSh(ctx, t, env, limited, "dd if=/dev/zero of=/dev/null bs=200M count=1"); code == 0 {
+				t.Errorf("the container limited to 128Mi used 200 MB")
+			}
+			env.AssertNoLeaks(t)
+		})
+	}
+}
+
+// setSandboxConfig adds lines to the [sandbox] section of the podvm node config at path.
+func setSandboxConfig(t *testing.T, path, lines string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.Replace(string(b), "[sandbox]\n", "[sandbox]\n"+lines+"\n", 1)
+	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

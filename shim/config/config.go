@@ -94,8 +94,9 @@ type Sandbox struct {
 	DefaultMemory Bytes `toml:"default_memory"`
 	MaxVCPUs      int   `toml:"max_vcpus"`
 	MaxMemory     Bytes `toml:"max_memory"`
-	// MemoryOverhead is added to the pod's memory from containerd's sandbox resource
-	// annotations: the guest kernel and agent need memory too.
+	// MemoryOverhead is host memory a pod's VM uses beyond its guest RAM: QEMU (device
+	// emulation, the TCG translation cache), virtiofsd and the shim. The pod's cgroup on the
+	// host is limited to the guest RAM plus this; it is not part of the guest.
 	MemoryOverhead Bytes  `toml:"memory_overhead"`
 	StateDir       string `toml:"state_dir"`
 	// AgentTimeout is how long to wait for the guest agent at boot.
