@@ -180,6 +180,7 @@ type guestContainer struct {
 	spec        *specs.Spec
 	devices     []*api.DeviceNode
 	blockMounts []*api.BlockMount
+	podTmpfs    []*api.PodTmpfs
 }
 
 // bootSandbox wires the pod network to a new VM, boots it and prepares the guest. On error
@@ -368,7 +369,7 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 			return nil, err
 		}
 	}
-	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts}, nil
+	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts, podTmpfs: att.PodTmpfs}, nil
 }
 
 // release undoes prepare; it is idempotent.
