@@ -14,6 +14,7 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
+	_ "github.com/containerd/containerd/v2/core/runtime" // the OCI features type, named as containerd reads it
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -23,8 +24,6 @@ import (
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
 	"github.com/containerd/typeurl/v2"
-	// Registers the OCI features type with typeurl, under the name containerd reads.
-	_ "github.com/containerd/containerd/v2/core/runtime"
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent"
