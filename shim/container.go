@@ -118,6 +118,9 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 		return nil, err
 	}
 	c.init.attach(created.Pid, hio)
+	if c.ownsVM() {
+		sb.setOwner(c.init)
+	}
 	hio.startStdin(context.WithoutCancel(ctx), sb.agent, r.ID, "")
 	go c.watchExit(ctx, c.init)
 	return c, nil

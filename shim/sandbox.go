@@ -173,6 +173,62 @@ type sandbox struct {
 	mu sync.Mutex
 	// disks are the hot-plugged block devices of each container.
 	disks map[string][]string
+	// owner is the init of the container that booted the VM (the pod sandbox).
+	owner *process
+	// ownerDeleted is closed once that container was deleted (the VM is stopped then).
+	ownerDeleted     chan struct{}
+	ownerDeletedOnce sync.Once
+}
+
+// ownerDeletedWait bounds how long the exits of a dead VM's containers wait for containerd
+// to delete the sandbox (which stops what is left of the VM) before they are published anyway.
+const ownerDeletedWait = 30 * time.Second
+
+// ownerGoneSettle is how long after that delete they still wait: containerd's CRI marks the
+// sandbox NOTREADY only after the delete returned, in goroutines of its own the shim cannot
+// observe (a few milliseconds here); reported sooner, a container's exit races it.
+const ownerGoneSettle = time.Second
+
+// markOwnerDeleted records that the VM owner's container was deleted.
+func (sb *sandbox) markOwnerDeleted() {
+	sb.ownerDeletedOnce.Do(func() { close(sb.ownerDeleted) })
+}
+
+// setOwner records the init of the container that booted the VM.
+func (sb *sandbox) setOwner(p *process) {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	sb.owner = p
+}
+
+// awaitOwnerGone waits (a bounded time) until the exit of the VM owner's init is queued and
+// containerd has deleted it. When the VM dies, the other containers' exits wait for that:
+// containerd's CRI marks the pod sandbox NOTREADY once it deleted the sandbox's task, so it
+// then has the sandbox not ready before it sees them exited, as with a runc pod whose
+// sandbox died, and kubelet recreates the pod instead of restarting a container in the dead
+// sandbox (whose shim is gone by then).
+func (sb *sandbox) awaitOwnerGone(ctx context.Context) {
+	sb.mu.Lock()
+	owner := sb.owner
+	sb.mu.Unlock()
+	if owner == nil {
+		return
+	}
+	timeout := time.NewTimer(ownerDeletedWait)
+	defer timeout.Stop()
+	for _, done := range []<-chan struct{}{owner.reported, sb.ownerDeleted} {
+		select {
+		case <-done:
+		case <-timeout.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+	select {
+	case <-time.After(ownerGoneSettle):
+	case <-ctx.Done():
+	}
 }
 
 // guestContainer is what the agent needs to create a container.
@@ -192,7 +248,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, fmt.Errorf("%w (%s): %w", err, configName(o.cfg), errdefs.ErrInvalidArgument)
 	}
 	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
-		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path}
+		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path, ownerDeleted: make(chan struct{})}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
