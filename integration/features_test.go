@@ -15,7 +15,8 @@ import (
 
 // TestRuntimeFeatures checks what containerd's CRI says each runtime handler supports, as
 // kubelet reads it from Status, and that a recursive read-only volume (kubelet sends it only
-// to a handler that advertises it) is read-only down to its sub-mounts. podvm does not
+// to a handler that advertises it) is read-only down to its sub-mounts, where a plain
+// read-only one leaves them as they are. podvm does not
 // advertise user namespaces: its guest kernel cannot ID-map virtio-fs (docs/pod-semantics.md).
 func TestRuntimeFeatures(t *testing.T) {
 	for _, handler := range handlers {
@@ -36,15 +37,19 @@ func TestRuntimeFeatures(t *testing.T) {
 			pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "rro", Namespace: "it", Handler: handler})
 			id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{
 				Name: "rro", Command: []string{"sleep", "3600"},
-				Mounts: []*runtimeapi.Mount{{ContainerPath: "/vol", HostPath: vol, Readonly: true, RecursiveReadOnly: true,
-					Propagation: runtimeapi.MountPropagation_PROPAGATION_PRIVATE}},
+				Mounts: []*runtimeapi.Mount{
+					{ContainerPath: "/vol", HostPath: vol, Readonly: true, RecursiveReadOnly: true,
+						Propagation: runtimeapi.MountPropagation_PROPAGATION_PRIVATE},
+					{ContainerPath: "/vol-ro", HostPath: vol, Readonly: true},
+				},
 			}))
 			if got := sh(t, ctx, env, id, "cat /vol/sub/file"); got != "in the sub-mount" {
 				t.Errorf("/vol/sub/file reads %q", got)
 			}
-			for _, p := range []string{"/vol/new", "/vol/sub/new"} {
-				if code, _, _ := volSh(ctx, t, env, id, "touch "+p); code == 0 {
-					t.Errorf("touch %s in a recursive read-only volume succeeded", p)
+			// rro: read-only all the way down; ro: only the volume's own mount.
+			for p, writable := range map[string]bool{"/vol/new": false, "/vol/sub/new": false, "/vol-ro/new": false, "/vol-ro/sub/new": true} {
+				if code, _, errOut := volSh(ctx, t, env, id, "touch "+p); (code == 0) != writable {
+					t.Errorf("touch %s: exit %d (%s), want writable=%v", p, code, errOut, writable)
 				}
 			}
 			env.AssertNoLeaks(t)
@@ -87,4 +92,28 @@ func volumeWithSubMount(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return vol
+}
+
+// TestDefaultHostname runs a pod whose config names no hostname: its containers see the
+// node's, as a new UTS namespace starts with it.
+func TestDefaultHostname(t *testing.T) {
+	node, err := os.Hostname()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, handler := range handlers {
+		t.Run(handler, func(t *testing.T) {
+			env := envFor(t, handler)
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+			defer cancel()
+			podCfg := env.PodSandboxConfig(harness.PodOptions{Name: "nohost", Namespace: "it", Handler: handler})
+			podCfg.Hostname = ""
+			pod := runPodConfig(t, ctx, env, podCfg, handler)
+			id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+			if got := sh(t, ctx, env, id, "hostname"); got != node {
+				t.Errorf("hostname in the container %q, want the node's %q", got, node)
+			}
+			env.AssertNoLeaks(t)
+		})
+	}
 }

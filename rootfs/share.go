@@ -291,6 +291,9 @@ func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gs
 			continue
 		}
 		m.Source = filepath.Join(s.guestDir, containerID, mountsDir, name)
+		if err := s.keepSubMountsWritable(containerID, name, m); err != nil {
+			return nil, err
+		}
 	}
 	return tmpfs, nil
 }
@@ -360,6 +363,34 @@ func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs
 		return nil, fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
 	}
 	return nil, nil
+}
+
+// keepSubMountsWritable makes a plain read-only (ro, not rro) bind with host mounts below it
+// read-write in the guest's spec. In the guest the volume is one virtio-fs tree without those
+// sub-mounts, so a read-only bind there would make them read-only too, where runc leaves them
+// as they are. The host side of the bind stays read-only at its top (bindAt), and virtiofsd
+// writes through it, so the volume's own files stay read-only while its sub-mounts keep
+// their flags.
+func (s *Share) keepSubMountsWritable(containerID, name string, m *specs.Mount) error {
+	if ro, rro := readOnly(m.Options); !ro || rro {
+		return nil
+	}
+	below, err := mountsBelow(filepath.Join(s.stateDir, StagingDir, containerID, mountsDir, name))
+	if err != nil {
+		return fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+	}
+	if len(below) <= 1 {
+		return nil
+	}
+	opts := make([]string, 0, len(m.Options))
+	for _, o := range m.Options {
+		if o == "ro" {
+			o = "rw"
+		}
+		opts = append(opts, o)
+	}
+	m.Options = opts
+	return nil
 }
 
 // Release undoes Prepare for one container: it detaches every mount under the container's
