@@ -91,14 +91,15 @@ func watchVM(ctx context.Context, sb *sandbox) {
 	select {
 	case <-sb.vm.Done():
 	case <-sb.agent.Done():
-		// QEMU going takes the connection with it; give it a moment to say so.
-		select {
-		case <-sb.vm.Done():
-		case <-time.After(2 * time.Second):
-		}
 	}
+	// Decided now: the lost processes' exits soon lead containerd to stop the sandbox.
 	if sb.stopping.Load() {
 		return
+	}
+	// QEMU going takes the connection with it; give it a moment to say so.
+	select {
+	case <-sb.vm.Done():
+	case <-time.After(2 * time.Second):
 	}
 	what := "the pod VM died unexpectedly (QEMU exited: killed, e.g. by the host's OOM killer, or crashed)"
 	select {
