@@ -1,0 +1,198 @@
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
+)
+
+// Sandbox is one pod VM's metrics, kept by its shim.
+type Sandbox struct {
+	reg   *prometheus.Registry
+	boot  prometheus.Gauge
+	vcpus prometheus.Gauge
+	mem   prometheus.Gauge
+	rpc   *prometheus.HistogramVec
+	procs *procCollector
+
+	mu    sync.Mutex
+	state string
+}
+
+// NewSandbox returns the metrics of sandbox id, whose VM keeps its state (pid files) in
+// stateDir; selfPid is the shim's pid. Its state starts as StateBooting.
+func NewSandbox(id, stateDir string, selfPid int) *Sandbox {
+	s := &Sandbox{reg: prometheus.NewRegistry(), state: StateBooting}
+	r := prometheus.WrapRegistererWith(prometheus.Labels{LabelSandbox: id}, s.reg)
+	s.boot = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "sandbox_boot_seconds",
+		Help: "Time from the sandbox's creation to its guest being ready (VM started, agent answered, pod set up)."})
+	s.vcpus = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "sandbox_vcpus",
+		Help: "vCPUs of the pod VM."})
+	s.mem = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "sandbox_memory_bytes",
+		Help: "Memory of the pod VM (guest RAM size)."})
+	s.rpc = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "agent_rpc_duration_seconds",
+		Help:    "Latency of the shim's calls to the guest agent, by method and outcome (ReadStdio waits for output, so it is as long as the process is quiet).",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"method", "outcome"})
+	s.procs = &procCollector{procRoot: "/proc", stateDir: stateDir, selfPid: selfPid, state: s.State}
+	r.MustRegister(s.boot, s.vcpus, s.mem, s.rpc, s.procs)
+	return s
+}
+
+// Ready records a booted VM: how long it took and its size.
+func (s *Sandbox) Ready(boot time.Duration, vcpus int, memoryBytes int64) {
+	s.boot.Set(boot.Seconds())
+	s.vcpus.Set(float64(vcpus))
+	s.mem.Set(float64(memoryBytes))
+	s.SetState(StateReady)
+}
+
+// SetState sets the sandbox's state (StateBooting, StateReady, StateStopping).
+func (s *Sandbox) SetState(state string) {
+	s.mu.Lock()
+	s.state = state
+	s.mu.Unlock()
+}
+
+// State returns the sandbox's state.
+func (s *Sandbox) State() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state
+}
+
+// ObserveRPC records one agent RPC: its full method name, how long it took and its error.
+func (s *Sandbox) ObserveRPC(method string, d time.Duration, err error) {
+	outcome := "ok"
+	if err != nil {
+		outcome = "error"
+	}
+	s.rpc.WithLabelValues(filepath.Base(method), outcome).Observe(d.Seconds())
+}
+
+// Gatherer is the sandbox's registry.
+func (s *Sandbox) Gatherer() prometheus.Gatherer { return s.reg }
+
+// Server serves a Sandbox's metrics on a unix socket.
+type Server struct {
+	srv  *http.Server
+	path string
+	done chan struct{}
+}
+
+// Serve serves the metrics in the Prometheus text format over HTTP on the unix socket path
+// (mode 0600; a stale socket there is replaced) until Close.
+func (s *Sandbox) Serve(path string) (*Server, error) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("metrics socket: %w", err)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("metrics socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = l.Close()
+		return nil, fmt.Errorf("metrics socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	srv := &Server{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, path: path, done: make(chan struct{})}
+	go func() {
+		defer close(srv.done)
+		_ = srv.srv.Serve(l) // returns http.ErrServerClosed on Close
+	}()
+	return srv, nil
+}
+
+// Close stops serving and removes the socket.
+func (s *Server) Close(ctx context.Context) error {
+	err := s.srv.Shutdown(ctx)
+	if err != nil {
+		err = errors.Join(err, s.srv.Close())
+	}
+	<-s.done
+	if rerr := os.Remove(s.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		err = errors.Join(err, rerr)
+	}
+	return err
+}
+
+// procCollector reads, at each scrape, the memory of the sandbox's processes and its state.
+type procCollector struct {
+	procRoot string
+	stateDir string
+	selfPid  int
+	state    func() string
+}
+
+var (
+	rssDesc = prometheus.NewDesc(namespace+"_process_resident_memory_bytes",
+		"Resident memory (RSS) of a process of the pod VM: qemu, virtiofsd or shim.", []string{"process"}, nil)
+	pssDesc = prometheus.NewDesc(namespace+"_process_proportional_memory_bytes",
+		"Proportional set size (PSS: shared pages divided among their users) of a process of the pod VM: qemu, virtiofsd or shim.", []string{"process"}, nil)
+	guestMemDesc = prometheus.NewDesc(namespace+"_guest_memory_touched_bytes",
+		"Guest RAM the guest has touched so far, as the host sees it (QEMU's resident shared memory: the memfd backing guest RAM). Guest RAM is not returned to the host once used.", nil, nil)
+	cpuDesc = prometheus.NewDesc(namespace+"_process_cpu_seconds_total",
+		"CPU time (user and system) of a process of the pod VM: qemu, virtiofsd or shim.", []string{"process"}, nil)
+	stateDesc = prometheus.NewDesc(namespace+"_sandbox_state",
+		"1 for the sandbox's current state (booting, ready, stopping), 0 for the others.", []string{"state"}, nil)
+)
+
+func (c *procCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- rssDesc
+	ch <- pssDesc
+	ch <- guestMemDesc
+	ch <- cpuDesc
+	ch <- stateDesc
+}
+
+func (c *procCollector) Collect(ch chan<- prometheus.Metric) {
+	cur := c.state()
+	for _, st := range States {
+		v := 0.0
+		if st == cur {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(stateDesc, prometheus.GaugeValue, v, st)
+	}
+	procs := []struct {
+		name string
+		pid  int
+		ok   bool
+	}{{name: "shim", pid: c.selfPid, ok: c.selfPid > 0}}
+	for _, p := range []struct{ name, file string }{{"qemu", qemu.QEMUPidFile}, {"virtiofsd", qemu.VirtiofsdPid}} {
+		pid, ok := pidFromFile(c.procRoot, filepath.Join(c.stateDir, p.file), c.stateDir)
+		procs = append(procs, struct {
+			name string
+			pid  int
+			ok   bool
+		}{p.name, pid, ok})
+	}
+	for _, p := range procs {
+		if !p.ok {
+			continue // not running (yet, or any more): no series rather than a made-up 0
+		}
+		m, err := readProcMem(c.procRoot, p.pid)
+		if err != nil {
+			continue // the process exited between the pid file and /proc
+		}
+		ch <- prometheus.MustNewConstMetric(rssDesc, prometheus.GaugeValue, float64(m.RSS), p.name)
+		ch <- prometheus.MustNewConstMetric(pssDesc, prometheus.GaugeValue, float64(m.PSS), p.name)
+		if p.name == "qemu" {
+			ch <- prometheus.MustNewConstMetric(guestMemDesc, prometheus.GaugeValue, float64(m.Shmem))
+		}
+		if cpu, err := procCPU(c.procRoot, p.pid); err == nil {
+			ch <- prometheus.MustNewConstMetric(cpuDesc, prometheus.CounterValue, cpu, p.name)
+		}
+	}
+}
