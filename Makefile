@@ -21,7 +21,7 @@ AGENT_TAGS  := seccomp netgo osusergo
 IT_TIMEOUT  ?= 30m
 IT_RUN      ?= .
 
-.PHONY: all deps build agent shim cli kernel image proto unit integration lint test demo bench install dist deb clean
+.PHONY: all deps build agent shim cli kernel image proto unit integration lint test demo bench install dist deb installer-image clean
 
 all: build
 
@@ -132,6 +132,10 @@ dist: build image
 
 deb: build image
 	bash hack/package.sh deb
+
+# The DaemonSet installer's image (deploy/installer.yaml), built without Docker.
+installer-image: dist
+	$(BIN)/podvm node image --dist $(OUT)/dist/root --output $(OUT)/podvm-installer.tar --created $$(git log -1 --format=%ct)
 
 clean:
 	rm -rf $(BIN) $(OUT)
