@@ -14,8 +14,6 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-
-	"github.com/podvm/podvm/hypervisor/qemu"
 )
 
 // fakeProc writes /proc/<pid>/{cmdline,smaps_rollup,status} under root for a process whose
@@ -46,7 +44,7 @@ func sandboxAt(t *testing.T, root, procRoot, id string, qemuPid int) *Sandbox {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, qemu.QEMUPidFile), []byte(strconv.Itoa(qemuPid)+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "qemu.pid"), []byte(strconv.Itoa(qemuPid)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	fakeProc(t, procRoot, qemuPid, dir, 200*1024, 150*1024, 100*1024)
@@ -76,7 +74,7 @@ func TestNodeGathersEverySandbox(t *testing.T) {
 	if err := os.Mkdir(filepath.Join(root, "cccc"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(root, qemu.AccelCacheFile), []byte("{}"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(root, "accel.json"), []byte("{}"), 0o600); err != nil {
 		t.Fatal(err) // a file, not a sandbox
 	}
 

@@ -8,13 +8,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/podvm/podvm/hypervisor/qemu"
 )
 
 // Sandbox is one pod VM's metrics, kept by its shim.
@@ -127,6 +126,9 @@ func (s *Server) Close(ctx context.Context) error {
 	return err
 }
 
+// pidSuffix ends the pid files a hypervisor driver keeps in the state dir.
+const pidSuffix = ".pid"
+
 // procCollector reads, at each scrape, the memory of the sandbox's processes and its state.
 type procCollector struct {
 	procRoot string
@@ -165,34 +167,40 @@ func (c *procCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(stateDesc, prometheus.GaugeValue, v, st)
 	}
-	procs := []struct {
-		name string
-		pid  int
-		ok   bool
-	}{{name: "shim", pid: c.selfPid, ok: c.selfPid > 0}}
-	for _, p := range []struct{ name, file string }{{"qemu", qemu.QEMUPidFile}, {"virtiofsd", qemu.VirtiofsdPid}} {
-		pid, ok := pidFromFile(c.procRoot, filepath.Join(c.stateDir, p.file), c.stateDir)
-		procs = append(procs, struct {
-			name string
-			pid  int
-			ok   bool
-		}{p.name, pid, ok})
-	}
-	for _, p := range procs {
-		if !p.ok {
-			continue // not running (yet, or any more): no series rather than a made-up 0
-		}
-		m, err := readProcMem(c.procRoot, p.pid)
+	for name, pid := range c.processes() {
+		m, err := readProcMem(c.procRoot, pid)
 		if err != nil {
 			continue // the process exited between the pid file and /proc
 		}
-		ch <- prometheus.MustNewConstMetric(rssDesc, prometheus.GaugeValue, float64(m.RSS), p.name)
-		ch <- prometheus.MustNewConstMetric(pssDesc, prometheus.GaugeValue, float64(m.PSS), p.name)
-		if p.name == "qemu" {
+		ch <- prometheus.MustNewConstMetric(rssDesc, prometheus.GaugeValue, float64(m.RSS), name)
+		ch <- prometheus.MustNewConstMetric(pssDesc, prometheus.GaugeValue, float64(m.PSS), name)
+		if name == "qemu" {
 			ch <- prometheus.MustNewConstMetric(guestMemDesc, prometheus.GaugeValue, float64(m.Shmem))
 		}
-		if cpu, err := procCPU(c.procRoot, p.pid); err == nil {
-			ch <- prometheus.MustNewConstMetric(cpuDesc, prometheus.CounterValue, cpu, p.name)
+		if cpu, err := procCPU(c.procRoot, pid); err == nil {
+			ch <- prometheus.MustNewConstMetric(cpuDesc, prometheus.CounterValue, cpu, name)
 		}
 	}
+}
+
+// processes are the sandbox's running processes by name: the shim, and every <name>.pid in
+// the state dir (the hypervisor driver's processes: qemu.pid, virtiofsd.pid) whose process
+// names the state dir on its command line. One that is not running (yet, or any more) is
+// left out rather than reported as 0.
+func (c *procCollector) processes() map[string]int {
+	out := map[string]int{}
+	if c.selfPid > 0 {
+		out["shim"] = c.selfPid
+	}
+	entries, _ := os.ReadDir(c.stateDir) // none readable: only the shim
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), pidSuffix)
+		if !ok || name == "" || !e.Type().IsRegular() {
+			continue
+		}
+		if pid, ok := pidFromFile(c.procRoot, filepath.Join(c.stateDir, e.Name()), c.stateDir); ok {
+			out[name] = pid
+		}
+	}
+	return out
 }
