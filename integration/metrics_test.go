@@ -18,7 +18,7 @@ import (
 
 // TestPodvmMetrics runs two podvm pods, one with a container, and reads the node's metrics
 // endpoint (`podvm metrics`, on loopback) as Prometheus would: both sandboxes' boot time,
-// memory, agent RPC latencies and state are there, and the pods are counted as ready. Then
+// host-side and guest-side memory, agent RPC latencies and state are there, and the pods are counted as ready. Then
 // `podvm overhead` measures them. Once the pods are gone, so are their series.
 func TestPodvmMetrics(t *testing.T) {
 	opts := podvmOptions(t)
@@ -44,6 +44,8 @@ func TestPodvmMetrics(t *testing.T) {
 			`podvm_process_resident_memory_bytes{process="virtiofsd",sandbox_id="` + id + `"} `,
 			`podvm_process_resident_memory_bytes{process="shim",sandbox_id="` + id + `"} `,
 			`podvm_guest_memory_touched_bytes{sandbox_id="` + id + `"} `,
+			`podvm_guest_memory_total_bytes{sandbox_id="` + id + `"} `,
+			`podvm_guest_memory_used_bytes{sandbox_id="` + id + `"} `,
 			`podvm_agent_rpc_duration_seconds_count{method="SetupSandbox",outcome="ok",sandbox_id="` + id + `"} 1`,
 		} {
 			if !strings.Contains(body, want) {
@@ -59,6 +61,12 @@ func TestPodvmMetrics(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("metrics:\n%s", body)
+	} else {
+		for _, line := range strings.Split(body, "\n") {
+			if strings.HasPrefix(line, "podvm_guest_memory") || strings.HasPrefix(line, "podvm_sandbox_boot_seconds") {
+				t.Log(line)
+			}
+		}
 	}
 
 	out, err := exec.CommandContext(ctx, podvm, "overhead", "--config", opts.PodvmConfigPath, "--window", "5s").CombinedOutput()

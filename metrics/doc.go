@@ -6,7 +6,8 @@
 // HTTP on the unix socket <state_dir>/<sandbox id>/metrics.sock (SocketName; root only, like
 // the state dir). It holds the VM's boot time, its size, its state, the agent RPC latencies
 // (the shim's ttrpc client reports each call) and, read from /proc at each scrape, the RSS and
-// PSS of QEMU, virtiofsd and the shim itself and the guest RAM QEMU has touched. `podvm
+// PSS of QEMU, virtiofsd and the shim itself and the guest RAM QEMU has touched, and, asked
+// of the guest agent (MemInfo) at each scrape, the guest's memory total and use. `podvm
 // metrics --listen ADDR` serves the node's endpoint: at each scrape a Node reads every
 // sandbox's socket under the state dir, merges the families, and adds the node's own series
 // (pods by state, sandboxes whose shim did not answer).

@@ -70,7 +70,10 @@ func TestNodeGathersEverySandbox(t *testing.T) {
 	a.Ready(1500*time.Millisecond, 2, 512<<20)
 	a.ObserveRPC("/podvm.agent.v1.Agent/CreateContainer", 30*time.Millisecond, nil)
 	a.ObserveRPC("/podvm.agent.v1.Agent/CreateContainer", 40*time.Millisecond, errors.New("no"))
-	sandboxAt(t, root, procRoot, "bbbb", 4002) // still booting
+	// A guest claiming more than its VM has is capped at the VM's size.
+	a.SetGuestMemory(func(context.Context) (uint64, uint64, error) { return 1 << 30, 100 << 20, nil })
+	b := sandboxAt(t, root, procRoot, "bbbb", 4002) // still booting
+	b.SetGuestMemory(func(context.Context) (uint64, uint64, error) { return 0, 0, errors.New("unimplemented") })
 	if err := os.Mkdir(filepath.Join(root, "cccc"), 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -92,6 +95,8 @@ func TestNodeGathersEverySandbox(t *testing.T) {
 		`podvm_agent_rpc_duration_seconds_count{method="CreateContainer",outcome="error",sandbox_id="aaaa"} 1`,
 		`podvm_sandbox_state{sandbox_id="bbbb",state="booting"} 1`,
 		`podvm_process_cpu_seconds_total{process="qemu",sandbox_id="aaaa"} 3`,
+		`podvm_guest_memory_total_bytes{sandbox_id="aaaa"} 5.36870912e+08`,
+		`podvm_guest_memory_used_bytes{sandbox_id="aaaa"} 4.32013312e+08`,
 		`podvm_pods{state="ready"} 1`,
 		`podvm_pods{state="booting"} 1`,
 		`podvm_pods{state="unreachable"} 1`,
@@ -100,6 +105,9 @@ func TestNodeGathersEverySandbox(t *testing.T) {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s\n%s", want, body)
 		}
+	}
+	if strings.Contains(body, `podvm_guest_memory_total_bytes{sandbox_id="bbbb"}`) {
+		t.Errorf("guest memory series for a guest that did not answer:\n%s", body)
 	}
 	if strings.Contains(body, `process="virtiofsd"`) {
 		t.Errorf("a virtiofsd series without a virtiofsd pid file:\n%s", body)

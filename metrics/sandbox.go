@@ -27,6 +27,15 @@ type Sandbox struct {
 
 	mu    sync.Mutex
 	state string
+	// vmBytes is the VM's memory (Ready); the guest's figures are capped at it.
+	vmBytes uint64
+	// guestMem asks the guest agent for its memory (SetGuestMemory); nil: not yet.
+	guestMem func(ctx context.Context) (total, available uint64, err error)
+	// guest is the last answer, ok when it came.
+	guest struct {
+		total, used uint64
+		ok          bool
+	}
 }
 
 // NewSandbox returns the metrics of sandbox id, whose VM keeps its state (pid files) in
@@ -43,7 +52,7 @@ func NewSandbox(id, stateDir string, selfPid int) *Sandbox {
 	s.rpc = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: "agent_rpc_duration_seconds",
 		Help:    "Latency of the shim's calls to the guest agent, by method and outcome (ReadStdio waits for output, so it is as long as the process is quiet).",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"method", "outcome"})
-	s.procs = &procCollector{procRoot: "/proc", stateDir: stateDir, selfPid: selfPid, state: s.State}
+	s.procs = &procCollector{procRoot: "/proc", stateDir: stateDir, selfPid: selfPid, state: s.State, guest: s.guestMemory}
 	r.MustRegister(s.boot, s.vcpus, s.mem, s.rpc, s.procs)
 	return s
 }
@@ -53,7 +62,49 @@ func (s *Sandbox) Ready(boot time.Duration, vcpus int, memoryBytes int64) {
 	s.boot.Set(boot.Seconds())
 	s.vcpus.Set(float64(vcpus))
 	s.mem.Set(float64(memoryBytes))
+	s.mu.Lock()
+	s.vmBytes = uint64(max(memoryBytes, 0))
+	s.mu.Unlock()
 	s.SetState(StateReady)
+}
+
+// SetGuestMemory gives the sandbox the call that asks the guest for its memory (the agent's
+// MemInfo); each scrape makes it, bounded by guestTimeout.
+func (s *Sandbox) SetGuestMemory(f func(ctx context.Context) (total, available uint64, err error)) {
+	s.mu.Lock()
+	s.guestMem = f
+	s.mu.Unlock()
+}
+
+// guestTimeout bounds the guest memory call of one scrape.
+const guestTimeout = time.Second
+
+// refreshGuest asks the guest for its memory. The answer is the guest's word: it is capped
+// at the VM's size, so a hostile guest can only misreport its own pod's figures.
+func (s *Sandbox) refreshGuest(ctx context.Context) {
+	s.mu.Lock()
+	f, vm := s.guestMem, s.vmBytes
+	s.mu.Unlock()
+	if f == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, guestTimeout)
+	defer cancel()
+	total, avail, err := f(ctx)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.guest.ok = err == nil
+	if vm > 0 {
+		total = min(total, vm)
+	}
+	s.guest.total, s.guest.used = total, total-min(avail, total)
+}
+
+// guestMemory returns the guest's last memory answer.
+func (s *Sandbox) guestMemory() (total, used uint64, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.guest.total, s.guest.used, s.guest.ok
 }
 
 // SetState sets the sandbox's state (StateBooting, StateReady, StateStopping).
@@ -104,7 +155,11 @@ func (s *Sandbox) Serve(path string) (*Server, error) {
 		return nil, fmt.Errorf("metrics socket: %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	h := promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{})
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		s.refreshGuest(r.Context())
+		h.ServeHTTP(w, r)
+	})
 	srv := &Server{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, path: path, done: make(chan struct{})}
 	go func() {
 		defer close(srv.done)
@@ -135,6 +190,7 @@ type procCollector struct {
 	stateDir string
 	selfPid  int
 	state    func() string
+	guest    func() (total, used uint64, ok bool)
 }
 
 var (
@@ -146,6 +202,10 @@ var (
 		"Guest RAM the guest has touched so far, as the host sees it (QEMU's resident shared memory: the memfd backing guest RAM). Guest RAM is not returned to the host once used.", nil, nil)
 	cpuDesc = prometheus.NewDesc(namespace+"_process_cpu_seconds_total",
 		"CPU time (user and system) of a process of the pod VM: qemu, virtiofsd or shim.", []string{"process"}, nil)
+	guestTotalDesc = prometheus.NewDesc(namespace+"_guest_memory_total_bytes",
+		"Memory the guest kernel manages (its MemTotal), as the guest agent reports it.", nil, nil)
+	guestUsedDesc = prometheus.NewDesc(namespace+"_guest_memory_used_bytes",
+		"Memory in use in the guest (MemTotal - MemAvailable), as the guest agent reports it.", nil, nil)
 	stateDesc = prometheus.NewDesc(namespace+"_sandbox_state",
 		"1 for the sandbox's current state (booting, ready, stopping), 0 for the others.", []string{"state"}, nil)
 )
@@ -155,6 +215,8 @@ func (c *procCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- pssDesc
 	ch <- guestMemDesc
 	ch <- cpuDesc
+	ch <- guestTotalDesc
+	ch <- guestUsedDesc
 	ch <- stateDesc
 }
 
@@ -166,6 +228,10 @@ func (c *procCollector) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(stateDesc, prometheus.GaugeValue, v, st)
+	}
+	if total, used, ok := c.guest(); ok {
+		ch <- prometheus.MustNewConstMetric(guestTotalDesc, prometheus.GaugeValue, float64(total))
+		ch <- prometheus.MustNewConstMetric(guestUsedDesc, prometheus.GaugeValue, float64(used))
 	}
 	for name, pid := range c.processes() {
 		m, err := readProcMem(c.procRoot, pid)

@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/metrics"
 )
 
@@ -31,11 +32,22 @@ type rpcObservable interface {
 	ObserveRPCs(o agent.RPCObserver)
 }
 
-// observeAgent times the agent calls of conn for the metrics.
+// observeAgent times the agent calls of conn for the metrics, and lets each scrape ask the
+// guest for its memory.
 func (sb *sandbox) observeAgent(conn agentConn) {
-	if o, ok := conn.(rpcObservable); ok && sb.metrics != nil {
+	if sb.metrics == nil {
+		return
+	}
+	if o, ok := conn.(rpcObservable); ok {
 		o.ObserveRPCs(sb.metrics.ObserveRPC)
 	}
+	sb.metrics.SetGuestMemory(func(ctx context.Context) (uint64, uint64, error) {
+		r, err := conn.MemInfo(ctx, &api.Empty{})
+		if err != nil {
+			return 0, 0, err
+		}
+		return r.TotalBytes, r.AvailableBytes, nil
+	})
 }
 
 // metricsReady records the booted VM.
