@@ -25,6 +25,7 @@ import (
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/internal/logfile"
+	"github.com/podvm/podvm/metrics"
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
 	"github.com/podvm/podvm/shim/config"
@@ -178,6 +179,10 @@ type sandbox struct {
 	// ownerDeleted is closed once that container was deleted (the VM is stopped then).
 	ownerDeleted     chan struct{}
 	ownerDeletedOnce sync.Once
+
+	// metrics are the sandbox's metrics and their server (metrics.go); nil if not served.
+	metrics    *metrics.Sandbox
+	metricsSrv *metrics.Server
 }
 
 // ownerDeletedWait bounds how long the exits of a dead VM's containers wait for containerd
@@ -257,6 +262,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 			sb.shutdown(context.WithoutCancel(ctx))
 		}
 	}()
+	sb.startMetrics(ctx)
 	rec := sb.record()
 	if err := rec.write(sb.stateDir); err != nil {
 		return nil, err
@@ -284,6 +290,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, err
 	}
 	sb.ready = true
+	sb.metricsReady(time.Since(start), o.size.VCPUs, o.size.MemoryMiB)
 	log.G(ctx).WithFields(log.Fields{
 		"sandbox": o.id, "hypervisor": drv.Kind, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB,
 		"size_from": o.size.Source, "nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
@@ -342,6 +349,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 	}
 	sb.agent = conn
+	sb.observeAgent(conn)
 	return nil
 }
 
@@ -450,6 +458,7 @@ func (sb *sandbox) release(ctx context.Context, id string) {
 // It works on a half-booted sandbox too.
 func (sb *sandbox) shutdown(ctx context.Context) {
 	sb.stopping.Store(true)
+	sb.metricsStopping()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if sb.ports != nil {
@@ -488,6 +497,7 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 			log.G(ctx).WithError(err).Warn("close rootfs share")
 		}
 	}
+	sb.stopMetrics(ctx)
 	// The cgroup can go only once nothing is in it, the shim included.
 	sb.leaveCgroup(ctx)
 	cleanupState(ctx, sb.driver, sb.record(), sb.id)

@@ -1808,6 +1808,60 @@ func (x *StatsResponse) GetCgroup2Metrics() []byte {
 	return nil
 }
 
+type MemInfoResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// MemTotal: the RAM the guest kernel manages.
+	TotalBytes uint64 `protobuf:"varint,1,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
+	// MemAvailable: what it could give to processes without swapping.
+	AvailableBytes uint64 `protobuf:"varint,2,opt,name=available_bytes,json=availableBytes,proto3" json:"available_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *MemInfoResponse) Reset() {
+	*x = MemInfoResponse{}
+	mi := &file_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemInfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemInfoResponse) ProtoMessage() {}
+
+func (x *MemInfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemInfoResponse.ProtoReflect.Descriptor instead.
+func (*MemInfoResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *MemInfoResponse) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
+func (x *MemInfoResponse) GetAvailableBytes() uint64 {
+	if x != nil {
+		return x.AvailableBytes
+	}
+	return 0
+}
+
 type OOMEvent struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
@@ -1817,7 +1871,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1829,7 +1883,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1842,7 +1896,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -1861,7 +1915,7 @@ type DialPortRequest struct {
 
 func (x *DialPortRequest) Reset() {
 	*x = DialPortRequest{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1873,7 +1927,7 @@ func (x *DialPortRequest) String() string {
 func (*DialPortRequest) ProtoMessage() {}
 
 func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1886,7 +1940,7 @@ func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialPortRequest.ProtoReflect.Descriptor instead.
 func (*DialPortRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DialPortRequest) GetPort() uint32 {
@@ -1905,7 +1959,7 @@ type DialPortResponse struct {
 
 func (x *DialPortResponse) Reset() {
 	*x = DialPortResponse{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1917,7 +1971,7 @@ func (x *DialPortResponse) String() string {
 func (*DialPortResponse) ProtoMessage() {}
 
 func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1930,7 +1984,7 @@ func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialPortResponse.ProtoReflect.Descriptor instead.
 func (*DialPortResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DialPortResponse) GetConnId() uint64 {
@@ -1951,7 +2005,7 @@ type ReadConnRequest struct {
 
 func (x *ReadConnRequest) Reset() {
 	*x = ReadConnRequest{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1963,7 +2017,7 @@ func (x *ReadConnRequest) String() string {
 func (*ReadConnRequest) ProtoMessage() {}
 
 func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1976,7 +2030,7 @@ func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadConnRequest.ProtoReflect.Descriptor instead.
 func (*ReadConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ReadConnRequest) GetConnId() uint64 {
@@ -2004,7 +2058,7 @@ type ReadConnResponse struct {
 
 func (x *ReadConnResponse) Reset() {
 	*x = ReadConnResponse{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2016,7 +2070,7 @@ func (x *ReadConnResponse) String() string {
 func (*ReadConnResponse) ProtoMessage() {}
 
 func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2029,7 +2083,7 @@ func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadConnResponse.ProtoReflect.Descriptor instead.
 func (*ReadConnResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReadConnResponse) GetData() []byte {
@@ -2056,7 +2110,7 @@ type WriteConnRequest struct {
 
 func (x *WriteConnRequest) Reset() {
 	*x = WriteConnRequest{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2068,7 +2122,7 @@ func (x *WriteConnRequest) String() string {
 func (*WriteConnRequest) ProtoMessage() {}
 
 func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2081,7 +2135,7 @@ func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteConnRequest.ProtoReflect.Descriptor instead.
 func (*WriteConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WriteConnRequest) GetConnId() uint64 {
@@ -2107,7 +2161,7 @@ type WriteConnResponse struct {
 
 func (x *WriteConnResponse) Reset() {
 	*x = WriteConnResponse{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2119,7 +2173,7 @@ func (x *WriteConnResponse) String() string {
 func (*WriteConnResponse) ProtoMessage() {}
 
 func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2132,7 +2186,7 @@ func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteConnResponse.ProtoReflect.Descriptor instead.
 func (*WriteConnResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WriteConnResponse) GetWritten() uint32 {
@@ -2153,7 +2207,7 @@ type CloseConnRequest struct {
 
 func (x *CloseConnRequest) Reset() {
 	*x = CloseConnRequest{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2165,7 +2219,7 @@ func (x *CloseConnRequest) String() string {
 func (*CloseConnRequest) ProtoMessage() {}
 
 func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2178,7 +2232,7 @@ func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseConnRequest.ProtoReflect.Descriptor instead.
 func (*CloseConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CloseConnRequest) GetConnId() uint64 {
@@ -2318,7 +2372,11 @@ const file_agent_proto_rawDesc = "" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x1c\n" +
 	"\tresources\x18\x02 \x01(\fR\tresources\"8\n" +
 	"\rStatsResponse\x12'\n" +
-	"\x0fcgroup2_metrics\x18\x01 \x01(\fR\x0ecgroup2Metrics\"-\n" +
+	"\x0fcgroup2_metrics\x18\x01 \x01(\fR\x0ecgroup2Metrics\"[\n" +
+	"\x0fMemInfoResponse\x12\x1f\n" +
+	"\vtotal_bytes\x18\x01 \x01(\x04R\n" +
+	"totalBytes\x12'\n" +
+	"\x0favailable_bytes\x18\x02 \x01(\x04R\x0eavailableBytes\"-\n" +
 	"\bOOMEvent\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"%\n" +
 	"\x0fDialPortRequest\x12\x12\n" +
@@ -2345,7 +2403,7 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x06STDOUT\x10\x01\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x022\xce\x0e\n" +
+	"\x06STDERR\x10\x022\x91\x0f\n" +
 	"\x05Agent\x12J\n" +
 	"\aVersion\x12\x1e.podvm.agent.v1.VersionRequest\x1a\x1f.podvm.agent.v1.VersionResponse\x12J\n" +
 	"\fSetupSandbox\x12#.podvm.agent.v1.SetupSandboxRequest\x1a\x15.podvm.agent.v1.Empty\x12b\n" +
@@ -2366,7 +2424,8 @@ const file_agent_proto_rawDesc = "" +
 	"\x0ePauseContainer\x12 .podvm.agent.v1.ContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12J\n" +
 	"\x0fResumeContainer\x12 .podvm.agent.v1.ContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12P\n" +
 	"\x0fUpdateContainer\x12&.podvm.agent.v1.UpdateContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12H\n" +
-	"\x05Stats\x12 .podvm.agent.v1.ContainerRequest\x1a\x1d.podvm.agent.v1.StatsResponse\x12>\n" +
+	"\x05Stats\x12 .podvm.agent.v1.ContainerRequest\x1a\x1d.podvm.agent.v1.StatsResponse\x12A\n" +
+	"\aMemInfo\x12\x15.podvm.agent.v1.Empty\x1a\x1f.podvm.agent.v1.MemInfoResponse\x12>\n" +
 	"\vGetOOMEvent\x12\x15.podvm.agent.v1.Empty\x1a\x18.podvm.agent.v1.OOMEvent\x128\n" +
 	"\bShutdown\x12\x15.podvm.agent.v1.Empty\x1a\x15.podvm.agent.v1.Empty\x12M\n" +
 	"\bDialPort\x12\x1f.podvm.agent.v1.DialPortRequest\x1a .podvm.agent.v1.DialPortResponse\x12M\n" +
@@ -2387,7 +2446,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: podvm.agent.v1.StdioStream
 	(*Empty)(nil),                   // 1: podvm.agent.v1.Empty
@@ -2419,14 +2478,15 @@ var file_agent_proto_goTypes = []any{
 	(*ListProcessesResponse)(nil),   // 27: podvm.agent.v1.ListProcessesResponse
 	(*UpdateContainerRequest)(nil),  // 28: podvm.agent.v1.UpdateContainerRequest
 	(*StatsResponse)(nil),           // 29: podvm.agent.v1.StatsResponse
-	(*OOMEvent)(nil),                // 30: podvm.agent.v1.OOMEvent
-	(*DialPortRequest)(nil),         // 31: podvm.agent.v1.DialPortRequest
-	(*DialPortResponse)(nil),        // 32: podvm.agent.v1.DialPortResponse
-	(*ReadConnRequest)(nil),         // 33: podvm.agent.v1.ReadConnRequest
-	(*ReadConnResponse)(nil),        // 34: podvm.agent.v1.ReadConnResponse
-	(*WriteConnRequest)(nil),        // 35: podvm.agent.v1.WriteConnRequest
-	(*WriteConnResponse)(nil),       // 36: podvm.agent.v1.WriteConnResponse
-	(*CloseConnRequest)(nil),        // 37: podvm.agent.v1.CloseConnRequest
+	(*MemInfoResponse)(nil),         // 30: podvm.agent.v1.MemInfoResponse
+	(*OOMEvent)(nil),                // 31: podvm.agent.v1.OOMEvent
+	(*DialPortRequest)(nil),         // 32: podvm.agent.v1.DialPortRequest
+	(*DialPortResponse)(nil),        // 33: podvm.agent.v1.DialPortResponse
+	(*ReadConnRequest)(nil),         // 34: podvm.agent.v1.ReadConnRequest
+	(*ReadConnResponse)(nil),        // 35: podvm.agent.v1.ReadConnResponse
+	(*WriteConnRequest)(nil),        // 36: podvm.agent.v1.WriteConnRequest
+	(*WriteConnResponse)(nil),       // 37: podvm.agent.v1.WriteConnResponse
+	(*CloseConnRequest)(nil),        // 38: podvm.agent.v1.CloseConnRequest
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
@@ -2457,38 +2517,40 @@ var file_agent_proto_depIdxs = []int32{
 	25, // 25: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
 	28, // 26: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
 	25, // 27: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
-	1,  // 28: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
-	1,  // 29: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
-	31, // 30: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
-	33, // 31: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
-	35, // 32: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
-	37, // 33: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
-	3,  // 34: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
-	1,  // 35: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
-	13, // 36: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
-	1,  // 37: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
-	16, // 38: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
-	1,  // 39: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
-	18, // 40: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
-	1,  // 41: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
-	21, // 42: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
-	23, // 43: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
-	1,  // 44: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
-	1,  // 45: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
-	1,  // 46: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
-	27, // 47: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
-	1,  // 48: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 49: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 50: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
-	29, // 51: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
-	30, // 52: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
-	1,  // 53: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
-	32, // 54: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
-	34, // 55: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
-	36, // 56: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
-	1,  // 57: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
-	34, // [34:58] is the sub-list for method output_type
-	10, // [10:34] is the sub-list for method input_type
+	1,  // 28: podvm.agent.v1.Agent.MemInfo:input_type -> podvm.agent.v1.Empty
+	1,  // 29: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
+	1,  // 30: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
+	32, // 31: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
+	34, // 32: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
+	36, // 33: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
+	38, // 34: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
+	3,  // 35: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
+	1,  // 36: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
+	13, // 37: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
+	1,  // 38: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
+	16, // 39: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
+	1,  // 40: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
+	18, // 41: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
+	1,  // 42: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
+	21, // 43: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
+	23, // 44: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
+	1,  // 45: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
+	1,  // 46: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
+	1,  // 47: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
+	27, // 48: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
+	1,  // 49: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 50: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 51: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
+	29, // 52: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
+	30, // 53: podvm.agent.v1.Agent.MemInfo:output_type -> podvm.agent.v1.MemInfoResponse
+	31, // 54: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
+	1,  // 55: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
+	33, // 56: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
+	35, // 57: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
+	37, // 58: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
+	1,  // 59: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
+	35, // [35:60] is the sub-list for method output_type
+	10, // [10:35] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2505,7 +2567,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   37,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
