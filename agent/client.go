@@ -80,8 +80,9 @@ func Connect(ctx context.Context, dial Dialer, vmDone <-chan struct{}) (*Client,
 	}
 	closed := make(chan struct{})
 	c := &Client{closed: closed}
-	// observe sees the error fromGRPCErrors made of the reply's status too.
-	tc := ttrpc.NewClient(conn, ttrpc.WithChainUnaryClientInterceptor(c.observe, fromGRPCErrors),
+	// observe sees the error fromGRPCErrors made of the reply's status too, and the time a
+	// bounded call took to fail.
+	tc := ttrpc.NewClient(conn, ttrpc.WithChainUnaryClientInterceptor(c.observe, bounded(callTimeout), fromGRPCErrors),
 		ttrpc.WithOnClose(func() { close(closed) }))
 	c.AgentService, c.tc = api.NewAgentClient(tc), tc
 	v, err := c.Version(ctx, &api.VersionRequest{})
@@ -101,6 +102,43 @@ func Connect(ctx context.Context, dial Dialer, vmDone <-chan struct{}) (*Client,
 }
 
 var errVMExited = errors.New("the VM exited before its agent answered; read its console log")
+
+// CallTimeout bounds every agent call whose answer depends only on the guest being alive:
+// a frozen or wedged guest makes it fail, so kubelet's and containerd's calls into the shim
+// return an error instead of hanging. A caller's own deadline stays.
+const CallTimeout = 30 * time.Second
+
+// callTimeout is CallTimeout; tests shorten it.
+var callTimeout = CallTimeout
+
+// waitsForWorkload are the calls whose answer waits for the pod's processes (an exit, output,
+// a reader of stdin or of a forwarded connection, an OOM): their callers end them.
+var waitsForWorkload = map[string]bool{
+	"/podvm.agent.v1.Agent/WaitProcess": true,
+	"/podvm.agent.v1.Agent/ReadStdio":   true,
+	"/podvm.agent.v1.Agent/WriteStdin":  true,
+	"/podvm.agent.v1.Agent/GetOOMEvent": true,
+	"/podvm.agent.v1.Agent/ReadConn":    true,
+	"/podvm.agent.v1.Agent/WriteConn":   true,
+}
+
+// bounded is the client interceptor that gives a call without a deadline one of timeout,
+// unless it waits for the workload.
+func bounded(timeout time.Duration) ttrpc.UnaryClientInterceptor {
+	return func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
+		if _, ok := ctx.Deadline(); ok || waitsForWorkload[info.FullMethod] {
+			return invoker(ctx, req, resp)
+		}
+		cctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		err := invoker(cctx, req, resp)
+		if err != nil && ctx.Err() == nil && errors.Is(cctx.Err(), context.DeadlineExceeded) {
+			return fmt.Errorf("the guest agent did not answer %s within %v: the VM is hung or overloaded "+
+				"(its console log and `podvm debug` tell more): %w", info.FullMethod, timeout, context.DeadlineExceeded)
+		}
+		return err
+	}
+}
 
 // fromGRPCErrors turns the agent's status codes back into errdefs errors.
 func fromGRPCErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
