@@ -3,6 +3,7 @@ package shim
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -299,19 +300,34 @@ func (c *container) kill(ctx context.Context, p *process, signal uint32, all boo
 			return nil
 		}
 	}
+	if c.sandbox.vmGone() {
+		return nil // it died with the VM; its exit is reported
+	}
 	ag, err := c.guest()
 	if err != nil {
 		return err
 	}
-	_, err = ag.SignalProcess(ctx, &api.SignalProcessRequest{ContainerId: c.id, ExecId: p.execID, Signal: signal, All: all})
-	if errdefs.IsNotFound(err) {
+	sctx, cancel := context.WithTimeout(ctx, signalTimeout)
+	_, err = ag.SignalProcess(sctx, &api.SignalProcessRequest{ContainerId: c.id, ExecId: p.execID, Signal: signal, All: all})
+	cancel()
+	switch {
+	case err == nil:
+		return nil
+	case errdefs.IsNotFound(err):
 		return nil // it exited meanwhile
-	}
-	if err != nil {
+	case signal == uint32(unix.SIGKILL) && ctx.Err() == nil && errors.Is(sctx.Err(), context.DeadlineExceeded):
+		// SIGKILL cannot fail on a node: a guest that does not take it is hung, and only
+		// stopping its VM ends the process (and the pod's others, reported exited with it).
+		c.sandbox.stopHung(ctx, fmt.Sprintf("SIGKILL to %s was not answered within %v", p, signalTimeout))
+		return nil
+	default:
 		return fmt.Errorf("signal %d to %s: %w", signal, p, err)
 	}
-	return nil
 }
+
+// signalTimeout bounds a signal's delivery in the guest: the agent answers at once unless
+// the guest is hung. A variable for tests.
+var signalTimeout = 10 * time.Second
 
 // killUnstartedExec records the exit of an exec that is not in the guest yet. It reports
 // false when the exec started meanwhile and must be signalled in the guest.

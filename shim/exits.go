@@ -26,7 +26,9 @@ func (c *container) watchExit(ctx context.Context, p *process) {
 		code, at = resp.ExitStatus, guestTime(resp.ExitedAtUnixNano, time.Now())
 	} else {
 		log.G(ctx).WithError(err).WithField("process", p.String()).Debug("lost the process with the guest; reporting exit 255")
-		if !c.ownsVM() {
+		// A VM the shim stopped for a SIGKILL it could not deliver is containerd's stop in
+		// progress, which waits for this exit before it deletes the sandbox.
+		if !c.ownsVM() && c.sandbox.hung.Load() == nil {
 			c.sandbox.awaitOwnerGone(ctx)
 		}
 	}
@@ -106,6 +108,9 @@ func watchVM(ctx context.Context, sb *sandbox) {
 	case <-sb.vm.Done():
 	default:
 		what = "lost the pod VM's guest agent unexpectedly (its connection closed; the VM is stopped with the pod)"
+	}
+	if why := sb.hung.Load(); why != nil {
+		what = "the pod VM's guest stopped answering (" + *why + "), so the shim stopped the VM"
 	}
 	log.G(ctx).WithField("sandbox", sb.id).Errorf("%s: the pod's containers are reported exited (255), the sandbox first, "+
 		"so kubelet makes the pod anew; the end of the console log (%s):\n%s", what, sb.consolePath(), consoleTail(sb.consolePath(), 60))

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -377,6 +378,61 @@ func TestErrorsBecomeStatusCodesAtTheEdge(t *testing.T) {
 		err := tc.call()
 		if st, ok := grpcstatus.FromError(err); !ok || st.Code() != tc.code || st.Message() == "" {
 			t.Errorf("%s: %v, want status %v with a message", tc.name, err, tc.code)
+		}
+	}
+}
+
+// hungAgent is a guest that stops answering once hang is set: its calls fail as the agent
+// client's deadline makes them fail.
+type hungAgent struct {
+	*agent.Fake
+	hang atomic.Bool
+}
+
+func (a *hungAgent) SignalProcess(ctx context.Context, r *api.SignalProcessRequest) (*api.Empty, error) {
+	if a.hang.Load() {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return a.Fake.SignalProcess(ctx, r)
+}
+
+// A SIGKILL the guest does not take (a frozen VM) stops the VM instead of failing, so
+// StopPodSandbox, which needs every container's SIGKILL to succeed, can delete the pod; the
+// containers are reported exited, the sandbox first, as after a VM's death.
+func TestSIGKILLToHungGuestStopsVM(t *testing.T) {
+	old := signalTimeout
+	signalTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { signalTimeout = old })
+	r := newRig(t)
+	hung := &hungAgent{Fake: r.agent}
+	r.wrapAgent = func(*agent.Fake) agentConn { return hung }
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	r.mustCreate("c1", workloadAnnotations("pod1"))
+	r.mustStart("c1", "")
+	hung.hang.Store(true)
+
+	ctx, cancel := context.WithTimeout(r.ctx, 3*signalTimeout)
+	defer cancel()
+	if _, err := r.svc.Kill(ctx, &taskAPI.KillRequest{ID: "c1", Signal: 15}); err == nil {
+		t.Error("SIGTERM into a hung guest succeeded")
+	}
+	if _, stopped, _ := r.vm.State(); stopped {
+		t.Fatal("a SIGTERM the guest did not take stopped the VM")
+	}
+	if _, err := r.svc.Kill(ctx, &taskAPI.KillRequest{ID: "c1", Signal: 9}); err != nil {
+		t.Fatalf("SIGKILL into a hung guest: %v", err)
+	}
+	if _, stopped, _ := r.vm.State(); !stopped {
+		t.Fatal("the hung guest's VM still runs")
+	}
+	if _, err := r.svc.Kill(ctx, &taskAPI.KillRequest{ID: "pod1", Signal: 9}); err != nil {
+		t.Fatalf("SIGKILL to the sandbox after its VM stopped: %v", err)
+	}
+	for _, id := range []string{"pod1", "c1"} {
+		if w := r.wait(id, ""); w.ExitStatus != 255 {
+			t.Errorf("%s exited %d, want 255", id, w.ExitStatus)
 		}
 	}
 }

@@ -168,6 +168,8 @@ type sandbox struct {
 	cgroup     hostCgroup
 	// stopping is set when the shim stops the VM on purpose.
 	stopping atomic.Bool
+	// hung says why the shim stopped a guest that stopped answering ("" while it answers).
+	hung atomic.Pointer[string]
 	// ready is set once the guest is set up; containers are prepared only then.
 	ready bool
 
@@ -501,6 +503,37 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 	// The cgroup can go only once nothing is in it, the shim included.
 	sb.leaveCgroup(ctx)
 	cleanupState(ctx, sb.driver, sb.record(), sb.id)
+}
+
+// vmGone is true once the VM's QEMU has exited.
+func (sb *sandbox) vmGone() bool {
+	select {
+	case <-sb.vm.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// stopHung stops the VM of a guest that stopped answering (why says how that showed). What
+// follows is what follows a VM's death: every process's wait fails, each is reported exited,
+// the pod sandbox first, and watchVM says once why.
+func (sb *sandbox) stopHung(ctx context.Context, why string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if !sb.hung.CompareAndSwap(nil, &why) {
+		select { // another caller stops it
+		case <-sb.vm.Done():
+		case <-ctx.Done():
+		}
+		return
+	}
+	if err := sb.vm.Stop(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("stop the hung VM")
+	}
+	if err := sb.agent.Close(); err != nil && !isConnClosed(err) {
+		log.G(ctx).WithError(err).Debug("close the hung guest's agent connection")
+	}
 }
 
 func isConnClosed(err error) bool {
