@@ -101,3 +101,56 @@ func checkStoppedWithSandbox(t *testing.T, ctx context.Context, events <-chan *r
 		}
 	}
 }
+
+// TestPodvmFrozenGuest stops a running pod's QEMU (SIGSTOP: its vCPUs and devices stop, as a
+// hung guest looks). CRI calls into the pod fail with an error instead of hanging, kubelet's
+// StopPodSandbox and RemovePodSandbox take the pod down within kubelet's 2-minute request
+// timeout, the shim says once why it stopped the VM, and nothing is left behind.
+func TestPodvmFrozenGuest(t *testing.T) {
+	env, ctx := podvmTest(t, 5*time.Minute)
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "frozen", Namespace: "it", Handler: "podvm"})
+	ctr := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+pod.ID).Output()
+	pids := strings.Fields(string(out))
+	if len(pids) != 1 {
+		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), pod.ID)
+	}
+	qemu, _ := strconv.Atoi(pids[0])
+	if err := syscall.Kill(qemu, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	// Whatever happens, a stopped QEMU must not outlive the test stopped.
+	t.Cleanup(func() { _ = syscall.Kill(qemu, syscall.SIGCONT) })
+
+	kubelet := 2 * time.Minute // kubelet's runtime request timeout
+	cctx, cancel := context.WithTimeout(ctx, kubelet)
+	start := time.Now()
+	_, _, err := env.Runtime.ExecSync(cctx, ctr, []string{"true"}, 5*time.Second)
+	late := cctx.Err()
+	cancel()
+	if err == nil || late != nil {
+		t.Errorf("ExecSync into a frozen guest: %v after %v, want an error before kubelet's timeout", err, time.Since(start))
+	}
+	t.Logf("ExecSync into the frozen guest failed after %v: %v", time.Since(start).Round(time.Millisecond), err)
+
+	// kubelet stops the container with a grace period, then the pod.
+	cctx, cancel = context.WithTimeout(ctx, kubelet)
+	start = time.Now()
+	err = env.Runtime.StopContainer(cctx, ctr, 2)
+	late = cctx.Err()
+	cancel()
+	t.Logf("StopContainer after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	if late != nil {
+		t.Errorf("StopContainer of a frozen guest's container hung until kubelet's timeout")
+	}
+	start = time.Now()
+	stopAndRemovePod(t, ctx, env, pod.ID)
+	t.Logf("StopPodSandbox + RemovePodSandbox of the frozen pod took %v", time.Since(start).Round(time.Millisecond))
+
+	log, _ := os.ReadFile(env.ContainerdLog)
+	if n := strings.Count(string(log), "guest stopped answering"); n != 1 {
+		t.Errorf("containerd's log says %d times that the guest stopped answering, want once", n)
+	}
+	env.AssertNoLeaks(t)
+}

@@ -26,9 +26,7 @@ func (c *container) watchExit(ctx context.Context, p *process) {
 		code, at = resp.ExitStatus, guestTime(resp.ExitedAtUnixNano, time.Now())
 	} else {
 		log.G(ctx).WithError(err).WithField("process", p.String()).Debug("lost the process with the guest; reporting exit 255")
-		// A VM the shim stopped for a SIGKILL it could not deliver is containerd's stop in
-		// progress, which waits for this exit before it deletes the sandbox.
-		if !c.ownsVM() && c.sandbox.hung.Load() == nil {
+		if !c.ownsVM() {
 			c.sandbox.awaitOwnerGone(ctx)
 		}
 	}
