@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -156,6 +157,9 @@ type sandbox struct {
 	stopping atomic.Bool
 	// ready is set once the guest is set up; containers are prepared only then.
 	ready bool
+	// nsPid is the guest pid of the sandbox's process, whose namespaces (/proc/<pid>/ns/*)
+	// the pod's containers join; 0 until the sandbox container was created.
+	nsPid atomic.Uint32
 
 	mu sync.Mutex
 	// disks are the hot-plugged block devices of each container.
@@ -346,11 +350,53 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 		sb.mu.Unlock()
 	}
 	if id != sb.id {
+		if err := sb.guestNamespacePaths(att.Spec); err != nil {
+			return nil, err
+		}
 		if err := (record{SandboxID: sb.id, StateDir: sb.stateDir}).write(bundle); err != nil {
 			return nil, err
 		}
 	}
 	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts}, nil
+}
+
+// hostPID is the host pid containerd is told for every task of the pod: the VM's, which
+// belongs to the pod, as Kata reports it (guest pids would name unrelated host processes).
+func (sb *sandbox) hostPID() uint32 {
+	if sb.vm == nil {
+		return 0
+	}
+	return uint32(sb.vm.Pid())
+}
+
+// setNamespacePID records the guest pid of the sandbox's process.
+func (sb *sandbox) setNamespacePID(pid uint32) { sb.nsPid.Store(pid) }
+
+// guestNamespacePaths points a container's namespace paths at the guest: CRI writes
+// /proc/<sandbox task pid>/ns/<type> into workload specs, and that pid is the host's
+// (hostPID), so they become /proc/<guest pid of the sandbox>/ns/<type>. A path naming another
+// pid is refused: the guest has nothing it could mean.
+//
+// A container that targets another container's PID namespace (CRI's NamespaceMode_TARGET)
+// gets the same host pid in its path, as every task of the pod reports the VM's pid: it joins
+// the pod sandbox's PID namespace.
+func (sb *sandbox) guestNamespacePaths(spec *specs.Spec) error {
+	if spec.Linux == nil {
+		return nil
+	}
+	host, guest := sb.hostPID(), sb.nsPid.Load()
+	for i, ns := range spec.Linux.Namespaces {
+		if ns.Path == "" || ns.Type == specs.NetworkNamespace {
+			continue
+		}
+		want := fmt.Sprintf("/proc/%d/ns/", host)
+		if host == 0 || guest == 0 || !strings.HasPrefix(ns.Path, want) {
+			return fmt.Errorf("namespace %s path %q: a podvm container can join only its pod's namespaces (%s*): %w",
+				ns.Type, ns.Path, want, errdefs.ErrInvalidArgument)
+		}
+		spec.Linux.Namespaces[i].Path = fmt.Sprintf("/proc/%d/ns/%s", guest, strings.TrimPrefix(ns.Path, want))
+	}
+	return nil
 }
 
 // release undoes prepare; it is idempotent.
