@@ -198,27 +198,47 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if err := rec.write(o.bundle); err != nil {
 		return nil, err
 	}
+	ph := phases{last: start}
 	share, err := b.newShare(ctx, sb.stateDir, agent.GuestSharedDir, o.cfg)
 	if err != nil {
 		return nil, fmt.Errorf("the pod's shared filesystem: %w", err)
 	}
 	sb.share = share
+	ph.done("share")
 	pod, nics, err := sb.attachNetwork(ctx, b)
 	if err != nil {
 		return nil, err
 	}
-	if err := sb.startVM(ctx, b, o, nics); err != nil {
+	ph.done("network")
+	if err := sb.startVM(ctx, b, o, nics, &ph); err != nil {
 		return nil, err
 	}
 	if err := sb.setupGuest(ctx, b, o.host, pod); err != nil {
 		return nil, err
 	}
+	ph.done("guest_setup")
 	sb.ready = true
-	log.G(ctx).WithFields(log.Fields{
+	log.G(ctx).WithFields(ph.fields).WithFields(log.Fields{
 		"sandbox": o.id, "hypervisor": drv.Kind, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB,
 		"size_from": o.size.Source, "nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
 	}).Info("pod VM ready")
 	return sb, nil
+}
+
+// phases times the steps of a pod VM's boot for its "pod VM ready" log line.
+type phases struct {
+	last   time.Time
+	fields log.Fields
+}
+
+// done records the time since the previous step as step's.
+func (p *phases) done(step string) {
+	now := time.Now()
+	if p.fields == nil {
+		p.fields = log.Fields{}
+	}
+	p.fields[step] = now.Sub(p.last).Round(time.Millisecond)
+	p.last = now
 }
 
 // record is what `shim delete` needs to clean up after this sandbox's shim died.
@@ -248,7 +268,7 @@ func (sb *sandbox) attachNetwork(ctx context.Context, b backend) (*network.Pod, 
 }
 
 // startVM boots the VM and connects to its agent.
-func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice) error {
+func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice, ph *phases) error {
 	vcfg := o.cfg.VMConfig(o.id, o.size)
 	vcfg.StateDir, vcfg.SharedDir, vcfg.NetDevices = sb.stateDir, sb.share.ExportDir(), nics
 	cid, err := randomCID()
@@ -264,6 +284,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return fmt.Errorf("start the pod VM: %w", err)
 	}
 	sb.vm = vm
+	ph.done("vmm_start")
 	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
 	defer cancel()
 	conn, err := b.connect(actx, vm)
@@ -271,6 +292,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 	}
 	sb.agent = conn
+	ph.done("agent_ready")
 	return nil
 }
 
