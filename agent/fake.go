@@ -53,6 +53,7 @@ var _ api.AgentService = (*Fake)(nil)
 type fakeContainer struct {
 	paused    bool
 	resources []byte
+	spec      []byte
 }
 
 type fakeProc struct {
@@ -136,6 +137,16 @@ func (f *Fake) Containers() []string {
 		ids = append(ids, id)
 	}
 	return ids
+}
+
+// Spec returns the OCI spec (JSON) container cid was created with, nil if it was not.
+func (f *Fake) Spec(cid string) []byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if c := f.containers[cid]; c != nil {
+		return c.spec
+	}
+	return nil
 }
 
 // Paused reports whether the container is paused.
@@ -290,7 +301,7 @@ func (f *Fake) CreateContainer(ctx context.Context, r *api.CreateContainerReques
 	if _, ok := f.containers[r.ContainerId]; ok {
 		return nil, fmt.Errorf("container %s: %w", r.ContainerId, errdefs.ErrAlreadyExists)
 	}
-	f.containers[r.ContainerId] = &fakeContainer{}
+	f.containers[r.ContainerId] = &fakeContainer{spec: r.Spec}
 	p := f.proc(r.ContainerId, "")
 	p.created, f.nextPid, p.pid = true, f.nextPid+1, f.nextPid
 	return &api.CreateContainerResponse{Pid: p.pid}, nil

@@ -17,6 +17,8 @@ type Fake struct {
 	DialAgentFunc func(ctx context.Context) (net.Conn, error)
 	// Console is what ConsolePath returns.
 	Console string
+	// VMPid is what Pid returns once started.
+	VMPid int
 
 	mu       sync.Mutex
 	started  bool
@@ -32,6 +34,16 @@ func NewFake() *Fake {
 }
 
 var _ Hypervisor = (*Fake)(nil)
+
+// Pid implements Hypervisor: VMPid once started, else 0.
+func (f *Fake) Pid() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.started {
+		return 0
+	}
+	return f.VMPid
+}
 
 // Start implements Hypervisor.
 func (f *Fake) Start(ctx context.Context) error {

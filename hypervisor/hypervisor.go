@@ -30,6 +30,8 @@ type Hypervisor interface {
 	DialAgent(ctx context.Context) (net.Conn, error)
 	// ConsolePath is the file the guest's console is logged to (capped; read its end only).
 	ConsolePath() string
+	// Pid is the host pid of the VM process (the VMM), 0 before Start.
+	Pid() int
 }
 
 // Device is something that can be hot-plugged into a VM: *BlockDevice or *NetDevice.

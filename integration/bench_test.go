@@ -474,18 +474,24 @@ func (c *comparison) reportLatency(b *testing.B, handler, what string, ds durati
 }
 
 func (c *comparison) reportMemory(b *testing.B, handler string, mibs []float64) {
+	c.reportMemoryAs(b, handler, "pod PSS", mibs)
+}
+
+// reportMemoryAs reports a memory metric (MiB samples) under the name what.
+func (c *comparison) reportMemoryAs(b *testing.B, handler, what string, mibs []float64) {
 	med, hi := quantile(mibs, 0.5), quantile(mibs, 1)
-	b.Logf("%s pod PSS: %.1f MiB", handler, mibs)
+	b.Logf("%s %s: %.1f MiB", handler, what, mibs)
 	b.ReportMetric(med, "MiB/median")
 	b.ReportMetric(hi, "MiB/max")
-	c.set(handler, "pod PSS median", "MiB", med)
-	c.set(handler, "pod PSS max", "MiB", hi)
-	if r, ok := c.ratio("pod PSS median"); ok && handler == "podvm" {
+	c.set(handler, what+" median", "MiB", med)
+	c.set(handler, what+" max", "MiB", hi)
+	if r, ok := c.ratio(what + " median"); ok && handler == "podvm" {
 		b.ReportMetric(r, "x-runc")
 	}
 }
 
-// log writes the table of what both handlers measured in this run.
+// log writes the table of what both handlers measured in this run, and keeps its rows for
+// the run's summary (printBenchSummary).
 func (c *comparison) log() {
 	if len(c.rows) == 0 {
 		return
@@ -494,14 +500,38 @@ func (c *comparison) log() {
 	fmt.Fprintf(&buf, "%s, same run (load average at the end: %s)\n", c.b.Name(), loadAvg())
 	fmt.Fprintf(&buf, "| metric | runc | podvm | podvm/runc |\n| --- | --- | --- | --- |\n")
 	for _, m := range c.rows {
-		p := c.vals[m]
-		r := "n/a"
-		if v, ok := c.ratio(m); ok {
-			r = fmt.Sprintf("%.1fx", v)
-		}
-		fmt.Fprintf(&buf, "| %s | %s | %s | %s |\n", m, fmtVal(p[0], c.unit[m]), fmtVal(p[1], c.unit[m]), r)
+		row := c.row(m)
+		fmt.Fprintln(&buf, row)
+		benchSummary.rows = append(benchSummary.rows, row)
 	}
 	c.b.Log("\n" + buf.String())
+}
+
+// row is metric m's table row.
+func (c *comparison) row(m string) string {
+	p := c.vals[m]
+	r := "n/a"
+	if v, ok := c.ratio(m); ok {
+		r = fmt.Sprintf("%.1fx", v)
+	}
+	return fmt.Sprintf("| %s | %s | %s | %s |", m, fmtVal(p[0], c.unit[m]), fmtVal(p[1], c.unit[m]), r)
+}
+
+// benchSummary collects every comparison table's rows of one `go test -bench` run, for the
+// one table printBenchSummary prints at the end.
+var benchSummary struct{ rows []string }
+
+// printBenchSummary prints the rows of all the benchmarks that ran, as one runc/podvm table
+// with the load average, after the run (TestMain). Without benchmarks it prints nothing.
+func printBenchSummary() {
+	if len(benchSummary.rows) == 0 {
+		return
+	}
+	fmt.Printf("\nAll benchmarks of this run, runc and podvm side by side (load average at the end: %s)\n", loadAvg())
+	fmt.Println("| metric | runc | podvm | podvm/runc |\n| --- | --- | --- | --- |")
+	for _, r := range benchSummary.rows {
+		fmt.Println(r)
+	}
 }
 
 func fmtVal(v float64, unit string) string {

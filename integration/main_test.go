@@ -15,7 +15,9 @@ import (
 // The integration tests need podvm's binaries and a guest image. `make integration` builds
 // them and passes PODVM_BIN and PODVM_IMAGE_DIR; a bare `go test` builds them here once.
 func TestMain(m *testing.M) {
-	os.Exit(run(m))
+	code := run(m)
+	printBenchSummary()
+	os.Exit(code)
 }
 
 func run(m *testing.M) int {

@@ -118,9 +118,10 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 		_, _ = sb.agent.RemoveContainer(context.WithoutCancel(ctx), &api.RemoveContainerRequest{ContainerId: r.ID, Force: true})
 		return nil, err
 	}
-	c.init.attach(created.Pid, hio)
+	c.init.attach(sb.hostPID(), hio)
 	if c.ownsVM() {
 		sb.setOwner(c.init)
+		sb.setNamespacePID(created.Pid)
 	}
 	hio.startStdin(context.WithoutCancel(ctx), sb.agent, r.ID, "")
 	go c.watchExit(ctx, c.init)
@@ -167,21 +168,22 @@ func (c *container) startExec(ctx context.Context, ag agentConn, p *process) (ui
 		_, _ = ag.RemoveProcess(context.WithoutCancel(ctx), req)
 		return 0, err
 	}
-	resp, err := ag.StartProcess(ctx, req)
+	_, err = ag.StartProcess(ctx, req)
 	if err != nil {
 		hio.close()
 		_, _ = ag.RemoveProcess(context.WithoutCancel(ctx), req)
 		return 0, fmt.Errorf("start exec %s: %w", p, err)
 	}
-	p.attach(resp.Pid, hio)
+	p.attach(c.sandbox.hostPID(), hio)
 	hio.startStdin(context.WithoutCancel(ctx), ag, c.id, p.execID)
 	if err := p.apply(opStart); err != nil {
 		return 0, err
 	}
 	// Published before the exit can be: watchExit starts only now.
-	c.events.publish(&eventstypes.TaskExecStarted{ContainerID: c.id, ExecID: p.execID, Pid: resp.Pid})
+	pid := p.getPid()
+	c.events.publish(&eventstypes.TaskExecStarted{ContainerID: c.id, ExecID: p.execID, Pid: pid})
 	go c.watchExit(ctx, p)
-	return resp.Pid, nil
+	return pid, nil
 }
 
 // addExec records an exec; it starts with Start.

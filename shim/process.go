@@ -89,8 +89,11 @@ type process struct {
 	// The exit is recorded without it.
 	ops sync.Mutex
 
-	mu       sync.Mutex
-	status   status
+	mu     sync.Mutex
+	status status
+	// pid is what containerd is told: a host pid that belongs to the pod (QEMU's, as Kata
+	// does), so that host tools acting on a task pid (NRI plugins, crictl inspect, nsenter)
+	// touch the pod and nothing else. Guest pids are the agent's (Pids lists them).
 	pid      uint32
 	exitCode uint32
 	exitedAt time.Time
@@ -173,11 +176,12 @@ func (p *process) getPid() uint32 {
 	return p.pid
 }
 
-// attach records the process's guest pid and its stdio forwarding once it exists in the guest.
-func (p *process) attach(pid uint32, h *hostIO) {
+// attach records, once the process exists in the guest, the host pid containerd is told
+// (see pid) and its stdio forwarding.
+func (p *process) attach(hostPid uint32, h *hostIO) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.pid, p.io = pid, h
+	p.pid, p.io = hostPid, h
 }
 
 // hostIO returns the stdio forwarding, nil if there is none (yet).

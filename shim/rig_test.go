@@ -179,6 +179,7 @@ func newRig(t *testing.T) *rig {
 			return &r.ports, nil
 		},
 	}
+	r.vm.VMPid = fakeVMPid
 	svc, err := NewService(ctx, r.pub, sd, b)
 	if err != nil {
 		t.Fatal(err)

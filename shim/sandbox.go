@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -172,6 +173,9 @@ type sandbox struct {
 	hung atomic.Pointer[string]
 	// ready is set once the guest is set up; containers are prepared only then.
 	ready bool
+	// nsPid is the guest pid of the sandbox's process, whose namespaces (/proc/<pid>/ns/*)
+	// the pod's containers join; 0 until the sandbox container was created.
+	nsPid atomic.Uint32
 
 	mu sync.Mutex
 	// disks are the hot-plugged block devices of each container.
@@ -276,28 +280,48 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if err := sb.enterCgroup(ctx, b, o.cgroup); err != nil {
 		return nil, err
 	}
+	ph := phases{last: start}
 	share, err := b.newShare(ctx, sb.stateDir, agent.GuestSharedDir, o.cfg)
 	if err != nil {
 		return nil, fmt.Errorf("the pod's shared filesystem: %w", err)
 	}
 	sb.share = share
+	ph.done("share")
 	pod, nics, err := sb.attachNetwork(ctx, b)
 	if err != nil {
 		return nil, err
 	}
-	if err := sb.startVM(ctx, b, o, nics); err != nil {
+	ph.done("network")
+	if err := sb.startVM(ctx, b, o, nics, &ph); err != nil {
 		return nil, err
 	}
 	if err := sb.setupGuest(ctx, b, o.host, pod); err != nil {
 		return nil, err
 	}
+	ph.done("guest_setup")
 	sb.ready = true
 	sb.metricsReady(time.Since(start), o.size.VCPUs, o.size.MemoryMiB)
-	log.G(ctx).WithFields(log.Fields{
+	log.G(ctx).WithFields(ph.fields).WithFields(log.Fields{
 		"sandbox": o.id, "hypervisor": drv.Kind, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB,
 		"size_from": o.size.Source, "nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
 	}).Info("pod VM ready")
 	return sb, nil
+}
+
+// phases times the steps of a pod VM's boot for its "pod VM ready" log line.
+type phases struct {
+	last   time.Time
+	fields log.Fields
+}
+
+// done records the time since the previous step as step's.
+func (p *phases) done(step string) {
+	now := time.Now()
+	if p.fields == nil {
+		p.fields = log.Fields{}
+	}
+	p.fields[step] = now.Sub(p.last).Round(time.Millisecond)
+	p.last = now
 }
 
 // record is what `shim delete` needs to clean up after this sandbox's shim died.
@@ -328,7 +352,7 @@ func (sb *sandbox) attachNetwork(ctx context.Context, b backend) (*network.Pod, 
 }
 
 // startVM boots the VM and connects to its agent.
-func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice) error {
+func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice, ph *phases) error {
 	vcfg := o.cfg.VMConfig(o.id, o.size)
 	vcfg.StateDir, vcfg.SharedDir, vcfg.NetDevices = sb.stateDir, sb.share.ExportDir(), nics
 	cid, err := randomCID()
@@ -344,6 +368,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return fmt.Errorf("start the pod VM: %w", err)
 	}
 	sb.vm = vm
+	ph.done("vmm_start")
 	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
 	defer cancel()
 	conn, err := b.connect(actx, vm)
@@ -352,6 +377,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	}
 	sb.agent = conn
 	sb.observeAgent(conn)
+	ph.done("agent_ready")
 	return nil
 }
 
@@ -431,11 +457,53 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 		sb.mu.Unlock()
 	}
 	if id != sb.id {
+		if err := sb.guestNamespacePaths(att.Spec); err != nil {
+			return nil, err
+		}
 		if err := (record{SandboxID: sb.id, StateDir: sb.stateDir}).write(bundle); err != nil {
 			return nil, err
 		}
 	}
 	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts, podTmpfs: att.PodTmpfs}, nil
+}
+
+// hostPID is the host pid containerd is told for every task of the pod: the VM's, which
+// belongs to the pod, as Kata reports it (guest pids would name unrelated host processes).
+func (sb *sandbox) hostPID() uint32 {
+	if sb.vm == nil {
+		return 0
+	}
+	return uint32(sb.vm.Pid())
+}
+
+// setNamespacePID records the guest pid of the sandbox's process.
+func (sb *sandbox) setNamespacePID(pid uint32) { sb.nsPid.Store(pid) }
+
+// guestNamespacePaths points a container's namespace paths at the guest: CRI writes
+// /proc/<sandbox task pid>/ns/<type> into workload specs, and that pid is the host's
+// (hostPID), so they become /proc/<guest pid of the sandbox>/ns/<type>. A path naming another
+// pid is refused: the guest has nothing it could mean.
+//
+// A container that targets another container's PID namespace (CRI's NamespaceMode_TARGET)
+// gets the same host pid in its path, as every task of the pod reports the VM's pid: it joins
+// the pod sandbox's PID namespace.
+func (sb *sandbox) guestNamespacePaths(spec *specs.Spec) error {
+	if spec.Linux == nil {
+		return nil
+	}
+	host, guest := sb.hostPID(), sb.nsPid.Load()
+	for i, ns := range spec.Linux.Namespaces {
+		if ns.Path == "" || ns.Type == specs.NetworkNamespace {
+			continue
+		}
+		want := fmt.Sprintf("/proc/%d/ns/", host)
+		if host == 0 || guest == 0 || !strings.HasPrefix(ns.Path, want) {
+			return fmt.Errorf("namespace %s path %q: a podvm container can join only its pod's namespaces (%s*): %w",
+				ns.Type, ns.Path, want, errdefs.ErrInvalidArgument)
+		}
+		spec.Linux.Namespaces[i].Path = fmt.Sprintf("/proc/%d/ns/%s", guest, strings.TrimPrefix(ns.Path, want))
+	}
+	return nil
 }
 
 // release undoes prepare; it is idempotent.

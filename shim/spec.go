@@ -90,8 +90,8 @@ func hostNamespaces(spec *specs.Spec) []string {
 // adaptSpecForGuest rewrites what in a host-made spec means nothing, or something wrong, inside
 // the guest. Filesystem paths are rootfs.Provider's business; this handles the rest:
 //   - the network namespace: containers use the guest's own stack, which is the pod's;
-//   - other namespace paths stay: they name /proc/<pid>/ns/* of the sandbox, and the pids the
-//     shim reports to containerd are guest pids;
+//   - other namespace paths name /proc/<pid>/ns/* of the sandbox (sandbox.prepare has pointed
+//     them at the sandbox's process in the guest);
 //   - hooks are host programs, and host devices (privileged containers get them all) do not
 //     exist in the guest;
 //   - AppArmor/SELinux labels belong to the host's policy;

@@ -6,10 +6,7 @@ import (
 	"os"
 	"syscall"
 
-	"github.com/containerd/cgroups/v3/cgroup2"
-	cgroupstats "github.com/containerd/cgroups/v3/cgroup2/stats"
 	"github.com/containerd/errdefs"
-	"github.com/containerd/log"
 
 	// Device rules in cgroups need the devices controller implementation linked in.
 	_ "github.com/opencontainers/cgroups/devices"
@@ -27,17 +24,26 @@ type libcontainerRuntime struct {
 
 // lcContainer is a libcontainer container and its cgroup v2 group.
 type lcContainer struct {
-	id string
+	guestCgroup
 	lc *libcontainer.Container
-	// cgroup is relative to /sys/fs/cgroup.
-	cgroup string
 }
 
 // lcProcess is a started libcontainer process.
 type lcProcess struct{ p *libcontainer.Process }
 
+// Create makes a container with libcontainer, except for a CRI pod sandbox, whose namespaces a
+// holder process keeps (see holdNamespaces): the pause program would do nothing a VM needs, and
+// libcontainer's first start in a fresh guest is the slowest part of a pod's start under TCG.
 func (r libcontainerRuntime) Create(id string, spec *specs.Spec, init *procConfig) (runtimeContainer, runtimeProcess, error) {
 	spec.Linux.CgroupsPath = guestCgroupsPath(id, spec.Linux.CgroupsPath)
+	if isPodSandbox(spec) && init.consoleSocket == nil {
+		return holdNamespaces(r, id, spec, init)
+	}
+	return r.createContainer(id, spec, init)
+}
+
+// createContainer is runc create.
+func (r libcontainerRuntime) createContainer(id string, spec *specs.Spec, init *procConfig) (runtimeContainer, runtimeProcess, error) {
 	cfg, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{CgroupName: id, Spec: spec})
 	if err != nil {
 		return nil, nil, fmt.Errorf("convert spec: %w: %w", err, errdefs.ErrInvalidArgument)
@@ -54,7 +60,7 @@ func (r libcontainerRuntime) Create(id string, spec *specs.Spec, init *procConfi
 		_ = lc.Destroy()
 		return nil, nil, fmt.Errorf("create: %w", typed(err))
 	}
-	return &lcContainer{id: id, lc: lc, cgroup: spec.Linux.CgroupsPath}, lcProcess{lp}, nil
+	return &lcContainer{guestCgroup: guestCgroup{id: id, path: spec.Linux.CgroupsPath}, lc: lc}, lcProcess{lp}, nil
 }
 
 func (c *lcContainer) Start() error { return typed(c.lc.Exec()) }
@@ -71,24 +77,6 @@ func (c *lcContainer) Exec(p *procConfig) (runtimeProcess, error) {
 }
 
 func (c *lcContainer) Signal(sig unix.Signal) error { return typed(c.lc.Signal(sig)) }
-
-func (c *lcContainer) SignalAll(sig unix.Signal) error {
-	m, err := c.cgroupManager()
-	if err != nil {
-		return err
-	}
-	if sig == unix.SIGKILL {
-		return m.Kill()
-	}
-	pids, err := m.Procs(true)
-	if err != nil {
-		return err
-	}
-	for _, pid := range pids {
-		_ = unix.Kill(int(pid), sig)
-	}
-	return nil
-}
 
 func (c *lcContainer) Processes() ([]int, error) {
 	pids, err := c.lc.Processes()
@@ -116,60 +104,6 @@ func typed(err error) error {
 		return fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
 	}
 	return err
-}
-
-func (c *lcContainer) Update(r *specs.LinuxResources) error {
-	m, err := c.cgroupManager()
-	if err != nil {
-		return err
-	}
-	return m.Update(cgroup2.ToResources(r))
-}
-
-func (c *lcContainer) Stats() (*cgroupstats.Metrics, error) {
-	m, err := c.cgroupManager()
-	if err != nil {
-		return nil, err
-	}
-	return m.Stat()
-}
-
-// WatchOOM follows the oom_kill count of the cgroup's memory.events.
-func (c *lcContainer) WatchOOM(onOOM func()) error {
-	m, err := c.cgroupManager()
-	if err != nil {
-		return err
-	}
-	events, errs := m.EventChan()
-	go func() {
-		var last uint64
-		for {
-			select {
-			case ev, ok := <-events:
-				if !ok {
-					return
-				}
-				if ev.OOMKill > last {
-					last = ev.OOMKill
-					onOOM()
-				}
-			case err := <-errs:
-				// memory.events is gone with the cgroup (the container was deleted) or cannot
-				// be read: either way no more OOM events will come.
-				log.L.WithError(err).Debug("podvm-agent: OOM watch ended")
-				return
-			}
-		}
-	}()
-	return nil
-}
-
-func (c *lcContainer) cgroupManager() (*cgroup2.Manager, error) {
-	m, err := cgroup2.Load(c.cgroup)
-	if err != nil {
-		return nil, fmt.Errorf("container %s: cgroup %s: %w", c.id, c.cgroup, err)
-	}
-	return m, nil
 }
 
 func (p lcProcess) Pid() (int, error) { return p.p.Pid() }

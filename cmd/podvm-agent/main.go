@@ -40,6 +40,9 @@ func main() {
 			log.G(ctx).WithError(err).Error("podvm-agent: serve")
 			os.Exit(1)
 		}
+	case arg == guest.HoldArg:
+		// PID 1 of the pod's own PID namespace: before the guest's PID 1 case below.
+		guest.Hold(os.Args[2:])
 	case os.Getpid() == 1:
 		guest.Init()
 	default:

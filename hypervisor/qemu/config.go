@@ -426,7 +426,9 @@ func (c *Config) bootArgs() []string {
 }
 
 // controlArgs are the serial console, the QMP monitor, the pidfile and QEMU's own messages,
-// and the devices every VM has (an RNG).
+// and the devices every VM has: an RNG, and a balloon whose free page reporting hands the
+// pages the guest frees back to the host (the kernel's initrd copy and unpacked initramfs,
+// exited containers' memory), so the VM's host memory follows what the guest uses.
 func (c *Config) controlArgs() []string {
 	return []string{
 		// The console goes into a pipe the VM drains into a size-capped log (the guest
@@ -440,6 +442,7 @@ func (c *Config) controlArgs() []string {
 		"-pidfile", c.path(QEMUPidFile),
 		"-msg", "timestamp=on",
 		"-device", "virtio-rng-pci,id=rng",
+		"-device", "virtio-balloon-pci,id=balloon,free-page-reporting=on",
 	}
 }
 

@@ -61,6 +61,7 @@ func ExampleConfig_Args() {
 	//   -pidfile /run/podvm/4f2a/qemu.pid \
 	//   -msg timestamp=on \
 	//   -device virtio-rng-pci,id=rng \
+	//   -device virtio-balloon-pci,id=balloon,free-page-reporting=on \
 	//   -device virtio-serial-pci,id=vser \
 	//   -chardev socket,id=agent,path=/run/podvm/4f2a/agent.sock,server=on,wait=off \
 	//   -device virtserialport,bus=vser.0,chardev=agent,name=podvm.agent \

@@ -1,0 +1,72 @@
+package integration
+
+// Benchmarks of what a running pod is asked most after its start: an exec (kubelet's exec
+// probes, kubectl exec) and its stop. docs/benchmarks.md describes them with the others.
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/podvm/podvm/integration/harness"
+)
+
+// BenchmarkExecSync measures CRI ExecSync of `true` in a running busybox container, as kubelet's
+// exec probes call it: from the call until its exit code is back. The pod and its container
+// are made once, before the loop, with one exec outside the measurement.
+func BenchmarkExecSync(b *testing.B) {
+	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: h})
+		id := startSleeper(ctx, b, env, pod, "target")
+		execTrue(ctx, b, env, id)
+		ds := timedLoop(b, func(int) (time.Duration, func()) {
+			start := time.Now()
+			execTrue(ctx, b, env, id)
+			return time.Since(start), func() {}
+		})
+		removePod(ctx, b, env, pod)
+		cmp.reportLatency(b, h, "ExecSync", ds)
+	})
+}
+
+// execTrue runs `true` in container id with ExecSync and fails b unless it exits 0.
+func execTrue(ctx context.Context, b *testing.B, env *harness.Env, id string) {
+	b.Helper()
+	_, _, err := env.Runtime.ExecSync(ctx, id, []string{"true"}, 30*time.Second)
+	if err != nil {
+		b.Fatalf("ExecSync true in %s: %v", id, err)
+	}
+}
+
+// BenchmarkStopPodSandbox measures StopPodSandbox of a pod with a running busybox
+// `sleep 3600` (containerd kills the container, then the sandbox; for podvm the VM stops),
+// until the call returns. Starting the pod and RemovePodSandbox are outside the timer.
+func BenchmarkStopPodSandbox(b *testing.B) {
+	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: h}))
+		var ds durations
+		for i := 0; b.Loop(); i++ {
+			b.StopTimer()
+			pod := runPod(ctx, b, env, h, fmt.Sprintf("stop-%d", i))
+			startSleeper(ctx, b, env, pod, "sleep")
+			b.StartTimer()
+			start := time.Now()
+			sctx, cancel := context.WithTimeout(ctx, callTimeout)
+			err := env.Runtime.StopPodSandbox(sctx, pod.ID)
+			ds = append(ds, time.Since(start))
+			b.StopTimer()
+			if err != nil {
+				cancel()
+				b.Fatalf("StopPodSandbox %s: %v", pod.ID, err)
+			}
+			if err := env.Runtime.RemovePodSandbox(sctx, pod.ID); err != nil {
+				cancel()
+				b.Fatalf("RemovePodSandbox %s: %v", pod.ID, err)
+			}
+			cancel()
+			b.StartTimer()
+		}
+		cmp.reportLatency(b, h, "StopPodSandbox", ds)
+	})
+}
