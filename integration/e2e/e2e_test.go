@@ -1,0 +1,71 @@
+package e2e
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/integration/k8s"
+)
+
+// testCase is one behaviour checked for every runtime class with the same assertions.
+type testCase struct {
+	name string
+	run  func(ctx context.Context, t *testing.T, k *kube)
+}
+
+// TestE2E starts one cluster and runs every case for RuntimeClass runc, then podvm, then the
+// fault cases; at the end nothing may be left on the machine. E2E_RUN (a regexp, as -run
+// takes) is the usual way to select cases: go test -run 'TestE2E/podvm/exec'.
+func TestE2E(t *testing.T) {
+	ctx := suiteContext(t)
+	env := harness.Start(t, options(t))
+	img, err := buildNetToolsImage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.PushImage(ctx, netToolsImage, img); err != nil {
+		t.Fatal(err)
+	}
+	cl := k8s.Start(ctx, t, env)
+	tm := newTimings()
+	for _, rc := range runtimeClasses {
+		k := &kube{rc: rc, ns: "e2e-" + rc, client: cl.Client, config: cl.Config, timing: tm}
+		if _, err := cl.Client.CoreV1().Namespaces().Create(ctx,
+			&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: k.ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		k.waitServiceAccount(ctx, t)
+		t.Run(rc, func(t *testing.T) {
+			for _, tc := range cases {
+				t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k) })
+			}
+			for _, tc := range faultCases {
+				t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k, cl, env) })
+			}
+		})
+	}
+	t.Logf("timings, runc vs podvm, same cluster and run:\n%s", tm.table())
+	cl.AssertNoLeaks(t)
+}
+
+// waitServiceAccount waits for the controller manager to make the namespace's default service
+// account; until then the API refuses pods.
+func (k *kube) waitServiceAccount(ctx context.Context, t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := k.client.CoreV1().ServiceAccounts(k.ns).Get(ctx, "default", metav1.GetOptions{})
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no service account default in %s: %v", k.ns, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
