@@ -33,6 +33,15 @@ var cases = []testCase{
 	{"deployment_3", testDeployment},
 	{"iptables_init", testIptablesInit},
 	{"bridge", testBridge},
+	{"attach", testAttach},
+	{"hooks_and_grace", testHooksAndGrace},
+	{"job", testJob},
+	{"more_volumes", testMoreVolumes},
+	{"emptydir_memory", testEmptyDirMemory},
+	{"pod_network", testPodNetwork},
+	{"limits", testLimits},
+	{"resize", testResize},
+	{"debug_container", testDebug},
 }
 
 const sleeper = "echo started; exec sleep 3600"
@@ -177,7 +186,13 @@ func httpdScript(body string) string {
 
 // testPortForward: kubectl port-forward to an HTTP server in the pod.
 func testPortForward(ctx context.Context, t *testing.T, k *kube) {
-	k.run(ctx, t, k.pod("pf", httpdScript("pf-"+k.rc)))
+	// As a user would, wait until the server listens (kubectl port-forward ends at the first
+	// connection the pod refuses).
+	pod := k.pod("pf", httpdScript("pf-"+k.rc))
+	pod.Spec.Containers[0].ReadinessProbe = &corev1.Probe{
+		ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr(8080)}}, PeriodSeconds: 1}
+	k.create(ctx, t, pod)
+	k.wait(ctx, t, "pf", 3*time.Minute, ready)
 	addr := k.portForward(t, "pf", 8080)
 	var body string
 	deadline := time.Now().Add(30 * time.Second)

@@ -108,10 +108,10 @@ func testSandboxKilled(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluste
 	k.timing.add(k.rc, "sandbox killed → Running", time.Since(start))
 	time.Sleep(5 * time.Second) // a second, spurious restart would show by now
 	after = k.wait(ctx, t, p.Name, time.Minute, running)
-	if n := containerStatus(after, "c").RestartCount; n != 1 {
-		t.Errorf("restart count %d, want 1", n)
-	}
 	ev := k.events(p.Name)
+	if n := containerStatus(after, "c").RestartCount; n != 1 {
+		t.Errorf("restart count %d, want 1; events:\n%s", n, ev)
+	}
 	if n := strings.Count(ev, "SandboxChanged"); n != 1 {
 		t.Errorf("%d SandboxChanged events, want 1:\n%s", n, ev)
 	}

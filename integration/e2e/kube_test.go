@@ -20,6 +20,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/remotecommand"
 	utilexec "k8s.io/client-go/util/exec"
+
+	"github.com/podvm/podvm/integration/harness"
 )
 
 // kube is one runtime class's view of the cluster: its namespace, the client, and the
@@ -30,6 +32,8 @@ type kube struct {
 	client kubernetes.Interface
 	config *rest.Config
 	timing *timings
+	env    *harness.Env // the node: its network namespace, containerd's CRI
+	nodeIP string
 }
 
 // pod returns a pod of this runtime class running busybox's `sh -c script` in container "c".

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/podvm/podvm/integration/harness"
 )
 
 // The kubelet writes outside its root dir, at paths fixed in its code, and tunes kernel
@@ -105,6 +107,11 @@ func (c *Cluster) stop(t testing.TB) {
 	if t.Failed() {
 		c.logTails(t)
 	}
+	defer func() {
+		if t.Failed() || os.Getenv(harness.KeepLogsEnv) != "" {
+			c.keepLogs(t)
+		}
+	}()
 	start := time.Now()
 	for _, p := range slices.Backward(c.procs) {
 		if p.stop(15 * time.Second) {
@@ -136,6 +143,26 @@ func (c *Cluster) AssertNoLeaks(t testing.TB) {
 	if c.host != nil {
 		for _, l := range c.host.leaks(c.Dir) {
 			t.Errorf("leak: %s", l)
+		}
+	}
+}
+
+// keepLogs copies every component's log to harness.ArtifactsEnv's dir, as the harness does
+// with containerd's.
+func (c *Cluster) keepLogs(t testing.TB) {
+	dir := os.Getenv(harness.ArtifactsEnv)
+	if dir == "" || os.MkdirAll(dir, 0o755) != nil {
+		return
+	}
+	prefix := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())
+	for _, p := range c.procs {
+		b, err := os.ReadFile(p.log)
+		if err != nil {
+			continue
+		}
+		dst := filepath.Join(dir, prefix+"-"+p.name+".log")
+		if os.WriteFile(dst, b, 0o644) == nil {
+			t.Logf("k8s: %s log kept in %s", p.name, dst)
 		}
 	}
 }
