@@ -28,6 +28,9 @@ var faultCases = []faultCase{
 	{"kubelet_restart", testKubeletRestart},
 	{"containerd_restart", testContainerdRestart},
 	{"sandbox_killed", testSandboxKilled},
+	{"shim_killed", testShimKilled},
+	{"guest_frozen", testGuestFrozen},
+	{"soak", testSoak},
 }
 
 // survives checks that pod kept running through a fault: same container, no restart, and exec
@@ -88,24 +91,37 @@ func testContainerdRestart(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cl
 // podvm's QEMU). The kubelet sees it once, makes one new sandbox and restarts the container
 // once; the old sandbox leaves nothing running.
 func testSandboxKilled(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluster, env *harness.Env) {
-	p := k.run(ctx, t, k.pod("sandbox-killed", sleeper))
+	killAndRecover(ctx, t, k, env, "sandbox-killed", "sandbox killed → Running", sandboxProcess)
+}
+
+// testShimKilled: the pod's shim dies (SIGKILL, as the OOM killer might); for podvm its VM
+// goes with it. The same recovery as testSandboxKilled.
+func testShimKilled(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluster, env *harness.Env) {
+	killAndRecover(ctx, t, k, env, "shim-killed", "shim killed → Running", shimProcess)
+}
+
+// killAndRecover runs a pod, SIGKILLs the process victim names for its sandbox, and checks
+// the kubelet's recovery: one new sandbox, one container restart, one SandboxChanged event.
+func killAndRecover(ctx context.Context, t *testing.T, k *kube, env *harness.Env, name, measure string,
+	victim func(context.Context, *testing.T, *harness.Env, string, string) int) {
+	p := k.run(ctx, t, k.pod(name, sleeper))
 	old := podSandboxes(ctx, t, env, string(p.UID))
 	if len(old) != 1 {
 		t.Fatalf("%d sandboxes for the pod, want 1", len(old))
 	}
-	pid := sandboxProcess(ctx, t, env, k.rc, old[0].Id)
+	pid := victim(ctx, t, env, k.rc, old[0].Id)
 	start := time.Now()
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("killed the sandbox's process %d (%s)", pid, k.rc)
+	t.Logf("killed process %d of sandbox %s (%s)", pid, old[0].Id, k.rc)
 	after := k.wait(ctx, t, p.Name, 3*time.Minute, func(p *corev1.Pod) error {
 		if cs := containerStatus(p, "c"); cs == nil || cs.RestartCount < 1 {
 			return fmt.Errorf("container not restarted yet")
 		}
 		return running(p)
 	})
-	k.timing.add(k.rc, "sandbox killed → Running", time.Since(start))
+	k.timing.add(k.rc, measure, time.Since(start))
 	time.Sleep(5 * time.Second) // a second, spurious restart would show by now
 	after = k.wait(ctx, t, p.Name, time.Minute, running)
 	ev := k.events(p.Name)
@@ -170,6 +186,22 @@ func sandboxProcess(ctx context.Context, t *testing.T, env *harness.Env, rc, id 
 		t.Fatalf("sandbox %s pid: %v (%q)", id, err, resp.GetInfo()["info"])
 	}
 	return info.Pid
+}
+
+// shimProcess is the pod's shim: containerd-shim-runc-v2 or containerd-shim-podvm-v2, the one
+// started for the sandbox (-id <sandbox id>).
+func shimProcess(_ context.Context, t *testing.T, _ *harness.Env, rc, id string) int {
+	t.Helper()
+	out, _ := exec.Command("pgrep", "-f", "containerd-shim-"+rc+"-v2 .*-id "+id).Output()
+	f := strings.Fields(string(out))
+	if len(f) != 1 {
+		t.Fatalf("shim of sandbox %s: pgrep found %q", id, out)
+	}
+	pid, err := strconv.Atoi(f[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pid
 }
 
 func countQEMU(id string) int {

@@ -34,6 +34,8 @@ type kube struct {
 	timing *timings
 	env    *harness.Env // the node: its network namespace, containerd's CRI
 	nodeIP string
+	// stateDir is the podvm shim's state dir (one dir per live sandbox).
+	stateDir string
 }
 
 // pod returns a pod of this runtime class running busybox's `sh -c script` in container "c".

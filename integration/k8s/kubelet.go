@@ -42,7 +42,6 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 syncFrequency: 10s
-runtimeRequestTimeout: 4m
 shutdownGracePeriod: 0s
 resolvConf: /etc/resolv.conf
 clusterDomain: cluster.local
