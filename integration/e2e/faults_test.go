@@ -115,7 +115,7 @@ func killAndRecover(ctx context.Context, t *testing.T, k *kube, env *harness.Env
 		t.Fatal(err)
 	}
 	t.Logf("killed process %d of sandbox %s (%s)", pid, old[0].Id, k.rc)
-	after := k.wait(ctx, t, p.Name, 3*time.Minute, func(p *corev1.Pod) error {
+	k.wait(ctx, t, p.Name, 3*time.Minute, func(p *corev1.Pod) error {
 		if cs := containerStatus(p, "c"); cs == nil || cs.RestartCount < 1 {
 			return fmt.Errorf("container not restarted yet")
 		}
@@ -123,7 +123,7 @@ func killAndRecover(ctx context.Context, t *testing.T, k *kube, env *harness.Env
 	})
 	k.timing.add(k.rc, measure, time.Since(start))
 	time.Sleep(5 * time.Second) // a second, spurious restart would show by now
-	after = k.wait(ctx, t, p.Name, time.Minute, running)
+	after := k.wait(ctx, t, p.Name, time.Minute, running)
 	ev := k.events(p.Name)
 	if n := containerStatus(after, "c").RestartCount; n != 1 {
 		t.Errorf("restart count %d, want 1; events:\n%s", n, ev)

@@ -88,7 +88,12 @@ func (k *kube) portForward(t *testing.T, name string, port int) string {
 	}
 	done := make(chan error, 1)
 	go func() { done <- fw.ForwardPorts() }()
-	t.Cleanup(func() { close(stop); <-done })
+	t.Cleanup(func() {
+		close(stop)
+		if err := <-done; err != nil {
+			t.Logf("port-forward %s:%d ended: %v", name, port, err)
+		}
+	})
 	select {
 	case <-readyc:
 	case err := <-done:

@@ -3,6 +3,7 @@ package k8s
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -130,7 +131,7 @@ func (c *Cluster) kubeletHealthy(ctx context.Context) error {
 		return err
 	}
 	_ = resp.Body.Close()
-	if resp.StatusCode != 200 {
+	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("kubelet /healthz: %s", resp.Status)
 	}
 	return nil
