@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -89,21 +88,41 @@ func settle(ctx context.Context, t *testing.T, k *kube, env *harness.Env) {
 	}
 }
 
-// nodeCounts counts what a pod's life could leak on the node.
+// nodeCounts counts what a pod's life could leak on the node. Processes and mounts are those
+// of this suite's containerd (its dirs, the shim's state dir): other work on the machine does
+// not count.
 func nodeCounts(t *testing.T, env *harness.Env, stateDir string) map[string]int {
 	t.Helper()
-	c := map[string]int{}
-	for _, name := range []string{"qemu-system-x86", "virtiofsd", "containerd-shim"} {
-		out, _ := exec.Command("pgrep", "-c", name).Output()
-		c["processes "+name], _ = strconv.Atoi(strings.TrimSpace(string(out)))
+	ours := []string{env.Dir, env.RunDir, stateDir}
+	mentionsOurs := func(s string) bool {
+		for _, d := range ours {
+			if d != "" && strings.Contains(s, d) {
+				return true
+			}
+		}
+		return false
 	}
-	out, _ := exec.Command("pgrep", "-f", "containerd --config "+env.ConfigPath()).Output()
-	if f := strings.Fields(string(out)); len(f) == 1 {
-		fds, _ := os.ReadDir("/proc/" + f[0] + "/fd")
-		c["containerd fds"] = len(fds)
+	c := map[string]int{}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !mentionsOurs(strings.ReplaceAll(string(b), "\x00", " ")) {
+			continue
+		}
+		comm, _ := os.ReadFile(filepath.Join(filepath.Dir(p), "comm"))
+		name := strings.TrimSpace(string(comm))
+		if name == "containerd" {
+			fds, _ := os.ReadDir(filepath.Join(filepath.Dir(p), "fd"))
+			c["containerd fds"] = len(fds)
+		}
+		c["processes "+name]++
 	}
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
-		c["mounts"] = strings.Count(string(b), "\n")
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 4 && mentionsOurs(f[4]) {
+				c["mounts"]++
+			}
+		}
 	}
 	if b, err := env.RunInNetNS(context.Background(), "ip", "-o", "link"); err == nil {
 		c["links in the node netns"] = strings.Count(string(b), "\n")
@@ -123,11 +142,19 @@ func nodeCounts(t *testing.T, env *harness.Env, stateDir string) map[string]int 
 	return c
 }
 
+// countsDiff lists what differs between two countings (a key missing from one counts 0).
 func countsDiff(before, after map[string]int) string {
+	keys := map[string]bool{}
+	for k := range before {
+		keys[k] = true
+	}
+	for k := range after {
+		keys[k] = true
+	}
 	var d []string
-	for k, b := range before {
-		if after[k] != b {
-			d = append(d, fmt.Sprintf("%s %d → %d", k, b, after[k]))
+	for k := range keys {
+		if after[k] != before[k] {
+			d = append(d, fmt.Sprintf("%s %d → %d", k, before[k], after[k]))
 		}
 	}
 	sort.Strings(d)
@@ -138,6 +165,11 @@ func countsTable(before, after map[string]int) string {
 	var keys []string
 	for k := range before {
 		keys = append(keys, k)
+	}
+	for k := range after {
+		if _, ok := before[k]; !ok {
+			keys = append(keys, k)
+		}
 	}
 	sort.Strings(keys)
 	var b strings.Builder
