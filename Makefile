@@ -21,7 +21,7 @@ AGENT_TAGS  := seccomp netgo osusergo
 IT_TIMEOUT  ?= 30m
 IT_RUN      ?= .
 
-.PHONY: all deps build agent shim cli kernel image proto unit integration e2e lint test demo bench install clean
+.PHONY: all deps build agent shim cli kernel image proto unit integration e2e lint test demo bench install dist deb installer-image clean
 
 all: build
 
@@ -89,7 +89,7 @@ unit:
 integration: build image
 	@mkdir -p $(OUT)
 	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
-		bash -o pipefail -c '$(GO) test -count=1 -timeout 10m -tags realvm -v -run "$(IT_RUN)" ./hypervisor/qemu/ && \
+		PODVM_DEB=$$(bash hack/package.sh deb) bash -o pipefail -c '$(GO) test -count=1 -timeout 10m -tags realvm -v -run "$(IT_RUN)" ./hypervisor/qemu/ && \
 		$(GO) test -count=1 -timeout $(IT_TIMEOUT) -v -run "$(IT_RUN)" $$($(GO) list ./integration/... | grep -v /integration/e2e)' \
 		2>&1 | tee $(OUT)/integration.log; exit $${PIPESTATUS[0]}
 
@@ -136,6 +136,18 @@ bench: deps
 # podvm install does the work (it is what a node without this tree runs too).
 install: build image
 	$(BIN)/podvm install --root $(or $(DESTDIR),/) --prefix $(PREFIX) --image $(IMAGE_DIR)
+
+# Packages for node image bakers (hack/package.sh, docs/install.md): the install tree of
+# `podvm install --root` with binaries in /usr/bin, as a tarball and as a Debian package.
+dist: build image
+	bash hack/package.sh dist
+
+deb: build image
+	bash hack/package.sh deb
+
+# The DaemonSet installer's image (deploy/installer.yaml), built without Docker.
+installer-image: dist
+	$(BIN)/podvm node image --dist $(OUT)/dist/root --output $(OUT)/podvm-installer.tar --created $$(git log -1 --format=%ct)
 
 clean:
 	rm -rf $(BIN) $(OUT)

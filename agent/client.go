@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -23,8 +24,28 @@ type Client struct {
 	api.AgentService
 	tc     *ttrpc.Client
 	closed chan struct{}
+	// observer is told about every unary call (ObserveRPCs); nil: nobody.
+	observer atomic.Pointer[RPCObserver]
 	// Info is what the agent said when it became ready.
 	Info *api.VersionResponse
+}
+
+// RPCObserver is told the full method name, duration and error of an agent call.
+type RPCObserver func(method string, d time.Duration, err error)
+
+// ObserveRPCs makes the client report every later unary call to o (the shim's metrics).
+func (c *Client) ObserveRPCs(o RPCObserver) { c.observer.Store(&o) }
+
+// observe is the ttrpc client interceptor that times calls for the observer.
+func (c *Client) observe(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
+	o := c.observer.Load()
+	if o == nil {
+		return invoker(ctx, req, resp)
+	}
+	start := time.Now()
+	err := invoker(ctx, req, resp)
+	(*o)(info.FullMethod, time.Since(start), err)
+	return err
 }
 
 // Connect waits until the agent answers and returns a client. It dials until the transport
@@ -58,9 +79,11 @@ func Connect(ctx context.Context, dial Dialer, vmDone <-chan struct{}) (*Client,
 		}
 	}
 	closed := make(chan struct{})
-	tc := ttrpc.NewClient(conn, ttrpc.WithUnaryClientInterceptor(fromGRPCErrors),
+	c := &Client{closed: closed}
+	// observe sees the error fromGRPCErrors made of the reply's status too.
+	tc := ttrpc.NewClient(conn, ttrpc.WithChainUnaryClientInterceptor(c.observe, fromGRPCErrors),
 		ttrpc.WithOnClose(func() { close(closed) }))
-	c := &Client{AgentService: api.NewAgentClient(tc), tc: tc, closed: closed}
+	c.AgentService, c.tc = api.NewAgentClient(tc), tc
 	v, err := c.Version(ctx, &api.VersionRequest{})
 	if err != nil {
 		_ = tc.Close()

@@ -8,5 +8,9 @@ package agent
 // GuestSharedDir is where the agent mounts the sandbox's virtio-fs share in the guest.
 const GuestSharedDir = "/run/podvm/shared"
 
+// GuestPodTmpfsDir holds the pod's tmpfs in the guest (memory-backed emptyDirs), one
+// directory per volume, mounted by the agent when the first container using it is created.
+const GuestPodTmpfsDir = "/run/podvm/tmpfs"
+
 // Version is the agent API version the host and guest must agree on.
 const Version = "podvm-agent/2"

@@ -40,6 +40,8 @@ type Fake struct {
 	// The replies of ListProcesses and Stats, as a test (playing a hostile guest) sets them.
 	ProcessList *api.ListProcessesResponse
 	StatsReply  *api.StatsResponse
+	// MemInfoReply, if set, is what MemInfo answers.
+	MemInfoReply *api.MemInfoResponse
 	// VersionReply, if set, is what Version answers.
 	VersionReply *api.VersionResponse
 	// ExitedAt, if not zero, is the exit time WaitProcess reports (Unix nanoseconds).
@@ -514,6 +516,19 @@ func (f *Fake) Stats(ctx context.Context, r *api.ContainerRequest) (*api.StatsRe
 		return &api.StatsResponse{}, nil
 	}
 	return f.StatsReply, nil
+}
+
+// MemInfo answers MemInfoReply, or a guest with 512Mi of which 400Mi are available.
+func (f *Fake) MemInfo(ctx context.Context, _ *api.Empty) (*api.MemInfoResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.begin("MemInfo", ""); err != nil {
+		return nil, err
+	}
+	if f.MemInfoReply == nil {
+		return &api.MemInfoResponse{TotalBytes: 512 << 20, AvailableBytes: 400 << 20}, nil
+	}
+	return f.MemInfoReply, nil
 }
 
 // OOM queues an OOM event naming containerID, as a guest (honest or not) would send it.

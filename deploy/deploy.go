@@ -5,6 +5,9 @@ package deploy
 
 import _ "embed"
 
+// NodeLabel marks nodes that have podvm; the RuntimeClass's nodeSelector requires it "true".
+const NodeLabel = "podvm.io/runtime"
+
 // ConfigTOML is the default /etc/podvm/config.toml: every key with its default and a comment.
 //
 //go:embed config.toml

@@ -73,6 +73,9 @@ type Attachment struct {
 	BlockMounts []*api.BlockMount
 	// Devices are block device nodes to create in the container from hot-plugged disks.
 	Devices []*api.DeviceNode
+	// PodTmpfs are the memory-backed emptyDirs the container uses: tmpfs in the guest, of the
+	// size kubelet gave the host's (which stays unused).
+	PodTmpfs []*api.PodTmpfs
 }
 
 // Close closes the block devices' files.
@@ -226,7 +229,7 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		gspec.Root = &specs.Root{}
 	}
 	gspec.Root.Path = filepath.Join(s.guestDir, containerID, rootfsDir)
-	if err := s.bindVolumes(ctx, containerID, ctr, gspec, onDisk); err != nil {
+	if att.PodTmpfs, err = s.bindVolumes(ctx, containerID, ctr, gspec, onDisk); err != nil {
 		return nil, err
 	}
 	return att, nil
@@ -257,16 +260,17 @@ func (s *Share) prepareDisks(ctx context.Context, containerID string, gspec *spe
 
 // bindVolumes binds the source of every bind mount of gspec (but those onDisk) under a new
 // mounts dir in ctr and points the mount at its guest path. The pod's /dev/shm becomes
-// GuestShmDir.
-func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gspec *specs.Spec, onDisk map[int]bool) error {
+// GuestShmDir, and a memory-backed emptyDir a tmpfs of the pod in the guest (returned).
+func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gspec *specs.Spec, onDisk map[int]bool) ([]*api.PodTmpfs, error) {
 	mounts, err := mkdirOpen(ctr, mountsDir)
 	if err != nil {
-		return fmt.Errorf("container %s: %w", containerID, err)
+		return nil, fmt.Errorf("container %s: %w", containerID, err)
 	}
 	defer func() { _ = unix.Close(mounts) }()
+	var tmpfs []*api.PodTmpfs
 	for i := range gspec.Mounts {
 		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
+			return nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
 		}
 		m := &gspec.Mounts[i]
 		if !isBind(m) || onDisk[i] {
@@ -277,12 +281,21 @@ func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gs
 			continue
 		}
 		name := mountName(i, m.Destination)
-		if err := s.bindVolume(containerID, mounts, name, m); err != nil {
-			return err
+		t, err := s.bindVolume(containerID, mounts, name, m)
+		if err != nil {
+			return nil, err
+		}
+		if t != nil {
+			m.Source = t.MountPoint
+			tmpfs = append(tmpfs, t)
+			continue
 		}
 		m.Source = filepath.Join(s.guestDir, containerID, mountsDir, name)
+		if err := s.keepSubMountsWritable(containerID, name, m); err != nil {
+			return nil, err
+		}
 	}
-	return nil
+	return tmpfs, nil
 }
 
 // mountRootfs mounts the container's root filesystem on a new rootfs dir in ctr.
@@ -325,23 +338,58 @@ func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *sp
 	return nil
 }
 
-// bindVolume binds the source of m on a new mount point name in the mounts dir.
-func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs.Mount) error {
+// bindVolume binds the source of m on a new mount point name in the mounts dir; a
+// memory-backed emptyDir is not bound but returned, to become a tmpfs in the guest.
+func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs.Mount) (*api.PodTmpfs, error) {
 	fd, st, err := s.openSource(containerID, m.Destination, m.Source)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer func() { _ = unix.Close(fd) }()
+	if t, err := memoryEmptyDir(fd); err != nil || t != nil {
+		if err != nil {
+			return nil, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+		}
+		return t, nil
+	}
 	dir := st.Mode&unix.S_IFMT == unix.S_IFDIR
 	target, err := makeTargetAt(mounts, name, dir)
 	if err != nil {
-		return fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+		return nil, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
 	}
 	defer func() { _ = unix.Close(target) }()
 	ro, rro := readOnly(m.Options)
 	if err := bindAt(fd, target, ro, rro); err != nil {
-		return fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
+		return nil, fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
 	}
+	return nil, nil
+}
+
+// keepSubMountsWritable makes a plain read-only (ro, not rro) bind with host mounts below it
+// read-write in the guest's spec. In the guest the volume is one virtio-fs tree without those
+// sub-mounts, so a read-only bind there would make them read-only too, where runc leaves them
+// as they are. The host side of the bind stays read-only at its top (bindAt), and virtiofsd
+// writes through it, so the volume's own files stay read-only while its sub-mounts keep
+// their flags.
+func (s *Share) keepSubMountsWritable(containerID, name string, m *specs.Mount) error {
+	if ro, rro := readOnly(m.Options); !ro || rro {
+		return nil
+	}
+	below, err := mountsBelow(filepath.Join(s.stateDir, StagingDir, containerID, mountsDir, name))
+	if err != nil {
+		return fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+	}
+	if len(below) <= 1 {
+		return nil
+	}
+	opts := make([]string, 0, len(m.Options))
+	for _, o := range m.Options {
+		if o == "ro" {
+			o = "rw"
+		}
+		opts = append(opts, o)
+	}
+	m.Options = opts
 	return nil
 }
 

@@ -103,7 +103,7 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 	prepared, agentStart := time.Since(prepStart), time.Now()
 	created, err := sb.agent.CreateContainer(ctx, &api.CreateContainerRequest{
 		ContainerId: r.ID, Spec: specJSON, Stdio: paths.agentStdio(),
-		Devices: guest.devices, BlockMounts: guest.blockMounts,
+		Devices: guest.devices, BlockMounts: guest.blockMounts, PodTmpfs: guest.podTmpfs,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create container %s in the VM: %w", r.ID, err)
@@ -118,6 +118,9 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 		return nil, err
 	}
 	c.init.attach(created.Pid, hio)
+	if c.ownsVM() {
+		sb.setOwner(c.init)
+	}
 	hio.startStdin(context.WithoutCancel(ctx), sb.agent, r.ID, "")
 	go c.watchExit(ctx, c.init)
 	return c, nil

@@ -25,7 +25,10 @@ func (c *container) watchExit(ctx context.Context, p *process) {
 	if err == nil {
 		code, at = resp.ExitStatus, guestTime(resp.ExitedAtUnixNano, time.Now())
 	} else {
-		log.G(ctx).WithError(err).WithField("process", p.String()).Warn("lost the process (the VM died?); reporting exit 255")
+		log.G(ctx).WithError(err).WithField("process", p.String()).Debug("lost the process with the guest; reporting exit 255")
+		if !c.ownsVM() {
+			c.sandbox.awaitOwnerGone(ctx)
+		}
 	}
 	if h := p.hostIO(); h != nil {
 		h.drain()
@@ -81,17 +84,29 @@ func (c *container) settleExecs(ctx context.Context) {
 	}
 }
 
-// watchVM reports, with the end of the guest's console log, a VM or agent that goes away
-// while the pod runs; the processes' waits then fail and they are reported as exited.
+// watchVM reports, once and with the end of the guest's console log, a VM or agent that goes
+// away while the pod runs; the processes' waits then fail and they are reported as exited,
+// the pod sandbox first.
 func watchVM(ctx context.Context, sb *sandbox) {
-	what := "the pod VM exited"
 	select {
 	case <-sb.vm.Done():
 	case <-sb.agent.Done():
-		what = "the connection to the guest agent closed"
 	}
-	if !sb.stopping.Load() {
-		log.G(ctx).WithField("sandbox", sb.id).Errorf("%s unexpectedly; the end of the console log (%s):\n%s",
-			what, sb.consolePath(), consoleTail(sb.consolePath(), 60))
+	// Decided now: the lost processes' exits soon lead containerd to stop the sandbox.
+	if sb.stopping.Load() {
+		return
 	}
+	// QEMU going takes the connection with it; give it a moment to say so.
+	select {
+	case <-sb.vm.Done():
+	case <-time.After(2 * time.Second):
+	}
+	what := "the pod VM died unexpectedly (QEMU exited: killed, e.g. by the host's OOM killer, or crashed)"
+	select {
+	case <-sb.vm.Done():
+	default:
+		what = "lost the pod VM's guest agent unexpectedly (its connection closed; the VM is stopped with the pod)"
+	}
+	log.G(ctx).WithField("sandbox", sb.id).Errorf("%s: the pod's containers are reported exited (255), the sandbox first, "+
+		"so kubelet makes the pod anew; the end of the console log (%s):\n%s", what, sb.consolePath(), consoleTail(sb.consolePath(), 60))
 }

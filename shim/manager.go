@@ -14,6 +14,7 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
+	_ "github.com/containerd/containerd/v2/core/runtime" // the OCI features type, named as containerd reads it
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -22,8 +23,10 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
+	"github.com/containerd/typeurl/v2"
 	"golang.org/x/sys/unix"
 
+	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/version"
 )
@@ -180,10 +183,18 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	return status, nil
 }
 
-// Info describes the runtime.
+// Info describes the runtime (`containerd-shim-podvm-v2 -info`): containerd reads the OCI
+// features of its containers from it and advertises them as the CRI runtime handler's
+// (recursive read-only mounts; user namespaces only with ID-mapped mounts, see
+// agent.Features).
 func (manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	feat, err := typeurl.MarshalAnyToProto(agent.Features())
+	if err != nil {
+		return nil, fmt.Errorf("marshal the runtime features: %w", err)
+	}
 	return &types.RuntimeInfo{
-		Name:    RuntimeName,
-		Version: &types.RuntimeVersion{Version: version.Version},
+		Name:     RuntimeName,
+		Version:  &types.RuntimeVersion{Version: version.Version},
+		Features: feat,
 	}, nil
 }

@@ -5,10 +5,13 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/shim/config"
@@ -18,7 +21,19 @@ import (
 func TestManagerNameAndInfo(t *testing.T) {
 	info, err := manager{}.Info(context.Background(), nil)
 	if err != nil || manager.Name(manager{}) != RuntimeName || info.Name != RuntimeName || info.Version.Version != version.Version {
-		t.Errorf("info %+v %v, name %q", info, err, manager{}.Name())
+		t.Fatalf("info %+v %v, name %q", info, err, manager{}.Name())
+	}
+	// containerd reads the features as runc's: rro, user namespaces, ID-mapped mounts.
+	if info.Features.GetTypeUrl() != "types.containerd.io/opencontainers/runtime-spec/1/features/Features" {
+		t.Errorf("features type %q", info.Features.GetTypeUrl())
+	}
+	v, err := typeurl.UnmarshalAny(info.Features)
+	f, ok := v.(*features.Features)
+	if err != nil || !ok {
+		t.Fatalf("features %T %v", v, err)
+	}
+	if !slices.Contains(f.MountOptions, "rro") || *f.Linux.MountExtensions.IDMap.Enabled {
+		t.Errorf("features: mount options %q, idmap %v; want rro and no idmap", f.MountOptions, *f.Linux.MountExtensions.IDMap.Enabled)
 	}
 }
 

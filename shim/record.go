@@ -29,6 +29,8 @@ type record struct {
 	OwnsVM bool `json:"owns_vm"`
 	// Hypervisor is the kind of the VM's driver (records without it are QEMU's).
 	Hypervisor string `json:"hypervisor,omitempty"`
+	// Cgroup is the pod's cgroup on the host (hostcgroup.Path form), removed with the VM.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // driver returns the hypervisor driver of the record's VM.
@@ -82,6 +84,7 @@ func cleanupState(ctx context.Context, drv hypervisor.Driver, r record, id strin
 	} else if err := drv.Cleanup(ctx, r.StateDir); err != nil {
 		log.G(ctx).WithError(err).Warn("clean up VM processes")
 	}
+	removeCgroup(ctx, r.Cgroup)
 	if r.Netns != "" {
 		if err := network.Cleanup(ctx, r.Netns); err != nil {
 			log.G(ctx).WithError(err).Warn("clean up pod network")

@@ -25,9 +25,11 @@ import (
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/internal/logfile"
+	"github.com/podvm/podvm/metrics"
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
 	"github.com/podvm/podvm/shim/config"
+	"github.com/podvm/podvm/shim/hostcgroup"
 )
 
 // agentConn is a connection to the guest agent.
@@ -50,6 +52,8 @@ type backend struct {
 	newShare func(ctx context.Context, stateDir, guestDir string, cfg *config.Config) (rootfs.Provider, error)
 	// forwardPorts carries loopback TCP of the pod netns into the guest (CRI PortForward).
 	forwardPorts func(ctx context.Context, netnsPath string, dial network.GuestDialer) (portForwarder, error)
+	// enterCgroup creates the pod's cgroup on the host and moves the shim into it.
+	enterCgroup func(path string, lim hostcgroup.Limits) (hostCgroup, error)
 }
 
 // portForwarder is a running network.PortForwarder.
@@ -60,8 +64,9 @@ type portForwarder interface {
 // defaultBackend runs pods with the given hypervisors, the real network wiring and virtio-fs.
 func defaultBackend(drivers hypervisor.Drivers) backend {
 	return backend{
-		loadConfig: config.Load,
-		drivers:    drivers,
+		loadConfig:  config.Load,
+		drivers:     drivers,
+		enterCgroup: enterHostCgroup,
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
 			c, err := agent.Connect(ctx, vm.DialAgent, vm.Done())
 			if err != nil {
@@ -100,6 +105,7 @@ type sandboxOptions struct {
 	size   config.VMSize
 	netns  string
 	host   string
+	cgroup podCgroup
 }
 
 func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec) (*sandboxOptions, error) {
@@ -136,7 +142,11 @@ func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskReques
 		// A new UTS namespace starts with the node's name; a runc container shows it too.
 		host, _ = os.Hostname()
 	}
-	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host}, nil
+	cg, err := sandboxCgroup(cfg, size, spec)
+	if err != nil {
+		return nil, err
+	}
+	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host, cgroup: cg}, nil
 }
 
 // sandbox is the pod's VM and what is wired to it.
@@ -152,6 +162,10 @@ type sandbox struct {
 	endpoints []network.Endpoint
 	// ports forwards the pod netns's loopback to the guest; nil without a netns.
 	ports portForwarder
+	// cgroupPath is the pod's cgroup on the host ("" for none); cgroup is set once the shim
+	// is in it.
+	cgroupPath string
+	cgroup     hostCgroup
 	// stopping is set when the shim stops the VM on purpose.
 	stopping atomic.Bool
 	// ready is set once the guest is set up; containers are prepared only then.
@@ -160,6 +174,66 @@ type sandbox struct {
 	mu sync.Mutex
 	// disks are the hot-plugged block devices of each container.
 	disks map[string][]string
+	// owner is the init of the container that booted the VM (the pod sandbox).
+	owner *process
+	// ownerDeleted is closed once that container was deleted (the VM is stopped then).
+	ownerDeleted     chan struct{}
+	ownerDeletedOnce sync.Once
+
+	// metrics are the sandbox's metrics and their server (metrics.go); nil if not served.
+	metrics    *metrics.Sandbox
+	metricsSrv *metrics.Server
+}
+
+// ownerDeletedWait bounds how long the exits of a dead VM's containers wait for containerd
+// to delete the sandbox (which stops what is left of the VM) before they are published anyway.
+const ownerDeletedWait = 30 * time.Second
+
+// ownerGoneSettle is how long after that delete they still wait: containerd's CRI marks the
+// sandbox NOTREADY only after the delete returned, in goroutines of its own the shim cannot
+// observe (a few milliseconds here); reported sooner, a container's exit races it.
+const ownerGoneSettle = time.Second
+
+// markOwnerDeleted records that the VM owner's container was deleted.
+func (sb *sandbox) markOwnerDeleted() {
+	sb.ownerDeletedOnce.Do(func() { close(sb.ownerDeleted) })
+}
+
+// setOwner records the init of the container that booted the VM.
+func (sb *sandbox) setOwner(p *process) {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	sb.owner = p
+}
+
+// awaitOwnerGone waits (a bounded time) until the exit of the VM owner's init is queued and
+// containerd has deleted it. When the VM dies, the other containers' exits wait for that:
+// containerd's CRI marks the pod sandbox NOTREADY once it deleted the sandbox's task, so it
+// then has the sandbox not ready before it sees them exited, as with a runc pod whose
+// sandbox died, and kubelet recreates the pod instead of restarting a container in the dead
+// sandbox (whose shim is gone by then).
+func (sb *sandbox) awaitOwnerGone(ctx context.Context) {
+	sb.mu.Lock()
+	owner := sb.owner
+	sb.mu.Unlock()
+	if owner == nil {
+		return
+	}
+	timeout := time.NewTimer(ownerDeletedWait)
+	defer timeout.Stop()
+	for _, done := range []<-chan struct{}{owner.reported, sb.ownerDeleted} {
+		select {
+		case <-done:
+		case <-timeout.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+	select {
+	case <-time.After(ownerGoneSettle):
+	case <-ctx.Done():
+	}
 }
 
 // guestContainer is what the agent needs to create a container.
@@ -167,6 +241,7 @@ type guestContainer struct {
 	spec        *specs.Spec
 	devices     []*api.DeviceNode
 	blockMounts []*api.BlockMount
+	podTmpfs    []*api.PodTmpfs
 }
 
 // bootSandbox wires the pod network to a new VM, boots it and prepares the guest. On error
@@ -178,7 +253,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, fmt.Errorf("%w (%s): %w", err, configName(o.cfg), errdefs.ErrInvalidArgument)
 	}
 	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
-		driver: drv, disks: map[string][]string{}}
+		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path, ownerDeleted: make(chan struct{})}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -187,11 +262,16 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 			sb.shutdown(context.WithoutCancel(ctx))
 		}
 	}()
+	sb.startMetrics(ctx)
 	rec := sb.record()
 	if err := rec.write(sb.stateDir); err != nil {
 		return nil, err
 	}
 	if err := rec.write(o.bundle); err != nil {
+		return nil, err
+	}
+	// Before virtiofsd and QEMU start: they are born in the pod's cgroup.
+	if err := sb.enterCgroup(ctx, b, o.cgroup); err != nil {
 		return nil, err
 	}
 	share, err := b.newShare(ctx, sb.stateDir, agent.GuestSharedDir, o.cfg)
@@ -210,6 +290,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, err
 	}
 	sb.ready = true
+	sb.metricsReady(time.Since(start), o.size.VCPUs, o.size.MemoryMiB)
 	log.G(ctx).WithFields(log.Fields{
 		"sandbox": o.id, "hypervisor": drv.Kind, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB,
 		"size_from": o.size.Source, "nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
@@ -219,7 +300,8 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 
 // record is what `shim delete` needs to clean up after this sandbox's shim died.
 func (sb *sandbox) record() record {
-	return record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true, Hypervisor: sb.driver.Kind}
+	return record{SandboxID: sb.id, StateDir: sb.stateDir, Netns: sb.netns, OwnsVM: true, Hypervisor: sb.driver.Kind,
+		Cgroup: sb.cgroupPath}
 }
 
 // attachNetwork wires every interface of the pod netns to a tap for the VM.
@@ -267,6 +349,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 	}
 	sb.agent = conn
+	sb.observeAgent(conn)
 	return nil
 }
 
@@ -350,7 +433,7 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 			return nil, err
 		}
 	}
-	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts}, nil
+	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts, podTmpfs: att.PodTmpfs}, nil
 }
 
 // release undoes prepare; it is idempotent.
@@ -375,6 +458,7 @@ func (sb *sandbox) release(ctx context.Context, id string) {
 // It works on a half-booted sandbox too.
 func (sb *sandbox) shutdown(ctx context.Context) {
 	sb.stopping.Store(true)
+	sb.metricsStopping()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if sb.ports != nil {
@@ -413,6 +497,9 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 			log.G(ctx).WithError(err).Warn("close rootfs share")
 		}
 	}
+	sb.stopMetrics(ctx)
+	// The cgroup can go only once nothing is in it, the shim included.
+	sb.leaveCgroup(ctx)
 	cleanupState(ctx, sb.driver, sb.record(), sb.id)
 }
 

@@ -182,6 +182,9 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		vm.shutdown(context.WithoutCancel(ctx))
 	}
 	s.events.publish(&eventstypes.TaskDelete{ContainerID: c.id, Pid: st.pid, ExitStatus: st.exitCode, ExitedAt: protobuf.ToTimestamp(st.exitedAt)})
+	if c.ownsVM() {
+		c.sandbox.markOwnerDeleted()
+	}
 	return &taskAPI.DeleteResponse{Pid: st.pid, ExitStatus: st.exitCode, ExitedAt: protobuf.ToTimestamp(st.exitedAt)}, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -191,6 +192,45 @@ func TestVMDeathEndsProcesses(t *testing.T) {
 	r.vm.Exit()
 	if w := r.wait("pod1", ""); w.ExitStatus != 255 {
 		t.Errorf("exit status after VM death: %d, want 255", w.ExitStatus)
+	}
+}
+
+// When the VM dies, the sandbox's exit is published first, and its containers' once containerd
+// deleted the sandbox: containerd's CRI marks the sandbox not ready at that delete, so it has
+// the sandbox not ready when it reports them exited, and kubelet recreates the pod.
+func TestVMDeathReportsTheSandboxFirst(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	r.agent.Close()
+	r.vm.Exit()
+	exits := func() []string {
+		var ids []string
+		r.pub.mu.Lock()
+		defer r.pub.mu.Unlock()
+		for _, e := range r.pub.events {
+			if x, ok := e.(*eventstypes.TaskExit); ok {
+				ids = append(ids, x.ContainerID)
+			}
+		}
+		return ids
+	}
+	r.published("the sandbox's TaskExit", func(e any) bool {
+		x, ok := e.(*eventstypes.TaskExit)
+		return ok && x.ContainerID == "pod1"
+	})
+	time.Sleep(100 * time.Millisecond)
+	if got := exits(); !slices.Equal(got, []string{"pod1"}) {
+		t.Fatalf("exits before the sandbox was deleted: %v, want only pod1", got)
+	}
+	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
+		t.Fatal(err)
+	}
+	r.published("the container's TaskExit", func(e any) bool {
+		x, ok := e.(*eventstypes.TaskExit)
+		return ok && x.ContainerID == "c1"
+	})
+	if got := exits(); !slices.Equal(got, []string{"pod1", "c1"}) {
+		t.Errorf("exits %v, want pod1 then c1", got)
 	}
 }
 

@@ -678,7 +678,10 @@ type CreateContainerRequest struct {
 	// Devices to create in the container from hot-plugged disks.
 	Devices []*DeviceNode `protobuf:"bytes,4,rep,name=devices,proto3" json:"devices,omitempty"`
 	// Disks to mount in the guest before the container is created.
-	BlockMounts   []*BlockMount `protobuf:"bytes,5,rep,name=block_mounts,json=blockMounts,proto3" json:"block_mounts,omitempty"`
+	BlockMounts []*BlockMount `protobuf:"bytes,5,rep,name=block_mounts,json=blockMounts,proto3" json:"block_mounts,omitempty"`
+	// Pod-wide tmpfs (memory-backed emptyDirs) to mount in the guest, once per pod, before
+	// the container is created; they stay until the VM goes.
+	PodTmpfs      []*PodTmpfs `protobuf:"bytes,6,rep,name=pod_tmpfs,json=podTmpfs,proto3" json:"pod_tmpfs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -748,6 +751,68 @@ func (x *CreateContainerRequest) GetBlockMounts() []*BlockMount {
 	return nil
 }
 
+func (x *CreateContainerRequest) GetPodTmpfs() []*PodTmpfs {
+	if x != nil {
+		return x.PodTmpfs
+	}
+	return nil
+}
+
+// PodTmpfs is a tmpfs of the pod in guest memory, shared by its containers.
+type PodTmpfs struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Where to mount it; the agent accepts only a direct child of its pod tmpfs directory.
+	MountPoint string `protobuf:"bytes,1,opt,name=mount_point,json=mountPoint,proto3" json:"mount_point,omitempty"`
+	// Size limit in bytes; 0 = the tmpfs default (half the guest's memory).
+	SizeBytes     uint64 `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PodTmpfs) Reset() {
+	*x = PodTmpfs{}
+	mi := &file_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PodTmpfs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PodTmpfs) ProtoMessage() {}
+
+func (x *PodTmpfs) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PodTmpfs.ProtoReflect.Descriptor instead.
+func (*PodTmpfs) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *PodTmpfs) GetMountPoint() string {
+	if x != nil {
+		return x.MountPoint
+	}
+	return ""
+}
+
+func (x *PodTmpfs) GetSizeBytes() uint64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
 type DeviceNode struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// virtio-blk serial of the hot-plugged disk.
@@ -763,7 +828,7 @@ type DeviceNode struct {
 
 func (x *DeviceNode) Reset() {
 	*x = DeviceNode{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -775,7 +840,7 @@ func (x *DeviceNode) String() string {
 func (*DeviceNode) ProtoMessage() {}
 
 func (x *DeviceNode) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -788,7 +853,7 @@ func (x *DeviceNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceNode.ProtoReflect.Descriptor instead.
 func (*DeviceNode) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DeviceNode) GetSerial() string {
@@ -835,7 +900,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -847,7 +912,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -860,7 +925,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -883,7 +948,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -895,7 +960,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -908,7 +973,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -950,7 +1015,7 @@ type ProcessRequest struct {
 
 func (x *ProcessRequest) Reset() {
 	*x = ProcessRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -962,7 +1027,7 @@ func (x *ProcessRequest) String() string {
 func (*ProcessRequest) ProtoMessage() {}
 
 func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -975,7 +1040,7 @@ func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRequest.ProtoReflect.Descriptor instead.
 func (*ProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProcessRequest) GetContainerId() string {
@@ -1001,7 +1066,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1013,7 +1078,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1026,7 +1091,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -1049,7 +1114,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1061,7 +1126,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1074,7 +1139,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -1116,7 +1181,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1128,7 +1193,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1141,7 +1206,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -1170,7 +1235,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1182,7 +1247,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1195,7 +1260,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ResizePtyRequest) GetContainerId() string {
@@ -1239,7 +1304,7 @@ type ReadStdioRequest struct {
 
 func (x *ReadStdioRequest) Reset() {
 	*x = ReadStdioRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1251,7 +1316,7 @@ func (x *ReadStdioRequest) String() string {
 func (*ReadStdioRequest) ProtoMessage() {}
 
 func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1264,7 +1329,7 @@ func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
 func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReadStdioRequest) GetContainerId() string {
@@ -1306,7 +1371,7 @@ type ReadStdioResponse struct {
 
 func (x *ReadStdioResponse) Reset() {
 	*x = ReadStdioResponse{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1318,7 +1383,7 @@ func (x *ReadStdioResponse) String() string {
 func (*ReadStdioResponse) ProtoMessage() {}
 
 func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1331,7 +1396,7 @@ func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
 func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReadStdioResponse) GetData() []byte {
@@ -1359,7 +1424,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1371,7 +1436,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1384,7 +1449,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WriteStdinRequest) GetContainerId() string {
@@ -1417,7 +1482,7 @@ type WriteStdinResponse struct {
 
 func (x *WriteStdinResponse) Reset() {
 	*x = WriteStdinResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1429,7 +1494,7 @@ func (x *WriteStdinResponse) String() string {
 func (*WriteStdinResponse) ProtoMessage() {}
 
 func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1442,7 +1507,7 @@ func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
 func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WriteStdinResponse) GetWritten() uint32 {
@@ -1462,7 +1527,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1474,7 +1539,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1487,7 +1552,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RemoveContainerRequest) GetContainerId() string {
@@ -1513,7 +1578,7 @@ type ContainerRequest struct {
 
 func (x *ContainerRequest) Reset() {
 	*x = ContainerRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1525,7 +1590,7 @@ func (x *ContainerRequest) String() string {
 func (*ContainerRequest) ProtoMessage() {}
 
 func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1538,7 +1603,7 @@ func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRequest.ProtoReflect.Descriptor instead.
 func (*ContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ContainerRequest) GetContainerId() string {
@@ -1559,7 +1624,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1636,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1649,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1610,7 +1675,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1622,7 +1687,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1635,7 +1700,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1656,7 +1721,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1668,7 +1733,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1681,7 +1746,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -1708,7 +1773,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1720,7 +1785,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1733,7 +1798,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StatsResponse) GetCgroup2Metrics() []byte {
@@ -1741,6 +1806,60 @@ func (x *StatsResponse) GetCgroup2Metrics() []byte {
 		return x.Cgroup2Metrics
 	}
 	return nil
+}
+
+type MemInfoResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// MemTotal: the RAM the guest kernel manages.
+	TotalBytes uint64 `protobuf:"varint,1,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
+	// MemAvailable: what it could give to processes without swapping.
+	AvailableBytes uint64 `protobuf:"varint,2,opt,name=available_bytes,json=availableBytes,proto3" json:"available_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *MemInfoResponse) Reset() {
+	*x = MemInfoResponse{}
+	mi := &file_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemInfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemInfoResponse) ProtoMessage() {}
+
+func (x *MemInfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemInfoResponse.ProtoReflect.Descriptor instead.
+func (*MemInfoResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *MemInfoResponse) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
+func (x *MemInfoResponse) GetAvailableBytes() uint64 {
+	if x != nil {
+		return x.AvailableBytes
+	}
+	return 0
 }
 
 type OOMEvent struct {
@@ -1752,7 +1871,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1764,7 +1883,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1777,7 +1896,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -1796,7 +1915,7 @@ type DialPortRequest struct {
 
 func (x *DialPortRequest) Reset() {
 	*x = DialPortRequest{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1808,7 +1927,7 @@ func (x *DialPortRequest) String() string {
 func (*DialPortRequest) ProtoMessage() {}
 
 func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1821,7 +1940,7 @@ func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialPortRequest.ProtoReflect.Descriptor instead.
 func (*DialPortRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DialPortRequest) GetPort() uint32 {
@@ -1840,7 +1959,7 @@ type DialPortResponse struct {
 
 func (x *DialPortResponse) Reset() {
 	*x = DialPortResponse{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1852,7 +1971,7 @@ func (x *DialPortResponse) String() string {
 func (*DialPortResponse) ProtoMessage() {}
 
 func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1865,7 +1984,7 @@ func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialPortResponse.ProtoReflect.Descriptor instead.
 func (*DialPortResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DialPortResponse) GetConnId() uint64 {
@@ -1886,7 +2005,7 @@ type ReadConnRequest struct {
 
 func (x *ReadConnRequest) Reset() {
 	*x = ReadConnRequest{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1898,7 +2017,7 @@ func (x *ReadConnRequest) String() string {
 func (*ReadConnRequest) ProtoMessage() {}
 
 func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1911,7 +2030,7 @@ func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadConnRequest.ProtoReflect.Descriptor instead.
 func (*ReadConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ReadConnRequest) GetConnId() uint64 {
@@ -1939,7 +2058,7 @@ type ReadConnResponse struct {
 
 func (x *ReadConnResponse) Reset() {
 	*x = ReadConnResponse{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1951,7 +2070,7 @@ func (x *ReadConnResponse) String() string {
 func (*ReadConnResponse) ProtoMessage() {}
 
 func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1964,7 +2083,7 @@ func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadConnResponse.ProtoReflect.Descriptor instead.
 func (*ReadConnResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReadConnResponse) GetData() []byte {
@@ -1991,7 +2110,7 @@ type WriteConnRequest struct {
 
 func (x *WriteConnRequest) Reset() {
 	*x = WriteConnRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2003,7 +2122,7 @@ func (x *WriteConnRequest) String() string {
 func (*WriteConnRequest) ProtoMessage() {}
 
 func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2016,7 +2135,7 @@ func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteConnRequest.ProtoReflect.Descriptor instead.
 func (*WriteConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WriteConnRequest) GetConnId() uint64 {
@@ -2042,7 +2161,7 @@ type WriteConnResponse struct {
 
 func (x *WriteConnResponse) Reset() {
 	*x = WriteConnResponse{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2054,7 +2173,7 @@ func (x *WriteConnResponse) String() string {
 func (*WriteConnResponse) ProtoMessage() {}
 
 func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2067,7 +2186,7 @@ func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteConnResponse.ProtoReflect.Descriptor instead.
 func (*WriteConnResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WriteConnResponse) GetWritten() uint32 {
@@ -2088,7 +2207,7 @@ type CloseConnRequest struct {
 
 func (x *CloseConnRequest) Reset() {
 	*x = CloseConnRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2100,7 +2219,7 @@ func (x *CloseConnRequest) String() string {
 func (*CloseConnRequest) ProtoMessage() {}
 
 func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2113,7 +2232,7 @@ func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseConnRequest.ProtoReflect.Descriptor instead.
 func (*CloseConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CloseConnRequest) GetConnId() uint64 {
@@ -2179,13 +2298,19 @@ const file_agent_proto_rawDesc = "" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x1a\n" +
 	"\bterminal\x18\x04 \x01(\bR\bterminal\x12\x14\n" +
 	"\x05width\x18\x05 \x01(\rR\x05width\x12\x16\n" +
-	"\x06height\x18\x06 \x01(\rR\x06height\"\xf1\x01\n" +
+	"\x06height\x18\x06 \x01(\rR\x06height\"\xa8\x02\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x12+\n" +
 	"\x05stdio\x18\x03 \x01(\v2\x15.podvm.agent.v1.StdioR\x05stdio\x124\n" +
 	"\adevices\x18\x04 \x03(\v2\x1a.podvm.agent.v1.DeviceNodeR\adevices\x12=\n" +
-	"\fblock_mounts\x18\x05 \x03(\v2\x1a.podvm.agent.v1.BlockMountR\vblockMounts\"\x8c\x01\n" +
+	"\fblock_mounts\x18\x05 \x03(\v2\x1a.podvm.agent.v1.BlockMountR\vblockMounts\x125\n" +
+	"\tpod_tmpfs\x18\x06 \x03(\v2\x18.podvm.agent.v1.PodTmpfsR\bpodTmpfs\"J\n" +
+	"\bPodTmpfs\x12\x1f\n" +
+	"\vmount_point\x18\x01 \x01(\tR\n" +
+	"mountPoint\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x02 \x01(\x04R\tsizeBytes\"\x8c\x01\n" +
 	"\n" +
 	"DeviceNode\x12\x16\n" +
 	"\x06serial\x18\x01 \x01(\tR\x06serial\x12%\n" +
@@ -2247,7 +2372,11 @@ const file_agent_proto_rawDesc = "" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x1c\n" +
 	"\tresources\x18\x02 \x01(\fR\tresources\"8\n" +
 	"\rStatsResponse\x12'\n" +
-	"\x0fcgroup2_metrics\x18\x01 \x01(\fR\x0ecgroup2Metrics\"-\n" +
+	"\x0fcgroup2_metrics\x18\x01 \x01(\fR\x0ecgroup2Metrics\"[\n" +
+	"\x0fMemInfoResponse\x12\x1f\n" +
+	"\vtotal_bytes\x18\x01 \x01(\x04R\n" +
+	"totalBytes\x12'\n" +
+	"\x0favailable_bytes\x18\x02 \x01(\x04R\x0eavailableBytes\"-\n" +
 	"\bOOMEvent\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"%\n" +
 	"\x0fDialPortRequest\x12\x12\n" +
@@ -2274,7 +2403,7 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x06STDOUT\x10\x01\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x022\xce\x0e\n" +
+	"\x06STDERR\x10\x022\x91\x0f\n" +
 	"\x05Agent\x12J\n" +
 	"\aVersion\x12\x1e.podvm.agent.v1.VersionRequest\x1a\x1f.podvm.agent.v1.VersionResponse\x12J\n" +
 	"\fSetupSandbox\x12#.podvm.agent.v1.SetupSandboxRequest\x1a\x15.podvm.agent.v1.Empty\x12b\n" +
@@ -2295,7 +2424,8 @@ const file_agent_proto_rawDesc = "" +
 	"\x0ePauseContainer\x12 .podvm.agent.v1.ContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12J\n" +
 	"\x0fResumeContainer\x12 .podvm.agent.v1.ContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12P\n" +
 	"\x0fUpdateContainer\x12&.podvm.agent.v1.UpdateContainerRequest\x1a\x15.podvm.agent.v1.Empty\x12H\n" +
-	"\x05Stats\x12 .podvm.agent.v1.ContainerRequest\x1a\x1d.podvm.agent.v1.StatsResponse\x12>\n" +
+	"\x05Stats\x12 .podvm.agent.v1.ContainerRequest\x1a\x1d.podvm.agent.v1.StatsResponse\x12A\n" +
+	"\aMemInfo\x12\x15.podvm.agent.v1.Empty\x1a\x1f.podvm.agent.v1.MemInfoResponse\x12>\n" +
 	"\vGetOOMEvent\x12\x15.podvm.agent.v1.Empty\x1a\x18.podvm.agent.v1.OOMEvent\x128\n" +
 	"\bShutdown\x12\x15.podvm.agent.v1.Empty\x1a\x15.podvm.agent.v1.Empty\x12M\n" +
 	"\bDialPort\x12\x1f.podvm.agent.v1.DialPortRequest\x1a .podvm.agent.v1.DialPortResponse\x12M\n" +
@@ -2316,7 +2446,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: podvm.agent.v1.StdioStream
 	(*Empty)(nil),                   // 1: podvm.agent.v1.Empty
@@ -2329,96 +2459,101 @@ var file_agent_proto_goTypes = []any{
 	(*BlockMount)(nil),              // 8: podvm.agent.v1.BlockMount
 	(*Stdio)(nil),                   // 9: podvm.agent.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 10: podvm.agent.v1.CreateContainerRequest
-	(*DeviceNode)(nil),              // 11: podvm.agent.v1.DeviceNode
-	(*CreateContainerResponse)(nil), // 12: podvm.agent.v1.CreateContainerResponse
-	(*ExecProcessRequest)(nil),      // 13: podvm.agent.v1.ExecProcessRequest
-	(*ProcessRequest)(nil),          // 14: podvm.agent.v1.ProcessRequest
-	(*StartProcessResponse)(nil),    // 15: podvm.agent.v1.StartProcessResponse
-	(*SignalProcessRequest)(nil),    // 16: podvm.agent.v1.SignalProcessRequest
-	(*WaitProcessResponse)(nil),     // 17: podvm.agent.v1.WaitProcessResponse
-	(*ResizePtyRequest)(nil),        // 18: podvm.agent.v1.ResizePtyRequest
-	(*ReadStdioRequest)(nil),        // 19: podvm.agent.v1.ReadStdioRequest
-	(*ReadStdioResponse)(nil),       // 20: podvm.agent.v1.ReadStdioResponse
-	(*WriteStdinRequest)(nil),       // 21: podvm.agent.v1.WriteStdinRequest
-	(*WriteStdinResponse)(nil),      // 22: podvm.agent.v1.WriteStdinResponse
-	(*RemoveContainerRequest)(nil),  // 23: podvm.agent.v1.RemoveContainerRequest
-	(*ContainerRequest)(nil),        // 24: podvm.agent.v1.ContainerRequest
-	(*ProcessInfo)(nil),             // 25: podvm.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 26: podvm.agent.v1.ListProcessesResponse
-	(*UpdateContainerRequest)(nil),  // 27: podvm.agent.v1.UpdateContainerRequest
-	(*StatsResponse)(nil),           // 28: podvm.agent.v1.StatsResponse
-	(*OOMEvent)(nil),                // 29: podvm.agent.v1.OOMEvent
-	(*DialPortRequest)(nil),         // 30: podvm.agent.v1.DialPortRequest
-	(*DialPortResponse)(nil),        // 31: podvm.agent.v1.DialPortResponse
-	(*ReadConnRequest)(nil),         // 32: podvm.agent.v1.ReadConnRequest
-	(*ReadConnResponse)(nil),        // 33: podvm.agent.v1.ReadConnResponse
-	(*WriteConnRequest)(nil),        // 34: podvm.agent.v1.WriteConnRequest
-	(*WriteConnResponse)(nil),       // 35: podvm.agent.v1.WriteConnResponse
-	(*CloseConnRequest)(nil),        // 36: podvm.agent.v1.CloseConnRequest
+	(*PodTmpfs)(nil),                // 11: podvm.agent.v1.PodTmpfs
+	(*DeviceNode)(nil),              // 12: podvm.agent.v1.DeviceNode
+	(*CreateContainerResponse)(nil), // 13: podvm.agent.v1.CreateContainerResponse
+	(*ExecProcessRequest)(nil),      // 14: podvm.agent.v1.ExecProcessRequest
+	(*ProcessRequest)(nil),          // 15: podvm.agent.v1.ProcessRequest
+	(*StartProcessResponse)(nil),    // 16: podvm.agent.v1.StartProcessResponse
+	(*SignalProcessRequest)(nil),    // 17: podvm.agent.v1.SignalProcessRequest
+	(*WaitProcessResponse)(nil),     // 18: podvm.agent.v1.WaitProcessResponse
+	(*ResizePtyRequest)(nil),        // 19: podvm.agent.v1.ResizePtyRequest
+	(*ReadStdioRequest)(nil),        // 20: podvm.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),       // 21: podvm.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),       // 22: podvm.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),      // 23: podvm.agent.v1.WriteStdinResponse
+	(*RemoveContainerRequest)(nil),  // 24: podvm.agent.v1.RemoveContainerRequest
+	(*ContainerRequest)(nil),        // 25: podvm.agent.v1.ContainerRequest
+	(*ProcessInfo)(nil),             // 26: podvm.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 27: podvm.agent.v1.ListProcessesResponse
+	(*UpdateContainerRequest)(nil),  // 28: podvm.agent.v1.UpdateContainerRequest
+	(*StatsResponse)(nil),           // 29: podvm.agent.v1.StatsResponse
+	(*MemInfoResponse)(nil),         // 30: podvm.agent.v1.MemInfoResponse
+	(*OOMEvent)(nil),                // 31: podvm.agent.v1.OOMEvent
+	(*DialPortRequest)(nil),         // 32: podvm.agent.v1.DialPortRequest
+	(*DialPortResponse)(nil),        // 33: podvm.agent.v1.DialPortResponse
+	(*ReadConnRequest)(nil),         // 34: podvm.agent.v1.ReadConnRequest
+	(*ReadConnResponse)(nil),        // 35: podvm.agent.v1.ReadConnResponse
+	(*WriteConnRequest)(nil),        // 36: podvm.agent.v1.WriteConnRequest
+	(*WriteConnResponse)(nil),       // 37: podvm.agent.v1.WriteConnResponse
+	(*CloseConnRequest)(nil),        // 38: podvm.agent.v1.CloseConnRequest
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
 	6,  // 1: podvm.agent.v1.SetupSandboxRequest.routes:type_name -> podvm.agent.v1.Route
 	7,  // 2: podvm.agent.v1.SetupSandboxRequest.neighbors:type_name -> podvm.agent.v1.Neighbor
 	9,  // 3: podvm.agent.v1.CreateContainerRequest.stdio:type_name -> podvm.agent.v1.Stdio
-	11, // 4: podvm.agent.v1.CreateContainerRequest.devices:type_name -> podvm.agent.v1.DeviceNode
+	12, // 4: podvm.agent.v1.CreateContainerRequest.devices:type_name -> podvm.agent.v1.DeviceNode
 	8,  // 5: podvm.agent.v1.CreateContainerRequest.block_mounts:type_name -> podvm.agent.v1.BlockMount
-	9,  // 6: podvm.agent.v1.ExecProcessRequest.stdio:type_name -> podvm.agent.v1.Stdio
-	0,  // 7: podvm.agent.v1.ReadStdioRequest.stream:type_name -> podvm.agent.v1.StdioStream
-	25, // 8: podvm.agent.v1.ListProcessesResponse.processes:type_name -> podvm.agent.v1.ProcessInfo
-	2,  // 9: podvm.agent.v1.Agent.Version:input_type -> podvm.agent.v1.VersionRequest
-	4,  // 10: podvm.agent.v1.Agent.SetupSandbox:input_type -> podvm.agent.v1.SetupSandboxRequest
-	10, // 11: podvm.agent.v1.Agent.CreateContainer:input_type -> podvm.agent.v1.CreateContainerRequest
-	13, // 12: podvm.agent.v1.Agent.ExecProcess:input_type -> podvm.agent.v1.ExecProcessRequest
-	14, // 13: podvm.agent.v1.Agent.StartProcess:input_type -> podvm.agent.v1.ProcessRequest
-	16, // 14: podvm.agent.v1.Agent.SignalProcess:input_type -> podvm.agent.v1.SignalProcessRequest
-	14, // 15: podvm.agent.v1.Agent.WaitProcess:input_type -> podvm.agent.v1.ProcessRequest
-	18, // 16: podvm.agent.v1.Agent.ResizePty:input_type -> podvm.agent.v1.ResizePtyRequest
-	19, // 17: podvm.agent.v1.Agent.ReadStdio:input_type -> podvm.agent.v1.ReadStdioRequest
-	21, // 18: podvm.agent.v1.Agent.WriteStdin:input_type -> podvm.agent.v1.WriteStdinRequest
-	14, // 19: podvm.agent.v1.Agent.CloseStdin:input_type -> podvm.agent.v1.ProcessRequest
-	14, // 20: podvm.agent.v1.Agent.RemoveProcess:input_type -> podvm.agent.v1.ProcessRequest
-	23, // 21: podvm.agent.v1.Agent.RemoveContainer:input_type -> podvm.agent.v1.RemoveContainerRequest
-	24, // 22: podvm.agent.v1.Agent.ListProcesses:input_type -> podvm.agent.v1.ContainerRequest
-	24, // 23: podvm.agent.v1.Agent.PauseContainer:input_type -> podvm.agent.v1.ContainerRequest
-	24, // 24: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
-	27, // 25: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
-	24, // 26: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
-	1,  // 27: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
-	1,  // 28: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
-	30, // 29: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
-	32, // 30: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
-	34, // 31: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
-	36, // 32: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
-	3,  // 33: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
-	1,  // 34: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
-	12, // 35: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
-	1,  // 36: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
-	15, // 37: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
-	1,  // 38: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
-	17, // 39: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
-	1,  // 40: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
-	20, // 41: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
-	22, // 42: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
-	1,  // 43: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
-	1,  // 44: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
-	1,  // 45: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
-	26, // 46: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
-	1,  // 47: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 48: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 49: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
-	28, // 50: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
-	29, // 51: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
-	1,  // 52: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
-	31, // 53: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
-	33, // 54: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
-	35, // 55: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
-	1,  // 56: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
-	33, // [33:57] is the sub-list for method output_type
-	9,  // [9:33] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	11, // 6: podvm.agent.v1.CreateContainerRequest.pod_tmpfs:type_name -> podvm.agent.v1.PodTmpfs
+	9,  // 7: podvm.agent.v1.ExecProcessRequest.stdio:type_name -> podvm.agent.v1.Stdio
+	0,  // 8: podvm.agent.v1.ReadStdioRequest.stream:type_name -> podvm.agent.v1.StdioStream
+	26, // 9: podvm.agent.v1.ListProcessesResponse.processes:type_name -> podvm.agent.v1.ProcessInfo
+	2,  // 10: podvm.agent.v1.Agent.Version:input_type -> podvm.agent.v1.VersionRequest
+	4,  // 11: podvm.agent.v1.Agent.SetupSandbox:input_type -> podvm.agent.v1.SetupSandboxRequest
+	10, // 12: podvm.agent.v1.Agent.CreateContainer:input_type -> podvm.agent.v1.CreateContainerRequest
+	14, // 13: podvm.agent.v1.Agent.ExecProcess:input_type -> podvm.agent.v1.ExecProcessRequest
+	15, // 14: podvm.agent.v1.Agent.StartProcess:input_type -> podvm.agent.v1.ProcessRequest
+	17, // 15: podvm.agent.v1.Agent.SignalProcess:input_type -> podvm.agent.v1.SignalProcessRequest
+	15, // 16: podvm.agent.v1.Agent.WaitProcess:input_type -> podvm.agent.v1.ProcessRequest
+	19, // 17: podvm.agent.v1.Agent.ResizePty:input_type -> podvm.agent.v1.ResizePtyRequest
+	20, // 18: podvm.agent.v1.Agent.ReadStdio:input_type -> podvm.agent.v1.ReadStdioRequest
+	22, // 19: podvm.agent.v1.Agent.WriteStdin:input_type -> podvm.agent.v1.WriteStdinRequest
+	15, // 20: podvm.agent.v1.Agent.CloseStdin:input_type -> podvm.agent.v1.ProcessRequest
+	15, // 21: podvm.agent.v1.Agent.RemoveProcess:input_type -> podvm.agent.v1.ProcessRequest
+	24, // 22: podvm.agent.v1.Agent.RemoveContainer:input_type -> podvm.agent.v1.RemoveContainerRequest
+	25, // 23: podvm.agent.v1.Agent.ListProcesses:input_type -> podvm.agent.v1.ContainerRequest
+	25, // 24: podvm.agent.v1.Agent.PauseContainer:input_type -> podvm.agent.v1.ContainerRequest
+	25, // 25: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
+	28, // 26: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
+	25, // 27: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
+	1,  // 28: podvm.agent.v1.Agent.MemInfo:input_type -> podvm.agent.v1.Empty
+	1,  // 29: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
+	1,  // 30: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
+	32, // 31: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
+	34, // 32: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
+	36, // 33: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
+	38, // 34: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
+	3,  // 35: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
+	1,  // 36: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
+	13, // 37: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
+	1,  // 38: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
+	16, // 39: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
+	1,  // 40: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
+	18, // 41: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
+	1,  // 42: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
+	21, // 43: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
+	23, // 44: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
+	1,  // 45: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
+	1,  // 46: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
+	1,  // 47: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
+	27, // 48: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
+	1,  // 49: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 50: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 51: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
+	29, // 52: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
+	30, // 53: podvm.agent.v1.Agent.MemInfo:output_type -> podvm.agent.v1.MemInfoResponse
+	31, // 54: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
+	1,  // 55: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
+	33, // 56: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
+	35, // 57: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
+	37, // 58: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
+	1,  // 59: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
+	35, // [35:60] is the sub-list for method output_type
+	10, // [10:35] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -2432,7 +2567,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   36,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

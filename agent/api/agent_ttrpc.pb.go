@@ -26,6 +26,7 @@ type AgentService interface {
 	ResumeContainer(context.Context, *ContainerRequest) (*Empty, error)
 	UpdateContainer(context.Context, *UpdateContainerRequest) (*Empty, error)
 	Stats(context.Context, *ContainerRequest) (*StatsResponse, error)
+	MemInfo(context.Context, *Empty) (*MemInfoResponse, error)
 	GetOOMEvent(context.Context, *Empty) (*OOMEvent, error)
 	Shutdown(context.Context, *Empty) (*Empty, error)
 	DialPort(context.Context, *DialPortRequest) (*DialPortResponse, error)
@@ -162,6 +163,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Stats(ctx, &req)
+			},
+			"MemInfo": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req Empty
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.MemInfo(ctx, &req)
 			},
 			"GetOOMEvent": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req Empty
@@ -358,6 +366,14 @@ func (c *agentClient) UpdateContainer(ctx context.Context, req *UpdateContainerR
 func (c *agentClient) Stats(ctx context.Context, req *ContainerRequest) (*StatsResponse, error) {
 	var resp StatsResponse
 	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "Stats", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) MemInfo(ctx context.Context, req *Empty) (*MemInfoResponse, error) {
+	var resp MemInfoResponse
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "MemInfo", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

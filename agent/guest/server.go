@@ -27,6 +27,8 @@ type Server struct {
 
 	mu         sync.Mutex
 	containers map[string]*container
+	// tmpfsMu serialises mounting the pod's tmpfs (containers sharing one are made at once).
+	tmpfsMu sync.Mutex
 
 	oom chan string
 	// ports are the guest ends of port-forward connections.
@@ -115,6 +117,9 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 		}
 	}()
 	if err := applyPodSysctls(spec); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	if err := s.mountPodTmpfs(req.PodTmpfs); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
 	mounts, err := prepareStorage(ctx, req.BlockMounts, req.Devices, spec)

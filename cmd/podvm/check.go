@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -15,6 +16,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/hypervisor"
@@ -47,6 +50,8 @@ func runCheck(ctx context.Context, e *env, args []string) error {
 	if *boot {
 		h.probeAccel = probeAccel
 		h.euid = os.Geteuid
+		// The throw-away VMs log their start at info level: check prints its own lines.
+		ctx = log.WithLogger(ctx, quietLogger(e.stderr))
 	}
 	results := h.check(ctx, *path)
 	failed := 0
@@ -61,6 +66,14 @@ func runCheck(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintln(e.stdout, "podvm check: this node can run podvm pods")
 	return nil
+}
+
+// quietLogger logs warnings and errors only, to w.
+func quietLogger(w io.Writer) *log.Entry {
+	l := logrus.New()
+	l.SetOutput(w)
+	l.SetLevel(logrus.WarnLevel)
+	return logrus.NewEntry(l)
 }
 
 type status string

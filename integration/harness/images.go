@@ -140,6 +140,22 @@ func imageFromLayer(layer v1.Layer, cfg v1.Config) (v1.Image, error) {
 // busybox-static): /bin/busybox plus a /bin/<applet> symlink per applet, /etc/passwd and
 // /etc/group with root and nobody, and /tmp.
 func BuildBusyboxImage(ctx context.Context, busybox string) (v1.Image, error) {
+	entries, err := busyboxEntries(ctx, busybox)
+	if err != nil {
+		return nil, err
+	}
+	layer, err := layerFromEntries(entries)
+	if err != nil {
+		return nil, fmt.Errorf("busybox layer: %w", err)
+	}
+	return imageFromLayer(layer, v1.Config{
+		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		Cmd: []string{"sh"},
+	})
+}
+
+// busyboxEntries are the files of the busybox image.
+func busyboxEntries(ctx context.Context, busybox string) ([]tarEntry, error) {
 	bin, err := os.ReadFile(busybox)
 	if err != nil {
 		return nil, fmt.Errorf("read busybox: %w", err)
@@ -164,14 +180,7 @@ func BuildBusyboxImage(ctx context.Context, busybox string) (v1.Image, error) {
 		}
 		entries = append(entries, tarEntry{name: "bin/" + applet, typ: tar.TypeSymlink, mode: 0o777, linkname: "busybox"})
 	}
-	layer, err := layerFromEntries(entries)
-	if err != nil {
-		return nil, fmt.Errorf("busybox layer: %w", err)
-	}
-	return imageFromLayer(layer, v1.Config{
-		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-		Cmd: []string{"sh"},
-	})
+	return entries, nil
 }
 
 // BuildPauseImage compiles integration/testimages/pause (CGO_ENABLED=0) into dir and makes an

@@ -17,7 +17,7 @@ const (
 	AnnotationPrefix = "podvm.io/"
 	// AnnotationVCPUs is the VM's vCPU count, a whole number ("2").
 	AnnotationVCPUs = AnnotationPrefix + "vcpus"
-	// AnnotationMemory is the VM's memory, a quantity ("1Gi"); memory_overhead is not added.
+	// AnnotationMemory is the VM's memory, a quantity ("1Gi"), used as is.
 	AnnotationMemory = AnnotationPrefix + "memory"
 )
 
@@ -28,6 +28,7 @@ const (
 	CRISandboxCPUPeriod = "io.kubernetes.cri.sandbox-cpu-period" // CFS period, µs
 	CRISandboxCPUQuota  = "io.kubernetes.cri.sandbox-cpu-quota"  // CFS quota, µs; <= 0 = unlimited
 	CRISandboxMemory    = "io.kubernetes.cri.sandbox-memory"     // memory limit in bytes; 0 = unlimited
+	CRISandboxCPUShares = "io.kubernetes.cri.sandbox-cpu-shares" // cpu.shares from the pod's CPU requests
 )
 
 // Where a VM's vCPUs or memory came from.
@@ -100,7 +101,9 @@ func (c *Config) ignoredWarning(key string) string {
 //   - podvm.io/vcpus, podvm.io/memory, when annotations.allowed allows them (a present but not
 //     allowed one is ignored with a warning in VMSize.Warnings);
 //   - containerd's sandbox resources: vCPUs = ceil(sandbox-cpu-quota / sandbox-cpu-period),
-//     memory = sandbox-memory + sandbox.memory_overhead;
+//     memory = sandbox.default_memory + sandbox-memory (Kata's rule: sandbox-memory is the sum
+//     of the limits of the containers that have one, so default_memory is what the guest and
+//     the containers without a limit have beside them);
 //   - sandbox.default_vcpus, sandbox.default_memory.
 //
 // The result must lie within 1..max_vcpus and 128Mi..max_memory; a value outside, or one that
@@ -197,12 +200,12 @@ func (c *Config) memory(annotations map[string]string) (int, string, error) {
 			return 0, "", annotationError(CRISandboxMemory, v, "not a byte count (containerd sets it from the pod's memory limits)")
 		}
 		if n > 0 {
-			overhead := c.Sandbox.MemoryOverhead
-			if n > math.MaxInt64-int64(overhead) || Bytes(n)+overhead > maxMem {
-				return 0, "", fmt.Errorf("pod memory limit (%s = %d) + memory_overhead %s: %s; lower the pod's memory limits or raise max_memory",
-					CRISandboxMemory, n, overhead, tooMuch)
+			base := c.Sandbox.DefaultMemory
+			if n > math.MaxInt64-int64(base) || Bytes(n)+base > maxMem {
+				return 0, "", fmt.Errorf("pod memory limits (%s = %d) + default_memory %s: %s; lower the pod's memory limits or raise max_memory",
+					CRISandboxMemory, n, base, tooMuch)
 			}
-			b := max(Bytes(n)+overhead, MinMemory)
+			b := max(Bytes(n)+base, MinMemory)
 			return int(b.MiB()), SourceSandboxResources, nil
 		}
 	}

@@ -59,70 +59,105 @@ type Config struct {
 }
 
 // Hypervisor is the [hypervisor] section: the VMM process and the guest image.
+//
+// The doc comment of each field is its entry in docs/reference/config.md (go generate
+// ./internal/refdoc): write it for the node's admin.
 type Hypervisor struct {
-	// Kind is the VMM implementation ("qemu", the default); the shim says which it has.
+	// Kind is the VMM implementation; "qemu" is the one podvm has. A kind the shim does not
+	// have fails the pod with an error naming the kinds it has.
 	Kind string `toml:"kind"`
-	// QEMUPath is an absolute path or a command name looked up in PATH.
+	// QEMUPath is the QEMU binary: an absolute path, or a command name looked up in PATH.
 	QEMUPath string `toml:"qemu_path"`
-	// Accel is hypervisor.AccelAuto (KVM when /dev/kvm works, else TCG), AccelKVM or AccelTCG.
-	Accel        string   `toml:"accel"`
-	Kernel       string   `toml:"kernel"`
-	Initrd       string   `toml:"initrd"`
+	// Accel is the accelerator: "auto" (boot a throw-away guest under TCG and KVM once per
+	// node boot and use KVM only if it works and is no slower; cached in
+	// <state_dir>/accel.json), "kvm" (always; pods fail where KVM does not boot the guest)
+	// or "tcg" (software emulation; no probe).
+	Accel string `toml:"accel"`
+	// Kernel is the guest kernel; make install and the package put it here.
+	Kernel string `toml:"kernel"`
+	// Initrd is the guest initrd, which holds the podvm agent.
+	Initrd string `toml:"initrd"`
+	// KernelParams are extra guest kernel parameters, one per element, appended to podvm's
+	// own, e.g. ["loglevel=7"].
 	KernelParams []string `toml:"kernel_params"`
-	// Firmware is the BIOS image; "" = qboot when installed, else QEMU's SeaBIOS.
+	// Firmware is the BIOS image; "" = /usr/share/qemu/qboot.rom when installed, else QEMU's
+	// SeaBIOS.
 	Firmware string `toml:"firmware"`
-	// VirtiofsdPath "" = the first of /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd and PATH.
+	// VirtiofsdPath is the virtiofsd binary; "" = the first of /usr/libexec/virtiofsd,
+	// virtiofsd in PATH and /usr/lib/qemu/virtiofsd (QEMU 7.2's C one).
 	VirtiofsdPath string `toml:"virtiofsd_path"`
-	// AgentTransport is "" or hypervisor.TransportAuto (vsock when /dev/vhost-vsock exists,
-	// else virtio-serial), TransportVsock or TransportSerial.
+	// AgentTransport is the host-guest agent channel: "" or "auto" (vsock when
+	// /dev/vhost-vsock exists, else virtio-serial), "vsock" or "serial".
 	AgentTransport string `toml:"agent_transport"`
-	Debug          bool   `toml:"debug"`
-	// HotplugSlots is how many PCIe root ports the VM gets for hot-plugged block devices;
-	// 0 = none.
+	// Debug is true for verbose guest kernel and agent logs, in the guest console log
+	// <state_dir>/<sandbox id>/console.log.
+	Debug bool `toml:"debug"`
+	// HotplugSlots is how many PCIe root ports the VM gets for hot-plugged block devices
+	// (PVC block volumes, disk images): 0 to 30.
 	HotplugSlots int `toml:"hotplug_slots"`
-	// UIDBase and UIDCount are the range QEMU's unprivileged uid (and gid, the same number)
-	// is picked from, by sandbox id: QEMU drops to it, with no capabilities and chrooted into
-	// an empty directory, once it has opened what it needs. Keep the range clear of real
-	// users, user-namespace ranges (/etc/subuid) and other services' ids.
-	UIDBase  int64 `toml:"uid_base"`
+	// UIDBase is the first uid (and gid, the same number) QEMU runs as: it drops to one uid of
+	// uid_base .. uid_base+uid_count-1, picked by sandbox id, with no capabilities and
+	// chrooted into an empty directory, once it has opened what it needs. Keep the range clear
+	// of real users, user-namespace ranges (/etc/subuid) and other services; at least 1000,
+	// and the range must not include 65534.
+	UIDBase int64 `toml:"uid_base"`
+	// UIDCount is how many uids the range of uid_base holds.
 	UIDCount int64 `toml:"uid_count"`
 }
 
 // Sandbox is the [sandbox] section: VM sizes and per-sandbox state.
 type Sandbox struct {
-	DefaultVCPUs  int   `toml:"default_vcpus"`
+	// DefaultVCPUs is the VM's vCPUs when neither podvm.io/vcpus (if allowed) nor the pod's
+	// CPU limit (rounded up to whole vCPUs) says otherwise.
+	DefaultVCPUs int `toml:"default_vcpus"`
+	// DefaultMemory is the guest RAM of a VM whose size no podvm.io/memory (if allowed) sets:
+	// the guest kernel, agent and page cache, and room for containers without a memory limit.
+	// The containers' memory limits are added to it (Kata's rule), so a container without a
+	// limit is not squeezed by its neighbours' limits.
 	DefaultMemory Bytes `toml:"default_memory"`
-	MaxVCPUs      int   `toml:"max_vcpus"`
-	MaxMemory     Bytes `toml:"max_memory"`
-	// MemoryOverhead is added to the pod's memory from containerd's sandbox resource
-	// annotations: the guest kernel and agent need memory too.
-	MemoryOverhead Bytes  `toml:"memory_overhead"`
-	StateDir       string `toml:"state_dir"`
-	// AgentTimeout is how long to wait for the guest agent at boot.
+	// MaxVCPUs is the most vCPUs a pod's VM may have (at most 255).
+	MaxVCPUs int `toml:"max_vcpus"`
+	// MaxMemory is the most memory a pod's VM may have.
+	MaxMemory Bytes `toml:"max_memory"`
+	// MemoryOverhead is host memory a pod's VM uses beyond its guest RAM: QEMU (device
+	// emulation, the TCG translation cache), virtiofsd and the shim. It is not part of the
+	// guest: the pod's cgroup on the host is limited to the guest RAM plus this. Keep
+	// default_memory + memory_overhead in step with overhead.podFixed.memory of the
+	// RuntimeClass ('podvm overhead' measures what it should be).
+	MemoryOverhead Bytes `toml:"memory_overhead"`
+	// StateDir is the directory of per-sandbox state (sockets, logs, metrics) in
+	// <state_dir>/<sandbox id>, and of the accelerator probe's cache. Keep it short: unix socket paths under it are
+	// limited to 107 bytes.
+	StateDir string `toml:"state_dir"`
+	// AgentTimeout is how long to wait for the guest agent when the VM boots.
 	AgentTimeout Duration `toml:"agent_timeout"`
 }
 
 // Annotations is the [annotations] section.
 type Annotations struct {
-	// Allowed lists the podvm.io/<key> annotations pods may set, as <key> without the
-	// podvm.io/ prefix: exact keys ("memory") or path.Match globs ("disk.*", "*").
+	// Allowed are the podvm.io/<key> pod annotations the shim honours, as <key> without the
+	// podvm.io/ prefix: exact keys ("memory") or globs ("disk.*", "*" for all). Others are
+	// ignored with a warning in the shim log. None by default: annotations let pod authors
+	// change what their pod costs the node. See annotations.md.
 	Allowed []string `toml:"allowed"`
 }
 
 // Virtiofs is the [virtiofs] section.
 type Virtiofs struct {
-	// Cache is virtiofsd's cache mode: auto, always or never.
+	// Cache is virtiofsd's cache mode for the shared container filesystems: "auto", "always"
+	// or "never".
 	Cache string `toml:"cache"`
 }
 
 // Block is the [block] section: hot-plugged block devices.
 type Block struct {
-	// Cache is none (O_DIRECT) or writeback.
+	// Cache is the host cache for block devices: "none" (O_DIRECT) or "writeback".
 	Cache string `toml:"cache"`
-	// AIO is threads, native (needs Cache none) or io_uring.
+	// AIO is the host I/O: "threads", "native" (Linux AIO; needs cache = "none") or
+	// "io_uring".
 	AIO string `toml:"aio"`
-	// MaxDiskSize caps what a podvm.io/disk.<volume> annotation may ask for (the image is
-	// sparse, but a pod can fill it: this is host disk a pod may take).
+	// MaxDiskSize is the largest disk image a podvm.io/disk.<volume> annotation may ask for.
+	// Images are sparse, but a pod can fill its image: this is host disk one pod may take.
 	MaxDiskSize Bytes `toml:"max_disk_size"`
 }
 
