@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/podvm/podvm/deploy"
 )
 
 // kubeletConfig is the KubeletConfiguration for this machine: cgroupfs (no systemd), cgroup v1
@@ -51,7 +53,8 @@ clusterDomain: cluster.local
 }
 
 // startKubelet writes the kubelet's config, makes its cgroup root (the harness's cgroup
-// parent, which the kubelet requires to exist) and starts it.
+// parent, which the kubelet requires to exist) and starts it. The node carries podvm's node
+// label, as the installer sets it: the podvm RuntimeClass's nodeSelector requires it.
 func (c *Cluster) startKubelet() error {
 	cfg := filepath.Join(c.Dir, "kubelet.yaml")
 	if err := os.WriteFile(cfg, []byte(c.kubeletConfig()), 0o644); err != nil {
@@ -62,7 +65,7 @@ func (c *Cluster) startKubelet() error {
 	}
 	p, err := c.startProcess("kubelet", "--config="+cfg, "--kubeconfig="+c.pki.path("kubelet.kubeconfig"),
 		"--root-dir="+filepath.Join(c.Dir, "kubelet"), "--node-ip="+c.NodeIP.String(),
-		"--hostname-override="+NodeName, "--v=2")
+		"--hostname-override="+NodeName, "--node-labels="+deploy.NodeLabel+"=true", "--v=2")
 	c.kubelet = p
 	return err
 }
