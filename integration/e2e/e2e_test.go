@@ -69,14 +69,10 @@ const PendingEnv = "PODVM_E2E_PENDING"
 // on its way) and listed in docs/e2e.md; PODVM_E2E_PENDING=1 runs them. A case leaves this
 // list in the change that makes it pass.
 var pending = map[string]string{
-	"podvm/sandbox_killed": "issue 10 (QEMU-kill events): after QEMU's SIGKILL, containerd's sandbox " +
-		"exit handling fails with `failed to stop sandbox: failed to delete task: ttrpc: closed`, the " +
-		"kubelet restarts the container inside the dead sandbox, and the pod counts 2 restarts, not 1",
-	"podvm/emptydir_memory": "issue 10 (emptyDir Memory): the volume is the node's tmpfs shared over " +
-		"virtio-fs (`none /mem virtiofs`), not a tmpfs of its sizeLimit in the VM",
-	"podvm/guest_frozen": "podvm bug (issue 12, guest frozen): with QEMU stopped, `kubectl exec` hangs " +
-		"until the client gives up, and StopContainer (grace 2s) does not return: the kubelet's " +
-		"KillContainer ends in DeadlineExceeded after its CRI timeout and the delete took 7m56s",
+	"podvm/guest_frozen": "podvm bug (issue 12, guest frozen): with QEMU stopped, ExecSync fails in " +
+		"time, but StopContainer (grace 2s) never returns: the kubelet's KillContainer ends in " +
+		"DeadlineExceeded after its 2m CRI timeout and is retried; the pod is still there after 3m " +
+		"(7m56s to go, measured)",
 }
 
 // leftOut reports (and logs) whether case name is pending for rc and not selected.
