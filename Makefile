@@ -21,7 +21,7 @@ AGENT_TAGS  := seccomp netgo osusergo
 IT_TIMEOUT  ?= 30m
 IT_RUN      ?= .
 
-.PHONY: all deps build agent shim cli kernel image proto unit integration lint test demo bench install dist deb installer-image clean
+.PHONY: all deps build agent shim cli kernel image proto unit integration e2e lint test demo bench install dist deb installer-image clean
 
 all: build
 
@@ -90,12 +90,24 @@ integration: build image
 	@mkdir -p $(OUT)
 	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
 		PODVM_DEB=$$(bash hack/package.sh deb) bash -o pipefail -c '$(GO) test -count=1 -timeout 10m -tags realvm -v -run "$(IT_RUN)" ./hypervisor/qemu/ && \
-		$(GO) test -count=1 -timeout $(IT_TIMEOUT) -v -run "$(IT_RUN)" ./integration/...' 2>&1 | tee $(OUT)/integration.log; \
+		$(GO) test -count=1 -timeout $(IT_TIMEOUT) -v -run "$(IT_RUN)" $$($(GO) list ./integration/... | grep -v /integration/e2e)' \
+		2>&1 | tee $(OUT)/integration.log; exit $${PIPESTATUS[0]}
+
+# End to end: a single-node Kubernetes ($(PODVM_DEV)/k8s, built by `make deps`) on the harness's
+# containerd; every case for RuntimeClass runc and podvm (docs/e2e.md). E2E_RUN selects cases
+# (make e2e E2E_RUN='TestE2E/podvm/exec').
+E2E_TIMEOUT ?= 45m
+E2E_RUN     ?= .
+
+e2e: build image
+	@mkdir -p $(OUT)
+	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
+		$(GO) test -count=1 -timeout $(E2E_TIMEOUT) -v -run '$(E2E_RUN)' ./integration/e2e/ 2>&1 | tee $(OUT)/e2e.log; \
 		exit $${PIPESTATUS[0]}
 
 test: deps
 	@mkdir -p $(OUT)
-	$(MAKE) build image lint unit integration
+	$(MAKE) build image lint unit integration e2e
 
 # The demo is TestDemo: a busybox pod in its own VM through containerd's CRI, narrated.
 demo: deps

@@ -341,7 +341,8 @@ func (e *Env) ConfigPath() string { return filepath.Join(e.Dir, "config.toml") }
 func (e *Env) startContainerd() error {
 	dev := e.opts.devDir()
 	e.ContainerdLog = filepath.Join(e.Dir, "containerd.log")
-	logf, err := os.Create(e.ContainerdLog)
+	// Appended to: a restarted containerd keeps the log of its first run.
+	logf, err := os.OpenFile(e.ContainerdLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}

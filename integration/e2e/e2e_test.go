@@ -1,0 +1,103 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/integration/k8s"
+)
+
+// testCase is one behaviour checked for every runtime class with the same assertions.
+type testCase struct {
+	name string
+	run  func(ctx context.Context, t *testing.T, k *kube)
+}
+
+// TestE2E starts one cluster and runs every case for RuntimeClass runc, then podvm, then the
+// fault cases; at the end nothing may be left on the machine. E2E_RUN (a regexp, as -run
+// takes) is the usual way to select cases: go test -run 'TestE2E/podvm/exec'.
+func TestE2E(t *testing.T) {
+	ctx := suiteContext(t)
+	opts := options(t)
+	env := harness.Start(t, opts)
+	img, err := buildNetToolsImage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.PushImage(ctx, netToolsImage, img); err != nil {
+		t.Fatal(err)
+	}
+	cl := k8s.Start(ctx, t, env)
+	tm := newTimings()
+	for _, rc := range runtimeClasses {
+		k := &kube{rc: rc, ns: "e2e-" + rc, client: cl.Client, config: cl.Config, timing: tm, env: env, nodeIP: cl.NodeIP.String(), stateDir: opts.LeakDirs[0]}
+		if _, err := cl.Client.CoreV1().Namespaces().Create(ctx,
+			&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: k.ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		k.waitServiceAccount(ctx, t)
+		t.Run(rc, func(t *testing.T) {
+			for _, tc := range cases {
+				if leftOut(t, rc, tc.name) {
+					continue
+				}
+				t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k) })
+			}
+			for _, tc := range faultCases {
+				if leftOut(t, rc, tc.name) {
+					continue
+				}
+				t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k, cl, env) })
+			}
+		})
+	}
+	t.Logf("timings, runc vs podvm, same cluster and run:\n%s", tm.table())
+	cl.AssertNoLeaks(t)
+}
+
+// PendingEnv, set to 1, runs the cases in pending too.
+const PendingEnv = "PODVM_E2E_PENDING"
+
+// pending are the cases that fail for a runtime class on main because of a known bug, with
+// the bug. They are left out of the default run (so make test stays green while the fix is
+// on its way) and listed in docs/e2e.md; PODVM_E2E_PENDING=1 runs them. A case leaves this
+// list in the change that makes it pass.
+var pending = map[string]string{
+	"podvm/guest_frozen": "podvm bug (issue 12, guest frozen): with QEMU stopped, ExecSync fails in " +
+		"time, but StopContainer (grace 2s) never returns: the kubelet's KillContainer ends in " +
+		"DeadlineExceeded after its 2m CRI timeout and is retried; the pod is still there after 3m " +
+		"(7m56s to go, measured)",
+}
+
+// leftOut reports (and logs) whether case name is pending for rc and not selected.
+func leftOut(t *testing.T, rc, name string) bool {
+	why, ok := pending[rc+"/"+name]
+	if !ok || os.Getenv(PendingEnv) == "1" {
+		return false
+	}
+	t.Logf("left out: %s/%s, pending on %s (%s=1 runs it)", rc, name, why, PendingEnv)
+	return true
+}
+
+// waitServiceAccount waits for the controller manager to make the namespace's default service
+// account; until then the API refuses pods.
+func (k *kube) waitServiceAccount(ctx context.Context, t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := k.client.CoreV1().ServiceAccounts(k.ns).Get(ctx, "default", metav1.GetOptions{})
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no service account default in %s: %v", k.ns, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
