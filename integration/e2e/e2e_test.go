@@ -68,12 +68,7 @@ const PendingEnv = "PODVM_E2E_PENDING"
 // the bug. They are left out of the default run (so make test stays green while the fix is
 // on its way) and listed in docs/e2e.md; PODVM_E2E_PENDING=1 runs them. A case leaves this
 // list in the change that makes it pass.
-var pending = map[string]string{
-	"podvm/guest_frozen": "podvm bug (issue 12, guest frozen): with QEMU stopped, ExecSync fails in " +
-		"time, but StopContainer (grace 2s) never returns: the kubelet's KillContainer ends in " +
-		"DeadlineExceeded after its 2m CRI timeout and is retried; the pod is still there after 3m " +
-		"(7m56s to go, measured)",
-}
+var pending = map[string]string{}
 
 // leftOut reports (and logs) whether case name is pending for rc and not selected.
 func leftOut(t *testing.T, rc, name string) bool {
