@@ -122,6 +122,8 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 	if c.ownsVM() {
 		sb.setOwner(c.init)
 		sb.setNamespacePID(created.Pid)
+	} else {
+		sb.setOwnPIDNS(r.ID, guest.spec, created.Pid)
 	}
 	hio.startStdin(context.WithoutCancel(ctx), sb.agent, r.ID, "")
 	go c.watchExit(ctx, c.init)

@@ -30,6 +30,9 @@ func (c *container) watchExit(ctx context.Context, p *process) {
 			c.sandbox.awaitOwnerGone(ctx)
 		}
 	}
+	if p == c.init {
+		c.sandbox.forgetPIDNS(c.id) // no longer a target
+	}
 	if h := p.hostIO(); h != nil {
 		h.drain()
 	}

@@ -100,3 +100,50 @@ func (r *rig) nsBundle(id string, ns []specs.LinuxNamespace) string {
 	}
 	return dir
 }
+
+// kubectl debug --target: CRI gives the ephemeral container the PID namespace path of its
+// target's task pid, which is the VM's pid like every other. In a pod whose containers have PID
+// namespaces of their own, that path names the one such container; with several it cannot, and
+// the container gets the pod's.
+func TestDebugTargetJoinsTheTargetsPIDNamespace(t *testing.T) {
+	r := newRig(t)
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	sandboxGuestPid := r.service.pod.sandbox.nsPid.Load()
+	r.mustCreate("c1", workloadAnnotations("pod1"))
+	r.mustStart("c1", "")
+	c1 := r.service.pod.sandbox.ownPIDNS["c1"]
+	if c1 == 0 || c1 == sandboxGuestPid {
+		t.Fatalf("c1's guest pid %d (sandbox %d)", c1, sandboxGuestPid)
+	}
+	target := []specs.LinuxNamespace{{Type: specs.PIDNamespace, Path: fmt.Sprintf("/proc/%d/ns/pid", fakeVMPid)}}
+	pidPath := func(id string) string {
+		t.Helper()
+		if _, err := r.svc.Create(r.ctx, &taskAPI.CreateTaskRequest{ID: id, Bundle: r.nsBundle(id, target)}); err != nil {
+			t.Fatal(err)
+		}
+		var got specs.Spec
+		if err := json.Unmarshal(r.agent.Spec(id), &got); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range got.Linux.Namespaces {
+			if n.Type == specs.PIDNamespace {
+				return n.Path
+			}
+		}
+		return ""
+	}
+	if got, want := pidPath("debug1"), fmt.Sprintf("/proc/%d/ns/pid", c1); got != want {
+		t.Errorf("debug container targeting c1 got PID namespace %q, want c1's %q", got, want)
+	}
+	r.mustCreate("c2", workloadAnnotations("pod1"))
+	if got, want := pidPath("debug2"), fmt.Sprintf("/proc/%d/ns/pid", sandboxGuestPid); got != want {
+		t.Errorf("with two possible targets got PID namespace %q, want the pod's %q", got, want)
+	}
+	// An exited container is no target.
+	r.agent.Exit("c2", "", 0)
+	r.wait("c2", "")
+	if got, want := pidPath("debug3"), fmt.Sprintf("/proc/%d/ns/pid", c1); got != want {
+		t.Errorf("after c2 exited got PID namespace %q, want c1's %q", got, want)
+	}
+}

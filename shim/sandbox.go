@@ -176,6 +176,9 @@ type sandbox struct {
 	// nsPid is the guest pid of the sandbox's process, whose namespaces (/proc/<pid>/ns/*)
 	// the pod's containers join; 0 until the sandbox container was created.
 	nsPid atomic.Uint32
+	// ownPIDNS are the guest init pids of the pod's containers that have a PID namespace of
+	// their own (CRI's NamespaceMode_CONTAINER), by container id (pidTarget).
+	ownPIDNS map[string]uint32
 
 	mu sync.Mutex
 	// disks are the hot-plugged block devices of each container.
@@ -457,7 +460,7 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 		sb.mu.Unlock()
 	}
 	if id != sb.id {
-		if err := sb.guestNamespacePaths(att.Spec); err != nil {
+		if err := sb.guestNamespacePaths(ctx, id, att.Spec); err != nil {
 			return nil, err
 		}
 		if err := (record{SandboxID: sb.id, StateDir: sb.stateDir}).write(bundle); err != nil {
@@ -482,12 +485,9 @@ func (sb *sandbox) setNamespacePID(pid uint32) { sb.nsPid.Store(pid) }
 // guestNamespacePaths points a container's namespace paths at the guest: CRI writes
 // /proc/<sandbox task pid>/ns/<type> into workload specs, and that pid is the host's
 // (hostPID), so they become /proc/<guest pid of the sandbox>/ns/<type>. A path naming another
-// pid is refused: the guest has nothing it could mean.
-//
-// A container that targets another container's PID namespace (CRI's NamespaceMode_TARGET)
-// gets the same host pid in its path, as every task of the pod reports the VM's pid: it joins
-// the pod sandbox's PID namespace.
-func (sb *sandbox) guestNamespacePaths(spec *specs.Spec) error {
+// pid is refused: the guest has nothing it could mean. A PID namespace path goes where
+// pidTarget says.
+func (sb *sandbox) guestNamespacePaths(ctx context.Context, id string, spec *specs.Spec) error {
 	if spec.Linux == nil {
 		return nil
 	}
@@ -501,9 +501,63 @@ func (sb *sandbox) guestNamespacePaths(spec *specs.Spec) error {
 			return fmt.Errorf("namespace %s path %q: a podvm container can join only its pod's namespaces (%s*): %w",
 				ns.Type, ns.Path, want, errdefs.ErrInvalidArgument)
 		}
-		spec.Linux.Namespaces[i].Path = fmt.Sprintf("/proc/%d/ns/%s", guest, strings.TrimPrefix(ns.Path, want))
+		pid := guest
+		if ns.Type == specs.PIDNamespace {
+			pid = sb.pidTarget(ctx, id, guest)
+		}
+		spec.Linux.Namespaces[i].Path = fmt.Sprintf("/proc/%d/ns/%s", pid, strings.TrimPrefix(ns.Path, want))
 	}
 	return nil
+}
+
+// pidTarget is the guest pid whose PID namespace a container joins when CRI gave it one.
+// CRI names the namespace by a task pid, and every task of a podvm pod reports QEMU's, so the
+// path alone cannot say whether the container shares the pod's PID namespace
+// (shareProcessNamespace) or targets another container's (kubectl debug --target). Where
+// containers of the pod have PID namespaces of their own the pod does not share one, so the
+// path is a target: with one such container it is that one; with several the target is
+// ambiguous and the container gets the pod's namespace, as Kubernetes allows for a runtime
+// without targeting (docs/pod-semantics.md).
+func (sb *sandbox) pidTarget(ctx context.Context, id string, pod uint32) uint32 {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	switch len(sb.ownPIDNS) {
+	case 0:
+		return pod
+	case 1:
+		for _, pid := range sb.ownPIDNS {
+			return pid
+		}
+	}
+	log.G(ctx).WithField("id", id).Warnf("container %s targets one of %d containers' PID namespaces, which podvm cannot "+
+		"tell apart; it joins the pod's PID namespace instead", id, len(sb.ownPIDNS))
+	return pod
+}
+
+// setOwnPIDNS records the guest init pid of a container created with a PID namespace of its
+// own.
+func (sb *sandbox) setOwnPIDNS(id string, spec *specs.Spec, pid uint32) {
+	if spec.Linux == nil {
+		return
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.PIDNamespace && ns.Path == "" {
+			sb.mu.Lock()
+			if sb.ownPIDNS == nil {
+				sb.ownPIDNS = map[string]uint32{}
+			}
+			sb.ownPIDNS[id] = pid
+			sb.mu.Unlock()
+			return
+		}
+	}
+}
+
+// forgetPIDNS forgets a container's PID namespace (setOwnPIDNS): its init exited.
+func (sb *sandbox) forgetPIDNS(id string) {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	delete(sb.ownPIDNS, id)
 }
 
 // release undoes prepare; it is idempotent.
