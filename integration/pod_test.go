@@ -93,16 +93,7 @@ func runSettingsPod(t *testing.T, ctx context.Context, env *harness.Env, handler
 			Servers: []string{"10.96.0.10"}, Searches: []string{"it.svc.cluster.local"}, Options: []string{"ndots:5"}}})
 	podCfg.Linux.SecurityContext.Privileged = true
 	podCfg.Linux.Sysctls = map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000 30000"}
-	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
-	podID, err := env.Runtime.RunPodSandbox(rctx, podCfg, handler)
-	rcancel()
-	if err != nil {
-		t.Fatalf("RunPodSandbox: %v", err)
-	}
-	if _, err := env.PullImage(ctx, env.BusyboxImage, podCfg); err != nil {
-		t.Fatal(err)
-	}
-	return &harness.Pod{ID: podID, Handler: handler, Config: podCfg}
+	return runPodConfig(t, ctx, env, podCfg, handler)
 }
 
 // startRestricted starts a container with every process and security setting kubelet can
