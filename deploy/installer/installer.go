@@ -9,6 +9,11 @@
 // manifest says: it removes the files it installed (the config only when it is still the
 // one it wrote), reverts containerd's config, restarts containerd and removes the label.
 // Both are idempotent, so a DaemonSet pod that restarts half way does no harm.
+//
+// The host root is normally the node's / (NodeRoot "/"). When it is another directory of the
+// node (NodeRoot), the installed files name their node paths under it: the drop-in's
+// ConfigPath and a runtime_path to the installed shim, the node config's guest image, and
+// containerd's imports line (see relocate).
 package installer
 
 import (
@@ -35,12 +40,16 @@ const (
 	ContainerdConfig = "etc/containerd/config.toml"
 	// DropIn is the podvm runtime for containerd (in the dist tree).
 	DropIn = "etc/containerd/conf.d/podvm.toml"
+	// ShimPath is the shim binary (in the dist tree).
+	ShimPath = "usr/bin/containerd-shim-podvm-v2"
 )
 
 // Installer installs the dist tree DistRoot onto the node whose / is HostRoot.
 type Installer struct {
 	HostRoot string
 	DistRoot string
+	// NodeRoot is what HostRoot is on the node: "" or "/" for the node's /.
+	NodeRoot string
 	// RestartContainerd makes containerd load its config again; nil skips it.
 	RestartContainerd func(ctx context.Context) error
 	// Label sets (true) or removes (false) the node label podvm.io/runtime=true; nil skips it.
@@ -60,6 +69,15 @@ type Manifest struct {
 
 func (in *Installer) host(p string) string { return filepath.Join(in.HostRoot, p) }
 
+// NodePath is where rel, a path under the host root, is on the node.
+func (in *Installer) NodePath(rel string) string {
+	root := in.NodeRoot
+	if root == "" {
+		root = "/"
+	}
+	return filepath.Join(root, rel)
+}
+
 // Install installs podvm onto the node; see the package doc.
 func (in *Installer) Install(ctx context.Context) error {
 	m, err := in.readManifest()
@@ -73,7 +91,7 @@ func (in *Installer) Install(ctx context.Context) error {
 		if err := in.mkdirAll(m, filepath.Dir(ContainerdConfig)); err != nil {
 			return errors.Join(err, in.writeManifest(m))
 		}
-		how, err := importDropIn(in.host(ContainerdConfig), "/"+DropIn)
+		how, err := importDropIn(in.host(ContainerdConfig), in.NodePath(DropIn))
 		if err != nil {
 			return errors.Join(err, in.writeManifest(m))
 		}
@@ -97,6 +115,10 @@ func (in *Installer) Install(ctx context.Context) error {
 
 // copyTree copies the dist tree's files onto the host, recording them in m.
 func (in *Installer) copyTree(m *Manifest) error {
+	files, err := distFiles(in.DistRoot)
+	if err != nil {
+		return err
+	}
 	return filepath.WalkDir(in.DistRoot, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -117,6 +139,9 @@ func (in *Installer) copyTree(m *Manifest) error {
 		}
 		data, err := os.ReadFile(p)
 		if err != nil {
+			return err
+		}
+		if data, err = in.relocate(rel, data, files); err != nil {
 			return err
 		}
 		info, err := d.Info()
@@ -180,7 +205,7 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 		}
 	}
 	var errs []error
-	if err := revertImport(in.host(ContainerdConfig), "/"+DropIn, m.Containerd); err != nil {
+	if err := revertImport(in.host(ContainerdConfig), in.NodePath(DropIn), m.Containerd); err != nil {
 		errs = append(errs, err)
 	}
 	errs = append(errs, in.removeFiles(m)...)
