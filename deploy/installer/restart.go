@@ -81,9 +81,8 @@ func SignalContainerd(ctx context.Context, proc, config string, timeout time.Dur
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("containerd (pid %v, config %s) was sent SIGTERM but no new containerd reads that config after %v: "+
-				"nothing restarts it when it exits (with systemd, Restart=always does); start it by hand, "+
-				"or use --restart-containerd=systemctl", old, config, timeout)
+			const msg = "containerd (pid %v, config %s) was sent SIGTERM but no new containerd reads that config after %v: nothing restarts it when it exits (with systemd, Restart=always does); start it by hand, or use --restart-containerd=systemctl"
+			return fmt.Errorf(msg, old, config, timeout)
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
