@@ -53,6 +53,11 @@ func TestMakeInstall(t *testing.T) {
 	env.AssertNoLeaks(t)
 
 	runMake(ctx, t, repo, "uninstall")
+	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile} {
+		if _, err := os.Lstat(filepath.Join(podvmStateDir, f)); err == nil {
+			t.Errorf("%s left after make uninstall", filepath.Join(podvmStateDir, f))
+		}
+	}
 	after := treeState(t)
 	for p, v := range after {
 		if before[p] != v {
@@ -96,8 +101,8 @@ func refuseMakeInstalled(t *testing.T) {
 }
 
 // treeState is every path under makeInstallTouches with its mode and content digest, but
-// the accelerator probe's cache, which pods of earlier tests may have left and uninstall
-// removes.
+// the run-time state dir itself and the accelerator probe's cache in it, which pods of
+// earlier tests may have left and uninstall removes (and the directory, when empty).
 func treeState(t *testing.T) map[string]string {
 	t.Helper()
 	out := map[string]string{}
@@ -109,7 +114,7 @@ func treeState(t *testing.T) map[string]string {
 			if err != nil {
 				return err
 			}
-			if filepath.Dir(p) == podvmStateDir && strings.HasPrefix(d.Name(), "accel.") {
+			if p == podvmStateDir || (filepath.Dir(p) == podvmStateDir && strings.HasPrefix(d.Name(), "accel.")) {
 				return nil
 			}
 			info, err := d.Info()

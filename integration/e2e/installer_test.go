@@ -81,7 +81,8 @@ func TestInstallerDaemonSet(t *testing.T) {
 		t.Fatalf("containerd's podvm runtime after the install: %+v", rt)
 	}
 
-	runPodvmPod(ctx, t, cl, env, root)
+	// A subtest: its pod's clean-up runs while the cluster is up.
+	t.Run("podvm_pod", func(t *testing.T) { runPodvmPod(ctx, t, cl, env, root) })
 
 	start = time.Now()
 	deleteDaemonSet(ctx, t, cl)
