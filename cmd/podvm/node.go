@@ -70,7 +70,7 @@ func (f *nodeFlags) installer() *installer.Installer {
 	return in
 }
 
-const nodeDescription = "Installs podvm from a dist tree (make dist) onto a node whose / is mounted at --host-root:\nits files (the node config only if the node has none), an imports line in containerd's\nconfig when needed, a manifest in /var/lib/podvm/installed.json; then restarts containerd\nand labels the node podvm.io/runtime=true. Uninstall undoes exactly that (keeping a node\nconfig the admin changed)."
+const nodeDescription = "Installs podvm from a dist tree (make dist) onto a node whose / is mounted at --host-root:\nits files (the node config only if the node has none), an imports line in containerd's\nconfig when needed, a manifest in /var/lib/podvm/installed.json; then makes containerd load\nthe drop-in (--restart-containerd) and labels the node podvm.io/runtime=true. Uninstall\nundoes exactly that (keeping a node config the admin changed)."
 
 func parseNode(e *env, name, synopsis string, args []string) (*nodeFlags, error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
