@@ -32,6 +32,7 @@ func TestMakeInstall(t *testing.T) {
 	require(t, needRoot(), needCmd("make"), needFile(filepath.Join(repo, "Makefile")))
 	refuseMakeInstalled(t)
 	before := treeState(t)
+	restoreStateDir(t)
 	t.Cleanup(func() { // a test stopped half way still uninstalls
 		if _, err := os.Stat("/var/lib/podvm/install.json"); err == nil {
 			_ = exec.Command("/usr/local/bin/podvm", "uninstall").Run()
@@ -69,6 +70,23 @@ func TestMakeInstall(t *testing.T) {
 			t.Errorf("after make uninstall %s is gone", p)
 		}
 	}
+}
+
+// restoreStateDir puts back, at the end, the shim's state dir if it was there before: an
+// empty one left by earlier tests' pods, which make uninstall removes as the deb's postrm
+// does.
+func restoreStateDir(t *testing.T) {
+	st, err := os.Stat(podvmStateDir)
+	if err != nil {
+		return
+	}
+	t.Cleanup(func() {
+		if _, err := os.Stat(podvmStateDir); errors.Is(err, fs.ErrNotExist) {
+			if err := os.Mkdir(podvmStateDir, st.Mode().Perm()); err != nil {
+				t.Error(err)
+			}
+		}
+	})
 }
 
 func runMake(ctx context.Context, t *testing.T, repo, target string) {
