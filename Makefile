@@ -21,7 +21,7 @@ AGENT_TAGS  := seccomp netgo osusergo
 IT_TIMEOUT  ?= 30m
 IT_RUN      ?= .
 
-.PHONY: all deps build agent shim cli kernel image proto unit integration e2e lint test demo bench install dist deb installer-image clean
+.PHONY: all deps build agent shim cli kernel image proto unit integration e2e lint test demo bench install uninstall dist deb installer-image clean
 
 all: build
 
@@ -133,9 +133,15 @@ bench: deps
 # binaries into $(PREFIX)/bin, the guest image and the RuntimeClass into /usr/share/podvm, the
 # containerd drop-in into /etc/containerd/conf.d (containerd's config.toml must import it, see
 # docs/install.md). An existing /etc/podvm/config.toml is never overwritten.
-# podvm install does the work (it is what a node without this tree runs too).
+# podvm install does the work (it is what a node without this tree runs too). Onto / it records
+# what it wrote in /var/lib/podvm/install.json, for make uninstall.
 install: build image
 	$(BIN)/podvm install --root $(or $(DESTDIR),/) --prefix $(PREFIX) --image $(IMAGE_DIR)
+
+# Remove what make install put onto this node, as recorded: its files (the node config only if
+# unchanged), the directories it made, the accelerator probe's cache. Restart containerd after.
+uninstall: cli
+	$(BIN)/podvm uninstall --root /
 
 # Packages for node image bakers (hack/package.sh, docs/install.md): the install tree of
 # `podvm install --root` with binaries in /usr/bin, as a tarball and as a Debian package.

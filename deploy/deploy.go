@@ -22,3 +22,9 @@ var ContainerdDropIn []byte
 //
 //go:embed runtimeclass.yaml
 var RuntimeClass []byte
+
+// InstallerManifest is the DaemonSet installer's manifest (namespace, service account, RBAC,
+// DaemonSet), as users apply it.
+//
+//go:embed installer.yaml
+var InstallerManifest []byte

@@ -39,7 +39,7 @@ func TestDebPackage(t *testing.T) {
 	defer cancel()
 	apt(ctx, t, "install", "-y", deb)
 	checkInstalled(ctx, t, files)
-	checkPodvmCheck(ctx, t)
+	checkPodvmCheck(ctx, t, "/usr/bin/podvm")
 
 	env := harness.Start(t, harness.Options{
 		ShimDir:          "/usr/bin",
@@ -154,11 +154,11 @@ func checkInstalled(ctx context.Context, t *testing.T, files []string) {
 	}
 }
 
-// checkPodvmCheck runs the installed `podvm check` with the installed default config: it
+// checkPodvmCheck runs the installed `podvm check` (the binary podvm) with the installed default config: it
 // boots the guest image under TCG and KVM as accel "auto" does, and must pass.
-func checkPodvmCheck(ctx context.Context, t *testing.T) {
+func checkPodvmCheck(ctx context.Context, t *testing.T, podvm string) {
 	t.Helper()
-	out, err := exec.CommandContext(ctx, "/usr/bin/podvm", "check").CombinedOutput()
+	out, err := exec.CommandContext(ctx, podvm, "check").CombinedOutput()
 	t.Logf("podvm check:\n%s", out)
 	if err != nil || !strings.Contains(string(out), "this node can run podvm pods") {
 		t.Fatalf("podvm check with the package's default config: %v", err)

@@ -48,7 +48,7 @@ func TestInstallerImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	id, logPath, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{Name: "installer", Image: installerRef,
-		Args:   []string{"--host-root", "/host", "--restart-containerd=false"},
+		Args:   []string{"--host-root", "/host", "--restart-containerd=none"},
 		Mounts: []*runtimeapi.Mount{{ContainerPath: "/host", HostPath: host}}})
 	if err != nil {
 		t.Fatal(err)

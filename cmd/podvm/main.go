@@ -34,6 +34,7 @@ func commands() []command {
 		{name: "debug", summary: "look into pod VMs: list, console, boot", run: runDebug},
 		{name: "image", summary: "build the guest kernel and initrd", run: runImage},
 		{name: "install", summary: "install podvm onto this node (or into a staging root)", run: runInstall},
+		{name: "uninstall", summary: "remove what podvm install recorded", run: runUninstall},
 		{name: "metrics", summary: "serve this node's pod VM metrics for Prometheus", run: runMetrics},
 		{name: "node", summary: "the DaemonSet installer: install/uninstall onto a mounted node, build its image", run: runNode},
 		{name: "overhead", summary: "measure running pod VMs and print the RuntimeClass overhead", run: runOverhead},

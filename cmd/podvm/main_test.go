@@ -42,7 +42,7 @@ func TestDispatch(t *testing.T) {
 		{"no command", nil, 2, "", "podvm: missing command\nRun 'podvm -h' for usage."},
 		{"help", []string{"-h"}, 0, "Commands:\n  check", ""},
 		{"help word", []string{"help"}, 0, "version", ""},
-		{"unknown", []string{"frobnicate"}, 2, "", `unknown command "frobnicate"; commands: check, config, debug, image, install, metrics, node, overhead, version`},
+		{"unknown", []string{"frobnicate"}, 2, "", `unknown command "frobnicate"; commands: check, config, debug, image, install, uninstall, metrics, node, overhead, version`},
 		{"flag first", []string{"--kernel", "x"}, 2, "", "flags go after the command"},
 		{"version", []string{"version"}, 0, "podvm ", ""},
 		{"version extra", []string{"version", "now"}, 2, "", `podvm version: unexpected argument "now"`},

@@ -26,15 +26,22 @@ func runNode(ctx context.Context, e *env, args []string) error {
 
 // nodeFlags are the flags of install, uninstall and run.
 type nodeFlags struct {
-	hostRoot, dist, nodeName string
-	restart                  bool
+	hostRoot, hostRootPath, dist, nodeName, restart string
 }
+
+// Ways to make containerd load the drop-in (--restart-containerd).
+const (
+	restartSystemctl = "systemctl"
+	restartSignal    = "signal"
+	restartNone      = "none"
+)
 
 func (f *nodeFlags) register(fs *flag.FlagSet, e *env) {
 	fs.StringVar(&f.hostRoot, "host-root", "/host", "the node's / is mounted at `DIR`")
+	fs.StringVar(&f.hostRootPath, "host-root-path", "/", "what --host-root is on the node (`PATH`): / on a real node; another directory installs\npodvm under it, and the installed files name their paths there (containerd's config is\nPATH/etc/containerd/config.toml)")
 	fs.StringVar(&f.dist, "dist", defaultDist(e), "the dist tree to install (`DIR`; default: the tree this podvm binary is in, DIR/usr/bin/podvm)")
 	fs.StringVar(&f.nodeName, "node-name", os.Getenv("NODE_NAME"), "label the Kubernetes node `NAME` podvm.io/runtime=true through the in-cluster API (default $NODE_NAME; empty: no label)")
-	fs.BoolVar(&f.restart, "restart-containerd", true, "restart containerd on the node (systemctl, run chrooted into --host-root) so it loads the drop-in")
+	fs.StringVar(&f.restart, "restart-containerd", restartSystemctl, "how containerd loads the drop-in (`HOW`): systemctl (systemctl restart containerd,\nchrooted into --host-root), signal (SIGTERM to the containerd that reads the config, for a\nsupervisor that restarts it on exit such as systemd's Restart=always; needs hostPID), none")
 }
 
 // defaultDist is the dist tree podvm runs from: <dist>/usr/bin/podvm.
@@ -47,9 +54,15 @@ func defaultDist(e *env) string {
 }
 
 func (f *nodeFlags) installer() *installer.Installer {
-	in := &installer.Installer{HostRoot: f.hostRoot, DistRoot: f.dist}
-	if f.restart {
+	in := &installer.Installer{HostRoot: f.hostRoot, DistRoot: f.dist, NodeRoot: f.hostRootPath}
+	switch f.restart {
+	case restartSystemctl:
 		in.RestartContainerd = func(ctx context.Context) error { return restartContainerd(ctx, f.hostRoot) }
+	case restartSignal:
+		config := in.NodePath(installer.ContainerdConfig)
+		in.RestartContainerd = func(ctx context.Context) error {
+			return installer.SignalContainerd(ctx, "/proc", config, time.Minute)
+		}
 	}
 	if f.nodeName != "" {
 		in.Label = func(ctx context.Context, on bool) error { return labelNode(ctx, f.nodeName, on) }
@@ -57,7 +70,7 @@ func (f *nodeFlags) installer() *installer.Installer {
 	return in
 }
 
-const nodeDescription = "Installs podvm from a dist tree (make dist) onto a node whose / is mounted at --host-root:\nits files (the node config only if the node has none), an imports line in containerd's\nconfig when needed, a manifest in /var/lib/podvm/installed.json; then restarts containerd\nand labels the node podvm.io/runtime=true. Uninstall undoes exactly that (keeping a node\nconfig the admin changed)."
+const nodeDescription = "Installs podvm from a dist tree (make dist) onto a node whose / is mounted at --host-root:\nits files (the node config only if the node has none), an imports line in containerd's\nconfig when needed, a manifest in /var/lib/podvm/installed.json; then makes containerd load\nthe drop-in (--restart-containerd) and labels the node podvm.io/runtime=true. Uninstall\nundoes exactly that (keeping a node config the admin changed)."
 
 func parseNode(e *env, name, synopsis string, args []string) (*nodeFlags, error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
@@ -69,6 +82,14 @@ func parseNode(e *env, name, synopsis string, args []string) (*nodeFlags, error)
 	}
 	if f.dist == "" {
 		return nil, usagef(name, "--dist: give the dist tree (make dist writes _output/dist/root)")
+	}
+	switch f.restart {
+	case restartSystemctl, restartSignal, restartNone:
+	default:
+		return nil, usagef(name, "--restart-containerd=%q: use systemctl, signal or none", f.restart)
+	}
+	if !filepath.IsAbs(f.hostRootPath) {
+		return nil, usagef(name, "--host-root-path=%q: give an absolute path on the node, / for the node's root", f.hostRootPath)
 	}
 	return &f, nil
 }

@@ -25,14 +25,14 @@ func TestNodeInstallUninstall(t *testing.T) {
 		}
 	}
 	exeDir := filepath.Join(dist, "usr", "bin")
-	r := runCLI(t, exeDir, "", "node", "install", "--host-root", host, "--restart-containerd=false", "--node-name", "")
+	r := runCLI(t, exeDir, "", "node", "install", "--host-root", host, "--restart-containerd=none", "--node-name", "")
 	if r.code != 0 || !strings.Contains(r.stdout, "installed "+dist) {
 		t.Fatalf("install: %+v", r)
 	}
 	if b, err := os.ReadFile(filepath.Join(host, "usr/bin/podvm")); err != nil || string(b) != "usr/bin/podvm" {
 		t.Fatalf("installed podvm: %q %v", b, err)
 	}
-	r = runCLI(t, exeDir, "", "node", "uninstall", "--host-root", host, "--restart-containerd=false", "--node-name", "")
+	r = runCLI(t, exeDir, "", "node", "uninstall", "--host-root", host, "--restart-containerd=none", "--node-name", "")
 	if r.code != 0 {
 		t.Fatalf("uninstall: %+v", r)
 	}

@@ -9,6 +9,11 @@
 // manifest says: it removes the files it installed (the config only when it is still the
 // one it wrote), reverts containerd's config, restarts containerd and removes the label.
 // Both are idempotent, so a DaemonSet pod that restarts half way does no harm.
+//
+// The host root is normally the node's / (NodeRoot "/"). When it is another directory of the
+// node (NodeRoot), the installed files name their node paths under it: the drop-in's
+// ConfigPath and a runtime_path to the installed shim, the node config's guest image, and
+// containerd's imports line (see relocate).
 package installer
 
 import (
@@ -35,12 +40,21 @@ const (
 	ContainerdConfig = "etc/containerd/config.toml"
 	// DropIn is the podvm runtime for containerd (in the dist tree).
 	DropIn = "etc/containerd/conf.d/podvm.toml"
+	// ShimPath is the shim binary (in the dist tree).
+	ShimPath = "usr/bin/containerd-shim-podvm-v2"
 )
 
 // Installer installs the dist tree DistRoot onto the node whose / is HostRoot.
 type Installer struct {
 	HostRoot string
 	DistRoot string
+	// NodeRoot is what HostRoot is on the node: "" or "/" for the node's /.
+	NodeRoot string
+	// ManifestFile is where the manifest goes, relative to HostRoot; default ManifestPath.
+	ManifestFile string
+	// LeaveContainerdConfig leaves containerd's main config alone (podvm install: the admin
+	// adds the imports line).
+	LeaveContainerdConfig bool
 	// RestartContainerd makes containerd load its config again; nil skips it.
 	RestartContainerd func(ctx context.Context) error
 	// Label sets (true) or removes (false) the node label podvm.io/runtime=true; nil skips it.
@@ -60,6 +74,24 @@ type Manifest struct {
 
 func (in *Installer) host(p string) string { return filepath.Join(in.HostRoot, p) }
 
+func (in *Installer) manifestRel() string {
+	if in.ManifestFile != "" {
+		return in.ManifestFile
+	}
+	return ManifestPath
+}
+
+func (in *Installer) manifest() string { return in.host(in.manifestRel()) }
+
+// NodePath is where rel, a path under the host root, is on the node.
+func (in *Installer) NodePath(rel string) string {
+	root := in.NodeRoot
+	if root == "" {
+		root = "/"
+	}
+	return filepath.Join(root, rel)
+}
+
 // Install installs podvm onto the node; see the package doc.
 func (in *Installer) Install(ctx context.Context) error {
 	m, err := in.readManifest()
@@ -69,11 +101,11 @@ func (in *Installer) Install(ctx context.Context) error {
 	if err := in.copyTree(m); err != nil {
 		return errors.Join(err, in.writeManifest(m))
 	}
-	if m.Containerd == "" {
+	if m.Containerd == "" && !in.LeaveContainerdConfig {
 		if err := in.mkdirAll(m, filepath.Dir(ContainerdConfig)); err != nil {
 			return errors.Join(err, in.writeManifest(m))
 		}
-		how, err := importDropIn(in.host(ContainerdConfig), "/"+DropIn)
+		how, err := importDropIn(in.host(ContainerdConfig), in.NodePath(DropIn))
 		if err != nil {
 			return errors.Join(err, in.writeManifest(m))
 		}
@@ -97,6 +129,10 @@ func (in *Installer) Install(ctx context.Context) error {
 
 // copyTree copies the dist tree's files onto the host, recording them in m.
 func (in *Installer) copyTree(m *Manifest) error {
+	files, err := distFiles(in.DistRoot)
+	if err != nil {
+		return err
+	}
 	return filepath.WalkDir(in.DistRoot, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -117,6 +153,9 @@ func (in *Installer) copyTree(m *Manifest) error {
 		}
 		data, err := os.ReadFile(p)
 		if err != nil {
+			return err
+		}
+		if data, err = in.relocate(rel, data, files); err != nil {
 			return err
 		}
 		info, err := d.Info()
@@ -167,7 +206,7 @@ func (in *Installer) mkdirAll(m *Manifest, rel string) error {
 
 // Uninstall undoes what the manifest on the node records; without one it does nothing.
 func (in *Installer) Uninstall(ctx context.Context) error {
-	if !exists(in.host(ManifestPath)) {
+	if !exists(in.manifest()) {
 		return nil
 	}
 	m, err := in.readManifest()
@@ -180,7 +219,7 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 		}
 	}
 	var errs []error
-	if err := revertImport(in.host(ContainerdConfig), "/"+DropIn, m.Containerd); err != nil {
+	if err := revertImport(in.host(ContainerdConfig), in.NodePath(DropIn), m.Containerd); err != nil {
 		errs = append(errs, err)
 	}
 	errs = append(errs, in.removeFiles(m)...)
@@ -192,11 +231,29 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 			return fmt.Errorf("restart containerd: %w", err)
 		}
 	}
-	if err := os.Remove(in.host(ManifestPath)); err != nil {
+	if err := os.Remove(in.manifest()); err != nil {
 		return err
 	}
-	_ = os.Remove(filepath.Dir(in.host(ManifestPath))) // only when empty
+	_ = in.removeDirs(m) // again: the manifest's own directories are empty now
+	in.removeAccelCache()
 	return nil
+}
+
+// Installed reports whether the host root has a manifest of this installer.
+func (in *Installer) Installed() bool { return exists(in.manifest()) }
+
+// The accelerator probe's cache and lock in the default state dir (hypervisor/qemu's
+// AccelCacheFile and AccelLockFile in /run/podvm): written by the shim at run time, gone
+// with podvm, as the Debian package's postrm removes them.
+var accelCache = []string{"run/podvm/accel.json", "run/podvm/accel.lock"}
+
+// removeAccelCache removes the probe's cache, and the state dir when that leaves it empty
+// (pods still running keep theirs).
+func (in *Installer) removeAccelCache() {
+	for _, f := range accelCache {
+		_ = os.Remove(in.host(f))
+	}
+	_ = os.Remove(in.host(filepath.Dir(accelCache[0])))
 }
 
 // removeFiles removes the installed files (the config only when unchanged) and the
@@ -216,8 +273,14 @@ func (in *Installer) removeFiles(m *Manifest) []error {
 			errs = append(errs, err)
 		}
 	}
+	return append(errs, in.removeDirs(m)...)
+}
+
+// removeDirs removes the directories Install made, deepest first, when empty: a directory
+// something else put files in stays.
+func (in *Installer) removeDirs(m *Manifest) []error {
+	var errs []error
 	for i := len(m.Dirs) - 1; i >= 0; i-- {
-		// A directory something else put files in stays.
 		if err := os.Remove(in.host(m.Dirs[i])); err != nil && !errors.Is(err, fs.ErrNotExist) && !isNotEmpty(err) {
 			errs = append(errs, err)
 		}
@@ -227,7 +290,7 @@ func (in *Installer) removeFiles(m *Manifest) []error {
 
 func (in *Installer) readManifest() (*Manifest, error) {
 	m := &Manifest{Files: map[string]string{}}
-	b, err := os.ReadFile(in.host(ManifestPath))
+	b, err := os.ReadFile(in.manifest())
 	if errors.Is(err, fs.ErrNotExist) {
 		return m, nil
 	}
@@ -235,7 +298,7 @@ func (in *Installer) readManifest() (*Manifest, error) {
 		return nil, err
 	}
 	if err := json.Unmarshal(b, m); err != nil {
-		return nil, fmt.Errorf("%s: %w; remove it only after removing podvm's files by hand", in.host(ManifestPath), err)
+		return nil, fmt.Errorf("%s: %w; remove it only after removing podvm's files by hand", in.manifest(), err)
 	}
 	if m.Files == nil {
 		m.Files = map[string]string{}
@@ -244,14 +307,15 @@ func (in *Installer) readManifest() (*Manifest, error) {
 }
 
 func (in *Installer) writeManifest(m *Manifest) error {
+	// Its directories are recorded too, so uninstall takes them away again.
+	if err := in.mkdirAll(m, filepath.Dir(in.manifestRel())); err != nil {
+		return err
+	}
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(in.host(ManifestPath)), 0o755); err != nil {
-		return err
-	}
-	return writeAtomic(in.host(ManifestPath), b, 0o644)
+	return writeAtomic(in.manifest(), b, 0o644)
 }
 
 func digest(b []byte) string {

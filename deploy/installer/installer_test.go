@@ -8,6 +8,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/podvm/podvm/deploy"
 )
 
 // distTree writes a small dist tree like make dist's.
@@ -217,4 +221,59 @@ func TestRestartFailureReported(t *testing.T) {
 	if err := in.Install(t.Context()); err == nil || !strings.Contains(err.Error(), "restart containerd: no systemd") {
 		t.Fatalf("Install: %v", err)
 	}
+}
+
+// TestInstallUnderAnotherRoot: with a host root that is not the node's / (NodeRoot), the
+// installed drop-in, node config and containerd imports name the node paths under it, the
+// drop-in runs the installed shim by path, and uninstall still leaves the root as it was.
+func TestInstallUnderAnotherRoot(t *testing.T) {
+	host, dist := hostRoot(t), distTree(t)
+	writeFile(t, filepath.Join(dist, DropIn), string(deploy.ContainerdDropIn))
+	writeFile(t, filepath.Join(dist, ConfigPath), string(deploy.ConfigTOML))
+	writeFile(t, filepath.Join(dist, "usr/share/podvm/initrd.img"), "initrd")
+	writeFile(t, filepath.Join(dist, ShimPath), "shim")
+	writeFile(t, filepath.Join(host, ContainerdConfig), "version = 3\n")
+	before := listing(t, host)
+	in := (&recorder{}).installer(host, dist)
+	in.NodeRoot = "/srv/node1"
+	if err := in.Install(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	got := listing(t, host)
+	var dropIn struct {
+		Plugins map[string]struct {
+			Containerd struct {
+				Runtimes map[string]struct {
+					RuntimeType string `toml:"runtime_type"`
+					RuntimePath string `toml:"runtime_path"`
+					Options     struct {
+						ConfigPath string
+					} `toml:"options"`
+				} `toml:"runtimes"`
+			} `toml:"containerd"`
+		} `toml:"plugins"`
+	}
+	if err := toml.Unmarshal([]byte(got[DropIn]), &dropIn); err != nil {
+		t.Fatalf("relocated drop-in: %v\n%s", err, got[DropIn])
+	}
+	rt := dropIn.Plugins["io.containerd.cri.v1.runtime"].Containerd.Runtimes["podvm"]
+	if rt.RuntimeType != "io.containerd.podvm.v2" || rt.RuntimePath != "/srv/node1/"+ShimPath || rt.Options.ConfigPath != "/srv/node1/"+ConfigPath {
+		t.Errorf("relocated drop-in: %+v\n%s", rt, got[DropIn])
+	}
+	var cfg struct {
+		Hypervisor struct{ Kernel, Initrd string }
+	}
+	if err := toml.Unmarshal([]byte(got[ConfigPath]), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Hypervisor.Initrd != "/srv/node1/usr/share/podvm/initrd.img" || cfg.Hypervisor.Kernel != "/srv/node1/usr/share/podvm/vmlinuz" {
+		t.Errorf("relocated node config: %+v", cfg.Hypervisor)
+	}
+	if want := `imports = ["/srv/node1/etc/containerd/conf.d/podvm.toml"]`; !strings.HasPrefix(got[ContainerdConfig], want) {
+		t.Errorf("containerd config:\n%s", got[ContainerdConfig])
+	}
+	if err := in.Uninstall(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	diff(t, "after uninstall", listing(t, host), before)
 }

@@ -26,6 +26,8 @@ type containerdConfig struct {
 	RegistryConfig    string // config_path: <dir>/<registry>/hosts.toml
 	SandboxImage      string
 	PodvmConfigPath   string
+	NoPodvmRuntime    bool     // the podvm runtime comes from a drop-in
+	Imports           []string // config files containerd imports
 	LogLevel          string
 }
 
@@ -34,6 +36,9 @@ type containerdConfig struct {
 var configTemplate = template.Must(template.New("config.toml").Funcs(template.FuncMap{
 	"q": func(s string) string { return fmt.Sprintf("%q", s) },
 }).Parse(`version = 3
+{{- if .Imports}}
+imports = [{{range $i, $f := .Imports}}{{if $i}}, {{end}}{{q $f}}{{end}}]
+{{- end}}
 root = {{q .Root}}
 state = {{q .State}}
 temp = {{q .Temp}}
@@ -78,11 +83,13 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
           BinaryName = {{q .RuncBinary}}
           Root = {{q .RuncRoot}}
           SystemdCgroup = false
+{{- if not .NoPodvmRuntime}}
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podvm]
         runtime_type = "io.containerd.podvm.v2"
         pod_annotations = ["podvm.io/*"]
         [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podvm.options]
           ConfigPath = {{q .PodvmConfigPath}}
+{{- end}}
 `))
 
 // render writes containerd 2.4's config format version 3.

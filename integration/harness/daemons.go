@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
+	"sync"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -42,4 +44,35 @@ func (e *Env) RestartContainerd(ctx context.Context) error {
 		return err
 	}
 	return e.waitCRI(ctx)
+}
+
+// Supervise restarts containerd whenever it exits, a second later, as systemd's
+// Restart=always does for containerd's unit: for tests of tools that restart containerd by
+// stopping it. The returned stop ends the supervision (before the env's teardown: register it
+// with t.Cleanup after Start). The CRI clients reconnect by themselves.
+func (e *Env) Supervise(t testing.TB) (stop func()) {
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			select {
+			case <-done:
+				return
+			case <-e.exited:
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Second):
+			}
+			t.Logf("harness: containerd exited (%v); supervisor starts it again", e.exitErr)
+			e.exited, e.exitErr = make(chan struct{}), nil
+			if err := e.startContainerd(); err != nil {
+				t.Errorf("harness: supervisor: %v", err)
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(done); <-finished }) }
 }

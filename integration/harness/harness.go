@@ -63,6 +63,14 @@ type Options struct {
 	LeakDirsKeep []string
 	// SetupTimeout bounds Start (image builds, containerd start). Default 3 minutes.
 	SetupTimeout time.Duration
+	// ConfigFile is where containerd's config.toml goes; default <Dir>/config.toml. A test
+	// that installs podvm into a root of its own puts it at <root>/etc/containerd/config.toml.
+	ConfigFile string
+	// NoPodvmRuntime leaves the podvm runtime out of containerd's config: it comes from a
+	// drop-in (Imports, or one an installer adds).
+	NoPodvmRuntime bool
+	// Imports are containerd's config imports, e.g. the installed drop-in.
+	Imports []string
 	// BridgeMTU is the MTU the CNI bridge plugin gives the bridge and every pod veth; 0 leaves
 	// the plugin's default (1500). A non-default value lets tests see that it reaches the pod.
 	BridgeMTU int
@@ -323,6 +331,8 @@ func (e *Env) writeConfig() error {
 		RegistryConfig:  certs,
 		SandboxImage:    PauseImage,
 		PodvmConfigPath: e.opts.PodvmConfigPath,
+		NoPodvmRuntime:  e.opts.NoPodvmRuntime,
+		Imports:         e.opts.Imports,
 		LogLevel:        e.opts.ContainerdLogLevel,
 	}
 	if len(cfg.SocketDir) > 42 {
@@ -336,7 +346,12 @@ func (e *Env) writeConfig() error {
 }
 
 // ConfigPath is the containerd config.toml the harness wrote.
-func (e *Env) ConfigPath() string { return filepath.Join(e.Dir, "config.toml") }
+func (e *Env) ConfigPath() string {
+	if e.opts.ConfigFile != "" {
+		return e.opts.ConfigFile
+	}
+	return filepath.Join(e.Dir, "config.toml")
+}
 
 func (e *Env) startContainerd() error {
 	dev := e.opts.devDir()

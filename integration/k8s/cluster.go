@@ -52,7 +52,15 @@ type Cluster struct {
 	kubelet *process
 	proxy   *loopbackProxy
 	host    *hostState
+	opts    Options
 	stopped bool
+}
+
+// Options change the cluster StartWith makes; the zero value is Start's.
+type Options struct {
+	// NoPodvmLabel registers the node without podvm.io/runtime=true: the test's installer
+	// labels it.
+	NoPodvmLabel bool
 }
 
 // BinDir is where `make deps` puts the binaries: $PODVM_DEV/k8s/<Version>.
@@ -80,6 +88,12 @@ func Missing() []string {
 // when t ends (before env's own teardown), or earlier by AssertNoLeaks.
 func Start(ctx context.Context, t testing.TB, env *harness.Env) *Cluster {
 	t.Helper()
+	return StartWith(ctx, t, env, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(ctx context.Context, t testing.TB, env *harness.Env, opts Options) *Cluster {
+	t.Helper()
 	if m := Missing(); len(m) > 0 {
 		msg := "Kubernetes binaries missing: " + strings.Join(m, ", ") + " (run `make deps`)"
 		if os.Getenv("CI") == "true" {
@@ -87,7 +101,7 @@ func Start(ctx context.Context, t testing.TB, env *harness.Env) *Cluster {
 		}
 		t.Skip(msg)
 	}
-	c := &Cluster{env: env, binDir: BinDir(), Dir: filepath.Join(env.Dir, "k8s")}
+	c := &Cluster{env: env, binDir: BinDir(), Dir: filepath.Join(env.Dir, "k8s"), opts: opts}
 	t.Cleanup(func() { c.stop(t) })
 	start := time.Now()
 	if err := c.start(ctx, t); err != nil {

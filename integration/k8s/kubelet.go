@@ -54,7 +54,8 @@ clusterDomain: cluster.local
 
 // startKubelet writes the kubelet's config, makes its cgroup root (the harness's cgroup
 // parent, which the kubelet requires to exist) and starts it. The node carries podvm's node
-// label, as the installer sets it: the podvm RuntimeClass's nodeSelector requires it.
+// label, as the installer sets it (the podvm RuntimeClass's nodeSelector requires it),
+// unless Options.NoPodvmLabel.
 func (c *Cluster) startKubelet() error {
 	cfg := filepath.Join(c.Dir, "kubelet.yaml")
 	if err := os.WriteFile(cfg, []byte(c.kubeletConfig()), 0o644); err != nil {
@@ -63,9 +64,13 @@ func (c *Cluster) startKubelet() error {
 	if err := makeCgroupRoot(c.env.CgroupParent); err != nil {
 		return err
 	}
-	p, err := c.startProcess("kubelet", "--config="+cfg, "--kubeconfig="+c.pki.path("kubelet.kubeconfig"),
-		"--root-dir="+filepath.Join(c.Dir, "kubelet"), "--node-ip="+c.NodeIP.String(),
-		"--hostname-override="+NodeName, "--node-labels="+deploy.NodeLabel+"=true", "--v=2")
+	args := []string{"--config=" + cfg, "--kubeconfig=" + c.pki.path("kubelet.kubeconfig"),
+		"--root-dir=" + filepath.Join(c.Dir, "kubelet"), "--node-ip=" + c.NodeIP.String(),
+		"--hostname-override=" + NodeName, "--v=2"}
+	if !c.opts.NoPodvmLabel {
+		args = append(args, "--node-labels="+deploy.NodeLabel+"=true")
+	}
+	p, err := c.startProcess("kubelet", args...)
 	c.kubelet = p
 	return err
 }

@@ -1,0 +1,159 @@
+package integration
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/integration/harness"
+)
+
+// makeInstallTouches are the paths make install writes under (PREFIX=/usr/local), with the
+// record it keeps and the shim's default state dir: the test compares them before and after.
+var makeInstallTouches = []string{"/usr/local/bin", "/usr/share/podvm", "/etc/podvm", "/etc/containerd", "/var/lib/podvm", podvmStateDir}
+
+// TestMakeInstall runs the real `make install` onto this machine's / (with podvm not
+// installed: the test is skipped, and fails under CI=true, if any of its files exists),
+// checks the node with the installed `podvm check`, runs a pod through a containerd whose
+// podvm runtime is only the installed drop-in (imported, the shim found in /usr/local/bin on
+// containerd's PATH, the installed default config), then runs `make uninstall` and checks
+// that those paths are exactly as before.
+func TestMakeInstall(t *testing.T) {
+	repo := repoRoot()
+	require(t, needRoot(), needCmd("make"), needFile(filepath.Join(repo, "Makefile")))
+	refuseMakeInstalled(t)
+	before := treeState(t)
+	restoreStateDir(t)
+	t.Cleanup(func() { // a test stopped half way still uninstalls
+		if _, err := os.Stat("/var/lib/podvm/install.json"); err == nil {
+			_ = exec.Command("/usr/local/bin/podvm", "uninstall").Run()
+		}
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	runMake(ctx, t, repo, "install")
+	checkPodvmCheck(ctx, t, "/usr/local/bin/podvm")
+
+	env := harness.Start(t, harness.Options{
+		NoPodvmRuntime:   true,
+		Imports:          []string{"/etc/containerd/conf.d/podvm.toml"},
+		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
+		LeakDirs:         []string{podvmStateDir},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile},
+	})
+	testPodLifecycle(t, env, "podvm")
+	env.AssertNoLeaks(t)
+
+	runMake(ctx, t, repo, "uninstall")
+	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile} {
+		if _, err := os.Lstat(filepath.Join(podvmStateDir, f)); err == nil {
+			t.Errorf("%s left after make uninstall", filepath.Join(podvmStateDir, f))
+		}
+	}
+	after := treeState(t)
+	for p, v := range after {
+		if before[p] != v {
+			t.Errorf("after make uninstall %s is %q, before make install %q", p, v, before[p])
+		}
+	}
+	for p := range before {
+		if _, ok := after[p]; !ok {
+			t.Errorf("after make uninstall %s is gone", p)
+		}
+	}
+}
+
+// restoreStateDir puts back, at the end, the shim's state dir if it was there before: an
+// empty one left by earlier tests' pods, which make uninstall removes as the deb's postrm
+// does.
+func restoreStateDir(t *testing.T) {
+	st, err := os.Stat(podvmStateDir)
+	if err != nil {
+		return
+	}
+	t.Cleanup(func() {
+		if _, err := os.Stat(podvmStateDir); errors.Is(err, fs.ErrNotExist) {
+			if err := os.Mkdir(podvmStateDir, st.Mode().Perm()); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+}
+
+func runMake(ctx context.Context, t *testing.T, repo, target string) {
+	t.Helper()
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, "make", "-C", repo, target)
+	// Not the variables of a make this test runs under (make integration IT_RUN=...).
+	for _, kv := range os.Environ() {
+		if k, _, _ := strings.Cut(kv, "="); k != "MAKEFLAGS" && k != "MFLAGS" && k != "MAKELEVEL" {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("make %s: %v\n%s", target, err, out)
+	}
+	t.Logf("make %s (%v):\n%s", target, time.Since(start).Round(time.Millisecond), lastLines(string(out), 12))
+}
+
+// refuseMakeInstalled skips the test (fails it under CI) when podvm looks installed under
+// /usr/local or /etc: the test could not tell its files from the machine's.
+func refuseMakeInstalled(t *testing.T) {
+	t.Helper()
+	for _, f := range []string{"/var/lib/podvm/install.json", "/usr/local/bin/podvm", "/usr/local/bin/containerd-shim-podvm-v2",
+		"/usr/share/podvm", "/etc/podvm/config.toml", "/etc/containerd/conf.d/podvm.toml"} {
+		if _, err := os.Lstat(f); err == nil {
+			require(t, "a machine without podvm installed ("+f+" exists; make uninstall, or dpkg --purge podvm)")
+		}
+	}
+}
+
+// treeState is every path under makeInstallTouches with its mode and content digest, but
+// the run-time state dir itself and the accelerator probe's cache in it, which pods of
+// earlier tests may have left and uninstall removes (and the directory, when empty).
+func treeState(t *testing.T) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, top := range makeInstallTouches {
+		err := filepath.WalkDir(top, func(p string, d fs.DirEntry, err error) error {
+			if errors.Is(err, fs.ErrNotExist) && p == top {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			if p == podvmStateDir || (filepath.Dir(p) == podvmStateDir && strings.HasPrefix(d.Name(), "accel.")) {
+				return nil
+			}
+			info, err := d.Info()
+			if err != nil {
+				return err
+			}
+			v := info.Mode().String()
+			if d.Type().IsRegular() {
+				b, err := os.ReadFile(p)
+				if err != nil {
+					return err
+				}
+				sum := sha256.Sum256(b)
+				v += " " + hex.EncodeToString(sum[:])
+			}
+			out[p] = v
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
