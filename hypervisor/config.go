@@ -83,6 +83,10 @@ type Config struct {
 	// Mounts made under it later reach the guest only if it is a mount with shared
 	// propagation (rootfs.CreateShare makes it one).
 	SharedDir string
+	// SharedDirNS runs a function in the mount namespace SharedDir is mounted in, when that
+	// is not the caller's (rootfs.Share keeps its own): the virtio-fs daemon is started by
+	// it, so that it is born there. nil means the caller's namespace.
+	SharedDirNS func(func() error) error
 	// VirtiofsdPath is the virtio-fs daemon; empty means the driver's search.
 	VirtiofsdPath string
 	// VirtiofsCache is "auto" (default), "always" or "never".

@@ -76,6 +76,9 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	}
 	cfg := testVMConfig(filepath.Base(stateDir), stateDir, shared, kernel, initrd)
 	cfg.NetDevices = o.NetDevices
+	if share != nil {
+		cfg.SharedDirNS = share.InMountNS
+	}
 	vm, err := qemu.New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -51,16 +51,22 @@ echo rootfs-write > /written`)
 			code, stdout, stderr)
 	}
 
+	// The share's mounts are in its own namespace: the node's has none of them (so none
+	// keeps a volume's directory busy there).
+	if left := mountsBelow(t, stateDir); len(left) > 0 {
+		t.Errorf("the share has mounts in the node's mount namespace: %v", left)
+	}
 	for _, id := range []string{"a", "b"} {
 		if err := p.share.Release(ctx, id); err != nil {
 			t.Fatalf("release %s: %v", id, err)
 		}
 	}
-	if left := mountsBelow(t, g.sharedDir); len(left) > 0 {
+	root := shareRoot(t, stateDir)
+	if left := mountsIn(t, root, g.sharedDir); len(left) > 0 {
 		t.Errorf("mounts left under the shared dir after Release: %v", left)
 	}
-	if entries, _ := os.ReadDir(g.sharedDir); len(entries) > 0 {
-		t.Errorf("%d entries left in the shared dir after Release", len(entries))
+	if entries, err := os.ReadDir(root + g.sharedDir); err != nil || len(entries) > 0 {
+		t.Errorf("%d entries left in the shared dir after Release (%v)", len(entries), err)
 	}
 	if got := readHostFile(t, filepath.Join(p.emptyDir, "shared")); got != "from-a\n" {
 		t.Errorf("Release disturbed the emptyDir: %q", got)

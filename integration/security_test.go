@@ -183,7 +183,9 @@ func (a *attack) throughShare(vol string) {
 		t.Errorf("attacks that worked from the guest:\n%s", out)
 	}
 	a.checkVictim("the victim dir changed")
-	entries, _ := os.ReadDir(filepath.Join(a.stateDir, rootfs.StagingDir))
+	// The share is mounted in the shim's own mount namespace, seen here through its /proc.
+	root := shareRoot(t, a.stateDir)
+	entries, _ := os.ReadDir(root + filepath.Join(a.stateDir, rootfs.StagingDir))
 	for _, e := range entries {
 		if !e.IsDir() || strings.ContainsAny(e.Name(), ".") {
 			t.Errorf("the guest made %s in the share", e.Name())
@@ -195,7 +197,7 @@ func (a *attack) throughShare(vol string) {
 	// The setuid bit reaches the volume as it would from a runc container; the host-side
 	// mounts of the share never honour it.
 	var sfs unix.Statfs_t
-	binds, _ := filepath.Glob(filepath.Join(a.stateDir, rootfs.StagingDir, "*", "mounts", "*-data"))
+	binds, _ := filepath.Glob(root + filepath.Join(a.stateDir, rootfs.StagingDir, "*", "mounts", "*-data"))
 	if len(binds) != 1 {
 		t.Fatalf("host-side binds of the volume: %v", binds)
 	}

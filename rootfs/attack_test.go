@@ -158,16 +158,21 @@ func TestPlantedSymlinksNotFollowed(t *testing.T) {
 		v.intact("Release " + id)
 		e.gone(id)
 	}
-	// The same after a crash: Cleanup from the mount table alone.
-	if err := os.Symlink(v.dir, filepath.Join(e.staging, "c4")); err != nil {
-		t.Fatal(err)
+	// The same after a crash: Cleanup from the node's mount table alone, in the dirs it
+	// works in there (no guest can write them, but nothing there is followed either).
+	for _, d := range []string{StagingDir, MountDir} {
+		if err := os.Symlink(v.dir, filepath.Join(e.state, d, "c4")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := CleanupContainer(ctx, e.state, "c4"); err != nil {
 		t.Errorf("CleanupContainer: %v", err)
 	}
 	v.intact("CleanupContainer")
-	if err := os.Symlink(v.dir, filepath.Join(e.staging, "c5")); err != nil {
-		t.Fatal(err)
+	for _, d := range []string{StagingDir, ExportDir, MountDir} {
+		if err := os.Symlink(v.dir, filepath.Join(e.state, d, "c5")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	e.share.Close()
 	if err := Cleanup(ctx, e.state); err != nil {
@@ -230,7 +235,7 @@ func TestPrepareReleaseRaceGuest(t *testing.T) {
 				v.intact("try")
 				// What the racer left (a moved dir with mounts) is still only in the share.
 				for _, leftover := range []string{target + ".moved", "c1.moved"} {
-					_ = releaseAt(e.share.rootfd(), e.staging, leftover, e.share.dev)
+					_ = e.releaseAt(leftover)
 				}
 				_ = e.share.Release(ctx, "c1")
 			}
@@ -238,7 +243,7 @@ func TestPrepareReleaseRaceGuest(t *testing.T) {
 			swaps := <-done
 			_ = e.share.Release(ctx, "c1")
 			for _, leftover := range []string{target + ".moved", "c1.moved"} {
-				if err := releaseAt(e.share.rootfd(), e.staging, leftover, e.share.dev); err != nil {
+				if err := e.releaseAt(leftover); err != nil {
 					t.Errorf("removing what the racer left: %v", err)
 				}
 			}
@@ -247,4 +252,11 @@ func TestPrepareReleaseRaceGuest(t *testing.T) {
 			t.Logf("%d tries against %d swaps of %s: %d calls failed safely, host dir untouched", tries, swaps, target, failed)
 		})
 	}
+}
+
+// releaseAt is releaseAt of name in the staging dir, in the share's namespace.
+func (e *env) releaseAt(name string) error {
+	return e.share.ns.run(func() error {
+		return releaseAt(e.share.rootfd(), filepath.Join(e.state, StagingDir), name, e.share.dev)
+	})
 }

@@ -11,8 +11,10 @@
 //	<hostDir>/<container-id>/rootfs       containerd's rootfs mounts (overlay), or a bind of the bundle's rootfs
 //	<hostDir>/<container-id>/mounts/<n>-<name>  one bind per bind mount of the spec (dir or file)
 //
-// The hypervisor makes SharedDir a shared mount before virtiofsd starts, so mounts made here
-// later propagate into virtiofsd's mount namespace. Nothing but what the spec names is shared.
+// The staging tmpfs is a shared mount, so mounts made in it later propagate into virtiofsd's
+// sandbox. Nothing but what the spec names is shared. All of it is mounted in a mount
+// namespace of the share's own (mountns.go), where virtiofsd is started; the node's namespace
+// has none of it, so no copy of a volume keeps the node's directories busy.
 //
 // # What is rewritten in the spec
 //
@@ -50,8 +52,10 @@
 //
 // # Cleanup
 //
-// Share keeps no state in memory: Release and Cleanup find what to undo in the mount table,
-// so they also work in a new shim process after a crash. Mounts are detached lazily
+// Share keeps no state in memory: Release and Cleanup find what to undo in the mount table
+// (the share's namespace's, or after a crash the node's, where only directories and maybe a
+// rootfs mount in mnt/ are left: the share's namespace died with the shim), so they also work
+// in a new shim process. Mounts are detached lazily
 // (MNT_DETACH) because virtiofsd keeps O_PATH descriptors of every file the guest has looked
 // up, which makes a plain unmount fail with EBUSY. Overlay rootfs mounts are synced before
 // they are detached, so their final unmount (when virtiofsd lets go) has nothing to flush.

@@ -34,6 +34,9 @@ type Fake struct {
 // ExportDir implements Provider.
 func (f *Fake) ExportDir() string { return f.Export }
 
+// InMountNS implements Provider: the fake has no namespace of its own.
+func (f *Fake) InMountNS(fn func() error) error { return fn() }
+
 // Close implements Provider.
 func (f *Fake) Close() error {
 	f.mu.Lock()

@@ -73,29 +73,37 @@ func fdPath(fd int) (string, error) {
 // binaries and device nodes in what it can write, and the host must never honour them.
 const hostAttrs = unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV
 
-// bindAt bind-mounts the tree at srcfd (with everything mounted below it) on the mount point
-// targetfd, both descriptors. The copy is nosuid,nodev throughout; ro makes its top mount
-// read-only and rro every mount of it (runc's semantics: sub-mounts of a "ro" volume stay as
-// they are). The clone is made and configured while detached, so the share never shows a
-// half-configured mount.
-func bindAt(srcfd, targetfd int, ro, rro bool) error {
+// cloneTree makes a detached copy of the tree at srcfd (with everything mounted below it),
+// for attachTree to attach in the share's namespace; the caller closes the returned
+// descriptor. It must run in the namespace srcfd's mount is in (the node's). The copy is
+// nosuid,nodev throughout; ro makes its top mount read-only and rro every mount of it
+// (runc's semantics: sub-mounts of a "ro" volume stay as they are). The copy is configured
+// while detached, so the share never shows a half-configured mount.
+func cloneTree(srcfd int, ro, rro bool) (int, error) {
 	tree, err := unix.OpenTree(srcfd, "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH|unix.AT_RECURSIVE)
 	if err != nil {
-		return fmt.Errorf("open_tree: %w", err)
+		return -1, fmt.Errorf("open_tree: %w", err)
 	}
-	defer func() { _ = unix.Close(tree) }()
 	attr := &unix.MountAttr{Attr_set: hostAttrs}
 	if rro {
 		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
 	}
 	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, attr); err != nil {
-		return fmt.Errorf("mount_setattr: %w", err)
+		_ = unix.Close(tree)
+		return -1, fmt.Errorf("mount_setattr: %w", err)
 	}
 	if ro && !rro {
 		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}); err != nil {
-			return fmt.Errorf("mount_setattr ro: %w", err)
+			_ = unix.Close(tree)
+			return -1, fmt.Errorf("mount_setattr ro: %w", err)
 		}
 	}
+	return tree, nil
+}
+
+// attachTree attaches a detached tree (cloneTree) on the mount point targetfd. It must run
+// in the namespace targetfd's mount is in (the share's).
+func attachTree(tree, targetfd int) error {
 	if err := unix.MoveMount(tree, "", targetfd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
 		return fmt.Errorf("move_mount: %w", err)
 	}
@@ -110,12 +118,12 @@ type mountUnder struct {
 }
 
 // mountsBelow lists the mounts at or below dir (a real, symlink-free path the shim made)
-// from the mount table, shallowest first.
+// from the calling thread's mount table, shallowest first.
 func mountsBelow(dir string) ([]mountUnder, error) {
 	dir = filepath.Clean(dir)
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	infos, err := threadMounts(dir)
 	if err != nil {
-		return nil, fmt.Errorf("reading the mount table: %w", err)
+		return nil, err
 	}
 	out := make([]mountUnder, 0, len(infos))
 	for _, m := range infos {
@@ -222,6 +230,21 @@ func removeAt(dirfd int, name string, dev uint64) error {
 		return &os.PathError{Op: "rmdir", Path: name, Err: err}
 	}
 	return nil
+}
+
+// threadMounts lists the mounts at or below dir in the calling thread's mount namespace,
+// which is not the process's on the share's thread (so not /proc/self).
+func threadMounts(dir string) ([]*mountinfo.Info, error) {
+	f, err := os.Open("/proc/thread-self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("reading the mount table: %w", err)
+	}
+	defer func() { _ = f.Close() }()
+	infos, err := mountinfo.GetMountsFromReader(f, mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return nil, fmt.Errorf("reading the mount table: %w", err)
+	}
+	return infos, nil
 }
 
 // fstatFd stats an open descriptor.

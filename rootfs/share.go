@@ -36,7 +36,12 @@ const (
 	// Mounts made under StagingDir appear here (and in virtiofsd) by propagation, with their
 	// own flags: the guest can write a container's rootfs and its writable volumes, and
 	// nothing else, in particular no name in the share's directories.
+	// Both are mounted only in the share's own mount namespace (mountns.go); in the node's
+	// they are empty directories.
 	ExportDir = "shared"
+	// MountDir is where, in the node's namespace, containerd's rootfs mounts of a container
+	// are made for a moment, to be cloned into the share (mnt/<container-id>).
+	MountDir = "mnt"
 
 	rootfsDir = "rootfs"
 	mountsDir = "mounts"
@@ -49,14 +54,19 @@ const stagingOptions = "size=1m,nr_inodes=16384,mode=0755"
 // Provider makes a container's filesystems visible to the guest. *Share is the virtio-fs
 // implementation; Fake is for tests of its callers.
 type Provider interface {
-	// ExportDir is the host directory the VM exports to the guest (virtio-fs).
+	// ExportDir is the host directory the VM exports to the guest (virtio-fs), a path in
+	// the namespace InMountNS runs in.
 	ExportDir() string
+	// InMountNS runs f on a thread in the mount namespace ExportDir is mounted in (the
+	// share's own); a process started by f is born there. virtiofsd must be.
+	InMountNS(f func() error) error
 	// Prepare makes the filesystems of one container visible to the guest and returns the
 	// spec rewritten for the guest. On error nothing of it is left behind.
 	Prepare(ctx context.Context, containerID, bundle string, spec *specs.Spec, rootfs []mount.Mount) (*Attachment, error)
 	// Release undoes Prepare for one container; releasing an unknown container is a no-op.
 	Release(ctx context.Context, containerID string) error
-	// Close lets go of the share's descriptors; what is mounted stays for Cleanup.
+	// Close detaches what the share mounted and ends its mount namespace (once the
+	// processes started in it are gone too); Cleanup removes the directories.
 	Close() error
 }
 
@@ -96,74 +106,148 @@ func closeDevices(ds []*hypervisor.BlockDevice) {
 
 // Share is what one sandbox shares with its guest through virtio-fs: a small tmpfs at
 // <stateDir>/staging that only the shim writes, exported read-only as <stateDir>/shared and
-// seen as guestDir in the guest. All its work under staging goes through the descriptor of
-// that tmpfs it opened when it mounted it (see fsat.go). It is safe for concurrent use by
-// different containers and keeps no other state (the mount table is the state).
+// seen as guestDir in the guest, both mounted in a mount namespace of the share's own
+// (mountns.go). All its work under staging goes through the descriptor of that tmpfs it
+// opened when it mounted it (see fsat.go). It is safe for concurrent use by different
+// containers and keeps no other state (the mount table is the state).
 type Share struct {
 	stateDir string // real path
 	guestDir string
 	block    BlockOptions
 
-	root *os.File // O_PATH descriptor of the staging tmpfs's root
-	dev  uint64   // its device, the only one removals may touch
+	ns     *mountNS
+	root   *os.File // O_PATH descriptor of the staging tmpfs's root
+	dev    uint64   // its device, the only one removals may touch
+	mnt    *os.File // O_PATH descriptor of <stateDir>/mnt, in the node's namespace
+	mntDev uint64   // its device (the state dir's)
 }
 
 var _ Provider = (*Share)(nil)
 
 // CreateShare sets up the share of a sandbox in its state dir (which the shim owns and no
-// guest can write): the staging tmpfs, a shared mount so what is mounted in it later
-// propagates to virtiofsd, and its read-only, nosuid, nodev, noexec export. guestDir is where
-// the guest mounts it (normally agent.GuestSharedDir). On error nothing is left.
+// guest can write): a mount namespace of its own and in it the staging tmpfs, a shared mount
+// so what is mounted in it later propagates to virtiofsd, and its read-only, nosuid, nodev,
+// noexec export. guestDir is where the guest mounts it (normally agent.GuestSharedDir). On
+// error nothing is left.
 func CreateShare(ctx context.Context, stateDir, guestDir string) (_ *Share, retErr error) {
 	dir, err := filepath.EvalSymlinks(stateDir)
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", stateDir, err)
 	}
-	staging, export := filepath.Join(dir, StagingDir), filepath.Join(dir, ExportDir)
-	for _, d := range []string{staging, export} {
-		if err := os.Mkdir(d, 0o755); err != nil {
+	for _, d := range []string{StagingDir, ExportDir, MountDir} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
 			return nil, fmt.Errorf("creating the sandbox's share: %w", err)
 		}
 	}
+	s := &Share{stateDir: dir, guestDir: filepath.Clean(guestDir)}
 	defer func() {
 		if retErr != nil {
+			s.closeFiles()
+			if s.ns != nil {
+				s.ns.close() // its mounts go with it
+			}
 			if err := Cleanup(context.WithoutCancel(ctx), dir); err != nil {
 				log.G(ctx).WithError(err).Warn("undoing a failed share setup")
 			}
 		}
 	}()
+	if s.mnt, s.mntDev, err = openDir(filepath.Join(dir, MountDir)); err != nil {
+		return nil, fmt.Errorf("opening the share's mount dir: %w", err)
+	}
+	if s.ns, err = newMountNS(); err != nil {
+		return nil, err
+	}
+	if err := s.ns.run(func() error {
+		var err error
+		s.root, s.dev, err = mountShare(filepath.Join(dir, StagingDir), filepath.Join(dir, ExportDir))
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// mountShare mounts the staging tmpfs and its export, in the calling thread's namespace, and
+// opens the tmpfs.
+func mountShare(staging, export string) (*os.File, uint64, error) {
 	if err := unix.Mount("podvm-share", staging, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, stagingOptions); err != nil {
-		return nil, fmt.Errorf("mounting the share's tmpfs on %s: %w", staging, err)
+		return nil, 0, fmt.Errorf("mounting the share's tmpfs on %s: %w", staging, err)
 	}
 	// Its own peer group: shared with its export (and virtiofsd's slave copy), nothing else.
 	for _, flag := range []uintptr{unix.MS_PRIVATE, unix.MS_SHARED} {
 		if err := unix.Mount("", staging, "", flag, ""); err != nil {
-			return nil, fmt.Errorf("setting propagation of %s: %w", staging, err)
+			return nil, 0, fmt.Errorf("setting propagation of %s: %w", staging, err)
 		}
 	}
 	if err := unix.Mount(staging, export, "", unix.MS_BIND, ""); err != nil {
-		return nil, fmt.Errorf("binding %s on %s: %w", staging, export, err)
+		return nil, 0, fmt.Errorf("binding %s on %s: %w", staging, export, err)
 	}
 	if err := unix.Mount("", export, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-		return nil, fmt.Errorf("making %s read-only: %w", export, err)
+		return nil, 0, fmt.Errorf("making %s read-only: %w", export, err)
 	}
-	root, err := os.OpenFile(staging, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	root, dev, err := openDir(staging)
 	if err != nil {
-		return nil, fmt.Errorf("opening the share: %w", err)
+		return nil, 0, fmt.Errorf("opening the share: %w", err)
 	}
-	st, err := fstatFd(int(root.Fd()))
+	return root, dev, nil
+}
+
+// openDir opens a directory the shim made O_PATH, and its device.
+func openDir(path string) (*os.File, uint64, error) {
+	f, err := os.OpenFile(path, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		_ = root.Close()
-		return nil, fmt.Errorf("opening the share: %w", err)
+		return nil, 0, err
 	}
-	return &Share{stateDir: dir, guestDir: filepath.Clean(guestDir), root: root, dev: st.Dev}, nil
+	st, err := fstatFd(int(f.Fd()))
+	if err != nil {
+		_ = f.Close()
+		return nil, 0, &os.PathError{Op: "fstat", Path: path, Err: err}
+	}
+	return f, st.Dev, nil
 }
 
 // ExportDir implements Provider.
 func (s *Share) ExportDir() string { return filepath.Join(s.stateDir, ExportDir) }
 
-// Close implements Provider.
-func (s *Share) Close() error { return s.root.Close() }
+// InMountNS implements Provider.
+func (s *Share) InMountNS(f func() error) error { return s.ns.run(f) }
+
+// Close implements Provider. It is idempotent.
+func (s *Share) Close() error {
+	var errs []error
+	err := s.ns.run(func() error {
+		fd, err := unix.Open(s.stateDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("state dir %s: %w", s.stateDir, err)
+		}
+		defer func() { _ = unix.Close(fd) }()
+		for _, name := range []string{StagingDir, ExportDir} {
+			syncOverlays(fd, s.stateDir, name)
+			if err := detachAll(fd, s.stateDir, name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errNSClosed) {
+		errs = append(errs, err)
+	}
+	s.ns.close()
+	s.closeFiles()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("closing the share in %s: %w", s.stateDir, err)
+	}
+	return nil
+}
+
+func (s *Share) closeFiles() {
+	for _, f := range []**os.File{&s.root, &s.mnt} {
+		if *f != nil {
+			_ = (*f).Close()
+			*f = nil
+		}
+	}
+}
 
 func (s *Share) rootfd() int { return int(s.root.Fd()) }
 
@@ -305,37 +389,72 @@ func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *sp
 		return fmt.Errorf("container %s: %w", containerID, err)
 	}
 	defer func() { _ = unix.Close(target) }()
+	var tree int
 	if len(rootfs) == 0 {
-		src := spec.Root.Path
-		if !filepath.IsAbs(src) {
-			src = filepath.Join(bundle, src)
-		}
-		fd, st, err := s.openSource(containerID, "/", src)
-		if err != nil {
-			return err
-		}
-		defer func() { _ = unix.Close(fd) }()
-		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			return fmt.Errorf("container %s: root.path %s is not a directory: %w", containerID, src, errdefs.ErrInvalidArgument)
-		}
-		if err := bindAt(fd, target, false, false); err != nil {
-			return fmt.Errorf("container %s: binding its rootfs %s: %w", containerID, src, err)
-		}
-		return nil
+		tree, err = s.cloneBundleRootfs(containerID, bundle, spec)
+	} else {
+		tree, err = s.cloneMounts(containerID, rootfs)
 	}
-	// containerd's mounts take a path; the descriptor's magic link is the dir just made.
-	if err := mount.All(rootfs, procFd(target)); err != nil {
-		return fmt.Errorf("container %s: mounting its rootfs (%s): %w", containerID, describeMounts(rootfs), err)
-	}
-	top, err := openBeneath(ctr, rootfsDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 	if err != nil {
-		return fmt.Errorf("container %s: its rootfs: %w", containerID, err)
+		return err
 	}
-	defer func() { _ = unix.Close(top) }()
-	if err := unix.MountSetattr(top, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: hostAttrs}); err != nil {
-		return fmt.Errorf("container %s: making its rootfs nosuid,nodev on the host: %w", containerID, err)
+	defer func() { _ = unix.Close(tree) }()
+	if err := s.ns.run(func() error { return attachTree(tree, target) }); err != nil {
+		return fmt.Errorf("container %s: attaching its rootfs in the share: %w", containerID, err)
 	}
 	return nil
+}
+
+// cloneBundleRootfs clones spec.Root.Path (relative to bundle unless absolute), a directory.
+func (s *Share) cloneBundleRootfs(containerID, bundle string, spec *specs.Spec) (int, error) {
+	src := spec.Root.Path
+	if !filepath.IsAbs(src) {
+		src = filepath.Join(bundle, src)
+	}
+	fd, st, err := s.openSource(containerID, "/", src)
+	if err != nil {
+		return -1, err
+	}
+	defer func() { _ = unix.Close(fd) }()
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return -1, fmt.Errorf("container %s: root.path %s is not a directory: %w", containerID, src, errdefs.ErrInvalidArgument)
+	}
+	tree, err := cloneTree(fd, false, false)
+	if err != nil {
+		return -1, fmt.Errorf("container %s: binding its rootfs %s: %w", containerID, src, err)
+	}
+	return tree, nil
+}
+
+// cloneMounts makes containerd's rootfs mounts in the node's namespace, where their paths
+// (snapshots, and mounts the snapshotter made there) resolve, on mnt/<id>; clones the result
+// for the share and detaches the original.
+func (s *Share) cloneMounts(containerID string, rootfs []mount.Mount) (_ int, retErr error) {
+	mnt := int(s.mnt.Fd())
+	tmp, err := mkdirOpen(mnt, containerID)
+	if err != nil {
+		return -1, fmt.Errorf("container %s: making its rootfs mount point: %w", containerID, err)
+	}
+	defer func() {
+		_ = unix.Close(tmp)
+		if err := releaseAt(mnt, filepath.Join(s.stateDir, MountDir), containerID, s.mntDev); err != nil {
+			retErr = errors.Join(retErr, fmt.Errorf("container %s: its rootfs mount point: %w", containerID, err))
+		}
+	}()
+	// containerd's mounts take a path; the descriptor's magic link is the dir just made.
+	if err := mount.All(rootfs, procFd(tmp)); err != nil {
+		return -1, fmt.Errorf("container %s: mounting its rootfs (%s): %w", containerID, describeMounts(rootfs), err)
+	}
+	top, err := openBeneath(mnt, containerID, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+	if err != nil {
+		return -1, fmt.Errorf("container %s: its rootfs: %w", containerID, err)
+	}
+	defer func() { _ = unix.Close(top) }()
+	tree, err := cloneTree(top, false, false)
+	if err != nil {
+		return -1, fmt.Errorf("container %s: cloning its rootfs for the share: %w", containerID, err)
+	}
+	return tree, nil
 }
 
 // bindVolume binds the source of m on a new mount point name in the mounts dir; a
@@ -359,7 +478,12 @@ func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs
 	}
 	defer func() { _ = unix.Close(target) }()
 	ro, rro := readOnly(m.Options)
-	if err := bindAt(fd, target, ro, rro); err != nil {
+	tree, err := cloneTree(fd, ro, rro)
+	if err == nil {
+		err = s.ns.run(func() error { return attachTree(tree, target) })
+		_ = unix.Close(tree)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
 	}
 	return nil, nil
@@ -375,7 +499,12 @@ func (s *Share) keepSubMountsWritable(containerID, name string, m *specs.Mount) 
 	if ro, rro := readOnly(m.Options); !ro || rro {
 		return nil
 	}
-	below, err := mountsBelow(filepath.Join(s.stateDir, StagingDir, containerID, mountsDir, name))
+	var below []mountUnder
+	err := s.ns.run(func() error {
+		var err error
+		below, err = mountsBelow(filepath.Join(s.stateDir, StagingDir, containerID, mountsDir, name))
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
 	}
@@ -407,7 +536,9 @@ func (s *Share) Release(ctx context.Context, containerID string) error {
 }
 
 func (s *Share) release(containerID string) error {
-	return releaseAt(s.rootfd(), filepath.Join(s.stateDir, StagingDir), containerID, s.dev)
+	return s.ns.run(func() error {
+		return releaseAt(s.rootfd(), filepath.Join(s.stateDir, StagingDir), containerID, s.dev)
+	})
 }
 
 // releaseAt detaches what is mounted at or below name in the staging dir (dirfd, real path
@@ -423,9 +554,12 @@ func releaseAt(dirfd int, dirPath, name string, dev uint64) error {
 }
 
 // Cleanup removes the share of the sandbox whose state dir is stateDir, from the mount table
-// alone: for teardown and for `shim delete` after the shim died. It detaches every mount
-// under the staging and export dirs (reached only by symlink-free lookups from the state
-// dir) and removes both. It is idempotent.
+// alone: for teardown and for `shim delete` after the shim died. The share's own mounts went
+// with its mount namespace (Close, or the death of the shim and of virtiofsd); in the
+// caller's namespace it detaches every mount under the staging, export and mount dirs
+// (reached only by symlink-free lookups from the state dir: a rootfs mount a dying shim left
+// in mnt/, or a share of an older shim that mounted in the node's namespace) and removes
+// them. It is idempotent.
 func Cleanup(ctx context.Context, stateDir string) error {
 	dir, err := filepath.EvalSymlinks(stateDir)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -443,7 +577,7 @@ func Cleanup(ctx context.Context, stateDir string) error {
 		return fmt.Errorf("state dir %s: %w", stateDir, err)
 	}
 	var errs []error
-	for _, name := range []string{StagingDir, ExportDir} {
+	for _, name := range []string{StagingDir, ExportDir, MountDir} {
 		if err := releaseAt(fd, dir, name, st.Dev); err != nil {
 			errs = append(errs, err)
 		}
@@ -456,31 +590,38 @@ func Cleanup(ctx context.Context, stateDir string) error {
 }
 
 // CleanupContainer undoes Prepare of one container from the mount table alone, for `shim
-// delete` of a container whose shim died while the sandbox's lives on.
+// delete` of a container whose shim died while the sandbox's lives on: in the caller's mount
+// namespace, its dir of the staging and mount dirs.
 func CleanupContainer(ctx context.Context, stateDir, containerID string) error {
 	if err := validID(containerID); err != nil {
 		return err
 	}
-	staging := filepath.Join(stateDir, StagingDir)
-	dir, err := filepath.EvalSymlinks(staging)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("share %s: %w", staging, err)
+	var errs []error
+	for _, name := range []string{StagingDir, MountDir} {
+		if err := cleanupIn(filepath.Join(stateDir, name), containerID); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("share %s: %w", staging, err)
-	}
-	defer func() { _ = unix.Close(fd) }()
-	st, err := fstatFd(fd)
-	if err != nil {
-		return fmt.Errorf("share %s: %w", staging, err)
-	}
-	if err := releaseAt(fd, dir, containerID, st.Dev); err != nil {
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("container %s: %w", containerID, err)
 	}
 	return nil
+}
+
+// cleanupIn detaches and removes name in dir, if dir exists.
+func cleanupIn(dir, name string) error {
+	rdir, err := filepath.EvalSymlinks(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("share %s: %w", dir, err)
+	}
+	f, dev, err := openDir(rdir)
+	if err != nil {
+		return fmt.Errorf("share %s: %w", dir, err)
+	}
+	defer func() { _ = f.Close() }()
+	return releaseAt(int(f.Fd()), rdir, name, dev)
 }
 
 // validID refuses container IDs that are not a single path element.

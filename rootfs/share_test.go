@@ -34,13 +34,15 @@ func needRoot(t *testing.T) {
 
 // env is one test's host: a sandbox state dir with its share, and a place for volume sources.
 type env struct {
-	t       *testing.T
-	root    string // the temp dir everything lives in
-	state   string // the sandbox's state dir
-	staging string // the share's writable side (the shim's)
-	shared  string // the share's exported, read-only side (the guest's)
-	vols    string // volume sources
-	share   *Share
+	t     *testing.T
+	root  string // the temp dir everything lives in
+	state string // the sandbox's state dir
+	// staging and shared are the share's writable side (the shim's) and its exported,
+	// read-only side (the guest's), as the test reaches them: mounted in the share's own
+	// namespace, they are seen through its thread's /proc root.
+	staging, shared string
+	vols            string // volume sources
+	share           *Share
 }
 
 const guestDir = "/run/podvm/shared"
@@ -50,8 +52,7 @@ func newEnv(t *testing.T) *env {
 	needRoot(t)
 	root := t.TempDir()
 	state := filepath.Join(root, "state")
-	e := &env{t: t, root: root, state: state, staging: filepath.Join(state, StagingDir),
-		shared: filepath.Join(state, ExportDir), vols: filepath.Join(root, "vols")}
+	e := &env{t: t, root: root, state: state, vols: filepath.Join(root, "vols")}
 	for _, d := range []string{e.state, e.vols} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
@@ -74,7 +75,32 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(func() { share.Close() })
 	e.share = share
+	e.staging = e.view(filepath.Join(state, StagingDir))
+	e.shared = e.view(filepath.Join(state, ExportDir))
 	return e
+}
+
+// view is path p of the share's mount namespace as a path of the test's.
+func (e *env) view(p string) string { return e.share.ns.view() + p }
+
+// mountsUnder lists the mount points at or below dir (a view path) in the share's namespace,
+// as view paths.
+func (e *env) mountsUnder(dir string) ([]string, error) {
+	view := e.share.ns.view()
+	f, err := os.Open(filepath.Join(filepath.Dir(view), "mountinfo"))
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = f.Close() }()
+	infos, err := mountinfo.GetMountsFromReader(f, mountinfo.PrefixFilter(filepath.Clean(strings.TrimPrefix(dir, view))))
+	if err != nil {
+		return nil, fmt.Errorf("reading the mount table: %w", err)
+	}
+	points := make([]string, 0, len(infos))
+	for _, m := range infos {
+		points = append(points, view+m.Mountpoint)
+	}
+	return points, nil
 }
 
 func (e *env) dir(name string, files map[string]string) string {
@@ -125,7 +151,7 @@ func (e *env) overlay(name string, files map[string]string) ([]mount.Mount, stri
 // noMounts checks that nothing but the share's own two mounts is left in the state dir.
 func (e *env) noMounts() {
 	e.t.Helper()
-	left, err := mountsUnder(e.state)
+	left, err := e.mountsUnder(e.view(e.state))
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -528,7 +554,7 @@ func TestPrepareRefusals(t *testing.T) {
 		t.Errorf("second Prepare of c1: err %v, want already exists", err)
 	}
 	// The failed second Prepare must not have undone the first.
-	if left, _ := mountsUnder(filepath.Join(e.shared, "c1")); len(left) != 1 {
+	if left, _ := e.mountsUnder(filepath.Join(e.shared, "c1")); len(left) != 1 {
 		t.Errorf("mounts of c1 after a refused second Prepare: %v, want its rootfs", left)
 	}
 	e.release("c1")
@@ -546,21 +572,34 @@ func TestCleanupAfterCrash(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The shim died: no Share; a new process cleans up from the mount table alone. First
-	// one container (its own shim's delete), then the whole sandbox.
-	e.share.Close()
-	if err := CleanupContainer(ctx, e.state, "c"); err != nil {
+	// A shim that died in Prepare may have left containerd's rootfs mounts of a container
+	// in the node's namespace (mnt/<id>).
+	rootfs, _ := e.overlay("d", map[string]string{"f": "d"})
+	left := filepath.Join(e.state, MountDir, "d")
+	if err := os.Mkdir(left, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	e.gone("c")
+	if err := mount.All(rootfs, left); err != nil {
+		t.Fatal(err)
+	}
+	// The shim died: its thread, and with it the share's namespace and mounts, are gone. A
+	// new process cleans up from the node's mount table alone: first one container (its own
+	// shim's delete), then the whole sandbox.
+	e.share.ns.close()
+	if err := CleanupContainer(ctx, e.state, "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(left); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("%s still there after CleanupContainer: %v", left, err)
+	}
 	if err := Cleanup(ctx, e.state); err != nil {
 		t.Fatal(err)
 	}
 	if left, err := mountsUnder(e.state); err != nil || len(left) != 0 {
 		t.Errorf("mounts after Cleanup: %v (%v)", left, err)
 	}
-	for _, d := range []string{e.staging, e.shared} {
-		if _, err := os.Lstat(d); !errors.Is(err, fs.ErrNotExist) {
+	for _, d := range []string{StagingDir, ExportDir, MountDir} {
+		if _, err := os.Lstat(filepath.Join(e.state, d)); !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("%s still there: %v", d, err)
 		}
 	}
@@ -657,4 +696,50 @@ func mountsUnder(dir string) ([]string, error) {
 		points = append(points, m.Mountpoint)
 	}
 	return points, nil
+}
+
+// TestHostSubMountRemovable: the share's copies of a volume live in its own mount namespace,
+// so the node can take a sub-mount of the volume away while it is shared (umount -l, then
+// rmdir of its mount point), as with runc; the share then no longer has it. The sub-mount is
+// made after the share, as kubelet mounts volumes after the pod started.
+func TestHostSubMountRemovable(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	vol := e.dir("vol", map[string]string{"top": "top"})
+	sub := filepath.Join(vol, "sub")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
+	if err := os.WriteFile(filepath.Join(sub, "file"), []byte("sub"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: []specs.Mount{bindMount(vol, "/data")}}
+	rootfs, _ := e.overlay("c1", nil)
+	if _, err := e.share.Prepare(ctx, "c1", "", spec, rootfs); err != nil {
+		t.Fatal(err)
+	}
+	shared := filepath.Join(e.shared, "c1", "mounts", "0-data")
+	if got := readFile(t, filepath.Join(shared, "sub", "file")); got != "sub" {
+		t.Fatalf("shared sub-mount reads %q", got)
+	}
+	if left, err := mountsUnder(e.state); err != nil || len(left) != 0 {
+		t.Errorf("the share has mounts in the node's namespace: %v (%v)", left, err)
+	}
+	if err := unix.Unmount(sub, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(sub); err != nil {
+		t.Fatalf("rmdir of the volume's sub-mount point while it is shared: %v", err)
+	}
+	if _, err := os.Lstat(filepath.Join(shared, "sub")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the share still has sub/ (%v)", err)
+	}
+	if got := readFile(t, filepath.Join(shared, "top")); got != "top" {
+		t.Errorf("the volume reads %q after the removal", got)
+	}
+	e.release("c1")
 }

@@ -3,7 +3,6 @@ package rootfs
 import (
 	"path/filepath"
 
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -15,7 +14,7 @@ import (
 // containerd would pay it too. Errors only mean the later sync does the work.
 func syncOverlays(dirfd int, dirPath, name string) {
 	base := filepath.Join(dirPath, name)
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(base))
+	infos, err := threadMounts(base)
 	if err != nil {
 		return
 	}

@@ -358,6 +358,7 @@ func (sb *sandbox) attachNetwork(ctx context.Context, b backend) (*network.Pod, 
 func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice, ph *phases) error {
 	vcfg := o.cfg.VMConfig(o.id, o.size)
 	vcfg.StateDir, vcfg.SharedDir, vcfg.NetDevices = sb.stateDir, sb.share.ExportDir(), nics
+	vcfg.SharedDirNS = sb.share.InMountNS
 	cid, err := randomCID()
 	if err != nil {
 		return err
@@ -616,7 +617,8 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 		}
 	}
 	if sb.share != nil {
-		// What is mounted stays for cleanupState below; this only lets go of descriptors.
+		// After the VM (virtiofsd): its mounts and mount namespace go; cleanupState below
+		// removes the directories.
 		if err := sb.share.Close(); err != nil {
 			log.G(ctx).WithError(err).Warn("close rootfs share")
 		}

@@ -132,7 +132,13 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = childProcAttr()
 	log.G(ctx).WithField("flavor", flavor).WithField("args", args).Debug("starting virtiofsd")
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if cfg.SharedDirNS != nil {
+		// Born in the share's namespace. Its parent-death signal then follows the thread
+		// that holds the namespace, which lives as long as the share.
+		start = func() error { return cfg.SharedDirNS(cmd.Start) }
+	}
+	if err := start(); err != nil {
 		return nil, fmt.Errorf("starting virtiofsd %s: %w", cfg.VirtiofsdPath, err)
 	}
 	v := &virtiofsd{cmd: cmd, done: make(chan struct{})}
