@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,19 +20,20 @@ import (
 const ModulesList = "/lib/modules/podvm.modules"
 
 // Init is PID 1 of the guest. From the initramfs it mounts the kernel filesystems, loads the
-// modules and moves everything onto a tmpfs root (runc's pivot_root cannot leave an initramfs
-// root); then it mounts the rest, starts the agent server as its child (from the tmpfs copy of
+// modules and moves onto a root of its own (runc's pivot_root cannot leave an initramfs
+// root); then it mounts the rest, starts the agent server as its child (from the same file as
 // itself, /init) and reaps every orphan. It never returns: when the server dies the guest
 // powers off.
 func Init() {
 	ctx := context.Background()
-	if err := moveToTmpfs(ctx); err != nil {
+	if err := moveToOwnRoot(ctx); err != nil {
 		fatal(ctx, fmt.Errorf("init: %w", err))
 	}
 	if err := mountStage2(); err != nil {
 		fatal(ctx, fmt.Errorf("init: %w", err))
 	}
-	child, err := startServer()
+	phases := bootPhases{initMain: processStart, initDone: sinceBoot()}
+	child, err := startServer(phases)
 	if err != nil {
 		fatal(ctx, fmt.Errorf("init: start agent server: %w", err))
 	}
@@ -75,7 +75,7 @@ func mountAll(ms []mnt) error {
 
 const newRoot = "/newroot"
 
-func moveToTmpfs(ctx context.Context) error {
+func moveToOwnRoot(ctx context.Context) error {
 	start := time.Now()
 	if err := mountAll([]mnt{
 		{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
@@ -94,16 +94,23 @@ func moveToTmpfs(ctx context.Context) error {
 		log.G(ctx).Infof("podvm-agent: loaded %d modules in %s", n, time.Since(start).Round(time.Millisecond))
 	}
 
-	// Move onto a tmpfs root.
-	if err := mountAll([]mnt{{"rootfs", newRoot, "tmpfs", 0, "mode=0755"}}); err != nil {
+	// Move onto a root that is a mount of its own (runc's pivot_root cannot leave the
+	// initramfs's root mount): a bind mount of one of the initramfs's directories, holding
+	// this binary. Renaming the binary there instead of copying it onto a new tmpfs keeps its
+	// pages: the server and every runc init start from the very pages PID 1 runs from, so
+	// they neither copy 10 MB at boot nor, under TCG, translate the same code again.
+	if err := os.MkdirAll(newRoot, 0o755); err != nil {
 		return err
 	}
 	self, err := os.Executable()
 	if err != nil {
 		return err
 	}
-	if err := copyFile(self, filepath.Join(newRoot, "init"), 0o755); err != nil {
-		return fmt.Errorf("copy agent to tmpfs root: %w", err)
+	if err := os.Rename(self, filepath.Join(newRoot, "init")); err != nil {
+		return fmt.Errorf("move the agent into the new root: %w", err)
+	}
+	if err := unix.Mount(newRoot, newRoot, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind the new root: %w", err)
 	}
 	for _, d := range []string{"/dev", "/proc", "/sys"} {
 		if err := os.MkdirAll(newRoot+d, 0o755); err != nil {
@@ -124,31 +131,13 @@ func moveToTmpfs(ctx context.Context) error {
 		return err
 	}
 	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
-		return fmt.Errorf("move tmpfs root: %w", err)
+		return fmt.Errorf("move the new root: %w", err)
 	}
 	if err := unix.Chroot("."); err != nil {
 		return err
 	}
-	// No re-exec: this process's old image is only ever used by itself, and every new
-	// process starts from /init on the tmpfs.
+	// No re-exec: every new process starts from /init, the file this process runs.
 	return unix.Chdir("/")
-}
-
-func copyFile(src, dst string, mode os.FileMode) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = in.Close() }()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		_ = out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 func mountStage2() error {
@@ -190,10 +179,10 @@ func mountStage2() error {
 
 // startServer runs the agent server as PID 1's child, so its own process waits are never
 // raced by the reaper.
-func startServer() (*os.Process, error) {
+func startServer(phases bootPhases) (*os.Process, error) {
 	cmd := exec.Command("/init", "serve")
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/usr/bin:/sbin:/bin", phases.env())
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}

@@ -25,6 +25,8 @@ import (
 // Serve runs the agent API on every transport the guest has (vsock port hypervisor.AgentVsockPort, the
 // virtio-serial port hypervisor.AgentSerialPort) until ctx ends or no transport is left.
 func Serve(ctx context.Context, svc api.AgentService) error {
+	phases := bootPhasesFromEnv()
+	phases.serverMain = processStart
 	srv, err := ttrpc.NewServer(serverOptions(svc)...)
 	if err != nil {
 		return err
@@ -50,6 +52,8 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 		log.G(ctx).Infof("podvm-agent: serving on %s", l.Addr())
 		go func() { errc <- srv.Serve(ctx, l) }()
 	}
+	phases.ready = sinceBoot()
+	log.G(ctx).Infof("podvm-agent: ready, %s", phases)
 	select {
 	case err := <-errc:
 		return err
