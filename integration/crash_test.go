@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -105,4 +106,58 @@ func podvmTaps(t *testing.T, ns netns.NsHandle) int {
 		}
 	}
 	return n
+}
+
+// TestPodvmShimKilledBooting kills the shim (SIGKILL) while RunPodSandbox is in it: the VM's
+// QEMU runs, the guest has not answered yet. RunPodSandbox fails; nothing of the attempt (QEMU,
+// state dir) outlives containerd's clean-up; kubelet's retry, the same sandbox config again,
+// runs the pod; and once it is removed nothing is left on the machine.
+func TestPodvmShimKilledBooting(t *testing.T) {
+	env, ctx := podvmTest(t, 5*time.Minute)
+	opts := harness.PodOptions{Name: "boot-crash", Namespace: "it", Handler: "podvm", UID: "uid-boot-crash"}
+	killed := make(chan string, 1)
+	go func() { killed <- killShimWhenQEMURuns(ctx, env) }()
+	if pod, err := env.RunPod(ctx, opts); err == nil {
+		t.Fatalf("RunPodSandbox returned sandbox %s although its shim was killed booting", pod.ID)
+	} else {
+		t.Logf("RunPodSandbox with its shim killed: %v", err)
+	}
+	id := <-killed
+	if id == "" {
+		t.Fatal("no podvm shim with a running QEMU seen while RunPodSandbox ran")
+	}
+	if n := countQEMU(t, id); n != 0 {
+		t.Errorf("%d QEMU processes of the killed attempt left", n)
+	}
+	if _, err := os.Stat(filepath.Join(podvmStateDir, id)); !os.IsNotExist(err) {
+		t.Errorf("state dir of the killed attempt left: %v", err)
+	}
+	pod := runPodWithBusybox(ctx, t, env, opts)
+	startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+	if err := env.RemoveAllPods(ctx); err != nil {
+		t.Fatal(err)
+	}
+	env.AssertNoLeaks(t)
+}
+
+// killShimWhenQEMURuns waits for a podvm shim of env's containerd whose sandbox's QEMU runs,
+// SIGKILLs the shim and returns the sandbox id ("" if none came before ctx ended).
+func killShimWhenQEMURuns(ctx context.Context, env *harness.Env) string {
+	pattern := "containerd-shim-podvm-v2 -namespace [^ ]+ -id [^ ]+ -address " + env.RunDir + "/"
+	for ctx.Err() == nil {
+		out, _ := exec.Command("pgrep", "-a", "-f", pattern).Output()
+		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			f := strings.Fields(line)
+			for i := 0; i+1 < len(f); i++ {
+				if f[i] != "-id" || countQEMU(nil, f[i+1]) == 0 {
+					continue
+				}
+				if pid, err := strconv.Atoi(f[0]); err == nil && syscall.Kill(pid, syscall.SIGKILL) == nil {
+					return f[i+1]
+				}
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return ""
 }

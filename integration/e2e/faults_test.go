@@ -29,6 +29,7 @@ var faultCases = []faultCase{
 	{"containerd_restart", testContainerdRestart},
 	{"sandbox_killed", testSandboxKilled},
 	{"shim_killed", testShimKilled},
+	{"shim_killed_booting", testShimKilledBooting},
 	{"guest_frozen", testGuestFrozen},
 	{"soak", testSoak},
 }
