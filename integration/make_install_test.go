@@ -2,8 +2,6 @@ package integration
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"io/fs"
 	"os"
@@ -59,17 +57,7 @@ func TestMakeInstall(t *testing.T) {
 			t.Errorf("%s left after make uninstall", filepath.Join(podvmStateDir, f))
 		}
 	}
-	after := treeState(t)
-	for p, v := range after {
-		if before[p] != v {
-			t.Errorf("after make uninstall %s is %q, before make install %q", p, v, before[p])
-		}
-	}
-	for p := range before {
-		if _, ok := after[p]; !ok {
-			t.Errorf("after make uninstall %s is gone", p)
-		}
-	}
+	harness.SameTree(t, "make install", before, treeState(t))
 }
 
 // restoreStateDir puts back, at the end, the shim's state dir if it was there before: an
@@ -118,42 +106,13 @@ func refuseMakeInstalled(t *testing.T) {
 	}
 }
 
-// treeState is every path under makeInstallTouches with its mode and content digest, but
-// the run-time state dir itself and the accelerator probe's cache in it, which pods of
-// earlier tests may have left and uninstall removes (and the directory, when empty).
+// treeState is harness.TreeState of makeInstallTouches but the run-time state dir itself and
+// the accelerator probe's cache in it, which pods of earlier tests may have left and uninstall
+// removes (and the directory, when empty).
 func treeState(t *testing.T) map[string]string {
 	t.Helper()
-	out := map[string]string{}
-	for _, top := range makeInstallTouches {
-		err := filepath.WalkDir(top, func(p string, d fs.DirEntry, err error) error {
-			if errors.Is(err, fs.ErrNotExist) && p == top {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			if p == podvmStateDir || (filepath.Dir(p) == podvmStateDir && strings.HasPrefix(d.Name(), "accel.")) {
-				return nil
-			}
-			info, err := d.Info()
-			if err != nil {
-				return err
-			}
-			v := info.Mode().String()
-			if d.Type().IsRegular() {
-				b, err := os.ReadFile(p)
-				if err != nil {
-					return err
-				}
-				sum := sha256.Sum256(b)
-				v += " " + hex.EncodeToString(sum[:])
-			}
-			out[p] = v
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+	skip := func(p string, d fs.DirEntry) bool {
+		return p == podvmStateDir || (filepath.Dir(p) == podvmStateDir && strings.HasPrefix(d.Name(), "accel."))
 	}
-	return out
+	return harness.TreeState(t, skip, makeInstallTouches...)
 }

@@ -3,8 +3,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -66,7 +64,7 @@ func TestInstallerDaemonSet(t *testing.T) {
 	t.Cleanup(stopSupervisor)
 	ref := serveInstallerImage(ctx, t, env)
 	cl := k8s.StartWith(ctx, t, env, k8s.Options{NoPodvmLabel: true})
-	before := snapshot(t, root)
+	before := harness.TreeState(t, nil, root)
 	if rt := criRuntimes(ctx, t, env); rt["podvm"] != nil {
 		t.Fatalf("containerd has a podvm runtime before the install: %+v", rt["podvm"])
 	}
@@ -88,7 +86,7 @@ func TestInstallerDaemonSet(t *testing.T) {
 	deleteDaemonSet(ctx, t, cl)
 	waitNodeLabel(ctx, t, cl, false)
 	t.Logf("DaemonSet deleted → installer pod gone, label removed: %v", time.Since(start).Round(time.Millisecond))
-	if after := snapshot(t, root); !equalSnapshots(t, before, after) {
+	if after := harness.TreeState(t, nil, root); !harness.SameTree(t, "the install", before, after) {
 		t.Error("the node's root differs from before the install")
 	}
 	if rt := criRuntimes(ctx, t, env); rt["podvm"] != nil {
@@ -400,52 +398,4 @@ func criRuntimes(ctx context.Context, t *testing.T, env *harness.Env) map[string
 type criRuntime struct {
 	RuntimeType string `json:"runtimeType"`
 	RuntimePath string `json:"runtimePath"`
-}
-
-// snapshot is every path under root with its mode and content digest.
-func snapshot(t *testing.T, root string) map[string]string {
-	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		v := info.Mode().String()
-		if d.Type().IsRegular() {
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			sum := sha256.Sum256(b)
-			v += " " + hex.EncodeToString(sum[:])
-		}
-		out[p] = v
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-func equalSnapshots(t *testing.T, before, after map[string]string) bool {
-	t.Helper()
-	same := true
-	for p, v := range after {
-		if before[p] != v {
-			t.Errorf("%s: %q, before the install %q", p, v, before[p])
-			same = false
-		}
-	}
-	for p := range before {
-		if _, ok := after[p]; !ok {
-			t.Errorf("%s: gone, it was there before the install", p)
-			same = false
-		}
-	}
-	return same
 }
