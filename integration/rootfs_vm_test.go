@@ -53,7 +53,7 @@ echo rootfs-write > /written`)
 
 	// The share's mounts are in its own namespace: the node's has none of them (so none
 	// keeps a volume's directory busy there).
-	if left := mountsBelow(t, stateDir); len(left) > 0 {
+	if left := mountsIn(t, "/proc/self/root", stateDir); len(left) > 0 {
 		t.Errorf("the share has mounts in the node's mount namespace: %v", left)
 	}
 	for _, id := range []string{"a", "b"} {
@@ -247,21 +247,4 @@ func waitProcessesGone(t testing.TB, stateDir string, limit time.Duration) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// mountsBelow lists the mount points strictly below dir in the test's mount namespace.
-func mountsBelow(t testing.TB, dir string) []string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var below []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			below = append(below, f[4])
-		}
-	}
-	return below
 }

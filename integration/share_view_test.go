@@ -38,8 +38,8 @@ func shareRoot(t testing.TB, stateDir string) string {
 	return ""
 }
 
-// mountsIn lists the mount points at or below dir in the mount namespace whose root is root
-// (shareRoot), as paths of that namespace.
+// mountsIn lists the mount points strictly below dir in the mount namespace whose root is
+// root (shareRoot, or /proc/self/root for the test's own), as paths of that namespace.
 func mountsIn(t testing.TB, root, dir string) []string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(filepath.Dir(root), "mountinfo"))
