@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Builds podvm's guest kernel: Debian's linux-source-6.1, `make tinyconfig` plus the fragments in
-# kernel/config/*.config, everything built in (no modules), LZ4-compressed bzImage.
+# Builds podvm's guest kernel: Debian's linux-source-6.1 with kernel/patches/*.patch applied,
+# `make tinyconfig` plus the fragments in kernel/config/*.config, everything built in (no
+# modules), LZ4-compressed bzImage.
 #
 # The result is a kernel tree `podvm image build --kernel` accepts:
 #   $PODVM_DEV/kernel-build/<key>/boot/vmlinuz-<release>
 #   $PODVM_DEV/kernel-build/<key>/boot/config-<release>
 #   $PODVM_DEV/kernel-build/<key>/lib/modules/<release>/modules.builtin (and an empty modules.dep)
-# where <key> hashes the source package version, the fragments and this script: a tree with that
+# where <key> hashes the source package version, the patches, the fragments and this script: a tree with that
 # key is reused as is, so a machine builds each kernel once (~6-10 min with 2 cores).
 #
 # and $PODVM_DEV/kernel/podvm links to the tree last built (`podvm image build`'s default kernel
@@ -34,7 +35,11 @@ tarball=$(dpkg -L "$KERNEL_SOURCE_PKG" | grep -E '/usr/src/linux-source-[0-9.]+\
 [ -n "$tarball" ] && [ -f "$tarball" ] || die "$KERNEL_SOURCE_PKG $srcver ships no source tarball in /usr/src"
 
 fragments=("$here"/config/*.config)
-key=$( { echo "$KERNEL_SOURCE_PKG $srcver"; cat "${fragments[@]}" "$here/build.sh"; } | sha256sum | cut -c1-16)
+shopt -s nullglob
+patches=("$here"/patches/*.patch)
+shopt -u nullglob
+patchkey=$(cat /dev/null "${patches[@]}" | sha256sum | cut -c1-16)
+key=$( { echo "$KERNEL_SOURCE_PKG $srcver"; cat "${patches[@]}" "${fragments[@]}" "$here/build.sh"; } | sha256sum | cut -c1-16)
 out=$cache/$key
 
 if [ "${1:-}" = --dir ]; then
@@ -59,7 +64,7 @@ if [ -f "$out/.done" ]; then
   exit 0
 fi
 
-for tool in make gcc bc bison flex lz4 perl; do
+for tool in make gcc bc bison flex lz4 perl patch; do
   command -v "$tool" >/dev/null || die "$tool is missing: run 'make deps'"
 done
 [ -e /usr/include/libelf.h ] || die "libelf-dev is missing: run 'make deps'"
@@ -74,11 +79,29 @@ if [ ! -f "$src/.done" ]; then
   tar -C "$src" -xf "$tarball"
   touch "$src/.done"
 fi
+# The patched source: a hard-linked copy of the extracted one per set of patches (patch replaces
+# the files it changes, so the extracted tree stays as it is), made once.
+if [ "${#patches[@]}" -gt 0 ]; then
+  psrc=$cache/src-$srcver-$patchkey
+  if [ ! -f "$psrc/.done" ]; then
+    log "applying ${patches[*]##*/}"
+    rm -rf "$psrc"
+    cp -al "$src" "$psrc"
+    rm -f "$psrc/.done"
+    ptree=$(find "$psrc" -mindepth 1 -maxdepth 1 -type d -name 'linux-source-*' | head -n1)
+    for p in "${patches[@]}"; do
+      patch -s -p1 -N --no-backup-if-mismatch -d "$ptree" <"$p" || die "$p does not apply to $KERNEL_SOURCE_PKG $srcver"
+    done
+    touch "$psrc/.done"
+  fi
+  src=$psrc
+fi
 tree=$(find "$src" -mindepth 1 -maxdepth 1 -type d -name 'linux-source-*' | head -n1)
 [ -n "$tree" ] || die "no linux-source-* directory in $src"
 
-# One object directory, reused: a changed fragment rebuilds incrementally.
+# One object directory per source tree, reused: a changed fragment rebuilds incrementally.
 obj=$cache/obj
+[ "${#patches[@]}" -eq 0 ] || obj=$cache/obj-$patchkey
 mkdir -p "$obj"
 # Reproducible: the build date is the source tarball's.
 export KBUILD_BUILD_USER=podvm KBUILD_BUILD_HOST=podvm KBUILD_BUILD_TIMESTAMP="@$(stat -c %Y "$tarball")"

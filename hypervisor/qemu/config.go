@@ -354,6 +354,10 @@ func (c *Config) KernelCmdline() string {
 		// calibrating the local APIC timer against the PIT (measured: 100-130 ms of TCG boot
 		// time). Without it the HPET drives the ticks. KVM's CPUs skip the calibration.
 		params = append(params, "noapictimer")
+		// podvm's kernel (kernel/patches) then keeps its init sections instead of poisoning
+		// them: stores to pages TCG has translated code from take its self-modifying-code
+		// path, ~0.2 s of boot for 0.8 MiB. Other kernels ignore it.
+		params = append(params, "keep_initmem")
 	}
 	return strings.Join(append(params, c.KernelParams...), " ")
 }
