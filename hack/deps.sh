@@ -25,7 +25,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static iproute2 iptables protobuf-compiler
   libseccomp-dev cpio e2fsprogs kmod make gcc git ca-certificates
   # The guest kernel `make kernel` builds (kernel/build.sh): the source and its build tools.
-  linux-source-6.1 xz-utils bc bison flex perl libelf-dev libssl-dev lz4
+  linux-source-6.1 xz-utils bc bison flex perl libelf-dev libssl-dev lz4 patch
 )
 
 log() { printf '[deps] %s\n' "$*"; }
