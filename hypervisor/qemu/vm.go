@@ -67,6 +67,10 @@ type VM struct {
 
 	waitMu  sync.Mutex
 	deleted map[string]chan struct{} // QEMU device id -> closed on DEVICE_DELETED
+
+	// vserport gets the guest's opens (true) and closes (false) of the agent's
+	// virtio-serial port (VSERPORT_CHANGE); dropped when nobody reads.
+	vserport chan bool
 }
 
 var _ hypervisor.Hypervisor = (*VM)(nil)
@@ -87,6 +91,13 @@ func Driver() hypervisor.Driver {
 		},
 		Cleanup:     Cleanup,
 		ConsolePath: func(stateDir string) string { return filepath.Join(stateDir, ConsoleLog) },
+		Template: func(ctx context.Context, cfg hypervisor.Config, dir string) (hypervisor.Template, error) {
+			t, err := FindTemplate(ctx, cfg, dir)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return t, nil
+		},
 	}
 }
 
@@ -135,11 +146,12 @@ func New(ctx context.Context, hc hypervisor.Config) (*VM, error) {
 func newVM(cfg Config) *VM {
 	slots := max(cfg.HotplugSlots, 0)
 	return &VM{
-		cfg:     cfg,
-		done:    make(chan struct{}),
-		plugged: make(map[string]*pluggedBlock),
-		slots:   make([]string, slots),
-		deleted: make(map[string]chan struct{}),
+		cfg:      cfg,
+		done:     make(chan struct{}),
+		plugged:  make(map[string]*pluggedBlock),
+		slots:    make([]string, slots),
+		deleted:  make(map[string]chan struct{}),
+		vserport: make(chan bool, 8),
 	}
 }
 
@@ -216,11 +228,7 @@ func (v *VM) start(ctx context.Context) error {
 	cfg := &v.cfg
 	// Tap files belong to the VM: QEMU has its own copies once started, and on failure nobody
 	// else needs them.
-	defer func() {
-		for _, f := range cfg.ExtraFiles() {
-			_ = f.Close()
-		}
-	}()
+	defer closeHandedOver(cfg)
 	args, err := cfg.Args()
 	if err != nil {
 		return err
@@ -248,7 +256,27 @@ func (v *VM) start(ctx context.Context) error {
 	}
 	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
 	v.attachMonitor(ctx, mon)
+	if cfg.Incoming != nil {
+		return v.restore(ctx, mon)
+	}
 	return nil
+}
+
+// closeHandedOver closes the files cfg hands to QEMU (tap files, a templated VM's memory and
+// state): QEMU has its own copies once started, and on failure nobody else needs them.
+func closeHandedOver(cfg *Config) {
+	files := cfg.ExtraFiles()
+	if cfg.Templated {
+		for _, nd := range cfg.NetDevices {
+			files = append(files, nd.TapFiles...)
+		}
+		files = append(files, cfg.Incoming)
+	}
+	for _, f := range files {
+		if f != nil {
+			_ = f.Close()
+		}
+	}
 }
 
 // prepareStateDir creates the state dir and removes the sockets an earlier start left there.
@@ -411,6 +439,16 @@ func (v *VM) eventLoop(ctx context.Context, mon qmp.Monitor) {
 					delete(v.deleted, d.Device)
 				}
 				v.waitMu.Unlock()
+			}
+		case "VSERPORT_CHANGE":
+			var d struct {
+				Open bool `json:"open"`
+			}
+			if json.Unmarshal(ev.Data, &d) == nil {
+				select {
+				case v.vserport <- d.Open:
+				default:
+				}
 			}
 		case "SHUTDOWN", "GUEST_PANICKED", "RESET", "STOP", "RESUME":
 			v.logger(ctx).WithField("event", ev.Name).WithField("data", string(ev.Data)).Debug("qemu event")
