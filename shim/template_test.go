@@ -1,0 +1,79 @@
+package shim
+
+import (
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/podvm/podvm/hypervisor"
+)
+
+// TestSandboxFromTemplate: with templating on, the pod's VM is a clone of the driver's
+// template, and the guest is reseeded, given the clock and waits for its NIC and share before
+// SetupSandbox, which is the agent's first call after Version.
+func TestSandboxFromTemplate(t *testing.T) {
+	r := newRig(t)
+	r.template = &hypervisor.FakeTemplate{ID: "k1"}
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	if clones, discarded := r.template.State(); clones != 1 || discarded {
+		t.Fatalf("template: %d clones, discarded %v; want 1 clone", clones, discarded)
+	}
+	if !r.vmCfg.Templated || len(r.vmCfg.NetDevices) != 1 || r.vmCfg.SharedDir == "" {
+		t.Errorf("VM config: templated %v, %d NICs, share %q", r.vmCfg.Templated, len(r.vmCfg.NetDevices), r.vmCfg.SharedDir)
+	}
+	req := r.agent.Restored()
+	if req == nil {
+		t.Fatal("no PrepareRestored")
+	}
+	if len(req.Entropy) != restoreEntropy || req.RealtimeNs == 0 || !req.SharedFs || !slices.Equal(req.Macs, []string{"02:00:00:00:00:01"}) {
+		t.Errorf("PrepareRestored = %d bytes of entropy, clock %d, share %v, MACs %v", len(req.Entropy), req.RealtimeNs, req.SharedFs, req.Macs)
+	}
+	calls := r.agent.Calls()
+	if i := slices.Index(calls, "PrepareRestored"); i < 0 || slices.Index(calls, "SetupSandbox") != i+1 {
+		t.Errorf("agent calls %q: want PrepareRestored right before SetupSandbox", calls)
+	}
+}
+
+// TestSandboxTemplateUnavailableBoots: a template that cannot be had costs the pod its speed,
+// not its start.
+func TestSandboxTemplateUnavailableBoots(t *testing.T) {
+	r := newRig(t)
+	r.templateErr = errors.New("no room for the template")
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	if r.vmCfg.Templated || r.agent.Restored() != nil {
+		t.Error("the VM was treated as restored")
+	}
+	if started, _, _ := r.vm.State(); !started {
+		t.Fatal("the VM was not booted")
+	}
+}
+
+// TestSandboxBrokenTemplateIsDiscarded: a VM that does not restore fails the pod with an error
+// that says so, and the template is removed so that the next pod builds it anew.
+func TestSandboxBrokenTemplateIsDiscarded(t *testing.T) {
+	r := newRig(t)
+	r.template = &hypervisor.FakeTemplate{ID: "k1"}
+	r.vm.StartErr = errors.New("load of migration failed")
+	_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
+	if err == nil {
+		t.Fatal("create succeeded with a VM that did not restore")
+	}
+	if _, discarded := r.template.State(); !discarded {
+		t.Error("the broken template was kept")
+	}
+	for _, want := range []string{"template k1", "load of migration failed", "builds it anew"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
+// TestSandboxTemplateOff: templating off never asks the driver for a template.
+func TestSandboxTemplateOff(t *testing.T) {
+	r := newRig(t)
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	if r.vmCfg.Templated || r.agent.Restored() != nil {
+		t.Error("a template was used with templating off")
+	}
+}
