@@ -491,16 +491,10 @@ func (c *Config) controlArgs() []string {
 func (c *Config) agentArgs() []string {
 	switch c.AgentTransport {
 	case TransportSerial:
-		port := "virtserialport,bus=vser.0,chardev=agent,name=" + hypervisor.AgentSerialPort
-		if c.Templated {
-			// With an id QEMU reports the guest's opens and closes of the port
-			// (VSERPORT_CHANGE): a template is saved once its agent waits for a new host.
-			port += ",id=agent-port"
-		}
 		return []string{
 			"-device", "virtio-serial-pci,id=vser",
 			"-chardev", "socket,id=agent,path=" + opt(c.path(AgentSocket)) + ",server=on,wait=off",
-			"-device", port,
+			"-device", "virtserialport,bus=vser.0,chardev=agent,name=" + hypervisor.AgentSerialPort,
 		}
 	case TransportVsock:
 		return []string{"-device", "vhost-vsock-pci,id=vsock,guest-cid=" + strconv.FormatUint(uint64(c.VsockCID), 10)}

@@ -170,7 +170,8 @@ func plugNIC(ctx context.Context, mon qmp.Monitor, nd *hypervisor.NetDevice, por
 		}
 	}
 	netdev := map[string]any{"type": "tap", "id": "net-" + nd.ID, "vhost": nd.VhostNet}
-	dev := map[string]any{"driver": "virtio-net-pci", "id": "nic-" + nd.ID, "netdev": "net-" + nd.ID, "bus": port}
+	// No option ROM: QEMU, chrooted, could not load it, and a running guest does not use it.
+	dev := map[string]any{"driver": "virtio-net-pci", "id": "nic-" + nd.ID, "netdev": "net-" + nd.ID, "bus": port, "romfile": ""}
 	if len(names) == 1 {
 		netdev["fd"] = names[0]
 	} else {

@@ -42,6 +42,10 @@ const (
 // templateFormat changes when the layout or the way a template is made changes.
 const templateFormat = 1
 
+// agentSettle is how long a template VM runs after its host closed the agent connection,
+// before it is saved: the guest agent sees EOF and reopens its port in milliseconds.
+const agentSettle = 300 * time.Millisecond
+
 // templateBuildTimeout bounds booting a template VM to its agent.
 const templateBuildTimeout = 2 * time.Minute
 
@@ -297,7 +301,15 @@ func saveTemplateVM(ctx context.Context, tc Config, statePath string) (int64, er
 		return 0, fmt.Errorf("template VM: %w (console: %s)", err, logTail(vm.ConsolePath()))
 	}
 	_ = c.Close() // the agent sees the host go and waits for the next connection
-	vm.awaitAgentReopen(bctx)
+	// Saved before the guest saw the host go, the agent would take the clone's host for the
+	// old connection (and ttrpc refuses its stream ids). QEMU reports the guest's port opens
+	// and closes only once a second (VSERPORT_CHANGE is rate-limited), so wait that long as
+	// the guest needs to notice, with a wide margin.
+	select {
+	case <-time.After(agentSettle):
+	case <-bctx.Done():
+		return 0, bctx.Err()
+	}
 	f, err := os.OpenFile(statePath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return 0, err
@@ -311,30 +323,6 @@ func saveTemplateVM(ctx context.Context, tc Config, statePath string) (int64, er
 		return 0, err
 	}
 	return st.Size(), nil
-}
-
-// awaitAgentReopen waits until the guest agent closed its virtio-serial port (it saw the host
-// go) and opened it again, so the template is saved with the agent waiting for a new host; it
-// gives up after a second (the agent then catches up after restore).
-func (v *VM) awaitAgentReopen(ctx context.Context) {
-	t := time.NewTimer(time.Second)
-	defer t.Stop()
-	closed := false
-	for {
-		select {
-		case open := <-v.vserport:
-			if !open {
-				closed = true
-			} else if closed {
-				return
-			}
-		case <-t.C:
-			log.G(ctx).Warn("template VM: the agent did not reopen its port within a second")
-			return
-		case <-ctx.Done():
-			return
-		}
-	}
 }
 
 // Clone implements hypervisor.Template: cfg gets a private copy of the template's memory (a

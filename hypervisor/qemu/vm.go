@@ -67,10 +67,6 @@ type VM struct {
 
 	waitMu  sync.Mutex
 	deleted map[string]chan struct{} // QEMU device id -> closed on DEVICE_DELETED
-
-	// vserport gets the guest's opens (true) and closes (false) of the agent's
-	// virtio-serial port (VSERPORT_CHANGE); dropped when nobody reads.
-	vserport chan bool
 }
 
 var _ hypervisor.Hypervisor = (*VM)(nil)
@@ -146,12 +142,11 @@ func New(ctx context.Context, hc hypervisor.Config) (*VM, error) {
 func newVM(cfg Config) *VM {
 	slots := max(cfg.HotplugSlots, 0)
 	return &VM{
-		cfg:      cfg,
-		done:     make(chan struct{}),
-		plugged:  make(map[string]*pluggedBlock),
-		slots:    make([]string, slots),
-		deleted:  make(map[string]chan struct{}),
-		vserport: make(chan bool, 8),
+		cfg:     cfg,
+		done:    make(chan struct{}),
+		plugged: make(map[string]*pluggedBlock),
+		slots:   make([]string, slots),
+		deleted: make(map[string]chan struct{}),
 	}
 }
 
@@ -439,16 +434,6 @@ func (v *VM) eventLoop(ctx context.Context, mon qmp.Monitor) {
 					delete(v.deleted, d.Device)
 				}
 				v.waitMu.Unlock()
-			}
-		case "VSERPORT_CHANGE":
-			var d struct {
-				Open bool `json:"open"`
-			}
-			if json.Unmarshal(ev.Data, &d) == nil {
-				select {
-				case v.vserport <- d.Open:
-				default:
-				}
 			}
 		case "SHUTDOWN", "GUEST_PANICKED", "RESET", "STOP", "RESUME":
 			v.logger(ctx).WithField("event", ev.Name).WithField("data", string(ev.Data)).Debug("qemu event")
