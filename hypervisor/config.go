@@ -110,6 +110,9 @@ type Config struct {
 	// MemoryFile, with Templated, is the guest RAM: a file the caller opened read-write,
 	// MemoryMiB long (a template's memory, or a clone's copy of it). The VM takes it over.
 	MemoryFile *os.File
+	// MemoryFill, if set, fills MemoryFile (a clone's copy of the template's memory): the VM
+	// runs it while its VMM starts and waits for it before restoring Incoming.
+	MemoryFill func() error
 	// Incoming, with Templated, is a template's saved device state the VM is restored from
 	// instead of booting; SharedDir and NetDevices are then hot-plugged before the guest
 	// runs again. The VM takes it over.

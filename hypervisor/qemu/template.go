@@ -43,8 +43,11 @@ const (
 const templateFormat = 1
 
 // agentSettle is how long a template VM runs after its host closed the agent connection,
-// before it is saved: the guest agent sees EOF and reopens its port in milliseconds.
-const agentSettle = 300 * time.Millisecond
+// before it is saved. The guest agent sees EOF and reopens its port in milliseconds; the
+// rest lets the guest go idle (deferred work after boot, the balloon's free page reporting,
+// which waits 2 s), so that clones start idle and with less memory (measured: 50 instead of
+// 54 MiB of template memory, ~30-70 ms quicker to agent-ready). It is paid once per template.
+const agentSettle = 3 * time.Second
 
 // templateBuildTimeout bounds booting a template VM to its agent.
 const templateBuildTimeout = 2 * time.Minute
@@ -270,7 +273,8 @@ func (t *Template) build(ctx context.Context, cfg Config, inputs []byte) error {
 		return err
 	}
 	t.meta = m
-	log.G(ctx).WithField("template", t.Dir()).WithField("build", time.Since(start).Round(time.Millisecond)).Info("VM template built")
+	log.G(ctx).WithFields(log.Fields{"template": t.Dir(), "build": time.Since(start).Round(time.Millisecond),
+		"memory_mib": allocatedMiB(t.path(templateMemory)), "state_kib": stateBytes >> 10}).Info("VM template built")
 	return nil
 }
 
@@ -303,8 +307,7 @@ func saveTemplateVM(ctx context.Context, tc Config, statePath string) (int64, er
 	_ = c.Close() // the agent sees the host go and waits for the next connection
 	// Saved before the guest saw the host go, the agent would take the clone's host for the
 	// old connection (and ttrpc refuses its stream ids). QEMU reports the guest's port opens
-	// and closes only once a second (VSERPORT_CHANGE is rate-limited), so wait that long as
-	// the guest needs to notice, with a wide margin.
+	// and closes only once a second (VSERPORT_CHANGE is rate-limited), so wait instead.
 	select {
 	case <-time.After(agentSettle):
 	case <-bctx.Done():
@@ -326,18 +329,30 @@ func saveTemplateVM(ctx context.Context, tc Config, statePath string) (int64, er
 }
 
 // Clone implements hypervisor.Template: cfg gets a private copy of the template's memory (a
-// memfd, charged to the caller's cgroup) and its saved state.
+// memfd, charged to the caller's cgroup; MemoryFill copies it while QEMU starts) and its
+// saved state.
 func (t *Template) Clone(ctx context.Context, cfg *hypervisor.Config) error {
-	mem, err := cloneMemory(t.path(templateMemory), t.meta.MemoryBytes)
+	src, err := os.Open(t.path(templateMemory))
 	if err != nil {
-		return fmt.Errorf("copying the VM template's memory: %w", err)
+		return fmt.Errorf("VM template: %w", err)
+	}
+	mem, err := newGuestMemory(t.meta.MemoryBytes)
+	if err != nil {
+		_ = src.Close()
+		return err
 	}
 	state, err := os.Open(t.path(templateState))
 	if err != nil {
+		_ = src.Close()
 		_ = mem.Close()
 		return fmt.Errorf("VM template: %w", err)
 	}
 	cfg.Templated, cfg.MemoryFile, cfg.Incoming = true, mem, state
+	size := t.meta.MemoryBytes
+	cfg.MemoryFill = func() error {
+		defer func() { _ = src.Close() }() // read only
+		return sparseCopy(mem, src, size)
+	}
 	return nil
 }
 
@@ -351,28 +366,27 @@ func (t *Template) Discard(ctx context.Context) error {
 	return os.RemoveAll(t.Dir())
 }
 
-// cloneMemory copies the data of the template's memory file into a new memfd of size bytes,
-// leaving its holes (pages the template guest never touched, or gave back) holes.
-func cloneMemory(path string, size int64) (*os.File, error) {
-	src, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { _ = src.Close() }() // read only
+// newGuestMemory is a new memfd of size bytes, all holes, for a clone's guest RAM.
+func newGuestMemory(size int64) (*os.File, error) {
 	fd, err := unix.MemfdCreate("podvm-guest-ram", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("memfd_create: %w", err)
 	}
-	dst := os.NewFile(uintptr(fd), "podvm-guest-ram")
-	if err := dst.Truncate(size); err != nil {
-		_ = dst.Close()
-		return nil, err
+	mem := os.NewFile(uintptr(fd), "podvm-guest-ram")
+	if err := mem.Truncate(size); err != nil {
+		_ = mem.Close()
+		return nil, fmt.Errorf("sizing the guest memory: %w", err)
 	}
-	if err := sparseCopy(dst, src, size); err != nil {
-		_ = dst.Close()
-		return nil, err
+	return mem, nil
+}
+
+// allocatedMiB is how much of a (sparse) file is allocated, in MiB; 0 if unknown.
+func allocatedMiB(path string) int64 {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return 0
 	}
-	return dst, nil
+	return st.Blocks * 512 >> 20
 }
 
 // sparseCopy copies the data extents of src's first size bytes to the same offsets of dst.

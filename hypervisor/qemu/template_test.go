@@ -264,11 +264,14 @@ func TestCloneMemory(t *testing.T) {
 	a, b := bytes.Repeat([]byte{1}, 8192), bytes.Repeat([]byte{2}, 4096)
 	_, _ = f.WriteAt(a, 1<<20)
 	_, _ = f.WriteAt(b, size-4096)
-	clone, err := cloneMemory(p, size)
+	clone, err := newGuestMemory(size)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer clone.Close()
+	if err := sparseCopy(clone, f, size); err != nil {
+		t.Fatal(err)
+	}
 	got := make([]byte, size)
 	if _, err := clone.ReadAt(got, 0); err != nil {
 		t.Fatal(err)

@@ -224,6 +224,9 @@ func (v *VM) start(ctx context.Context) error {
 	// Tap files belong to the VM: QEMU has its own copies once started, and on failure nobody
 	// else needs them.
 	defer closeHandedOver(cfg)
+	// Meanwhile the clone's memory is copied; its file stays open until the copy is done.
+	fill := startFill(cfg.MemoryFill)
+	defer func() { _ = fill() }()
 	args, err := cfg.Args()
 	if err != nil {
 		return err
@@ -252,9 +255,28 @@ func (v *VM) start(ctx context.Context) error {
 	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
 	v.attachMonitor(ctx, mon)
 	if cfg.Incoming != nil {
+		if err := fill(); err != nil {
+			return fmt.Errorf("copying the template's memory: %w", err)
+		}
 		return v.restore(ctx, mon)
 	}
 	return nil
+}
+
+// startFill runs fn (nil: nothing) in the background; the returned func waits for its
+// result.
+func startFill(fn func() error) func() error {
+	if fn == nil {
+		return func() error { return nil }
+	}
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	var once sync.Once
+	var err error
+	return func() error {
+		once.Do(func() { err = <-done })
+		return err
+	}
 }
 
 // closeHandedOver closes the files cfg hands to QEMU (tap files, a templated VM's memory and
