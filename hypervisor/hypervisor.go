@@ -7,6 +7,7 @@ package hypervisor
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 )
@@ -77,6 +78,10 @@ func (d *NetDevice) DeviceID() string { return d.ID }
 // TemplateNICs is how many NICs a VM restored from a template can get (Config.Templated):
 // a template reserves a PCIe root port for each, and one for the virtio-fs device.
 const TemplateNICs = 2
+
+// ErrRestore marks a VM that its VMM could not restore from a template's saved state: the
+// template is broken (or of another VMM build), not the pod.
+var ErrRestore = errors.New("the VM template's saved state does not restore")
 
 // Template is a saved, booted VM a driver restores pod VMs from (Driver.Template): templated
 // start. A restored guest is a copy of the template's, so the caller makes it the pod's own

@@ -6,6 +6,7 @@ package shim
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"time"
 
@@ -45,8 +46,9 @@ func (sb *sandbox) findTemplate(ctx context.Context, o *sandboxOptions) hypervis
 	return t
 }
 
-// restoreVM starts the pod's VM from tmpl. A VM that cannot be restored means a broken
-// template: it is discarded, so the next pod builds it anew, and the error says so.
+// restoreVM starts the pod's VM from tmpl. A saved state the VMM cannot restore
+// (hypervisor.ErrRestore) means a broken template: it is discarded, so the next pod builds
+// it anew, and the error says so.
 func (sb *sandbox) restoreVM(ctx context.Context, tmpl hypervisor.Template, vcfg hypervisor.Config, ph *phases) error {
 	if err := tmpl.Clone(ctx, &vcfg); err != nil {
 		return fmt.Errorf("start the pod VM from template %s: %w", tmpl.Key(), err)
@@ -58,6 +60,9 @@ func (sb *sandbox) restoreVM(ctx context.Context, tmpl hypervisor.Template, vcfg
 		return fmt.Errorf("VM config: %w", err)
 	}
 	if err := vm.Start(ctx); err != nil {
+		if !errors.Is(err, hypervisor.ErrRestore) {
+			return fmt.Errorf("start the pod VM from template %s: %w", tmpl.Key(), err)
+		}
 		if derr := tmpl.Discard(context.WithoutCancel(ctx)); derr != nil {
 			log.G(ctx).WithError(derr).Warn("removing the broken VM template")
 		}

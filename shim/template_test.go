@@ -2,6 +2,7 @@ package shim
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -54,7 +55,7 @@ func TestSandboxTemplateUnavailableBoots(t *testing.T) {
 func TestSandboxBrokenTemplateIsDiscarded(t *testing.T) {
 	r := newRig(t)
 	r.template = &hypervisor.FakeTemplate{ID: "k1"}
-	r.vm.StartErr = errors.New("load of migration failed")
+	r.vm.StartErr = fmt.Errorf("%w: load of migration failed", hypervisor.ErrRestore)
 	_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
 	if err == nil {
 		t.Fatal("create succeeded with a VM that did not restore")
@@ -75,5 +76,19 @@ func TestSandboxTemplateOff(t *testing.T) {
 	r.mustCreate("pod1", sandboxAnnotations("pod1"))
 	if r.vmCfg.Templated || r.agent.Restored() != nil {
 		t.Error("a template was used with templating off")
+	}
+}
+
+// TestSandboxRestoreFailureKeepsTemplate: a VM that fails to start for another reason (here
+// virtiofsd) fails the pod but keeps the template.
+func TestSandboxRestoreFailureKeepsTemplate(t *testing.T) {
+	r := newRig(t)
+	r.template = &hypervisor.FakeTemplate{ID: "k1"}
+	r.vm.StartErr = errors.New("virtiofsd exited before listening")
+	if _, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns); err == nil {
+		t.Fatal("create succeeded with a VM that did not start")
+	}
+	if _, discarded := r.template.State(); discarded {
+		t.Error("the template was discarded for a failure that was not its own")
 	}
 }

@@ -69,7 +69,10 @@ func (v *VM) restore(ctx context.Context, mon qmp.Monitor) error {
 		return fmt.Errorf("restore: migrate-incoming: %w", err)
 	}
 	if err := v.waitMigration(ctx, mon); err != nil {
-		return fmt.Errorf("restore from the template: %w", err)
+		if ctx.Err() != nil {
+			return fmt.Errorf("restore from the template: %w", err)
+		}
+		return fmt.Errorf("%w: %w", hypervisor.ErrRestore, err)
 	}
 	if cfg.SharedDir != "" {
 		if err := v.plugSharedDir(ctx, mon); err != nil {

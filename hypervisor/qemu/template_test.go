@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -160,8 +161,8 @@ func TestRestoreFailureStopsBeforeTheGuestRuns(t *testing.T) {
 	v.cfg.Incoming = openDisk(t, diskImage(t), false)
 	mon.SetReply("query-migrate", map[string]any{"status": "failed", "error-desc": "load of migration failed: Invalid argument"}, nil)
 	err := v.restore(context.Background(), mon)
-	if err == nil || !strings.Contains(err.Error(), "load of migration failed") {
-		t.Fatalf("err = %v", err)
+	if !errors.Is(err, hypervisor.ErrRestore) || !strings.Contains(err.Error(), "load of migration failed") {
+		t.Fatalf("err = %v, want ErrRestore with QEMU's reason", err)
 	}
 	if slices.Contains(mon.Commands(), "cont") || slices.Contains(mon.Commands(), "device_add") {
 		t.Errorf("commands %q after a failed restore", mon.Commands())
