@@ -170,3 +170,69 @@ func waitHTTP(ctx context.Context, t *testing.T, env *harness.Env, addr, path st
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestPodvmTemplateBroken: a template whose files were damaged never yields a broken pod. A
+// truncated memory file is seen before use and the template is built anew; a state file QEMU
+// cannot load fails that one pod with an error that says so, the template is removed, and the
+// next pod builds a fresh one. Nothing is left behind.
+func TestPodvmTemplateBroken(t *testing.T) {
+	opts := podvmTemplateOptions(t, "pvt-")
+	opts.LeakProcessNames = []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"}
+	env := harness.Start(t, opts)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	dir := filepath.Join(opts.LeakDirs[0], templateDirName)
+
+	removePod(ctx, t, env, runPod(ctx, t, env, "podvm", "builds"))
+	tmpl := onlyTemplate(t, dir)
+
+	// Same size, garbage inside: only QEMU can tell.
+	state := filepath.Join(tmpl, "state")
+	st, err := os.Stat(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, state, strings.Repeat("x", int(st.Size())))
+	_, err = env.RunPod(ctx, harness.PodOptions{Name: "garbage", Namespace: "it", Handler: "podvm"})
+	if err == nil || !strings.Contains(err.Error(), "restore the pod VM from template") || !strings.Contains(err.Error(), "builds it anew") {
+		t.Fatalf("RunPodSandbox from a garbled template: %v, want an error saying the template was removed", err)
+	}
+	if _, err := os.Stat(tmpl); !os.IsNotExist(err) {
+		t.Errorf("the garbled template is still there: %v", err)
+	}
+	pod := runPod(ctx, t, env, "podvm", "rebuilt")
+	if templateKeyOf(t, env, pod.ID) == "" {
+		t.Error("the pod after the garbled template was not restored from a new one")
+	}
+	removePod(ctx, t, env, pod)
+
+	// Truncated memory: seen before use, rebuilt, the pod starts.
+	if err := os.Truncate(filepath.Join(onlyTemplate(t, dir), "memory"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	pod = runPod(ctx, t, env, "podvm", "truncated")
+	if templateKeyOf(t, env, pod.ID) == "" {
+		t.Error("the pod after the truncated template was not restored from a rebuilt one")
+	}
+	removePod(ctx, t, env, pod)
+	env.AssertNoLeaks(t)
+}
+
+// onlyTemplate is the one template directory in dir.
+func onlyTemplate(t *testing.T, dir string) string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found []string
+	for _, e := range entries {
+		if e.IsDir() && !strings.Contains(e.Name(), ".") && !strings.HasPrefix(e.Name(), "b-") {
+			found = append(found, e.Name())
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("templates in %s: %v, want one", dir, found)
+	}
+	return filepath.Join(dir, found[0])
+}
