@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -125,6 +126,13 @@ func checkTemplatedPod(ctx context.Context, t *testing.T, env *harness.Env, p *t
 	if got := waitHTTP(ctx, t, env, ip+":8080", "/index.html"); !strings.Contains(got, "hello from") {
 		t.Errorf("GET %s:8080: %q", ip, got)
 	}
+	// The pod's own hostname and NIC: the guest's eth0 has the MAC of the pod netns's eth0.
+	if got := sh(t, ctx, env, p.ctr, "hostname"); got != p.pod.Config.GetHostname() {
+		t.Errorf("hostname %q, want the pod's %q", got, p.pod.Config.GetHostname())
+	}
+	if guest, host := sh(t, ctx, env, p.ctr, "cat /sys/class/net/eth0/address"), podMAC(ctx, t, env, p.pod.ID); guest != host {
+		t.Errorf("the guest's eth0 has MAC %q, the pod's interface %q", guest, host)
+	}
 	// The rootfs: the image's files, and the container's own writes.
 	if got := sh(t, ctx, env, p.ctr, "echo written > /etc/podvm-test && cat /etc/podvm-test /etc/hostname"); !strings.HasPrefix(got, "written\n") {
 		t.Errorf("rootfs: %q", got)
@@ -235,4 +243,25 @@ func onlyTemplate(t *testing.T, dir string) string {
 		t.Fatalf("templates in %s: %v, want one", dir, found)
 	}
 	return filepath.Join(dir, found[0])
+}
+
+// podMAC is the MAC of eth0 in pod's network namespace on the host.
+func podMAC(ctx context.Context, t *testing.T, env *harness.Env, podID string) string {
+	t.Helper()
+	ns, err := env.PodNetNSPath(ctx, podID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.CommandContext(ctx, "nsenter", "--net="+ns, "ip", "-o", "link", "show", "eth0").Output()
+	if err != nil {
+		t.Fatalf("ip link in the pod netns: %v", err)
+	}
+	f := strings.Fields(string(out))
+	for i := range f {
+		if f[i] == "link/ether" && i+1 < len(f) {
+			return f[i+1]
+		}
+	}
+	t.Fatalf("no MAC in %q", out)
+	return ""
 }
