@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/containerd/log"
@@ -75,7 +76,7 @@ func (sb *sandbox) restoreVM(ctx context.Context, tmpl hypervisor.Template, vcfg
 
 // closeTemplateFiles closes what Clone opened when no VM took it over.
 func closeTemplateFiles(vcfg *hypervisor.Config) {
-	for _, f := range []interface{ Close() error }{vcfg.MemoryFile, vcfg.Incoming} {
+	for _, f := range []*os.File{vcfg.MemoryFile, vcfg.Incoming} {
 		if f != nil {
 			_ = f.Close()
 		}
