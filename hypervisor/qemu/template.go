@@ -332,24 +332,22 @@ func saveTemplateVM(ctx context.Context, tc Config, statePath string) (int64, er
 // memfd, charged to the caller's cgroup; MemoryFill copies it while QEMU starts) and its
 // saved state.
 func (t *Template) Clone(ctx context.Context, cfg *hypervisor.Config) error {
-	src, err := os.Open(t.path(templateMemory))
-	if err != nil {
-		return fmt.Errorf("VM template: %w", err)
-	}
 	mem, err := newGuestMemory(t.meta.MemoryBytes)
 	if err != nil {
-		_ = src.Close()
 		return err
 	}
 	state, err := os.Open(t.path(templateState))
 	if err != nil {
-		_ = src.Close()
 		_ = mem.Close()
 		return fmt.Errorf("VM template: %w", err)
 	}
 	cfg.Templated, cfg.MemoryFile, cfg.Incoming = true, mem, state
-	size := t.meta.MemoryBytes
+	path, size := t.path(templateMemory), t.meta.MemoryBytes
 	cfg.MemoryFill = func() error {
+		src, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("VM template: %w", err)
+		}
 		defer func() { _ = src.Close() }() // read only
 		return sparseCopy(mem, src, size)
 	}
