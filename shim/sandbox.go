@@ -263,6 +263,9 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	}
 	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
 		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path, ownerDeleted: make(chan struct{})}
+	if sb.stateDir == o.cfg.TemplateDir() {
+		return nil, fmt.Errorf("sandbox id %q: its state dir would be the VM templates dir %s; use another id: %w", o.id, sb.stateDir, errdefs.ErrInvalidArgument)
+	}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}

@@ -92,3 +92,13 @@ func TestSandboxRestoreFailureKeepsTemplate(t *testing.T) {
 		t.Error("the template was discarded for a failure that was not its own")
 	}
 }
+
+// TestSandboxIDTemplatesIsRefused: a container named like the templates dir (ctr run ...
+// templates) would make it its state dir, and remove it with itself.
+func TestSandboxIDTemplatesIsRefused(t *testing.T) {
+	r := newRig(t)
+	_, err := r.create("templates", nil, podNetns)
+	if err == nil || !strings.Contains(err.Error(), "VM templates dir") {
+		t.Fatalf("create templates: %v, want a refusal naming the VM templates dir", err)
+	}
+}
