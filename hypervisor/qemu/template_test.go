@@ -291,3 +291,18 @@ func TestCloneMemory(t *testing.T) {
 		t.Errorf("the clone takes %d bytes for 12 KiB of data: holes were filled", st.Blocks*512)
 	}
 }
+
+// TestFindTemplateNeedsSerial: with the vsock transport there is no template (a clone's CID
+// is not set up), and nothing is made on disk.
+func TestFindTemplateNeedsSerial(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "templates")
+	c := baseConfig()
+	c.Binary, c.AgentTransport, c.VsockCID = "/bin/true", TransportVsock, 7
+	_, err := FindTemplate(context.Background(), hypervisor.Config(c), dir)
+	if err == nil || !strings.Contains(err.Error(), "virtio-serial") {
+		t.Fatalf("err = %v, want one naming the virtio-serial transport", err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("the templates dir was made: %v", err)
+	}
+}
