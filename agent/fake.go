@@ -28,6 +28,7 @@ type Fake struct {
 	calls      []string
 	fail       map[string]error
 	setup      *api.SetupSandboxRequest
+	restored   *api.PrepareRestoredRequest
 	nextPid    uint32
 	closed     chan struct{}
 	closeOnce  sync.Once

@@ -3,6 +3,7 @@ package hypervisor
 import (
 	"context"
 	"fmt"
+	"os"
 	"slices"
 )
 
@@ -102,6 +103,21 @@ type Config struct {
 	// HotplugSlots is how many devices can be hot-plugged at once (0: none).
 	HotplugSlots int
 
+	// Templated makes the VM a VM template or a clone of one (templating.go): no virtio-fs
+	// device and no NIC on its command line, PCIe root ports reserved for hot-plugging them
+	// instead, and guest RAM in MemoryFile. A template and its clones have the same devices.
+	Templated bool
+	// MemoryFile, with Templated, is the guest RAM: a file the caller opened read-write,
+	// MemoryMiB long (a template's memory, or a clone's copy of it). The VM takes it over.
+	MemoryFile *os.File
+	// MemoryFill, if set, fills MemoryFile (a clone's copy of the template's memory): the VM
+	// runs it while its VMM starts and waits for it before restoring Incoming.
+	MemoryFill func() error
+	// Incoming, with Templated, is a template's saved device state the VM is restored from
+	// instead of booting; SharedDir and NetDevices are then hot-plugged before the guest
+	// runs again. The VM takes it over.
+	Incoming *os.File
+
 	// UIDBase and UIDCount are the range the VMM process's unprivileged uid (and gid) is
 	// picked from by ID; 0 means DefaultUIDBase and DefaultUIDCount.
 	UIDBase  uint32
@@ -136,6 +152,10 @@ type Driver struct {
 	Cleanup func(ctx context.Context, stateDir string) error
 	// ConsolePath is where a VM with this state dir writes its guest's console log.
 	ConsolePath func(stateDir string) string
+	// Template finds the template for VMs like cfg (its size, kernel, initrd, machine; its
+	// ID, state dir, share and NICs do not matter) in dir, or builds it there first (under a
+	// lock: concurrent callers wait for one build). nil: the driver has no templating.
+	Template func(ctx context.Context, cfg Config, dir string) (Template, error)
 }
 
 // Drivers are the VMM implementations a program has, by kind.

@@ -127,3 +127,47 @@ func (f *Fake) State() (started, stopped bool, devices []string) {
 	}
 	return f.started, f.stopped, devices
 }
+
+// FakeTemplate is a Template for tests of its users: Clone marks the config Templated (and
+// gives it no files), Discard records that it was called.
+type FakeTemplate struct {
+	ID string
+	// CloneErr, if set, is returned by Clone.
+	CloneErr error
+
+	mu        sync.Mutex
+	clones    int
+	discarded bool
+}
+
+var _ Template = (*FakeTemplate)(nil)
+
+// Key implements Template.
+func (t *FakeTemplate) Key() string { return t.ID }
+
+// Clone implements Template.
+func (t *FakeTemplate) Clone(ctx context.Context, cfg *Config) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.CloneErr != nil {
+		return t.CloneErr
+	}
+	t.clones++
+	cfg.Templated = true
+	return nil
+}
+
+// Discard implements Template.
+func (t *FakeTemplate) Discard(ctx context.Context) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.discarded = true
+	return nil
+}
+
+// State reports how many clones were made and whether the template was discarded.
+func (t *FakeTemplate) State() (clones int, discarded bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.clones, t.discarded
+}

@@ -7,6 +7,7 @@ package hypervisor
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 )
@@ -73,3 +74,25 @@ type NetDevice struct {
 
 // DeviceID implements Device.
 func (d *NetDevice) DeviceID() string { return d.ID }
+
+// TemplateNICs is how many NICs a VM restored from a template can get (Config.Templated):
+// a template reserves a PCIe root port for each, and one for the virtio-fs device.
+const TemplateNICs = 2
+
+// ErrRestore marks a VM that its VMM could not restore from a template's saved state: the
+// template is broken (or of another VMM build), not the pod.
+var ErrRestore = errors.New("the VM template's saved state does not restore")
+
+// Template is a saved, booted VM a driver restores pod VMs from (Driver.Template): templated
+// start. A restored guest is a copy of the template's, so the caller makes it the pod's own
+// (the agent's PrepareRestored) before anything runs in it.
+type Template interface {
+	// Key names the template: a hash of everything that shapes the VM.
+	Key() string
+	// Clone makes cfg (the pod's VM, with its share and NICs) a clone of the template: it
+	// sets Templated, MemoryFile (a private copy of the template's memory) and Incoming.
+	Clone(ctx context.Context, cfg *Config) error
+	// Discard removes the template, e.g. after a restore from it failed, so that the next
+	// Driver.Template builds it anew.
+	Discard(ctx context.Context) error
+}

@@ -25,7 +25,7 @@ func BenchmarkPodMemoryMarginal(b *testing.B) {
 	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
 		var pods []*harness.Pod
 		for i := 0; i < densityPods-1; i++ {
-			pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: fmt.Sprintf("base-%d", i), Handler: h})
+			pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: fmt.Sprintf("base-%d", i), Handler: criHandler(h)})
 			startSleeper(ctx, b, env, pod, "sleep")
 			pods = append(pods, pod)
 		}
@@ -33,7 +33,7 @@ func BenchmarkPodMemoryMarginal(b *testing.B) {
 		for i := 0; b.Loop(); i++ {
 			settle(ctx, b)
 			before := podsPSS(b, env, pods)
-			pod := runPod(ctx, b, env, h, fmt.Sprintf("tenth-%d", i))
+			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("tenth-%d", i))
 			startSleeper(ctx, b, env, pod, "sleep")
 			settle(ctx, b)
 			after := podsPSS(b, env, append(pods, pod))

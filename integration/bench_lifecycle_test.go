@@ -16,8 +16,8 @@ import (
 // exec probes call it: from the call until its exit code is back. The pod and its container
 // are made once, before the loop, with one exec outside the measurement.
 func BenchmarkExecSync(b *testing.B) {
-	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
-		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: h})
+	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: criHandler(h)})
 		id := startSleeper(ctx, b, env, pod, "target")
 		execTrue(ctx, b, env, id)
 		ds := timedLoop(b, func(int) (time.Duration, func()) {
@@ -44,11 +44,11 @@ func execTrue(ctx context.Context, b *testing.B, env *harness.Env, id string) {
 // until the call returns. Starting the pod and RemovePodSandbox are outside the timer.
 func BenchmarkStopPodSandbox(b *testing.B) {
 	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
-		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: h}))
+		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
 		var ds durations
 		for i := 0; b.Loop(); i++ {
 			b.StopTimer()
-			pod := runPod(ctx, b, env, h, fmt.Sprintf("stop-%d", i))
+			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("stop-%d", i))
 			startSleeper(ctx, b, env, pod, "sleep")
 			b.StartTimer()
 			start := time.Now()

@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -41,6 +42,25 @@ import (
 // divide by.
 var benchHandlers = []string{"runc", "podvm"}
 
+// podvmTemplate is the benchmarks' name for podvm with templated start on ([template]
+// enabled): the same CRI handler, podvm, with a node config of its own.
+const podvmTemplate = "podvm-template"
+
+// templateBenchHandlers are benchHandlers and podvm with templated start, for the benchmarks
+// of a pod's start, its memory, its containers' start and exec.
+var templateBenchHandlers = []string{"runc", "podvm", podvmTemplate}
+
+// benchColumns are the comparison table's handlers, in its column order.
+var benchColumns = templateBenchHandlers
+
+// criHandler is the CRI runtime handler of a benchmarked handler.
+func criHandler(h string) string {
+	if h == podvmTemplate {
+		return "podvm"
+	}
+	return h
+}
+
 // benchDeadline bounds one handler's part of a benchmark (setup, b.N iterations, teardown). A
 // hang then fails the benchmark and the harness tears everything down, instead of `go test
 // -timeout` killing the binary and leaving VMs and shims behind.
@@ -51,11 +71,11 @@ const benchDeadline = 20 * time.Minute
 // outside the timer. A first pod, outside the measurement, pulls the pause image and warms the
 // caches.
 func BenchmarkRunPodSandbox(b *testing.B) {
-	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
-		removePod(ctx, b, env, runPod(ctx, b, env, h, "warmup"))
+	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		removePod(ctx, b, env, runPod(ctx, b, env, criHandler(h), "warmup"))
 		ds := timedLoop(b, func(i int) (time.Duration, func()) {
 			start := time.Now()
-			pod, err := env.RunPod(ctx, harness.PodOptions{Name: fmt.Sprintf("bench-%d", i), Handler: h})
+			pod, err := env.RunPod(ctx, harness.PodOptions{Name: fmt.Sprintf("bench-%d", i), Handler: criHandler(h)})
 			return time.Since(start), func() {
 				if err != nil {
 					b.Fatal(err)
@@ -72,8 +92,8 @@ func BenchmarkRunPodSandbox(b *testing.B) {
 // `sleep 3600` in a running pod, until ContainerStatus says RUNNING. The pod is made once; each
 // container is stopped and removed outside the timer. The image is pulled before the loop.
 func BenchmarkCreateStartContainer(b *testing.B) {
-	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
-		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: h})
+	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: criHandler(h)})
 		removeContainer(ctx, b, env, startSleeper(ctx, b, env, pod, "warmup"), 0)
 		ds := timedLoop(b, func(i int) (time.Duration, func()) {
 			start := time.Now()
@@ -91,11 +111,11 @@ func BenchmarkCreateStartContainer(b *testing.B) {
 // touched included) and virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`,
 // lets it settle, measures, and removes it; ns/op is that whole cycle and means nothing here.
 func BenchmarkPodMemory(b *testing.B) {
-	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
-		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: h}))
+	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
 		var mibs []float64
 		for i := 0; b.Loop(); i++ {
-			pod := runPod(ctx, b, env, h, fmt.Sprintf("mem-%d", i))
+			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("mem-%d", i))
 			startSleeper(ctx, b, env, pod, "sleep")
 			select { // idle: let start-up work and page-ins finish
 			case <-time.After(podSettle):
@@ -112,6 +132,7 @@ func BenchmarkPodMemory(b *testing.B) {
 			}
 			if i == 0 {
 				b.Logf("%s pod processes: %s", h, describeProcs(procs))
+				logTemplates(b, h, env)
 			}
 			mibs = append(mibs, total)
 			removePod(ctx, b, env, pod)
@@ -126,8 +147,18 @@ const podSettle = 3 * time.Second
 // compareHandlers runs fn as a sub-benchmark per handler of benchHandlers (runc first), each
 // in withBenchEnv, then logs what they reported to cmp as one table.
 func compareHandlers(b *testing.B, fn func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison)) {
+	compareAmong(b, benchHandlers, fn)
+}
+
+// compareTemplate is compareHandlers with podvm's templated start as a third handler
+// (podvm-template). fn passes criHandler(h) to the CRI.
+func compareTemplate(b *testing.B, fn func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison)) {
+	compareAmong(b, templateBenchHandlers, fn)
+}
+
+func compareAmong(b *testing.B, handlers []string, fn func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison)) {
 	cmp := newComparison(b)
-	for _, h := range benchHandlers {
+	for _, h := range handlers {
 		b.Run(h, func(b *testing.B) {
 			withBenchEnv(b, h, func(ctx context.Context, env *harness.Env) { fn(ctx, b, h, env, cmp) })
 		})
@@ -260,6 +291,8 @@ func withBenchEnv(b *testing.B, handler string, fn func(ctx context.Context, env
 		env = harness.Start(b, harness.Options{})
 	case "podvm":
 		env = podvmBenchEnv(b)
+	case podvmTemplate:
+		env = podvmTemplateBenchEnv(b)
 	default:
 		b.Fatalf("unknown handler %q", handler)
 	}
@@ -280,6 +313,33 @@ func podvmBenchEnv(t testing.TB) *harness.Env {
 	opts := podvmShimOptions(t, ownStateDir(t, "pvb-"), "")
 	opts.LeakDirsKeep = nil
 	return harness.Start(t, opts)
+}
+
+// podvmTemplateBenchEnv is podvmBenchEnv with templated start on; its templates are in its
+// state dir.
+func podvmTemplateBenchEnv(t testing.TB) *harness.Env {
+	t.Helper()
+	opts := podvmTemplateOptions(t, "pvb-")
+	opts.LeakDirsKeep = []string{templateDirName}
+	return harness.Start(t, opts)
+}
+
+// logTemplates logs how much memory the VM templates of a podvm-template env take: tmpfs
+// pages no process's PSS shows.
+func logTemplates(b *testing.B, h string, env *harness.Env) {
+	if h != podvmTemplate {
+		return
+	}
+	dir := filepath.Join(env.LeakDirs()[0], templateDirName)
+	var total int64
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		var st syscall.Stat_t
+		if err == nil && !d.IsDir() && syscall.Stat(p, &st) == nil {
+			total += st.Blocks * 512
+		}
+		return nil
+	})
+	b.Logf("%s: the VM templates in %s take %.1f MiB (tmpfs, in no process's PSS)", h, dir, float64(total)/(1<<20))
 }
 
 // assertNothingUnder fails t if a process still names dir on its command line or something is
@@ -434,12 +494,12 @@ func quantile(xs []float64, q float64) float64 {
 type comparison struct {
 	b    *testing.B
 	rows []string              // metric names in report order
-	vals map[string][2]float64 // metric -> [runc, podvm]
+	vals map[string][3]float64 // metric -> a value per benchColumns
 	unit map[string]string
 }
 
 func newComparison(b *testing.B) *comparison {
-	return &comparison{b: b, vals: map[string][2]float64{}, unit: map[string]string{}}
+	return &comparison{b: b, vals: map[string][3]float64{}, unit: map[string]string{}}
 }
 
 func (c *comparison) set(handler, metric, unit string, v float64) {
@@ -447,18 +507,19 @@ func (c *comparison) set(handler, metric, unit string, v float64) {
 		c.rows = append(c.rows, metric)
 	}
 	c.unit[metric] = unit
-	pair := c.vals[metric]
-	pair[slices.Index(benchHandlers, handler)] = v
-	c.vals[metric] = pair
+	vals := c.vals[metric]
+	vals[slices.Index(benchColumns, handler)] = v
+	c.vals[metric] = vals
 }
 
-// ratio is podvm over runc for metric, if runc ran in this process.
-func (c *comparison) ratio(metric string) (float64, bool) {
+// ratio is handler's value over runc's for metric, if both ran in this process.
+func (c *comparison) ratio(metric, handler string) (float64, bool) {
 	p := c.vals[metric]
-	if p[0] == 0 || p[1] == 0 {
+	v := p[slices.Index(benchColumns, handler)]
+	if p[0] == 0 || v == 0 {
 		return 0, false
 	}
-	return p[1] / p[0], true
+	return v / p[0], true
 }
 
 func (c *comparison) reportLatency(b *testing.B, handler, what string, ds durations) {
@@ -468,7 +529,7 @@ func (c *comparison) reportLatency(b *testing.B, handler, what string, ds durati
 	b.ReportMetric(p90, "ms/p90")
 	c.set(handler, what+" median", "ms", med)
 	c.set(handler, what+" p90", "ms", p90)
-	if r, ok := c.ratio(what + " median"); ok && handler == "podvm" {
+	if r, ok := c.ratio(what+" median", handler); ok && handler != "runc" {
 		b.ReportMetric(r, "x-runc")
 	}
 }
@@ -485,7 +546,7 @@ func (c *comparison) reportMemoryAs(b *testing.B, handler, what string, mibs []f
 	b.ReportMetric(hi, "MiB/max")
 	c.set(handler, what+" median", "MiB", med)
 	c.set(handler, what+" max", "MiB", hi)
-	if r, ok := c.ratio(what + " median"); ok && handler == "podvm" {
+	if r, ok := c.ratio(what+" median", handler); ok && handler != "runc" {
 		b.ReportMetric(r, "x-runc")
 	}
 }
@@ -498,7 +559,7 @@ func (c *comparison) log() {
 	}
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "%s, same run (load average at the end: %s)\n", c.b.Name(), loadAvg())
-	fmt.Fprintf(&buf, "| metric | runc | podvm | podvm/runc |\n| --- | --- | --- | --- |\n")
+	fmt.Fprint(&buf, tableHeader)
 	for _, m := range c.rows {
 		row := c.row(m)
 		fmt.Fprintln(&buf, row)
@@ -507,14 +568,20 @@ func (c *comparison) log() {
 	c.b.Log("\n" + buf.String())
 }
 
+// tableHeader heads the comparison tables: runc, podvm and podvm with templated start.
+const tableHeader = "| metric | runc | podvm | podvm/runc | podvm-template | podvm-template/runc |\n| --- | --- | --- | --- | --- | --- |\n"
+
 // row is metric m's table row.
 func (c *comparison) row(m string) string {
 	p := c.vals[m]
-	r := "n/a"
-	if v, ok := c.ratio(m); ok {
-		r = fmt.Sprintf("%.1fx", v)
+	ratio := func(h string) string {
+		if v, ok := c.ratio(m, h); ok {
+			return fmt.Sprintf("%.1fx", v)
+		}
+		return "n/a"
 	}
-	return fmt.Sprintf("| %s | %s | %s | %s |", m, fmtVal(p[0], c.unit[m]), fmtVal(p[1], c.unit[m]), r)
+	return fmt.Sprintf("| %s | %s | %s | %s | %s | %s |", m, fmtVal(p[0], c.unit[m]), fmtVal(p[1], c.unit[m]), ratio("podvm"),
+		fmtVal(p[2], c.unit[m]), ratio(podvmTemplate))
 }
 
 // benchSummary collects every comparison table's rows of one `go test -bench` run, for the
@@ -528,7 +595,7 @@ func printBenchSummary() {
 		return
 	}
 	fmt.Printf("\nAll benchmarks of this run, runc and podvm side by side (load average at the end: %s)\n", loadAvg())
-	fmt.Println("| metric | runc | podvm | podvm/runc |\n| --- | --- | --- | --- |")
+	fmt.Print(tableHeader)
 	for _, r := range benchSummary.rows {
 		fmt.Println(r)
 	}

@@ -80,8 +80,11 @@ func TestNodeGathersEverySandbox(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "accel.json"), []byte("{}"), 0o600); err != nil {
 		t.Fatal(err) // a file, not a sandbox
 	}
+	if err := os.Mkdir(filepath.Join(root, "templates"), 0o700); err != nil {
+		t.Fatal(err) // the VM templates, not a sandbox
+	}
 
-	srv := httptest.NewServer((&Node{StateDir: root, Timeout: time.Second}).Handler())
+	srv := httptest.NewServer((&Node{StateDir: root, Timeout: time.Second, NotSandboxes: []string{filepath.Join(root, "templates")}}).Handler())
 	defer srv.Close()
 	body := get(t, srv.URL)
 	for _, want := range []string{

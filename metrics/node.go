@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -30,6 +31,8 @@ type Node struct {
 	StateDir string
 	// Timeout bounds the scrape of one shim.
 	Timeout time.Duration
+	// NotSandboxes are directories in StateDir that hold no sandbox (the VM templates).
+	NotSandboxes []string
 }
 
 // Handler serves the node's metrics (the shims' and the node's own) in the Prometheus
@@ -103,7 +106,7 @@ func (n *Node) sandboxes() ([]string, error) {
 	}
 	var ids []string
 	for _, e := range entries {
-		if e.IsDir() {
+		if e.IsDir() && !slices.Contains(n.NotSandboxes, filepath.Join(n.StateDir, e.Name())) {
 			ids = append(ids, e.Name())
 		}
 	}

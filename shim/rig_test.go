@@ -95,6 +95,10 @@ type rig struct {
 	stateDir string
 	sd       shutdown.Service
 	vmCfg    *hypervisor.Config
+	// template, if set, switches templating on and is the driver's template (or templateErr
+	// its error).
+	template    *hypervisor.FakeTemplate
+	templateErr error
 	// discovered is what the fake network found (nil: no netns path given).
 	discoverErr error
 	ports       fakePorts
@@ -139,16 +143,11 @@ func newRig(t *testing.T) *rig {
 			cfg.Sandbox.StateDir = r.stateDir
 			cfg.Annotations.Allowed = []string{"memory", "vcpus"}
 			cfg.Sandbox.MaxVCPUs = 4
+			cfg.Template.Enabled = r.template != nil || r.templateErr != nil
 			return cfg, nil
 		},
 		// The shim sees its VMs only through a hypervisor.Driver: the fake plugs in as QEMU does.
-		drivers: hypervisor.NewDrivers(hypervisor.FakeDriver(func(_ context.Context, cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
-			r.vmCfg = &cfg
-			if r.wrapVM != nil {
-				return r.wrapVM(r.vm), nil
-			}
-			return r.vm, nil
-		})),
+		drivers: hypervisor.NewDrivers(r.fakeDriver()),
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
 			if r.wrapAgent != nil {
 				return r.wrapAgent(r.agent), nil
@@ -188,6 +187,24 @@ func newRig(t *testing.T) *rig {
 	r.svc = serveTTRPC(t, ctx, svc)
 	t.Cleanup(func() { sd.Shutdown() })
 	return r
+}
+
+// fakeDriver is the fake hypervisor as a Driver, with the rig's template.
+func (r *rig) fakeDriver() hypervisor.Driver {
+	d := hypervisor.FakeDriver(func(_ context.Context, cfg hypervisor.Config) (hypervisor.Hypervisor, error) {
+		r.vmCfg = &cfg
+		if r.wrapVM != nil {
+			return r.wrapVM(r.vm), nil
+		}
+		return r.vm, nil
+	})
+	d.Template = func(context.Context, hypervisor.Config, string) (hypervisor.Template, error) {
+		if r.templateErr != nil {
+			return nil, r.templateErr
+		}
+		return r.template, nil
+	}
+	return d
 }
 
 // serveTTRPC serves svc on a unix socket with its interceptor, as pkg/shim does, and returns

@@ -263,6 +263,9 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	}
 	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
 		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path, ownerDeleted: make(chan struct{})}
+	if sb.stateDir == o.cfg.TemplateDir() {
+		return nil, fmt.Errorf("sandbox id %q: its state dir would be the VM templates dir %s; use another id: %w", o.id, sb.stateDir, errdefs.ErrInvalidArgument)
+	}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
@@ -279,11 +282,18 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if err := rec.write(o.bundle); err != nil {
 		return nil, err
 	}
+	tmplStart := time.Now()
+	tmpl := sb.findTemplate(ctx, o)
+	tmplTime := time.Since(tmplStart)
 	// Before virtiofsd and QEMU start: they are born in the pod's cgroup.
 	if err := sb.enterCgroup(ctx, b, o.cgroup); err != nil {
 		return nil, err
 	}
 	ph := phases{last: start}
+	if tmpl != nil {
+		ph.fields = log.Fields{"template": tmplTime.Round(time.Millisecond)}
+		ph.last = time.Now()
+	}
 	share, err := b.newShare(ctx, sb.stateDir, agent.GuestSharedDir, o.cfg)
 	if err != nil {
 		return nil, fmt.Errorf("the pod's shared filesystem: %w", err)
@@ -295,7 +305,7 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, err
 	}
 	ph.done("network")
-	if err := sb.startVM(ctx, b, o, nics, &ph); err != nil {
+	if err := sb.startVM(ctx, b, o, nics, tmpl, &ph); err != nil {
 		return nil, err
 	}
 	if err := sb.setupGuest(ctx, b, o.host, pod); err != nil {
@@ -304,6 +314,9 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	ph.done("guest_setup")
 	sb.ready = true
 	sb.metricsReady(time.Since(start), o.size.VCPUs, o.size.MemoryMiB)
+	if tmpl != nil {
+		ph.fields["from_template"] = tmpl.Key()
+	}
 	log.G(ctx).WithFields(ph.fields).WithFields(log.Fields{
 		"sandbox": o.id, "hypervisor": drv.Kind, "vcpus": o.size.VCPUs, "memory_mib": o.size.MemoryMiB,
 		"size_from": o.size.Source, "nics": len(nics), "boot": time.Since(start).Round(time.Millisecond),
@@ -354,8 +367,9 @@ func (sb *sandbox) attachNetwork(ctx context.Context, b backend) (*network.Pod, 
 	return pod, nics, nil
 }
 
-// startVM boots the VM and connects to its agent.
-func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice, ph *phases) error {
+// startVM boots the VM, or restores it from tmpl when that is not nil, and connects to its
+// agent.
+func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, nics []*hypervisor.NetDevice, tmpl hypervisor.Template, ph *phases) error {
 	vcfg := o.cfg.VMConfig(o.id, o.size)
 	vcfg.StateDir, vcfg.SharedDir, vcfg.NetDevices = sb.stateDir, sb.share.ExportDir(), nics
 	vcfg.SharedDirNS = sb.share.InMountNS
@@ -364,15 +378,18 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		return err
 	}
 	vcfg.VsockCID = cid
-	vm, err := sb.driver.New(ctx, vcfg)
-	if err != nil {
-		return fmt.Errorf("VM config (check %s): %w", configName(o.cfg), err)
+	if tmpl != nil && len(nics) > hypervisor.TemplateNICs {
+		log.G(ctx).Warnf("the pod has %d network interfaces, a VM template room for %d: booting the VM", len(nics), hypervisor.TemplateNICs)
+		tmpl = nil
 	}
-	if err := vm.Start(ctx); err != nil {
-		return fmt.Errorf("start the pod VM: %w", err)
+	if tmpl != nil {
+		if err := sb.restoreVM(ctx, tmpl, vcfg, ph); err != nil {
+			return err
+		}
+	} else if err := sb.bootVM(ctx, o, vcfg, ph); err != nil {
+		return err
 	}
-	sb.vm = vm
-	ph.done("vmm_start")
+	vm := sb.vm
 	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
 	defer cancel()
 	conn, err := b.connect(actx, vm)
@@ -382,6 +399,26 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	sb.agent = conn
 	sb.observeAgent(conn)
 	ph.done("agent_ready")
+	if tmpl != nil {
+		if err := sb.prepareRestored(ctx, nics, vcfg.SharedDir != ""); err != nil {
+			return fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
+		}
+		ph.done("reseed")
+	}
+	return nil
+}
+
+// bootVM boots the pod's VM the ordinary way.
+func (sb *sandbox) bootVM(ctx context.Context, o *sandboxOptions, vcfg hypervisor.Config, ph *phases) error {
+	vm, err := sb.driver.New(ctx, vcfg)
+	if err != nil {
+		return fmt.Errorf("VM config (check %s): %w", configName(o.cfg), err)
+	}
+	if err := vm.Start(ctx); err != nil {
+		return fmt.Errorf("start the pod VM: %w", err)
+	}
+	sb.vm = vm
+	ph.done("vmm_start")
 	return nil
 }
 

@@ -2249,6 +2249,78 @@ func (x *CloseConnRequest) GetWriteOnly() bool {
 	return false
 }
 
+type PrepareRestoredRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Random bytes from the host (32 to 512), credited to the guest's entropy pool.
+	Entropy []byte `protobuf:"bytes,1,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// The host's CLOCK_REALTIME when it sent the request, in nanoseconds since the epoch.
+	RealtimeNs int64 `protobuf:"varint,2,opt,name=realtime_ns,json=realtimeNs,proto3" json:"realtime_ns,omitempty"`
+	// MACs of the hot-plugged NICs to wait for.
+	Macs []string `protobuf:"bytes,3,rep,name=macs,proto3" json:"macs,omitempty"`
+	// Whether to wait for a virtio-fs device.
+	SharedFs      bool `protobuf:"varint,4,opt,name=shared_fs,json=sharedFs,proto3" json:"shared_fs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareRestoredRequest) Reset() {
+	*x = PrepareRestoredRequest{}
+	mi := &file_agent_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareRestoredRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareRestoredRequest) ProtoMessage() {}
+
+func (x *PrepareRestoredRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareRestoredRequest.ProtoReflect.Descriptor instead.
+func (*PrepareRestoredRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *PrepareRestoredRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
+	}
+	return nil
+}
+
+func (x *PrepareRestoredRequest) GetRealtimeNs() int64 {
+	if x != nil {
+		return x.RealtimeNs
+	}
+	return 0
+}
+
+func (x *PrepareRestoredRequest) GetMacs() []string {
+	if x != nil {
+		return x.Macs
+	}
+	return nil
+}
+
+func (x *PrepareRestoredRequest) GetSharedFs() bool {
+	if x != nil {
+		return x.SharedFs
+	}
+	return false
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -2397,13 +2469,19 @@ const file_agent_proto_rawDesc = "" +
 	"\x10CloseConnRequest\x12\x17\n" +
 	"\aconn_id\x18\x01 \x01(\x04R\x06connId\x12\x1d\n" +
 	"\n" +
-	"write_only\x18\x02 \x01(\bR\twriteOnly*C\n" +
+	"write_only\x18\x02 \x01(\bR\twriteOnly\"\x84\x01\n" +
+	"\x16PrepareRestoredRequest\x12\x18\n" +
+	"\aentropy\x18\x01 \x01(\fR\aentropy\x12\x1f\n" +
+	"\vrealtime_ns\x18\x02 \x01(\x03R\n" +
+	"realtimeNs\x12\x12\n" +
+	"\x04macs\x18\x03 \x03(\tR\x04macs\x12\x1b\n" +
+	"\tshared_fs\x18\x04 \x01(\bR\bsharedFs*C\n" +
 	"\vStdioStream\x12\x1c\n" +
 	"\x18STDIO_STREAM_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +
 	"\x06STDOUT\x10\x01\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x022\x91\x0f\n" +
+	"\x06STDERR\x10\x022\xe3\x0f\n" +
 	"\x05Agent\x12J\n" +
 	"\aVersion\x12\x1e.podvm.agent.v1.VersionRequest\x1a\x1f.podvm.agent.v1.VersionResponse\x12J\n" +
 	"\fSetupSandbox\x12#.podvm.agent.v1.SetupSandboxRequest\x1a\x15.podvm.agent.v1.Empty\x12b\n" +
@@ -2431,7 +2509,8 @@ const file_agent_proto_rawDesc = "" +
 	"\bDialPort\x12\x1f.podvm.agent.v1.DialPortRequest\x1a .podvm.agent.v1.DialPortResponse\x12M\n" +
 	"\bReadConn\x12\x1f.podvm.agent.v1.ReadConnRequest\x1a .podvm.agent.v1.ReadConnResponse\x12P\n" +
 	"\tWriteConn\x12 .podvm.agent.v1.WriteConnRequest\x1a!.podvm.agent.v1.WriteConnResponse\x12D\n" +
-	"\tCloseConn\x12 .podvm.agent.v1.CloseConnRequest\x1a\x15.podvm.agent.v1.EmptyB&Z$github.com/podvm/podvm/agent/api;apib\x06proto3"
+	"\tCloseConn\x12 .podvm.agent.v1.CloseConnRequest\x1a\x15.podvm.agent.v1.Empty\x12P\n" +
+	"\x0fPrepareRestored\x12&.podvm.agent.v1.PrepareRestoredRequest\x1a\x15.podvm.agent.v1.EmptyB&Z$github.com/podvm/podvm/agent/api;apib\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -2446,7 +2525,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: podvm.agent.v1.StdioStream
 	(*Empty)(nil),                   // 1: podvm.agent.v1.Empty
@@ -2487,6 +2566,7 @@ var file_agent_proto_goTypes = []any{
 	(*WriteConnRequest)(nil),        // 36: podvm.agent.v1.WriteConnRequest
 	(*WriteConnResponse)(nil),       // 37: podvm.agent.v1.WriteConnResponse
 	(*CloseConnRequest)(nil),        // 38: podvm.agent.v1.CloseConnRequest
+	(*PrepareRestoredRequest)(nil),  // 39: podvm.agent.v1.PrepareRestoredRequest
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
@@ -2524,33 +2604,35 @@ var file_agent_proto_depIdxs = []int32{
 	34, // 32: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
 	36, // 33: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
 	38, // 34: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
-	3,  // 35: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
-	1,  // 36: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
-	13, // 37: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
-	1,  // 38: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
-	16, // 39: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
-	1,  // 40: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
-	18, // 41: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
-	1,  // 42: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
-	21, // 43: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
-	23, // 44: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
-	1,  // 45: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
-	1,  // 46: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
-	1,  // 47: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
-	27, // 48: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
-	1,  // 49: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 50: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 51: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
-	29, // 52: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
-	30, // 53: podvm.agent.v1.Agent.MemInfo:output_type -> podvm.agent.v1.MemInfoResponse
-	31, // 54: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
-	1,  // 55: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
-	33, // 56: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
-	35, // 57: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
-	37, // 58: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
-	1,  // 59: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
-	35, // [35:60] is the sub-list for method output_type
-	10, // [10:35] is the sub-list for method input_type
+	39, // 35: podvm.agent.v1.Agent.PrepareRestored:input_type -> podvm.agent.v1.PrepareRestoredRequest
+	3,  // 36: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
+	1,  // 37: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
+	13, // 38: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
+	1,  // 39: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
+	16, // 40: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
+	1,  // 41: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
+	18, // 42: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
+	1,  // 43: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
+	21, // 44: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
+	23, // 45: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
+	1,  // 46: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
+	1,  // 47: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
+	1,  // 48: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
+	27, // 49: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
+	1,  // 50: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 51: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 52: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
+	29, // 53: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
+	30, // 54: podvm.agent.v1.Agent.MemInfo:output_type -> podvm.agent.v1.MemInfoResponse
+	31, // 55: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
+	1,  // 56: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
+	33, // 57: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
+	35, // 58: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
+	37, // 59: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
+	1,  // 60: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
+	1,  // 61: podvm.agent.v1.Agent.PrepareRestored:output_type -> podvm.agent.v1.Empty
+	36, // [36:62] is the sub-list for method output_type
+	10, // [10:36] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2567,7 +2649,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

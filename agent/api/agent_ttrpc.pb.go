@@ -33,6 +33,7 @@ type AgentService interface {
 	ReadConn(context.Context, *ReadConnRequest) (*ReadConnResponse, error)
 	WriteConn(context.Context, *WriteConnRequest) (*WriteConnResponse, error)
 	CloseConn(context.Context, *CloseConnRequest) (*Empty, error)
+	PrepareRestored(context.Context, *PrepareRestoredRequest) (*Empty, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -212,6 +213,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.CloseConn(ctx, &req)
+			},
+			"PrepareRestored": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req PrepareRestoredRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.PrepareRestored(ctx, &req)
 			},
 		},
 	})
@@ -422,6 +430,14 @@ func (c *agentClient) WriteConn(ctx context.Context, req *WriteConnRequest) (*Wr
 func (c *agentClient) CloseConn(ctx context.Context, req *CloseConnRequest) (*Empty, error) {
 	var resp Empty
 	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "CloseConn", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) PrepareRestored(ctx context.Context, req *PrepareRestoredRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "PrepareRestored", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

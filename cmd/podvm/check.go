@@ -46,6 +46,7 @@ func runCheck(ctx context.Context, e *env, args []string) error {
 		access:      unix.Access,
 		detectAccel: qemu.DetectAccel,
 		version:     commandVersion,
+		readDir:     os.ReadDir,
 	}
 	if *boot {
 		h.probeAccel = probeAccel
@@ -106,6 +107,8 @@ type hostProbe struct {
 	// nil skips the boot check and checks /dev/kvm only. euid says whether it can run.
 	probeAccel func(ctx context.Context, cfg *config.Config) (qemu.ProbeResult, error)
 	euid       func() int
+	// readDir lists a directory (the VM templates); nil: there is none.
+	readDir func(string) ([]os.DirEntry, error)
 }
 
 // check runs every check against the config at path.
@@ -121,6 +124,7 @@ func (h hostProbe) check(ctx context.Context, path string) []checkResult {
 	}
 	h.checkHostDevices(&r, hc.AgentTransport)
 	r.put(h.stateDir(cfg.Sandbox.StateDir))
+	h.checkTemplates(&r, cfg)
 	if h.probeAccel != nil {
 		h.checkBoot(ctx, &r, cfg)
 	}
@@ -141,6 +145,33 @@ func (r *report) add(s status, name, format string, a ...any) {
 
 func (r *report) put(s status, name, msg string) {
 	*r = append(*r, checkResult{s, name, msg})
+}
+
+// checkTemplates says whether templated start is on and which VM templates the node has.
+func (h hostProbe) checkTemplates(r *report, cfg *config.Config) {
+	if !cfg.Template.Enabled {
+		r.add(statusOK, "templates", "off: pod VMs boot ([template] enabled = false; docs/templating.md)")
+		return
+	}
+	if cfg.Hypervisor.AgentTransport == hypervisor.TransportVsock {
+		r.add(statusWarn, "templates", "on, but agent_transport = \"vsock\": VM templates need virtio-serial, so pod VMs boot; set agent_transport = \"serial\"")
+		return
+	}
+	dir := cfg.TemplateDir()
+	var keys []string
+	if h.readDir != nil {
+		entries, _ := h.readDir(dir) // none yet is the normal first state
+		for _, e := range entries {
+			if _, err := h.readFile(filepath.Join(dir, e.Name(), "template.json")); err == nil {
+				keys = append(keys, e.Name())
+			}
+		}
+	}
+	if len(keys) == 0 {
+		r.add(statusOK, "templates", "on: none built yet in %s; the first pod of each VM shape builds one (a few seconds)", dir)
+		return
+	}
+	r.add(statusOK, "templates", "on: %d in %s (%s)", len(keys), dir, strings.Join(keys, ", "))
 }
 
 // checkConfig loads the config at path; when it does not load, the checks go on with the

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/shim/config"
 )
 
 // fakeHost is a host with the files in files (path -> contents; "" = a directory when the path
@@ -138,6 +140,7 @@ func TestCheck(t *testing.T) {
 			"ok    vhost-net       /dev/vhost-net: virtio-net with vhost",
 			"ok    tun             /dev/net/tun",
 			"ok    state dir       /run/podvm (created by the shim at the first pod)",
+			"ok    templates       off",
 			"ok    shim            /usr/bin/containerd-shim-podvm-v2",
 		}},
 		{"no kvm, no vhost", bare, noConfig, []string{
@@ -148,13 +151,13 @@ func TestCheck(t *testing.T) {
 			`warn  kvm             /dev/kvm not usable (missing, no permission, or KVM_CREATE_VM fails): accel "auto" will use TCG (slow)`,
 			"warn  vhost-vsock     no /dev/vhost-vsock: agent over virtio-serial",
 			"warn  vhost-net       no /dev/vhost-net: virtio-net without vhost",
-			"ok    tun", "ok    state dir", "ok    shim",
+			"ok    tun", "ok    state dir", "ok    templates", "ok    shim",
 		}},
 		{"forced kvm and vsock without them", bare, kvmConfig, []string{
 			"ok    config", "ok    qemu", "ok    guest kernel", "ok    guest initrd", "warn  guest image", "ok    virtiofsd",
 			`FAIL  kvm             accel = "kvm" but /dev/kvm is not usable`,
 			`FAIL  vhost-vsock     agent_transport = "vsock" but /dev/vhost-vsock: no such file or directory; modprobe vhost_vsock`,
-			"warn  vhost-net", "ok    tun", "ok    state dir", "ok    shim",
+			"warn  vhost-net", "ok    tun", "ok    state dir", "ok    templates", "ok    shim",
 		}},
 		{"nothing installed", broken, badConfig, []string{
 			`FAIL  config          podvm config ` + badConfig + `: hypervisor.accel = "hvf": must be "auto", "kvm" or "tcg"; use e.g. accel = "tcg" (the checks below use the built-in defaults)`,
@@ -168,6 +171,7 @@ func TestCheck(t *testing.T) {
 			"warn  vhost-net",
 			"FAIL  tun             /dev/net/tun: no such file or directory; modprobe tun",
 			"ok    state dir       /run/podvm (created by the shim at the first pod)",
+			"ok    templates       off",
 			"FAIL  shim            containerd-shim-podvm-v2 not in PATH; run 'make install'",
 		}},
 	}
@@ -274,3 +278,36 @@ func TestConfigCommand(t *testing.T) {
 		t.Errorf("bad config: exit %d, stderr %s\nwant %s", r.code, r.stderr, want)
 	}
 }
+
+func TestCheckTemplates(t *testing.T) {
+	h := fakeHost{files: map[string]string{"/t/abc/template.json": "{}"}}.probe()
+	h.readDir = func(string) ([]os.DirEntry, error) {
+		return []os.DirEntry{fakeDirEntry("abc"), fakeDirEntry("abc.tmp")}, nil
+	}
+	cfg := config.Default()
+	cfg.Template.Dir = "/t"
+	var r report
+	h.checkTemplates(&r, cfg)
+	if got := r[0].String(); !strings.Contains(got, "off") {
+		t.Errorf("templating off: %q", got)
+	}
+	cfg.Template.Enabled = true
+	r = nil
+	h.checkTemplates(&r, cfg)
+	if got := r[0]; got.status != statusOK || !strings.Contains(got.detail, "on: 1 in /t (abc)") {
+		t.Errorf("one template: %v", got)
+	}
+	cfg.Hypervisor.AgentTransport = "vsock"
+	r = nil
+	h.checkTemplates(&r, cfg)
+	if got := r[0]; got.status != statusWarn {
+		t.Errorf("vsock: %v", got)
+	}
+}
+
+type fakeDirEntry string
+
+func (d fakeDirEntry) Name() string               { return string(d) }
+func (d fakeDirEntry) IsDir() bool                { return true }
+func (d fakeDirEntry) Type() fs.FileMode          { return fs.ModeDir }
+func (d fakeDirEntry) Info() (fs.FileInfo, error) { return fakeInfo{dir: true}, nil }

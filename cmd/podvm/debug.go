@@ -50,10 +50,10 @@ func runDebugList(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stdout, "%-14s %-8s %-8s %s\n", "SANDBOX", "QEMU", "STATE", "CONSOLE LOG")
 	for _, ent := range entries {
-		if !ent.IsDir() {
+		dir := filepath.Join(cfg.Sandbox.StateDir, ent.Name())
+		if !ent.IsDir() || dir == cfg.TemplateDir() { // VM templates are no pod VMs
 			continue
 		}
-		dir := filepath.Join(cfg.Sandbox.StateDir, ent.Name())
 		pid, state := "-", "stopped"
 		if b, err := os.ReadFile(filepath.Join(dir, qemu.QEMUPidFile)); err == nil {
 			pid = strings.TrimSpace(string(b))

@@ -37,9 +37,11 @@ func TestDebugListAndConsole(t *testing.T) {
 		"console.log": "line1\r\nline2\r\nline3\r\n",
 	})
 	writeSandbox(t, state, "cccc3333", map[string]string{"qemu.pid": "999999999\n"})
+	writeSandbox(t, state, "templates", map[string]string{".lock": ""}) // [template] dir's default
 
 	r := runCLI(t, t.TempDir(), t.TempDir(), "debug", "list", "--config", cfg)
-	if r.code != 0 || !strings.Contains(r.stdout, "aaaa1111bbbb") || !strings.Contains(r.stdout, "running") || !strings.Contains(r.stdout, "stopped") {
+	if r.code != 0 || !strings.Contains(r.stdout, "aaaa1111bbbb") || !strings.Contains(r.stdout, "running") || !strings.Contains(r.stdout, "stopped") ||
+		strings.Contains(r.stdout, "templates") {
 		t.Errorf("debug list: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	r = runCLI(t, t.TempDir(), t.TempDir(), "debug", "console", "--config", cfg, "-n", "2", "aaaa")

@@ -32,7 +32,7 @@ func runMetrics(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return usagef(name, "--listen %s: %v", *listen, err)
 	}
-	node := &metrics.Node{StateDir: cfg.Sandbox.StateDir, Timeout: 2 * time.Second}
+	node := &metrics.Node{StateDir: cfg.Sandbox.StateDir, NotSandboxes: []string{cfg.TemplateDir()}, Timeout: 2 * time.Second}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", node.Handler())
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

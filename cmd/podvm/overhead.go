@@ -31,7 +31,7 @@ func runOverhead(ctx context.Context, e *env, args []string) error {
 	if *window < time.Second {
 		return usagef(name, "--window %s: too short to measure CPU use; use e.g. 10s", *window)
 	}
-	node := &metrics.Node{StateDir: cfg.Sandbox.StateDir, Timeout: 5 * time.Second}
+	node := &metrics.Node{StateDir: cfg.Sandbox.StateDir, NotSandboxes: []string{cfg.TemplateDir()}, Timeout: 5 * time.Second}
 	before, err := node.Gather(ctx)
 	if err != nil {
 		return err

@@ -213,6 +213,7 @@ func (c *Config) Validate() error {
 		p.add("HotplugSlots %d: must be between 0 and %d (root ports on the root bus)", c.HotplugSlots, hypervisor.MaxHotplugSlots)
 	}
 	validateNetDevices(&p, c.NetDevices)
+	c.validateTemplate(&p)
 	if len(p) > 0 {
 		return fmt.Errorf("invalid qemu config: %w", errors.Join(p...))
 	}
@@ -304,6 +305,25 @@ func (c *Config) validateAgentTransport(p *problems) {
 	}
 }
 
+// validateTemplate checks a templated VM's memory, state and device count.
+func (c *Config) validateTemplate(p *problems) {
+	if !c.Templated {
+		if c.MemoryFile != nil || c.Incoming != nil {
+			p.add("MemoryFile/Incoming: set without Templated; they are a VM template's or its clone's")
+		}
+		return
+	}
+	if c.MemoryFile == nil {
+		p.add("MemoryFile: required with Templated (the guest RAM file)")
+	}
+	if len(c.NetDevices) > hypervisor.TemplateNICs {
+		p.add("NetDevices: %d NICs; a VM restored from a template can have at most %d", len(c.NetDevices), hypervisor.TemplateNICs)
+	}
+	if c.Incoming == nil && (c.SharedDir != "" || len(c.NetDevices) > 0) {
+		p.add("SharedDir/NetDevices: a VM template has neither (its clones get them hot-plugged)")
+	}
+}
+
 // validateNetDevices checks each network device and that their IDs are unique.
 func validateNetDevices(p *problems, devs []*hypervisor.NetDevice) {
 	seen := map[string]bool{}
@@ -362,10 +382,17 @@ func (c *Config) KernelCmdline() string {
 	return strings.Join(append(params, c.KernelParams...), " ")
 }
 
-// ExtraFiles are the files QEMU inherits, in the order Args numbers them from fd 3: the tap
-// files of NetDevices. The console pipe's write end follows them (ConsoleFD).
+// ExtraFiles are the files QEMU inherits, in the order Args numbers them from fd 3: the
+// guest memory of a templated VM, else the tap files of NetDevices (a templated VM gets them
+// hot-plugged). The console pipe's write end follows them (ConsoleFD).
 func (c *Config) ExtraFiles() []*os.File {
 	var files []*os.File
+	if c.Templated {
+		if c.MemoryFile != nil {
+			files = append(files, c.MemoryFile)
+		}
+		return files
+	}
 	for _, nd := range c.NetDevices {
 		if nd != nil {
 			files = append(files, nd.TapFiles...)
@@ -394,6 +421,7 @@ func (c Config) Args() ([]string, error) {
 		c.sharedDirArgs(),
 		c.netArgs(),
 		c.hotplugArgs(),
+		c.templateArgs(),
 		c.confinementArgs(),
 	} {
 		a = append(a, part...)
@@ -414,10 +442,17 @@ func (c *Config) machineArgs() []string {
 		a = append(a, "-accel", "tcg,tb-size="+strconv.Itoa(tcgTranslationCacheMiB))
 	}
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
+	backend := "memory-backend-memfd,id=mem,size=" + mem + ",share=on"
+	if c.Templated {
+		// The memory file ExtraFiles passes first, opened anew through /proc before QEMU
+		// chroots; shared, so virtiofsd can map it and x-ignore-shared leaves it out of the
+		// saved state.
+		backend = "memory-backend-file,id=mem,size=" + mem + ",mem-path=/proc/self/fd/3,share=on"
+	}
 	return append(a,
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-m", mem,
-		"-object", "memory-backend-memfd,id=mem,size="+mem+",share=on",
+		"-object", backend,
 		"-numa", "node,memdev=mem",
 	)
 }
@@ -473,7 +508,7 @@ func (c *Config) agentArgs() []string {
 
 // sharedDirArgs connect virtiofsd's socket as a virtio-fs device, with SharedDir set.
 func (c *Config) sharedDirArgs() []string {
-	if c.SharedDir == "" {
+	if c.SharedDir == "" || c.Templated {
 		return nil
 	}
 	return []string{
@@ -485,6 +520,9 @@ func (c *Config) sharedDirArgs() []string {
 // netArgs are a tap netdev and a virtio-net device per NetDevice, the tap files numbered as
 // ExtraFiles passes them (from fd 3).
 func (c *Config) netArgs() []string {
+	if c.Templated {
+		return nil
+	}
 	var a []string
 	fd := 3
 	for _, nd := range c.NetDevices {
@@ -548,3 +586,25 @@ func (c *Config) confinementArgs() []string {
 }
 
 func rootPort(i int) string { return "hp" + strconv.Itoa(i) }
+
+// templatePort is the root port a templated VM's virtio-fs device (i = 0) or NIC i-1 is
+// hot-plugged into.
+func templatePort(i int) string { return "tp" + strconv.Itoa(i) }
+
+// templateArgs are a templated VM's root ports for the devices a clone gets hot-plugged
+// (chassis numbers after the block ports'), and for a clone the deferred restore: QEMU
+// waits for the saved state (migrate-incoming) and stays paused (-S) until the devices are
+// in.
+func (c *Config) templateArgs() []string {
+	if !c.Templated {
+		return nil
+	}
+	var a []string
+	for i := 0; i <= hypervisor.TemplateNICs; i++ {
+		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", templatePort(i), hypervisor.MaxHotplugSlots+1+i))
+	}
+	if c.Incoming != nil {
+		a = append(a, "-incoming", "defer", "-S")
+	}
+	return a
+}

@@ -87,6 +87,13 @@ func Driver() hypervisor.Driver {
 		},
 		Cleanup:     Cleanup,
 		ConsolePath: func(stateDir string) string { return filepath.Join(stateDir, ConsoleLog) },
+		Template: func(ctx context.Context, cfg hypervisor.Config, dir string) (hypervisor.Template, error) {
+			t, err := FindTemplate(ctx, cfg, dir)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return t, nil
+		},
 	}
 }
 
@@ -216,11 +223,10 @@ func (v *VM) start(ctx context.Context) error {
 	cfg := &v.cfg
 	// Tap files belong to the VM: QEMU has its own copies once started, and on failure nobody
 	// else needs them.
-	defer func() {
-		for _, f := range cfg.ExtraFiles() {
-			_ = f.Close()
-		}
-	}()
+	defer closeHandedOver(cfg)
+	// Meanwhile the clone's memory is copied; its file stays open until the copy is done.
+	fill := startFill(cfg.MemoryFill)
+	defer func() { _ = fill() }()
 	args, err := cfg.Args()
 	if err != nil {
 		return err
@@ -248,7 +254,46 @@ func (v *VM) start(ctx context.Context) error {
 	}
 	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
 	v.attachMonitor(ctx, mon)
+	if cfg.Incoming != nil {
+		if err := fill(); err != nil {
+			return fmt.Errorf("copying the template's memory: %w", err)
+		}
+		return v.restore(ctx, mon)
+	}
 	return nil
+}
+
+// startFill runs fn (nil: nothing) in the background; the returned func waits for its
+// result.
+func startFill(fn func() error) func() error {
+	if fn == nil {
+		return func() error { return nil }
+	}
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	var once sync.Once
+	var err error
+	return func() error {
+		once.Do(func() { err = <-done })
+		return err
+	}
+}
+
+// closeHandedOver closes the files cfg hands to QEMU (tap files, a templated VM's memory and
+// state): QEMU has its own copies once started, and on failure nobody else needs them.
+func closeHandedOver(cfg *Config) {
+	files := cfg.ExtraFiles()
+	if cfg.Templated {
+		for _, nd := range cfg.NetDevices {
+			files = append(files, nd.TapFiles...)
+		}
+		files = append(files, cfg.Incoming)
+	}
+	for _, f := range files {
+		if f != nil {
+			_ = f.Close()
+		}
+	}
 }
 
 // prepareStateDir creates the state dir and removes the sockets an earlier start left there.

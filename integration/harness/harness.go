@@ -468,3 +468,7 @@ func withTimeout[T any](ctx context.Context, d time.Duration, f func(context.Con
 func (e *Env) LogTail(n int) string {
 	return logfile.TailLines(e.ContainerdLog, n)
 }
+
+// LeakDirs are the directories AssertNoLeaks requires empty (Options.LeakDirs): for podvm,
+// the shim's state dir.
+func (e *Env) LeakDirs() []string { return e.opts.LeakDirs }

@@ -52,6 +52,7 @@ type Config struct {
 	Annotations Annotations `toml:"annotations"`
 	Virtiofs    Virtiofs    `toml:"virtiofs"`
 	Block       Block       `toml:"block"`
+	Template    Template    `toml:"template"`
 
 	// Path is the file the config was read from; "" when no file exists at DefaultPath and
 	// the config is the built-in defaults. Messages name it.
@@ -159,6 +160,30 @@ type Block struct {
 	// MaxDiskSize is the largest disk image a podvm.io/disk.<volume> annotation may ask for.
 	// Images are sparse, but a pod can fill its image: this is host disk one pod may take.
 	MaxDiskSize Bytes `toml:"max_disk_size"`
+}
+
+// Template is the [template] section: templated start (docs/templating.md). Off by default.
+type Template struct {
+	// Enabled starts pod VMs from a VM template instead of booting them: one VM per VM
+	// shape (kernel, initrd, vCPUs, memory, QEMU, podvm version) is booted once to its
+	// agent and saved, and each pod's VM is restored from it with its own copy of the
+	// template's memory, fresh random numbers, clock, NICs and share. The first pod of a
+	// shape builds the template (a few seconds); later pods start in a fraction of a boot.
+	// Pods with more than 2 network interfaces, and nodes whose agent transport is vsock,
+	// boot the ordinary way.
+	Enabled bool `toml:"enabled"`
+	// Dir holds the templates: "" = <state_dir>/templates. Each takes about the memory its
+	// guest touched while booting (~100 MiB for the default guest) on that filesystem;
+	// keep it on a tmpfs (as /run is) so restores read memory, not disk. Only root reads it.
+	Dir string `toml:"dir"`
+}
+
+// TemplateDir is where the VM templates are: [template] dir, else <state_dir>/templates.
+func (c *Config) TemplateDir() string {
+	if c.Template.Dir != "" {
+		return c.Template.Dir
+	}
+	return filepath.Join(c.Sandbox.StateDir, "templates")
 }
 
 // Default returns the built-in configuration. MaxVCPUs is the host's CPU count.
@@ -273,6 +298,7 @@ func (c *Config) Validate() error {
 		p.bad("virtiofs.cache", c.Virtiofs.Cache, `must be "auto", "always" or "never"`)
 	}
 	validateBlock(&p, &c.Block)
+	p.absPath("template.dir", c.Template.Dir, true)
 	if len(p) == 0 {
 		return nil
 	}
@@ -482,6 +508,9 @@ func example(key string) string {
 		"block":                         "[block]",
 		"block.cache":                   `cache = "none"`,
 		"block.aio":                     `aio = "threads"`,
+		"template":                      "[template]",
+		"template.enabled":              `enabled = true`,
+		"template.dir":                  `dir = "/run/podvm/templates"`,
 	}[key]
 	return ex
 }

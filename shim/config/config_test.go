@@ -171,10 +171,10 @@ func TestParseErrors(t *testing.T) {
 			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: kind, qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
-				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block\n" +
+				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template\n" +
 				"  line 3: unknown key sandbox.memory; the [sandbox] keys are: default_vcpus, default_memory, max_vcpus, max_memory, memory_overhead, state_dir, agent_timeout"},
 		{"unknown section", "[hypervisors]\naccel = 'kvm'\n",
-			"podvm config /etc/podvm/config.toml: line 1: unknown key hypervisors; the sections are: hypervisor, sandbox, annotations, virtiofs, block"},
+			"podvm config /etc/podvm/config.toml: line 1: unknown key hypervisors; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template"},
 		{"syntax", "[sandbox\n",
 			"podvm config /etc/podvm/config.toml: line 1 column 9: expected ']' to close table name"},
 		{"int as string", "[sandbox]\ndefault_vcpus = \"two\"\n",
@@ -343,5 +343,26 @@ func TestDeployedConfig(t *testing.T) {
 				t.Errorf("%s lacks %s.%s", p, tomlName(sec), k)
 			}
 		}
+	}
+}
+
+func TestTemplateSection(t *testing.T) {
+	c, err := Parse([]byte("[sandbox]\nstate_dir = \"/run/x\"\n[template]\nenabled = true\n"), "t.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Template.Enabled || c.TemplateDir() != "/run/x/templates" {
+		t.Errorf("enabled %v dir %q, want true and /run/x/templates", c.Template.Enabled, c.TemplateDir())
+	}
+	if Default().Template.Enabled {
+		t.Error("templating is on by default")
+	}
+	c, err = Parse([]byte("[template]\ndir = \"/var/lib/podvm/t\"\n"), "t.toml")
+	if err != nil || c.TemplateDir() != "/var/lib/podvm/t" {
+		t.Fatalf("dir: %v %v", c, err)
+	}
+	_, err = Parse([]byte("[template]\ndir = \"rel\"\n"), "t.toml")
+	if err == nil || !strings.Contains(err.Error(), "template.dir = \"rel\": must be an absolute path; use e.g. dir = \"/run/podvm/templates\"") {
+		t.Fatalf("relative dir: %v", err)
 	}
 }

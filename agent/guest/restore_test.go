@@ -1,0 +1,120 @@
+package guest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/podvm/podvm/agent/api"
+)
+
+type fakeRestoreSys struct {
+	entropy []byte
+	clock   int64
+	polls   int
+	// readyAfter is the poll from which the devices are present.
+	readyAfter int
+	order      []string
+}
+
+func (f *fakeRestoreSys) sys() restoreSys {
+	return restoreSys{
+		addEntropy: func(b []byte) error { f.entropy = b; f.order = append(f.order, "entropy"); return nil },
+		setClock:   func(ns int64) error { f.clock = ns; f.order = append(f.order, "clock"); return nil },
+		present: func([]net.HardwareAddr, bool) (bool, error) {
+			f.polls++
+			f.order = append(f.order, "poll")
+			return f.polls > f.readyAfter, nil
+		},
+		tick: time.Millisecond,
+	}
+}
+
+func TestPrepareRestored(t *testing.T) {
+	seed := bytes.Repeat([]byte{7}, 64)
+	f := &fakeRestoreSys{readyAfter: 3}
+	err := prepareRestored(context.Background(), &api.PrepareRestoredRequest{
+		Entropy: seed, RealtimeNs: 1_700_000_000_000_000_000, Macs: []string{"02:00:00:00:00:01"}, SharedFs: true,
+	}, f.sys())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(f.entropy, seed) || f.clock != 1_700_000_000_000_000_000 || f.polls != 4 {
+		t.Errorf("entropy %x clock %d polls %d", f.entropy, f.clock, f.polls)
+	}
+	if f.order[0] != "entropy" {
+		t.Errorf("first step %q, want the entropy before anything else", f.order[0])
+	}
+}
+
+func TestPrepareRestoredRejects(t *testing.T) {
+	good := func() *api.PrepareRestoredRequest {
+		return &api.PrepareRestoredRequest{Entropy: make([]byte, 32), RealtimeNs: 1}
+	}
+	for name, mod := range map[string]func(*api.PrepareRestoredRequest){
+		"short entropy": func(r *api.PrepareRestoredRequest) { r.Entropy = r.Entropy[:31] },
+		"long entropy":  func(r *api.PrepareRestoredRequest) { r.Entropy = make([]byte, 513) },
+		"no clock":      func(r *api.PrepareRestoredRequest) { r.RealtimeNs = 0 },
+		"bad mac":       func(r *api.PrepareRestoredRequest) { r.Macs = []string{"nope"} },
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := &fakeRestoreSys{}
+			r := good()
+			mod(r)
+			err := prepareRestored(context.Background(), r, f.sys())
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Fatalf("err = %v, want invalid argument", err)
+			}
+			if f.entropy != nil || f.clock != 0 {
+				t.Error("changed the guest despite a bad request")
+			}
+		})
+	}
+}
+
+func TestPrepareRestoredDevicesNeverCome(t *testing.T) {
+	f := &fakeRestoreSys{readyAfter: 1 << 30}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	err := prepareRestored(ctx, &api.PrepareRestoredRequest{Entropy: make([]byte, 32), RealtimeNs: 1, SharedFs: true}, f.sys())
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want the deadline", err)
+	}
+}
+
+func TestVirtioFSBound(t *testing.T) {
+	dir := t.TempDir()
+	if ok, err := virtioFSBound(filepath.Join(dir, "absent")); ok || err != nil {
+		t.Fatalf("absent dir: %v %v", ok, err)
+	}
+	dev := func(name, id string, bound bool) {
+		d := filepath.Join(dir, name)
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "device"), []byte(id+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if bound {
+			if err := os.Mkdir(filepath.Join(d, "driver"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	dev("virtio0", "0x0003", true)
+	dev("virtio1", virtioIDFS, false)
+	if ok, _ := virtioFSBound(dir); ok {
+		t.Fatal("an unbound virtio-fs device counts as there")
+	}
+	dev("virtio2", virtioIDFS, true)
+	if ok, _ := virtioFSBound(dir); !ok {
+		t.Fatal("a bound virtio-fs device is not found")
+	}
+}
