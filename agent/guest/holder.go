@@ -81,22 +81,17 @@ func holdNamespaces(r libcontainerRuntime, id string, spec *specs.Spec, init *pr
 	if err != nil {
 		return nil, nil, err
 	}
-	proc, err := startHolder(flags, init)
-	if err != nil {
-		_ = cg.Delete()
-		return nil, nil, err
-	}
-	err = cg.AddProc(uint64(proc.Pid))
-	if err != nil {
-		err = fmt.Errorf("pod sandbox %s: cgroup: %w", id, err)
-	} else {
+	proc, err := startHolder(flags, spec.Linux.CgroupsPath, init)
+	if err == nil {
 		err = setUpHeldNamespaces(proc.Pid, flags, spec)
+		if err != nil {
+			_ = proc.Kill()
+			_, _ = proc.Wait()
+		}
 	}
 	if err != nil {
-		_ = proc.Kill()
-		_, _ = proc.Wait()
 		_ = cg.Delete()
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("pod sandbox %s: %w", id, err)
 	}
 	h := &holder{guestCgroup: guestCgroup{id: id, path: spec.Linux.CgroupsPath}, proc: proc}
 	return h, h, nil
@@ -118,12 +113,17 @@ func newHolderCgroup(id string, spec *specs.Spec) (*cgroup2.Manager, error) {
 	return m, nil
 }
 
-// startHolder runs /init as a holder in new namespaces. The holder is C code that runs
-// before the Go runtime (cmd/podvm-agent/hold.go): it has nothing to set up and nothing to
-// report.
-func startHolder(flags uintptr, init *procConfig) (*os.Process, error) {
+// startHolder runs /init as a holder in new namespaces, born in the cgroup at cgroupPath
+// (CLONE_INTO_CGROUP: no move after the fact). The holder is C code that runs before the Go
+// runtime (cmd/podvm-agent/hold.go): it has nothing to set up and nothing to report.
+func startHolder(flags uintptr, cgroupPath string, init *procConfig) (*os.Process, error) {
+	cgDir, err := os.Open(filepath.Join("/sys/fs/cgroup", cgroupPath))
+	if err != nil {
+		return nil, fmt.Errorf("cgroup: %w", err)
+	}
+	defer func() { _ = cgDir.Close() }()
 	cmd := &exec.Cmd{Path: "/init", Args: []string{"/init", HoldArg}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"},
-		SysProcAttr: &syscall.SysProcAttr{Cloneflags: flags}}
+		SysProcAttr: &syscall.SysProcAttr{Cloneflags: flags, UseCgroupFD: true, CgroupFD: int(cgDir.Fd())}}
 	// nil streams are /dev/null for exec.Cmd; a nil *os.File in the interface would not be.
 	if init.stdin != nil {
 		cmd.Stdin = init.stdin
@@ -151,10 +151,7 @@ func setUpHeldNamespaces(pid int, flags uintptr, spec *specs.Spec) error {
 		runtime.LockOSThread()
 		errc <- setUpNamespacesOfThread(pid, flags, spec)
 	}()
-	if err := <-errc; err != nil {
-		return fmt.Errorf("pod sandbox: %w", err)
-	}
-	return nil
+	return <-errc
 }
 
 func setUpNamespacesOfThread(pid int, flags uintptr, spec *specs.Spec) error {
