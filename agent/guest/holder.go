@@ -3,11 +3,10 @@ package guest
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -18,16 +17,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// HoldArg is the argument /init runs with as a pod's namespace holder (see Hold).
+// HoldArg is the argument /init runs with as a pod's namespace holder (cmd/podvm-agent/hold.go).
 const HoldArg = "hold"
 
 // CRI's annotation that marks the pod sandbox (pause) container's spec.
 const (
 	annotationContainerType = "io.kubernetes.cri.container-type"
 	containerTypeSandbox    = "sandbox"
-	// holdReadyFd is the pipe on which the holder reports its set-up: EOF alone is success,
-	// anything written before it is the error.
-	holdReadyFd = 3
 )
 
 // isPodSandbox reports whether spec is a CRI pod sandbox's.
@@ -69,37 +65,33 @@ func holderCloneFlags(spec *specs.Spec) (flags uintptr, ok bool) {
 	return flags, true
 }
 
-// holdNamespaces starts the holder of pod sandbox id, in its cgroup, once its namespaces are
-// set up. A spec it cannot hold goes to libcontainer.
+// holdNamespaces starts the holder of pod sandbox id in its cgroup and gives its namespaces
+// the pod's hostname and namespaced sysctls. A spec it cannot hold goes to libcontainer.
 func holdNamespaces(r libcontainerRuntime, id string, spec *specs.Spec, init *procConfig) (runtimeContainer, runtimeProcess, error) {
 	flags, ok := holderCloneFlags(spec)
 	if !ok {
 		return r.createContainer(id, spec, init)
 	}
-	args := []string{"/init", HoldArg}
-	if flags&unix.CLONE_NEWUTS != 0 && spec.Hostname != "" {
-		args = append(args, "hostname="+spec.Hostname)
-	}
-	for k, v := range spec.Linux.Sysctl {
+	for k := range spec.Linux.Sysctl {
 		if err := checkSysctlName(k); err != nil {
 			return nil, nil, err
 		}
-		args = append(args, "sysctl="+k+"="+v)
 	}
 	cg, err := newHolderCgroup(id, spec)
 	if err != nil {
 		return nil, nil, err
 	}
-	proc, err := startHolder(args, flags, init)
+	proc, err := startHolder(flags, spec.Linux.CgroupsPath, init)
+	if err == nil {
+		err = setUpHeldNamespaces(proc.Pid, flags, spec)
+		if err != nil {
+			_ = proc.Kill()
+			_, _ = proc.Wait()
+		}
+	}
 	if err != nil {
 		_ = cg.Delete()
-		return nil, nil, err
-	}
-	if err := cg.AddProc(uint64(proc.Pid)); err != nil {
-		_ = proc.Kill()
-		_, _ = proc.Wait()
-		_ = cg.Delete()
-		return nil, nil, fmt.Errorf("pod sandbox %s: cgroup: %w", id, err)
+		return nil, nil, fmt.Errorf("pod sandbox %s: %w", id, err)
 	}
 	h := &holder{guestCgroup: guestCgroup{id: id, path: spec.Linux.CgroupsPath}, proc: proc}
 	return h, h, nil
@@ -121,15 +113,17 @@ func newHolderCgroup(id string, spec *specs.Spec) (*cgroup2.Manager, error) {
 	return m, nil
 }
 
-// startHolder runs /init as a holder in new namespaces and waits for its set-up.
-func startHolder(args []string, flags uintptr, init *procConfig) (*os.Process, error) {
-	r, w, err := os.Pipe()
+// startHolder runs /init as a holder in new namespaces, born in the cgroup at cgroupPath
+// (CLONE_INTO_CGROUP: no move after the fact). The holder is C code that runs before the Go
+// runtime (cmd/podvm-agent/hold.go): it has nothing to set up and nothing to report.
+func startHolder(flags uintptr, cgroupPath string, init *procConfig) (*os.Process, error) {
+	cgDir, err := os.Open(filepath.Join("/sys/fs/cgroup", cgroupPath))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("cgroup: %w", err)
 	}
-	defer func() { _ = r.Close() }()
-	cmd := &exec.Cmd{Path: args[0], Args: args, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"},
-		ExtraFiles: []*os.File{w}, SysProcAttr: &syscall.SysProcAttr{Cloneflags: flags}}
+	defer func() { _ = cgDir.Close() }()
+	cmd := &exec.Cmd{Path: "/init", Args: []string{"/init", HoldArg}, Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"},
+		SysProcAttr: &syscall.SysProcAttr{Cloneflags: flags, UseCgroupFD: true, CgroupFD: int(cgDir.Fd())}}
 	// nil streams are /dev/null for exec.Cmd; a nil *os.File in the interface would not be.
 	if init.stdin != nil {
 		cmd.Stdin = init.stdin
@@ -140,18 +134,62 @@ func startHolder(args []string, flags uintptr, init *procConfig) (*os.Process, e
 	if init.stderr != nil {
 		cmd.Stderr = init.stderr
 	}
-	err = cmd.Start()
-	_ = w.Close()
-	if err != nil {
+	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start the pod's namespace holder: %w", err)
 	}
-	msg, _ := io.ReadAll(io.LimitReader(r, 4096))
-	if len(msg) > 0 {
-		_ = cmd.Process.Kill()
-		_, _ = cmd.Process.Wait()
-		return nil, fmt.Errorf("pod sandbox: %s: %w", msg, errdefs.ErrInvalidArgument)
-	}
 	return cmd.Process, nil
+}
+
+// setUpHeldNamespaces gives the holder's new UTS namespace the pod's hostname and its new IPC
+// namespace (or the guest's, if it made none) the spec's sysctls, from a thread of the agent
+// that enters them: UTS and IPC namespaces can be entered by one thread of a process. The
+// thread stays locked, so it ends with its goroutine and never runs other Go code in the
+// pod's namespaces.
+func setUpHeldNamespaces(pid int, flags uintptr, spec *specs.Spec) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		errc <- setUpNamespacesOfThread(pid, flags, spec)
+	}()
+	return <-errc
+}
+
+func setUpNamespacesOfThread(pid int, flags uintptr, spec *specs.Spec) error {
+	for _, ns := range []struct {
+		flag int
+		name string
+	}{{unix.CLONE_NEWUTS, "uts"}, {unix.CLONE_NEWIPC, "ipc"}} {
+		if flags&uintptr(ns.flag) == 0 {
+			continue
+		}
+		if err := enterNamespace(pid, ns.name, ns.flag); err != nil {
+			return err
+		}
+	}
+	if flags&unix.CLONE_NEWUTS != 0 && spec.Hostname != "" {
+		if err := unix.Sethostname([]byte(spec.Hostname)); err != nil {
+			return fmt.Errorf("set hostname %q: %w", spec.Hostname, err)
+		}
+	}
+	for k, v := range spec.Linux.Sysctl {
+		p := filepath.Join("/proc/sys", strings.ReplaceAll(k, ".", "/"))
+		if err := os.WriteFile(p, []byte(v), 0); err != nil {
+			return fmt.Errorf("sysctl %s=%s: %w: %w", k, v, err, errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+func enterNamespace(pid int, name string, flag int) error {
+	fd, err := unix.Open(fmt.Sprintf("/proc/%d/ns/%s", pid, name), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open the holder's %s namespace: %w", name, err)
+	}
+	defer func() { _ = unix.Close(fd) }()
+	if err := unix.Setns(fd, flag); err != nil {
+		return fmt.Errorf("enter the holder's %s namespace: %w", name, err)
+	}
+	return nil
 }
 
 // checkSysctlName refuses a sysctl name that is not one (it becomes a path under /proc/sys).
@@ -218,52 +256,4 @@ func (h *holder) Wait() uint32 {
 		}
 	})
 	return h.status
-}
-
-// Hold is /init run as a pod's namespace holder (HoldArg): it sets the hostname and the
-// namespaced sysctls its arguments give ("hostname=NAME", "sysctl=KEY=VALUE"), reports on
-// descriptor 3, then reaps orphans until SIGTERM or SIGINT ends it. It never returns.
-func Hold(args []string) {
-	ready := os.NewFile(holdReadyFd, "ready")
-	if err := holdSetup(args); err != nil {
-		_, _ = fmt.Fprint(ready, err.Error())
-		os.Exit(1)
-	}
-	_ = ready.Close()
-	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGCHLD)
-	for s := range sigs {
-		if s != unix.SIGCHLD {
-			os.Exit(0)
-		}
-		for {
-			var ws unix.WaitStatus
-			if pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil); pid <= 0 || err != nil {
-				break
-			}
-		}
-	}
-}
-
-func holdSetup(args []string) error {
-	for _, a := range args {
-		switch {
-		case strings.HasPrefix(a, "hostname="):
-			if err := unix.Sethostname([]byte(strings.TrimPrefix(a, "hostname="))); err != nil {
-				return fmt.Errorf("set hostname: %w", err)
-			}
-		case strings.HasPrefix(a, "sysctl="):
-			k, v, _ := strings.Cut(strings.TrimPrefix(a, "sysctl="), "=")
-			if err := checkSysctlName(k); err != nil {
-				return err
-			}
-			p := filepath.Join("/proc/sys", strings.ReplaceAll(k, ".", "/"))
-			if err := os.WriteFile(p, []byte(v), 0); err != nil {
-				return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
-			}
-		default:
-			return fmt.Errorf("holder argument %q: want hostname=NAME or sysctl=KEY=VALUE", a)
-		}
-	}
-	return nil
 }

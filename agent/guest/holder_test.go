@@ -43,21 +43,15 @@ func TestIsPodSandbox(t *testing.T) {
 	}
 }
 
-// A sysctl name becomes a path under /proc/sys: anything that could leave it is refused,
-// in the agent (before the holder starts) and in the holder.
+// A sysctl name becomes a path under /proc/sys: anything that could leave it is refused
+// before the holder starts.
 func TestHolderRefusesBadInput(t *testing.T) {
 	for _, k := range []string{"", "../../etc/passwd", "kernel/shmmax", "kernel..x"} {
 		if err := checkSysctlName(k); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("checkSysctlName(%q) = %v, want invalid argument", k, err)
 		}
-		if err := holdSetup([]string{"sysctl=" + k + "=1"}); err == nil {
-			t.Errorf("holdSetup(sysctl %q) succeeded", k)
-		}
 	}
 	if err := checkSysctlName("kernel.shm_rmid_forced"); err != nil {
 		t.Errorf("checkSysctlName(kernel.shm_rmid_forced) = %v", err)
-	}
-	if err := holdSetup([]string{"bogus"}); err == nil {
-		t.Error("holdSetup accepted an argument it does not know")
 	}
 }

@@ -41,8 +41,9 @@ func main() {
 			os.Exit(1)
 		}
 	case arg == guest.HoldArg:
-		// PID 1 of the pod's own PID namespace: before the guest's PID 1 case below.
-		guest.Hold(os.Args[2:])
+		// The holder runs in C before Go starts (hold.go); it takes no other argument.
+		fmt.Fprintln(os.Stderr, "podvm-agent: "+guest.HoldArg+" takes no arguments")
+		os.Exit(2)
 	case os.Getpid() == 1:
 		guest.Init()
 	default:

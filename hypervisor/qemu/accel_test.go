@@ -339,8 +339,8 @@ func TestAutoAccelArgs(t *testing.T) {
 		{"kvm works", AccelAuto, ProbeResult{Accel: AccelKVM, CPU: CPUHost}, []string{"-accel kvm", "-cpu host"}, []string{"tcg"}},
 		{"host refused", AccelAuto, ProbeResult{Accel: AccelKVM, CPU: "host,arch-capabilities=off"}, []string{"-accel kvm", "-cpu host,arch-capabilities=off"}, []string{"tcg"}},
 		{"named model", "", ProbeResult{Accel: AccelKVM, CPU: "qemu64"}, []string{"-accel kvm", "-cpu qemu64"}, nil},
-		{"tcg", AccelAuto, ProbeResult{Accel: AccelTCG, Reason: "KVM -cpu host: QEMU aborted"}, []string{"-accel tcg,tb-size=64"}, []string{"-cpu", "kvm"}},
-		{"forced tcg ignores a kvm result", AccelTCG, ProbeResult{Accel: AccelKVM, CPU: "qemu64"}, []string{"-accel tcg,tb-size=64"}, []string{"-cpu", "kvm"}},
+		{"tcg", AccelAuto, ProbeResult{Accel: AccelTCG, Reason: "KVM -cpu host: QEMU aborted"}, []string{"-accel tcg,tb-size=96"}, []string{"-cpu", "kvm"}},
+		{"forced tcg ignores a kvm result", AccelTCG, ProbeResult{Accel: AccelKVM, CPU: "qemu64"}, []string{"-accel tcg,tb-size=96"}, []string{"-cpu", "kvm"}},
 		{"forced kvm is -cpu host", AccelKVM, ProbeResult{Accel: AccelTCG}, []string{"-accel kvm", "-cpu host"}, []string{"tcg"}},
 	}
 	for _, tt := range tests {

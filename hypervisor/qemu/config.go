@@ -25,9 +25,12 @@ const (
 	DefaultMemoryMiB = 512
 
 	defaultFirmware = "/usr/share/qemu/qboot.rom"
-	// tcgTranslationCacheMiB caps TCG's translation cache (QEMU reserves 1 GiB by default;
-	// a guest at idle uses ~30-40 MiB).
-	tcgTranslationCacheMiB = 64
+	// tcgTranslationCacheMiB caps TCG's translation cache (QEMU reserves 1 GiB by default).
+	// A pod's boot and first container fill ~112k blocks; its execs bring it to ~128k, more
+	// than 64 MiB holds, and a full cache is flushed whole and translated again (an exec
+	// ~20% slower on median; docs/benchmarks.md). QEMU's PSS grows with the cache in use,
+	// not with the cap.
+	tcgTranslationCacheMiB = 96
 	// sunPathMax is the longest unix socket path (sockaddr_un.sun_path minus the NUL).
 	sunPathMax = 107
 

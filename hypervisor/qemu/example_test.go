@@ -44,7 +44,7 @@ func ExampleConfig_Args() {
 	//   -nographic \
 	//   -no-reboot \
 	//   -machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off \
-	//   -accel tcg,tb-size=64 \
+	//   -accel tcg,tb-size=96 \
 	//   -smp 1 \
 	//   -m 512M \
 	//   -object memory-backend-memfd,id=mem,size=512M,share=on \
