@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -114,8 +115,6 @@ func findSerialPort(sysClass, name string) (string, error) {
 }
 
 // serialListener turns a virtio-serial port into a listener of one connection at a time.
-// While the host end is not connected, reads on the port return EOF at once; the connection
-// then closes and Accept opens the port again after a short pause.
 // The port can be open only once, so Accept waits for the previous connection to close.
 type serialListener struct {
 	path   string
@@ -123,9 +122,6 @@ type serialListener struct {
 	once   sync.Once
 	// free holds a token while no connection is open.
 	free chan struct{}
-	// backoff paces reopening while nobody is connected on the host side.
-	mu      sync.Mutex
-	backoff time.Duration
 }
 
 func newSerialListener(path string) *serialListener {
@@ -146,20 +142,12 @@ func (l *serialListener) Accept() (net.Conn, error) {
 		return nil, net.ErrClosed
 	default:
 	}
-	l.mu.Lock()
-	wait := l.backoff
-	l.mu.Unlock()
-	select {
-	case <-l.closed:
-		return nil, net.ErrClosed
-	case <-time.After(wait):
-	}
 	f, err := os.OpenFile(l.path, os.O_RDWR, 0)
 	if err != nil {
 		l.free <- struct{}{}
 		return nil, err
 	}
-	return &serialConn{f: f, l: l}, nil
+	return &serialConn{f: f, l: l, closing: make(chan struct{})}, nil
 }
 
 func (l *serialListener) Close() error {
@@ -174,34 +162,51 @@ type serialAddr string
 func (a serialAddr) Network() string { return "virtio-serial" }
 func (a serialAddr) String() string  { return string(a) }
 
+// hostPoll is how often a connection without a host on the other end reads the port again.
+const hostPoll = 10 * time.Millisecond
+
+// serialConn is one host connection on the port. While the host end is not connected, reads
+// on the port return EOF at once; until its first byte arrives, the connection keeps the port
+// open and reads again every hostPoll. It must not close the port then: bytes the host sends
+// while the port is open are queued in the guest, and closing the port discards them, so a
+// host that connected just after an EOF would wait forever for the answer to a request the
+// guest dropped (seen on VMs restored from a template, whose agent polls an idle port). After
+// the first byte, EOF means the host went away, and the connection ends.
 type serialConn struct {
 	f         *os.File
 	l         *serialListener
 	read      bool
+	closing   chan struct{}
 	closeOnce sync.Once
 }
 
 func (c *serialConn) Read(b []byte) (int, error) {
-	n, err := c.f.Read(b)
-	if n > 0 && !c.read {
-		c.read = true
-		c.l.mu.Lock()
-		c.l.backoff = 0
-		c.l.mu.Unlock()
+	for {
+		n, err := c.f.Read(b)
+		if n > 0 {
+			c.read = true
+			return n, err
+		}
+		if c.read || err == nil || !errors.Is(err, io.EOF) {
+			return n, err
+		}
+		select {
+		case <-c.closing:
+			return 0, net.ErrClosed
+		case <-c.l.closed:
+			return 0, net.ErrClosed
+		case <-time.After(hostPoll):
+		}
 	}
-	if n == 0 && err != nil && !c.read {
-		// The host is not connected: come back a little later.
-		c.l.mu.Lock()
-		c.l.backoff = 10 * time.Millisecond
-		c.l.mu.Unlock()
-	}
-	return n, err
 }
 
 func (c *serialConn) Write(b []byte) (int, error) { return c.f.Write(b) }
 func (c *serialConn) Close() error {
 	err := c.f.Close()
-	c.closeOnce.Do(func() { c.l.free <- struct{}{} })
+	c.closeOnce.Do(func() {
+		close(c.closing)
+		c.l.free <- struct{}{}
+	})
 	return err
 }
 func (c *serialConn) LocalAddr() net.Addr                { return c.l.Addr() }
