@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -66,13 +67,24 @@ func (c *Cluster) startKubelet() error {
 	}
 	args := []string{"--config=" + cfg, "--kubeconfig=" + c.pki.path("kubelet.kubeconfig"),
 		"--root-dir=" + filepath.Join(c.Dir, "kubelet"), "--node-ip=" + c.NodeIP.String(),
-		"--hostname-override=" + NodeName, "--v=2"}
+		"--hostname-override=" + NodeName, "--v=" + kubeletVerbosity()}
 	if !c.opts.NoPodvmLabel {
 		args = append(args, "--node-labels="+deploy.NodeLabel+"=true")
 	}
 	p, err := c.startProcess("kubelet", args...)
 	c.kubelet = p
 	return err
+}
+
+// KubeletVerbosityEnv sets the kubelet's --v (default 2). 10 logs every CRI call and its
+// answer, which is what a timeline of a pod's start needs (docs/e2e.md).
+const KubeletVerbosityEnv = "PODVM_E2E_KUBELET_V"
+
+func kubeletVerbosity() string {
+	if v, err := strconv.Atoi(os.Getenv(KubeletVerbosityEnv)); err == nil && v >= 0 {
+		return strconv.Itoa(v)
+	}
+	return "2"
 }
 
 // makeCgroupRoot creates cgroup in every mounted hierarchy, and gives it its parent's CPUs and
