@@ -58,6 +58,10 @@ clusterDomain: cluster.local
 // label, as the installer sets it (the podvm RuntimeClass's nodeSelector requires it),
 // unless Options.NoPodvmLabel.
 func (c *Cluster) startKubelet() error {
+	v, err := kubeletVerbosity()
+	if err != nil {
+		return err
+	}
 	cfg := filepath.Join(c.Dir, "kubelet.yaml")
 	if err := os.WriteFile(cfg, []byte(c.kubeletConfig()), 0o644); err != nil {
 		return err
@@ -67,7 +71,7 @@ func (c *Cluster) startKubelet() error {
 	}
 	args := []string{"--config=" + cfg, "--kubeconfig=" + c.pki.path("kubelet.kubeconfig"),
 		"--root-dir=" + filepath.Join(c.Dir, "kubelet"), "--node-ip=" + c.NodeIP.String(),
-		"--hostname-override=" + NodeName, "--v=" + kubeletVerbosity()}
+		"--hostname-override=" + NodeName, "--v=" + v}
 	if !c.opts.NoPodvmLabel {
 		args = append(args, "--node-labels="+deploy.NodeLabel+"=true")
 	}
@@ -80,11 +84,15 @@ func (c *Cluster) startKubelet() error {
 // answer, which is what a timeline of a pod's start needs (docs/e2e.md).
 const KubeletVerbosityEnv = "PODVM_E2E_KUBELET_V"
 
-func kubeletVerbosity() string {
-	if v, err := strconv.Atoi(os.Getenv(KubeletVerbosityEnv)); err == nil && v >= 0 {
-		return strconv.Itoa(v)
+func kubeletVerbosity() (string, error) {
+	s := os.Getenv(KubeletVerbosityEnv)
+	if s == "" {
+		return "2", nil
 	}
-	return "2"
+	if v, err := strconv.Atoi(s); err != nil || v < 0 || v > 10 {
+		return "", fmt.Errorf("%s=%q: not a kubelet verbosity; use 0 to 10 (10 logs every CRI call)", KubeletVerbosityEnv, s)
+	}
+	return s, nil
 }
 
 // makeCgroupRoot creates cgroup in every mounted hierarchy, and gives it its parent's CPUs and
