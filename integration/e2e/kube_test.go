@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -56,10 +57,12 @@ func (k *kube) pod(name, script string) *corev1.Pod {
 
 func ptr[T any](v T) *T { return &v }
 
-// create creates pod and deletes it (and waits until it is gone) when the test ends.
-func (k *kube) create(ctx context.Context, t *testing.T, pod *corev1.Pod) {
+// create creates pod and deletes it (and waits until it is gone) when the test ends. It
+// returns the pod as the API server stored it.
+func (k *kube) create(ctx context.Context, t *testing.T, pod *corev1.Pod) *corev1.Pod {
 	t.Helper()
-	if _, err := k.client.CoreV1().Pods(k.ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+	created, err := k.client.CoreV1().Pods(k.ns).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
 		t.Fatalf("create pod %s: %v", pod.Name, err)
 	}
 	t.Cleanup(func() {
@@ -69,6 +72,7 @@ func (k *kube) create(ctx context.Context, t *testing.T, pod *corev1.Pod) {
 			t.Errorf("delete pod %s: %v", pod.Name, err)
 		}
 	})
+	return created
 }
 
 // delete deletes a pod and waits until the API no longer has it; it returns how long that took.
@@ -167,14 +171,107 @@ func containerState(p *corev1.Pod, name string) *corev1.ContainerState {
 	return nil
 }
 
-// run creates pod and waits until it runs; it records apply → Running.
+// run creates pod and waits until it runs. It records apply → Running and its two halves as
+// the kubelet reports them (startSteps), and logs when each step was seen.
 func (k *kube) run(ctx context.Context, t *testing.T, pod *corev1.Pod) *corev1.Pod {
 	t.Helper()
 	start := time.Now()
-	k.create(ctx, t, pod)
-	p := k.wait(ctx, t, pod.Name, 3*time.Minute, running)
-	k.timing.add(k.rc, "apply → Running", time.Since(start))
+	created := k.create(ctx, t, pod)
+	p, steps := k.watchStart(ctx, t, created, 3*time.Minute)
+	t.Logf("pod %s/%s start: %s", k.ns, pod.Name, steps)
+	k.timing.add(k.rc, "apply → Running", steps.running.Sub(start))
+	if !steps.sandboxReady.IsZero() {
+		k.timing.add(k.rc, "apply → sandbox ready", steps.sandboxReady.Sub(start))
+		k.timing.add(k.rc, "sandbox ready → Running", steps.running.Sub(steps.sandboxReady))
+	}
 	return p
+}
+
+// startSteps are the moments the test saw a starting pod's status change, from the watch:
+// scheduled (PodScheduled), sandbox ready (PodReadyToStartContainers: the kubelet sets it as
+// soon as RunPodSandbox returned and the pod's IP is known) and running (the running
+// condition: the containers were created and started). For podvm the first half is the VM's
+// boot, the second the containers' start in the guest (docs/e2e.md, "Where a pod's start
+// goes").
+type startSteps struct {
+	created, scheduled, sandboxReady, running time.Time
+}
+
+func (s startSteps) String() string {
+	since := func(t time.Time) string {
+		if t.IsZero() {
+			return "not seen"
+		}
+		return "+" + t.Sub(s.created).Round(time.Millisecond).String()
+	}
+	return fmt.Sprintf("scheduled %s, sandbox ready %s, running %s",
+		since(s.scheduled), since(s.sandboxReady), since(s.running))
+}
+
+// see records the steps p's status shows, the first time each shows.
+func (s *startSteps) see(p *corev1.Pod, now time.Time) {
+	for _, c := range p.Status.Conditions {
+		if c.Status != corev1.ConditionTrue {
+			continue
+		}
+		switch {
+		case c.Type == corev1.PodScheduled && s.scheduled.IsZero():
+			s.scheduled = now
+		case c.Type == corev1.PodReadyToStartContainers && s.sandboxReady.IsZero():
+			s.sandboxReady = now
+		}
+	}
+	if s.running.IsZero() && running(p) == nil {
+		s.running = now
+	}
+}
+
+// watchStart follows pod from its creation (the watch starts at the resource version create
+// returned, so no change is missed) until it runs, and fails the test after timeout with the
+// last status and the pod's events.
+func (k *kube) watchStart(ctx context.Context, t *testing.T, pod *corev1.Pod, timeout time.Duration) (*corev1.Pod, startSteps) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	steps := startSteps{created: time.Now()}
+	steps.see(pod, steps.created)
+	last, err := pod, error(nil)
+	for steps.running.IsZero() && err == nil {
+		last, err = k.watchOnce(ctx, last, &steps)
+	}
+	if err != nil {
+		t.Fatalf("pod %s: %v (%v, %s); events:\n%s", pod.Name, running(last), err, steps, k.events(pod.Name))
+	}
+	return last, steps
+}
+
+// watchOnce watches pod from its resource version until it runs or the API server ends the
+// watch, and returns the last version seen.
+func (k *kube) watchOnce(ctx context.Context, pod *corev1.Pod, steps *startSteps) (*corev1.Pod, error) {
+	w, err := k.client.CoreV1().Pods(k.ns).Watch(ctx, metav1.ListOptions{
+		FieldSelector: "metadata.name=" + pod.Name, ResourceVersion: pod.ResourceVersion})
+	if err != nil {
+		return pod, err
+	}
+	defer w.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return pod, ctx.Err()
+		case ev, ok := <-w.ResultChan():
+			if !ok {
+				return pod, nil
+			}
+			p, isPod := ev.Object.(*corev1.Pod)
+			if ev.Type == watch.Error || ev.Type == watch.Deleted || !isPod {
+				return pod, fmt.Errorf("watch: %s event %v", ev.Type, ev.Object)
+			}
+			pod = p
+			if steps.see(p, time.Now()); !steps.running.IsZero() {
+				return pod, nil
+			}
+		}
+	}
 }
 
 // events lists the pod's events, one a line.

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -57,6 +58,10 @@ clusterDomain: cluster.local
 // label, as the installer sets it (the podvm RuntimeClass's nodeSelector requires it),
 // unless Options.NoPodvmLabel.
 func (c *Cluster) startKubelet() error {
+	v, err := kubeletVerbosity()
+	if err != nil {
+		return err
+	}
 	cfg := filepath.Join(c.Dir, "kubelet.yaml")
 	if err := os.WriteFile(cfg, []byte(c.kubeletConfig()), 0o644); err != nil {
 		return err
@@ -66,13 +71,28 @@ func (c *Cluster) startKubelet() error {
 	}
 	args := []string{"--config=" + cfg, "--kubeconfig=" + c.pki.path("kubelet.kubeconfig"),
 		"--root-dir=" + filepath.Join(c.Dir, "kubelet"), "--node-ip=" + c.NodeIP.String(),
-		"--hostname-override=" + NodeName, "--v=2"}
+		"--hostname-override=" + NodeName, "--v=" + v}
 	if !c.opts.NoPodvmLabel {
 		args = append(args, "--node-labels="+deploy.NodeLabel+"=true")
 	}
 	p, err := c.startProcess("kubelet", args...)
 	c.kubelet = p
 	return err
+}
+
+// KubeletVerbosityEnv sets the kubelet's --v (default 2). 10 logs every CRI call and its
+// answer, which is what a timeline of a pod's start needs (docs/e2e.md).
+const KubeletVerbosityEnv = "PODVM_E2E_KUBELET_V"
+
+func kubeletVerbosity() (string, error) {
+	s := os.Getenv(KubeletVerbosityEnv)
+	if s == "" {
+		return "2", nil
+	}
+	if v, err := strconv.Atoi(s); err != nil || v < 0 || v > 10 {
+		return "", fmt.Errorf("%s=%q: not a kubelet verbosity; use 0 to 10 (10 logs every CRI call)", KubeletVerbosityEnv, s)
+	}
+	return s, nil
 }
 
 // makeCgroupRoot creates cgroup in every mounted hierarchy, and gives it its parent's CPUs and
