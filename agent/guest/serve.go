@@ -187,6 +187,11 @@ func (c *serialConn) Read(b []byte) (int, error) {
 			c.read = true
 			return n, err
 		}
+		if errors.Is(err, os.ErrClosed) {
+			// Close ran while Read waited in the file: report it as a closed connection,
+			// as a net.Conn does, not as a closed file.
+			return 0, net.ErrClosed
+		}
 		if c.read || err == nil || !errors.Is(err, io.EOF) {
 			return n, err
 		}
