@@ -263,6 +263,30 @@ func TestGuestRunsContainers(t *testing.T) {
 	}
 	t.Run("stdout, stderr and exit code", func(t *testing.T) { testGuestStdio(t, ctx, g) })
 	t.Run("exec, terminal, stdin and kill", func(t *testing.T) { testGuestExec(t, ctx, g) })
+	t.Run("free page reporting order", func(t *testing.T) { testGuestPageReporting(t, ctx, g) })
+}
+
+// testGuestPageReporting: the guest hands free blocks back from the order the shim put on the
+// kernel command line, not from the balloon driver's 2 MiB (Linux 6.1 overwrites the boot
+// value when the driver probes; the agent sets it again).
+func testGuestPageReporting(t *testing.T, ctx context.Context, g *guestVM) {
+	c := g.agent
+	root := busyboxRootfs(t, g, "c3")
+	spec := defaultSpec(t, "c3", root, oci.WithProcessArgs("sh", "-c",
+		"cat /proc/cmdline /sys/module/page_reporting/parameters/page_reporting_order"))
+	stdout, stderr, code := runGuestContainer(t, ctx, c, "c3", spec)
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	const param = "page_reporting.page_reporting_order="
+	want := ""
+	for _, f := range strings.Fields(lines[0]) {
+		if v, ok := strings.CutPrefix(f, param); ok {
+			want = v
+		}
+	}
+	if code != 0 || want == "" || len(lines) != 2 || lines[1] != want {
+		t.Errorf("exit %d, stdout %q, stderr %q; want the kernel command line with %s<n> and then <n>", code, stdout, stderr, param)
+	}
+	removeGuestContainer(t, ctx, c, "c3")
 }
 
 // testGuestStdio: a container's stdout, stderr and exit code come back through the agent, and

@@ -32,6 +32,7 @@ func Init() {
 	if err := mountStage2(); err != nil {
 		fatal(ctx, fmt.Errorf("init: %w", err))
 	}
+	setPageReportingOrder(ctx)
 	phases := bootPhases{initMain: processStart, initDone: sinceBoot()}
 	child, err := startServer(phases)
 	if err != nil {
@@ -175,6 +176,19 @@ func mountStage2() error {
 		}
 	}
 	return nil
+}
+
+// setPageReportingOrder applies the kernel command line's free page reporting order (see
+// applyPageReportingOrder). Memory handed back later is all it changes, so a failure is
+// logged, not fatal.
+func setPageReportingOrder(ctx context.Context) {
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err == nil {
+		_, err = applyPageReportingOrder("/", string(cmdline))
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("podvm-agent: free page reporting keeps the kernel's order")
+	}
 }
 
 // startServer runs the agent server as PID 1's child, so its own process waits are never
