@@ -12,6 +12,5 @@ const GuestSharedDir = "/run/podvm/shared"
 // directory per volume, mounted by the agent when the first container using it is created.
 const GuestPodTmpfsDir = "/run/podvm/tmpfs"
 
-// Version is the agent API version the host and guest must agree on. 3: PrepareRestored
-// rescans the PCI bus for the NICs a clone has on its command line.
-const Version = "podvm-agent/3"
+// Version is the agent API version the host and guest must agree on.
+const Version = "podvm-agent/2"

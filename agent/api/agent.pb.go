@@ -2255,7 +2255,7 @@ type PrepareRestoredRequest struct {
 	Entropy []byte `protobuf:"bytes,1,opt,name=entropy,proto3" json:"entropy,omitempty"`
 	// The host's CLOCK_REALTIME when it sent the request, in nanoseconds since the epoch.
 	RealtimeNs int64 `protobuf:"varint,2,opt,name=realtime_ns,json=realtimeNs,proto3" json:"realtime_ns,omitempty"`
-	// MACs of the NICs to rescan for and wait for.
+	// MACs of the hot-plugged NICs to wait for.
 	Macs []string `protobuf:"bytes,3,rep,name=macs,proto3" json:"macs,omitempty"`
 	// Whether to wait for a virtio-fs device.
 	SharedFs      bool `protobuf:"varint,4,opt,name=shared_fs,json=sharedFs,proto3" json:"shared_fs,omitempty"`

@@ -45,15 +45,13 @@ const virtioIDFS = "0x001a"
 type restoreSys struct {
 	addEntropy func(b []byte) error
 	setClock   func(ns int64) error
-	// rescan has the kernel scan the PCI buses for devices it has not seen yet.
-	rescan func() error
 	// present reports whether every NIC (by MAC) and, if fs, a virtio-fs device is there.
 	present func(macs []net.HardwareAddr, fs bool) (bool, error)
 	tick    time.Duration
 }
 
 func realRestoreSys() restoreSys {
-	return restoreSys{addEntropy: addEntropy, setClock: setRealtime, rescan: rescanPCI, present: devicesPresent, tick: 5 * time.Millisecond}
+	return restoreSys{addEntropy: addEntropy, setClock: setRealtime, present: devicesPresent, tick: 5 * time.Millisecond}
 }
 
 // PrepareRestored implements the RPC of that name in api.AgentService (agent.proto).
@@ -79,32 +77,17 @@ func prepareRestored(ctx context.Context, req *api.PrepareRestoredRequest, sys r
 		}
 		macs = append(macs, mac)
 	}
-	start := time.Now()
 	// Entropy first: nothing in the guest may draw random numbers from the template's state.
 	if err := sys.addEntropy(req.Entropy); err != nil {
 		return fmt.Errorf("reseed the kernel RNG: %w", err)
 	}
-	reseeded := time.Now()
 	if err := sys.setClock(req.RealtimeNs); err != nil {
 		return fmt.Errorf("set the clock: %w", err)
 	}
-	clockSet := time.Now()
-	// The pod's NICs are on ports the template's guest saw empty, and no hot-plug event told
-	// it otherwise: a rescan finds them and binds their driver. (The virtio-fs device is
-	// hot-plugged: the guest finds it by itself.)
-	if len(macs) > 0 {
-		if err := sys.rescan(); err != nil {
-			return fmt.Errorf("rescan the PCI bus for the pod's NICs: %w", err)
-		}
-	}
-	rescanned := time.Now()
 	if err := waitDevices(ctx, macs, req.SharedFs, sys); err != nil {
 		return err
 	}
-	// Monotonic durations: the clock step above does not affect them.
-	log.G(ctx).Infof("restored from a template: RNG reseeded (%s), clock set (%s), PCI rescanned (%s), %d NICs and virtio-fs %v present (%s)",
-		reseeded.Sub(start).Round(time.Microsecond), clockSet.Sub(reseeded).Round(time.Microsecond),
-		rescanned.Sub(clockSet).Round(time.Microsecond), len(macs), req.SharedFs, time.Since(rescanned).Round(time.Microsecond))
+	log.G(ctx).Infof("restored from a template: RNG reseeded, clock set, %d NICs", len(macs))
 	return nil
 }
 
@@ -154,11 +137,6 @@ func addEntropy(b []byte) error {
 		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
-}
-
-// rescanPCI scans every PCI bus for new devices and probes their drivers before it returns.
-func rescanPCI() error {
-	return os.WriteFile("/sys/bus/pci/rescan", []byte("1"), 0)
 }
 
 func setRealtime(ns int64) error {

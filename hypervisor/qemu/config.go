@@ -323,7 +323,7 @@ func (c *Config) validateTemplate(p *problems) {
 		p.add("NetDevices: %d NICs; a VM restored from a template can have at most %d", len(c.NetDevices), hypervisor.TemplateNICs)
 	}
 	if c.Incoming == nil && (c.SharedDir != "" || len(c.NetDevices) > 0) {
-		p.add("SharedDir/NetDevices: a VM template has neither (its clones get them on the template's spare ports)")
+		p.add("SharedDir/NetDevices: a VM template has neither (its clones get them hot-plugged)")
 	}
 }
 
@@ -386,12 +386,15 @@ func (c *Config) KernelCmdline() string {
 }
 
 // ExtraFiles are the files QEMU inherits, in the order Args numbers them from fd 3: the
-// guest memory of a templated VM, then the tap files of NetDevices. The console pipe's write
-// end follows them (ConsoleFD).
+// guest memory of a templated VM, else the tap files of NetDevices (a templated VM gets them
+// hot-plugged). The console pipe's write end follows them (ConsoleFD).
 func (c *Config) ExtraFiles() []*os.File {
 	var files []*os.File
-	if c.Templated && c.MemoryFile != nil {
-		files = append(files, c.MemoryFile)
+	if c.Templated {
+		if c.MemoryFile != nil {
+			files = append(files, c.MemoryFile)
+		}
+		return files
 	}
 	for _, nd := range c.NetDevices {
 		if nd != nil {
@@ -506,52 +509,32 @@ func (c *Config) agentArgs() []string {
 	return nil
 }
 
-// sharedDirArgs connect virtiofsd's socket as a virtio-fs device, with SharedDir set. A
-// templated VM has it on its spare port (templateArgs).
+// sharedDirArgs connect virtiofsd's socket as a virtio-fs device, with SharedDir set.
 func (c *Config) sharedDirArgs() []string {
 	if c.SharedDir == "" || c.Templated {
 		return nil
 	}
-	return c.sharedDirDevice("")
-}
-
-// sharedDirDevice is the virtio-fs device and its chardev, on bus if that is not empty.
-func (c *Config) sharedDirDevice(bus string) []string {
-	dev := "vhost-user-fs-pci,id=fs,chardev=fs,tag=" + hypervisor.SharedFSTag
-	if bus != "" {
-		dev += ",bus=" + bus
+	return []string{
+		"-chardev", "socket,id=fs,path=" + opt(c.path(VirtiofsdSocket)),
+		"-device", "vhost-user-fs-pci,id=fs,chardev=fs,tag=" + hypervisor.SharedFSTag,
 	}
-	return []string{"-chardev", "socket,id=fs,path=" + opt(c.path(VirtiofsdSocket)), "-device", dev}
 }
 
 // netArgs are a tap netdev and a virtio-net device per NetDevice, the tap files numbered as
-// ExtraFiles passes them. A templated VM has them on its spare ports (templateArgs).
+// ExtraFiles passes them (from fd 3).
 func (c *Config) netArgs() []string {
 	if c.Templated {
 		return nil
 	}
-	return c.netDevices(nil)
-}
-
-// netDevices are netArgs, NIC i on bus(i) if bus is not nil.
-func (c *Config) netDevices(bus func(i int) string) []string {
 	var a []string
 	fd := 3
-	if c.Templated {
-		fd++ // after the memory file
-	}
-	for i, nd := range c.NetDevices {
+	for _, nd := range c.NetDevices {
 		fds := make([]string, len(nd.TapFiles))
-		for j := range nd.TapFiles {
-			fds[j] = strconv.Itoa(fd)
+		for i := range nd.TapFiles {
+			fds[i] = strconv.Itoa(fd)
 			fd++
 		}
 		netdev, dev := netDeviceArgs(nd, fds)
-		if bus != nil {
-			// No option ROM: a clone's RAM blocks must be the template's, and a running
-			// guest does not use it.
-			dev += ",bus=" + bus(i) + ",romfile="
-		}
 		a = append(a, "-netdev", netdev, "-device", dev)
 	}
 	return a
@@ -607,34 +590,24 @@ func (c *Config) confinementArgs() []string {
 
 func rootPort(i int) string { return "hp" + strconv.Itoa(i) }
 
-// templatePort is the root port a clone's virtio-fs device (i = 0) or NIC i-1 is on.
+// templatePort is the root port a templated VM's virtio-fs device (i = 0) or NIC i-1 is
+// hot-plugged into.
 func templatePort(i int) string { return "tp" + strconv.Itoa(i) }
 
-// templateArgs are a templated VM's spare root ports (chassis numbers after the block
-// ports'), and for a clone its share and NICs on them and the deferred restore: QEMU waits
-// for the saved state (migrate-incoming) and stays paused (-S) until the host lets it run.
-// The template's guest saw the ports empty; a clone's guest finds the devices when its agent
-// rescans the PCI bus (PrepareRestored). Present from QEMU's start, they cost no hot-plug:
-// measured under TCG, the guest took ~0.2 s to handle the ACPI hot-plug of a NIC and a
-// virtio-fs device. The saved state has no section for them, and QEMU refuses to save, not to
-// load, a VM with vhost-user-fs.
+// templateArgs are a templated VM's root ports for the devices a clone gets hot-plugged
+// (chassis numbers after the block ports'), and for a clone the deferred restore: QEMU
+// waits for the saved state (migrate-incoming) and stays paused (-S) until the devices are
+// in.
 func (c *Config) templateArgs() []string {
 	if !c.Templated {
 		return nil
 	}
 	var a []string
 	for i := 0; i <= hypervisor.TemplateNICs; i++ {
-		port := fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", templatePort(i), hypervisor.MaxHotplugSlots+1+i)
-		if i > 0 {
-			// Its slot's power comes with the template's state, which powered the empty
-			// slot off; without a power controller, QEMU powers its device anyway.
-			port += ",power_controller_present=off"
-		}
-		a = append(a, "-device", port)
+		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", templatePort(i), hypervisor.MaxHotplugSlots+1+i))
 	}
-	if c.Incoming == nil {
-		return a
+	if c.Incoming != nil {
+		a = append(a, "-incoming", "defer", "-S")
 	}
-	a = append(a, c.netDevices(func(i int) string { return templatePort(1 + i) })...)
-	return append(a, "-incoming", "defer", "-S")
+	return a
 }

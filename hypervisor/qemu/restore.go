@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/podvm/podvm/hypervisor"
@@ -75,6 +77,11 @@ func (v *VM) restore(ctx context.Context, mon qmp.Monitor) error {
 	if cfg.SharedDir != "" {
 		if err := v.plugSharedDir(ctx, mon); err != nil {
 			return err
+		}
+	}
+	for i, nd := range cfg.NetDevices {
+		if err := plugNIC(ctx, mon, nd, templatePort(1+i)); err != nil {
+			return fmt.Errorf("hot-plugging NIC %s: %w", nd.ID, err)
 		}
 	}
 	if err := mon.Execute(ctx, "cont", nil, nil); err != nil {
@@ -154,4 +161,38 @@ func sharedDirChardev(id, fdname string) map[string]any {
 		"addr":   map[string]any{"type": "fd", "data": map[string]any{"str": fdname}},
 		"server": false,
 	}}}
+}
+
+// plugNIC passes nd's tap descriptors and adds its netdev and virtio-net device on port.
+func plugNIC(ctx context.Context, mon qmp.Monitor, nd *hypervisor.NetDevice, port string) error {
+	names := make([]string, len(nd.TapFiles))
+	for i, f := range nd.TapFiles {
+		names[i] = "tap-" + nd.ID + "-" + strconv.Itoa(i)
+		if err := mon.ExecuteWithFiles(ctx, "getfd", map[string]any{"fdname": names[i]}, nil, f); err != nil {
+			return fmt.Errorf("passing tap %d: %w", i, err)
+		}
+	}
+	netdev := map[string]any{"type": "tap", "id": "net-" + nd.ID, "vhost": nd.VhostNet}
+	// No option ROM: QEMU, chrooted, could not load it, and a running guest does not use it.
+	dev := map[string]any{"driver": "virtio-net-pci", "id": "nic-" + nd.ID, "netdev": "net-" + nd.ID, "bus": port, "romfile": ""}
+	if len(names) == 1 {
+		netdev["fd"] = names[0]
+	} else {
+		netdev["fds"] = strings.Join(names, ":")
+		dev["mq"] = true
+		dev["vectors"] = 2*len(names) + 2
+	}
+	if nd.MAC != nil {
+		dev["mac"] = nd.MAC.String()
+	}
+	if nd.MTU != 0 {
+		dev["host_mtu"] = nd.MTU
+	}
+	if err := mon.Execute(ctx, "netdev_add", netdev, nil); err != nil {
+		return fmt.Errorf("netdev_add: %w", err)
+	}
+	if err := mon.Execute(ctx, "device_add", dev, nil); err != nil {
+		return fmt.Errorf("device_add: %w", err)
+	}
+	return nil
 }

@@ -284,6 +284,9 @@ func startFill(fn func() error) func() error {
 func closeHandedOver(cfg *Config) {
 	files := cfg.ExtraFiles()
 	if cfg.Templated {
+		for _, nd := range cfg.NetDevices {
+			files = append(files, nd.TapFiles...)
+		}
 		files = append(files, cfg.Incoming)
 	}
 	for _, f := range files {
