@@ -422,8 +422,9 @@ func (sb *sandbox) bootVM(ctx context.Context, o *sandboxOptions, vcfg hyperviso
 	return nil
 }
 
-// setupGuest sends the agent the pod's hostname, network and share, and starts forwarding
-// the pod netns's loopback ports into the guest.
+// setupGuest sends the agent the pod's hostname, network and share, and meanwhile starts
+// forwarding the pod netns's loopback ports into the guest: host work (an iptables run in the
+// netns) that needs nothing from the guest, so the guest's setup hides it.
 func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, pod *network.Pod) error {
 	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag}
 	if pod != nil {
@@ -432,22 +433,29 @@ func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, p
 		}
 		req.Routes, req.Neighbors = pod.Routes, pod.Neighbors
 	}
-	if _, err := sb.agent.SetupSandbox(ctx, req); err != nil {
+	fwd := make(chan portForwarder, 1)
+	if sb.netns == "" {
+		fwd <- nil
+	} else {
+		ag := sb.agent
+		go func() {
+			ports, err := b.forwardPorts(ctx, sb.netns, func(ctx context.Context, port uint16) (network.GuestConn, error) {
+				return agent.DialPort(ctx, ag, uint32(port))
+			})
+			if err != nil {
+				// A pod runs without port-forward rather than not at all (e.g. no iptables).
+				log.G(ctx).WithError(err).Warn("port-forward (kubectl/crictl port-forward) to this pod will not work")
+				ports = nil
+			}
+			fwd <- ports
+		}()
+	}
+	_, err := sb.agent.SetupSandbox(ctx, req)
+	// Kept even if the setup failed: shutdown closes it.
+	sb.ports = <-fwd
+	if err != nil {
 		return fmt.Errorf("set up the guest: %w", err)
 	}
-	if sb.netns == "" {
-		return nil
-	}
-	// A pod runs without port-forward rather than not at all (e.g. no iptables on the node).
-	ag := sb.agent
-	ports, err := b.forwardPorts(ctx, sb.netns, func(ctx context.Context, port uint16) (network.GuestConn, error) {
-		return agent.DialPort(ctx, ag, uint32(port))
-	})
-	if err != nil {
-		log.G(ctx).WithError(err).Warn("port-forward (kubectl/crictl port-forward) to this pod will not work")
-		return nil
-	}
-	sb.ports = ports
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -110,6 +111,19 @@ func TestPortForwardFailureDoesNotFailThePod(t *testing.T) {
 	r.mustCreate("pod1", sandboxAnnotations("pod1"))
 	if _, closed := r.ports.state(); closed != 0 {
 		t.Errorf("closed %d times a forwarder that never started", closed)
+	}
+}
+
+// The port forwarder is set up while the guest sets itself up; a guest that fails its setup
+// fails the pod and leaves no forwarder (its iptables rule and listener) behind.
+func TestGuestSetupFailureClosesPortForward(t *testing.T) {
+	r := newRig(t)
+	r.agent.FailOn("SetupSandbox", errors.New("mount virtio-fs: no such device"))
+	if _, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns); err == nil || !strings.Contains(err.Error(), "no such device") {
+		t.Fatalf("create: %v, want the guest's setup error", err)
+	}
+	if netns, closed := r.ports.state(); netns != "" && closed != 1 {
+		t.Errorf("port forwarder started for %q and closed %d times; want closed once", netns, closed)
 	}
 }
 

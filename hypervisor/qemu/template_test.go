@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -169,8 +170,8 @@ func TestRestoreFailureStopsBeforeTheGuestRuns(t *testing.T) {
 	}
 }
 
-// TestTemplateKey: the key follows the kernel's and initrd's contents and the VM's shape, not
-// the pod's identity, share or NICs.
+// TestTemplateKey: the key follows the kernel and initrd files and the VM's shape, not the
+// pod's identity, share or NICs.
 func TestTemplateKey(t *testing.T) {
 	dir := t.TempDir()
 	c := baseConfig()
@@ -204,11 +205,72 @@ func TestTemplateKey(t *testing.T) {
 	if key(bigger) == k0 {
 		t.Error("the key ignores the memory size")
 	}
+	time.Sleep(20 * time.Millisecond) // past the coarse clock's tick that stamped v1
 	if err := os.WriteFile(c.Initrd, []byte("v2"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if key(c) == k0 {
 		t.Error("the key ignores the initrd's contents")
+	}
+}
+
+// TestTemplateKeyKernelChanged: the key follows the kernel file without reading it: the same
+// file gives the same key, a kernel of the same size written in place or renamed into place
+// (as a package upgrade or `podvm image build` does) gives a new one.
+func TestTemplateKeyKernelChanged(t *testing.T) {
+	dir := t.TempDir()
+	c := baseConfig()
+	c.Kernel, c.Initrd, c.Binary, c.Firmware = filepath.Join(dir, "k"), filepath.Join(dir, "i"), filepath.Join(dir, "q"), ""
+	for _, f := range []string{c.Kernel, c.Initrd, c.Binary} {
+		if err := os.WriteFile(f, []byte("v1"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.setPureDefaults()
+	key := func() string {
+		t.Helper()
+		k, _, err := templateKey(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	seen := map[string]string{key(): "first"}
+	if k := key(); seen[k] != "first" {
+		t.Fatal("the same kernel gives another key")
+	}
+	// The kernel stamps files with a coarse clock (a few ms): a write in the same tick as
+	// the one before keeps the times. Wait out the tick, as any real upgrade does.
+	tick := func() { time.Sleep(20 * time.Millisecond) }
+	for _, change := range []struct {
+		name string
+		do   func() error
+	}{
+		{"written in place", func() error { return os.WriteFile(c.Kernel, []byte("v2"), 0o755) }},
+		{"renamed into place", func() error {
+			next := c.Kernel + ".new"
+			if err := os.WriteFile(next, []byte("v3"), 0o755); err != nil {
+				return err
+			}
+			return os.Rename(next, c.Kernel)
+		}},
+		{"touched", func() error { now := time.Now(); return os.Chtimes(c.Kernel, now, now) }},
+	} {
+		tick()
+		if err := change.do(); err != nil {
+			t.Fatal(err)
+		}
+		k := key()
+		if prev, ok := seen[k]; ok {
+			t.Errorf("kernel %s: same key as %s", change.name, prev)
+		}
+		seen[k] = change.name
+	}
+	if err := os.Remove(c.Kernel); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := templateKey(c); err == nil || !strings.Contains(err.Error(), c.Kernel) {
+		t.Errorf("missing kernel: err = %v, want one naming %s", err, c.Kernel)
 	}
 }
 
