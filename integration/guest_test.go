@@ -264,6 +264,25 @@ func TestGuestRunsContainers(t *testing.T) {
 	t.Run("stdout, stderr and exit code", func(t *testing.T) { testGuestStdio(t, ctx, g) })
 	t.Run("exec, terminal, stdin and kill", func(t *testing.T) { testGuestExec(t, ctx, g) })
 	t.Run("free page reporting order", func(t *testing.T) { testGuestPageReporting(t, ctx, g) })
+	t.Run("timer device", func(t *testing.T) { testGuestTimer(t, ctx, g) })
+}
+
+// testGuestTimer: the guest's timer interrupts come from a device that is programmed with a
+// relative count (the local APIC), not from the HPET. The HPET's comparator is absolute: when
+// the vCPU is held up between reading its counter and writing the comparator (a busy host,
+// TCG translating), the deadline is already past, and Linux raises the device's minimum delta
+// and retries; after ~17 raises it gives up ("CE: Reprogramming failure. Giving up") and the
+// guest gets no timer interrupts again. Consoles of pods under load showed 9 raises in 13 s,
+// and restored template clones hung for good.
+func testGuestTimer(t *testing.T, ctx context.Context, g *guestVM) {
+	c := g.agent
+	root := busyboxRootfs(t, g, "c4")
+	spec := defaultSpec(t, "c4", root, oci.WithProcessArgs("cat", "/sys/devices/system/clockevents/clockevent0/current_device"))
+	stdout, stderr, code := runGuestContainer(t, ctx, c, "c4", spec)
+	if dev := strings.TrimSpace(stdout); code != 0 || dev != "lapic" {
+		t.Errorf("exit %d, stdout %q, stderr %q: the guest's clock event device is %q, want lapic", code, stdout, stderr, dev)
+	}
+	removeGuestContainer(t, ctx, c, "c4")
 }
 
 // testGuestPageReporting: the guest hands free blocks back from the order the shim put on the

@@ -34,6 +34,9 @@ const (
 	// pageReportingOrder is the smallest free block, as a buddy order, the guest reports to
 	// the host (KernelCmdline).
 	pageReportingOrder = 3
+	// lapicTimerKHz is the input clock of QEMU's local APIC timer (1 GHz; KVM's is the
+	// same), which podvm's kernel takes from lapic_timer_khz= instead of calibrating it.
+	lapicTimerKHz = 1000000
 	// sunPathMax is the longest unix socket path (sockaddr_un.sun_path minus the NUL).
 	sunPathMax = 107
 
@@ -383,11 +386,17 @@ func (c *Config) KernelCmdline() string {
 		params = append(params, "quiet")
 	}
 	if c.Accel == AccelTCG {
-		// TCG's CPUs have no TSC-deadline timer, so the kernel spends 100 ms of boot
-		// calibrating the local APIC timer against the PIT (measured: 100-130 ms of TCG boot
-		// time). Without it the HPET drives the ticks. KVM's CPUs skip the calibration.
-		params = append(params, "noapictimer")
-		// podvm's kernel (kernel/patches) then keeps its init sections instead of poisoning
+		// TCG's CPUs have no TSC-deadline timer, so a kernel calibrates the local APIC
+		// timer against the PIT, ~0.1 s of boot. podvm's kernel (kernel/patches) takes the
+		// timer's clock from the command line instead: QEMU's counts at 1 GHz.
+		//
+		// Not noapictimer: the HPET would drive the ticks, and its absolute comparator
+		// loses deadlines whenever the vCPU is held up between reading the counter and
+		// writing the comparator. Linux raises the device's minimum delta each time and,
+		// past 1/HZ, stops programming it: the guest never gets a timer interrupt again
+		// (docs/kernel.md).
+		params = append(params, "lapic_timer_khz="+strconv.Itoa(lapicTimerKHz))
+		// podvm's kernel then keeps its init sections instead of poisoning
 		// them: stores to pages TCG has translated code from take its self-modifying-code
 		// path, ~0.2 s of boot for 0.8 MiB. Other kernels ignore it.
 		params = append(params, "keep_initmem")

@@ -47,7 +47,7 @@ var argsTests = []struct {
 			"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",
 			"-bios /usr/share/qemu/qboot.rom",
 			"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 quiet noapictimer keep_initmem noreplace-smp",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp",
 			"-add-fd fd=3,set=1000,opaque=console",
 			"-chardev file,id=console,path=/dev/fdset/1000,append=on", "-serial chardev:console",
 			"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
@@ -77,7 +77,7 @@ var argsTests = []struct {
 			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 podvm.debug init=/podvm-agent panic=0",
 			"-device vhost-vsock-pci,id=vsock,guest-cid=42",
 		},
-		notWant: []string{"tcg", "virtio-serial", "quiet", "noapictimer", "keep_initmem", "noreplace-smp", "-initrd", "-bios", "pcie-root-port"},
+		notWant: []string{"tcg", "virtio-serial", "quiet", "noapictimer", "lapic_timer_khz", "keep_initmem", "noreplace-smp", "-initrd", "-bios", "pcie-root-port"},
 	},
 	{
 		name: "virtio-fs",
