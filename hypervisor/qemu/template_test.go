@@ -170,9 +170,9 @@ func TestRestoreFailureStopsBeforeTheGuestRuns(t *testing.T) {
 	}
 }
 
-// TestTemplateKey: the key follows the kernel and initrd files and the VM's shape, not the
-// pod's identity, share or NICs.
-func TestTemplateKey(t *testing.T) {
+// templateKeyConfig is a VM config whose kernel, initrd and QEMU are small files of a test's own.
+func templateKeyConfig(t *testing.T) Config {
+	t.Helper()
 	dir := t.TempDir()
 	c := baseConfig()
 	c.Kernel, c.Initrd, c.Binary, c.Firmware = filepath.Join(dir, "k"), filepath.Join(dir, "i"), filepath.Join(dir, "q"), ""
@@ -182,6 +182,13 @@ func TestTemplateKey(t *testing.T) {
 		}
 	}
 	c.setPureDefaults()
+	return c
+}
+
+// TestTemplateKey: the key follows the kernel and initrd files and the VM's shape, not the
+// pod's identity, share or NICs.
+func TestTemplateKey(t *testing.T) {
+	c := templateKeyConfig(t)
 	key := func(c Config) string {
 		t.Helper()
 		k, inputs, err := templateKey(c)
@@ -218,15 +225,7 @@ func TestTemplateKey(t *testing.T) {
 // file gives the same key, a kernel of the same size written in place or renamed into place
 // (as a package upgrade or `podvm image build` does) gives a new one.
 func TestTemplateKeyKernelChanged(t *testing.T) {
-	dir := t.TempDir()
-	c := baseConfig()
-	c.Kernel, c.Initrd, c.Binary, c.Firmware = filepath.Join(dir, "k"), filepath.Join(dir, "i"), filepath.Join(dir, "q"), ""
-	for _, f := range []string{c.Kernel, c.Initrd, c.Binary} {
-		if err := os.WriteFile(f, []byte("v1"), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c.setPureDefaults()
+	c := templateKeyConfig(t)
 	key := func() string {
 		t.Helper()
 		k, _, err := templateKey(c)
