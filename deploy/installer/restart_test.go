@@ -41,19 +41,33 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// startFakeContainerd runs a process whose cmdline is `containerd --config config`.
-func startFakeContainerd(t *testing.T, config string) *exec.Cmd {
-	t.Helper()
+// fakeContainerd is a process whose cmdline is `containerd --config config`. Only its own
+// goroutine waits for it, so the test and the cleanup never race on the exec.Cmd.
+type fakeContainerd struct {
+	proc   *os.Process
+	exited chan struct{}    // closed once the process was reaped
+	state  *os.ProcessState // set before exited is closed
+}
+
+// startFakeContainerd starts one; it may run on any goroutine, so it returns errors
+// instead of failing the test.
+func startFakeContainerd(t *testing.T, config string) (*fakeContainerd, error) {
 	self, err := os.Executable()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	cmd := &exec.Cmd{Path: self, Args: []string{"containerd", "--config", config}, Env: append(os.Environ(), fakeContainerdEnv+"=1")}
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	return cmd
+	f := &fakeContainerd{proc: cmd.Process, exited: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		f.state = cmd.ProcessState
+		close(f.exited)
+	}()
+	t.Cleanup(func() { _ = f.proc.Kill(); <-f.exited })
+	return f, nil
 }
 
 // TestSignalContainerd: the containerd reading the config gets SIGTERM, and the restart
@@ -61,26 +75,40 @@ func startFakeContainerd(t *testing.T, config string) *exec.Cmd {
 // containerd, the error says what to do.
 func TestSignalContainerd(t *testing.T) {
 	config := t.TempDir() + "/etc/containerd/config.toml"
-	other := startFakeContainerd(t, config+".other")
-	first := startFakeContainerd(t, config)
-	restarted := make(chan *exec.Cmd, 1)
+	other, err := startFakeContainerd(t, config+".other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := startFakeContainerd(t, config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type started struct {
+		f   *fakeContainerd
+		err error
+	}
+	restarted := make(chan started, 1)
 	go func() { // the supervisor: Restart=always
-		_ = first.Wait()
-		restarted <- startFakeContainerd(t, config)
+		<-first.exited
+		f, err := startFakeContainerd(t, config)
+		restarted <- started{f, err}
 	}()
 	if err := SignalContainerd(t.Context(), "/proc", config, 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	second := <-restarted
-	if st := first.ProcessState; st == nil || st.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+	if second.err != nil {
+		t.Fatal(second.err)
+	}
+	if st := first.state; st == nil || st.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
 		t.Errorf("the first containerd did not die of SIGTERM: %v", st)
 	}
-	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+	if err := other.proc.Signal(syscall.Signal(0)); err != nil {
 		t.Errorf("the containerd of another config was signalled: %v", err)
 	}
 
-	go func() { _ = second.Wait() }() // no supervisor now
-	err := SignalContainerd(t.Context(), "/proc", config, time.Second)
+	// No supervisor now: the second one's own goroutine reaps it.
+	err = SignalContainerd(t.Context(), "/proc", config, time.Second)
 	if err == nil || !strings.Contains(err.Error(), "nothing restarts it when it exits") {
 		t.Errorf("without a supervisor: %v", err)
 	}
