@@ -30,9 +30,10 @@ const DefaultOutputDir = "/usr/share/podvm"
 
 // Output file names inside the output directory.
 const (
-	KernelFile   = "vmlinuz"
-	InitrdFile   = "initrd.img"
-	ManifestFile = "image.json"
+	KernelFile    = "vmlinuz"
+	InitrdFile    = "initrd.img"
+	RootImageFile = "root.img"
+	ManifestFile  = "image.json"
 )
 
 // ModulesListPath is the initrd file listing the modules to load, one absolute path a line, in
