@@ -33,8 +33,9 @@ const (
 	ManifestFile = "image.json"
 )
 
-// ModulesListPath is the initrd file listing the modules to load, one absolute path a line, in
-// load order. The agent reads it first thing and loads each with finit_module.
+// ModulesListPath is the file in the guest's root (initrd and root image) listing the modules to
+// load, one absolute path a line, in load order. The agent reads it first thing and loads each
+// with finit_module.
 const ModulesListPath = "/lib/modules/podvm.modules"
 
 // Compression is how initrd.img is compressed.
@@ -66,7 +67,8 @@ type Options struct {
 	KernelVersion string
 	// Agent is the static podvm-agent binary; it becomes /init.
 	Agent string
-	// OutputDir receives vmlinuz, initrd.img and image.json; empty means DefaultOutputDir.
+	// OutputDir receives vmlinuz, initrd.img, root.img (see RootImageSupport) and image.json; empty
+	// means DefaultOutputDir.
 	OutputDir string
 	// Modules are the modules the guest needs (their dependencies are added); nil means
 	// DefaultModules(), an empty non-nil slice means none.
@@ -106,17 +108,23 @@ type Manifest struct {
 	InitrdSize    int64          `json:"initrdSize"`
 	InitrdSHA256  string         `json:"initrdSHA256"`
 	Compression   Compression    `json:"compression"`
-	BuildTime     time.Time      `json:"buildTime"`
+	// RootImageSize and RootImageSHA256 describe root.img; both are empty when the kernel cannot
+	// boot from a root image and the initrd is the guest's only root.
+	RootImageSize   int64     `json:"rootImageSize,omitempty"`
+	RootImageSHA256 string    `json:"rootImageSHA256,omitempty"`
+	BuildTime       time.Time `json:"buildTime"`
 }
 
-// InitrdModule is a module as stored in the initrd.
+// InitrdModule is a module as stored in the initrd (and the root image).
 type InitrdModule struct {
 	Name string `json:"name"`
 	Path string `json:"path"` // absolute path inside the initrd, always a plain .ko
 }
 
-// Build makes the guest kernel and initrd from opts and installs them, with image.json, into the
-// output directory. The files are staged and renamed into place once all are complete.
+// Build makes the guest kernel, the initrd and, when the kernel can boot from it, the root image
+// from opts and installs them, with image.json, into the output directory. The files are staged
+// and renamed into place once all are complete; a root.img left by an earlier build is removed
+// when this kernel gets none.
 func Build(ctx context.Context, opts Options) (*Manifest, error) {
 	b := builder{opts: opts}
 	if b.opts.OutputDir == "" {
@@ -145,9 +153,15 @@ func (b *builder) step(name, detail string, start time.Time) {
 
 // kernelInfo is the opened kernel and what its module lists say.
 type kernelInfo struct {
-	tree    kernelTree
-	mods    []Module // modules the guest loads, in load order
-	builtin []string // wanted modules built into the kernel
+	tree       kernelTree
+	mods       []Module        // modules the guest loads, in load order
+	builtin    []string        // wanted modules built into the kernel
+	builtinAll map[string]bool // every module modules.builtin lists
+}
+
+// configPath is the kernel's config file, boot/config-<version> next to the image.
+func (k kernelInfo) configPath() string {
+	return filepath.Join(filepath.Dir(k.tree.vmlinuz), "config-"+k.tree.version)
 }
 
 func (b *builder) build(ctx context.Context) (*Manifest, error) {
@@ -177,7 +191,7 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 	if err := os.MkdirAll(b.opts.OutputDir, 0o755); err != nil {
 		return nil, fmt.Errorf("output directory: %w", err)
 	}
-	return b.writeImage(ctx, k, tree, agent)
+	return b.writeImage(ctx, k, tree, agent, tmp)
 }
 
 // kernelModules opens the kernel (extracting a package into tmp) and resolves the modules the
@@ -214,11 +228,17 @@ func (b *builder) kernelModules(ctx context.Context, tmp string) (kernelInfo, er
 	return k, nil
 }
 
-// writeImage writes the initrd, the kernel and image.json into the output dir, each staged and
-// put in place only once all are complete.
-func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, agent agentInfo) (*Manifest, error) {
+// writeImage writes the root image (when the kernel can boot from one), the initrd, the kernel
+// and image.json into the output dir, each staged and put in place only once all are complete.
+// Without a root image, one left by an earlier build is removed first: it would hold another
+// agent.
+func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, agent agentInfo, tmp string) (*Manifest, error) {
 	files := stagedFiles{dir: b.opts.OutputDir}
 	defer files.discard()
+	root, err := b.stageRootImage(ctx, &files, k, tree, agent, tmp)
+	if err != nil {
+		return nil, err
+	}
 	initrd, err := b.stageInitrd(&files, tree)
 	if err != nil {
 		return nil, err
@@ -237,6 +257,9 @@ func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, 
 		Compression:   b.opts.Compress,
 		BuildTime:     time.Now().UTC().Truncate(time.Second),
 	}
+	if root != nil {
+		m.RootImageSize, m.RootImageSHA256 = root.size, root.sum()
+	}
 	start := time.Now()
 	manifest, err := files.stage(ManifestFile)
 	if err != nil {
@@ -248,7 +271,13 @@ func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	// In staging order: initrd, kernel, and image.json last: it describes files that
+	if root == nil {
+		stale := filepath.Join(b.opts.OutputDir, RootImageFile)
+		if err := os.Remove(stale); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("remove the root image of an earlier build: %w", err)
+		}
+	}
+	// In staging order: root image, initrd, kernel, and image.json last: it describes files that
 	// are already in place.
 	if err := files.commit(); err != nil {
 		return nil, err
@@ -258,6 +287,35 @@ func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, 
 	}
 	b.step("install", b.opts.OutputDir, start)
 	return m, nil
+}
+
+// stageRootImage writes root.img into a staged file when the kernel can boot from it; it returns
+// nil when it cannot, and reports why.
+func (b *builder) stageRootImage(ctx context.Context, files *stagedFiles, k kernelInfo, tree *rootTree, agent agentInfo, tmp string) (*stagedFile, error) {
+	start := time.Now()
+	ok, why, err := RootImageSupport(k.builtinAll, k.configPath())
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		b.step("root image", "none ("+why+"); the initrd is the guest's root", start)
+		return nil, nil
+	}
+	f, err := files.stage(RootImageFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeRootImage(ctx, tree, agent.sha256, f.f.Name(), tmp); err != nil {
+		return nil, fmt.Errorf("write root image: %w", err)
+	}
+	if err := f.hashContents(); err != nil {
+		return nil, err
+	}
+	if err := f.finish(); err != nil {
+		return nil, err
+	}
+	b.step("write root image", mib(f.size), start)
+	return f, nil
 }
 
 func (b *builder) stageInitrd(files *stagedFiles, tree *rootTree) (*stagedFile, error) {
@@ -386,7 +444,7 @@ func resolve(kt kernelTree, depPath string, wanted []string) (kernelInfo, error)
 			inKernel = append(inKernel, n)
 		}
 	}
-	return kernelInfo{tree: kt, mods: mods, builtin: inKernel}, nil
+	return kernelInfo{tree: kt, mods: mods, builtin: inKernel, builtinAll: builtin}, nil
 }
 
 // copyN copies exactly n bytes of the file at p to w (the file must not have changed size).
@@ -485,6 +543,20 @@ func (s *stagedFile) finish() error {
 	if err := s.f.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", s.final, err)
 	}
+	return nil
+}
+
+// hashContents hashes the file as another program wrote it through its name.
+func (s *stagedFile) hashContents() error {
+	if _, err := s.f.Seek(0, io.SeekStart); err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	s.hash.Reset()
+	n, err := io.Copy(s.hash, s.f)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	s.size = n
 	return nil
 }
 
