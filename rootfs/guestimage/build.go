@@ -28,10 +28,9 @@ const DefaultOutputDir = "/usr/share/podvm"
 
 // Output file names inside the output directory.
 const (
-	KernelFile    = "vmlinuz"
-	InitrdFile    = "initrd.img"
-	RootImageFile = "root.img"
-	ManifestFile  = "image.json"
+	KernelFile   = "vmlinuz"
+	InitrdFile   = "initrd.img"
+	ManifestFile = "image.json"
 )
 
 // ModulesListPath is the file in the guest's root (initrd and root image) listing the modules to
