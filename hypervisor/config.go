@@ -72,9 +72,15 @@ type Config struct {
 	MemoryMiB int
 	// Kernel (required) and Initrd are booted directly; KernelParams are appended to the
 	// driver's command line, so a later parameter overrides a default one.
-	Kernel       string
-	Initrd       string
-	KernelParams []string
+	Kernel string
+	Initrd string
+	// RootImage, instead of Initrd, is a read-only ext4 image the guest boots from as its
+	// root: mapped, not copied, so every VM shares the host's page cache of it (QEMU:
+	// virtio-pmem, mounted with DAX). Its size must be a multiple of 2 MiB.
+	RootImage string
+	// RootImageSize is RootImage's size in bytes; 0 means the driver stats the file.
+	RootImageSize int64
+	KernelParams  []string
 	// Debug makes the guest verbose (no "quiet"; the agent logs at debug level).
 	Debug bool
 	// Firmware is the VM's firmware; empty means the driver's default.

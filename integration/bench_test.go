@@ -188,7 +188,7 @@ func timedLoop(b *testing.B, step func(i int) (time.Duration, func())) durations
 // QEMU start, firmware and kernel decompression as seen from the host. Stopping the VM is
 // outside the timer.
 func BenchmarkBootToAgentReady(b *testing.B) {
-	kernel, initrd := guestImage(b)
+	kernel, rootImage := guestImage(b)
 	root, err := os.MkdirTemp("/run", "pvb-")
 	if err != nil {
 		b.Fatal(err)
@@ -199,10 +199,10 @@ func BenchmarkBootToAgentReady(b *testing.B) {
 	// The VM logs each start at info level; only warnings and errors belong in benchmark output.
 	quiet := logrus.New()
 	quiet.SetLevel(logrus.WarnLevel)
-	v := &benchVM{b: b, ctx: log.WithLogger(ctx, logrus.NewEntry(quiet)), root: root, kernel: kernel, initrd: initrd}
+	v := &benchVM{b: b, ctx: log.WithLogger(ctx, logrus.NewEntry(quiet)), root: root, kernel: kernel, rootImage: rootImage}
 	b.Cleanup(v.stop) // a failed iteration leaves no VM behind
 
-	// The first boot pages the kernel and initrd in; it is not measured.
+	// The first boot pages the kernel and root image in; it is not measured.
 	v.boot(-1)
 	v.stop()
 	var guest durations
@@ -227,12 +227,12 @@ func BenchmarkBootToAgentReady(b *testing.B) {
 // benchVM is BenchmarkBootToAgentReady's VM: one at a time, each in a state dir of its own
 // under root.
 type benchVM struct {
-	b              *testing.B
-	ctx            context.Context
-	root           string
-	kernel, initrd string
-	vm             *qemu.VM
-	agent          *agent.Client
+	b                 *testing.B
+	ctx               context.Context
+	root              string
+	kernel, rootImage string
+	vm                *qemu.VM
+	agent             *agent.Client
 }
 
 func (v *benchVM) stateDir(i int) string { return filepath.Join(v.root, strconv.Itoa(i)) }
@@ -246,7 +246,7 @@ func (v *benchVM) boot(i int) (time.Duration, time.Duration) {
 	if err := os.MkdirAll(shared, 0o755); err != nil {
 		b.Fatal(err)
 	}
-	vm, err := qemu.New(v.ctx, testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.initrd))
+	vm, err := qemu.New(v.ctx, testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.rootImage))
 	if err != nil {
 		b.Fatal(err)
 	}

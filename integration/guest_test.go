@@ -3,10 +3,13 @@ package integration
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -59,7 +62,7 @@ type vmOptions struct {
 // share and the given devices, connects to its agent and sets the sandbox up.
 func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions) *guestVM {
 	t.Helper()
-	kernel, initrd := guestImage(t)
+	kernel, rootImage := guestImage(t)
 	shared := filepath.Join(stateDir, "shared")
 	var share *rootfs.Share
 	if o.Share {
@@ -74,7 +77,7 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	} else if err := os.MkdirAll(shared, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cfg := testVMConfig(filepath.Base(stateDir), stateDir, shared, kernel, initrd)
+	cfg := testVMConfig(filepath.Base(stateDir), stateDir, shared, kernel, rootImage)
 	cfg.NetDevices = o.NetDevices
 	if share != nil {
 		cfg.SharedDirNS = share.InMountNS
@@ -132,10 +135,10 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 
 // testVMConfig is the VM the tests boot: 1 vCPU, 512 MiB, the test guest image, shared as its
 // virtio-fs share, the agent over virtio-serial.
-func testVMConfig(id, stateDir, shared, kernel, initrd string) hypervisor.Config {
+func testVMConfig(id, stateDir, shared, kernel, rootImage string) hypervisor.Config {
 	return hypervisor.Config{
 		ID: id, StateDir: stateDir, Accel: testAccel(),
-		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, Initrd: initrd, SharedDir: shared,
+		VCPUs: 1, MemoryMiB: 512, Kernel: kernel, RootImage: rootImage, SharedDir: shared,
 		AgentTransport: qemu.TransportSerial, Debug: testDebug(),
 	}
 }
@@ -265,6 +268,86 @@ func TestGuestRunsContainers(t *testing.T) {
 	t.Run("exec, terminal, stdin and kill", func(t *testing.T) { testGuestExec(t, ctx, g) })
 	t.Run("free page reporting order", func(t *testing.T) { testGuestPageReporting(t, ctx, g) })
 	t.Run("timer device", func(t *testing.T) { testGuestTimer(t, ctx, g) })
+	t.Run("root image mapped with DAX", func(t *testing.T) { testGuestRootImage(t, ctx, g) })
+}
+
+// testGuestRootImage: the guest's root is the node's root image on virtio-pmem, read-only and
+// mapped with DAX, so the agent runs from the host's page cache, shared by every pod.
+func testGuestRootImage(t *testing.T, ctx context.Context, g *guestVM) {
+	root := busyboxRootfs(t, g, "c5")
+	// In the guest's PID namespace, /proc/1 is the agent (PID 1): its mounts are the guest's.
+	spec := defaultSpec(t, "c5", root, oci.WithHostNamespace(specs.PIDNamespace),
+		oci.WithProcessArgs("cat", "/sys/block/pmem0/dev", "/proc/1/mountinfo"))
+	stdout, stderr, code := runGuestContainer(t, ctx, g.agent, "c5", spec)
+	lines := strings.Split(stdout, "\n")
+	// mountinfo: id parent major:minor root mountpoint options ... - fstype source superoptions
+	var rootMount []string
+	for _, l := range lines[1:] {
+		if f := strings.Fields(l); len(f) >= 10 && f[4] == "/" {
+			rootMount = f
+		}
+	}
+	n := len(rootMount)
+	if code != 0 || n < 10 || rootMount[2] != lines[0] || rootMount[n-3] != "ext4" ||
+		!slices.Contains(strings.Split(rootMount[5], ","), "ro") || !slices.Contains(strings.Split(rootMount[n-1], ","), "dax=always") {
+		t.Errorf("exit %d, stderr %q: the guest's root is %q, want the device of pmem0 (%s), ext4, ro and dax=always\n%s",
+			code, stderr, rootMount, lines[0], stdout)
+	}
+	removeGuestContainer(t, ctx, g.agent, "c5")
+}
+
+// TestRootImageGuestWrite is the attacker's side of the shared root image: the guest's root
+// (here a container given CAP_MKNOD and every device) writes zeros over the pmem device that
+// holds it. Every pod VM on the node maps the same file, so the write must never reach it:
+// QEMU maps it read-only and drops the stores. The attacking guest may break only itself
+// (its page cache keeps what it wrote, and its root then fails it); the file keeps its bytes
+// and the next VM boots from it and runs a container.
+func TestRootImageGuestWrite(t *testing.T) {
+	ctx, stateDir := vmTest(t, 4*time.Minute)
+	g := bootVM(t, ctx, stateDir)
+	// The guest is not asked to shut down at the end: it may be dying. (Cleanups run last
+	// first: this one before bootVM's, which then only stops the VM.)
+	t.Cleanup(func() { g.agent.Close(); g.agent = nil })
+	img := g.vm.Config().RootImage
+	before := fileSHA256(t, img)
+	root := busyboxRootfs(t, g, "w1")
+	// O_DIRECT, past the guest's page cache, to the device itself; then read back from it.
+	spec := defaultSpec(t, "w1", root, oci.WithAllDevicesAllowed, oci.WithProcessArgs("sh", "-c",
+		`mknod /dev/pmem b $(tr : ' ' </sys/block/pmem0/dev) && dd if=/dev/zero of=/dev/pmem bs=4096 count=256 oflag=direct &&
+		 echo wrote && dd if=/dev/pmem bs=4096 count=1 iflag=direct | od -An -tx1 -j1080 -N2`))
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	stdout, stderr, code := runGuestContainer(t, wctx, g.agent, "w1", spec)
+	cancel()
+	if code != 0 || !strings.Contains(stdout, "wrote") {
+		t.Fatalf("exit %d, stdout %q, stderr %q: the guest could not even try to write its pmem device, so this test proves nothing", code, stdout, stderr)
+	}
+	if after := fileSHA256(t, img); after != before {
+		t.Fatalf("the guest changed the node's root image %s: sha256 %s, was %s", img, after, before)
+	}
+	// ext4's magic, 0xEF53 little-endian, at byte 56 of the superblock (which starts at 1024):
+	// the device itself kept the image.
+	if !strings.Contains(stdout, "53 ef") {
+		t.Errorf("read back after the write, the device's superblock magic is %q, want \"53 ef\"", stdout)
+	}
+
+	ctx2, stateDir2 := vmTest(t, 2*time.Minute)
+	g2 := bootVM(t, ctx2, stateDir2)
+	root = busyboxRootfs(t, g2, "w2")
+	stdout, stderr, code = runGuestContainer(t, ctx2, g2.agent, "w2", defaultSpec(t, "w2", root, oci.WithProcessArgs("echo", "still here")))
+	if code != 0 || stdout != "still here\n" {
+		t.Errorf("the next VM, from the same image: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	removeGuestContainer(t, ctx2, g2.agent, "w2")
+}
+
+func fileSHA256(t testing.TB, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }
 
 // testGuestTimer: the guest's timer interrupts come from a device that is programmed with a

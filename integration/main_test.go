@@ -133,14 +133,15 @@ func needCmd(name string) string {
 	return ""
 }
 
-// guestImage returns the kernel and initrd the tests boot.
-func guestImage(t testing.TB) (kernel, initrd string) {
+// guestImage returns the kernel and root image the tests boot (the default path: podvm's
+// kernel boots from the root image; hypervisor/qemu's real-VM tests cover the initrd).
+func guestImage(t testing.TB) (kernel, rootImage string) {
 	t.Helper()
 	dir := os.Getenv("PODVM_IMAGE_DIR")
 	require(t, needRoot(), needCmd("qemu-system-x86_64"), map[bool]string{true: "PODVM_IMAGE_DIR (make image)"}[dir == ""])
-	kernel, initrd = filepath.Join(dir, guestimage.KernelFile), filepath.Join(dir, guestimage.InitrdFile)
-	require(t, needFile(kernel), needFile(initrd))
-	return kernel, initrd
+	kernel, rootImage = filepath.Join(dir, guestimage.KernelFile), filepath.Join(dir, guestimage.RootImageFile)
+	require(t, needFile(kernel), needFile(rootImage))
+	return kernel, rootImage
 }
 
 // testAccel is the accelerator tests use: TCG unless PODVM_TEST_ACCEL says otherwise, since

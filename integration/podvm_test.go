@@ -46,7 +46,7 @@ func podvmOptions(t testing.TB, allowed ...string) harness.Options {
 // cache and lock.
 func podvmShimOptions(t testing.TB, stateDir, block string, allowed ...string) harness.Options {
 	t.Helper()
-	kernel, initrd := guestImage(t)
+	kernel, rootImage := guestImage(t)
 	bin := os.Getenv("PODVM_BIN")
 	require(t, needFile(filepath.Join(bin, "containerd-shim-podvm-v2")))
 	quoted := make([]string, len(allowed))
@@ -56,7 +56,7 @@ func podvmShimOptions(t testing.TB, stateDir, block string, allowed ...string) h
 	body := fmt.Sprintf(`[hypervisor]
 accel = %q
 kernel = %q
-initrd = %q
+image = %q
 debug = %v
 
 [sandbox]
@@ -64,7 +64,7 @@ state_dir = %q
 
 [annotations]
 allowed = [%s]
-`, testAccel(), kernel, initrd, testDebug(), stateDir, strings.Join(quoted, ", "))
+`, testAccel(), kernel, rootImage, testDebug(), stateDir, strings.Join(quoted, ", "))
 	if block != "" {
 		body += "\n[block]\n" + block + "\n"
 	}

@@ -95,6 +95,11 @@ func moveToOwnRoot(ctx context.Context) error {
 		log.G(ctx).Infof("podvm-agent: loaded %d modules in %s", n, time.Since(start).Round(time.Millisecond))
 	}
 
+	// A root image (virtio-pmem) is a mount of its own already, and read-only.
+	if onInitramfs, err := rootIsInitramfs(); err != nil || !onInitramfs {
+		return err
+	}
+
 	// Move onto a root that is a mount of its own (runc's pivot_root cannot leave the
 	// initramfs's root mount): a bind mount of one of the initramfs's directories, holding
 	// this binary. Renaming the binary there instead of copying it onto a new tmpfs keeps its
@@ -139,6 +144,16 @@ func moveToOwnRoot(ctx context.Context) error {
 	}
 	// No re-exec: every new process starts from /init, the file this process runs.
 	return unix.Chdir("/")
+}
+
+// rootIsInitramfs tells whether / is the kernel's initramfs (a ramfs or tmpfs) rather than a
+// root filesystem the kernel mounted from a device.
+func rootIsInitramfs() (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/", &st); err != nil {
+		return false, fmt.Errorf("statfs /: %w", err)
+	}
+	return st.Type == unix.RAMFS_MAGIC || st.Type == unix.TMPFS_MAGIC, nil
 }
 
 func mountStage2() error {

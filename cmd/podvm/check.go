@@ -117,7 +117,7 @@ func (h hostProbe) check(ctx context.Context, path string) []checkResult {
 	cfg := checkConfig(&r, path)
 	hc := cfg.Hypervisor
 	h.checkQEMU(ctx, &r, hc.QEMUPath)
-	h.checkGuestImage(&r, hc.Kernel, hc.Initrd)
+	h.checkGuestImage(&r, hc)
 	h.checkVirtiofsd(&r, hc.VirtiofsdPath)
 	if h.probeAccel == nil {
 		h.checkKVM(&r, hc.Accel)
@@ -201,18 +201,22 @@ func (h hostProbe) checkQEMU(ctx context.Context, r *report, qemuPath string) {
 	}
 }
 
-// checkGuestImage checks the guest kernel and initrd, and reads the image manifest next to
-// the kernel.
-func (h hostProbe) checkGuestImage(r *report, kernel, initrd string) {
+// checkGuestImage checks the guest kernel and what it boots from (the root image, else the
+// initrd), and reads the image manifest next to the kernel.
+func (h hostProbe) checkGuestImage(r *report, hc config.Hypervisor) {
+	kernel := hc.Kernel
 	missingImage := "run 'make install' (or 'podvm image build --output " + filepath.Dir(kernel) + "') or set hypervisor.%s"
-	for _, f := range []struct{ name, key, path string }{
-		{"guest kernel", "kernel", kernel},
-		{"guest initrd", "initrd", initrd},
-	} {
+	boot := struct{ name, key, path string }{"guest initrd", "initrd", hc.Initrd}
+	if hc.Image != "" {
+		boot = struct{ name, key, path string }{"guest rootfs", "image", hc.Image}
+	}
+	for _, f := range []struct{ name, key, path string }{{"guest kernel", "kernel", kernel}, boot} {
 		if fi, err := h.stat(f.path); err != nil {
 			r.add(statusFail, f.name, "%s: %s; "+missingImage, f.path, errText(err), f.key)
 		} else if !fi.Mode().IsRegular() {
 			r.add(statusFail, f.name, "%s: not a regular file; "+missingImage, f.path, f.key)
+		} else if f.key == "image" && fi.Size()%(2<<20) != 0 {
+			r.add(statusFail, f.name, "%s: %d bytes, not a multiple of 2 MiB (the guest maps it in 2 MiB sections); rebuild it with 'podvm image build'", f.path, fi.Size())
 		} else {
 			r.add(statusOK, f.name, "%s (%d bytes)", f.path, fi.Size())
 		}

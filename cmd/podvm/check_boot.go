@@ -37,7 +37,7 @@ func probeAccel(ctx context.Context, cfg *config.Config) (qemu.ProbeResult, erro
 // unusable is a warning with accel "auto" (pods get TCG) and a failure with accel "kvm".
 func (h hostProbe) checkBoot(ctx context.Context, r *report, cfg *config.Config) {
 	for _, c := range *r {
-		if c.status == statusFail && slices.Contains([]string{"qemu", "guest kernel", "guest initrd", "state dir"}, c.name) {
+		if c.status == statusFail && slices.Contains([]string{"qemu", "guest kernel", "guest initrd", "guest rootfs", "state dir"}, c.name) {
 			r.add(statusWarn, "boot", "not tried: the guest cannot boot until the %s check above passes", c.name)
 			return
 		}

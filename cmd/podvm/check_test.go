@@ -93,6 +93,7 @@ func goodHost() fakeHost {
 		"/usr/bin/qemu-system-x86_64":       "",
 		"/usr/share/podvm/vmlinuz":          "kernel",
 		"/usr/share/podvm/initrd.img":       "initrd",
+		"/usr/share/podvm/root.img":         strings.Repeat("r", 2<<20),
 		"/usr/share/podvm/image.json":       `{"kernelVersion":"6.1.0-test","modules":[{"name":"virtio"}],"buildTime":"2026-01-02T03:04:05Z"}`,
 		"/usr/lib/qemu/virtiofsd":           "",
 		"/dev/vhost-vsock":                  "",
@@ -119,6 +120,9 @@ func TestCheck(t *testing.T) {
 	badConfig := writeConfig(t, dir, "bad.toml", "[hypervisor]\naccel = \"hvf\"\n")
 	tcgConfig := writeConfig(t, dir, "tcg.toml", "[hypervisor]\naccel = \"tcg\"\n")
 	kvmConfig := writeConfig(t, dir, "kvm.toml", "[hypervisor]\naccel = \"kvm\"\nagent_transport = \"vsock\"\n")
+	initrdConfig := writeConfig(t, dir, "initrd.toml", "[hypervisor]\naccel = \"tcg\"\ninitrd = \"/usr/share/podvm/initrd.img\"\n")
+	badImage := goodHost()
+	badImage.files["/usr/share/podvm/root.img"] = "short"
 	bare := bareHost()
 	broken := fakeHost{files: map[string]string{"/": ""}}
 
@@ -132,7 +136,7 @@ func TestCheck(t *testing.T) {
 			"ok    config          " + tcgConfig + " loads",
 			"ok    qemu            /usr/bin/qemu-system-x86_64: QEMU emulator version 7.2.22",
 			"ok    guest kernel    /usr/share/podvm/vmlinuz (6 bytes)",
-			"ok    guest initrd    /usr/share/podvm/initrd.img (6 bytes)",
+			"ok    guest rootfs    /usr/share/podvm/root.img (2097152 bytes)",
 			"ok    guest image     kernel 6.1.0-test, 1 modules, built 2026-01-02T03:04:05Z",
 			"ok    virtiofsd       /usr/lib/qemu/virtiofsd",
 			`ok    kvm             accel = "tcg" forced (software emulation, slow); /dev/kvm usable: set accel = "auto" to use it`,
@@ -143,9 +147,21 @@ func TestCheck(t *testing.T) {
 			"ok    templates       off",
 			"ok    shim            /usr/bin/containerd-shim-podvm-v2",
 		}},
+		{"initrd", goodHost(), initrdConfig, []string{
+			"ok    config", "ok    qemu", "ok    guest kernel",
+			"ok    guest initrd    /usr/share/podvm/initrd.img (6 bytes)",
+			"ok    guest image", "ok    virtiofsd", "ok    kvm", "ok    vhost-vsock", "ok    vhost-net",
+			"ok    tun", "ok    state dir", "ok    templates", "ok    shim",
+		}},
+		{"root image of a bad size", badImage, tcgConfig, []string{
+			"ok    config", "ok    qemu", "ok    guest kernel",
+			"FAIL  guest rootfs    /usr/share/podvm/root.img: 5 bytes, not a multiple of 2 MiB (the guest maps it in 2 MiB sections); rebuild it with 'podvm image build'",
+			"ok    guest image", "ok    virtiofsd", "ok    kvm", "ok    vhost-vsock", "ok    vhost-net",
+			"ok    tun", "ok    state dir", "ok    templates", "ok    shim",
+		}},
 		{"no kvm, no vhost", bare, noConfig, []string{
 			"FAIL  config          podvm config " + noConfig + ": file does not exist",
-			"ok    qemu", "ok    guest kernel", "ok    guest initrd",
+			"ok    qemu", "ok    guest kernel", "ok    guest rootfs",
 			"warn  guest image     /usr/share/podvm/image.json: no such file or directory; the kernel version is unknown",
 			"ok    virtiofsd",
 			`warn  kvm             /dev/kvm not usable (missing, no permission, or KVM_CREATE_VM fails): accel "auto" will use TCG (slow)`,
@@ -154,7 +170,7 @@ func TestCheck(t *testing.T) {
 			"ok    tun", "ok    state dir", "ok    templates", "ok    shim",
 		}},
 		{"forced kvm and vsock without them", bare, kvmConfig, []string{
-			"ok    config", "ok    qemu", "ok    guest kernel", "ok    guest initrd", "warn  guest image", "ok    virtiofsd",
+			"ok    config", "ok    qemu", "ok    guest kernel", "ok    guest rootfs", "warn  guest image", "ok    virtiofsd",
 			`FAIL  kvm             accel = "kvm" but /dev/kvm is not usable`,
 			`FAIL  vhost-vsock     agent_transport = "vsock" but /dev/vhost-vsock: no such file or directory; modprobe vhost_vsock`,
 			"warn  vhost-net", "ok    tun", "ok    state dir", "ok    templates", "ok    shim",
@@ -163,7 +179,7 @@ func TestCheck(t *testing.T) {
 			`FAIL  config          podvm config ` + badConfig + `: hypervisor.accel = "hvf": must be "auto", "kvm" or "tcg"; use e.g. accel = "tcg" (the checks below use the built-in defaults)`,
 			"FAIL  qemu            qemu-system-x86_64: not found or not executable; install QEMU (Debian: apt-get install qemu-system-x86) or set hypervisor.qemu_path",
 			"FAIL  guest kernel    /usr/share/podvm/vmlinuz: no such file or directory; run 'make install' (or 'podvm image build --output /usr/share/podvm') or set hypervisor.kernel",
-			"FAIL  guest initrd    /usr/share/podvm/initrd.img: no such file or directory; run 'make install' (or 'podvm image build --output /usr/share/podvm') or set hypervisor.initrd",
+			"FAIL  guest rootfs    /usr/share/podvm/root.img: no such file or directory; run 'make install' (or 'podvm image build --output /usr/share/podvm') or set hypervisor.image",
 			"warn  guest image",
 			"FAIL  virtiofsd       not in /usr/libexec, PATH or /usr/lib/qemu",
 			"warn  kvm",

@@ -220,7 +220,7 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 	console := fs.Bool("console", false, "print the guest's console log afterwards")
 	verbose := fs.Bool("debug", false, "boot with the kernel's and the agent's debug output")
 	setUsage(fs, "podvm debug boot [flags]",
-		"Boots a VM from the node config's kernel and initrd (its accelerator, memory defaults and\nagent transport), waits for the guest agent, prints its version and the boot time, and\nstops the VM. Nothing stays behind.")
+		"Boots a VM from the node config's kernel and root image or initrd (its accelerator, memory defaults and\nagent transport), waits for the guest agent, prints its version and the boot time, and\nstops the VM. Nothing stays behind.")
 	cfg, err := parseConfig(e, fs, path, args)
 	if err != nil {
 		return err
@@ -251,7 +251,11 @@ func runDebugBoot(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	accel := vm.Config().Accel // what New resolved "auto" to (the node's probe)
-	fmt.Fprintf(e.stdout, "booting %s + %s (%s, %d vCPU, %d MiB)\n", qcfg.Kernel, qcfg.Initrd, accel, size.VCPUs, size.MemoryMiB)
+	root := qcfg.Initrd
+	if qcfg.RootImage != "" {
+		root = qcfg.RootImage
+	}
+	fmt.Fprintf(e.stdout, "booting %s + %s (%s, %d vCPU, %d MiB)\n", qcfg.Kernel, root, accel, size.VCPUs, size.MemoryMiB)
 	start := time.Now()
 	if err := vm.Start(ctx); err != nil {
 		return err

@@ -32,7 +32,7 @@ func runInstall(ctx context.Context, e *env, args []string) error {
 	var f installFlags
 	fs.StringVar(&f.root, "root", "/", "install under this `DIR` (a node image's staging root); paths inside the files stay the final ones")
 	fs.StringVar(&f.prefix, "prefix", "/usr/local", "binaries go to `PREFIX`/bin")
-	fs.StringVar(&f.imageDir, "image", "", "`DIR` with vmlinuz, initrd.img and image.json from 'podvm image build' (default: _output/image beside the binaries' bin/, else none)")
+	fs.StringVar(&f.imageDir, "image", "", "`DIR` with vmlinuz, root.img, initrd.img and image.json from 'podvm image build' (default: _output/image beside the binaries' bin/, else none)")
 	fs.BoolVar(&f.record, "record", false, "record what was installed in ROOT/"+InstallManifest+" for 'podvm uninstall' (default: true when --root is /)")
 	setUsage(fs, name+" [flags]",
 		"Installs podvm: this podvm binary and containerd-shim-podvm-v2 beside it into PREFIX/bin,\nthe guest image into /usr/share/podvm, the containerd drop-in\n/etc/containerd/conf.d/podvm.toml, the RuntimeClass manifest\n/usr/share/podvm/runtimeclass.yaml, and /etc/podvm/config.toml unless one exists (it is never\noverwritten). Onto / it records what it wrote (and the directories it made) for\n'podvm uninstall'. Then restart containerd and run 'podvm check'.")
@@ -144,6 +144,18 @@ func stageImage(binDir, imageDir string, at func(string) string, say func(string
 	if img == "" {
 		say("no guest image given (--image): build one into %s with 'podvm image build'", guestimage.DefaultOutputDir)
 		return nil
+	}
+	// The root image first and image.json last, as 'podvm image build' puts them in place.
+	// A kernel that cannot boot from a root image has none: an older one at the destination
+	// would boot another agent, so it goes.
+	rootImage := at(filepath.Join(guestimage.DefaultOutputDir, guestimage.RootImageFile))
+	if exists(filepath.Join(img, guestimage.RootImageFile)) {
+		if err := copyFile(filepath.Join(img, guestimage.RootImageFile), rootImage, 0o644); err != nil {
+			return fmt.Errorf("install the guest image: %w", err)
+		}
+		say("%s", rootImage)
+	} else if err := os.Remove(rootImage); err != nil && !errors.Is(err, iofs.ErrNotExist) {
+		return fmt.Errorf("remove the root image of an earlier install: %w", err)
 	}
 	for _, f := range []string{guestimage.KernelFile, guestimage.InitrdFile, guestimage.ManifestFile} {
 		dst := at(filepath.Join(guestimage.DefaultOutputDir, f))

@@ -17,7 +17,7 @@ func TestInstallIntoAStagingRoot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, f := range []string{"vmlinuz", "initrd.img", "image.json"} {
+	for _, f := range []string{"vmlinuz", "root.img", "initrd.img", "image.json"} {
 		if err := os.WriteFile(filepath.Join(img, f), []byte(f), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -30,6 +30,7 @@ func TestInstallIntoAStagingRoot(t *testing.T) {
 		"usr/bin/podvm":                     "#!/bin/true\n",
 		"usr/bin/" + shimName:               "#!/bin/true\n",
 		"usr/share/podvm/initrd.img":        "initrd.img",
+		"usr/share/podvm/root.img":          "root.img",
 		"usr/share/podvm/runtimeclass.yaml": string(deploy.RuntimeClass),
 		"etc/containerd/conf.d/podvm.toml":  string(deploy.ContainerdDropIn),
 		"etc/podvm/config.toml":             string(deploy.ConfigTOML),
@@ -54,6 +55,18 @@ func TestInstallIntoAStagingRoot(t *testing.T) {
 		t.Errorf("reinstall overwrote the node config: %q", b)
 	}
 
+	// An image without a root image (a Debian kernel's) takes the earlier one away: it would
+	// boot another agent.
+	if err := os.Remove(filepath.Join(img, "root.img")); err != nil {
+		t.Fatal(err)
+	}
+	if r := runCLI(t, bin, t.TempDir(), "install", "--root", root, "--image", img); r.code != 0 {
+		t.Fatalf("reinstall without a root image: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if _, err := os.Stat(filepath.Join(root, "usr/share/podvm/root.img")); !os.IsNotExist(err) {
+		t.Errorf("the earlier root image stayed: %v", err)
+	}
+
 	// Without the shim next to podvm, it says what to do.
 	os.Remove(filepath.Join(bin, shimName))
 	if r := runCLI(t, bin, t.TempDir(), "install", "--root", t.TempDir()); r.code != 1 || !strings.Contains(r.stderr, "make build") {
@@ -71,7 +84,7 @@ func TestInstallRecordedUninstall(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, f := range []string{"vmlinuz", "initrd.img", "image.json"} {
+	for _, f := range []string{"vmlinuz", "root.img", "initrd.img", "image.json"} {
 		if err := os.WriteFile(filepath.Join(img, f), []byte(f), 0o644); err != nil {
 			t.Fatal(err)
 		}

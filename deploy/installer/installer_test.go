@@ -230,7 +230,7 @@ func TestInstallUnderAnotherRoot(t *testing.T) {
 	host, dist := hostRoot(t), distTree(t)
 	writeFile(t, filepath.Join(dist, DropIn), string(deploy.ContainerdDropIn))
 	writeFile(t, filepath.Join(dist, ConfigPath), string(deploy.ConfigTOML))
-	writeFile(t, filepath.Join(dist, "usr/share/podvm/initrd.img"), "initrd")
+	writeFile(t, filepath.Join(dist, "usr/share/podvm/root.img"), "image")
 	writeFile(t, filepath.Join(dist, ShimPath), "shim")
 	writeFile(t, filepath.Join(host, ContainerdConfig), "version = 3\n")
 	before := listing(t, host)
@@ -261,12 +261,12 @@ func TestInstallUnderAnotherRoot(t *testing.T) {
 		t.Errorf("relocated drop-in: %+v\n%s", rt, got[DropIn])
 	}
 	var cfg struct {
-		Hypervisor struct{ Kernel, Initrd string }
+		Hypervisor struct{ Kernel, Image string }
 	}
 	if err := toml.Unmarshal([]byte(got[ConfigPath]), &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Hypervisor.Initrd != "/srv/node1/usr/share/podvm/initrd.img" || cfg.Hypervisor.Kernel != "/srv/node1/usr/share/podvm/vmlinuz" {
+	if cfg.Hypervisor.Image != "/srv/node1/usr/share/podvm/root.img" || cfg.Hypervisor.Kernel != "/srv/node1/usr/share/podvm/vmlinuz" {
 		t.Errorf("relocated node config: %+v", cfg.Hypervisor)
 	}
 	if want := `imports = ["/srv/node1/etc/containerd/conf.d/podvm.toml"]`; !strings.HasPrefix(got[ContainerdConfig], want) {

@@ -107,6 +107,7 @@ type ProbeKey struct {
 	QEMU         FileID `json:"qemu"`
 	Kernel       FileID `json:"kernel"`
 	Initrd       FileID `json:"initrd"`
+	RootImage    FileID `json:"rootImage"`
 	Firmware     FileID `json:"firmware"`
 	Transport    string `json:"transport"`
 }
@@ -427,7 +428,7 @@ func probeKey(c *Config) (ProbeKey, error) {
 		id       *FileID
 		path     string
 		optional bool
-	}{{&k.QEMU, c.Binary, false}, {&k.Kernel, c.Kernel, false}, {&k.Initrd, c.Initrd, true}, {&k.Firmware, c.Firmware, true}} {
+	}{{&k.QEMU, c.Binary, false}, {&k.Kernel, c.Kernel, false}, {&k.Initrd, c.Initrd, true}, {&k.RootImage, c.RootImage, true}, {&k.Firmware, c.Firmware, true}} {
 		if f.path == "" && f.optional {
 			continue
 		}

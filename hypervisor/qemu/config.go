@@ -101,6 +101,13 @@ func (c Config) Resolve(ctx context.Context) (Config, error) {
 			c.Firmware = defaultFirmware
 		}
 	}
+	if c.RootImage != "" && c.RootImageSize == 0 {
+		st, err := os.Stat(c.RootImage)
+		if err != nil {
+			return c, fmt.Errorf("RootImage: %w; build it with 'podvm image build' (podvm's kernel), or boot from an initrd instead", err)
+		}
+		c.RootImageSize = st.Size()
+	}
 	if c.SharedDir != "" && c.VirtiofsdPath == "" {
 		c.VirtiofsdPath = findVirtiofsd()
 		if c.VirtiofsdPath == "" {
@@ -273,6 +280,7 @@ func (c *Config) validateBoot(p *problems) {
 	if c.Initrd != "" && !filepath.IsAbs(c.Initrd) {
 		p.add("Initrd %q: must be an absolute path", c.Initrd)
 	}
+	c.validateRootImage(p)
 	if c.Firmware != "" && !filepath.IsAbs(c.Firmware) {
 		p.add("Firmware %q: must be an absolute path", c.Firmware)
 	}
@@ -280,6 +288,26 @@ func (c *Config) validateBoot(p *problems) {
 		if kp == "" || strings.ContainsAny(kp, " \t\n") {
 			p.add("KernelParams: %q is not one kernel parameter (empty or contains whitespace); give one parameter per element", kp)
 		}
+	}
+}
+
+// rootImageAlign is what a root image's size must be a multiple of: the guest maps
+// virtio-pmem memory in 2 MiB sections.
+const rootImageAlign = 2 << 20
+
+// validateRootImage checks the root image, if there is one.
+func (c *Config) validateRootImage(p *problems) {
+	if c.RootImage == "" {
+		return
+	}
+	if !filepath.IsAbs(c.RootImage) {
+		p.add("RootImage %q: must be an absolute path", c.RootImage)
+	}
+	if c.Initrd != "" {
+		p.add("RootImage %q and Initrd %q: the guest boots from one of them; leave Initrd empty", c.RootImage, c.Initrd)
+	}
+	if c.RootImageSize <= 0 || c.RootImageSize%rootImageAlign != 0 {
+		p.add("RootImage %q: its size, %d bytes, is not a positive multiple of 2 MiB (the guest maps it in 2 MiB sections); build it with 'podvm image build'", c.RootImage, c.RootImageSize)
 	}
 }
 
@@ -379,6 +407,11 @@ func (c *Config) KernelCmdline() string {
 		// again (agent/guest: applyPageReportingOrder).
 		"page_reporting.page_reporting_order=" + strconv.Itoa(pageReportingOrder),
 	}
+	if c.RootImage != "" {
+		// The first pmem device, ext4 read-only, its pages mapped straight from the host
+		// (DAX) instead of copied into the guest's page cache.
+		params = append(params, "root=/dev/pmem0", "rootfstype=ext4", "rootflags=dax=always", "ro", "init=/init")
+	}
 	if c.Debug {
 		// The guest agent logs at debug level too.
 		params = append(params, "podvm.debug")
@@ -476,15 +509,20 @@ func (c *Config) machineArgs() []string {
 		// saved state.
 		backend = "memory-backend-file,id=mem,size=" + mem + ",mem-path=/proc/self/fd/3,share=on"
 	}
+	m := mem
+	if c.RootImage != "" {
+		// The root image is a memory device: room for it above the RAM.
+		m += ",maxmem=" + strconv.FormatInt(int64(c.MemoryMiB)<<20+c.RootImageSize, 10)
+	}
 	return append(a,
 		"-smp", strconv.Itoa(c.VCPUs),
-		"-m", mem,
+		"-m", m,
 		"-object", backend,
 		"-numa", "node,memdev=mem",
 	)
 }
 
-// bootArgs are the firmware, kernel, initrd and kernel command line.
+// bootArgs are the firmware, kernel, initrd or root image, and kernel command line.
 func (c *Config) bootArgs() []string {
 	var a []string
 	if c.Firmware != "" {
@@ -493,6 +531,16 @@ func (c *Config) bootArgs() []string {
 	a = append(a, "-kernel", opt(c.Kernel))
 	if c.Initrd != "" {
 		a = append(a, "-initrd", opt(c.Initrd))
+	}
+	if c.RootImage != "" {
+		// Mapped from the host's page cache, shared with every VM (share=on) and read-only:
+		// QEMU opens it O_RDONLY and maps it PROT_READ, so no guest can change the image
+		// another VM boots from; a guest's stores to it are dropped. share=on also keeps
+		// it out of a template's saved state (x-ignore-shared).
+		a = append(a,
+			"-object", "memory-backend-file,id=rootimg,mem-path="+opt(c.RootImage)+
+				",size="+strconv.FormatInt(c.RootImageSize, 10)+",share=on,readonly=on",
+			"-device", "virtio-pmem-pci,id=rootimg,memdev=rootimg")
 	}
 	return append(a, "-append", c.KernelCmdline())
 }

@@ -80,6 +80,19 @@ var argsTests = []struct {
 		notWant: []string{"tcg", "virtio-serial", "quiet", "noapictimer", "lapic_timer_khz", "keep_initmem", "noreplace-smp", "-initrd", "-bios", "pcie-root-port"},
 	},
 	{
+		name: "root image",
+		mod: func(c *Config) {
+			c.Initrd, c.RootImage, c.RootImageSize = "", "/usr/share/podvm/root,1.img", 12<<20
+		},
+		want: []string{
+			"-m 512M,maxmem=549453824",
+			"-object memory-backend-file,id=rootimg,mem-path=/usr/share/podvm/root,,1.img,size=12582912,share=on,readonly=on",
+			"-device virtio-pmem-pci,id=rootimg,memdev=rootimg",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp",
+		},
+		notWant: []string{"-initrd"},
+	},
+	{
 		name: "virtio-fs",
 		mod: func(c *Config) {
 			c.SharedDir, c.VirtiofsdPath, c.VirtiofsCache = "/run/podvm/pod1/shared", "/usr/lib/qemu/virtiofsd", "auto"
@@ -170,6 +183,10 @@ func TestArgsRejectsBadConfig(t *testing.T) {
 		{"bad accel", func(c *Config) { c.Accel = "hvf" }, "Accel"},
 		{"no kernel", func(c *Config) { c.Kernel = "" }, "Kernel"},
 		{"relative initrd", func(c *Config) { c.Initrd = "initrd" }, "Initrd"},
+		{"root image and initrd", func(c *Config) { c.RootImage, c.RootImageSize = "/r.img", 2<<20 }, "leave Initrd empty"},
+		{"relative root image", func(c *Config) { c.Initrd, c.RootImage, c.RootImageSize = "", "r.img", 2<<20 }, "RootImage"},
+		{"root image size unaligned", func(c *Config) { c.Initrd, c.RootImage, c.RootImageSize = "", "/r.img", 3<<20 }, "not a positive multiple of 2 MiB"},
+		{"root image size unknown", func(c *Config) { c.Initrd, c.RootImage = "", "/r.img" }, "not a positive multiple of 2 MiB"},
 		{"tiny memory", func(c *Config) { c.MemoryMiB = 16 }, "MemoryMiB"},
 		{"too many vcpus", func(c *Config) { c.VCPUs = 1000 }, "VCPUs"},
 		{"param with space", func(c *Config) { c.KernelParams = []string{"a b"} }, "KernelParams"},
@@ -337,5 +354,27 @@ func TestFindVirtiofsdPrefersRust(t *testing.T) {
 		if got := FindVirtiofsd(tt.access, tt.look); got != tt.want {
 			t.Errorf("%s: FindVirtiofsd = %q, want %q", tt.name, got, tt.want)
 		}
+	}
+}
+
+// TestResolveRootImage: Resolve takes the root image's size from the file, and a missing image
+// says how to make one.
+func TestResolveRootImage(t *testing.T) {
+	img := t.TempDir() + "/root.img"
+	if err := os.WriteFile(img, make([]byte, 4<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := baseConfig()
+	c.Initrd, c.RootImage = "", img
+	r, err := c.Resolve(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.RootImageSize != 4<<20 {
+		t.Errorf("RootImageSize %d, want %d", r.RootImageSize, 4<<20)
+	}
+	c.RootImage = img + ".missing"
+	if _, err := c.Resolve(context.Background()); err == nil || !strings.Contains(err.Error(), "podvm image build") {
+		t.Errorf("missing root image: %v", err)
 	}
 }

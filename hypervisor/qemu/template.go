@@ -86,6 +86,7 @@ type templateInputs struct {
 	QEMU    string   `json:"qemu"`
 	Kernel  string   `json:"kernel"`
 	Initrd  string   `json:"initrd"`
+	Root    string   `json:"rootImage,omitempty"`
 	BIOS    string   `json:"firmware"`
 	Command []string `json:"command"`
 }
@@ -101,8 +102,8 @@ func templateConfig(cfg Config, stateDir string) Config {
 }
 
 // templateKey hashes cfg's template VM: its command line (less what differs between VMs: the
-// state dir and uid), the file identity of the kernel, initrd, QEMU and firmware, and the
-// podvm and agent versions. Identity, not contents: hashing the ~15 MiB of kernel and initrd
+// state dir and uid), the file identity of the kernel, initrd or root image, QEMU and
+// firmware, and the podvm and agent versions. Identity, not contents: hashing the ~15 MiB of kernel and initrd
 // cost every templated start 11-16 ms under load, and a new image (written anew or renamed
 // into place) has a new inode or change time, so it still finds no template.
 func templateKey(cfg Config) (string, []byte, error) {
@@ -116,7 +117,7 @@ func templateKey(cfg Config) (string, []byte, error) {
 	for _, f := range []struct {
 		path string
 		id   *string
-	}{{cfg.Kernel, &in.Kernel}, {cfg.Initrd, &in.Initrd}, {cfg.Binary, &in.QEMU}, {cfg.Firmware, &in.BIOS}} {
+	}{{cfg.Kernel, &in.Kernel}, {cfg.Initrd, &in.Initrd}, {cfg.RootImage, &in.Root}, {cfg.Binary, &in.QEMU}, {cfg.Firmware, &in.BIOS}} {
 		if f.path == "" {
 			continue
 		}

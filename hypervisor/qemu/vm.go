@@ -110,7 +110,7 @@ func New(ctx context.Context, hc hypervisor.Config) (*VM, error) {
 	if _, err := exec.LookPath(cfg.Binary); err != nil {
 		errs = append(errs, fmt.Errorf("qemu binary %q (Binary, hypervisor.qemu_path): not an executable: %w", cfg.Binary, err))
 	}
-	for _, f := range []struct{ field, path string }{{"Kernel", cfg.Kernel}, {"Initrd", cfg.Initrd}, {"Firmware", cfg.Firmware}} {
+	for _, f := range []struct{ field, path string }{{"Kernel", cfg.Kernel}, {"Initrd", cfg.Initrd}, {"RootImage", cfg.RootImage}, {"Firmware", cfg.Firmware}} {
 		if f.path == "" {
 			continue
 		}

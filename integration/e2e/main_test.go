@@ -37,12 +37,12 @@ func require(t testing.TB, missing []string) {
 func options(t testing.TB) harness.Options {
 	t.Helper()
 	bin, img := os.Getenv("PODVM_BIN"), os.Getenv("PODVM_IMAGE_DIR")
-	kernel, initrd := filepath.Join(img, guestimage.KernelFile), filepath.Join(img, guestimage.InitrdFile)
+	kernel, rootImage := filepath.Join(img, guestimage.KernelFile), filepath.Join(img, guestimage.RootImageFile)
 	var missing []string
 	if os.Geteuid() != 0 {
 		missing = append(missing, "root")
 	}
-	for _, f := range []string{filepath.Join(bin, "containerd-shim-podvm-v2"), kernel, initrd} {
+	for _, f := range []string{filepath.Join(bin, "containerd-shim-podvm-v2"), kernel, rootImage} {
 		if bin == "" || img == "" {
 			missing = append(missing, "PODVM_BIN and PODVM_IMAGE_DIR (make e2e sets them)")
 			break
@@ -64,8 +64,8 @@ func options(t testing.TB) harness.Options {
 	}
 	t.Cleanup(func() { _ = os.Remove(stateDir) }) // after the leak check, which wants it empty
 	cfg := filepath.Join(t.TempDir(), "podvm.toml")
-	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\ninitrd = %q\n\n[sandbox]\nstate_dir = %q\n",
-		accel, kernel, initrd, stateDir)
+	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\nimage = %q\n\n[sandbox]\nstate_dir = %q\n",
+		accel, kernel, rootImage, stateDir)
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}

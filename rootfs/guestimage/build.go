@@ -1,7 +1,6 @@
 package guestimage
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -15,7 +14,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -35,8 +33,9 @@ const (
 	ManifestFile = "image.json"
 )
 
-// ModulesListPath is the initrd file listing the modules to load, one absolute path a line, in
-// load order. The agent reads it first thing and loads each with finit_module.
+// ModulesListPath is the file in the guest's root (initrd and root image) listing the modules to
+// load, one absolute path a line, in load order. The agent reads it first thing and loads each
+// with finit_module.
 const ModulesListPath = "/lib/modules/podvm.modules"
 
 // Compression is how initrd.img is compressed.
@@ -68,7 +67,8 @@ type Options struct {
 	KernelVersion string
 	// Agent is the static podvm-agent binary; it becomes /init.
 	Agent string
-	// OutputDir receives vmlinuz, initrd.img and image.json; empty means DefaultOutputDir.
+	// OutputDir receives vmlinuz, initrd.img, root.img (see RootImageSupport) and image.json; empty
+	// means DefaultOutputDir.
 	OutputDir string
 	// Modules are the modules the guest needs (their dependencies are added); nil means
 	// DefaultModules(), an empty non-nil slice means none.
@@ -108,17 +108,23 @@ type Manifest struct {
 	InitrdSize    int64          `json:"initrdSize"`
 	InitrdSHA256  string         `json:"initrdSHA256"`
 	Compression   Compression    `json:"compression"`
-	BuildTime     time.Time      `json:"buildTime"`
+	// RootImageSize and RootImageSHA256 describe root.img; both are empty when the kernel cannot
+	// boot from a root image and the initrd is the guest's only root.
+	RootImageSize   int64     `json:"rootImageSize,omitempty"`
+	RootImageSHA256 string    `json:"rootImageSHA256,omitempty"`
+	BuildTime       time.Time `json:"buildTime"`
 }
 
-// InitrdModule is a module as stored in the initrd.
+// InitrdModule is a module as stored in the initrd (and the root image).
 type InitrdModule struct {
 	Name string `json:"name"`
 	Path string `json:"path"` // absolute path inside the initrd, always a plain .ko
 }
 
-// Build makes the guest kernel and initrd from opts and installs them, with image.json, into the
-// output directory. Each output file is replaced atomically.
+// Build makes the guest kernel, the initrd and, when the kernel can boot from it, the root image
+// from opts and installs them, with image.json, into the output directory. The files are staged
+// and renamed into place once all are complete; a root.img left by an earlier build is removed
+// when this kernel gets none.
 func Build(ctx context.Context, opts Options) (*Manifest, error) {
 	b := builder{opts: opts}
 	if b.opts.OutputDir == "" {
@@ -145,6 +151,19 @@ func (b *builder) step(name, detail string, start time.Time) {
 	}
 }
 
+// kernelInfo is the opened kernel and what its module lists say.
+type kernelInfo struct {
+	tree       kernelTree
+	mods       []Module        // modules the guest loads, in load order
+	builtin    []string        // wanted modules built into the kernel
+	builtinAll map[string]bool // every module modules.builtin lists
+}
+
+// configPath is the kernel's config file, boot/config-<version> next to the image.
+func (k kernelInfo) configPath() string {
+	return filepath.Join(filepath.Dir(k.tree.vmlinuz), "config-"+k.tree.version)
+}
+
 func (b *builder) build(ctx context.Context) (*Manifest, error) {
 	start := time.Now()
 	agent, err := checkAgent(b.opts.Agent)
@@ -158,26 +177,30 @@ func (b *builder) build(ctx context.Context) (*Manifest, error) {
 		return nil, fmt.Errorf("temporary directory: %w", err)
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
-	kt, mods, builtin, err := b.kernelModules(ctx, tmp)
+	k, err := b.kernelModules(ctx, tmp)
 	if err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	tree, err := newRootTree(ctx, k.tree, k.mods, agent)
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(b.opts.OutputDir, 0o755); err != nil {
 		return nil, fmt.Errorf("output directory: %w", err)
 	}
-	return b.writeImage(ctx, kt, mods, builtin, agent)
+	return b.writeImage(ctx, k, tree, agent, tmp)
 }
 
 // kernelModules opens the kernel (extracting a package into tmp) and resolves the modules the
-// initrd carries, in load order, and those built into the kernel.
-func (b *builder) kernelModules(ctx context.Context, tmp string) (kernelTree, []Module, []string, error) {
+// guest loads, in load order, and those built into the kernel.
+func (b *builder) kernelModules(ctx context.Context, tmp string) (kernelInfo, error) {
 	start := time.Now()
 	kt, extracted, err := openKernel(ctx, b.opts.Kernel, b.opts.KernelVersion, tmp)
 	if err != nil {
-		return kernelTree{}, nil, nil, err
+		return kernelInfo{}, err
 	}
 	if extracted {
 		b.step("extract kernel package", "", start)
@@ -187,81 +210,58 @@ func (b *builder) kernelModules(ctx context.Context, tmp string) (kernelTree, []
 	start = time.Now()
 	depPath, generated, err := modulesDepPath(ctx, kt, tmp)
 	if err != nil {
-		return kernelTree{}, nil, nil, err
+		return kernelInfo{}, err
 	}
 	if generated {
 		b.step("generate modules.dep with depmod", "", start)
 	}
 	start = time.Now()
-	mods, builtin, err := resolve(kt, depPath, b.opts.Modules)
+	k, err := resolve(kt, depPath, b.opts.Modules)
 	if err != nil {
-		return kernelTree{}, nil, nil, fmt.Errorf("kernel %s: %w", kt.version, err)
+		return kernelInfo{}, fmt.Errorf("kernel %s: %w", kt.version, err)
 	}
-	detail := fmt.Sprintf("%d modules", len(mods))
-	if len(builtin) > 0 {
-		detail += fmt.Sprintf(" (%s built in)", strings.Join(builtin, ", "))
+	detail := fmt.Sprintf("%d modules", len(k.mods))
+	if len(k.builtin) > 0 {
+		detail += fmt.Sprintf(" (%s built in)", strings.Join(k.builtin, ", "))
 	}
 	b.step("resolve modules", detail, start)
-	return kt, mods, builtin, nil
+	return k, nil
 }
 
-// writeImage writes the initrd, the kernel and image.json into the output dir, each staged
-// and put in place only once all three are complete.
-func (b *builder) writeImage(ctx context.Context, kt kernelTree, mods []Module, builtin []string, agent agentInfo) (*Manifest, error) {
-	var staged []*stagedFile
-	defer func() {
-		for _, s := range staged {
-			s.discard()
-		}
-	}()
-	stage := func(name string) (*stagedFile, error) {
-		f, err := newStagedFile(b.opts.OutputDir, name)
-		if err == nil {
-			staged = append(staged, f)
-		}
-		return f, err
-	}
-
-	start := time.Now()
-	initrd, err := stage(InitrdFile)
+// writeImage writes the root image (when the kernel can boot from one), the initrd, the kernel
+// and image.json into the output dir, each staged and put in place only once all are complete.
+// Without a root image, one left by an earlier build is removed first: it would hold another
+// agent.
+func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, agent agentInfo, tmp string) (*Manifest, error) {
+	files := stagedFiles{dir: b.opts.OutputDir}
+	defer files.discard()
+	root, err := b.stageRootImage(ctx, &files, k, tree, agent, tmp)
 	if err != nil {
 		return nil, err
 	}
-	initrdModules, err := writeInitrd(ctx, initrd, b.opts.Compress, kt, mods, agent)
-	if err != nil {
-		return nil, fmt.Errorf("write initrd: %w", err)
-	}
-	if err := initrd.finish(); err != nil {
-		return nil, err
-	}
-	b.step("write initrd", mib(initrd.size), start)
-
-	start = time.Now()
-	kernel, err := stage(KernelFile)
+	initrd, err := b.stageInitrd(&files, tree)
 	if err != nil {
 		return nil, err
 	}
-	if err := copyFile(kernel, kt.vmlinuz); err != nil {
+	if _, err := b.stageKernel(&files, k.tree); err != nil {
 		return nil, err
 	}
-	if err := kernel.finish(); err != nil {
-		return nil, err
-	}
-	b.step("copy kernel", mib(kernel.size), start)
-
 	m := &Manifest{
-		KernelVersion: kt.version,
+		KernelVersion: k.tree.version,
 		KernelSource:  b.opts.Kernel,
-		Modules:       initrdModules,
-		Builtin:       builtin,
+		Modules:       tree.modules,
+		Builtin:       k.builtin,
 		AgentSHA256:   agent.sha256,
 		InitrdSize:    initrd.size,
-		InitrdSHA256:  hex.EncodeToString(initrd.hash.Sum(nil)),
+		InitrdSHA256:  initrd.sum(),
 		Compression:   b.opts.Compress,
 		BuildTime:     time.Now().UTC().Truncate(time.Second),
 	}
-	start = time.Now()
-	manifest, err := stage(ManifestFile)
+	if root != nil {
+		m.RootImageSize, m.RootImageSHA256 = root.size, root.sum()
+	}
+	start := time.Now()
+	manifest, err := files.stage(ManifestFile)
 	if err != nil {
 		return nil, err
 	}
@@ -271,18 +271,83 @@ func (b *builder) writeImage(ctx context.Context, kt kernelTree, mods []Module, 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	// initrd and kernel first, image.json last: it describes a pair that is already in place.
-	for _, s := range staged {
-		if err := s.commit(); err != nil {
-			return nil, err
+	if root == nil {
+		stale := filepath.Join(b.opts.OutputDir, RootImageFile)
+		if err := os.Remove(stale); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("remove the root image of an earlier build: %w", err)
 		}
 	}
-	staged = nil
+	// In staging order: root image, initrd, kernel, and image.json last: it describes files that
+	// are already in place.
+	if err := files.commit(); err != nil {
+		return nil, err
+	}
 	if err := syncDir(b.opts.OutputDir); err != nil {
 		return nil, err
 	}
 	b.step("install", b.opts.OutputDir, start)
 	return m, nil
+}
+
+// stageRootImage writes root.img into a staged file when the kernel can boot from it; it returns
+// nil when it cannot, and reports why.
+func (b *builder) stageRootImage(ctx context.Context, files *stagedFiles, k kernelInfo, tree *rootTree, agent agentInfo, tmp string) (*stagedFile, error) {
+	start := time.Now()
+	ok, why, err := RootImageSupport(k.builtinAll, k.configPath())
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		b.step("root image", "none ("+why+"); the initrd is the guest's root", start)
+		return nil, nil
+	}
+	f, err := files.stage(RootImageFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeRootImage(ctx, tree, agent.sha256, f.f.Name(), tmp); err != nil {
+		return nil, fmt.Errorf("write root image: %w", err)
+	}
+	if err := f.hashContents(); err != nil {
+		return nil, err
+	}
+	if err := f.finish(); err != nil {
+		return nil, err
+	}
+	b.step("write root image", mib(f.size), start)
+	return f, nil
+}
+
+func (b *builder) stageInitrd(files *stagedFiles, tree *rootTree) (*stagedFile, error) {
+	start := time.Now()
+	f, err := files.stage(InitrdFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := tree.writeCPIO(f, b.opts.Compress); err != nil {
+		return nil, fmt.Errorf("write initrd: %w", err)
+	}
+	if err := f.finish(); err != nil {
+		return nil, err
+	}
+	b.step("write initrd", mib(f.size), start)
+	return f, nil
+}
+
+func (b *builder) stageKernel(files *stagedFiles, kt kernelTree) (*stagedFile, error) {
+	start := time.Now()
+	f, err := files.stage(KernelFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := copyFile(f, kt.vmlinuz); err != nil {
+		return nil, err
+	}
+	if err := f.finish(); err != nil {
+		return nil, err
+	}
+	b.step("copy kernel", mib(f.size), start)
+	return f, nil
 }
 
 // writeManifest writes m as indented JSON into its staged file.
@@ -348,15 +413,15 @@ func checkAgent(p string) (agentInfo, error) {
 
 // resolve reads modules.dep and modules.builtin and orders the wanted modules with their
 // dependencies. It also returns which wanted modules are built in.
-func resolve(kt kernelTree, depPath string, wanted []string) ([]Module, []string, error) {
+func resolve(kt kernelTree, depPath string, wanted []string) (kernelInfo, error) {
 	df, err := os.Open(depPath)
 	if err != nil {
-		return nil, nil, err
+		return kernelInfo{}, err
 	}
 	defer func() { _ = df.Close() }()
 	dep, err := ParseModulesDep(df)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", depPath, err)
+		return kernelInfo{}, fmt.Errorf("%s: %w", depPath, err)
 	}
 	builtin := map[string]bool{}
 	bf, err := os.Open(filepath.Join(kt.modulesDir, "modules.builtin"))
@@ -364,14 +429,14 @@ func resolve(kt kernelTree, depPath string, wanted []string) ([]Module, []string
 	case err == nil:
 		defer func() { _ = bf.Close() }()
 		if builtin, err = ParseModulesBuiltin(bf); err != nil {
-			return nil, nil, err
+			return kernelInfo{}, err
 		}
 	case !errors.Is(err, fs.ErrNotExist):
-		return nil, nil, err
+		return kernelInfo{}, err
 	}
 	mods, err := ResolveModules(dep, builtin, wanted)
 	if err != nil {
-		return nil, nil, err
+		return kernelInfo{}, err
 	}
 	var inKernel []string
 	for _, w := range wanted {
@@ -379,96 +444,7 @@ func resolve(kt kernelTree, depPath string, wanted []string) ([]Module, []string
 			inKernel = append(inKernel, n)
 		}
 	}
-	return mods, inKernel, nil
-}
-
-// initrdEntry is one file of the initrd before it is written.
-type initrdEntry struct {
-	hdr  CPIOHeader
-	data []byte // regular file contents, unless src is set
-	src  string // regular file copied from disk (hdr.Size bytes)
-}
-
-// writeInitrd writes the initrd archive to w and returns the modules as stored in it.
-func writeInitrd(ctx context.Context, w io.Writer, comp Compression, kt kernelTree, mods []Module, agent agentInfo) ([]InitrdModule, error) {
-	entries := map[string]*initrdEntry{}
-	dir := func(name string, perm fs.FileMode) {
-		entries[name] = &initrdEntry{hdr: CPIOHeader{Name: name, Mode: fs.ModeDir | perm}}
-	}
-	// Mount points and scratch directories. /sys/fs/cgroup is not here: sysfs, mounted on /sys,
-	// provides it.
-	for _, d := range []string{"dev", "proc", "sys", "run", "etc", "lib", "lib/modules"} {
-		dir(d, 0o755)
-	}
-	dir("tmp", 0o777|fs.ModeSticky)
-	entries["dev/console"] = &initrdEntry{hdr: CPIOHeader{Name: "dev/console", Mode: fs.ModeDevice | fs.ModeCharDevice | 0o600, DevMajor: 5, DevMinor: 1}}
-	entries["dev/null"] = &initrdEntry{hdr: CPIOHeader{Name: "dev/null", Mode: fs.ModeDevice | fs.ModeCharDevice | 0o666, DevMajor: 1, DevMinor: 3}}
-	entries["init"] = &initrdEntry{hdr: CPIOHeader{Name: "init", Mode: 0o755, Size: agent.size}, src: agent.path}
-
-	var list bytes.Buffer
-	out := []InitrdModule{} // "modules": [] in image.json for a kernel with everything built in
-	for _, m := range mods {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		data, plain, err := readModule(filepath.Join(kt.modulesDir, filepath.FromSlash(m.Path)))
-		if err != nil {
-			return nil, fmt.Errorf("module %s: %w", m.Name, err)
-		}
-		name := path.Join("lib/modules", kt.version, path.Dir(m.Path), plain)
-		for d := path.Dir(name); d != "."; d = path.Dir(d) {
-			if entries[d] == nil {
-				dir(d, 0o755)
-			}
-		}
-		entries[name] = &initrdEntry{hdr: CPIOHeader{Name: name, Mode: 0o644, Size: int64(len(data))}, data: data}
-		out = append(out, InitrdModule{Name: m.Name, Path: "/" + name})
-		fmt.Fprintf(&list, "/%s\n", name)
-	}
-	listName := strings.TrimPrefix(ModulesListPath, "/")
-	entries[listName] = &initrdEntry{hdr: CPIOHeader{Name: listName, Mode: 0o644, Size: int64(list.Len())}, data: list.Bytes()}
-
-	names := make([]string, 0, len(entries))
-	for n := range entries {
-		names = append(names, n)
-	}
-	slices.Sort(names) // a directory sorts before everything under it
-
-	bw := bufio.NewWriterSize(w, 1<<20)
-	var dst io.Writer = bw
-	var gz *gzip.Writer
-	if comp == CompressGzip {
-		gz = gzip.NewWriter(bw) // zero header: no name, no mtime, so the output is reproducible
-		dst = gz
-	}
-	cw := NewCPIOWriter(dst)
-	for _, n := range names {
-		e := entries[n]
-		if err := cw.WriteHeader(&e.hdr); err != nil {
-			return nil, err
-		}
-		if e.src != "" {
-			if err := copyN(cw, e.src, e.hdr.Size); err != nil {
-				return nil, err
-			}
-		} else if len(e.data) > 0 {
-			if _, err := cw.Write(e.data); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := cw.Close(); err != nil {
-		return nil, err
-	}
-	if gz != nil {
-		if err := gz.Close(); err != nil {
-			return nil, err
-		}
-	}
-	if err := bw.Flush(); err != nil {
-		return nil, err
-	}
-	return out, nil
+	return kernelInfo{tree: kt, mods: mods, builtin: inKernel, builtinAll: builtin}, nil
 }
 
 // copyN copies exactly n bytes of the file at p to w (the file must not have changed size).
@@ -570,6 +546,23 @@ func (s *stagedFile) finish() error {
 	return nil
 }
 
+// hashContents hashes the file as another program wrote it through its name.
+func (s *stagedFile) hashContents() error {
+	if _, err := s.f.Seek(0, io.SeekStart); err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	s.hash.Reset()
+	n, err := io.Copy(s.hash, s.f)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", s.final, err)
+	}
+	s.size = n
+	return nil
+}
+
+// sum returns the hex SHA-256 of what was written.
+func (s *stagedFile) sum() string { return hex.EncodeToString(s.hash.Sum(nil)) }
+
 func (s *stagedFile) commit() error {
 	if err := os.Rename(s.f.Name(), s.final); err != nil {
 		return fmt.Errorf("install %s: %w", s.final, err)
@@ -583,6 +576,38 @@ func (s *stagedFile) discard() {
 	if !s.done {
 		_ = s.f.Close()
 		_ = os.Remove(s.f.Name())
+	}
+}
+
+// stagedFiles are the output files of one build, committed together in staging order.
+type stagedFiles struct {
+	dir   string
+	files []*stagedFile
+}
+
+func (s *stagedFiles) stage(name string) (*stagedFile, error) {
+	f, err := newStagedFile(s.dir, name)
+	if err != nil {
+		return nil, err
+	}
+	s.files = append(s.files, f)
+	return f, nil
+}
+
+// commit renames every file into place, in staging order.
+func (s *stagedFiles) commit() error {
+	for _, f := range s.files {
+		if err := f.commit(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// discard removes the temporary files not committed.
+func (s *stagedFiles) discard() {
+	for _, f := range s.files {
+		f.discard()
 	}
 }
 

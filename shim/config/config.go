@@ -76,8 +76,14 @@ type Hypervisor struct {
 	Accel string `toml:"accel"`
 	// Kernel is the guest kernel; make install and the package put it here.
 	Kernel string `toml:"kernel"`
-	// Initrd is the guest initrd, which holds the podvm agent.
+	// Initrd is the guest initrd, which holds the podvm agent; used only when image is "".
 	Initrd string `toml:"initrd"`
+	// Image is the guest's root filesystem image, which holds the podvm agent: read-only,
+	// mapped into every pod VM from the host's page cache instead of copied into each
+	// guest's memory (virtio-pmem with DAX). 'podvm image build' makes it for podvm's own
+	// kernel; "" boots from initrd instead (a kernel without virtio-pmem and DAX built in,
+	// such as Debian's).
+	Image string `toml:"image"`
 	// KernelParams are extra guest kernel parameters, one per element, appended to podvm's
 	// own, e.g. ["loglevel=7"].
 	KernelParams []string `toml:"kernel_params"`
@@ -196,6 +202,7 @@ func Default() *Config {
 			// guestimage.DefaultOutputDir: where `make install` puts the guest image.
 			Kernel:       "/usr/share/podvm/vmlinuz",
 			Initrd:       "/usr/share/podvm/initrd.img",
+			Image:        "/usr/share/podvm/root.img",
 			KernelParams: []string{},
 			HotplugSlots: 2,
 			UIDBase:      hypervisor.DefaultUIDBase,
@@ -254,14 +261,36 @@ func load(path, defaultPath string) (*Config, error) {
 func Parse(data []byte, name string) (*Config, error) {
 	c := Default()
 	c.Path = name
+	h := &c.Hypervisor
+	h.Image, h.Initrd = unset, unset
 	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
 	if err := dec.Decode(c); err != nil {
 		return nil, decodeError(name, data, err)
 	}
+	h.bootFrom()
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// unset marks a key the file does not set while Parse decodes it: no path is empty-byte.
+const unset = "\x00unset"
+
+// bootFrom fills in image and initrd where the file leaves them out. A file that names
+// initrd but not image (a node booting Debian's kernel, or one configured before root images)
+// keeps booting from its initrd; otherwise the default image is used (a non-empty image
+// wins over initrd).
+func (h *Hypervisor) bootFrom() {
+	def := Default().Hypervisor
+	switch {
+	case h.Image == unset && h.Initrd == unset:
+		h.Image, h.Initrd = def.Image, def.Initrd
+	case h.Image == unset:
+		h.Image = ""
+	case h.Initrd == unset:
+		h.Initrd = def.Initrd
+	}
 }
 
 // TOML encodes c as a config file that Parse reads back to the same values.
@@ -339,7 +368,8 @@ func validateHypervisor(p *problems, h *Hypervisor) {
 		p.bad("hypervisor.accel", h.Accel, `must be "auto", "kvm" or "tcg"`)
 	}
 	p.absPath("hypervisor.kernel", h.Kernel, false)
-	p.absPath("hypervisor.initrd", h.Initrd, false)
+	p.absPath("hypervisor.initrd", h.Initrd, h.Image != "")
+	p.absPath("hypervisor.image", h.Image, true)
 	p.absPath("hypervisor.firmware", h.Firmware, true)
 	p.absPath("hypervisor.virtiofsd_path", h.VirtiofsdPath, true)
 	for _, kp := range h.KernelParams {
@@ -484,6 +514,7 @@ func example(key string) string {
 		"hypervisor.accel":              `accel = "tcg"`,
 		"hypervisor.kernel":             `kernel = "/usr/share/podvm/vmlinuz"`,
 		"hypervisor.initrd":             `initrd = "/usr/share/podvm/initrd.img"`,
+		"hypervisor.image":              `image = "/usr/share/podvm/root.img"`,
 		"hypervisor.kernel_params":      `kernel_params = ["loglevel=4"]`,
 		"hypervisor.firmware":           `firmware = "/usr/share/qemu/qboot.rom"`,
 		"hypervisor.virtiofsd_path":     `virtiofsd_path = "/usr/libexec/virtiofsd"`,

@@ -168,7 +168,7 @@ func runParseErrors(t *testing.T, tests []parseErrorTest) {
 func TestParseErrors(t *testing.T) {
 	runParseErrors(t, []parseErrorTest{
 		{"unknown key", "[hypervisor]\nqemu_pth = 'x'\n",
-			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: kind, qemu_path, accel, kernel, initrd, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
+			"podvm config /etc/podvm/config.toml: line 2: unknown key hypervisor.qemu_pth; the [hypervisor] keys are: kind, qemu_path, accel, kernel, initrd, image, kernel_params, firmware, virtiofsd_path, agent_transport, debug, hotplug_slots, uid_base, uid_count"},
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
 				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template\n" +
@@ -268,13 +268,17 @@ func TestVMConfig(t *testing.T) {
 	c.Hypervisor.AgentTransport = "auto"
 	q := c.VMConfig("abc", VMSize{VCPUs: 2, MemoryMiB: 768})
 	if q.ID != "abc" || q.StateDir != "/run/podvm/abc" || q.VCPUs != 2 || q.MemoryMiB != 768 ||
-		q.Kernel != c.Hypervisor.Kernel || q.Initrd != c.Hypervisor.Initrd || q.HotplugSlots != 2 ||
+		q.Kernel != c.Hypervisor.Kernel || q.RootImage != c.Hypervisor.Image || q.Initrd != "" || q.HotplugSlots != 2 ||
 		q.AgentTransport != "auto" || q.VirtiofsCache != "auto" || q.Accel != "auto" || q.KernelParams[0] != "x=1" ||
 		q.Binary != "qemu-system-x86_64" {
 		t.Errorf("VMConfig = %+v", q)
 	}
 	if q := c.VMConfig("abc", VMSize{}); q.UIDBase != 2_000_000_000 || q.UIDCount != 1<<20 {
 		t.Errorf("VMM uid range %d/%d, want the defaults", q.UIDBase, q.UIDCount)
+	}
+	c.Hypervisor.Image = ""
+	if q := c.VMConfig("abc", VMSize{}); q.Initrd != c.Hypervisor.Initrd || q.RootImage != "" {
+		t.Errorf("without an image: Initrd %q RootImage %q, want the initrd", q.Initrd, q.RootImage)
 	}
 	// One meaning of hotplug_slots end to end: the number of slots, 0 for none.
 	c.Hypervisor.HotplugSlots = 0
@@ -364,5 +368,36 @@ func TestTemplateSection(t *testing.T) {
 	_, err = Parse([]byte("[template]\ndir = \"rel\"\n"), "t.toml")
 	if err == nil || !strings.Contains(err.Error(), "template.dir = \"rel\": must be an absolute path; use e.g. dir = \"/run/podvm/templates\"") {
 		t.Fatalf("relative dir: %v", err)
+	}
+}
+
+// TestBootFrom: a file that names only initrd keeps booting from it (a node on Debian's
+// kernel, or configured before root images); otherwise the image is the default, and a
+// non-empty image wins.
+func TestBootFrom(t *testing.T) {
+	def := Default().Hypervisor
+	for _, tc := range []struct {
+		file                                 string
+		image, initrd, vmRootImage, vmInitrd string
+	}{
+		{"", def.Image, def.Initrd, def.Image, ""},
+		{"initrd = \"/x/initrd\"\n", "", "/x/initrd", "", "/x/initrd"},
+		{"image = \"/x/root.img\"\n", "/x/root.img", def.Initrd, "/x/root.img", ""},
+		{"image = \"\"\n", "", def.Initrd, "", def.Initrd},
+		{"image = \"/x/root.img\"\ninitrd = \"/x/initrd\"\n", "/x/root.img", "/x/initrd", "/x/root.img", ""},
+	} {
+		c, err := Parse([]byte("[hypervisor]\n"+tc.file), "t.toml")
+		if err != nil {
+			t.Fatalf("%q: %v", tc.file, err)
+		}
+		h := c.Hypervisor
+		vm := c.VMConfig("x", VMSize{})
+		if h.Image != tc.image || h.Initrd != tc.initrd || vm.RootImage != tc.vmRootImage || vm.Initrd != tc.vmInitrd {
+			t.Errorf("%q: image %q initrd %q, VM root image %q initrd %q; want %q %q, %q %q",
+				tc.file, h.Image, h.Initrd, vm.RootImage, vm.Initrd, tc.image, tc.initrd, tc.vmRootImage, tc.vmInitrd)
+		}
+	}
+	if _, err := Parse([]byte("[hypervisor]\nimage = \"\"\ninitrd = \"\"\n"), "t.toml"); err == nil || !strings.Contains(err.Error(), "hypervisor.initrd") {
+		t.Errorf("neither image nor initrd: %v", err)
 	}
 }

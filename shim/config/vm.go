@@ -14,6 +14,9 @@ func (c *Config) SandboxDir(id string) string { return filepath.Join(c.Sandbox.S
 // lets the hypervisor driver resolve the "auto" choices.
 func (c *Config) VMConfig(id string, size VMSize) hypervisor.Config {
 	h := c.Hypervisor
+	if h.Image != "" {
+		h.Initrd = "" // the image takes its place
+	}
 	return hypervisor.Config{
 		ID:             id,
 		StateDir:       c.SandboxDir(id),
@@ -23,6 +26,7 @@ func (c *Config) VMConfig(id string, size VMSize) hypervisor.Config {
 		MemoryMiB:      size.MemoryMiB,
 		Kernel:         h.Kernel,
 		Initrd:         h.Initrd,
+		RootImage:      h.Image,
 		KernelParams:   append([]string(nil), h.KernelParams...),
 		Debug:          h.Debug,
 		Firmware:       h.Firmware,
