@@ -188,13 +188,8 @@ func TestBuildFakeKernel(t *testing.T) {
 // checkOutputDir: no temporaries left, the kernel copied, image.json matching the result.
 func checkOutputDir(t *testing.T, out string, m *Manifest) {
 	t.Helper()
-	ents, _ := os.ReadDir(out)
-	var names []string
-	for _, e := range ents {
-		names = append(names, e.Name())
-	}
-	if strings.Join(names, " ") != "image.json initrd.img vmlinuz" {
-		t.Errorf("output dir holds %v", names)
+	if names := dirNames(out); names != "image.json initrd.img vmlinuz" {
+		t.Errorf("output dir holds %s", names)
 	}
 	if k, _ := os.ReadFile(filepath.Join(out, "vmlinuz")); string(k) != "fake kernel image" {
 		t.Errorf("vmlinuz = %q", k)
@@ -472,4 +467,14 @@ func TestStepString(t *testing.T) {
 			t.Errorf("String() = %q, want %q", got, tt.want)
 		}
 	}
+}
+
+// dirNames lists dir's entries, sorted, separated by spaces.
+func dirNames(dir string) string {
+	ents, _ := os.ReadDir(dir)
+	names := make([]string, 0, len(ents))
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return strings.Join(names, " ")
 }

@@ -195,13 +195,8 @@ func TestBuildRootImage(t *testing.T) {
 // 2 MiB, and image.json has its size and hash.
 func checkRootImageFile(t *testing.T, out string, m *Manifest) {
 	t.Helper()
-	ents, _ := os.ReadDir(out)
-	var names []string
-	for _, e := range ents {
-		names = append(names, e.Name())
-	}
-	if strings.Join(names, " ") != "image.json initrd.img root.img vmlinuz" {
-		t.Errorf("output dir holds %v", names)
+	if names := dirNames(out); names != "image.json initrd.img root.img vmlinuz" {
+		t.Errorf("output dir holds %s", names)
 	}
 	data, err := os.ReadFile(filepath.Join(out, RootImageFile))
 	if err != nil {
