@@ -215,7 +215,7 @@ func (h hostProbe) checkGuestImage(r *report, hc config.Hypervisor) {
 			r.add(statusFail, f.name, "%s: %s; "+missingImage, f.path, errText(err), f.key)
 		} else if !fi.Mode().IsRegular() {
 			r.add(statusFail, f.name, "%s: not a regular file; "+missingImage, f.path, f.key)
-		} else if f.key == "image" && fi.Size()%(2<<20) != 0 {
+		} else if f.key == "image" && fi.Size()%guestimage.RootImageAlign != 0 {
 			r.add(statusFail, f.name, "%s: %d bytes, not a multiple of 2 MiB (the guest maps it in 2 MiB sections); rebuild it with 'podvm image build'", f.path, fi.Size())
 		} else {
 			r.add(statusOK, f.name, "%s (%d bytes)", f.path, fi.Size())
