@@ -3,11 +3,8 @@ package guest
 import (
 	"context"
 	"errors"
-	"fmt"
-	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -195,105 +192,5 @@ func TestToRoute(t *testing.T) {
 		if _, err := toRoute(bad); !errdefs.IsInvalidArgument(err) {
 			t.Errorf("toRoute(%v): %v, want invalid argument", bad, err)
 		}
-	}
-}
-
-// TestSerialListener runs the listener on a FIFO, which opens read-write like a port.
-func TestSerialListener(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "vport")
-	if err := unix.Mkfifo(path, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	l := newSerialListener(path)
-	if l.Addr().Network() != "virtio-serial" || l.Addr().String() != path {
-		t.Fatalf("addr %v", l.Addr())
-	}
-	c, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 4)
-	if n, err := c.Read(b); err != nil || string(b[:n]) != "ping" {
-		t.Fatalf("read %q, %v", b[:n], err)
-	}
-	if c.LocalAddr() != l.Addr() || c.RemoteAddr().String() != "host" {
-		t.Fatalf("conn addrs %v %v", c.LocalAddr(), c.RemoteAddr())
-	}
-	if err := c.SetDeadline(time.Time{}); err != nil {
-		t.Fatal(err)
-	}
-	// The port opens once: the next Accept waits for this connection to close.
-	next := make(chan error, 1)
-	go func() {
-		c2, err := l.Accept()
-		if err == nil {
-			c2.Close()
-		}
-		next <- err
-	}()
-	c.Close()
-	if err := <-next; err != nil {
-		t.Fatalf("Accept after Close of the connection: %v", err)
-	}
-	l.Close()
-	if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
-		t.Fatalf("Accept on a closed listener: %v", err)
-	}
-}
-
-// TestSerialConnWaitsForHost: reads of a port with no host on the other end return EOF at
-// once, as reads of an empty regular file do. The connection keeps the port open and reads
-// again instead of ending (closing the port would drop what the host sends meanwhile), until
-// the host's first bytes; after them, EOF ends it. Close ends a read that waits for a host.
-func TestSerialConnWaitsForHost(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "vport")
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	l := newSerialListener(path)
-	defer l.Close()
-	c, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make(chan string, 1)
-	read := func(c net.Conn) {
-		b := make([]byte, 8)
-		n, err := c.Read(b)
-		got <- fmt.Sprintf("%q %v", b[:n], err)
-	}
-	go read(c)
-	select {
-	case g := <-got:
-		t.Fatalf("Read returned %s before the host sent anything", g)
-	case <-time.After(5 * hostPoll):
-	}
-	if err := os.WriteFile(path, []byte("req"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if g := <-got; g != `"req" <nil>` {
-		t.Fatalf("first read: %s, want the host's bytes", g)
-	}
-	go read(c)
-	if g := <-got; g != `"" EOF` {
-		t.Fatalf("read after the host's bytes and EOF: %s, want EOF", g)
-	}
-	c.Close()
-
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	c, err = l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	go read(c)
-	time.Sleep(3 * hostPoll)
-	c.Close()
-	if g := <-got; !strings.Contains(g, net.ErrClosed.Error()) {
-		t.Fatalf("read waiting for a host, then Close: %s, want %v", g, net.ErrClosed)
 	}
 }

@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"runtime/debug"
 	"strings"
-	"sync"
-	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -113,109 +110,3 @@ func findSerialPort(sysClass, name string) (string, error) {
 	}
 	return "", fmt.Errorf("no virtio-serial port named %q", name)
 }
-
-// serialListener turns a virtio-serial port into a listener of one connection at a time.
-// The port can be open only once, so Accept waits for the previous connection to close.
-type serialListener struct {
-	path   string
-	closed chan struct{}
-	once   sync.Once
-	// free holds a token while no connection is open.
-	free chan struct{}
-}
-
-func newSerialListener(path string) *serialListener {
-	l := &serialListener{path: path, closed: make(chan struct{}), free: make(chan struct{}, 1)}
-	l.free <- struct{}{}
-	return l
-}
-
-func (l *serialListener) Accept() (net.Conn, error) {
-	select {
-	case <-l.closed:
-		return nil, net.ErrClosed
-	case <-l.free:
-	}
-	select {
-	case <-l.closed: // both were ready: closed wins
-		l.free <- struct{}{}
-		return nil, net.ErrClosed
-	default:
-	}
-	f, err := os.OpenFile(l.path, os.O_RDWR, 0)
-	if err != nil {
-		l.free <- struct{}{}
-		return nil, err
-	}
-	return &serialConn{f: f, l: l, closing: make(chan struct{})}, nil
-}
-
-func (l *serialListener) Close() error {
-	l.once.Do(func() { close(l.closed) })
-	return nil
-}
-
-func (l *serialListener) Addr() net.Addr { return serialAddr(l.path) }
-
-type serialAddr string
-
-func (a serialAddr) Network() string { return "virtio-serial" }
-func (a serialAddr) String() string  { return string(a) }
-
-// hostPoll is how often a connection without a host on the other end reads the port again.
-const hostPoll = 10 * time.Millisecond
-
-// serialConn is one host connection on the port. While the host end is not connected, reads
-// on the port return EOF at once; until its first byte arrives, the connection keeps the port
-// open and reads again every hostPoll. It must not close the port then: bytes the host sends
-// while the port is open are queued in the guest, and closing the port discards them, so a
-// host that connected just after an EOF would wait forever for the answer to a request the
-// guest dropped (seen on VMs restored from a template, whose agent polls an idle port). After
-// the first byte, EOF means the host went away, and the connection ends.
-type serialConn struct {
-	f         *os.File
-	l         *serialListener
-	read      bool
-	closing   chan struct{}
-	closeOnce sync.Once
-}
-
-func (c *serialConn) Read(b []byte) (int, error) {
-	for {
-		n, err := c.f.Read(b)
-		if n > 0 {
-			c.read = true
-			return n, err
-		}
-		if errors.Is(err, os.ErrClosed) {
-			// Close ran while Read waited in the file: report it as a closed connection,
-			// as a net.Conn does, not as a closed file.
-			return 0, net.ErrClosed
-		}
-		if c.read || err == nil || !errors.Is(err, io.EOF) {
-			return n, err
-		}
-		select {
-		case <-c.closing:
-			return 0, net.ErrClosed
-		case <-c.l.closed:
-			return 0, net.ErrClosed
-		case <-time.After(hostPoll):
-		}
-	}
-}
-
-func (c *serialConn) Write(b []byte) (int, error) { return c.f.Write(b) }
-func (c *serialConn) Close() error {
-	err := c.f.Close()
-	c.closeOnce.Do(func() {
-		close(c.closing)
-		c.l.free <- struct{}{}
-	})
-	return err
-}
-func (c *serialConn) LocalAddr() net.Addr                { return c.l.Addr() }
-func (c *serialConn) RemoteAddr() net.Addr               { return serialAddr("host") }
-func (c *serialConn) SetDeadline(t time.Time) error      { return c.f.SetDeadline(t) }
-func (c *serialConn) SetReadDeadline(t time.Time) error  { return c.f.SetReadDeadline(t) }
-func (c *serialConn) SetWriteDeadline(t time.Time) error { return c.f.SetWriteDeadline(t) }
