@@ -1,0 +1,173 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/integration/harness"
+)
+
+// bootDeadline is both the RunPodSandbox deadline and the shim's agent_timeout in
+// TestPodvmFrozenGuestAtDeadline: the two give up on a frozen guest at about the same moment.
+const bootDeadline = 20 * time.Second
+
+// TestPodvmFrozenGuestAtDeadline freezes a pod's guest while its sandbox boots, with the CRI
+// call's deadline and the shim's agent_timeout equal, so that containerd gives up on the shim
+// while the shim is still giving up on the guest. RunPodSandbox fails; containerd rolls the
+// sandbox back (its task delete, the shim's Shutdown, `containerd-shim-podvm-v2 delete`);
+// once it has, nothing of the pod may be left: no state dir, QEMU, virtiofsd or shim. kubelet
+// then retries, and that pod runs and goes as usual.
+func TestPodvmFrozenGuestAtDeadline(t *testing.T) {
+	stateDir := ownStateDir(t, "pvd-")
+	opts := podvmShimOptions(t, stateDir, "")
+	setAgentTimeout(t, opts.PodvmConfigPath, bootDeadline)
+	opts.LeakProcessNames = []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"}
+	env := harness.Start(t, opts)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+
+	frozen := make(chan int, 1)
+	go func() { frozen <- freezeBootingGuest(ctx, stateDir) }()
+	cfg := env.PodSandboxConfig(harness.PodOptions{Name: "frozen-boot", Namespace: "it"})
+	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithTimeout(ctx, bootDeadline)
+	start := time.Now()
+	id, err := env.Runtime.RunPodSandbox(rctx, cfg, "podvm")
+	rcancel()
+	pid := <-frozen
+	if pid > 0 {
+		t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	}
+	if err == nil {
+		t.Fatalf("RunPodSandbox of a pod whose guest froze while booting succeeded (%s); the test did not freeze it (QEMU pid %d)", id, pid)
+	}
+	if pid <= 0 {
+		t.Fatalf("RunPodSandbox failed before the test could freeze the guest: %v", err)
+	}
+	t.Logf("RunPodSandbox with the guest frozen failed after %v: %v", time.Since(start).Round(time.Millisecond), err)
+
+	// containerd goes on after kubelet's call gave up: it deletes the half-made task, shuts the
+	// shim down, runs `shim delete` and removes the sandbox; its log says when it is done.
+	if err := waitLog(ctx, env, "RunPodSandbox for", "failed", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	// What kubelet's garbage collection does with sandboxes of the pod it still sees.
+	sbs, err := env.Runtime.ListPodSandbox(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sb := range sbs {
+		t.Logf("sandbox %s left after the failed RunPodSandbox (%v): removing it", sb.Id, sb.State)
+		stopAndRemovePod(t, ctx, env, sb.Id)
+	}
+	if left := podLeftovers(env, stateDir, 5*time.Second); len(left) > 0 {
+		for _, l := range left {
+			t.Errorf("after containerd rolled back the failed RunPodSandbox: %s", l)
+		}
+	}
+
+	// kubelet retries; the pod runs, and goes without a trace.
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "frozen-boot", Namespace: "it", Handler: "podvm"})
+	startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+	stopAndRemovePod(t, ctx, env, pod.ID)
+	env.AssertNoLeaks(t)
+}
+
+// setAgentTimeout sets [sandbox] agent_timeout in the node config at path.
+func setAgentTimeout(t *testing.T, path string, d time.Duration) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.Replace(string(b), "[sandbox]\n", "[sandbox]\nagent_timeout = \""+d.String()+"\"\n", 1)
+	if s == string(b) {
+		t.Fatalf("%s has no [sandbox] table", path)
+	}
+	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// freezeBootingGuest stops (SIGSTOP) the QEMU of the first pod VM in stateDir once its guest
+// has written to the console, so it froze after QEMU started and before its agent answers.
+// It returns QEMU's pid, or 0 if ctx ended first.
+func freezeBootingGuest(ctx context.Context, stateDir string) int {
+	for ctx.Err() == nil {
+		time.Sleep(20 * time.Millisecond)
+		pids, _ := filepath.Glob(filepath.Join(stateDir, "*", qemu.QEMUPidFile))
+		for _, pf := range pids {
+			st, err := os.Stat(filepath.Join(filepath.Dir(pf), qemu.ConsoleLog))
+			if err != nil || st.Size() == 0 {
+				continue
+			}
+			b, err := os.ReadFile(pf)
+			if err != nil {
+				continue
+			}
+			pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+			if err != nil || pid <= 0 {
+				continue
+			}
+			if syscall.Kill(pid, syscall.SIGSTOP) == nil {
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+// waitLog waits until containerd's log has a line with all of words.
+func waitLog(ctx context.Context, env *harness.Env, first, second string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		b, _ := os.ReadFile(env.ContainerdLog)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, first) && strings.Contains(l, second) {
+				return nil
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return errors.New("containerd's log never said " + strconv.Quote(first+" … "+second))
+}
+
+// podLeftovers lists, once they stop going away or grace is over, what of the env's pods is
+// still on the host: entries of stateDir (but the accelerator probe's files), and processes
+// naming stateDir or the env's run dir (QEMU, virtiofsd, shims).
+func podLeftovers(env *harness.Env, stateDir string, grace time.Duration) []string {
+	deadline := time.Now().Add(grace)
+	for {
+		var left []string
+		entries, _ := os.ReadDir(stateDir)
+		for _, e := range entries {
+			if !slices.Contains([]string{qemu.AccelCacheFile, qemu.AccelLockFile}, e.Name()) {
+				left = append(left, "state dir entry "+filepath.Join(stateDir, e.Name()))
+			}
+		}
+		for _, pat := range []string{stateDir, "containerd-shim-podvm-v2 .*" + env.RunDir} {
+			out, _ := exec.Command("pgrep", "-a", "-f", pat).Output()
+			for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+				if l != "" && !strings.Contains(l, "pgrep") {
+					left = append(left, "process "+l)
+				}
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
