@@ -26,8 +26,18 @@ const bootDeadline = 20 * time.Second
 // while the shim is still giving up on the guest. RunPodSandbox fails; containerd rolls the
 // sandbox back (its task delete, the shim's Shutdown, `containerd-shim-podvm-v2 delete`);
 // once it has, nothing of the pod may be left: no state dir, QEMU, virtiofsd or shim. kubelet
-// then retries, and that pod runs and goes as usual.
+// then retries, and that pod runs and goes as usual. The guest freezes before its agent
+// listens (the shim waits to connect) or once it does (the shim connected, or is about to,
+// and waits for the guest's setup).
 func TestPodvmFrozenGuestAtDeadline(t *testing.T) {
+	for name, marker := range map[string]string{"booting": "", "agent up": "podvm-agent: serving on"} {
+		t.Run(name, func(t *testing.T) { testFrozenGuestAtDeadline(t, marker) })
+	}
+}
+
+// testFrozenGuestAtDeadline is TestPodvmFrozenGuestAtDeadline with the guest frozen once its
+// console has marker ("": anything).
+func testFrozenGuestAtDeadline(t *testing.T, marker string) {
 	stateDir := ownStateDir(t, "pvd-")
 	opts := podvmShimOptions(t, stateDir, "")
 	setAgentTimeout(t, opts.PodvmConfigPath, bootDeadline)
@@ -37,7 +47,7 @@ func TestPodvmFrozenGuestAtDeadline(t *testing.T) {
 	defer cancel()
 
 	frozen := make(chan int, 1)
-	go func() { frozen <- freezeBootingGuest(ctx, stateDir) }()
+	go func() { frozen <- freezeBootingGuest(ctx, stateDir, marker) }()
 	cfg := env.PodSandboxConfig(harness.PodOptions{Name: "frozen-boot", Namespace: "it"})
 	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
 		t.Fatal(err)
@@ -72,10 +82,10 @@ func TestPodvmFrozenGuestAtDeadline(t *testing.T) {
 		t.Logf("sandbox %s left after the failed RunPodSandbox (%v): removing it", sb.Id, sb.State)
 		stopAndRemovePod(t, ctx, env, sb.Id)
 	}
-	if left := podLeftovers(env, stateDir, 5*time.Second); len(left) > 0 {
-		for _, l := range left {
-			t.Errorf("after containerd rolled back the failed RunPodSandbox: %s", l)
-		}
+	// The state dir goes before containerd is done (it waits for the shim's clean-up); the
+	// processes exit a moment after.
+	for _, l := range append(stateDirLeftovers(stateDir), processLeftovers(env, stateDir, 5*time.Second)...) {
+		t.Errorf("after containerd rolled back the failed RunPodSandbox: %s", l)
 	}
 
 	// kubelet retries; the pod runs, and goes without a trace.
@@ -102,15 +112,15 @@ func setAgentTimeout(t *testing.T, path string, d time.Duration) {
 }
 
 // freezeBootingGuest stops (SIGSTOP) the QEMU of the first pod VM in stateDir once its guest
-// has written to the console, so it froze after QEMU started and before its agent answers.
-// It returns QEMU's pid, or 0 if ctx ended first.
-func freezeBootingGuest(ctx context.Context, stateDir string) int {
+// has written marker ("": anything) to the console. It returns QEMU's pid, or 0 if ctx ended
+// first.
+func freezeBootingGuest(ctx context.Context, stateDir, marker string) int {
 	for ctx.Err() == nil {
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 		pids, _ := filepath.Glob(filepath.Join(stateDir, "*", qemu.QEMUPidFile))
 		for _, pf := range pids {
-			st, err := os.Stat(filepath.Join(filepath.Dir(pf), qemu.ConsoleLog))
-			if err != nil || st.Size() == 0 {
+			console, err := os.ReadFile(filepath.Join(filepath.Dir(pf), qemu.ConsoleLog))
+			if err != nil || len(console) == 0 || !strings.Contains(string(console), marker) {
 				continue
 			}
 			b, err := os.ReadFile(pf)
@@ -144,19 +154,24 @@ func waitLog(ctx context.Context, env *harness.Env, first, second string, timeou
 	return errors.New("containerd's log never said " + strconv.Quote(first+" … "+second))
 }
 
-// podLeftovers lists, once they stop going away or grace is over, what of the env's pods is
-// still on the host: entries of stateDir (but the accelerator probe's files), and processes
-// naming stateDir or the env's run dir (QEMU, virtiofsd, shims).
-func podLeftovers(env *harness.Env, stateDir string, grace time.Duration) []string {
+// stateDirLeftovers lists the entries of stateDir but the accelerator probe's files.
+func stateDirLeftovers(stateDir string) []string {
+	var left []string
+	entries, _ := os.ReadDir(stateDir)
+	for _, e := range entries {
+		if !slices.Contains([]string{qemu.AccelCacheFile, qemu.AccelLockFile}, e.Name()) {
+			left = append(left, "state dir entry "+filepath.Join(stateDir, e.Name()))
+		}
+	}
+	return left
+}
+
+// processLeftovers lists, once they stop going away or grace is over, the processes naming
+// stateDir or the env's run dir (QEMU, virtiofsd, shims).
+func processLeftovers(env *harness.Env, stateDir string, grace time.Duration) []string {
 	deadline := time.Now().Add(grace)
 	for {
 		var left []string
-		entries, _ := os.ReadDir(stateDir)
-		for _, e := range entries {
-			if !slices.Contains([]string{qemu.AccelCacheFile, qemu.AccelLockFile}, e.Name()) {
-				left = append(left, "state dir entry "+filepath.Join(stateDir, e.Name()))
-			}
-		}
 		for _, pat := range []string{stateDir, "containerd-shim-podvm-v2 .*" + env.RunDir} {
 			out, _ := exec.Command("pgrep", "-a", "-f", pat).Output()
 			for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
