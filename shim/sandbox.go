@@ -268,6 +268,11 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if sb.stateDir == o.cfg.TemplateDir() {
 		return nil, fmt.Errorf("sandbox id %q: its state dir would be the VM templates dir %s; use another id: %w", o.id, sb.stateDir, errdefs.ErrInvalidArgument)
 	}
+	if err := context.Cause(ctx); err != nil {
+		// Given up on already (Service.Shutdown): `shim delete` may have looked for this
+		// sandbox's record before there was one, so nothing is made.
+		return nil, err
+	}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
