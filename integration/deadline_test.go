@@ -27,27 +27,70 @@ const bootDeadline = 20 * time.Second
 // sandbox back (its task delete, the shim's Shutdown, `containerd-shim-podvm-v2 delete`);
 // once it has, nothing of the pod may be left: no state dir, QEMU, virtiofsd or shim. kubelet
 // then retries, and that pod runs and goes as usual. The guest freezes before its agent
-// listens (the shim waits to connect) or once it does (the shim connected, or is about to,
-// and waits for the guest's setup).
+// listens (the shim waits to connect), once it does (the shim connected, or is about to, and
+// waits for the guest's setup), or right after it was restored from a VM template.
 func TestPodvmFrozenGuestAtDeadline(t *testing.T) {
-	for name, marker := range map[string]string{"booting": "", "agent up": "podvm-agent: serving on"} {
-		t.Run(name, func(t *testing.T) { testFrozenGuestAtDeadline(t, marker) })
+	plain := func(t *testing.T) harness.Options { return podvmShimOptions(t, ownStateDir(t, "pvd-"), "") }
+	for name, c := range map[string]frozenBoot{
+		"booting":  {options: plain, frozen: consoleHas("")},
+		"agent up": {options: plain, frozen: consoleHas("podvm-agent: serving on")},
+		"restored": {
+			options: func(t *testing.T) harness.Options { return podvmTemplateOptions(t, "pvdt-") },
+			prepare: func(ctx context.Context, t *testing.T, env *harness.Env) {
+				removePod(ctx, t, env, runPod(ctx, t, env, "podvm", "builds-the-template"))
+			},
+			frozen: resumed,
+		},
+	} {
+		t.Run(name, func(t *testing.T) { testFrozenGuestAtDeadline(t, c) })
 	}
 }
 
-// testFrozenGuestAtDeadline is TestPodvmFrozenGuestAtDeadline with the guest frozen once its
-// console has marker ("": anything).
-func testFrozenGuestAtDeadline(t *testing.T, marker string) {
-	stateDir := ownStateDir(t, "pvd-")
-	opts := podvmShimOptions(t, stateDir, "")
+// frozenBoot is one way TestPodvmFrozenGuestAtDeadline's pod boots and when its guest freezes.
+type frozenBoot struct {
+	// options are the env's; its podvm state dir is LeakDirs[0].
+	options func(t *testing.T) harness.Options
+	// prepare, if set, runs before the pod whose guest freezes.
+	prepare func(ctx context.Context, t *testing.T, env *harness.Env)
+	// frozen says whether the pod VM with state dir podDir is to be frozen now.
+	frozen func(env *harness.Env, podDir string) bool
+}
+
+// consoleHas freezes a guest once its console has marker ("": anything).
+func consoleHas(marker string) func(*harness.Env, string) bool {
+	return func(_ *harness.Env, podDir string) bool {
+		console, err := os.ReadFile(filepath.Join(podDir, qemu.ConsoleLog))
+		return err == nil && len(console) > 0 && strings.Contains(string(console), marker)
+	}
+}
+
+// resumed freezes a guest restored from a template once QEMU runs it again (the shim logs
+// QEMU's RESUME event), before the shim made it the pod's own.
+func resumed(env *harness.Env, podDir string) bool {
+	b, _ := os.ReadFile(env.ContainerdLog)
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "event=RESUME") && strings.Contains(l, "vm="+filepath.Base(podDir)) {
+			return true
+		}
+	}
+	return false
+}
+
+// testFrozenGuestAtDeadline is TestPodvmFrozenGuestAtDeadline for one frozenBoot.
+func testFrozenGuestAtDeadline(t *testing.T, c frozenBoot) {
+	opts := c.options(t)
+	stateDir := opts.LeakDirs[0]
 	setAgentTimeout(t, opts.PodvmConfigPath, bootDeadline)
 	opts.LeakProcessNames = []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"}
 	env := harness.Start(t, opts)
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
+	if c.prepare != nil {
+		c.prepare(ctx, t, env)
+	}
 
 	frozen := make(chan int, 1)
-	go func() { frozen <- freezeBootingGuest(ctx, stateDir, marker) }()
+	go func() { frozen <- freezeBootingGuest(ctx, env, stateDir, c.frozen) }()
 	cfg := env.PodSandboxConfig(harness.PodOptions{Name: "frozen-boot", Namespace: "it"})
 	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
 		t.Fatal(err)
@@ -84,7 +127,7 @@ func testFrozenGuestAtDeadline(t *testing.T, marker string) {
 	}
 	// The state dir goes before containerd is done (it waits for the shim's clean-up); the
 	// processes exit a moment after.
-	for _, l := range append(stateDirLeftovers(stateDir), processLeftovers(env, stateDir, 5*time.Second)...) {
+	for _, l := range append(stateDirLeftovers(stateDir, opts.LeakDirsKeep), processLeftovers(env, stateDir, 5*time.Second)...) {
 		t.Errorf("after containerd rolled back the failed RunPodSandbox: %s", l)
 	}
 
@@ -111,16 +154,14 @@ func setAgentTimeout(t *testing.T, path string, d time.Duration) {
 	}
 }
 
-// freezeBootingGuest stops (SIGSTOP) the QEMU of the first pod VM in stateDir once its guest
-// has written marker ("": anything) to the console. It returns QEMU's pid, or 0 if ctx ended
-// first.
-func freezeBootingGuest(ctx context.Context, stateDir, marker string) int {
+// freezeBootingGuest stops (SIGSTOP) the QEMU of the first pod VM in stateDir for which
+// frozen holds. It returns QEMU's pid, or 0 if ctx ended first.
+func freezeBootingGuest(ctx context.Context, env *harness.Env, stateDir string, frozen func(*harness.Env, string) bool) int {
 	for ctx.Err() == nil {
 		time.Sleep(10 * time.Millisecond)
 		pids, _ := filepath.Glob(filepath.Join(stateDir, "*", qemu.QEMUPidFile))
 		for _, pf := range pids {
-			console, err := os.ReadFile(filepath.Join(filepath.Dir(pf), qemu.ConsoleLog))
-			if err != nil || len(console) == 0 || !strings.Contains(string(console), marker) {
+			if !frozen(env, filepath.Dir(pf)) {
 				continue
 			}
 			b, err := os.ReadFile(pf)
@@ -154,12 +195,12 @@ func waitLog(ctx context.Context, env *harness.Env, first, second string, timeou
 	return errors.New("containerd's log never said " + strconv.Quote(first+" … "+second))
 }
 
-// stateDirLeftovers lists the entries of stateDir but the accelerator probe's files.
-func stateDirLeftovers(stateDir string) []string {
+// stateDirLeftovers lists the entries of stateDir but those named in keep (node-wide files).
+func stateDirLeftovers(stateDir string, keep []string) []string {
 	var left []string
 	entries, _ := os.ReadDir(stateDir)
 	for _, e := range entries {
-		if !slices.Contains([]string{qemu.AccelCacheFile, qemu.AccelLockFile}, e.Name()) {
+		if !slices.Contains(keep, e.Name()) {
 			left = append(left, "state dir entry "+filepath.Join(stateDir, e.Name()))
 		}
 	}
