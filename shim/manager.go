@@ -179,9 +179,31 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if err != nil {
 		log.G(ctx).WithError(err).Error("the VM's processes cannot be cleaned up by this shim")
 	}
+	if !rec.OwnsVM {
+		cleanupState(ctx, drv, *rec, id)
+		return status, nil
+	}
+	// containerd runs this beside a live shim it gave up on, too: that shim may still be
+	// cleaning up the same VM. Its lock on the state dir says so; this waits for it.
+	lctx, cancel := context.WithTimeout(ctx, deleteLockWait)
+	defer cancel()
+	lock, err := lockStateDir(lctx, rec.StateDir)
+	switch {
+	case errors.Is(err, errStateDirGone):
+		return status, nil // the shim cleaned up
+	case err != nil:
+		log.G(ctx).WithError(err).Warn("the pod's shim is still cleaning up its VM; leaving that to it")
+		return status, nil
+	}
+	defer lock.unlock()
 	cleanupState(ctx, drv, *rec, id)
 	return status, nil
 }
+
+// deleteLockWait bounds how long `shim delete` waits for a live shim to finish cleaning up its
+// sandbox: less than containerd's shim clean-up timeout (io.containerd.timeout.shim.cleanup,
+// 5 s by default), after which containerd kills `shim delete`.
+const deleteLockWait = 4 * time.Second
 
 // Info describes the runtime (`containerd-shim-podvm-v2 -info`): containerd reads the OCI
 // features of its containers from it and advertises them as the CRI runtime handler's

@@ -1,6 +1,8 @@
 package shim
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -14,6 +16,8 @@ type pod struct {
 	mu sync.Mutex
 	// containers maps an id to its container; a nil value reserves an id being created.
 	containers map[string]*container
+	// creating are the creates in flight (their ids reserved in containers).
+	creating map[string]*creation
 	// sandbox is the pod VM; nil until the sandbox (or standalone) container was created
 	// and after it was deleted.
 	sandbox *sandbox
@@ -22,11 +26,26 @@ type pod struct {
 	booting bool
 }
 
-func newPod() *pod { return &pod{containers: map[string]*container{}} }
+// creation is a Create in flight.
+type creation struct {
+	// cancel ends the create's context.
+	cancel context.CancelCauseFunc
+	// abandoned is set once containerd gave up on the create (abandon).
+	abandoned bool
+}
 
-// reserve claims id for a container being created and returns the current VM (nil if
-// none). A container that boots its own VM (ownsVM) is refused while the pod has one.
-func (p *pod) reserve(id string, ownsVM bool) (*sandbox, error) {
+// errAbandoned is why a create containerd gave up on is cancelled, and its error.
+var errAbandoned = errors.New("containerd gave up on this create (its call timed out or was cancelled) and deleted the task; " +
+	"the shim undid it")
+
+func newPod() *pod {
+	return &pod{containers: map[string]*container{}, creating: map[string]*creation{}}
+}
+
+// reserve claims id for a container being created, whose context cancel ends, and returns
+// the current VM (nil if none). A container that boots its own VM (ownsVM) is refused while
+// the pod has one.
+func (p *pod) reserve(id string, ownsVM bool, cancel context.CancelCauseFunc) (*sandbox, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if _, ok := p.containers[id]; ok {
@@ -42,11 +61,13 @@ func (p *pod) reserve(id string, ownsVM bool) (*sandbox, error) {
 		p.booting = true
 	}
 	p.containers[id] = nil
+	p.creating[id] = &creation{cancel: cancel}
 	return p.sandbox, nil
 }
 
-// unreserve gives up an id whose create failed.
-func (p *pod) unreserve(id string, ownsVM bool) {
+// unreserve gives up an id whose create failed; it reports whether containerd had given up
+// on that create (abandon).
+func (p *pod) unreserve(id string, ownsVM bool) (abandoned bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if ownsVM {
@@ -55,16 +76,46 @@ func (p *pod) unreserve(id string, ownsVM bool) {
 	if p.containers[id] == nil {
 		delete(p.containers, id)
 	}
+	if cr := p.creating[id]; cr != nil {
+		abandoned = cr.abandoned
+		delete(p.creating, id)
+	}
+	return abandoned
 }
 
-// add makes a created container known; a container that owns its VM brings it along.
-func (p *pod) add(c *container) {
+// add makes a created container known; a container that owns its VM brings it along. A
+// create containerd gave up on meanwhile is refused (errAbandoned): containerd would never
+// delete the container.
+func (p *pod) add(c *container) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if cr := p.creating[c.id]; cr != nil && cr.abandoned {
+		return errAbandoned
+	}
+	delete(p.creating, c.id)
 	p.containers[c.id] = c
 	if c.ownsVM() {
 		p.sandbox, p.booting = c.sandbox, false
 	}
+	return nil
+}
+
+// abandon cancels the create in flight of id, if there is one, and reports whether there
+// was. containerd asks to delete (and shut down) a task whose create it still awaits only
+// when it gave up on that create: its call's deadline passed, so it will never learn of the
+// container, and it cleans up after the shim (`shim delete`) next.
+func (p *pod) abandon(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cr := p.creating[id]
+	if cr == nil {
+		return false
+	}
+	if !cr.abandoned {
+		cr.abandoned = true
+		cr.cancel(errAbandoned)
+	}
+	return true
 }
 
 // remove forgets a deleted container. When it owned the VM, the VM is taken out of the pod

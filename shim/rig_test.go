@@ -106,6 +106,9 @@ type rig struct {
 	wrapVM    func(*hypervisor.Fake) hypervisor.Hypervisor
 	wrapAgent func(*agent.Fake) agentConn
 	wrapShare func(*rootfs.Fake) rootfs.Provider
+	// beforeConnect, if set, runs when the shim connects to the agent; its error fails the
+	// connection (e.g. a guest that never answers).
+	beforeConnect func(ctx context.Context) error
 }
 
 // fakePorts records the port forwarder the shim starts and stops.
@@ -149,6 +152,11 @@ func newRig(t *testing.T) *rig {
 		// The shim sees its VMs only through a hypervisor.Driver: the fake plugs in as QEMU does.
 		drivers: hypervisor.NewDrivers(r.fakeDriver()),
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
+			if r.beforeConnect != nil {
+				if err := r.beforeConnect(ctx); err != nil {
+					return nil, err
+				}
+			}
 			if r.wrapAgent != nil {
 				return r.wrapAgent(r.agent), nil
 			}

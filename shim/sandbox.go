@@ -167,6 +167,8 @@ type sandbox struct {
 	// is in it.
 	cgroupPath string
 	cgroup     hostCgroup
+	// lock is the state dir's lock, held from its making until shutdown removed it.
+	lock *stateLock
 	// stopping is set when the shim stops the VM on purpose.
 	stopping atomic.Bool
 	// hung says why the shim stopped a guest that stopped answering ("" while it answers).
@@ -266,8 +268,17 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if sb.stateDir == o.cfg.TemplateDir() {
 		return nil, fmt.Errorf("sandbox id %q: its state dir would be the VM templates dir %s; use another id: %w", o.id, sb.stateDir, errdefs.ErrInvalidArgument)
 	}
+	if err := context.Cause(ctx); err != nil {
+		// Given up on already (Service.Shutdown): `shim delete` may have looked for this
+		// sandbox's record before there was one, so nothing is made.
+		return nil, err
+	}
 	if err := os.MkdirAll(sb.stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	// Held until shutdown removed the dir: `shim delete` waits for it (statelock.go).
+	if sb.lock, err = lockStateDir(ctx, sb.stateDir); err != nil {
+		return nil, err
 	}
 	defer func() {
 		if retErr != nil {
@@ -624,6 +635,14 @@ func (sb *sandbox) release(ctx context.Context, id string) {
 	}
 }
 
+// vmStopGrace bounds the graceful part of stopping a pod's VM; halfBootedStopGrace that of a
+// VM whose guest never got ready (its boot failed, timed out or was given up by containerd),
+// which is killed almost at once: containerd gives its clean-up seconds, not tens of them.
+const (
+	vmStopGrace         = 10 * time.Second
+	halfBootedStopGrace = time.Second
+)
+
 // shutdown stops the guest and the VM and removes everything the sandbox made on the host.
 // It works on a half-booted sandbox too.
 func (sb *sandbox) shutdown(ctx context.Context) {
@@ -640,17 +659,25 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 		pcancel()
 	}
 	if sb.agent != nil {
-		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
-		if _, err := sb.agent.Shutdown(actx, &api.Empty{}); err != nil && !isConnClosed(err) {
-			log.G(ctx).WithError(err).Debug("agent shutdown")
+		// A guest that never got ready runs nothing to stop in order, and may be the one
+		// that stopped answering: it is not asked.
+		if sb.ready {
+			actx, acancel := context.WithTimeout(ctx, 2*time.Second)
+			if _, err := sb.agent.Shutdown(actx, &api.Empty{}); err != nil && !isConnClosed(err) {
+				log.G(ctx).WithError(err).Debug("agent shutdown")
+			}
+			acancel()
 		}
-		acancel()
 		if err := sb.agent.Close(); err != nil && !isConnClosed(err) {
 			log.G(ctx).WithError(err).Debug("close agent connection")
 		}
 	}
 	if sb.vm != nil {
-		sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+		grace := vmStopGrace
+		if !sb.ready {
+			grace = halfBootedStopGrace
+		}
+		sctx, scancel := context.WithTimeout(ctx, grace)
 		if err := sb.vm.Stop(sctx); err != nil {
 			log.G(ctx).WithError(err).Warn("stop VM")
 		}
@@ -672,6 +699,7 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 	// The cgroup can go only once nothing is in it, the shim included.
 	sb.leaveCgroup(ctx)
 	cleanupState(ctx, sb.driver, sb.record(), sb.id)
+	sb.lock.unlock()
 }
 
 // vmGone is true once the VM's QEMU has exited.

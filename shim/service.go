@@ -13,6 +13,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -93,13 +94,16 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	rl, sandboxID := roleOf(spec)
 	ownsVM := rl != roleWorkload
-	sb, err := s.pod.reserve(r.ID, ownsVM)
+	// Cancelled when containerd gives up on this create (Delete or Shutdown of its id).
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	sb, err := s.pod.reserve(r.ID, ownsVM, cancel)
 	if err != nil {
 		return nil, err
 	}
 	defer func() {
 		if retErr != nil {
-			s.pod.unreserve(r.ID, ownsVM)
+			s.createFailed(ctx, r.ID, ownsVM, retErr)
 		}
 	}()
 	if !ownsVM && (sb == nil || sb.id != sandboxID) {
@@ -120,12 +124,37 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, err
 	}
 	pid := c.init.getPid()
-	s.pod.add(c)
+	if err := s.pod.add(c); err != nil {
+		// Removed from the guest (a VM owner's VM then goes with the deferred shutdown), and
+		// its exit never reported: containerd does not know it.
+		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), abandonedRemoveTimeout)
+		defer dcancel()
+		if _, derr := c.delete(dctx); derr != nil {
+			log.G(ctx).WithError(derr).WithField("id", r.ID).Warn("remove the abandoned container")
+		}
+		return nil, err
+	}
 	s.events.publish(&eventstypes.TaskCreate{
 		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs, Pid: pid, Checkpoint: r.Checkpoint,
 		IO: &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
 	})
 	return &taskAPI.CreateTaskResponse{Pid: pid}, nil
+}
+
+// abandonedRemoveTimeout bounds removing a container whose create containerd gave up on.
+const abandonedRemoveTimeout = 2 * time.Second
+
+// createFailed gives up the id of a failed create. When containerd had given up on it and
+// asked the shim to go (Shutdown), and it was the last thing the shim ran, the shim goes now:
+// Shutdown could not end it while the create was still unwinding.
+func (s *Service) createFailed(ctx context.Context, id string, ownsVM bool, err error) {
+	if !s.pod.unreserve(id, ownsVM) {
+		return
+	}
+	log.G(ctx).WithError(err).WithField("id", id).Warn("containerd gave up on creating this container; it is undone")
+	if s.pod.size() == 0 {
+		s.shutdown.Shutdown()
+	}
 }
 
 // bootSandbox boots the pod VM for a sandbox or standalone container and watches it.
@@ -161,6 +190,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
 	c, p, err := s.pod.process(r.ID, r.ExecID)
 	if err != nil {
+		if r.ExecID == "" && s.pod.abandon(r.ID) {
+			log.G(ctx).WithField("id", r.ID).Warn("containerd deletes a container the shim is still creating; cancelling the create")
+		}
 		return nil, err
 	}
 	if r.ExecID != "" {
@@ -337,8 +369,11 @@ func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 	return resp, nil
 }
 
-// Shutdown ends the shim once it runs no container.
+// Shutdown ends the shim once it runs no container. containerd shuts down the shim of a task
+// whose create it gave up on too: that create is cancelled, and the shim ends once it is
+// undone (createFailed).
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
+	s.pod.abandon(r.ID)
 	if s.pod.size() == 0 {
 		s.shutdown.Shutdown()
 	}

@@ -273,7 +273,7 @@ func TestAdaptSpecForGuest(t *testing.T) {
 
 func TestContainerBeingCreatedIsNotFound(t *testing.T) {
 	r := newRig(t)
-	if _, err := r.service.pod.reserve("pod1", true); err != nil { // what Create holds while the VM boots
+	if _, err := r.service.pod.reserve("pod1", true, func(error) {}); err != nil { // what Create holds while the VM boots
 		t.Fatal(err)
 	}
 	for name, call := range map[string]func() error{
