@@ -14,9 +14,10 @@ import (
 // when that container is deleted or the shim exits.
 type pod struct {
 	mu sync.Mutex
-	// containers maps an id to its container; a nil value reserves an id being created.
+	// containers are the created containers by id.
 	containers map[string]*container
-	// creating are the creates in flight (their ids reserved in containers).
+	// creating are the creates in flight by id: each reserves its id until it is added to
+	// containers or undone. An id is in one of the two maps at most.
 	creating map[string]*creation
 	// sandbox is the pod VM; nil until the sandbox (or standalone) container was created
 	// and after it was deleted.
@@ -48,7 +49,8 @@ func newPod() *pod {
 func (p *pod) reserve(id string, ownsVM bool, cancel context.CancelCauseFunc) (*sandbox, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, ok := p.containers[id]; ok {
+	_, created := p.containers[id]
+	if _, creating := p.creating[id]; created || creating {
 		return nil, fmt.Errorf("container %s: %w", id, errdefs.ErrAlreadyExists)
 	}
 	if ownsVM {
@@ -60,7 +62,6 @@ func (p *pod) reserve(id string, ownsVM bool, cancel context.CancelCauseFunc) (*
 		}
 		p.booting = true
 	}
-	p.containers[id] = nil
 	p.creating[id] = &creation{cancel: cancel}
 	return p.sandbox, nil
 }
@@ -72,9 +73,6 @@ func (p *pod) unreserve(id string, ownsVM bool) (abandoned bool) {
 	defer p.mu.Unlock()
 	if ownsVM {
 		p.booting = false
-	}
-	if p.containers[id] == nil {
-		delete(p.containers, id)
 	}
 	if cr := p.creating[id]; cr != nil {
 		abandoned = cr.abandoned
@@ -129,9 +127,7 @@ func (p *pod) remove(c *container) (vm *sandbox, left []*container) {
 	}
 	vm, p.sandbox = p.sandbox, nil
 	for _, o := range p.containers {
-		if o != nil {
-			left = append(left, o)
-		}
+		left = append(left, o)
 	}
 	return vm, left
 }
@@ -149,8 +145,8 @@ func (p *pod) takeSandbox() *sandbox {
 func (p *pod) container(id string) (*container, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	c := p.containers[id]
-	if c == nil {
+	c, ok := p.containers[id]
+	if !ok {
 		return nil, fmt.Errorf("container %s: %w", id, errdefs.ErrNotFound)
 	}
 	return c, nil
@@ -173,7 +169,7 @@ func (p *pod) process(id, execID string) (*container, *process, error) {
 func (p *pod) size() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return len(p.containers)
+	return len(p.containers) + len(p.creating)
 }
 
 // lookup returns the created container id (nil if none) and whether sb is the pod's VM.

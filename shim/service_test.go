@@ -289,4 +289,5 @@ func TestContainerBeingCreatedIsNotFound(t *testing.T) {
 			t.Errorf("%s of a container being created: %v, want not found", name, err)
 		}
 	}
+	r.shutdownRefused("Shutdown ended a shim that is still creating a container")
 }
