@@ -10,8 +10,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// initTimesEnv carries PID 1's boot-phase times (CLOCK_BOOTTIME, ns) to the server it starts,
-// so the server's "ready" log line tells where the guest's boot went.
+// initTimesEnv carries PID 1's boot-phase times (CLOCK_BOOTTIME, ns: "<initMain>,<initDone>") to
+// the server it starts, so the server's "ready" log line tells where the guest's boot went.
+// PID 1 is C (cmd/podvm-agent/pid1.go), which writes it.
 const initTimesEnv = "PODVM_INIT_TIMES"
 
 // processStart is when this process's Go code started running (after the runtime's and the
@@ -27,15 +28,11 @@ func sinceBoot() time.Duration {
 
 // bootPhases are the guest's boot milestones, each a CLOCK_BOOTTIME reading.
 type bootPhases struct {
-	// initMain: PID 1's main started (the kernel's own boot, /init's exec and Go's start).
-	// initDone: PID 1 moved onto its own root, mounted the rest and starts the server.
+	// initMain: PID 1 started (the kernel's own boot and /init's exec; from an initramfs, also
+	// guest.Init's Go start, modules and move onto its own root).
+	// initDone: PID 1 mounted the kernel filesystems and starts the server.
 	// serverMain: the server's main started. ready: it listens on every transport.
 	initMain, initDone, serverMain, ready time.Duration
-}
-
-// env is the environment entry that hands initMain and initDone to the server.
-func (b bootPhases) env() string {
-	return fmt.Sprintf("%s=%d,%d", initTimesEnv, b.initMain, b.initDone)
 }
 
 // bootPhasesFromEnv reads what PID 1 handed over; zero values when it is missing or garbled

@@ -1,17 +1,16 @@
 package guest
 
 import (
-	"strings"
 	"testing"
 	"time"
 )
 
-// PID 1 hands its boot times to the server through the environment; the server's ready line
-// names every phase, and a missing or garbled hand-over only shortens it.
+// PID 1 hands its boot times to the server through the environment, in nanoseconds as
+// cmd/podvm-agent/pid1.go writes them; the server's ready line names every phase, and a
+// missing or garbled hand-over only shortens it.
 func TestBootPhasesHandOver(t *testing.T) {
 	pid1 := bootPhases{initMain: 900 * time.Millisecond, initDone: 950 * time.Millisecond}
-	k, v, _ := strings.Cut(pid1.env(), "=")
-	t.Setenv(k, v)
+	t.Setenv(initTimesEnv, "900000000,950000000")
 	got := bootPhasesFromEnv()
 	if got.initMain != pid1.initMain || got.initDone != pid1.initDone {
 		t.Fatalf("bootPhasesFromEnv() = %+v, want %+v", got, pid1)

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -19,26 +18,24 @@ import (
 // line, each after its dependencies (written by rootfs/guestimage).
 const ModulesList = "/lib/modules/podvm.modules"
 
-// Init is PID 1 of the guest. From the initramfs it mounts the kernel filesystems, loads the
-// modules and moves onto a root of its own (runc's pivot_root cannot leave an initramfs
-// root); then it mounts the rest, starts the agent server as its child (from the same file as
-// itself, /init) and reaps every orphan. It never returns: when the server dies the guest
-// powers off.
+// RootReadyEnv tells the agent binary's C PID 1 (cmd/podvm-agent/pid1.go) that the guest's root
+// is a root of its own although it is an initramfs's: Init has moved onto it.
+const RootReadyEnv = "PODVM_ROOT_READY"
+
+// Init is PID 1 of a guest that boots from an initramfs (Debian's kernel, its modules in the
+// initrd); the agent binary's C PID 1 takes over wherever the root is already a root of its own
+// (podvm's root image). Init mounts the kernel filesystems, loads the modules and moves onto a
+// root of its own (runc's pivot_root cannot leave an initramfs root), then execs the agent
+// binary again as PID 1, with RootReadyEnv set, for the C PID 1 to mount the rest, start the
+// server and reap. It never returns.
 func Init() {
 	ctx := context.Background()
 	if err := moveToOwnRoot(ctx); err != nil {
 		fatal(ctx, fmt.Errorf("init: %w", err))
 	}
-	if err := mountStage2(); err != nil {
-		fatal(ctx, fmt.Errorf("init: %w", err))
-	}
-	setPageReportingOrder(ctx)
-	phases := bootPhases{initMain: processStart, initDone: sinceBoot()}
-	child, err := startServer(phases)
-	if err != nil {
-		fatal(ctx, fmt.Errorf("init: start agent server: %w", err))
-	}
-	reap(ctx, child)
+	env := append(os.Environ(), RootReadyEnv+"=1")
+	err := unix.Exec("/init", []string{"/init"}, env)
+	fatal(ctx, fmt.Errorf("init: exec /init on the new root: %w", err))
 }
 
 func fatal(ctx context.Context, err error) {
@@ -156,27 +153,11 @@ func rootIsInitramfs() (bool, error) {
 	return st.Type == unix.RAMFS_MAGIC || st.Type == unix.TMPFS_MAGIC, nil
 }
 
-func mountStage2() error {
-	if err := mountAll([]mnt{
-		{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"},
-		{"shm", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
-		{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
-		{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
-		{"cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
-	}); err != nil {
-		return err
-	}
-	for name, target := range map[string]string{"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
-		"/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2", "/dev/ptmx": "pts/ptmx"} {
-		_ = os.Remove(name)
-		if err := os.Symlink(target, name); err != nil {
-			return err
-		}
-	}
-	if err := os.MkdirAll("/etc", 0o755); err != nil {
-		return err
-	}
-	// Hand every controller down so containers' cgroups can use them.
+// SetUpKernel makes the kernel ready for the server's work: it hands every cgroup controller
+// down so containers' cgroups can use them, and applies the kernel command line's free page
+// reporting order (see applyPageReportingOrder), which the balloon driver's probe has reset by
+// now. The server runs it at its start, before it serves.
+func SetUpKernel(ctx context.Context) error {
 	ctrls, err := os.ReadFile("/sys/fs/cgroup/cgroup.controllers")
 	if err != nil {
 		return err
@@ -190,13 +171,7 @@ func mountStage2() error {
 			return fmt.Errorf("enable cgroup controllers: %w", err)
 		}
 	}
-	return nil
-}
-
-// setPageReportingOrder applies the kernel command line's free page reporting order (see
-// applyPageReportingOrder). Memory handed back later is all it changes, so a failure is
-// logged, not fatal.
-func setPageReportingOrder(ctx context.Context) {
+	// Memory handed back later is all the order changes, so a failure is logged, not fatal.
 	cmdline, err := os.ReadFile("/proc/cmdline")
 	if err == nil {
 		_, err = applyPageReportingOrder("/", string(cmdline))
@@ -204,37 +179,7 @@ func setPageReportingOrder(ctx context.Context) {
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("podvm-agent: free page reporting keeps the kernel's order")
 	}
-}
-
-// startServer runs the agent server as PID 1's child, so its own process waits are never
-// raced by the reaper.
-func startServer(phases bootPhases) (*os.Process, error) {
-	cmd := exec.Command("/init", "serve")
-	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/usr/bin:/sbin:/bin", phases.env())
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	return cmd.Process, nil
-}
-
-// reap collects every child and orphan; the guest powers off when the server exits.
-func reap(ctx context.Context, server *os.Process) {
-	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, 0, nil)
-		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			time.Sleep(100 * time.Millisecond)
-			continue
-		}
-		if pid == server.Pid {
-			log.G(ctx).Errorf("podvm-agent: server exited (%v), powering off", exitStatus(ws))
-			PowerOff()
-		}
-	}
+	return nil
 }
 
 // LoadModules loads the modules listed in the file at path, in order. A missing or empty list is

@@ -36,6 +36,10 @@ func main() {
 	switch {
 	case arg == "serve":
 		ctx := context.Background()
+		if err := guest.SetUpKernel(ctx); err != nil {
+			log.G(ctx).WithError(err).Error("podvm-agent: serve")
+			os.Exit(1)
+		}
 		if err := guest.Serve(ctx, guest.NewServer()); err != nil {
 			log.G(ctx).WithError(err).Error("podvm-agent: serve")
 			os.Exit(1)
@@ -45,6 +49,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "podvm-agent: "+guest.HoldArg+" takes no arguments")
 		os.Exit(2)
 	case os.Getpid() == 1:
+		// Only from an initramfs: PID 1 is C where the root is a root of its own (pid1.go).
 		guest.Init()
 	default:
 		fmt.Fprintln(os.Stderr, "podvm-agent runs as PID 1 of a podvm guest (the initrd's /init); it is not meant to be started by hand")
