@@ -36,11 +36,7 @@ func main() {
 	switch {
 	case arg == "serve":
 		ctx := context.Background()
-		if err := guest.SetUpKernel(ctx); err != nil {
-			log.G(ctx).WithError(err).Error("podvm-agent: serve")
-			os.Exit(1)
-		}
-		if err := guest.Serve(ctx, guest.NewServer()); err != nil {
+		if err := serve(ctx); err != nil {
 			log.G(ctx).WithError(err).Error("podvm-agent: serve")
 			os.Exit(1)
 		}
@@ -55,4 +51,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, "podvm-agent runs as PID 1 of a podvm guest (the initrd's /init); it is not meant to be started by hand")
 		os.Exit(2)
 	}
+}
+
+// serve readies the guest kernel for pods and serves the agent API until it fails.
+func serve(ctx context.Context) error {
+	if err := guest.SetUpKernel(ctx); err != nil {
+		return err
+	}
+	return guest.Serve(ctx, guest.NewServer())
 }
