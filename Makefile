@@ -102,7 +102,7 @@ E2E_RUN     ?= .
 e2e: build image
 	@mkdir -p $(OUT)
 	PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
-		$(GO) test -count=1 -timeout $(E2E_TIMEOUT) -v -run '$(E2E_RUN)' ./integration/e2e/ 2>&1 | tee $(OUT)/e2e.log; \
+		$(GO) test -count=1 -timeout $(E2E_TIMEOUT) -parallel 8 -v -run '$(E2E_RUN)' ./integration/e2e/ 2>&1 | tee $(OUT)/e2e.log; \
 		exit $${PIPESTATUS[0]}
 
 test: deps

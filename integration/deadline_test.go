@@ -19,7 +19,9 @@ import (
 
 // bootDeadline is both the RunPodSandbox deadline and the shim's agent_timeout in
 // TestPodvmFrozenGuestAtDeadline: the two give up on a frozen guest at about the same moment.
-const bootDeadline = 20 * time.Second
+// Each case waits it out, so it is short; a guest reaches the latest point where the test
+// freezes it (its agent serving) within a few seconds even on a slow TCG machine.
+const bootDeadline = 10 * time.Second
 
 // TestPodvmFrozenGuestAtDeadline freezes a pod's guest while its sandbox boots, with the CRI
 // call's deadline and the shim's agent_timeout equal, so that containerd gives up on the shim

@@ -19,9 +19,10 @@ type testCase struct {
 	run  func(ctx context.Context, t *testing.T, k *kube)
 }
 
-// TestE2E starts one cluster and runs every case for RuntimeClass runc, then podvm, then the
-// fault cases; at the end nothing may be left on the machine. E2E_RUN (a regexp, as -run
-// takes) is the usual way to select cases: go test -run 'TestE2E/podvm/exec'.
+// TestE2E starts one cluster and runs every case for RuntimeClass runc, then podvm: first the
+// fault cases that need the node to themselves, one at a time, then the others side by side;
+// at the end nothing may be left on the machine. E2E_RUN (a regexp, as -run takes) is the usual way to select cases:
+// go test -run 'TestE2E/podvm/exec'.
 func TestE2E(t *testing.T) {
 	ctx := suiteContext(t)
 	opts := options(t)
@@ -43,22 +44,53 @@ func TestE2E(t *testing.T) {
 		}
 		k.waitServiceAccount(ctx, t)
 		t.Run(rc, func(t *testing.T) {
-			for _, tc := range cases {
-				if leftOut(t, rc, tc.name) {
-					continue
+			// The fault cases that restart the node's daemons or count what is on it run
+			// first, one at a time.
+			for _, tc := range faultCases {
+				if tc.alone && !leftOut(t, rc, tc.name) {
+					t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k, cl, env) })
 				}
-				t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k) })
+			}
+			// Every other case touches only its own pods and objects: they run side by side,
+			// casesParallel at a time, once this function has returned.
+			slots := make(chan struct{}, casesParallel(t, rc))
+			beside := func(name string, run func(t *testing.T)) {
+				if leftOut(t, rc, name) {
+					return
+				}
+				t.Run(name, func(t *testing.T) {
+					t.Parallel()
+					slots <- struct{}{}
+					defer func() { <-slots }()
+					run(t)
+				})
 			}
 			for _, tc := range faultCases {
-				if leftOut(t, rc, tc.name) {
-					continue
+				if !tc.alone {
+					beside(tc.name, func(t *testing.T) { tc.run(ctx, t, k, cl, env) })
 				}
-				t.Run(tc.name, func(t *testing.T) { tc.run(ctx, t, k, cl, env) })
+			}
+			for _, tc := range cases {
+				beside(tc.name, func(t *testing.T) { tc.run(ctx, t, k) })
 			}
 		})
 	}
 	t.Logf("timings, runc vs podvm, same cluster and run:\n%s", tm.table())
 	cl.AssertNoLeaks(t)
+}
+
+// ParallelEnv sets how many of a runtime class's cases (not the fault cases) run at once.
+const ParallelEnv = "PODVM_E2E_PARALLEL"
+
+// casesParallel is how many cases of runtime class rc run at once: by default 3 for podvm,
+// whose VMs boot on the node's CPUs (TCG here), 6 for runc, whose cases mostly wait on the
+// kubelet. go test's -parallel must be at least as large (make e2e gives 8).
+func casesParallel(t *testing.T, rc string) int {
+	par := 6
+	if rc == "podvm" {
+		par = 3
+	}
+	return positiveEnv(t, ParallelEnv, par)
 }
 
 // PendingEnv, set to 1, runs the cases in pending too.

@@ -22,16 +22,19 @@ import (
 type faultCase struct {
 	name string
 	run  func(ctx context.Context, t *testing.T, k *kube, cl *k8s.Cluster, env *harness.Env)
+	// alone: the case restarts a node daemon or counts what is on the node, so nothing else
+	// may run beside it. The others harm only their own pod and run beside the plain cases.
+	alone bool
 }
 
 var faultCases = []faultCase{
-	{"kubelet_restart", testKubeletRestart},
-	{"containerd_restart", testContainerdRestart},
-	{"sandbox_killed", testSandboxKilled},
-	{"shim_killed", testShimKilled},
-	{"shim_killed_booting", testShimKilledBooting},
-	{"guest_frozen", testGuestFrozen},
-	{"soak", testSoak},
+	{"kubelet_restart", testKubeletRestart, true},
+	{"containerd_restart", testContainerdRestart, true},
+	{"shim_killed_booting", testShimKilledBooting, true},
+	{"soak", testSoak, true},
+	{"guest_frozen", testGuestFrozen, false},
+	{"sandbox_killed", testSandboxKilled, false},
+	{"shim_killed", testShimKilled, false},
 }
 
 // survives checks that pod kept running through a fault: same container, no restart, and exec

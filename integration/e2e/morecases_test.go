@@ -58,7 +58,7 @@ func testHooksAndGrace(ctx context.Context, t *testing.T, k *kube) {
 		PreStop:   &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"sh", "-c", "echo prestop >> /dev/termination-log"}}},
 	}
 	c.LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "-f", "/tmp/alive"}}},
-		PeriodSeconds: 1, FailureThreshold: 1}
+		PeriodSeconds: 1, FailureThreshold: 1, TimeoutSeconds: 10} // slow on a busy node is not failed
 	pod.Spec.TerminationGracePeriodSeconds = ptr[int64](10)
 	k.run(ctx, t, pod)
 	k.mustExec(ctx, t, "hooks", "c", "test", "-f", "/tmp/poststart")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 )
@@ -28,7 +29,11 @@ func testIptablesInit(ctx context.Context, t *testing.T, k *kube) {
 			"iptables -t nat -S",
 		}, " && ")},
 	}}
+	// Running is not listening yet: wait until the server takes connections, as a user would.
+	pod.Spec.Containers[0].ReadinessProbe = &corev1.Probe{
+		ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr(15001)}}, PeriodSeconds: 1}
 	k.run(ctx, t, pod)
+	k.wait(ctx, t, "iptables", 3*time.Minute, ready)
 	logs, err := k.logs(ctx, "iptables", "init", false)
 	if err != nil || !strings.Contains(logs, "-A OUTPUT -p tcp -m tcp --dport 80 -j PROXY_REDIRECT") {
 		t.Fatalf("iptables -t nat -S in the init container: %v\n%s", err, logs)
