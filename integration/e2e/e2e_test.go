@@ -21,8 +21,8 @@ type testCase struct {
 
 // TestE2E starts one cluster and runs every case for RuntimeClass runc, then podvm: first the
 // fault cases that need the node to themselves, one at a time, then the others side by side;
-// at the end nothing may be left on the machine. E2E_RUN (a regexp, as -run takes) is the usual way to select cases:
-// go test -run 'TestE2E/podvm/exec'.
+// at the end nothing may be left on the machine. E2E_RUN (a regexp, as -run takes) is the
+// usual way to select cases: go test -run 'TestE2E/podvm/exec'.
 func TestE2E(t *testing.T) {
 	ctx := suiteContext(t)
 	opts := options(t)
