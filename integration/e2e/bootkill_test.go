@@ -41,7 +41,7 @@ func testShimKilledBooting(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cl
 	}
 	t.Logf("killed shim %d of sandbox %s while it booted (%s)", pid, id, k.rc)
 	p := k.wait(ctx, t, name, 3*time.Minute, running)
-	k.timing.add(k.rc, "shim killed booting → Running", time.Since(start))
+	k.measure("shim killed booting → Running", time.Since(start))
 	ev := k.events(name)
 	if !strings.Contains(ev, "FailedCreatePodSandBox") {
 		t.Errorf("no FailedCreatePodSandBox event: the kill did not land in RunPodSandbox; events:\n%s", ev)

@@ -76,7 +76,7 @@ func testRunLogsDelete(ctx context.Context, t *testing.T, k *kube) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k.timing.add(k.rc, "delete (grace 2s)", d)
+	k.measure("delete (grace 2s)", d)
 }
 
 func waitLog(ctx context.Context, t *testing.T, k *kube, pod, c, want string) {
@@ -246,7 +246,7 @@ func testProbes(ctx context.Context, t *testing.T, k *kube) {
 	start := time.Now()
 	k.create(ctx, t, pod)
 	k.wait(ctx, t, "probes", 3*time.Minute, ready)
-	k.timing.add(k.rc, "apply → Ready (probes)", time.Since(start))
+	k.measure("apply → Ready (probes)", time.Since(start))
 
 	k.mustExec(ctx, t, "probes", "c", "rm", "/tmp/alive")
 	p := k.wait(ctx, t, "probes", 2*time.Minute, func(p *corev1.Pod) error {
@@ -336,7 +336,7 @@ func testVolumes(ctx context.Context, t *testing.T, k *kube) {
 		}
 		time.Sleep(time.Second)
 	}
-	k.timing.add(k.rc, "configMap update → pod", time.Since(start))
+	k.measure("configMap update → pod", time.Since(start))
 }
 
 // testOOMKilled: a container that allocates past its memory limit is OOMKilled.

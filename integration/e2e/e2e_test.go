@@ -54,7 +54,9 @@ func TestE2E(t *testing.T) {
 			// Every other case touches only its own pods and objects: they run side by side,
 			// casesParallel at a time, once this function has returned.
 			slots := make(chan struct{}, casesParallel(t, rc))
-			beside := func(name string, run func(t *testing.T)) {
+			busy := *k
+			busy.busy = true
+			beside := func(name string, run func(t *testing.T, k *kube)) {
 				if leftOut(t, rc, name) {
 					return
 				}
@@ -62,16 +64,16 @@ func TestE2E(t *testing.T) {
 					t.Parallel()
 					slots <- struct{}{}
 					defer func() { <-slots }()
-					run(t)
+					run(t, &busy)
 				})
 			}
 			for _, tc := range faultCases {
 				if !tc.alone {
-					beside(tc.name, func(t *testing.T) { tc.run(ctx, t, k, cl, env) })
+					beside(tc.name, func(t *testing.T, k *kube) { tc.run(ctx, t, k, cl, env) })
 				}
 			}
 			for _, tc := range cases {
-				beside(tc.name, func(t *testing.T) { tc.run(ctx, t, k) })
+				beside(tc.name, func(t *testing.T, k *kube) { tc.run(ctx, t, k) })
 			}
 		})
 	}

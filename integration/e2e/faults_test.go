@@ -74,8 +74,8 @@ func testKubeletRestart(ctx context.Context, t *testing.T, k *kube, cl *k8s.Clus
 			t.Fatalf("restart kubelet (hard=%v): %v", hard, err)
 		}
 		rec := survives(ctx, t, k, before, start)
-		k.timing.add(k.rc, fmt.Sprintf("kubelet restart(kill=%v): node Ready", hard), ready)
-		k.timing.add(k.rc, fmt.Sprintf("kubelet restart(kill=%v): exec", hard), rec)
+		k.measure(fmt.Sprintf("kubelet restart(kill=%v): node Ready", hard), ready)
+		k.measure(fmt.Sprintf("kubelet restart(kill=%v): exec", hard), rec)
 	}
 }
 
@@ -87,8 +87,8 @@ func testContainerdRestart(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cl
 	if err := env.RestartContainerd(ctx); err != nil {
 		t.Fatalf("restart containerd: %v", err)
 	}
-	k.timing.add(k.rc, "containerd restart: CRI ready", time.Since(start))
-	k.timing.add(k.rc, "containerd restart: exec", survives(ctx, t, k, before, start))
+	k.measure("containerd restart: CRI ready", time.Since(start))
+	k.measure("containerd restart: exec", survives(ctx, t, k, before, start))
 }
 
 // testSandboxKilled: the pod's sandbox dies under it (SIGKILL to runc's pause process, or to
@@ -125,7 +125,7 @@ func killAndRecover(ctx context.Context, t *testing.T, k *kube, env *harness.Env
 		}
 		return running(p)
 	})
-	k.timing.add(k.rc, measure, time.Since(start))
+	k.measure(measure, time.Since(start))
 	time.Sleep(5 * time.Second) // a second, spurious restart would show by now
 	after := k.wait(ctx, t, p.Name, time.Minute, running)
 	ev := k.events(p.Name)

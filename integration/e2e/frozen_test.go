@@ -43,7 +43,7 @@ func testGuestFrozen(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluster,
 	case ectx.Err() != nil:
 		t.Errorf("ExecSync (timeout 5s) in a frozen guest hung until the caller gave up after %v: %v", took, err)
 	}
-	k.timing.add(k.rc, "frozen guest: ExecSync fails", took)
+	k.measure("frozen guest: ExecSync fails", took)
 	// Deletion: the kubelet's CRI calls have a 2 minute deadline; a pod whose guest hangs must
 	// still go within about that, not after retries of it.
 	dctx, dcancel := context.WithTimeout(ctx, 3*time.Minute)
@@ -52,7 +52,7 @@ func testGuestFrozen(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluster,
 	if err != nil {
 		t.Fatalf("delete the frozen pod: %v; events:\n%s", err, k.events("frozen"))
 	}
-	k.timing.add(k.rc, "frozen guest: delete", d)
+	k.measure("frozen guest: delete", d)
 	if n := countQEMU(id); n != 0 {
 		t.Errorf("%d QEMU processes of the deleted frozen pod left", n)
 	}

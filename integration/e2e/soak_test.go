@@ -138,7 +138,7 @@ func soakCycle(ctx context.Context, k *kube, name string) (retErr error) {
 			retErr = err
 		}
 		if retErr == nil {
-			k.timing.add(k.rc, "soak cycle", time.Since(start))
+			k.measure("soak cycle", time.Since(start))
 		}
 	}()
 	if err := k.poll(ctx, name, 3*time.Minute, running); err != nil {

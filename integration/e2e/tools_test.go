@@ -152,9 +152,9 @@ func (tm *timings) table() string {
 	}
 	sort.Strings(measures)
 	var b strings.Builder
-	fmt.Fprintf(&b, "%-28s %18s %18s\n", "measure (median, n)", "runc", "podvm")
+	fmt.Fprintf(&b, "%-42s %18s %18s\n", "measure (median, n)", "runc", "podvm")
 	for _, m := range measures {
-		fmt.Fprintf(&b, "%-28s", m)
+		fmt.Fprintf(&b, "%-42s", m)
 		for _, rc := range runtimeClasses {
 			s := append([]time.Duration(nil), tm.d[m][rc]...)
 			if len(s) == 0 {

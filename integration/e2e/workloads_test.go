@@ -47,10 +47,10 @@ func testDeployment(ctx context.Context, t *testing.T, k *kube) {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	k.timing.add(k.rc, "Deployment 3 Ready", time.Since(start))
+	k.measure("Deployment 3 Ready", time.Since(start))
 	start = time.Now()
 	k.deleteDeployment(t, "web", labels)
-	k.timing.add(k.rc, "Deployment 3 deleted", time.Since(start))
+	k.measure("Deployment 3 deleted", time.Since(start))
 }
 
 // deleteDeployment deletes a deployment in the foreground and waits until no pod of it is left.
