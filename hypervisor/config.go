@@ -96,7 +96,7 @@ type Config struct {
 	SharedDirNS func(func() error) error
 	// VirtiofsdPath is the virtio-fs daemon; empty means the driver's search.
 	VirtiofsdPath string
-	// VirtiofsCache is "auto" (default), "always" or "never".
+	// VirtiofsCache is "keep" (default), "auto", "always" or "never" (docs/storage.md).
 	VirtiofsCache string
 
 	// AgentTransport is TransportAuto (or ""), TransportVsock or TransportSerial.

@@ -91,20 +91,8 @@ func checkQEMUJail(t *testing.T, vm *qemu.VM, stateDir string) {
 func checkVirtiofsdCaps(t *testing.T, stateDir string) {
 	t.Helper()
 	const capMknod, capSetfcap = 27, 31
-	sock := filepath.Join(stateDir, qemu.VirtiofsdSocket)
-	found := 0
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmd, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		argv0, _, _ := strings.Cut(string(cmd), "\x00")
-		if !strings.Contains(string(cmd), sock) || !strings.Contains(filepath.Base(argv0), "virtiofsd") {
-			continue
-		}
-		found++
+	pids := virtiofsdPIDs(stateDir)
+	for _, p := range pids {
 		eff, err := strconv.ParseUint(procStatus(t, p)["CapEff"], 16, 64)
 		if err != nil {
 			continue
@@ -114,9 +102,29 @@ func checkVirtiofsdCaps(t *testing.T, stateDir string) {
 			t.Errorf("virtiofsd pid %d has CAP_MKNOD or CAP_SETFCAP (CapEff %016x)", p, eff)
 		}
 	}
-	if found == 0 {
+	if len(pids) == 0 {
 		t.Error("no virtiofsd process for this VM")
 	}
+}
+
+// virtiofsdPIDs are the virtiofsd processes serving the VM of stateDir (the C virtiofsd is
+// two: it forks into its sandbox).
+func virtiofsdPIDs(stateDir string) []int {
+	sock := filepath.Join(stateDir, qemu.VirtiofsdSocket)
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmd, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		argv0, _, _ := strings.Cut(string(cmd), "\x00")
+		if strings.Contains(string(cmd), sock) && strings.Contains(filepath.Base(argv0), "virtiofsd") {
+			pids = append(pids, p)
+		}
+	}
+	return pids
 }
 
 // procStatus reads /proc/<pid>/status into a map.

@@ -180,16 +180,57 @@ func (v *bindVolumes) check(ctx context.Context, t *testing.T, env *harness.Env,
 	if got := strings.TrimSpace(readHostFile(t, filepath.Join(v.hostPath, "out"))); got != "to-host" {
 		t.Errorf("hostPath: host read %q, want to-host", got)
 	}
-	writeFile(t, filepath.Join(v.hostPath, "in"), "from-host")
+	in := filepath.Join(v.hostPath, "in")
+	writeFile(t, in, "from-host")
 	if got := volMust(ctx, t, env, b, "cat /host/in"); got != "from-host" {
 		t.Errorf("hostPath: container read %q, want from-host", got)
 	}
+	// A file the container has read, changed by the host in place (same inode): the
+	// container sees the change, with podvm within the guest's 1 s metadata timeout. Same
+	// size first, so only its mtime tells the guest, then longer.
+	rewriteInPlace(t, in, "FROM-HOST")
+	readsWithin(ctx, t, env, b, "cat /host/in", "FROM-HOST", 5*time.Second)
+	rewriteInPlace(t, in, "FROM-HOST, longer")
+	readsWithin(ctx, t, env, b, "cat /host/in", "FROM-HOST, longer", 5*time.Second)
 	// subPath file: that one file, read-only.
 	if got := volMust(ctx, t, env, b, "cat /etc/app.conf"); got != "sub=path" {
 		t.Errorf("subPath file read %q", got)
 	}
 	if code, _, _ := volSh(ctx, t, env, b, "echo x >> /etc/app.conf"); code == 0 {
 		t.Error("appending to a read-only subPath file succeeded")
+	}
+}
+
+// rewriteInPlace writes content over the start of file p, which keeps its inode.
+func rewriteInPlace(t *testing.T, p, content string) {
+	t.Helper()
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte(content), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readsWithin runs script in container id until its output is want, for at most limit.
+func readsWithin(ctx context.Context, t *testing.T, env *harness.Env, id, script, want string, limit time.Duration) {
+	t.Helper()
+	start := time.Now()
+	for {
+		got := volMust(ctx, t, env, id, script)
+		if got == want {
+			t.Logf("%q read %q after %v", script, want, time.Since(start).Round(time.Millisecond))
+			return
+		}
+		if time.Since(start) > limit {
+			t.Errorf("%q: read %q %v after the host's change, want %q", script, got, limit, want)
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

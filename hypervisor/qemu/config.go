@@ -131,7 +131,7 @@ func (c *Config) setPureDefaults() {
 		c.MemoryMiB = DefaultMemoryMiB
 	}
 	if c.SharedDir != "" && c.VirtiofsCache == "" {
-		c.VirtiofsCache = "auto"
+		c.VirtiofsCache = "keep"
 	}
 	if c.UIDBase == 0 {
 		c.UIDBase = hypervisor.DefaultUIDBase
@@ -323,9 +323,9 @@ func (c *Config) validateSharedDir(p *problems) {
 		p.add("VirtiofsdPath: empty with SharedDir set; set it or call Resolve")
 	}
 	switch c.VirtiofsCache {
-	case "auto", "always", "never":
+	case "keep", "auto", "always", "never":
 	default:
-		p.add("VirtiofsCache %q: must be auto, always or never", c.VirtiofsCache)
+		p.add("VirtiofsCache %q: must be keep, auto, always or never", c.VirtiofsCache)
 	}
 }
 

@@ -65,27 +65,47 @@ func flavorFromHelp(help []byte) virtiofsdFlavor {
 // CAP_SETFCAP it cannot give host files capabilities.
 const virtiofsdDropCaps = "-mknod:-setfcap"
 
+// keepMetadataTimeout is how long, in seconds, the guest trusts what it was told of a file
+// or name with cache mode "keep": auto's timeout, so the guest sees the host's changes
+// (a configMap's update, a file rewritten in place) as soon as with auto.
+const keepMetadataTimeout = "1"
+
 // virtiofsdArgs builds virtiofsd's argv (without argv[0]) for the given flavor.
+//
+// Cache mode "keep" is virtiofsd's always (the guest keeps a file's pages across opens) with
+// auto's metadata timeout: when the guest looks a file up again after it, a changed size or
+// mtime drops the pages it kept. auto drops them at every open instead, and under TCG a page
+// read anew is code translated anew: each exec of a container's binary read and translated
+// it again. The Rust virtiofsd has no timeout option, so there "keep" is auto.
 func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug bool) ([]string, error) {
 	switch f {
 	case virtiofsdC:
-		if cache == "never" {
+		var timeout []string
+		switch cache {
+		case "never":
 			cache = "none" // the C virtiofsd's name for it
+		case "keep":
+			cache, timeout = "always", []string{"-o", "timeout=" + keepMetadataTimeout}
 		}
-		a := []string{
+		a := append([]string{
 			"--socket-path=" + socketPath,
 			"-o", "source=" + sharedDir,
 			"-o", "cache=" + cache,
+		}, timeout...)
+		a = append(a,
 			"-o", "announce_submounts",
 			"-o", "sandbox=namespace",
-			"-o", "modcaps=" + virtiofsdDropCaps,
+			"-o", "modcaps="+virtiofsdDropCaps,
 			"--thread-pool-size=1",
-		}
+		)
 		if debug {
 			a = append(a, "-o", "log_level=debug")
 		}
 		return a, nil
 	case virtiofsdRust:
+		if cache == "keep" {
+			cache = "auto"
+		}
 		a := []string{
 			"--socket-path", socketPath,
 			"--shared-dir", sharedDir,

@@ -18,6 +18,12 @@ func TestVirtiofsdArgs(t *testing.T) {
 		{"C auto", virtiofsdC, "auto", false, []string{
 			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=auto",
 			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1"}},
+		{"C keep is always with auto's timeout", virtiofsdC, "keep", false, []string{
+			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=always", "-o", "timeout=1",
+			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1"}},
+		{"Rust keep is auto", virtiofsdRust, "keep", false, []string{
+			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "auto",
+			"--announce-submounts", "--sandbox", "namespace", "--modcaps=-mknod:-setfcap", "--thread-pool-size", "1"}},
 		{"C never is none", virtiofsdC, "never", true, []string{
 			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=none",
 			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1", "-o", "log_level=debug"}},

@@ -151,8 +151,11 @@ type Annotations struct {
 
 // Virtiofs is the [virtiofs] section.
 type Virtiofs struct {
-	// Cache is virtiofsd's cache mode for the shared container filesystems: "auto", "always"
-	// or "never".
+	// Cache is how the guest caches the shared container filesystems (images and volumes):
+	// "keep" (a file's data is kept across opens until its size or mtime changes on the host;
+	// names and attributes are checked again after 1 s), "auto" (data is read again at every
+	// open), "always" (nothing is checked again: the host's changes, such as a configMap's
+	// update, may never be seen) or "never" (no cache). With the Rust virtiofsd "keep" is "auto".
 	Cache string `toml:"cache"`
 }
 
@@ -218,7 +221,7 @@ func Default() *Config {
 			AgentTimeout:   Duration{60 * time.Second},
 		},
 		Annotations: Annotations{Allowed: []string{}},
-		Virtiofs:    Virtiofs{Cache: "auto"},
+		Virtiofs:    Virtiofs{Cache: "keep"},
 		Block:       Block{Cache: "none", AIO: "threads", MaxDiskSize: 32 * GiB},
 	}
 }
@@ -323,8 +326,8 @@ func (c *Config) Validate() error {
 			p.bad("annotations.allowed", c.Annotations.Allowed, fmt.Sprintf("%q %s", a, problem))
 		}
 	}
-	if !slices.Contains([]string{"auto", "always", "never"}, c.Virtiofs.Cache) {
-		p.bad("virtiofs.cache", c.Virtiofs.Cache, `must be "auto", "always" or "never"`)
+	if !slices.Contains([]string{"keep", "auto", "always", "never"}, c.Virtiofs.Cache) {
+		p.bad("virtiofs.cache", c.Virtiofs.Cache, `must be "keep", "auto", "always" or "never"`)
 	}
 	validateBlock(&p, &c.Block)
 	p.absPath("template.dir", c.Template.Dir, true)
@@ -535,7 +538,7 @@ func example(key string) string {
 		"annotations":                   "[annotations]",
 		"annotations.allowed":           `allowed = ["vcpus", "memory", "disk.*"]`,
 		"virtiofs":                      "[virtiofs]",
-		"virtiofs.cache":                `cache = "auto"`,
+		"virtiofs.cache":                `cache = "keep"`,
 		"block":                         "[block]",
 		"block.cache":                   `cache = "none"`,
 		"block.aio":                     `aio = "threads"`,

@@ -236,7 +236,7 @@ func TestParseValueErrors(t *testing.T) {
 		{"allowed bad glob", "[annotations]\nallowed = [\"disk.[\"]\n",
 			`podvm config /etc/podvm/config.toml: annotations.allowed = ["disk.["]: "disk.[" is not a valid glob; use e.g. allowed = ["vcpus", "memory", "disk.*"]`},
 		{"virtiofs cache", "[virtiofs]\ncache = \"metadata\"\n",
-			`podvm config /etc/podvm/config.toml: virtiofs.cache = "metadata": must be "auto", "always" or "never"; use e.g. cache = "auto"`},
+			`podvm config /etc/podvm/config.toml: virtiofs.cache = "metadata": must be "keep", "auto", "always" or "never"; use e.g. cache = "keep"`},
 		{"block cache", "[block]\ncache = \"directsync\"\n",
 			`podvm config /etc/podvm/config.toml: block.cache = "directsync": must be "none" or "writeback"; use e.g. cache = "none"`},
 		{"native with writeback", "[block]\ncache = \"writeback\"\naio = \"native\"\n",
@@ -269,7 +269,7 @@ func TestVMConfig(t *testing.T) {
 	q := c.VMConfig("abc", VMSize{VCPUs: 2, MemoryMiB: 768})
 	if q.ID != "abc" || q.StateDir != "/run/podvm/abc" || q.VCPUs != 2 || q.MemoryMiB != 768 ||
 		q.Kernel != c.Hypervisor.Kernel || q.RootImage != c.Hypervisor.Image || q.Initrd != "" || q.HotplugSlots != 2 ||
-		q.AgentTransport != "auto" || q.VirtiofsCache != "auto" || q.Accel != "auto" || q.KernelParams[0] != "x=1" ||
+		q.AgentTransport != "auto" || q.VirtiofsCache != "keep" || q.Accel != "auto" || q.KernelParams[0] != "x=1" ||
 		q.Binary != "qemu-system-x86_64" {
 		t.Errorf("VMConfig = %+v", q)
 	}
