@@ -36,7 +36,7 @@ func TestRootfsPageCacheKept(t *testing.T) {
 	}
 	if read := virtiofsdReadBytes(t, stateDir) - before; read > size/2 {
 		t.Errorf("virtiofsd read %d bytes from the host while the container read its %d-byte /bin/busybox (and ran it) 3 more times; "+
-			"the guest should have kept the file's pages", read, size)
+			"the guest should have kept the file's pages ([virtiofs] cache = \"keep\", which the Rust virtiofsd cannot do)", read, size)
 	} else {
 		t.Logf("virtiofsd read %d bytes for 3 more reads of the %d-byte /bin/busybox", read, size)
 	}
