@@ -73,10 +73,10 @@ const keepMetadataTimeout = "1"
 // virtiofsdArgs builds virtiofsd's argv (without argv[0]) for the given flavor.
 //
 // Cache mode "keep" is virtiofsd's always (the guest keeps a file's pages across opens) with
-// auto's metadata timeout: when the guest looks a file up again after it, a changed size or
-// mtime drops the pages it kept. auto drops them at every open instead, and under TCG a page
-// read anew is code translated anew: each exec of a container's binary read and translated
-// it again. The Rust virtiofsd has no timeout option, so there "keep" is auto.
+// auto's metadata timeout: once a second is up the guest looks the file up again, and a
+// changed size or mtime drops the pages it kept. auto drops them at every open instead, and
+// under TCG a page read anew is code translated anew: each exec of a container's binary read
+// and translated it again. The Rust virtiofsd has no timeout option, so there "keep" is auto.
 func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug bool) ([]string, error) {
 	switch f {
 	case virtiofsdC:
