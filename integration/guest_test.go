@@ -27,6 +27,7 @@ import (
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/internal/logfile"
 	"github.com/podvm/podvm/rootfs"
+	"github.com/podvm/podvm/rootfs/guestimage"
 )
 
 // guestVM is one booted VM with a connected agent, torn down by the test's cleanup.
@@ -269,6 +270,39 @@ func TestGuestRunsContainers(t *testing.T) {
 	t.Run("free page reporting order", func(t *testing.T) { testGuestPageReporting(t, ctx, g) })
 	t.Run("timer device", func(t *testing.T) { testGuestTimer(t, ctx, g) })
 	t.Run("root image mapped with DAX", func(t *testing.T) { testGuestRootImage(t, ctx, g) })
+	t.Run("kernel entered as the image says", func(t *testing.T) { testGuestBootProtocol(t, ctx, g) })
+}
+
+// testGuestBootProtocol: the guest kernel was entered the way image.json says its kernel file
+// is booted, and podvm's own kernel (release "*-podvm") through its PVH entry, with no firmware
+// loader and no decompression on the boot path (docs/kernel.md). /sys/kernel/boot_params/data
+// shows how: entered through PVH, the kernel builds boot_params itself, with protocol version
+// 2.12 and no setup header signature; booted as a bzImage, its boot_params start from the
+// bzImage's own setup header, signature "HdrS" (offset 0x202) and version 2.15.
+func testGuestBootProtocol(t *testing.T, ctx context.Context, g *guestVM) {
+	j, err := os.ReadFile(filepath.Join(os.Getenv("PODVM_IMAGE_DIR"), guestimage.ManifestFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m guestimage.Manifest
+	if err := json.Unmarshal(j, &m); err != nil {
+		t.Fatal(err)
+	}
+	if strings.HasSuffix(m.KernelVersion, "-podvm") && m.KernelFormat != guestimage.KernelPVH {
+		t.Errorf("image of podvm's kernel %s has kernelFormat %q, want %q", m.KernelVersion, m.KernelFormat, guestimage.KernelPVH)
+	}
+	// The setup header's signature (4 bytes at 0x202) and protocol version (2 bytes, little-endian).
+	want := "48 64 72 53 0f 02"
+	if m.KernelFormat == guestimage.KernelPVH {
+		want = "00 00 00 00 0c 02"
+	}
+	root := busyboxRootfs(t, g, "c6")
+	spec := defaultSpec(t, "c6", root, oci.WithProcessArgs("od", "-A", "n", "-t", "x1", "-j", "514", "-N", "6", "/sys/kernel/boot_params/data"))
+	stdout, stderr, code := runGuestContainer(t, ctx, g.agent, "c6", spec)
+	if got := strings.TrimSpace(stdout); code != 0 || got != want {
+		t.Errorf("boot_params header: exit %d, stdout %q, stderr %q; want %q for a %q kernel", code, got, stderr, want, m.KernelFormat)
+	}
+	removeGuestContainer(t, ctx, g.agent, "c6")
 }
 
 // testGuestRootImage: the guest's root is the node's root image on virtio-pmem, read-only and

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds podvm's guest kernel: Debian's linux-source-6.1 with kernel/patches/*.patch applied,
 # `make tinyconfig` plus the fragments in kernel/config/*.config, everything built in (no
-# modules), LZ4-compressed bzImage.
+# modules), LZ4-compressed bzImage, and the uncompressed kernel QEMU boots through its PVH entry.
 #
 # The result is a kernel tree `podvm image build --kernel` accepts:
-#   $PODVM_DEV/kernel-build/<key>/boot/vmlinuz-<release>
+#   $PODVM_DEV/kernel-build/<key>/boot/vmlinuz-<release>   (bzImage)
+#   $PODVM_DEV/kernel-build/<key>/boot/vmlinux-<release>   (ELF with a PVH entry, stripped; the
+#                                                           image's kernel, docs/kernel.md)
 #   $PODVM_DEV/kernel-build/<key>/boot/config-<release>
 #   $PODVM_DEV/kernel-build/<key>/lib/modules/<release>/modules.builtin (and an empty modules.dep)
 # where <key> hashes the source package version, the patches, the fragments and this script: a tree with that
@@ -64,7 +66,7 @@ if [ -f "$out/.done" ]; then
   exit 0
 fi
 
-for tool in make gcc bc bison flex lz4 perl patch; do
+for tool in make gcc bc bison flex lz4 perl patch strip; do
   command -v "$tool" >/dev/null || die "$tool is missing: run 'make deps'"
 done
 [ -e /usr/include/libelf.h ] || die "libelf-dev is missing: run 'make deps'"
@@ -141,6 +143,8 @@ tmp=$out.tmp
 rm -rf "$tmp"
 mkdir -p "$tmp/boot" "$tmp/lib/modules/$release"
 cp "$obj/arch/x86/boot/bzImage" "$tmp/boot/vmlinuz-$release"
+# Symbols and debug sections off; the loaded segments and the PVH note (.notes) stay.
+strip -o "$tmp/boot/vmlinux-$release" "$obj/vmlinux"
 cp "$obj/.config" "$tmp/boot/config-$release"
 cp "$obj/modules.builtin" "$tmp/lib/modules/$release/modules.builtin"
 : >"$tmp/lib/modules/$release/modules.dep" # no loadable modules

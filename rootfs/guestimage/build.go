@@ -28,6 +28,7 @@ const DefaultOutputDir = "/usr/share/podvm"
 
 // Output file names inside the output directory.
 const (
+	// KernelFile is the kernel QEMU boots (-kernel), in either KernelFormat.
 	KernelFile   = "vmlinuz"
 	InitrdFile   = "initrd.img"
 	ManifestFile = "image.json"
@@ -100,14 +101,17 @@ func (s Step) String() string {
 
 // Manifest describes a built image; Build writes it as image.json.
 type Manifest struct {
-	KernelVersion string         `json:"kernelVersion"`
-	KernelSource  string         `json:"kernelSource"`
-	Modules       []InitrdModule `json:"modules"`           // in load order
-	Builtin       []string       `json:"builtin,omitempty"` // wanted modules built into the kernel
-	AgentSHA256   string         `json:"agentSHA256"`
-	InitrdSize    int64          `json:"initrdSize"`
-	InitrdSHA256  string         `json:"initrdSHA256"`
-	Compression   Compression    `json:"compression"`
+	KernelVersion string `json:"kernelVersion"`
+	KernelSource  string `json:"kernelSource"`
+	// KernelFormat is what vmlinuz holds; empty in manifests written before it was recorded
+	// (a bzImage).
+	KernelFormat KernelFormat   `json:"kernelFormat,omitempty"`
+	Modules      []InitrdModule `json:"modules"`           // in load order
+	Builtin      []string       `json:"builtin,omitempty"` // wanted modules built into the kernel
+	AgentSHA256  string         `json:"agentSHA256"`
+	InitrdSize   int64          `json:"initrdSize"`
+	InitrdSHA256 string         `json:"initrdSHA256"`
+	Compression  Compression    `json:"compression"`
 	// RootImageSize and RootImageSHA256 describe root.img; both are empty when the kernel cannot
 	// boot from a root image and the initrd is the guest's only root.
 	RootImageSize   int64     `json:"rootImageSize,omitempty"`
@@ -243,12 +247,14 @@ func (b *builder) writeImage(ctx context.Context, k kernelInfo, tree *rootTree, 
 	if err != nil {
 		return nil, err
 	}
-	if _, err := b.stageKernel(&files, k.tree); err != nil {
+	format, err := b.stageKernel(&files, k.tree)
+	if err != nil {
 		return nil, err
 	}
 	m := &Manifest{
 		KernelVersion: k.tree.version,
 		KernelSource:  b.opts.Kernel,
+		KernelFormat:  format,
 		Modules:       tree.modules,
 		Builtin:       k.builtin,
 		AgentSHA256:   agent.sha256,
@@ -334,20 +340,22 @@ func (b *builder) stageInitrd(files *stagedFiles, tree *rootTree) (*stagedFile, 
 	return f, nil
 }
 
-func (b *builder) stageKernel(files *stagedFiles, kt kernelTree) (*stagedFile, error) {
+// stageKernel copies the kernel image (see kernelTree.image) into a staged vmlinuz.
+func (b *builder) stageKernel(files *stagedFiles, kt kernelTree) (KernelFormat, error) {
 	start := time.Now()
+	src, format := kt.image()
 	f, err := files.stage(KernelFile)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
-	if err := copyFile(f, kt.vmlinuz); err != nil {
-		return nil, err
+	if err := copyFile(f, src); err != nil {
+		return "", err
 	}
 	if err := f.finish(); err != nil {
-		return nil, err
+		return "", err
 	}
-	b.step("copy kernel", mib(f.size), start)
-	return f, nil
+	b.step("copy kernel", fmt.Sprintf("%s, %s", format, mib(f.size)), start)
+	return format, nil
 }
 
 // writeManifest writes m as indented JSON into its staged file.

@@ -435,6 +435,9 @@ func TestBuildBuiltinKernel(t *testing.T) {
 	if m.KernelVersion != ver || len(m.Modules) != 0 {
 		t.Errorf("KernelVersion %q, Modules %v; want %s and none", m.KernelVersion, m.Modules, ver)
 	}
+	if m.KernelFormat != KernelBzImage {
+		t.Errorf("KernelFormat = %q, want %q: the tree has no vmlinux", m.KernelFormat, KernelBzImage)
+	}
 	if len(m.Builtin) != len(DefaultModules()) {
 		t.Errorf("Builtin = %v, want all of %v", m.Builtin, DefaultModules())
 	}

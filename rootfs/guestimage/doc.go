@@ -23,6 +23,10 @@
 // for the device nodes, owners and times) and is reproducible too: the UUID and directory hash
 // seed derive from the tree, and every timestamp is fixed.
 //
+// The kernel file, vmlinuz, is the tree's boot/vmlinux-<version> when that is an ELF with a PVH
+// entry (podvm's own kernel: QEMU enters it directly, nothing to decompress), else its bzImage;
+// the manifest's KernelFormat says which.
+//
 // Build writes vmlinuz, initrd.img, root.img and image.json (a Manifest) into the output
 // directory; each file is staged under a temporary name and renamed into place only once all are
 // complete, so a node never boots a half-written image. A build without a root image removes the

@@ -92,7 +92,18 @@ func digitRun(s string) (run, rest string) {
 type kernelTree struct {
 	version    string
 	vmlinuz    string // path of boot/vmlinuz-<version>
+	pvh        string // path of boot/vmlinux-<version> when it has a PVH entry, else ""
 	modulesDir string // path of lib/modules/<version> (or usr/lib/modules/<version>)
+}
+
+// image is the kernel the guest image gets and its format: the uncompressed ELF when the tree has
+// one with a PVH entry (QEMU enters it directly: no firmware hand-off through the real-mode setup
+// and no decompression in the guest), else the bzImage.
+func (t kernelTree) image() (path string, format KernelFormat) {
+	if t.pvh != "" {
+		return t.pvh, KernelPVH
+	}
+	return t.vmlinuz, KernelBzImage
 }
 
 // openKernel finds the kernel in input, a .deb or an extracted tree. A package is extracted into a
@@ -174,7 +185,11 @@ func findKernelTree(root, version string) (kernelTree, error) {
 		}
 		for _, md := range []string{filepath.Join(root, "lib", "modules", v), filepath.Join(root, "usr", "lib", "modules", v)} {
 			if fi, err := os.Stat(md); err == nil && fi.IsDir() {
-				found = append(found, kernelTree{version: v, vmlinuz: img, modulesDir: md})
+				pvh, err := findPVHKernel(filepath.Join(root, "boot", "vmlinux-"+v))
+				if err != nil {
+					return kernelTree{}, err
+				}
+				found = append(found, kernelTree{version: v, vmlinuz: img, pvh: pvh, modulesDir: md})
 				break
 			}
 		}
