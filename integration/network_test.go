@@ -158,6 +158,16 @@ func (n *netTest) testPod(t *testing.T, p *netPod) {
 		}
 	})
 	t.Run("MTU is the veth's", func(t *testing.T) { n.testMTU(t, p) })
+	if p.handler == "podvm" {
+		// The guest's network namespace is the pod's: a device its kernel makes by itself
+		// (dummy0, which CONFIG_DUMMY creates at boot unless told not to) would be there too,
+		// where a runc pod on a bridge CNI has lo and eth0.
+		t.Run("no interfaces but lo and eth0", func(t *testing.T) {
+			if got := strings.Join(strings.Fields(execOK(n.ctx, t, n.env, p.ctr, "ls /sys/class/net")), " "); got != "eth0 lo" {
+				t.Errorf("/sys/class/net in the container has %q, want \"eth0 lo\"", got)
+			}
+		})
+	}
 	if p.hostPort != 0 {
 		t.Run("hostPort", func(t *testing.T) {
 			addr := net.JoinHostPort(n.gw, strconv.Itoa(int(p.hostPort)))
