@@ -40,7 +40,8 @@ func TestKernelFeatures(t *testing.T) {
 			cfg.Linux.SecurityContext.Privileged = true
 			id := startContainer(t, ctx, env, pod, cfg)
 
-			cases := []struct{ what, script, want string }{
+			type feature struct{ what, script, want string }
+			cases := []feature{
 				{"iptables-nft", "iptables-nft -t nat -A POSTROUTING -s 10.99.0.0/24 -j MASQUERADE && iptables-nft -t nat -S POSTROUTING", "-j MASQUERADE"},
 				{"iptables-legacy", "iptables-legacy -A INPUT -p tcp --dport 9999 -j REJECT && iptables-legacy -S INPUT", "--dport 9999 -j REJECT"},
 				{"a bridge", "ip link add br-it type bridge && ip link set br-it up && cat /sys/class/net/br-it/bridge/stp_state", "0"},
@@ -49,7 +50,7 @@ func TestKernelFeatures(t *testing.T) {
 			if handler == "podvm" {
 				// The guest kernel makes no dummy0 at boot (dummy.numdummies=0); a pod that wants
 				// one still gets it. (The test node's kernel may lack the driver: runc is not asked.)
-				cases = append(cases, struct{ what, script, want string }{"a dummy device",
+				cases = append(cases, feature{"a dummy device",
 					"ip link add d-it type dummy && ip link set d-it up && cat /sys/class/net/d-it/operstate", "unknown"})
 			}
 			for _, c := range cases {
