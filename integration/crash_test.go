@@ -161,3 +161,36 @@ func killShimWhenQEMURuns(ctx context.Context, env *harness.Env) string {
 	}
 	return ""
 }
+
+// TestShimDeleteBesideTheLiveShim runs `containerd-shim-podvm-v2 delete` for a running
+// container while its pod's shim lives, as containerd does whenever its connection for the
+// container closes (a lost connection, and every delete). The container's files are the live
+// shim's: afterwards the container must still see its rootfs, and the pod must still come
+// down without leaks.
+func TestShimDeleteBesideTheLiveShim(t *testing.T) {
+	env, ctx := podvmTest(t, 5*time.Minute)
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "delete-beside", Namespace: "it", Handler: "podvm"})
+	ctr := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+	if got := execOK(ctx, t, env, ctr, "ls /bin/busybox"); !strings.Contains(got, "/bin/busybox") {
+		t.Fatalf("before shim delete: ls /bin/busybox printed %q", got)
+	}
+	bundle := filepath.Join(env.RunDir, "state", "io.containerd.runtime.v2.task", "k8s.io", ctr)
+	cmd := exec.CommandContext(ctx, filepath.Join(os.Getenv("PODVM_BIN"), "containerd-shim-podvm-v2"),
+		"-namespace", "k8s.io", "-id", ctr, "-address", filepath.Join(env.RunDir, "c.sock"), "delete")
+	cmd.Dir = bundle
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("shim delete of %s: %v\n%s", ctr, err, out)
+	}
+	t.Logf("shim delete of the running container took %v", time.Since(start).Round(time.Millisecond))
+	// The guest may answer from its cache of the share for up to a second (cache "keep").
+	time.Sleep(2 * time.Second)
+	if got := execOK(ctx, t, env, ctr, "ls /bin/busybox && cat /etc/hostname"); !strings.Contains(got, "/bin/busybox") {
+		t.Fatalf("after shim delete beside the live shim the container lost its rootfs: ls printed %q", got)
+	}
+	if err := env.RemoveAllPods(ctx); err != nil {
+		t.Fatal(err)
+	}
+	env.AssertNoLeaks(t)
+}

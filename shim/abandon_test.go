@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/rootfs"
 )
 
 // What containerd does when its Create call of a task gives up (the CRI call's deadline
@@ -158,5 +159,79 @@ func TestShimDeleteWaitsForTheLiveShim(t *testing.T) {
 	}
 	if cleanups != 0 {
 		t.Errorf("shim delete cleaned up %d times after the live shim did", cleanups)
+	}
+}
+
+// containerd runs `shim delete` for a workload container whenever its connection for the
+// container closes (core/runtime/v2: the ttrpc client's close callback), which is at every
+// delete of the container, while the pod's shim lives on. The live shim owns the container's
+// files (its lock on the state dir says so): `shim delete` leaves them alone, at once, rather
+// than doing the shim's clean-up beside it. In the node's mount namespace there is little to
+// take (the share is mounted in the shim's own); during a create, mnt/<id> holds containerd's
+// rootfs mount there for a moment. The test's directories stand in for such files.
+func TestShimDeleteOfAContainerLeavesTheLiveShimsFiles(t *testing.T) {
+	r := newRig(t)
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	bundle := r.bundle("c1", workloadAnnotations("pod1"), podNetns)
+	if _, err := r.svc.Create(r.ctx, &taskAPI.CreateTaskRequest{ID: "c1", Bundle: bundle}); err != nil {
+		t.Fatal(err)
+	}
+	r.mustStart("c1", "")
+	state := filepath.Join(r.stateDir, "pod1")
+	var points []string
+	for _, dir := range []string{rootfs.StagingDir, rootfs.MountDir} {
+		p := filepath.Join(state, dir, "c1", "rootfs")
+		if err := os.MkdirAll(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		points = append(points, p)
+	}
+	t.Chdir(bundle)
+	done := make(chan error, 1)
+	go func() {
+		_, err := manager{drivers: hypervisor.NewDrivers(r.fakeDriver())}.Stop(r.ctx, "c1")
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("shim delete of a container waits for the live shim of its pod; it has nothing to do")
+	}
+	for _, p := range points {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("shim delete of c1 removed its files while the pod's shim runs it: %v", err)
+		}
+	}
+}
+
+// Once the pod's shim is gone, `shim delete` of a container cleans up the container's files.
+func TestShimDeleteOfAContainerCleansUpAfterADeadShim(t *testing.T) {
+	bundle, state := t.TempDir(), filepath.Join(t.TempDir(), "pod1")
+	var points []string
+	for _, dir := range []string{rootfs.StagingDir, rootfs.MountDir} {
+		p := filepath.Join(state, dir, "c1", "rootfs")
+		if err := os.MkdirAll(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		points = append(points, filepath.Dir(p))
+	}
+	if err := (record{SandboxID: "pod1", StateDir: state}).write(bundle); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(bundle)
+	if _, err := (manager{}).Stop(context.Background(), "c1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range points {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("shim delete of c1 after its shim died left %s: %v", p, err)
+		}
+	}
+	if _, err := os.Stat(state); err != nil {
+		t.Errorf("shim delete of a container removed the pod's state dir: %v", err)
 	}
 }

@@ -28,6 +28,7 @@ import (
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/hypervisor"
+	"github.com/podvm/podvm/rootfs"
 	"github.com/podvm/podvm/version"
 )
 
@@ -175,13 +176,13 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if err != nil {
 		return status, err
 	}
+	if !rec.OwnsVM {
+		cleanupContainer(ctx, *rec, id)
+		return status, nil
+	}
 	drv, err := rec.driver(m.drivers)
 	if err != nil {
 		log.G(ctx).WithError(err).Error("the VM's processes cannot be cleaned up by this shim")
-	}
-	if !rec.OwnsVM {
-		cleanupState(ctx, drv, *rec, id)
-		return status, nil
 	}
 	// containerd runs this beside a live shim it gave up on, too: that shim may still be
 	// cleaning up the same VM. Its lock on the state dir says so; this waits for it.
@@ -196,8 +197,37 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 		return status, nil
 	}
 	defer lock.unlock()
-	cleanupState(ctx, drv, *rec, id)
+	cleanupState(ctx, drv, *rec)
 	return status, nil
+}
+
+// cleanupContainer is `shim delete` of a container that does not own the VM. containerd runs
+// it whenever its connection for the container closes, which is at every delete of the
+// container, while the pod's shim lives on. A live shim (its lock on the state dir) cleans up
+// its own containers, and the sandbox's `shim delete` (the same lock) everything: then this
+// leaves the files alone without waiting. Only when nobody holds the lock, the shim died,
+// does it clean up the container's files, holding the lock meanwhile.
+func cleanupContainer(ctx context.Context, rec record, id string) {
+	if rec.StateDir == "" {
+		return
+	}
+	now, cancel := context.WithCancel(ctx)
+	cancel() // one try: a held lock is an owner, not something to wait for
+	lock, err := lockStateDir(now, rec.StateDir)
+	switch {
+	case errors.Is(err, errStateDirGone):
+		return
+	case errors.Is(err, context.Canceled):
+		log.G(ctx).WithField("id", id).Debug("the pod's shim or its delete holds the state dir; leaving the container's files to it")
+		return
+	case err != nil:
+		log.G(ctx).WithError(err).Warn("clean up the container's shared filesystems")
+		return
+	}
+	defer lock.unlock()
+	if err := rootfs.CleanupContainer(ctx, rec.StateDir, id); err != nil {
+		log.G(ctx).WithError(err).Warn("clean up the container's shared filesystems")
+	}
 }
 
 // deleteLockWait bounds how long `shim delete` waits for a live shim to finish cleaning up its

@@ -66,17 +66,11 @@ func readRecord(dir string) (*record, error) {
 	return &r, nil
 }
 
-// cleanupState removes what a sandbox left on the host: for the VM owner the QEMU and
-// virtiofsd processes, the taps, every mount and the state dir; for another container (id)
-// its mounts in the shared dir. Idempotent; errors are logged, the clean-up goes on.
-func cleanupState(ctx context.Context, drv hypervisor.Driver, r record, id string) {
+// cleanupState removes what a sandbox left on the host (r owns the VM): the QEMU and
+// virtiofsd processes, the taps, every mount and the state dir. Idempotent; errors are logged,
+// the clean-up goes on.
+func cleanupState(ctx context.Context, drv hypervisor.Driver, r record) {
 	if r.StateDir == "" {
-		return
-	}
-	if !r.OwnsVM {
-		if err := rootfs.CleanupContainer(ctx, r.StateDir, id); err != nil {
-			log.G(ctx).WithError(err).Warn("clean up the container's shared filesystems")
-		}
 		return
 	}
 	if drv.Cleanup == nil {

@@ -134,8 +134,10 @@ func (f *fakePorts) state() (string, int) {
 
 func newRig(t *testing.T) *rig {
 	t.Helper()
+	// containerd's calls have a context of their own, which the shim's shutdown does not
+	// cancel: a reply the shim sends as it shuts down still arrives.
 	ctx := namespaces.WithNamespace(context.Background(), "test")
-	ctx, sd := shutdown.WithShutdown(ctx)
+	sctx, sd := shutdown.WithShutdown(ctx)
 	r := &rig{t: t, ctx: ctx, pub: &recorder{}, vm: hypervisor.NewFake(), agent: agent.NewFake(),
 		share: &rootfs.Fake{GuestDir: agent.GuestSharedDir}, stateDir: t.TempDir(), sd: sd,
 		nic: &network.Fake{Iface: &api.Interface{Name: "eth0", Mac: "02:00:00:00:00:01", Addresses: []string{"10.1.2.3/24"}}}}
@@ -187,12 +189,12 @@ func newRig(t *testing.T) *rig {
 		},
 	}
 	r.vm.VMPid = fakeVMPid
-	svc, err := NewService(ctx, r.pub, sd, b)
+	svc, err := NewService(sctx, r.pub, sd, b)
 	if err != nil {
 		t.Fatal(err)
 	}
 	r.service = svc
-	r.svc = serveTTRPC(t, ctx, svc)
+	r.svc = serveTTRPC(t, sctx, svc)
 	t.Cleanup(func() { sd.Shutdown() })
 	return r
 }

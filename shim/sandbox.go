@@ -698,7 +698,7 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 	sb.stopMetrics(ctx)
 	// The cgroup can go only once nothing is in it, the shim included.
 	sb.leaveCgroup(ctx)
-	cleanupState(ctx, sb.driver, sb.record(), sb.id)
+	cleanupState(ctx, sb.driver, sb.record())
 	sb.lock.unlock()
 }
 
