@@ -67,6 +67,10 @@ type Config struct {
 	// CPU is the guest CPU model under KVM; empty means the driver's choice (QEMU: the one its
 	// accelerator probe found working, else "host"). Ignored under TCG.
 	CPU string
+	// TSCkHz is the guest's TSC frequency in kHz, which the guest kernel is given instead of
+	// measuring it at boot; 0: the kernel measures it. QEMU's Resolve sets the host's under
+	// TCG, where the guest's TSC is the host's. Used under TCG only.
+	TSCkHz int
 	// VCPUs and MemoryMiB size the VM; 0 means the driver's default.
 	VCPUs     int
 	MemoryMiB int

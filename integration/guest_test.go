@@ -6,10 +6,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -271,6 +273,73 @@ func TestGuestRunsContainers(t *testing.T) {
 	t.Run("timer device", func(t *testing.T) { testGuestTimer(t, ctx, g) })
 	t.Run("root image mapped with DAX", func(t *testing.T) { testGuestRootImage(t, ctx, g) })
 	t.Run("kernel entered as the image says", func(t *testing.T) { testGuestBootProtocol(t, ctx, g) })
+	t.Run("TSC frequency from the host", func(t *testing.T) { testGuestTSC(t, ctx, g) })
+}
+
+// testGuestTSC: under TCG the guest kernel is told the TSC's frequency (tsc_early_khz, the
+// host's, measured by the shim) instead of measuring it against the emulated PIT at boot.
+// The kernel checks the value itself a second after boot against the HPET, and keeps its own
+// ("Refined TSC clocksource calibration") only if the two agree within 1%: a wrong value
+// would leave the guest's clocks running fast or slow. The refined value must be within 0.2%.
+func testGuestTSC(t *testing.T, ctx context.Context, g *guestVM) {
+	cfg := g.vm.Config()
+	root := busyboxRootfs(t, g, "c7")
+	// The refinement runs about a second after the clocksource is registered; wait for it.
+	spec := defaultSpec(t, "c7", root, oci.WithProcessArgs("sh", "-c",
+		"cat /proc/cmdline; for i in $(seq 50); do dmesg | grep -q 'Refined TSC' && break; sleep 0.2; done; dmesg | grep -E 'tsc: (Refined|Unable|Detected)'"))
+	stdout, stderr, code := runGuestContainer(t, ctx, g.agent, "c7", spec)
+	removeGuestContainer(t, ctx, g.agent, "c7")
+	if code != 0 {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	given := 0
+	for _, f := range strings.Fields(strings.SplitN(stdout, "\n", 2)[0]) {
+		if v, ok := strings.CutPrefix(f, "tsc_early_khz="); ok {
+			given, _ = strconv.Atoi(v)
+		}
+	}
+	if cfg.Accel != qemu.AccelTCG {
+		if given != 0 {
+			t.Errorf("accel %s, and the kernel was given tsc_early_khz=%d", cfg.Accel, given)
+		}
+		return
+	}
+	if !hostConstantTSC(t) {
+		if given != 0 {
+			t.Errorf("the host's TSC does not tick at a constant rate, and the kernel was given tsc_early_khz=%d", given)
+		}
+		return
+	}
+	if given == 0 || given != cfg.TSCkHz {
+		t.Fatalf("kernel command line %q: want tsc_early_khz=%d", strings.SplitN(stdout, "\n", 2)[0], cfg.TSCkHz)
+	}
+	if strings.Contains(stdout, "Unable to calibrate") {
+		t.Errorf("the guest calibrated its TSC against the PIT and the HPET although it was given the frequency:\n%s", stdout)
+	}
+	_, refined, _ := strings.Cut(stdout, "Refined TSC clocksource calibration: ")
+	mhz, err := strconv.ParseFloat(strings.TrimSuffix(strings.SplitN(refined, "\n", 2)[0], " MHz"), 64)
+	if err != nil {
+		t.Fatalf("the guest kernel did not keep its refined TSC frequency (more than 1%% from the %d kHz it was given?):\n%s", given, stdout)
+	}
+	if d := math.Abs(mhz*1000-float64(given)) / float64(given); d > 0.002 {
+		t.Errorf("guest refined its TSC to %.3f MHz, %.2f%% from the %d kHz it was given", mhz, 100*d, given)
+	}
+	t.Logf("TSC given %d kHz, refined by the guest to %.3f MHz", given, mhz)
+}
+
+// hostConstantTSC reports whether the host CPU's flags say its TSC ticks at a constant rate.
+func hostConstantTSC(t *testing.T) bool {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if name, flags, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(name) == "flags" {
+			f := strings.Fields(flags)
+			return slices.Contains(f, "constant_tsc") && slices.Contains(f, "nonstop_tsc")
+		}
+	}
+	return false
 }
 
 // testGuestBootProtocol: the guest kernel was entered the way image.json says its kernel file

@@ -120,6 +120,18 @@ var argsTests = []struct {
 		},
 	},
 	{
+		name: "tcg told the tsc frequency",
+		mod:  func(c *Config) { c.TSCkHz = 2095971 },
+		want: []string{
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp",
+		},
+	},
+	{
+		name:    "kvm ignores the tsc frequency",
+		mod:     func(c *Config) { c.Accel, c.TSCkHz, c.Firmware = AccelKVM, 2095971, "" },
+		notWant: []string{"tsc_early_khz"},
+	},
+	{
 		name: "commas in paths are escaped",
 		mod:  func(c *Config) { c.StateDir = "/run/a,b" },
 		want: []string{"-chardev socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"},
@@ -202,6 +214,7 @@ func TestArgsRejectsBadConfig(t *testing.T) {
 			c.NetDevices = []*hypervisor.NetDevice{{ID: "e", TapFiles: []*os.File{os.Stdin}}, {ID: "e", TapFiles: []*os.File{os.Stdin}}}
 		}, "NetDevices[1].ID"},
 		{"too many slots", func(c *Config) { c.HotplugSlots = 99 }, "HotplugSlots"},
+		{"negative tsc frequency", func(c *Config) { c.TSCkHz = -1 }, "TSCkHz"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -98,6 +98,7 @@ func templateConfig(cfg Config, stateDir string) Config {
 	cfg.SharedDir, cfg.SharedDirNS, cfg.NetDevices = "", nil, nil
 	cfg.Templated, cfg.MemoryFile, cfg.Incoming = true, nil, nil
 	cfg.VsockCID = 0
+	cfg.TSCkHz = 0 // measured anew for every VM: the template's boot measures its own
 	return cfg
 }
 

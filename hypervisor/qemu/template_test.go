@@ -189,6 +189,7 @@ func templateKeyConfig(t *testing.T) Config {
 // pod's identity, share or NICs.
 func TestTemplateKey(t *testing.T) {
 	c := templateKeyConfig(t)
+	c.TSCkHz = 2095971 // as Resolve measures it under TCG
 	key := func(c Config) string {
 		t.Helper()
 		k, inputs, err := templateKey(c)
@@ -204,6 +205,8 @@ func TestTemplateKey(t *testing.T) {
 	other := c
 	other.ID, other.StateDir, other.SharedDir, other.VirtiofsdPath = "pod2", "/run/podvm/pod2", "/x", "/v"
 	other.NetDevices = []*hypervisor.NetDevice{{ID: "eth0", TapFiles: []*os.File{testTap1}}}
+	// Each pod's shim measures the host's TSC anew, to the odd kHz.
+	other.TSCkHz = c.TSCkHz + 3
 	if key(other) != k0 {
 		t.Error("the key depends on the pod")
 	}
