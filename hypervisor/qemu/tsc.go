@@ -27,6 +27,11 @@ var tscBase, tscBaseOK = sampleTSC()
 // about a microsecond, so 5 ms give the frequency to ~0.05%, far inside the kernel's 1%.
 const tscMinWindow = 5 * time.Millisecond
 
+// tscMaxWindow is the longest: over a longer one the host may have been suspended (the
+// monotonic clock stops, a TSC may not), and a value more than 1% off is one the guest kernel
+// keeps. A shim resolves its VM well within it; a long-lived process measures anew.
+const tscMaxWindow = 10 * time.Second
+
 type tscSample struct {
 	tsc uint64
 	ns  int64 // CLOCK_MONOTONIC, the clock QEMU's emulated timers (HPET, PIT) run on
@@ -57,17 +62,25 @@ func sampleTSC() (tscSample, bool) {
 }
 
 // hostTSCkHz returns the host's TSC frequency in kHz, measured against CLOCK_MONOTONIC since
-// the process started (waiting out the rest of tscMinWindow if need be), or 0 where the TSC
-// cannot be used: not amd64, or a TSC whose rate changes with the CPU's (no constant_tsc and
+// the process started (waiting out the rest of tscMinWindow if need be; over a fresh
+// tscMinWindow if the process started more than tscMaxWindow ago), or 0 where the TSC cannot
+// be used: not amd64, or a TSC whose rate changes with the CPU's (no constant_tsc and
 // nonstop_tsc in /proc/cpuinfo), which the guest's kernel must then measure itself.
 func hostTSCkHz() int {
 	if !tscBaseOK || !constantTSC() {
 		return 0
 	}
-	if d := time.Duration(monotonicNow() - tscBase.ns); d < tscMinWindow {
+	from := tscBase
+	if time.Duration(monotonicNow()-from.ns) > tscMaxWindow {
+		var ok bool
+		if from, ok = sampleTSC(); !ok {
+			return 0
+		}
+	}
+	if d := time.Duration(monotonicNow() - from.ns); d < tscMinWindow {
 		time.Sleep(tscMinWindow - d)
 	}
-	return tscKHz(tscBase)
+	return tscKHz(from)
 }
 
 // tscKHz is the TSC's frequency since from, 0 if it cannot be measured or is implausible.

@@ -32,6 +32,19 @@ func TestHostTSCkHz(t *testing.T) {
 		t.Errorf("TSC at %d kHz since the process started, %d kHz over the last 50 ms: %.2f%% apart", got, again, 100*d)
 	}
 	t.Logf("host TSC %d kHz", got)
+
+	// A process that started long ago measures over a fresh interval, and gets the same.
+	defer func(b tscSample) { tscBase = b }(tscBase)
+	tscBase.ns -= int64(2 * tscMaxWindow)
+	tscBase.tsc -= 7 // a base that would give nonsense if it were used
+	start := time.Now()
+	late := hostTSCkHz()
+	if d := math.Abs(float64(late-again)) / float64(again); d > 0.002 {
+		t.Errorf("measured %d kHz in a process that started long ago, %d kHz before: %.2f%% apart", late, again, 100*d)
+	}
+	if took := time.Since(start); took < tscMinWindow {
+		t.Errorf("the fresh measurement took %v, less than its window %v", took, tscMinWindow)
+	}
 }
 
 // TestResolveTSC: Resolve gives a TCG VM the host's TSC frequency, and neither a KVM VM (its
