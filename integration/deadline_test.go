@@ -143,17 +143,7 @@ func testFrozenGuestAtDeadline(t *testing.T, c frozenBoot) {
 // setAgentTimeout sets [sandbox] agent_timeout in the node config at path.
 func setAgentTimeout(t *testing.T, path string, d time.Duration) {
 	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := strings.Replace(string(b), "[sandbox]\n", "[sandbox]\nagent_timeout = \""+d.String()+"\"\n", 1)
-	if s == string(b) {
-		t.Fatalf("%s has no [sandbox] table", path)
-	}
-	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	setSandboxOption(t, path, "agent_timeout", `"`+d.String()+`"`)
 }
 
 // freezeBootingGuest stops (SIGSTOP) the QEMU of the first pod VM in stateDir for which

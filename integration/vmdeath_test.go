@@ -62,6 +62,69 @@ func TestPodvmQEMUKilled(t *testing.T) {
 	env.AssertNoLeaks(t)
 }
 
+// TestPodvmHungGuestFoundByPings freezes a running pod's QEMU (SIGSTOP, as a hung guest
+// looks) and makes no call into the pod. The shim's pings (agent_ping_interval 1s here) find
+// it: the container is reported exited with the sandbox NOTREADY, so kubelet makes the pod
+// anew, as after a VM's death; containerd's log says once why; the pod comes down and nothing
+// is left behind.
+func TestPodvmHungGuestFoundByPings(t *testing.T) {
+	opts := podvmOptions(t)
+	setSandboxOption(t, opts.PodvmConfigPath, "agent_ping_interval", `"1s"`)
+	env := harness.Start(t, opts)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "hung", Namespace: "it", Handler: "podvm"})
+	ctr := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+	events := watchContainerEvents(t, ctx, env)
+	time.Sleep(3 * time.Second) // pinged and answering: nothing happens
+	if st, err := env.Runtime.ContainerStatus(ctx, ctr, false); err != nil || st.Status.State != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		t.Fatalf("the container of a guest that answers its pings: %v %v, want running", st.GetStatus().GetState(), err)
+	}
+
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+pod.ID).Output()
+	pids := strings.Fields(string(out))
+	if len(pids) != 1 {
+		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), pod.ID)
+	}
+	qemu, _ := strconv.Atoi(pids[0])
+	if err := syscall.Kill(qemu, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(qemu, syscall.SIGCONT) })
+	start := time.Now()
+	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
+	st, err := env.WaitContainerState(wctx, ctr, runtimeapi.ContainerState_CONTAINER_EXITED)
+	wcancel()
+	if err != nil {
+		t.Fatalf("the container of a frozen guest nobody calls into: %v", err)
+	}
+	t.Logf("container reported exited %v after the guest froze: code %d", time.Since(start).Round(time.Millisecond), st.ExitCode)
+	checkStoppedWithSandbox(t, ctx, events, ctr)
+	stopAndRemovePod(t, ctx, env, pod.ID)
+
+	log, _ := os.ReadFile(env.ContainerdLog)
+	if n := strings.Count(string(log), "stopped answering (3 pings in a row"); n != 1 {
+		t.Errorf("containerd's log says %d times that the guest stopped answering its pings, want once", n)
+	}
+	env.AssertNoLeaks(t)
+}
+
+// setSandboxOption sets key = value (TOML) in the [sandbox] table of the node config at path.
+func setSandboxOption(t *testing.T, path, key, value string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.Replace(string(b), "[sandbox]\n", "[sandbox]\n"+key+" = "+value+"\n", 1)
+	if s == string(b) {
+		t.Fatalf("%s has no [sandbox] table", path)
+	}
+	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // watchContainerEvents streams containerd's CRI container events (kubelet's evented PLEG).
 func watchContainerEvents(t *testing.T, ctx context.Context, env *harness.Env) <-chan *runtimeapi.ContainerEventResponse {
 	t.Helper()

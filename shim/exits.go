@@ -2,6 +2,7 @@ package shim
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
@@ -82,6 +83,48 @@ func (c *container) settleExecs(ctx context.Context) {
 		select {
 		case <-e.reported:
 		case <-deadline:
+			return
+		}
+	}
+}
+
+// pingMisses is how many pings in a row a guest agent may leave unanswered before the shim
+// takes the guest for hung.
+const pingMisses = 3
+
+// watchAgent pings the guest agent every sb.pingInterval while the pod runs, each ping given
+// that long to be answered. A guest that leaves pingMisses of them in a row unanswered is hung
+// (a kernel deadlock, a guest frozen for good): the shim stops its VM, and what follows is
+// what follows a VM's death (watchVM), so kubelet makes the pod anew instead of showing a hung
+// pod as running until a call into it happens to time out.
+func watchAgent(ctx context.Context, sb *sandbox) {
+	if sb.pingInterval <= 0 {
+		return
+	}
+	tick := time.NewTicker(sb.pingInterval)
+	defer tick.Stop()
+	for misses := 0; ; {
+		select {
+		case <-sb.vm.Done():
+			return
+		case <-sb.agent.Done():
+			return
+		case <-tick.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, sb.pingInterval)
+		_, err := sb.agent.Version(pctx, &api.VersionRequest{})
+		cancel()
+		if sb.stopping.Load() || sb.vmGone() {
+			return
+		}
+		if err == nil {
+			misses = 0
+			continue
+		}
+		misses++
+		log.G(ctx).WithError(err).WithField("sandbox", sb.id).Warnf("the guest agent did not answer ping %d of %d", misses, pingMisses)
+		if misses == pingMisses {
+			sb.stopHung(ctx, fmt.Sprintf("%d pings in a row, %v apart, were not answered", misses, sb.pingInterval))
 			return
 		}
 	}

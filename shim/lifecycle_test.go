@@ -397,6 +397,64 @@ func (a *hungAgent) SignalProcess(ctx context.Context, r *api.SignalProcessReque
 	return a.Fake.SignalProcess(ctx, r)
 }
 
+func (a *hungAgent) Version(ctx context.Context, r *api.VersionRequest) (*api.VersionResponse, error) {
+	if a.hang.Load() {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return a.Fake.Version(ctx, r)
+}
+
+// A guest that stops answering while nobody calls into it (a hung kernel) is found by the
+// shim's pings: after three unanswered in a row the VM is stopped and the pod's processes are
+// reported exited, the sandbox first, as after a VM's death; kubelet then makes the pod anew.
+// A guest that answers is pinged and left alone.
+func TestUnansweredPingsStopHungGuest(t *testing.T) {
+	r := newRig(t)
+	r.pingInterval = 100 * time.Millisecond
+	hung := &hungAgent{Fake: r.agent}
+	r.wrapAgent = func(*agent.Fake) agentConn { return hung }
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	r.mustCreate("c1", workloadAnnotations("pod1"))
+	r.mustStart("c1", "")
+	time.Sleep(5 * r.pingInterval)
+	if _, stopped, _ := r.vm.State(); stopped {
+		t.Fatal("the shim stopped the VM of a guest that answers its pings")
+	}
+	pings := 0
+	for _, c := range r.agent.Calls() {
+		if c == "Version" {
+			pings++
+		}
+	}
+	if pings < 3 {
+		t.Errorf("the agent answered %d Version calls in %v of pinging every %v", pings, 5*r.pingInterval, r.pingInterval)
+	}
+	start := time.Now()
+	hung.hang.Store(true)
+	for deadline := time.Now().Add(10 * r.pingInterval); ; time.Sleep(10 * time.Millisecond) {
+		if _, stopped, _ := r.vm.State(); stopped {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the VM of a guest that answers no ping still runs after %v", time.Since(start))
+		}
+	}
+	if took := time.Since(start); took < 3*r.pingInterval {
+		t.Errorf("the VM was stopped %v after the guest stopped answering, before three pings could go unanswered", took)
+	}
+	if w := r.wait("pod1", ""); w.ExitStatus != 255 {
+		t.Errorf("pod1 exited %d, want 255", w.ExitStatus)
+	}
+	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
+		t.Fatal(err)
+	}
+	if w := r.wait("c1", ""); w.ExitStatus != 255 {
+		t.Errorf("c1 exited %d, want 255", w.ExitStatus)
+	}
+}
+
 // A SIGKILL the guest does not take (a frozen VM) stops the VM instead of failing, so
 // StopPodSandbox, which needs every container's SIGKILL to succeed, can delete the pod; the
 // containers are reported exited, the sandbox first, as after a VM's death.

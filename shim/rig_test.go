@@ -109,6 +109,9 @@ type rig struct {
 	// beforeConnect, if set, runs when the shim connects to the agent; its error fails the
 	// connection (e.g. a guest that never answers).
 	beforeConnect func(ctx context.Context) error
+	// pingInterval is the node config's sandbox.agent_ping_interval (0, no pings, unless a
+	// test sets it).
+	pingInterval time.Duration
 }
 
 // fakePorts records the port forwarder the shim starts and stops.
@@ -149,6 +152,7 @@ func newRig(t *testing.T) *rig {
 			cfg.Annotations.Allowed = []string{"memory", "vcpus"}
 			cfg.Sandbox.MaxVCPUs = 4
 			cfg.Template.Enabled = r.template != nil || r.templateErr != nil
+			cfg.Sandbox.AgentPingInterval = config.Duration{Duration: r.pingInterval}
 			return cfg, nil
 		},
 		// The shim sees its VMs only through a hypervisor.Driver: the fake plugs in as QEMU does.

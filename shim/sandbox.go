@@ -173,6 +173,8 @@ type sandbox struct {
 	stopping atomic.Bool
 	// hung says why the shim stopped a guest that stopped answering ("" while it answers).
 	hung atomic.Pointer[string]
+	// pingInterval is how often watchAgent pings the guest agent (0: never).
+	pingInterval time.Duration
 	// ready is set once the guest is set up; containers are prepared only then.
 	ready bool
 	// nsPid is the guest pid of the sandbox's process, whose namespaces (/proc/<pid>/ns/*)
@@ -264,7 +266,8 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 		return nil, fmt.Errorf("%w (%s): %w", err, configName(o.cfg), errdefs.ErrInvalidArgument)
 	}
 	sb := &sandbox{id: o.id, stateDir: filepath.Join(o.cfg.Sandbox.StateDir, o.id), netns: o.netns,
-		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path, ownerDeleted: make(chan struct{})}
+		driver: drv, disks: map[string][]string{}, cgroupPath: o.cgroup.path, ownerDeleted: make(chan struct{}),
+		pingInterval: o.cfg.Sandbox.AgentPingInterval.Duration}
 	if sb.stateDir == o.cfg.TemplateDir() {
 		return nil, fmt.Errorf("sandbox id %q: its state dir would be the VM templates dir %s; use another id: %w", o.id, sb.stateDir, errdefs.ErrInvalidArgument)
 	}

@@ -168,6 +168,7 @@ func (s *Service) bootSandbox(ctx context.Context, r *taskAPI.CreateTaskRequest,
 		return nil, err
 	}
 	go watchVM(context.WithoutCancel(ctx), sb)
+	go watchAgent(context.WithoutCancel(ctx), sb)
 	go s.watchOOM(ctx, sb)
 	return sb, nil
 }

@@ -138,6 +138,11 @@ type Sandbox struct {
 	StateDir string `toml:"state_dir"`
 	// AgentTimeout is how long to wait for the guest agent when the VM boots.
 	AgentTimeout Duration `toml:"agent_timeout"`
+	// AgentPingInterval is how often the shim asks a running pod's guest agent whether it
+	// answers. A guest that leaves three pings in a row unanswered, each for this long, is
+	// hung: the shim stops its VM and reports the pod's containers exited, so kubelet makes
+	// the pod anew instead of showing it running. "0s" turns the pings off.
+	AgentPingInterval Duration `toml:"agent_ping_interval"`
 }
 
 // Annotations is the [annotations] section.
@@ -212,13 +217,14 @@ func Default() *Config {
 			UIDCount:     hypervisor.DefaultUIDCount,
 		},
 		Sandbox: Sandbox{
-			DefaultVCPUs:   1,
-			DefaultMemory:  512 * MiB,
-			MaxVCPUs:       min(runtime.NumCPU(), MaxVCPUsLimit),
-			MaxMemory:      16 * GiB,
-			MemoryOverhead: 256 * MiB,
-			StateDir:       "/run/podvm",
-			AgentTimeout:   Duration{60 * time.Second},
+			DefaultVCPUs:      1,
+			DefaultMemory:     512 * MiB,
+			MaxVCPUs:          min(runtime.NumCPU(), MaxVCPUsLimit),
+			MaxMemory:         16 * GiB,
+			MemoryOverhead:    256 * MiB,
+			StateDir:          "/run/podvm",
+			AgentTimeout:      Duration{60 * time.Second},
+			AgentPingInterval: Duration{10 * time.Second},
 		},
 		Annotations: Annotations{Allowed: []string{}},
 		Virtiofs:    Virtiofs{Cache: "keep"},
@@ -431,6 +437,9 @@ func validateSandbox(p *problems, s *Sandbox) {
 	if s.AgentTimeout.Duration < time.Second {
 		p.bad("sandbox.agent_timeout", s.AgentTimeout, "must be at least 1s")
 	}
+	if d := s.AgentPingInterval.Duration; d != 0 && d < time.Second {
+		p.bad("sandbox.agent_ping_interval", s.AgentPingInterval, `must be "0s" (no pings) or at least 1s`)
+	}
 }
 
 // validateBlock checks the [block] section.
@@ -535,6 +544,7 @@ func example(key string) string {
 		"sandbox.memory_overhead":       `memory_overhead = "256Mi"`,
 		"sandbox.state_dir":             `state_dir = "/run/podvm"`,
 		"sandbox.agent_timeout":         `agent_timeout = "60s"`,
+		"sandbox.agent_ping_interval":   `agent_ping_interval = "10s"`,
 		"annotations":                   "[annotations]",
 		"annotations.allowed":           `allowed = ["vcpus", "memory", "disk.*"]`,
 		"virtiofs":                      "[virtiofs]",

@@ -84,6 +84,7 @@ max_memory = 34359738368
 memory_overhead = "100M"
 state_dir = "/run/pv"
 agent_timeout = "2m30s"
+agent_ping_interval = "0s"
 
 [annotations]
 allowed = ["vcpus", "memory", "disk.*"]
@@ -114,7 +115,7 @@ max_disk_size = "1Ti"
 		},
 		Sandbox: Sandbox{
 			DefaultVCPUs: 2, DefaultMemory: GiB, MaxVCPUs: 8, MaxMemory: 32 * GiB,
-			MemoryOverhead: 100_000_000, StateDir: "/run/pv", AgentTimeout: Duration{150 * time.Second},
+			MemoryOverhead: 100_000_000, StateDir: "/run/pv", AgentTimeout: Duration{150 * time.Second}, AgentPingInterval: Duration{0},
 		},
 		Annotations: Annotations{Allowed: []string{"vcpus", "memory", "disk.*"}},
 		Virtiofs:    Virtiofs{Cache: "never"},
@@ -172,7 +173,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
 				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template\n" +
-				"  line 3: unknown key sandbox.memory; the [sandbox] keys are: default_vcpus, default_memory, max_vcpus, max_memory, memory_overhead, state_dir, agent_timeout"},
+				"  line 3: unknown key sandbox.memory; the [sandbox] keys are: default_vcpus, default_memory, max_vcpus, max_memory, memory_overhead, state_dir, agent_timeout, agent_ping_interval"},
 		{"unknown section", "[hypervisors]\naccel = 'kvm'\n",
 			"podvm config /etc/podvm/config.toml: line 1: unknown key hypervisors; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template"},
 		{"syntax", "[sandbox\n",
@@ -231,6 +232,8 @@ func TestParseValueErrors(t *testing.T) {
 			`podvm config /etc/podvm/config.toml: sandbox.state_dir = "run/podvm": must be an absolute path; use e.g. state_dir = "/run/podvm"`},
 		{"short timeout", "[sandbox]\nagent_timeout = \"10ms\"\n",
 			`podvm config /etc/podvm/config.toml: sandbox.agent_timeout = "10ms": must be at least 1s; use e.g. agent_timeout = "60s"`},
+		{"short ping interval", "[sandbox]\nagent_ping_interval = \"100ms\"\n",
+			`podvm config /etc/podvm/config.toml: sandbox.agent_ping_interval = "100ms": must be "0s" (no pings) or at least 1s; use e.g. agent_ping_interval = "10s"`},
 		{"allowed with prefix", "[annotations]\nallowed = [\"podvm.io/memory\"]\n",
 			`podvm config /etc/podvm/config.toml: annotations.allowed = ["podvm.io/memory"]: "podvm.io/memory" starts with podvm.io/: list the key without the prefix; use e.g. allowed = ["vcpus", "memory", "disk.*"]`},
 		{"allowed bad glob", "[annotations]\nallowed = [\"disk.[\"]\n",
