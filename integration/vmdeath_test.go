@@ -26,15 +26,7 @@ func TestPodvmQEMUKilled(t *testing.T) {
 	ctr := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
 	events := watchContainerEvents(t, ctx, env)
 
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+pod.ID).Output()
-	pids := strings.Fields(string(out))
-	if len(pids) != 1 {
-		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), pod.ID)
-	}
-	qemu, _ := strconv.Atoi(pids[0])
-	if err := syscall.Kill(qemu, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	signalQEMU(t, pod.ID, syscall.SIGKILL)
 
 	st, err := env.WaitContainerState(ctx, ctr, runtimeapi.ContainerState_CONTAINER_EXITED)
 	if err != nil {
@@ -81,16 +73,7 @@ func TestPodvmHungGuestFoundByPings(t *testing.T) {
 		t.Fatalf("the container of a guest that answers its pings: %v %v, want running", st.GetStatus().GetState(), err)
 	}
 
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+pod.ID).Output()
-	pids := strings.Fields(string(out))
-	if len(pids) != 1 {
-		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), pod.ID)
-	}
-	qemu, _ := strconv.Atoi(pids[0])
-	if err := syscall.Kill(qemu, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = syscall.Kill(qemu, syscall.SIGCONT) })
+	signalQEMU(t, pod.ID, syscall.SIGSTOP)
 	start := time.Now()
 	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
 	st, err := env.WaitContainerState(wctx, ctr, runtimeapi.ContainerState_CONTAINER_EXITED)
@@ -107,6 +90,24 @@ func TestPodvmHungGuestFoundByPings(t *testing.T) {
 		t.Errorf("containerd's log says %d times that the guest stopped answering its pings, want once", n)
 	}
 	env.AssertNoLeaks(t)
+}
+
+// signalQEMU sends sig to the QEMU of the pod's VM. A QEMU it stops (SIGSTOP) is continued
+// when the test ends: whatever happens, a stopped QEMU must not outlive the test stopped.
+func signalQEMU(t *testing.T, podID string, sig syscall.Signal) {
+	t.Helper()
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+podID).Output()
+	pids := strings.Fields(string(out))
+	if len(pids) != 1 {
+		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), podID)
+	}
+	qemu, _ := strconv.Atoi(pids[0])
+	if err := syscall.Kill(qemu, sig); err != nil {
+		t.Fatal(err)
+	}
+	if sig == syscall.SIGSTOP {
+		t.Cleanup(func() { _ = syscall.Kill(qemu, syscall.SIGCONT) })
+	}
 }
 
 // setSandboxOption sets key = value (TOML) in the [sandbox] table of the node config at path.
@@ -174,17 +175,7 @@ func TestPodvmFrozenGuest(t *testing.T) {
 	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "frozen", Namespace: "it", Handler: "podvm"})
 	ctr := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
 
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+pod.ID).Output()
-	pids := strings.Fields(string(out))
-	if len(pids) != 1 {
-		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), pod.ID)
-	}
-	qemu, _ := strconv.Atoi(pids[0])
-	if err := syscall.Kill(qemu, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	// Whatever happens, a stopped QEMU must not outlive the test stopped.
-	t.Cleanup(func() { _ = syscall.Kill(qemu, syscall.SIGCONT) })
+	signalQEMU(t, pod.ID, syscall.SIGSTOP)
 
 	kubelet := 2 * time.Minute // kubelet's runtime request timeout
 	cctx, cancel := context.WithTimeout(ctx, kubelet)

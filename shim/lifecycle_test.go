@@ -397,6 +397,34 @@ func (a *hungAgent) SignalProcess(ctx context.Context, r *api.SignalProcessReque
 	return a.Fake.SignalProcess(ctx, r)
 }
 
+// runHangingPod runs pod1 with a container c1 on an agent that stops answering once its
+// hang is set.
+func runHangingPod(r *rig) *hungAgent {
+	r.t.Helper()
+	hung := &hungAgent{Fake: r.agent}
+	r.wrapAgent = func(*agent.Fake) agentConn { return hung }
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	r.mustStart("pod1", "")
+	r.mustCreate("c1", workloadAnnotations("pod1"))
+	r.mustStart("c1", "")
+	return hung
+}
+
+// deadPodExits checks what follows a VM's death in pod1 with c1: containerd deletes the dead
+// sandbox's task on its exit (255); the container's exit (255) follows.
+func (r *rig) deadPodExits() {
+	r.t.Helper()
+	if w := r.wait("pod1", ""); w.ExitStatus != 255 {
+		r.t.Errorf("pod1 exited %d, want 255", w.ExitStatus)
+	}
+	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
+		r.t.Fatal(err)
+	}
+	if w := r.wait("c1", ""); w.ExitStatus != 255 {
+		r.t.Errorf("c1 exited %d, want 255", w.ExitStatus)
+	}
+}
+
 func (a *hungAgent) Version(ctx context.Context, r *api.VersionRequest) (*api.VersionResponse, error) {
 	if a.hang.Load() {
 		<-ctx.Done()
@@ -412,12 +440,7 @@ func (a *hungAgent) Version(ctx context.Context, r *api.VersionRequest) (*api.Ve
 func TestUnansweredPingsStopHungGuest(t *testing.T) {
 	r := newRig(t)
 	r.pingInterval = 100 * time.Millisecond
-	hung := &hungAgent{Fake: r.agent}
-	r.wrapAgent = func(*agent.Fake) agentConn { return hung }
-	r.mustCreate("pod1", sandboxAnnotations("pod1"))
-	r.mustStart("pod1", "")
-	r.mustCreate("c1", workloadAnnotations("pod1"))
-	r.mustStart("c1", "")
+	hung := runHangingPod(r)
 	time.Sleep(5 * r.pingInterval)
 	if _, stopped, _ := r.vm.State(); stopped {
 		t.Fatal("the shim stopped the VM of a guest that answers its pings")
@@ -444,15 +467,7 @@ func TestUnansweredPingsStopHungGuest(t *testing.T) {
 	if took := time.Since(start); took < 3*r.pingInterval {
 		t.Errorf("the VM was stopped %v after the guest stopped answering, before three pings could go unanswered", took)
 	}
-	if w := r.wait("pod1", ""); w.ExitStatus != 255 {
-		t.Errorf("pod1 exited %d, want 255", w.ExitStatus)
-	}
-	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
-		t.Fatal(err)
-	}
-	if w := r.wait("c1", ""); w.ExitStatus != 255 {
-		t.Errorf("c1 exited %d, want 255", w.ExitStatus)
-	}
+	r.deadPodExits()
 }
 
 // A SIGKILL the guest does not take (a frozen VM) stops the VM instead of failing, so
@@ -463,12 +478,7 @@ func TestSIGKILLToHungGuestStopsVM(t *testing.T) {
 	signalTimeout = 300 * time.Millisecond
 	t.Cleanup(func() { signalTimeout = old })
 	r := newRig(t)
-	hung := &hungAgent{Fake: r.agent}
-	r.wrapAgent = func(*agent.Fake) agentConn { return hung }
-	r.mustCreate("pod1", sandboxAnnotations("pod1"))
-	r.mustStart("pod1", "")
-	r.mustCreate("c1", workloadAnnotations("pod1"))
-	r.mustStart("c1", "")
+	hung := runHangingPod(r)
 	hung.hang.Store(true)
 
 	ctx, cancel := context.WithTimeout(r.ctx, 3*signalTimeout)
@@ -488,14 +498,5 @@ func TestSIGKILLToHungGuestStopsVM(t *testing.T) {
 	if _, err := r.svc.Kill(ctx, &taskAPI.KillRequest{ID: "pod1", Signal: 9}); err != nil {
 		t.Fatalf("SIGKILL to the sandbox after its VM stopped: %v", err)
 	}
-	// containerd deletes the dead sandbox's task on its exit; the container's exit follows.
-	if w := r.wait("pod1", ""); w.ExitStatus != 255 {
-		t.Errorf("pod1 exited %d, want 255", w.ExitStatus)
-	}
-	if _, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "pod1"}); err != nil {
-		t.Fatal(err)
-	}
-	if w := r.wait("c1", ""); w.ExitStatus != 255 {
-		t.Errorf("c1 exited %d, want 255", w.ExitStatus)
-	}
+	r.deadPodExits()
 }
