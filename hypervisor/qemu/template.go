@@ -152,6 +152,9 @@ func fileIdentity(path string) (string, error) {
 // FindTemplate is Driver().Template: the template for VMs like hc in dir, built first if
 // there is none (or it is broken). Concurrent callers on a node wait for one build.
 func FindTemplate(ctx context.Context, hc hypervisor.Config, dir string) (*Template, error) {
+	// Resolved as the template VM it is for (templateConfig): no TSC measured for a boot that
+	// is not this pod's, on the templated pod's start.
+	hc.Templated = true
 	cfg, err := Config(hc).Resolve(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("invalid qemu config: %w", err)
