@@ -278,6 +278,33 @@ func TestUnplugTimeoutThenRetry(t *testing.T) {
 	}
 }
 
+// TestUnplugReleasedByTheGuest: a guest that powers off the slot of a disk it no longer
+// uses has QEMU unplug it; the host's device_del then finds no device, and the
+// DEVICE_DELETED may come in between.
+func TestUnplugReleasedByTheGuest(t *testing.T) {
+	v, mon := fakeVM(t)
+	img := diskImage(t)
+	f := openDisk(t, img, false)
+	ctx := context.Background()
+	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
+		t.Fatal(err)
+	}
+	mon.SetHook(func(cmd string, _ json.RawMessage) (any, bool, error) {
+		if cmd != "device_del" {
+			return nil, false, nil
+		}
+		mon.InjectEvent(qmp.Event{Name: "DEVICE_DELETED", Data: json.RawMessage(`{"device":"hp0-disk","path":"/machine/peripheral/hp0-disk"}`)})
+		time.Sleep(50 * time.Millisecond) // the VM's event loop takes it
+		return nil, true, &qmp.Error{Class: "DeviceNotFound", Desc: "Device 'hp0-disk' not found"}
+	})
+	if err := v.Unplug(ctx, "d"); err != nil {
+		t.Fatal(err)
+	}
+	if cmds := mon.Commands(); cmds[len(cmds)-2] != "blockdev-del" || cmds[len(cmds)-1] != "remove-fd" {
+		t.Fatalf("commands %v", cmds)
+	}
+}
+
 func TestPauseResumeAndState(t *testing.T) {
 	ctx := context.Background()
 	v, mon := fakeVM(t)
