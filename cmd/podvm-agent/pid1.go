@@ -41,8 +41,10 @@ static long long podvm_boottime(void) {
 
 static void podvm_poweroff(void) {
 	sync();
-	reboot(RB_POWER_OFF);
-	// Without ACPI power-off the kernel halts; the host quits QEMU itself.
+	// A reset, not a power-off: QEMU runs with -no-reboot, so a reset ends it, while a
+	// guest without ACPI (the default) can only halt its CPUs at a power-off.
+	reboot(RB_AUTOBOOT);
+	// Should the reset not come, the host quits QEMU itself.
 	for (;;)
 		pause();
 }
