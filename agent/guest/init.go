@@ -43,12 +43,25 @@ func fatal(ctx context.Context, err error) {
 	PowerOff()
 }
 
-// PowerOff stops the guest. It resets it: QEMU runs with -no-reboot, so a reset ends it,
-// while a guest without ACPI (the default) can only halt its CPUs at a power-off.
+// q35's reset control register and the value that resets the machine (cmd/podvm-agent/pid1.go
+// uses them too).
+const (
+	resetControlPort = 0xcf9
+	resetControlHard = 0x06
+)
+
+// PowerOff stops the guest: it resets it through q35's reset control register, and QEMU runs
+// with -no-reboot, so a reset ends it. The kernel's power-off only halts the CPUs of a guest
+// without ACPI (the default), and both it and the kernel's restart first shut the devices
+// down, where virtio-pmem's flush waits for an interrupt such a guest cannot route.
 func PowerOff() {
 	unix.Sync()
-	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
-	// Should the reset not come, the host quits QEMU itself.
+	if f, err := os.OpenFile("/dev/port", os.O_WRONLY, 0); err == nil {
+		_, _ = f.WriteAt([]byte{resetControlHard}, resetControlPort)
+		_ = f.Close()
+	}
+	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+	// Should neither come, the host quits QEMU itself.
 	for {
 		time.Sleep(time.Hour)
 	}
