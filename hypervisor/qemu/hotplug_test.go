@@ -254,14 +254,20 @@ func TestHotplugFreesSlotOnUnplug(t *testing.T) {
 	}
 }
 
-func TestUnplugTimeoutThenRetry(t *testing.T) {
+// vmWithDisk is a fake VM with disk "d" plugged into slot hp0.
+func vmWithDisk(t *testing.T) (*VM, *qmp.FakeMonitor) {
+	t.Helper()
 	v, mon := fakeVM(t)
 	img := diskImage(t)
-	f := openDisk(t, img, false)
-	ctx := context.Background()
-	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
+	if err := v.Hotplug(context.Background(), &hypervisor.BlockDevice{ID: "d", File: openDisk(t, img, false), Path: img}); err != nil {
 		t.Fatal(err)
 	}
+	return v, mon
+}
+
+func TestUnplugTimeoutThenRetry(t *testing.T) {
+	v, mon := vmWithDisk(t)
+	ctx := context.Background()
 	// The guest does not release the device in time.
 	tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancel()
@@ -282,13 +288,8 @@ func TestUnplugTimeoutThenRetry(t *testing.T) {
 // uses has QEMU unplug it; the host's device_del then finds no device, and the
 // DEVICE_DELETED may come in between.
 func TestUnplugReleasedByTheGuest(t *testing.T) {
-	v, mon := fakeVM(t)
-	img := diskImage(t)
-	f := openDisk(t, img, false)
+	v, mon := vmWithDisk(t)
 	ctx := context.Background()
-	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
-		t.Fatal(err)
-	}
 	mon.SetHook(func(cmd string, _ json.RawMessage) (any, bool, error) {
 		if cmd != "device_del" {
 			return nil, false, nil
