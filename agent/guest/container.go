@@ -21,8 +21,8 @@ type container struct {
 
 	mu    sync.Mutex
 	execs map[string]*process
-	// mounts are the guest mount points of its disks.
-	mounts []string
+	// storage is its disks.
+	storage *storage
 }
 
 // parseSpec decodes and checks an OCI spec from the host.

@@ -43,11 +43,25 @@ func fatal(ctx context.Context, err error) {
 	PowerOff()
 }
 
-// PowerOff stops the guest; QEMU runs with -no-reboot, so it exits.
+// q35's reset control register and the value that resets the machine (cmd/podvm-agent/pid1.go
+// uses them too).
+const (
+	resetControlPort = 0xcf9
+	resetControlHard = 0x06
+)
+
+// PowerOff stops the guest: it resets it through q35's reset control register, and QEMU runs
+// with -no-reboot, so a reset ends it. The kernel's power-off only halts the CPUs of a guest
+// without ACPI (the default), and both it and the kernel's restart first shut the devices
+// down, where virtio-pmem's flush waits for an interrupt such a guest cannot route.
 func PowerOff() {
 	unix.Sync()
+	if f, err := os.OpenFile("/dev/port", os.O_WRONLY, 0); err == nil {
+		_, _ = f.WriteAt([]byte{resetControlHard}, resetControlPort)
+		_ = f.Close()
+	}
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
-	// Without ACPI power-off the kernel halts; the host quits QEMU itself.
+	// Should neither come, the host quits QEMU itself.
 	for {
 		time.Sleep(time.Hour)
 	}

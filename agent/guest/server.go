@@ -122,20 +122,20 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 	if err := s.mountPodTmpfs(req.PodTmpfs); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
-	mounts, err := prepareStorage(ctx, req.BlockMounts, req.Devices, spec)
+	st, err := prepareStorage(ctx, req.BlockMounts, req.Devices, spec)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
 	defer func() {
 		if retErr != nil {
-			unmountAll(ctx, mounts)
+			st.release(ctx)
 		}
 	}()
 	c, err := s.create(id, spec, req.Stdio)
 	if err != nil {
 		return nil, err
 	}
-	c.mounts = mounts
+	c.storage = st
 	s.watchOOM(ctx, c)
 	s.mu.Lock()
 	s.containers[id] = c
@@ -381,7 +381,7 @@ func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRe
 	}
 	c.mu.Unlock()
 	c.init.release()
-	unmountAll(ctx, c.mounts)
+	c.storage.release(ctx)
 	s.mu.Lock()
 	delete(s.containers, c.id)
 	s.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -50,42 +51,51 @@ func pollDisk(ctx context.Context, sysRoot, serial string, tick <-chan time.Time
 	}
 }
 
+// storage is what prepareStorage did for a container: the guest mount points of its disks,
+// and the disks (their /sys/block names).
+type storage struct {
+	mounts []string
+	disks  []string
+}
+
 // prepareStorage mounts the container's disks in the guest and adds its block device nodes to
-// the spec. It returns the mount points to undo when the container goes.
-func prepareStorage(ctx context.Context, mounts []*api.BlockMount, devices []*api.DeviceNode, spec *specs.Spec) (_ []string, retErr error) {
-	var done []string
+// the spec. What it did is undone with release when the container goes.
+func prepareStorage(ctx context.Context, mounts []*api.BlockMount, devices []*api.DeviceNode, spec *specs.Spec) (_ *storage, retErr error) {
+	st := &storage{}
 	defer func() {
 		if retErr != nil {
-			unmountAll(ctx, done)
+			st.release(ctx)
 		}
 	}()
 	for _, m := range mounts {
 		dev, err := findDisk(ctx, sysBlock, m.Serial)
 		if err != nil {
-			return done, err
+			return nil, err
 		}
+		st.disks = append(st.disks, filepath.Base(dev))
 		if m.MountPoint == "" {
 			continue
 		}
 		if err := os.MkdirAll(m.MountPoint, 0o755); err != nil {
-			return done, err
+			return nil, err
 		}
 		flags, data := mountOptions(m.Options)
 		if err := unix.Mount(dev, m.MountPoint, m.FsType, flags, data); err != nil {
-			return done, fmt.Errorf("mount disk %s (%s) on %s: %w", m.Serial, dev, m.MountPoint, err)
+			return nil, fmt.Errorf("mount disk %s (%s) on %s: %w", m.Serial, dev, m.MountPoint, err)
 		}
-		done = append(done, m.MountPoint)
+		st.mounts = append(st.mounts, m.MountPoint)
 	}
 	for _, d := range devices {
 		dev, err := findDisk(ctx, sysBlock, d.Serial)
 		if err != nil {
-			return done, err
+			return nil, err
 		}
-		var st unix.Stat_t
-		if err := unix.Stat(dev, &st); err != nil {
-			return done, err
+		st.disks = append(st.disks, filepath.Base(dev))
+		var sb unix.Stat_t
+		if err := unix.Stat(dev, &sb); err != nil {
+			return nil, err
 		}
-		major, minor := int64(unix.Major(st.Rdev)), int64(unix.Minor(st.Rdev))
+		major, minor := int64(unix.Major(sb.Rdev)), int64(unix.Minor(sb.Rdev))
 		mode := os.FileMode(d.FileMode)
 		if mode == 0 {
 			mode = 0o660
@@ -101,7 +111,68 @@ func prepareStorage(ctx context.Context, mounts []*api.BlockMount, devices []*ap
 			Allow: true, Type: "b", Major: &major, Minor: &minor, Access: "rwm",
 		})
 	}
-	return done, nil
+	return st, nil
+}
+
+// release unmounts the container's disks and hands them back: it powers off the PCIe slot
+// of each, which QEMU takes as the guest's consent to unplug it there and then; the host's
+// unplug (device_del) that follows finds it gone. Without it, a guest with native PCIe
+// hot-plug (no ACPI, the default) would wait out the 5 s a pressed attention button gives
+// to change one's mind. pciehp turns the slot's power indicator off, the second half of
+// what QEMU waits for, a second after the power: release waits for that, so that the
+// host's device_del does not press the button of a slot being powered off.
+func (st *storage) release(ctx context.Context) {
+	if st == nil {
+		return
+	}
+	for i := len(st.mounts) - 1; i >= 0; i-- {
+		if err := unix.Unmount(st.mounts[i], unix.MNT_DETACH); err != nil {
+			log.G(ctx).WithError(err).Warnf("unmount %s", st.mounts[i])
+		}
+	}
+	var wg sync.WaitGroup
+	for _, d := range st.disks {
+		slot, err := diskSlot(sysBlock, sysSlots, d)
+		if err != nil {
+			log.G(ctx).WithError(err).Warnf("disk %s: not releasing its slot; the host's unplug asks for it", d)
+			continue
+		}
+		wg.Go(func() {
+			if err := os.WriteFile(filepath.Join(slot, "power"), []byte("0"), 0); err != nil {
+				log.G(ctx).WithError(err).Warnf("disk %s: powering off slot %s", d, slot)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// sysSlots is where the guest kernel lists its hot-plug slots.
+const sysSlots = "/sys/bus/pci/slots"
+
+// diskSlot returns the hot-plug slot (a directory under slotsRoot) the virtio-blk disk name
+// (under sysRoot) is in: the slot whose address is its PCI function's bus and device.
+func diskSlot(sysRoot, slotsRoot, name string) (string, error) {
+	dev, err := filepath.EvalSymlinks(filepath.Join(sysRoot, name, "device"))
+	if err != nil {
+		return "", err
+	}
+	// .../0000:01:00.0/virtio3: the PCI function is the virtio device's parent.
+	fn := filepath.Base(filepath.Dir(dev))
+	addr, _, ok := strings.Cut(fn, ".")
+	if !ok {
+		return "", fmt.Errorf("%s is not on a PCI function (%s)", name, dev)
+	}
+	entries, err := os.ReadDir(slotsRoot)
+	if err != nil {
+		return "", err
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(slotsRoot, e.Name(), "address"))
+		if err == nil && strings.TrimSpace(string(b)) == addr {
+			return filepath.Join(slotsRoot, e.Name()), nil
+		}
+	}
+	return "", fmt.Errorf("no hot-plug slot has address %s", addr)
 }
 
 func mountOptions(opts []string) (uintptr, string) {
@@ -125,12 +196,4 @@ func mountOptions(opts []string) (uintptr, string) {
 		}
 	}
 	return flags, strings.Join(data, ",")
-}
-
-func unmountAll(ctx context.Context, points []string) {
-	for i := len(points) - 1; i >= 0; i-- {
-		if err := unix.Unmount(points[i], unix.MNT_DETACH); err != nil {
-			log.G(ctx).WithError(err).Warnf("unmount %s", points[i])
-		}
-	}
 }

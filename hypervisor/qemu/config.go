@@ -400,6 +400,24 @@ func validateNetDevices(p *problems, devs []*hypervisor.NetDevice) {
 	}
 }
 
+// deviceMemory is where q35 maps the memory devices (the root image's pmem): the first
+// GiB boundary above the RAM that lies above 4 GiB, as large as maxmem exceeds the RAM
+// (QEMU 7.2's pc_memory_init; q35 keeps RAM below 4 GiB up to 2.75 GiB, else 2 GiB).
+func (c *Config) deviceMemory() (base, size int64) {
+	if c.RootImage == "" {
+		return 0, 0
+	}
+	const gib = int64(1) << 30
+	ram := int64(c.MemoryMiB) << 20
+	lowmem := int64(0xb0000000)
+	if ram >= lowmem {
+		lowmem = 0x80000000
+	}
+	above := max(ram-lowmem, 0)
+	base = (4*gib + above + gib - 1) / gib * gib
+	return base, c.RootImageSize
+}
+
 // opt escapes a value for a QEMU -opt list, where ',' must be doubled.
 func opt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
@@ -423,6 +441,21 @@ func (c *Config) KernelCmdline() string {
 		// The first pmem device, ext4 read-only, its pages mapped straight from the host
 		// (DAX) instead of copied into the guest's page cache.
 		params = append(params, "root=/dev/pmem0", "rootfstype=ext4", "rootflags=dax=always", "ro", "init=/init")
+	}
+	if !c.Templated {
+		// No ACPI: the kernel spends ~0.1 s of a TCG boot loading and walking q35's AML
+		// tables (docs/kernel.md). It finds the CPUs and the I/O APIC in qboot's MP table,
+		// and block devices are hot-plugged into the root ports natively (pciehp; Args
+		// turns QEMU's ACPI hot-plug off to match). A template keeps ACPI: its clones get
+		// their devices hot-plugged at restore, where ACPI's hot-plug is the quicker.
+		params = append(params, "acpi=off")
+		if base, size := c.deviceMemory(); size > 0 {
+			// Without the host bridge's ACPI resources the kernel would put 64-bit BARs
+			// at the first free address above 4 GiB, which is where QEMU maps the root
+			// image's memory device; reserved in the memory map, the window stays the
+			// pmem device's.
+			params = append(params, fmt.Sprintf("memmap=%#x$%#x", size, base))
+		}
 	}
 	if c.Debug {
 		// The guest agent logs at debug level too.
@@ -514,6 +547,10 @@ func (c *Config) machineArgs() []string {
 		"-name", "podvm-" + c.ID + ",debug-threads=on",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-machine", "q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
+	}
+	if !c.Templated {
+		// The guest runs without ACPI (KernelCmdline): its root ports hot-plug natively.
+		a = append(a, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
 	}
 	if c.Accel == AccelKVM {
 		a = append(a, "-accel", "kvm", "-cpu", c.kvmCPU())

@@ -43,11 +43,12 @@ var argsTests = []struct {
 			"-name podvm-pod1,debug-threads=on",
 			"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 			"-machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
+			"-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
 			"-accel tcg,tb-size=96", "-smp 1", "-m 512M",
 			"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",
 			"-bios /usr/share/qemu/qboot.rom",
 			"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 acpi=off quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp",
 			"-add-fd fd=3,set=1000,opaque=console",
 			"-chardev file,id=console,path=/dev/fdset/1000,append=on", "-serial chardev:console",
 			"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
@@ -74,7 +75,7 @@ var argsTests = []struct {
 		want: []string{
 			"-accel kvm", "-cpu host", "-smp 4", "-m 2048M",
 			"-object memory-backend-memfd,id=mem,size=2048M,share=on",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 podvm.debug init=/podvm-agent panic=0",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 acpi=off podvm.debug init=/podvm-agent panic=0",
 			"-device vhost-vsock-pci,id=vsock,guest-cid=42",
 		},
 		notWant: []string{"tcg", "virtio-serial", "quiet", "noapictimer", "lapic_timer_khz", "keep_initmem", "noreplace-smp", "-initrd", "-bios", "pcie-root-port"},
@@ -88,9 +89,18 @@ var argsTests = []struct {
 			"-m 512M,maxmem=549453824",
 			"-object memory-backend-file,id=rootimg,mem-path=/usr/share/podvm/root,,1.img,size=12582912,share=on,readonly=on",
 			"-device virtio-pmem-pci,id=rootimg,memdev=rootimg",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init acpi=off memmap=0xc00000$0x100000000 quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp",
 		},
 		notWant: []string{"-initrd"},
+	},
+	{
+		name: "root image above RAM above 4 GiB",
+		mod: func(c *Config) {
+			// q35 puts 2 GiB of the 3 GiB below 4 GiB, the rest from 4 GiB; the memory
+			// devices start at the next GiB.
+			c.Initrd, c.RootImage, c.RootImageSize, c.MemoryMiB = "", "/usr/share/podvm/root.img", 12<<20, 3072
+		},
+		want: []string{"-m 3072M,maxmem=3233808384", "-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init acpi=off memmap=0xc00000$0x140000000 quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp"},
 	},
 	{
 		name: "virtio-fs",
@@ -123,7 +133,7 @@ var argsTests = []struct {
 		name: "tcg told the tsc frequency",
 		mod:  func(c *Config) { c.TSCkHz = 2095971 },
 		want: []string{
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 acpi=off quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp",
 		},
 	},
 	{

@@ -273,9 +273,12 @@ func (v *VM) unplug(ctx context.Context, id string) error {
 		case err == nil:
 			p.unplugIs = true
 		case errors.As(err, &qe) && qe.Class == "DeviceNotFound":
-			// Gone already (e.g. its DEVICE_DELETED came after an earlier Unplug gave up).
-			v.forgetDeleted(p.dev)
-			close(deleted)
+			// Gone already: the guest released it (it powers off the slot of a disk its
+			// container no longer has), or its DEVICE_DELETED came after an earlier
+			// Unplug gave up. The event may have closed deleted meanwhile.
+			if v.forgetDeleted(p.dev) {
+				close(deleted)
+			}
 		case errors.As(err, &qe) && p.unplugIs:
 			// A previous device_del is still pending in the guest; keep waiting for it.
 		default:
@@ -309,8 +312,12 @@ func (v *VM) expectDeleted(dev string) chan struct{} {
 	return ch
 }
 
-func (v *VM) forgetDeleted(dev string) {
+// forgetDeleted stops waiting for dev's DEVICE_DELETED; it reports whether the wait was still
+// there, i.e. the event has not closed its channel.
+func (v *VM) forgetDeleted(dev string) bool {
 	v.waitMu.Lock()
 	defer v.waitMu.Unlock()
+	_, ok := v.deleted[dev]
 	delete(v.deleted, dev)
+	return ok
 }

@@ -254,14 +254,20 @@ func TestHotplugFreesSlotOnUnplug(t *testing.T) {
 	}
 }
 
-func TestUnplugTimeoutThenRetry(t *testing.T) {
+// vmWithDisk is a fake VM with disk "d" plugged into slot hp0.
+func vmWithDisk(t *testing.T) (*VM, *qmp.FakeMonitor) {
+	t.Helper()
 	v, mon := fakeVM(t)
 	img := diskImage(t)
-	f := openDisk(t, img, false)
-	ctx := context.Background()
-	if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: "d", File: f, Path: img}); err != nil {
+	if err := v.Hotplug(context.Background(), &hypervisor.BlockDevice{ID: "d", File: openDisk(t, img, false), Path: img}); err != nil {
 		t.Fatal(err)
 	}
+	return v, mon
+}
+
+func TestUnplugTimeoutThenRetry(t *testing.T) {
+	v, mon := vmWithDisk(t)
+	ctx := context.Background()
 	// The guest does not release the device in time.
 	tctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancel()
@@ -270,6 +276,28 @@ func TestUnplugTimeoutThenRetry(t *testing.T) {
 	}
 	// It does later; the event went unobserved, so QEMU now says the device is gone.
 	mon.SetReply("device_del", nil, &qmp.Error{Class: "DeviceNotFound", Desc: "Device 'hp0-disk' not found"})
+	if err := v.Unplug(ctx, "d"); err != nil {
+		t.Fatal(err)
+	}
+	if cmds := mon.Commands(); cmds[len(cmds)-2] != "blockdev-del" || cmds[len(cmds)-1] != "remove-fd" {
+		t.Fatalf("commands %v", cmds)
+	}
+}
+
+// TestUnplugReleasedByTheGuest: a guest that powers off the slot of a disk it no longer
+// uses has QEMU unplug it; the host's device_del then finds no device, and the
+// DEVICE_DELETED may come in between.
+func TestUnplugReleasedByTheGuest(t *testing.T) {
+	v, mon := vmWithDisk(t)
+	ctx := context.Background()
+	mon.SetHook(func(cmd string, _ json.RawMessage) (any, bool, error) {
+		if cmd != "device_del" {
+			return nil, false, nil
+		}
+		mon.InjectEvent(qmp.Event{Name: "DEVICE_DELETED", Data: json.RawMessage(`{"device":"hp0-disk","path":"/machine/peripheral/hp0-disk"}`)})
+		time.Sleep(50 * time.Millisecond) // the VM's event loop takes it
+		return nil, true, &qmp.Error{Class: "DeviceNotFound", Desc: "Device 'hp0-disk' not found"}
+	})
 	if err := v.Unplug(ctx, "d"); err != nil {
 		t.Fatal(err)
 	}
