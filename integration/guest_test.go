@@ -60,6 +60,8 @@ type vmOptions struct {
 	// Share exports a pod share (rootfs.CreateShare) as the shim does, instead of a plain
 	// directory the test writes into.
 	Share bool
+	// MemoryMiB and VCPUs size the VM; 0 keeps the test config's.
+	MemoryMiB, VCPUs int
 }
 
 // bootVMWith is bootVM with options: it boots a VM from the test guest image with a virtio-fs
@@ -83,6 +85,12 @@ func bootVMWith(t testing.TB, ctx context.Context, stateDir string, o vmOptions)
 	}
 	cfg := testVMConfig(filepath.Base(stateDir), stateDir, shared, kernel, rootImage)
 	cfg.NetDevices = o.NetDevices
+	if o.MemoryMiB != 0 {
+		cfg.MemoryMiB = o.MemoryMiB
+	}
+	if o.VCPUs != 0 {
+		cfg.VCPUs = o.VCPUs
+	}
 	if share != nil {
 		cfg.SharedDirNS = share.InMountNS
 	}
@@ -256,6 +264,35 @@ func execProcess(t testing.TB, args []string, terminal bool) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestGuestAboveFourGiB: a VM whose RAM reaches above 4 GiB boots from its root image and
+// sees all of it. q35 then maps the root image's pmem at the next GiB boundary after the RAM
+// above 4 GiB; a guest without ACPI is told that window in its memory map (memmap=), else it
+// puts PCI BARs there and hangs probing a device, or loses RAM to a misplaced reservation.
+func TestGuestAboveFourGiB(t *testing.T) {
+	ctx, stateDir := vmTest(t, 3*time.Minute)
+	g := bootVMWith(t, ctx, stateDir, vmOptions{MemoryMiB: 3072, VCPUs: 2})
+	root := busyboxRootfs(t, g, "big")
+	spec := defaultSpec(t, "big", root, oci.WithProcessArgs("sh", "-c",
+		"grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo; grep ' / ' /proc/mounts"))
+	stdout, stderr, code := runGuestContainer(t, ctx, g.agent, "big", spec)
+	removeGuestContainer(t, ctx, g.agent, "big")
+	if code != 0 {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	var kib, cpus int
+	if _, err := fmt.Sscanf(stdout, "MemTotal: %d kB\n%d", &kib, &cpus); err != nil {
+		t.Fatalf("%q: %v", stdout, err)
+	}
+	// The kernel's own text, data and struct pages come off the 3 GiB.
+	if kib < 2900<<10 || kib > 3072<<10 {
+		t.Errorf("guest MemTotal %d KiB, want a little under 3 GiB", kib)
+	}
+	if cpus != 2 {
+		t.Errorf("guest has %d vCPUs, want 2", cpus)
+	}
+	t.Logf("3 GiB, 2 vCPUs: MemTotal %d KiB, agent ready %s after QEMU start", kib, g.bootTime.Round(time.Millisecond))
 }
 
 // TestGuestRunsContainers boots a real VM and runs containers in it through the agent.
