@@ -5,10 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"runtime/debug"
-	"strings"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -98,15 +95,12 @@ func toGRPCErrors(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.
 // findSerialPort returns the /dev node of the virtio-serial port with the given name; the guest
 // has no udev to make /dev/virtio-ports links.
 func findSerialPort(sysClass, name string) (string, error) {
-	entries, err := os.ReadDir(sysClass)
+	e, err := sysfsEntry(sysClass, "name", name)
 	if err != nil {
 		return "", err
 	}
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(sysClass, e.Name(), "name"))
-		if err == nil && strings.TrimSpace(string(b)) == name {
-			return "/dev/" + e.Name(), nil
-		}
+	if e != "" {
+		return "/dev/" + e, nil
 	}
 	return "", fmt.Errorf("no virtio-serial port named %q", name)
 }

@@ -36,12 +36,8 @@ func pollDisk(ctx context.Context, sysRoot, serial string, tick <-chan time.Time
 		return "", fmt.Errorf("disk serial is empty: %w", errdefs.ErrInvalidArgument)
 	}
 	for {
-		entries, _ := os.ReadDir(sysRoot)
-		for _, e := range entries {
-			b, err := os.ReadFile(filepath.Join(sysRoot, e.Name(), "serial"))
-			if err == nil && strings.TrimSpace(string(b)) == serial {
-				return "/dev/" + e.Name(), nil
-			}
+		if e, _ := sysfsEntry(sysRoot, "serial", serial); e != "" {
+			return "/dev/" + e, nil
 		}
 		select {
 		case <-ctx.Done():
@@ -162,17 +158,30 @@ func diskSlot(sysRoot, slotsRoot, name string) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("%s is not on a PCI function (%s)", name, dev)
 	}
-	entries, err := os.ReadDir(slotsRoot)
+	e, err := sysfsEntry(slotsRoot, "address", addr)
+	if err != nil {
+		return "", err
+	}
+	if e == "" {
+		return "", fmt.Errorf("no hot-plug slot has address %s", addr)
+	}
+	return filepath.Join(slotsRoot, e), nil
+}
+
+// sysfsEntry returns the name of the entry of the sysfs directory dir whose attribute attr
+// reads value, or "" if none does.
+func sysfsEntry(dir, attr, value string) (string, error) {
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return "", err
 	}
 	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(slotsRoot, e.Name(), "address"))
-		if err == nil && strings.TrimSpace(string(b)) == addr {
-			return filepath.Join(slotsRoot, e.Name()), nil
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), attr))
+		if err == nil && strings.TrimSpace(string(b)) == value {
+			return e.Name(), nil
 		}
 	}
-	return "", fmt.Errorf("no hot-plug slot has address %s", addr)
+	return "", nil
 }
 
 func mountOptions(opts []string) (uintptr, string) {

@@ -400,6 +400,11 @@ func validateNetDevices(p *problems, devs []*hypervisor.NetDevice) {
 	}
 }
 
+// withoutACPI says the guest boots without ACPI: every VM but a template and its clones,
+// whose devices are hot-plugged at restore, where ACPI's hot-plug is the quicker. The kernel
+// command line and QEMU's hot-plug setting follow it together.
+func (c *Config) withoutACPI() bool { return !c.Templated }
+
 // deviceMemory is where q35 maps the memory devices (the root image's pmem): the first
 // GiB boundary above the RAM that lies above 4 GiB, as large as maxmem exceeds the RAM
 // (QEMU 7.2's pc_memory_init; q35 keeps RAM below 4 GiB up to 2.75 GiB, else 2 GiB).
@@ -442,7 +447,7 @@ func (c *Config) KernelCmdline() string {
 		// (DAX) instead of copied into the guest's page cache.
 		params = append(params, "root=/dev/pmem0", "rootfstype=ext4", "rootflags=dax=always", "ro", "init=/init")
 	}
-	if !c.Templated {
+	if c.withoutACPI() {
 		// No ACPI: the kernel spends ~0.1 s of a TCG boot loading and walking q35's AML
 		// tables (docs/kernel.md). It finds the CPUs and the I/O APIC in qboot's MP table,
 		// and block devices are hot-plugged into the root ports natively (pciehp; Args
@@ -548,7 +553,7 @@ func (c *Config) machineArgs() []string {
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-machine", "q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
 	}
-	if !c.Templated {
+	if c.withoutACPI() {
 		// The guest runs without ACPI (KernelCmdline): its root ports hot-plug natively.
 		a = append(a, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
 	}
