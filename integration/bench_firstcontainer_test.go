@@ -15,20 +15,15 @@ import (
 // every iteration starts a fresh pod (outside the timer), so for podvm the container is the
 // first its guest ever makes (docs/benchmarks.md, "The first container of a pod").
 func BenchmarkCreateStartFirstContainer(b *testing.B) {
-	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+	compareLatency(b, templateBenchHandlers, "CreateStartFirstContainer", func(ctx context.Context, b *testing.B, tm benchTimer, h string, env *harness.Env) (latencyStep, func()) {
 		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
-		var ds durations
-		for i := 0; b.Loop(); i++ {
-			b.StopTimer()
+		return func(i int) (time.Duration, func()) {
+			tm.StopTimer()
 			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("first-%d", i))
-			b.StartTimer()
+			tm.StartTimer()
 			start := time.Now()
 			startSleeper(ctx, b, env, pod, "first")
-			ds = append(ds, time.Since(start))
-			b.StopTimer()
-			removePod(ctx, b, env, pod)
-			b.StartTimer()
-		}
-		cmp.reportLatency(b, h, "CreateStartFirstContainer", ds)
+			return time.Since(start), func() { removePod(ctx, b, env, pod) }
+		}, func() {}
 	})
 }

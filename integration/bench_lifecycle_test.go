@@ -16,17 +16,15 @@ import (
 // exec probes call it: from the call until its exit code is back. The pod and its container
 // are made once, before the loop, with one exec outside the measurement.
 func BenchmarkExecSync(b *testing.B) {
-	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
+	compareLatency(b, templateBenchHandlers, "ExecSync", func(ctx context.Context, b *testing.B, _ benchTimer, h string, env *harness.Env) (latencyStep, func()) {
 		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: criHandler(h)})
 		id := startSleeper(ctx, b, env, pod, "target")
 		execTrue(ctx, b, env, id)
-		ds := timedLoop(b, func(int) (time.Duration, func()) {
+		return func(int) (time.Duration, func()) {
 			start := time.Now()
 			execTrue(ctx, b, env, id)
 			return time.Since(start), func() {}
-		})
-		removePod(ctx, b, env, pod)
-		cmp.reportLatency(b, h, "ExecSync", ds)
+		}, func() { removePod(ctx, b, env, pod) }
 	})
 }
 
