@@ -49,21 +49,17 @@ func compareLatency(b *testing.B, handlers []string, what string, setup latencyS
 			return
 		}
 		withBenchEnv(b, "runc", func(rctx context.Context, renv *harness.Env) {
-			b.StopTimer()
 			ref, refDone := setup(rctx, b, noTimer{}, "runc", renv)
-			b.StartTimer()
-			var ds, refs durations
-			for i := 0; b.Loop(); i++ {
+			var refs durations
+			ds := timedLoop(b, func(i int) (time.Duration, func()) {
 				d, after := step(i)
-				b.StopTimer()
-				ds = append(ds, d)
-				after()
-				rd, rafter := ref(i)
-				refs = append(refs, rd)
-				rafter()
-				b.StartTimer()
-			}
-			b.StopTimer()
+				return d, func() {
+					after()
+					rd, rafter := ref(i)
+					refs = append(refs, rd)
+					rafter()
+				}
+			})
 			refDone()
 			done()
 			b.Logf("runc alongside %s %s: %s", h, what, refs)

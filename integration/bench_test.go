@@ -5,7 +5,8 @@ package integration
 // read the numbers. The project measures speed and memory here, as ratios to runc on the same
 // machine at the same time, and never asserts them in timed tests.
 //
-// Every benchmark that needs containerd starts one harness environment per handler and reuses
+// Every benchmark that needs containerd starts one harness environment per handler (a latency
+// benchmark's non-runc handler also a runc one to pair with, see compareLatency) and reuses
 // it for all iterations; what an iteration leaves (its pod, its container) is removed outside
 // the timer. Each iteration's duration is collected so the benchmarks report the median and
 // p90 (ms/median, ms/p90) next to Go's mean (ns/op); with -benchtime 10x that is the median
