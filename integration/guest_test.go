@@ -275,7 +275,7 @@ func TestGuestAboveFourGiB(t *testing.T) {
 	g := bootVMWith(t, ctx, stateDir, vmOptions{MemoryMiB: 3072, VCPUs: 2})
 	root := busyboxRootfs(t, g, "big")
 	spec := defaultSpec(t, "big", root, oci.WithProcessArgs("sh", "-c",
-		"grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo; grep ' / ' /proc/mounts"))
+		"grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo"))
 	stdout, stderr, code := runGuestContainer(t, ctx, g.agent, "big", spec)
 	removeGuestContainer(t, ctx, g.agent, "big")
 	if code != 0 {
