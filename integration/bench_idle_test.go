@@ -1,31 +1,28 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/metrics"
 )
 
 // idleWindow is how long BenchmarkPodIdleCPU counts an idle pod's CPU time.
 const idleWindow = 10 * time.Second
 
-// clockTick is the unit of utime and stime in /proc/<pid>/stat (USER_HZ, 100 on Linux).
-const clockTick = 10 * time.Millisecond
-
-// BenchmarkPodIdleCPU measures the host CPU one idle pod keeps using: the CPU time (user and
-// system, all threads) of the processes BenchmarkPodMemory sums, over idleWindow, as CPU
-// milliseconds per second (10 ms/s is 1% of one core). A warm-up pod pulls the image; each
-// iteration starts a pod with a busybox `sleep 3600`, lets it settle, counts, and removes it. containerd's own work (its CRI
-// polls every container's stats once a second) is the same for both handlers and not counted;
-// what that polling costs the pod's processes is. ns/op is the whole cycle and means nothing.
+// BenchmarkPodIdleCPU measures the host CPU one idle pod keeps using: the CPU time
+// (metrics.ProcCPU: user and system, every thread's) of the processes BenchmarkPodMemory sums,
+// over idleWindow, as CPU milliseconds per second (10 ms/s is 1% of one core). A warm-up pod
+// pulls the image; each iteration starts a pod with a busybox `sleep 3600`, lets it settle,
+// counts, and removes it. containerd's own work (its CRI polls every container's stats once a
+// second) is the same for both handlers and not counted; what that polling costs the pod's
+// processes is. ns/op is the whole cycle and means nothing.
 func BenchmarkPodIdleCPU(b *testing.B) {
 	compareHandlers(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
 		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
@@ -40,11 +37,7 @@ func BenchmarkPodIdleCPU(b *testing.B) {
 			}
 			before := cpuTimes(b, procs)
 			start := time.Now()
-			select {
-			case <-time.After(idleWindow):
-			case <-ctx.Done():
-				b.Fatal(ctx.Err())
-			}
+			sit(ctx, b, idleWindow)
 			after := cpuTimes(b, procs)
 			wall := time.Since(start)
 			var total time.Duration
@@ -80,66 +73,18 @@ func perSecond(cpu, wall time.Duration) float64 {
 	return float64(cpu) / float64(time.Millisecond) / wall.Seconds()
 }
 
-// cpuTimes reads the CPU time (utime + stime, every thread's, exited ones included) of each
-// of procs that still runs.
+// cpuTimes reads the CPU time of each of procs that still runs (metrics.ProcCPU).
 func cpuTimes(b *testing.B, procs []procEntry) map[int]time.Duration {
 	out := map[int]time.Duration{}
 	for _, p := range procs {
-		t, err := cpuTime(p.pid)
+		secs, err := metrics.ProcCPU("/proc", p.pid)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
 			b.Fatal(err)
 		}
-		out[p.pid] = t
+		out[p.pid] = time.Duration(secs * float64(time.Second))
 	}
 	return out
-}
-
-// cpuTime is a process's user + system CPU time from /proc/<pid>/stat.
-func cpuTime(pid int) (time.Duration, error) {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// After comm's closing parenthesis: state (field 3) ... utime (14), stime (15).
-	end := bytes.LastIndexByte(stat, ')')
-	f := strings.Fields(string(stat[end+1:]))
-	if end < 0 || len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %q has no utime and stime", pid, stat)
-	}
-	var ticks int64
-	for _, s := range f[11:13] {
-		n, err := strconv.ParseInt(s, 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
-		}
-		ticks += n
-	}
-	return time.Duration(ticks) * clockTick, nil
-}
-
-// TestCPUTime checks cpuTime against CPU this process burns: it must count it, in the right
-// unit, and not count sleep.
-func TestCPUTime(t *testing.T) {
-	before, err := cpuTime(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(300 * time.Millisecond)
-	spin := time.Now()
-	x := 0
-	for time.Since(spin) < 300*time.Millisecond {
-		x++
-	}
-	after, err := cpuTime(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	// At most the 300 ms of spinning (and a tick): the sleep is not CPU time; at least a
-	// sixth of it, however loaded the machine.
-	if d := after - before; d < 50*time.Millisecond || d > 300*time.Millisecond+clockTick {
-		t.Fatalf("cpuTime grew by %v over 300 ms asleep and 300 ms spinning (%d loops), want 50..310 ms", d, x)
-	}
 }
