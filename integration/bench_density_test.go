@@ -51,9 +51,12 @@ func BenchmarkPodMemoryMarginal(b *testing.B) {
 }
 
 // settle lets started pods sit idle (start-up work and page-ins finish) before a measurement.
-func settle(ctx context.Context, b *testing.B) {
+func settle(ctx context.Context, b *testing.B) { sit(ctx, b, podSettle) }
+
+// sit waits d, failing b if ctx ends first.
+func sit(ctx context.Context, b *testing.B, d time.Duration) {
 	select {
-	case <-time.After(podSettle):
+	case <-time.After(d):
 	case <-ctx.Done():
 		b.Fatal(ctx.Err())
 	}

@@ -117,11 +117,7 @@ func BenchmarkPodMemory(b *testing.B) {
 		for i := 0; b.Loop(); i++ {
 			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("mem-%d", i))
 			startSleeper(ctx, b, env, pod, "sleep")
-			select { // idle: let start-up work and page-ins finish
-			case <-time.After(podSettle):
-			case <-ctx.Done():
-				b.Fatal(ctx.Err())
-			}
+			settle(ctx, b)
 			procs, err := podProcesses(env, pod.ID)
 			if err != nil {
 				b.Fatal(err)

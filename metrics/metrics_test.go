@@ -192,3 +192,27 @@ func names(fams []*dto.MetricFamily) []string {
 	}
 	return out
 }
+
+// TestProcCPUOfThisProcess checks ProcCPU against CPU this process burns: it must count it,
+// in seconds, and not count sleep.
+func TestProcCPUOfThisProcess(t *testing.T) {
+	before, err := ProcCPU("/proc", os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	spin := time.Now()
+	n := 0
+	for time.Since(spin) < 300*time.Millisecond {
+		n++
+	}
+	after, err := ProcCPU("/proc", os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// At most the 300 ms of spinning and a tick: the sleep is not CPU time; at least a sixth
+	// of it, however loaded the machine.
+	if d := after - before; d < 0.05 || d > 0.31 {
+		t.Fatalf("ProcCPU grew by %.3f s over 300 ms asleep and 300 ms spinning (%d loops), want 0.05..0.31 s", d, n)
+	}
+}

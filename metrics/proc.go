@@ -14,8 +14,9 @@ import (
 // architecture podvm runs on.
 const clockTicks = 100
 
-// procCPU returns the CPU time (user + system) /proc/<pid>/stat gives for pid, in seconds.
-func procCPU(procRoot string, pid int) (float64, error) {
+// ProcCPU returns the CPU time (user + system, every thread's, exited ones included)
+// <procRoot>/<pid>/stat gives for pid, in seconds; its unit is the clock tick (10 ms).
+func ProcCPU(procRoot string, pid int) (float64, error) {
 	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
 	if err != nil {
 		return 0, err

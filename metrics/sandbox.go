@@ -243,7 +243,7 @@ func (c *procCollector) Collect(ch chan<- prometheus.Metric) {
 		if name == "qemu" {
 			ch <- prometheus.MustNewConstMetric(guestMemDesc, prometheus.GaugeValue, float64(m.Shmem))
 		}
-		if cpu, err := procCPU(c.procRoot, pid); err == nil {
+		if cpu, err := ProcCPU(c.procRoot, pid); err == nil {
 			ch <- prometheus.MustNewConstMetric(cpuDesc, prometheus.CounterValue, cpu, name)
 		}
 	}
