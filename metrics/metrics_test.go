@@ -210,9 +210,10 @@ func TestProcCPUOfThisProcess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// At most the 300 ms of spinning and a tick: the sleep is not CPU time; at least a sixth
-	// of it, however loaded the machine.
-	if d := after - before; d < 0.05 || d > 0.31 {
-		t.Fatalf("ProcCPU grew by %.3f s over 300 ms asleep and 300 ms spinning (%d loops), want 0.05..0.31 s", d, n)
+	// The spinning and what the runtime's other threads did meanwhile, but not the sleep
+	// (that would make it 0.6 s or more); at least a sixth of the spinning, however loaded
+	// the machine.
+	if d := after - before; d < 0.05 || d > 0.45 {
+		t.Fatalf("ProcCPU grew by %.3f s over 300 ms asleep and 300 ms spinning (%d loops), want 0.05..0.45 s", d, n)
 	}
 }
