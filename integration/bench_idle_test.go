@@ -28,13 +28,7 @@ func BenchmarkPodIdleCPU(b *testing.B) {
 		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
 		var rates []float64
 		for i := 0; b.Loop(); i++ {
-			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("idle-%d", i))
-			startSleeper(ctx, b, env, pod, "sleep")
-			settle(ctx, b)
-			procs, err := podProcesses(env, pod.ID)
-			if err != nil {
-				b.Fatal(err)
-			}
+			pod, procs := startIdlePod(ctx, b, env, h, fmt.Sprintf("idle-%d", i))
 			before := cpuTimes(b, procs)
 			start := time.Now()
 			sit(ctx, b, idleWindow)
@@ -57,14 +51,7 @@ func BenchmarkPodIdleCPU(b *testing.B) {
 			rates = append(rates, perSecond(total, wall))
 			removePod(ctx, b, env, pod)
 		}
-		med, hi := quantile(rates, 0.5), quantile(rates, 1)
-		b.Logf("%s idle pod CPU: %.1f ms/s", h, rates)
-		b.ReportMetric(med, "cpu-ms/s-median")
-		b.ReportMetric(hi, "cpu-ms/s-max")
-		cmp.set(h, "idle pod CPU median", "CPU ms/s", med)
-		if r, ok := cmp.ratio("idle pod CPU median", h); ok && h != "runc" {
-			b.ReportMetric(r, "x-runc")
-		}
+		cmp.reportAmounts(b, h, "idle pod CPU", "cpu-ms/s", rates)
 	})
 }
 

@@ -115,13 +115,7 @@ func BenchmarkPodMemory(b *testing.B) {
 		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
 		var mibs []float64
 		for i := 0; b.Loop(); i++ {
-			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("mem-%d", i))
-			startSleeper(ctx, b, env, pod, "sleep")
-			settle(ctx, b)
-			procs, err := podProcesses(env, pod.ID)
-			if err != nil {
-				b.Fatal(err)
-			}
+			pod, procs := startIdlePod(ctx, b, env, h, fmt.Sprintf("mem-%d", i))
 			total := 0.0
 			for _, p := range procs {
 				total += p.pssMiB
@@ -139,6 +133,19 @@ func BenchmarkPodMemory(b *testing.B) {
 
 // podSettle is how long BenchmarkPodMemory lets a started pod sit before measuring it.
 const podSettle = 3 * time.Second
+
+// startIdlePod starts pod name for handler h with a busybox `sleep 3600`, lets it settle, and
+// returns it with its host processes (podProcesses), for the benchmarks of an idle pod's cost.
+func startIdlePod(ctx context.Context, b *testing.B, env *harness.Env, h, name string) (*harness.Pod, []procEntry) {
+	pod := runPod(ctx, b, env, criHandler(h), name)
+	startSleeper(ctx, b, env, pod, "sleep")
+	settle(ctx, b)
+	procs, err := podProcesses(env, pod.ID)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return pod, procs
+}
 
 // compareHandlers runs fn as a sub-benchmark per handler of benchHandlers (runc first), each
 // in withBenchEnv, then logs what they reported to cmp as one table.
@@ -559,12 +566,18 @@ func (c *comparison) reportMemory(b *testing.B, handler string, mibs []float64) 
 
 // reportMemoryAs reports a memory metric (MiB samples) under the name what.
 func (c *comparison) reportMemoryAs(b *testing.B, handler, what string, mibs []float64) {
-	med, hi := quantile(mibs, 0.5), quantile(mibs, 1)
-	b.Logf("%s %s: %.1f MiB", handler, what, mibs)
-	b.ReportMetric(med, "MiB/median")
-	b.ReportMetric(hi, "MiB/max")
-	c.set(handler, what+" median", "MiB", med)
-	c.set(handler, what+" max", "MiB", hi)
+	c.reportAmounts(b, handler, what, "MiB", mibs)
+}
+
+// reportAmounts reports samples xs of an amount in unit (memory, CPU time per second) under
+// the name what: their median and maximum, and the median's ratio to runc's.
+func (c *comparison) reportAmounts(b *testing.B, handler, what, unit string, xs []float64) {
+	med, hi := quantile(xs, 0.5), quantile(xs, 1)
+	b.Logf("%s %s: %.1f %s", handler, what, xs, unit)
+	b.ReportMetric(med, unit+"/median")
+	b.ReportMetric(hi, unit+"/max")
+	c.set(handler, what+" median", unit, med)
+	c.set(handler, what+" max", unit, hi)
 	if r, ok := c.ratio(what+" median", handler); ok && handler != "runc" {
 		b.ReportMetric(r, "x-runc")
 	}
