@@ -278,7 +278,8 @@ func countQEMU(t *testing.T, podID string) int {
 }
 
 // TestPodvmRejectsBadAnnotations checks that a pod with an invalid size annotation fails
-// RunPodSandbox with a message naming the annotation, and leaves nothing behind.
+// RunPodSandbox with a message naming the annotation, and leaves nothing behind; and that a
+// valid size is the guest's, with a clock fit for several vCPUs.
 func TestPodvmRejectsBadAnnotations(t *testing.T) {
 	env, ctx := podvmTest(t, 5*time.Minute, "memory", "vcpus")
 	for _, c := range []struct{ key, value string }{
@@ -301,6 +302,12 @@ func TestPodvmRejectsBadAnnotations(t *testing.T) {
 	id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
 	if n := sh(t, ctx, env, id, "grep -c ^processor /proc/cpuinfo"); n != "2" {
 		t.Errorf("guest has %s vCPUs, want 2", n)
+	}
+	// With several vCPUs under TCG the kernel would doubt its TSCs and fall back to the
+	// jiffies clocksource: 4 ms steps, no high-resolution timers, a tick every 4 ms on
+	// every vCPU even when idle.
+	if cs := sh(t, ctx, env, id, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource"); strings.Contains(cs, "jiffies") {
+		t.Errorf("a 2-vCPU guest keeps time on the %s clocksource, want its TSC (or kvm-clock)", cs)
 	}
 	memKiB := sh(t, ctx, env, id, "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
 	var kib int

@@ -495,6 +495,16 @@ func (c *Config) KernelCmdline() string {
 		// translations, and the pass took ~0.1 s of boot (docs/kernel.md). The prefixes
 		// stay: on one vCPU they cost TCG next to nothing.
 		params = append(params, "noreplace-smp")
+		if c.VCPUs > 1 {
+			// TCG's CPU models have no invariant TSC and say they are AMD's, and a kernel
+			// assumes an AMD machine with several CPUs and no invariant TSC has unsynchronized
+			// TSCs, without testing them: it marks the TSC unstable and keeps time on the
+			// jiffies clocksource, so no high-resolution timers and no idle ticks off (a
+			// 2-vCPU idle pod burnt 4-5x the CPU of a 1-vCPU one; docs/kernel.md). QEMU
+			// derives every vCPU's TSC from one host clock: told to say Intel, where the
+			// kernel does test them at CPU bring-up, the guest found no warp.
+			params = append(params, "tsc=reliable")
+		}
 	}
 	return strings.Join(append(params, c.KernelParams...), " ")
 }

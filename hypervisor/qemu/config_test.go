@@ -61,7 +61,7 @@ var argsTests = []struct {
 			"-runas 2000131047:2000131047", "-chroot /run/podvm/pod1/root",
 			"-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
 		},
-		notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev", "console.log"},
+		notWant: []string{"vhost-vsock", "vhost-user-fs", "-cpu", "kvm", "hp2", "netdev", "console.log", "tsc=reliable"},
 	},
 	{
 		name: "kvm vsock debug sized",
@@ -135,6 +135,19 @@ var argsTests = []struct {
 		want: []string{
 			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 acpi=off quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp",
 		},
+	},
+	{
+		name: "tcg with several vCPUs trusts their TSCs",
+		mod:  func(c *Config) { c.VCPUs = 2 },
+		want: []string{
+			"-smp 2",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 acpi=off quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp tsc=reliable",
+		},
+	},
+	{
+		name:    "kvm with several vCPUs leaves the TSC to the kernel",
+		mod:     func(c *Config) { c.Accel, c.VCPUs, c.Firmware = AccelKVM, 2, "" },
+		notWant: []string{"tsc=reliable"},
 	},
 	{
 		name:    "kvm ignores the tsc frequency",

@@ -29,7 +29,8 @@ const (
 
 // hostDependent are defaults Default computes from the host: the page says how.
 var hostDependent = map[string]string{
-	"sandbox.max_vcpus": "the host's CPU count, at most 255",
+	"sandbox.default_vcpus": "2, or max_vcpus if that is lower",
+	"sandbox.max_vcpus":     "the host's CPU count, at most 255",
 }
 
 // Generate returns every page, by path relative to repoRoot, whose Go sources it reads for

@@ -6,10 +6,12 @@ import (
 	"testing"
 )
 
-// testConfig is a node with 2 vCPUs and 4Gi at most, loaded from file, allowing allowed.
+// testConfig is a node with 1 vCPU by default, 2 vCPUs and 4Gi at most, loaded from file,
+// allowing allowed.
 func testConfig(allowed ...string) *Config {
 	c := Default()
 	c.Path = file
+	c.Sandbox.DefaultVCPUs = 1
 	c.Sandbox.MaxVCPUs = 2
 	c.Sandbox.MaxMemory = 4 * GiB
 	c.Annotations.Allowed = append([]string{}, allowed...)

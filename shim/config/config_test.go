@@ -140,6 +140,32 @@ max_disk_size = "1Ti"
 	}
 }
 
+// TestDefaultVCPUs: a file that leaves default_vcpus out gets 2, or max_vcpus if that is
+// lower, so that lowering max_vcpus alone never makes a config invalid; one that sets it
+// gets what it says.
+func TestDefaultVCPUs(t *testing.T) {
+	for _, tt := range []struct {
+		data string
+		want int
+	}{
+		{"[sandbox]\nmax_vcpus = 8\n", 2},
+		{"[sandbox]\nmax_vcpus = 1\n", 1},
+		{"[sandbox]\ndefault_vcpus = 1\nmax_vcpus = 8\n", 1},
+		{"[sandbox]\ndefault_vcpus = 3\nmax_vcpus = 4\n", 3},
+	} {
+		c, err := Parse([]byte(tt.data), file)
+		if err != nil {
+			t.Fatalf("%q: %v", tt.data, err)
+		}
+		if c.Sandbox.DefaultVCPUs != tt.want {
+			t.Errorf("%q: default_vcpus %d, want %d", tt.data, c.Sandbox.DefaultVCPUs, tt.want)
+		}
+	}
+	if got, want := Default().Sandbox.DefaultVCPUs, min(DefaultVCPUs, runtime.NumCPU()); got != want {
+		t.Errorf("built-in default_vcpus %d on a %d-CPU host, want %d", got, runtime.NumCPU(), want)
+	}
+}
+
 // parseErrorTest is a config (data) that Parse must refuse with the error want.
 type parseErrorTest struct {
 	name, data, want string
@@ -222,6 +248,8 @@ func TestParseValueErrors(t *testing.T) {
 			`podvm config /etc/podvm/config.toml: hypervisor.uid_base/uid_count = "4294967000/1000": uid range 4294967000..4294967999: ends above 4294967294 (the largest uid); lower the base or the count; use e.g. uid_base = 2000000000 and uid_count = 1048576`},
 		{"hotplug slots", "[hypervisor]\nhotplug_slots = 31\n",
 			`podvm config /etc/podvm/config.toml: hypervisor.hotplug_slots = 31: must be between 0 and 30; use e.g. hotplug_slots = 2`},
+		{"no default vcpus", "[sandbox]\ndefault_vcpus = 0\n",
+			`podvm config /etc/podvm/config.toml: sandbox.default_vcpus = 0: must be at least 1; use e.g. default_vcpus = 1`},
 		{"default vcpus over max", "[sandbox]\ndefault_vcpus = 4\nmax_vcpus = 2\n",
 			`podvm config /etc/podvm/config.toml: sandbox.default_vcpus = 4: more than max_vcpus = 2; use e.g. default_vcpus = 1`},
 		{"default memory over max", "[sandbox]\ndefault_memory = \"2Gi\"\nmax_memory = \"1Gi\"\n",
