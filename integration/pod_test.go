@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -279,7 +281,7 @@ func countQEMU(t *testing.T, podID string) int {
 
 // TestPodvmRejectsBadAnnotations checks that a pod with an invalid size annotation fails
 // RunPodSandbox with a message naming the annotation, and leaves nothing behind; and that a
-// valid size is the guest's, with a clock fit for several vCPUs.
+// valid size (here other than the defaults) is the guest's.
 func TestPodvmRejectsBadAnnotations(t *testing.T) {
 	env, ctx := podvmTest(t, 5*time.Minute, "memory", "vcpus")
 	for _, c := range []struct{ key, value string }{
@@ -298,16 +300,10 @@ func TestPodvmRejectsBadAnnotations(t *testing.T) {
 	}
 	// An allowed, valid size is used.
 	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "sized", Namespace: "it", Handler: "podvm",
-		Annotations: map[string]string{"podvm.io/memory": "384Mi", "podvm.io/vcpus": "2"}})
+		Annotations: map[string]string{"podvm.io/memory": "384Mi", "podvm.io/vcpus": "1"}})
 	id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
-	if n := sh(t, ctx, env, id, "grep -c ^processor /proc/cpuinfo"); n != "2" {
-		t.Errorf("guest has %s vCPUs, want 2", n)
-	}
-	// With several vCPUs under TCG the kernel would doubt its TSCs and fall back to the
-	// jiffies clocksource: 4 ms steps, no high-resolution timers, a tick every 4 ms on
-	// every vCPU even when idle.
-	if cs := sh(t, ctx, env, id, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource"); strings.Contains(cs, "jiffies") {
-		t.Errorf("a 2-vCPU guest keeps time on the %s clocksource, want its TSC (or kvm-clock)", cs)
+	if n := sh(t, ctx, env, id, "grep -c ^processor /proc/cpuinfo"); n != "1" {
+		t.Errorf("guest has %s vCPUs, want 1", n)
 	}
 	memKiB := sh(t, ctx, env, id, "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
 	var kib int
@@ -317,6 +313,35 @@ func TestPodvmRejectsBadAnnotations(t *testing.T) {
 	if kib < 300<<10 || kib > 384<<10 {
 		t.Errorf("guest MemTotal %d KiB, want a little under 384 MiB", kib)
 	}
+	env.AssertNoLeaks(t)
+}
+
+// TestPodvmDefaultSize: a pod that says nothing about its size gets 2 vCPUs (or the host's
+// CPU count, if lower) and 512Mi; and a guest with several vCPUs keeps time on its TSC. Under
+// TCG the kernel would otherwise doubt its TSCs and fall back to the jiffies clocksource: 4 ms
+// steps, no high-resolution timers, a tick every 4 ms on every vCPU even when idle.
+func TestPodvmDefaultSize(t *testing.T) {
+	env, ctx := podvmTest(t, 5*time.Minute)
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "default", Namespace: "it", Handler: "podvm"})
+	id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
+	want := min(2, runtime.NumCPU())
+	n := sh(t, ctx, env, id, "grep -c ^processor /proc/cpuinfo")
+	if n != strconv.Itoa(want) {
+		t.Errorf("guest has %s vCPUs, want %d", n, want)
+	}
+	memKiB := sh(t, ctx, env, id, "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
+	var kib int
+	if _, err := fmt.Sscan(memKiB, &kib); err != nil {
+		t.Fatalf("MemTotal %q: %v", memKiB, err)
+	}
+	if kib < 400<<10 || kib > 512<<10 {
+		t.Errorf("guest MemTotal %d KiB, want a little under 512 MiB", kib)
+	}
+	cs := sh(t, ctx, env, id, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource")
+	if want > 1 && strings.Contains(cs, "jiffies") {
+		t.Errorf("a %d-vCPU guest keeps time on the %s clocksource, want its TSC (or kvm-clock)", want, cs)
+	}
+	t.Logf("%s vCPUs, MemTotal %d KiB, clocksource %s", n, kib, cs)
 	env.AssertNoLeaks(t)
 }
 
