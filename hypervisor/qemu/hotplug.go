@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
@@ -295,13 +297,35 @@ func (v *VM) unplug(ctx context.Context, id string) error {
 		}
 		p.devGone = true
 	}
-	if err := mon.Execute(ctx, "blockdev-del", map[string]any{"node-name": p.node}, nil); err != nil {
+	if err := blockdevDel(ctx, mon, p.node); err != nil {
 		return err
 	}
 	v.removeFdset(ctx, mon, p.fdset)
 	v.slots[p.slot] = ""
 	delete(v.plugged, id)
 	return nil
+}
+
+// blockdevInUseRetry is how often blockdev-del is tried again while QEMU says the node is in use.
+const blockdevInUseRetry = 10 * time.Millisecond
+
+// blockdevDel deletes block node node. QEMU 7.2 under TCG with two vCPUs has answered
+// "Node ... is in use" right after the DEVICE_DELETED of the disk on it (once in a CI run: the
+// container's removal then left the host device open in QEMU until the pod stopped), so that
+// answer is retried until the node goes or ctx ends.
+func blockdevDel(ctx context.Context, mon qmp.Monitor, node string) error {
+	for {
+		err := mon.Execute(ctx, "blockdev-del", map[string]any{"node-name": node}, nil)
+		var qe *qmp.Error
+		if err == nil || !errors.As(err, &qe) || !strings.Contains(qe.Desc, "is in use") {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w; gave up: %w", err, ctx.Err())
+		case <-time.After(blockdevInUseRetry):
+		}
+	}
 }
 
 func (v *VM) expectDeleted(dev string) chan struct{} {

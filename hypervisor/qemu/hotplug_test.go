@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -281,6 +282,35 @@ func TestUnplugTimeoutThenRetry(t *testing.T) {
 	}
 	if cmds := mon.Commands(); cmds[len(cmds)-2] != "blockdev-del" || cmds[len(cmds)-1] != "remove-fd" {
 		t.Fatalf("commands %v", cmds)
+	}
+}
+
+// TestUnplugNodeStillInUse: QEMU may still hold the disk's node for a moment after its
+// DEVICE_DELETED; Unplug tries blockdev-del again until the node goes, and gives up with
+// QEMU's answer when ctx ends.
+func TestUnplugNodeStillInUse(t *testing.T) {
+	inUse := &qmp.Error{Cmd: "blockdev-del", Class: "GenericError", Desc: "Node hp0-drive is in use"}
+	v, mon := vmWithDisk(t)
+	autoDelete(mon)
+	mon.QueueReply("blockdev-del", nil, inUse)
+	mon.QueueReply("blockdev-del", nil, inUse)
+	if err := v.Unplug(context.Background(), "d"); err != nil {
+		t.Fatal(err)
+	}
+	if cmds := mon.Commands(); !slices.Equal(cmds[len(cmds)-5:], []string{"device_del", "blockdev-del", "blockdev-del", "blockdev-del", "remove-fd"}) {
+		t.Fatalf("commands %v", cmds)
+	}
+
+	v, mon = vmWithDisk(t)
+	autoDelete(mon)
+	mon.SetReply("blockdev-del", nil, inUse)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := v.Unplug(ctx, "d"); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "is in use") {
+		t.Fatalf("Unplug of a node that stays in use: %v", err)
+	}
+	if cmds := mon.Commands(); slices.Contains(cmds, "remove-fd") {
+		t.Fatalf("the fdset went while its node stayed: %v", cmds)
 	}
 }
 
