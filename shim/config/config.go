@@ -211,6 +211,7 @@ func (c *Config) TemplateDir() string {
 // Default returns the built-in configuration. MaxVCPUs is the host's CPU count, and
 // DefaultVCPUs 2 or that count if lower.
 func Default() *Config {
+	maxVCPUs := min(runtime.NumCPU(), MaxVCPUsLimit)
 	return &Config{
 		Hypervisor: Hypervisor{
 			Kind:     DefaultKind,
@@ -226,9 +227,9 @@ func Default() *Config {
 			UIDCount:     hypervisor.DefaultUIDCount,
 		},
 		Sandbox: Sandbox{
-			DefaultVCPUs:      min(DefaultVCPUs, runtime.NumCPU()),
+			DefaultVCPUs:      defaultVCPUs(maxVCPUs),
 			DefaultMemory:     512 * MiB,
-			MaxVCPUs:          min(runtime.NumCPU(), MaxVCPUsLimit),
+			MaxVCPUs:          maxVCPUs,
 			MaxMemory:         16 * GiB,
 			MemoryOverhead:    256 * MiB,
 			StateDir:          "/run/podvm",
@@ -289,7 +290,7 @@ func Parse(data []byte, name string) (*Config, error) {
 	h.bootFrom()
 	if c.Sandbox.DefaultVCPUs == unsetVCPUs {
 		// A node that lowers max_vcpus below the default need not lower default_vcpus too.
-		c.Sandbox.DefaultVCPUs = max(min(DefaultVCPUs, c.Sandbox.MaxVCPUs), 1)
+		c.Sandbox.DefaultVCPUs = defaultVCPUs(c.Sandbox.MaxVCPUs)
 	}
 	if err := c.Validate(); err != nil {
 		return nil, err
@@ -302,6 +303,10 @@ const unset = "\x00unset"
 
 // unsetVCPUs marks sandbox.default_vcpus unset while Parse decodes: no file says it.
 const unsetVCPUs = math.MinInt
+
+// defaultVCPUs is sandbox.default_vcpus on a node that does not set it: DefaultVCPUs, or
+// maxVCPUs if lower (at least 1: an invalid max_vcpus is reported as such).
+func defaultVCPUs(maxVCPUs int) int { return max(min(DefaultVCPUs, maxVCPUs), 1) }
 
 // bootFrom fills in image and initrd where the file leaves them out. A file that names
 // initrd but not image (a node booting Debian's kernel, or one configured before root images)
