@@ -159,21 +159,36 @@ func checkRestricted(t *testing.T, ctx context.Context, env *harness.Env, id str
 	}
 }
 
-// checkStatsAndUpdate: stats, as kubelet's and crictl's come from the runtime, and a live
-// resource update.
+// checkStatsAndUpdate: stats, as kubelet's and crictl's come from the runtime, that follow
+// what the container does, and a live resource update.
 func checkStatsAndUpdate(t *testing.T, ctx context.Context, env *harness.Env, id string) {
 	t.Helper()
-	sctx, scancel := context.WithTimeout(ctx, time.Minute)
-	stats, err := env.Runtime.ContainerStats(sctx, id)
-	scancel()
-	if err != nil {
-		t.Errorf("ContainerStats: %v", err)
-	} else if stats.GetMemory().GetWorkingSetBytes().GetValue() == 0 || stats.GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
+	stats := func() *runtimeapi.ContainerStats {
+		sctx, scancel := context.WithTimeout(ctx, time.Minute)
+		defer scancel()
+		s, err := env.Runtime.ContainerStats(sctx, id)
+		if err != nil {
+			t.Errorf("ContainerStats: %v", err)
+			return nil
+		}
+		return s
+	}
+	before := stats()
+	if before.GetMemory().GetWorkingSetBytes().GetValue() == 0 || before.GetCpu().GetUsageCoreNanoSeconds().GetValue() == 0 {
 		t.Errorf("ContainerStats: memory working set %d, CPU %d ns; want both non-zero",
-			stats.GetMemory().GetWorkingSetBytes().GetValue(), stats.GetCpu().GetUsageCoreNanoSeconds().GetValue())
+			before.GetMemory().GetWorkingSetBytes().GetValue(), before.GetCpu().GetUsageCoreNanoSeconds().GetValue())
+	}
+	// Work in the container must show in the next stats: CPU time and page faults grow.
+	sh(t, ctx, env, id, "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done")
+	after := stats()
+	if after.GetCpu().GetUsageCoreNanoSeconds().GetValue() <= before.GetCpu().GetUsageCoreNanoSeconds().GetValue() ||
+		after.GetMemory().GetPageFaults().GetValue() <= before.GetMemory().GetPageFaults().GetValue() {
+		t.Errorf("ContainerStats after an exec that worked: CPU %d ns -> %d ns, page faults %d -> %d; want both to grow",
+			before.GetCpu().GetUsageCoreNanoSeconds().GetValue(), after.GetCpu().GetUsageCoreNanoSeconds().GetValue(),
+			before.GetMemory().GetPageFaults().GetValue(), after.GetMemory().GetPageFaults().GetValue())
 	}
 	uctx, ucancel := context.WithTimeout(ctx, time.Minute)
-	err = env.Runtime.UpdateContainerResources(uctx, id, &runtimeapi.ContainerResources{Linux: &runtimeapi.LinuxContainerResources{
+	err := env.Runtime.UpdateContainerResources(uctx, id, &runtimeapi.ContainerResources{Linux: &runtimeapi.LinuxContainerResources{
 		MemoryLimitInBytes: 96 << 20, CpuQuota: 50000, CpuPeriod: 100000}})
 	ucancel()
 	if err != nil {

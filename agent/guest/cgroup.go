@@ -2,6 +2,7 @@ package guest
 
 import (
 	"fmt"
+	"path/filepath"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
 	cgroupstats "github.com/containerd/cgroups/v3/cgroup2/stats"
@@ -15,8 +16,16 @@ import (
 type guestCgroup struct {
 	id string
 	// path is relative to /sys/fs/cgroup.
-	path string
+	path  string
+	stats *cgroupStats
 }
+
+func newGuestCgroup(id, path string) guestCgroup {
+	return guestCgroup{id: id, path: path, stats: newCgroupStats(filepath.Join(cgroupRoot, path))}
+}
+
+// cgroupRoot is where the guest's cgroup v2 hierarchy is mounted.
+const cgroupRoot = "/sys/fs/cgroup"
 
 func (c *guestCgroup) SignalAll(sig unix.Signal) error {
 	m, err := c.cgroupManager()
@@ -44,13 +53,17 @@ func (c *guestCgroup) Update(r *specs.LinuxResources) error {
 	return m.Update(cgroup2.ToResources(r))
 }
 
+// Stats reads the cgroup's statistics through descriptors kept open until closeStats.
 func (c *guestCgroup) Stats() (*cgroupstats.Metrics, error) {
-	m, err := c.cgroupManager()
+	m, err := c.stats.Read()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("container %s: %w", c.id, err)
 	}
-	return m.Stat()
+	return m, nil
 }
+
+// closeStats closes what Stats keeps open; Destroy calls it before the cgroup goes.
+func (c *guestCgroup) closeStats() { c.stats.Close() }
 
 // WatchOOM follows the oom_kill count of the cgroup's memory.events.
 func (c *guestCgroup) WatchOOM(onOOM func()) error {

@@ -93,7 +93,7 @@ func holdNamespaces(r libcontainerRuntime, id string, spec *specs.Spec, init *pr
 		_ = cg.Delete()
 		return nil, nil, fmt.Errorf("pod sandbox %s: %w", id, err)
 	}
-	h := &holder{guestCgroup: guestCgroup{id: id, path: spec.Linux.CgroupsPath}, proc: proc}
+	h := &holder{guestCgroup: newGuestCgroup(id, spec.Linux.CgroupsPath), proc: proc}
 	return h, h, nil
 }
 
@@ -106,7 +106,7 @@ func newHolderCgroup(id string, spec *specs.Spec) (*cgroup2.Manager, error) {
 		rc.Devices = nil
 		res = cgroup2.ToResources(&rc)
 	}
-	m, err := cgroup2.NewManager("/sys/fs/cgroup", spec.Linux.CgroupsPath, res)
+	m, err := cgroup2.NewManager(cgroupRoot, spec.Linux.CgroupsPath, res)
 	if err != nil {
 		return nil, fmt.Errorf("pod sandbox %s: cgroup %s: %w", id, spec.Linux.CgroupsPath, err)
 	}
@@ -117,7 +117,7 @@ func newHolderCgroup(id string, spec *specs.Spec) (*cgroup2.Manager, error) {
 // (CLONE_INTO_CGROUP: no move after the fact). The holder is C code that runs before the Go
 // runtime (cmd/podvm-agent/hold.go): it has nothing to set up and nothing to report.
 func startHolder(flags uintptr, cgroupPath string, init *procConfig) (*os.Process, error) {
-	cgDir, err := os.Open(filepath.Join("/sys/fs/cgroup", cgroupPath))
+	cgDir, err := os.Open(filepath.Join(cgroupRoot, cgroupPath))
 	if err != nil {
 		return nil, fmt.Errorf("cgroup: %w", err)
 	}
@@ -236,6 +236,7 @@ func (h *holder) Resume() error {
 
 // Destroy removes the cgroup; the holder has exited.
 func (h *holder) Destroy() error {
+	h.closeStats()
 	m, err := h.cgroupManager()
 	if err != nil {
 		return err

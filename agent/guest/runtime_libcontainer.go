@@ -60,7 +60,7 @@ func (r libcontainerRuntime) createContainer(id string, spec *specs.Spec, init *
 		_ = lc.Destroy()
 		return nil, nil, fmt.Errorf("create: %w", typed(err))
 	}
-	return &lcContainer{guestCgroup: guestCgroup{id: id, path: spec.Linux.CgroupsPath}, lc: lc}, lcProcess{lp}, nil
+	return &lcContainer{guestCgroup: newGuestCgroup(id, spec.Linux.CgroupsPath), lc: lc}, lcProcess{lp}, nil
 }
 
 func (c *lcContainer) Start() error { return typed(c.lc.Exec()) }
@@ -83,9 +83,12 @@ func (c *lcContainer) Processes() ([]int, error) {
 	return pids, typed(err)
 }
 
-func (c *lcContainer) Pause() error   { return typed(c.lc.Pause()) }
-func (c *lcContainer) Resume() error  { return typed(c.lc.Resume()) }
-func (c *lcContainer) Destroy() error { return typed(c.lc.Destroy()) }
+func (c *lcContainer) Pause() error  { return typed(c.lc.Pause()) }
+func (c *lcContainer) Resume() error { return typed(c.lc.Resume()) }
+func (c *lcContainer) Destroy() error {
+	c.closeStats()
+	return typed(c.lc.Destroy())
+}
 
 // typed adds the errdefs class to libcontainer's state errors, so the host can tell "not
 // running" from "failed".
