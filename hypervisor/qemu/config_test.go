@@ -145,9 +145,16 @@ var argsTests = []struct {
 		},
 	},
 	{
+		name: "tcg with several vCPUs told the tsc frequency presets their delay loops",
+		mod:  func(c *Config) { c.VCPUs, c.TSCkHz = 2, 2095971 },
+		want: []string{
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 acpi=off quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp tsc=reliable lpj=8383884",
+		},
+	},
+	{
 		name:    "kvm with several vCPUs leaves the TSC to the kernel",
-		mod:     func(c *Config) { c.Accel, c.VCPUs, c.Firmware = AccelKVM, 2, "" },
-		notWant: []string{"tsc=reliable"},
+		mod:     func(c *Config) { c.Accel, c.VCPUs, c.TSCkHz, c.Firmware = AccelKVM, 2, 2095971, "" },
+		notWant: []string{"tsc=reliable", "lpj="},
 	},
 	{
 		name:    "kvm ignores the tsc frequency",
