@@ -499,6 +499,10 @@ func (c *Config) KernelCmdline() string {
 		// translations, and the pass took ~0.1 s of boot (docs/kernel.md). The prefixes
 		// stay: on one vCPU they cost TCG next to nothing.
 		params = append(params, "noreplace-smp")
+		// The kernel checks that the I/O APIC delivers the timer's interrupt by waiting for
+		// several ticks through it (~20 ms under TCG); QEMU's does, and the local APIC
+		// timer takes over the ticks right after. Kata passes it to every guest.
+		params = append(params, "no_timer_check")
 		if c.VCPUs > 1 {
 			// TCG's CPU models have no invariant TSC and say they are AMD's, and a kernel
 			// assumes an AMD machine with several CPUs and no invariant TSC has unsynchronized
