@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -39,6 +40,7 @@ import (
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
 	"github.com/podvm/podvm/internal/logfile"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // benchHandlers are the runtime handlers compared, runc first: it is the baseline the ratios
@@ -185,8 +187,9 @@ func timedLoop(b *testing.B, step func(i int) (time.Duration, func())) durations
 }
 
 // BenchmarkBootToAgentReady measures the VM alone, without containerd or the shim: from
-// starting virtiofsd and QEMU (the same VM bootVM makes: 1 vCPU, 512 MiB, virtio-fs share,
-// virtio-serial agent) until the agent answers Version. It also reports the guest's own
+// starting virtiofsd and QEMU (the VM bootVM makes, with a default pod's vCPUs: 2, or the
+// host's CPU count if lower; 512 MiB, virtio-fs share, virtio-serial agent) until the agent
+// answers Version. It also reports the guest's own
 // kernel-start-to-agent-serving time from that reply (guest-ms/median); the difference is
 // QEMU start, firmware and kernel decompression as seen from the host. Stopping the VM is
 // outside the timer.
@@ -249,7 +252,9 @@ func (v *benchVM) boot(i int) (time.Duration, time.Duration) {
 	if err := os.MkdirAll(shared, 0o755); err != nil {
 		b.Fatal(err)
 	}
-	vm, err := qemu.New(v.ctx, testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.rootImage))
+	cfg := testVMConfig("bench-"+strconv.Itoa(i), stateDir, shared, v.kernel, v.rootImage)
+	cfg.VCPUs = min(config.DefaultVCPUs, runtime.NumCPU())
+	vm, err := qemu.New(v.ctx, cfg)
 	if err != nil {
 		b.Fatal(err)
 	}

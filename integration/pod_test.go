@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -354,8 +355,43 @@ func TestPodvmDefaultSize(t *testing.T) {
 	if want > 1 && strings.Contains(cs, "jiffies") {
 		t.Errorf("a %d-vCPU guest keeps time on the %s clocksource, want its TSC (or kvm-clock)", want, cs)
 	}
+	checkDelayLoops(t, ctx, env, id)
 	t.Logf("%s vCPUs, clocksource %s", n, cs)
 	env.AssertNoLeaks(t)
+}
+
+// checkDelayLoops: every vCPU's delay loop agrees with its TSC, as udelay counts TSC cycles:
+// BogoMIPS (loops per jiffy * HZ / 500000) is twice the CPU's MHz. Under TCG podvm gives the
+// kernel the loop's value (lpj=), so the later vCPUs do not time it against jiffies at boot
+// and all report the boot CPU's; a value in the wrong unit would make every udelay wrong.
+func checkDelayLoops(t *testing.T, ctx context.Context, env *harness.Env, id string) {
+	t.Helper()
+	var mhz, bogo []float64
+	var bogoText []string
+	for _, line := range strings.Split(sh(t, ctx, env, id, "grep -E '^(cpu MHz|bogomips)' /proc/cpuinfo"), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if !ok || err != nil {
+			t.Fatalf("/proc/cpuinfo line %q", line)
+		}
+		switch strings.TrimSpace(k) {
+		case "cpu MHz":
+			mhz = append(mhz, f)
+		case "bogomips":
+			bogo, bogoText = append(bogo, f), append(bogoText, strings.TrimSpace(v))
+		}
+	}
+	if len(mhz) == 0 || len(mhz) != len(bogo) {
+		t.Fatalf("/proc/cpuinfo: %d cpu MHz and %d bogomips lines", len(mhz), len(bogo))
+	}
+	for i := range mhz {
+		if r := bogo[i] / (2 * mhz[i]); r < 0.99 || r > 1.01 {
+			t.Errorf("vCPU %d: %.2f BogoMIPS at %.3f MHz; want twice the MHz (its delay loop is off by %.2fx)", i, bogo[i], mhz[i], r)
+		}
+	}
+	if testAccel() == "tcg" && slices.ContainsFunc(bogoText, func(b string) bool { return b != bogoText[0] }) {
+		t.Errorf("BogoMIPS per vCPU %v: under TCG every vCPU should take the boot CPU's preset delay loop, not time its own", bogoText)
+	}
 }
 
 // lockedBuffer is a bytes.Buffer written by a stream goroutine and read by the test.

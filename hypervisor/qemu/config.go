@@ -37,6 +37,10 @@ const (
 	// lapicTimerKHz is the input clock of QEMU's local APIC timer (1 GHz; KVM's is the
 	// same), which podvm's kernel takes from lapic_timer_khz= instead of calibrating it.
 	lapicTimerKHz = 1000000
+	// guestHZ is the guest kernel's timer frequency (CONFIG_HZ), which lpj= is counted in:
+	// podvm's kernel and Debian's both tick at 250 Hz. TestPodvmDefaultSize checks that the
+	// guest's BogoMIPS agree with its TSC.
+	guestHZ = 250
 	// sunPathMax is the longest unix socket path (sockaddr_un.sun_path minus the NUL).
 	sunPathMax = 107
 
@@ -495,6 +499,10 @@ func (c *Config) KernelCmdline() string {
 		// translations, and the pass took ~0.1 s of boot (docs/kernel.md). The prefixes
 		// stay: on one vCPU they cost TCG next to nothing.
 		params = append(params, "noreplace-smp")
+		// The kernel checks that the I/O APIC delivers the timer's interrupt by waiting for
+		// several ticks through it (~20 ms under TCG); QEMU's does, and the local APIC
+		// timer takes over the ticks right after. Kata passes it to every guest.
+		params = append(params, "no_timer_check")
 		if c.VCPUs > 1 {
 			// TCG's CPU models have no invariant TSC and say they are AMD's, and a kernel
 			// assumes an AMD machine with several CPUs and no invariant TSC has unsynchronized
@@ -504,6 +512,13 @@ func (c *Config) KernelCmdline() string {
 			// derives every vCPU's TSC from one host clock: told to say Intel, where the
 			// kernel does test them at CPU bring-up, the guest found no warp.
 			params = append(params, "tsc=reliable")
+			// Each CPU after the first times its delay loop against jiffies (the boot CPU
+			// takes it from the TSC's frequency; the others would copy it only from a CPU
+			// with a constant TSC, which TCG's models lack): ~80 ms per vCPU under TCG.
+			// lpj= is the value the boot CPU computes, TSC cycles per tick, for every CPU.
+			if c.TSCkHz > 0 {
+				params = append(params, "lpj="+strconv.Itoa(c.TSCkHz*1000/guestHZ))
+			}
 		}
 	}
 	return strings.Join(append(params, c.KernelParams...), " ")
