@@ -50,19 +50,22 @@ func testAttach(ctx context.Context, t *testing.T, k *kube) {
 // handles; both leave their mark in the termination message. A container that ignores
 // SIGTERM is killed when its grace period ends, not before.
 func testHooksAndGrace(ctx context.Context, t *testing.T, k *kube) {
-	pod := k.pod("hooks", "trap 'echo term-handled >> /dev/termination-log; exit 42' TERM; touch /tmp/alive; "+
+	pod := k.pod("hooks", "trap 'echo term-handled >> /dev/termination-log; exit 42' TERM; "+
 		"while true; do sleep 0.2; done")
 	c := &pod.Spec.Containers[0]
 	c.Lifecycle = &corev1.Lifecycle{
 		PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"touch", "/tmp/poststart"}}},
 		PreStop:   &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"sh", "-c", "echo prestop >> /dev/termination-log"}}},
 	}
-	c.LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "-f", "/tmp/alive"}}},
+	// The probe fails once the test marks the container dead: a probe that waited for a file
+	// the container makes itself could run before the container's shell did, on a busy node,
+	// and kill the container before the test asked for it.
+	c.LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "!", "-f", "/tmp/dead"}}},
 		PeriodSeconds: 1, FailureThreshold: 1, TimeoutSeconds: 10} // slow on a busy node is not failed
 	pod.Spec.TerminationGracePeriodSeconds = ptr[int64](10)
 	k.run(ctx, t, pod)
 	k.mustExec(ctx, t, "hooks", "c", "test", "-f", "/tmp/poststart")
-	k.mustExec(ctx, t, "hooks", "c", "rm", "/tmp/alive")
+	k.mustExec(ctx, t, "hooks", "c", "touch", "/tmp/dead")
 	p := k.wait(ctx, t, "hooks", 2*time.Minute, func(p *corev1.Pod) error {
 		if cs := containerStatus(p, "c"); cs == nil || cs.LastTerminationState.Terminated == nil {
 			return fmt.Errorf("not killed by the liveness probe yet")
