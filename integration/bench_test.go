@@ -189,10 +189,9 @@ func timedLoop(b *testing.B, step func(i int) (time.Duration, func())) durations
 // BenchmarkBootToAgentReady measures the VM alone, without containerd or the shim: from
 // starting virtiofsd and QEMU (the VM bootVM makes, with a default pod's vCPUs: 2, or the
 // host's CPU count if lower; 512 MiB, virtio-fs share, virtio-serial agent) until the agent
-// answers Version. It also reports the guest's own
-// kernel-start-to-agent-serving time from that reply (guest-ms/median); the difference is
-// QEMU start, firmware and kernel decompression as seen from the host. Stopping the VM is
-// outside the timer.
+// answers Version. It also reports the guest's own kernel-start-to-agent-serving time from
+// that reply (guest-ms/median); the difference is QEMU start, firmware and kernel
+// decompression as seen from the host. Stopping the VM is outside the timer.
 func BenchmarkBootToAgentReady(b *testing.B) {
 	kernel, rootImage := guestImage(b)
 	root, err := os.MkdirTemp("/run", "pvb-")

@@ -27,8 +27,7 @@ type cgroupStats struct {
 	dir string // absolute path of the cgroup
 
 	mu     sync.Mutex
-	fds    map[string]int // open files by name; a name not in it is absent
-	opened bool
+	fds    map[string]int // open files by name, nil until the first Read; a name not in it is absent
 	closed bool
 	buf    []byte
 }
@@ -58,7 +57,7 @@ func (s *cgroupStats) Read() (*cgroupstats.Metrics, error) {
 	if s.closed {
 		return nil, errStatsClosed
 	}
-	if !s.opened {
+	if s.fds == nil {
 		if err := s.open(); err != nil {
 			return nil, err
 		}
@@ -167,7 +166,6 @@ func (s *cgroupStats) open() error {
 			s.fds[name] = fd
 		}
 	}
-	s.opened = true
 	return nil
 }
 
