@@ -55,6 +55,7 @@ type fakeContainer struct {
 	paused    bool
 	resources []byte
 	spec      []byte
+	alongside bool
 }
 
 type fakeProc struct {
@@ -148,6 +149,15 @@ func (f *Fake) Spec(cid string) []byte {
 		return c.spec
 	}
 	return nil
+}
+
+// CreatedAlongsideSetup reports whether container cid's create said it was sent while the
+// guest's setup ran (CreateContainerRequest.alongside_setup).
+func (f *Fake) CreatedAlongsideSetup(cid string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.containers[cid]
+	return c != nil && c.alongside
 }
 
 // Paused reports whether the container is paused.
@@ -302,7 +312,7 @@ func (f *Fake) CreateContainer(ctx context.Context, r *api.CreateContainerReques
 	if _, ok := f.containers[r.ContainerId]; ok {
 		return nil, fmt.Errorf("container %s: %w", r.ContainerId, errdefs.ErrAlreadyExists)
 	}
-	f.containers[r.ContainerId] = &fakeContainer{spec: r.Spec}
+	f.containers[r.ContainerId] = &fakeContainer{spec: r.Spec, alongside: r.AlongsideSetup}
 	p := f.proc(r.ContainerId, "")
 	p.created, f.nextPid, p.pid = true, f.nextPid+1, f.nextPid
 	return &api.CreateContainerResponse{Pid: p.pid}, nil

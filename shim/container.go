@@ -105,6 +105,7 @@ func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.Creat
 	created, err := sb.agent.CreateContainer(ctx, &api.CreateContainerRequest{
 		ContainerId: r.ID, Spec: specJSON, Stdio: paths.agentStdio(),
 		Devices: guest.devices, BlockMounts: guest.blockMounts, PodTmpfs: guest.podTmpfs,
+		AlongsideSetup: !sb.ready,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create container %s in the VM: %w", r.ID, err)

@@ -257,9 +257,10 @@ type guestContainer struct {
 	podTmpfs    []*api.PodTmpfs
 }
 
-// bootSandbox wires the pod network to a new VM, boots it and prepares the guest. On error
-// everything made so far is undone.
-func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox, retErr error) {
+// bootSandbox wires the pod network to a new VM, boots it and prepares the guest. alongside,
+// if not nil, runs once the agent answers, while the guest is set up (setupGuestAlongside).
+// On error everything made so far is undone.
+func bootSandbox(ctx context.Context, b backend, o *sandboxOptions, alongside ownerCreate) (_ *sandbox, retErr error) {
 	start := time.Now()
 	drv, err := b.drivers.Get(o.cfg.Hypervisor.Kind)
 	if err != nil {
@@ -322,10 +323,12 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions) (_ *sandbox,
 	if err := sb.startVM(ctx, b, o, nics, tmpl, &ph); err != nil {
 		return nil, err
 	}
-	if err := sb.setupGuest(ctx, b, o.host, pod); err != nil {
+	setupTime, err := sb.setupGuestAlongside(ctx, b, o.host, pod, alongside)
+	if err != nil {
 		return nil, err
 	}
-	ph.done("guest_setup")
+	ph.done("setup_and_owner")
+	ph.fields["guest_setup"] = setupTime.Round(time.Millisecond)
 	sb.ready = true
 	sb.metricsReady(time.Since(start), o.size.VCPUs, o.size.MemoryMiB)
 	if tmpl != nil {
@@ -473,6 +476,41 @@ func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, p
 	return nil
 }
 
+// ownerCreate makes the VM owner's container in a sandbox whose guest is being set up; undo
+// removes it again.
+type ownerCreate func(sb *sandbox) (undo func(), err error)
+
+// setupGuestAlongside sets up the guest while alongside makes the VM owner's container (the pod
+// sandbox's namespace holder): each waits mostly on the guest, and the guest has a vCPU for
+// each; the agent holds back whatever of that create needs the setup done (alongside_setup in
+// agent.proto). It returns how long the setup took; a failure of either is the error, and an
+// owner's container made for a guest whose setup failed is removed again.
+func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname string, pod *network.Pod, alongside ownerCreate) (time.Duration, error) {
+	start := time.Now()
+	if alongside == nil {
+		err := sb.setupGuest(ctx, b, hostname, pod)
+		return time.Since(start), err
+	}
+	type result struct {
+		took time.Duration
+		err  error
+	}
+	setup := make(chan result, 1)
+	go func() {
+		err := sb.setupGuest(ctx, b, hostname, pod)
+		setup <- result{time.Since(start), err}
+	}()
+	undo, ownerErr := alongside(sb)
+	r := <-setup
+	if r.err != nil {
+		if ownerErr == nil {
+			undo()
+		}
+		return r.took, r.err
+	}
+	return r.took, ownerErr
+}
+
 // configName names the node config in messages.
 func configName(cfg *config.Config) string {
 	if cfg.Path == "" {
@@ -497,7 +535,8 @@ func (sb *sandbox) consolePath() string {
 
 // prepare makes a container's filesystems and disks available to the guest.
 func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.Spec, mounts []mount.Mount) (_ *guestContainer, retErr error) {
-	if !sb.ready {
+	// The VM owner's container is made while the guest is set up (setupGuestAlongside).
+	if !sb.ready && id != sb.id {
 		return nil, fmt.Errorf("the pod VM is not ready: %w", errdefs.ErrFailedPrecondition)
 	}
 	att, err := sb.share.Prepare(ctx, id, bundle, spec, mounts)

@@ -109,8 +109,9 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if !ownsVM && (sb == nil || sb.id != sandboxID) {
 		return nil, fmt.Errorf("container %s belongs to pod sandbox %s, which this shim does not run: %w", r.ID, sandboxID, errdefs.ErrFailedPrecondition)
 	}
+	var c *container
 	if ownsVM {
-		if sb, err = s.bootSandbox(ctx, r, spec); err != nil {
+		if sb, c, err = s.bootSandbox(ctx, r, spec, rl); err != nil {
 			return nil, err
 		}
 		defer func() {
@@ -118,9 +119,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 				sb.shutdown(context.WithoutCancel(ctx))
 			}
 		}()
-	}
-	c, err := createContainer(ctx, sb, rl, r, spec, s.events)
-	if err != nil {
+	} else if c, err = createContainer(ctx, sb, rl, r, spec, s.events); err != nil {
 		return nil, err
 	}
 	pid := c.init.getPid()
@@ -157,20 +156,32 @@ func (s *Service) createFailed(ctx context.Context, id string, ownsVM bool, err 
 	}
 }
 
-// bootSandbox boots the pod VM for a sandbox or standalone container and watches it.
-func (s *Service) bootSandbox(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec) (*sandbox, error) {
+// bootSandbox boots the pod VM for a sandbox or standalone container, makes that container in
+// it while the guest is set up, and watches the VM.
+func (s *Service) bootSandbox(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec, rl role) (*sandbox, *container, error) {
 	opts, err := s.backend.sandboxOptions(ctx, r, spec)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	sb, err := bootSandbox(ctx, s.backend, opts)
+	var c *container
+	sb, err := bootSandbox(ctx, s.backend, opts, func(sb *sandbox) (func(), error) {
+		var err error
+		c, err = createContainer(ctx, sb, rl, r, spec, s.events)
+		return func() {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abandonedRemoveTimeout)
+			defer cancel()
+			if _, err := c.delete(dctx); err != nil {
+				log.G(ctx).WithError(err).WithField("id", r.ID).Warn("remove the container of a guest whose setup failed")
+			}
+		}, err
+	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	go watchVM(context.WithoutCancel(ctx), sb)
 	go watchAgent(context.WithoutCancel(ctx), sb)
 	go s.watchOOM(ctx, sb)
-	return sb, nil
+	return sb, c, nil
 }
 
 // Start a container's init or an exec.

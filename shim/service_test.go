@@ -43,6 +43,19 @@ func TestSandboxBootsVMAndWiresThePod(t *testing.T) {
 	}
 }
 
+// The VM owner's container (the pod sandbox) is made while the guest is set up, and tells the
+// agent so; the pod's later containers come once the guest is ready.
+func TestSandboxMadeAlongsideGuestSetup(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	if !r.agent.CreatedAlongsideSetup("pod1") {
+		t.Error("the sandbox's CreateContainer did not say it ran alongside SetupSandbox")
+	}
+	if r.agent.CreatedAlongsideSetup("c1") {
+		t.Error("a workload's CreateContainer said it ran alongside SetupSandbox")
+	}
+}
+
 func TestLifecycleEventsAndExitOrder(t *testing.T) {
 	r := newRig(t)
 	r.running()
@@ -152,6 +165,8 @@ func TestCreateFailuresLeaveNothing(t *testing.T) {
 		{"VM does not start", nil, podNetns, func(r *rig) { r.vm.StartErr = errors.New("qemu: boom") }, errdefs.IsUnknown},
 		{"network discovery fails", nil, podNetns, func(r *rig) { r.discoverErr = errors.New("no netns") }, errdefs.IsUnknown},
 		{"agent refuses the container", nil, podNetns, func(r *rig) { r.agent.CreateErr = errdefs.ErrInvalidArgument }, errdefs.IsInvalidArgument},
+		// The sandbox's container was made alongside the failed setup: it is removed again.
+		{"guest setup fails", nil, podNetns, func(r *rig) { r.agent.FailOn("SetupSandbox", errors.New("mount virtio-fs: no such device")) }, errdefs.IsUnknown},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRig(t)
@@ -178,6 +193,9 @@ func TestCreateFailuresLeaveNothing(t *testing.T) {
 			}
 			if _, err := r.svc.State(r.ctx, &taskAPI.StateRequest{ID: "pod1"}); !errdefs.IsNotFound(native(err)) {
 				t.Errorf("failed container still known: %v", err)
+			}
+			if left := r.agent.Containers(); len(left) != 0 {
+				t.Errorf("containers left in the guest: %v", left)
 			}
 		})
 	}

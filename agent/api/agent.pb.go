@@ -681,9 +681,14 @@ type CreateContainerRequest struct {
 	BlockMounts []*BlockMount `protobuf:"bytes,5,rep,name=block_mounts,json=blockMounts,proto3" json:"block_mounts,omitempty"`
 	// Pod-wide tmpfs (memory-backed emptyDirs) to mount in the guest, once per pod, before
 	// the container is created; they stay until the VM goes.
-	PodTmpfs      []*PodTmpfs `protobuf:"bytes,6,rep,name=pod_tmpfs,json=podTmpfs,proto3" json:"pod_tmpfs,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PodTmpfs []*PodTmpfs `protobuf:"bytes,6,rep,name=pod_tmpfs,json=podTmpfs,proto3" json:"pod_tmpfs,omitempty"`
+	// Set when the host sends this create while its SetupSandbox runs (the VM owner's
+	// container, made alongside the guest's setup): the agent makes a pod sandbox's namespace
+	// holder at once, as it needs neither the share nor the NICs, and holds back any other
+	// container until SetupSandbox has ended.
+	AlongsideSetup bool `protobuf:"varint,7,opt,name=alongside_setup,json=alongsideSetup,proto3" json:"alongside_setup,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CreateContainerRequest) Reset() {
@@ -756,6 +761,13 @@ func (x *CreateContainerRequest) GetPodTmpfs() []*PodTmpfs {
 		return x.PodTmpfs
 	}
 	return nil
+}
+
+func (x *CreateContainerRequest) GetAlongsideSetup() bool {
+	if x != nil {
+		return x.AlongsideSetup
+	}
+	return false
 }
 
 // PodTmpfs is a tmpfs of the pod in guest memory, shared by its containers.
@@ -2370,14 +2382,15 @@ const file_agent_proto_rawDesc = "" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x1a\n" +
 	"\bterminal\x18\x04 \x01(\bR\bterminal\x12\x14\n" +
 	"\x05width\x18\x05 \x01(\rR\x05width\x12\x16\n" +
-	"\x06height\x18\x06 \x01(\rR\x06height\"\xa8\x02\n" +
+	"\x06height\x18\x06 \x01(\rR\x06height\"\xd1\x02\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x12+\n" +
 	"\x05stdio\x18\x03 \x01(\v2\x15.podvm.agent.v1.StdioR\x05stdio\x124\n" +
 	"\adevices\x18\x04 \x03(\v2\x1a.podvm.agent.v1.DeviceNodeR\adevices\x12=\n" +
 	"\fblock_mounts\x18\x05 \x03(\v2\x1a.podvm.agent.v1.BlockMountR\vblockMounts\x125\n" +
-	"\tpod_tmpfs\x18\x06 \x03(\v2\x18.podvm.agent.v1.PodTmpfsR\bpodTmpfs\"J\n" +
+	"\tpod_tmpfs\x18\x06 \x03(\v2\x18.podvm.agent.v1.PodTmpfsR\bpodTmpfs\x12'\n" +
+	"\x0falongside_setup\x18\a \x01(\bR\x0ealongsideSetup\"J\n" +
 	"\bPodTmpfs\x12\x1f\n" +
 	"\vmount_point\x18\x01 \x01(\tR\n" +
 	"mountPoint\x12\x1d\n" +

@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/agent/api"
 )
 
 // HoldArg is the argument /init runs with as a pod's namespace holder (cmd/podvm-agent/hold.go).
@@ -63,6 +65,26 @@ func holderCloneFlags(spec *specs.Spec) (flags uintptr, ok bool) {
 		}
 	}
 	return flags, true
+}
+
+// madeBeforeSetup reports whether the container of a create sent alongside the guest's setup
+// (CreateContainerRequest.alongside_setup) can be made before SetupSandbox ended: a pod
+// sandbox that a holder keeps needs neither the pod's share (it has no rootfs to mount) nor its
+// NICs, unless it sets net sysctls (per-interface ones name the pod's NICs) or mounts disks.
+// Anything else, libcontainer's containers among them, waits for the setup.
+func madeBeforeSetup(spec *specs.Spec, req *api.CreateContainerRequest) bool {
+	if !isPodSandbox(spec) || (spec.Process != nil && spec.Process.Terminal) || len(req.BlockMounts) > 0 || len(req.Devices) > 0 {
+		return false
+	}
+	if _, ok := holderCloneFlags(spec); !ok {
+		return false
+	}
+	for k := range spec.Linux.Sysctl {
+		if strings.HasPrefix(k, "net.") {
+			return false
+		}
+	}
+	return true
 }
 
 // holdNamespaces starts the holder of pod sandbox id in its cgroup and gives its namespaces

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -598,5 +599,82 @@ func TestExecLifecycleEdges(t *testing.T) {
 	r.rt.failOn(opDestroy, errors.New("busy"))
 	if _, err := r.s.RemoveContainer(r.ctx, &api.RemoveContainerRequest{ContainerId: "c2"}); err != nil {
 		t.Errorf("remove with a failing destroy: %v", err)
+	}
+}
+
+// A create sent alongside the guest's setup (the VM owner's container) is made at once only if
+// it is a pod sandbox that a holder keeps; anything else waits for SetupSandbox, and fails if
+// the setup failed.
+func TestCreateAlongsideSetup(t *testing.T) {
+	sandboxSpec := func(sysctl map[string]string) []byte {
+		b, err := json.Marshal(&specs.Spec{Root: &specs.Root{Path: "/rootfs"}, Process: &specs.Process{Args: []string{"pause"}},
+			Annotations: map[string]string{annotationContainerType: containerTypeSandbox},
+			Linux:       &specs.Linux{Sysctl: sysctl, Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}, {Type: specs.UTSNamespace}}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for _, tc := range []struct {
+		name     string
+		spec     []byte
+		waits    bool
+		setupErr error
+	}{
+		{"held sandbox", sandboxSpec(map[string]string{"kernel.shm_rmid_forced": "1"}), false, nil},
+		{"sandbox with net sysctls", sandboxSpec(map[string]string{"net.ipv4.conf.eth0.forwarding": "1"}), true, nil},
+		{"container", specJSON(t, "sh"), true, nil},
+		{"container, setup fails", specJSON(t, "sh"), true, errors.New("mount virtio-fs: no such device")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newLRig(t)
+			release := make(chan struct{})
+			r.s.setup = func(context.Context, *api.SetupSandboxRequest) error {
+				<-release
+				return tc.setupErr
+			}
+			created := make(chan error, 1)
+			go func() {
+				_, err := r.s.CreateContainer(r.ctx, &api.CreateContainerRequest{ContainerId: "c1", Spec: tc.spec, AlongsideSetup: true})
+				created <- err
+			}()
+			setupErr := make(chan error, 1)
+			go func() {
+				_, err := r.s.SetupSandbox(r.ctx, &api.SetupSandboxRequest{})
+				setupErr <- err
+			}()
+			select {
+			case err := <-created:
+				if tc.waits {
+					t.Fatalf("created before the setup ended: %v", err)
+				}
+				if err != nil {
+					t.Fatalf("create: %v", err)
+				}
+			case <-time.After(200 * time.Millisecond):
+				if !tc.waits {
+					t.Fatal("the create waited for the setup")
+				}
+			}
+			close(release)
+			if err := <-setupErr; (err != nil) != (tc.setupErr != nil) {
+				t.Fatalf("setup: %v, want %v", err, tc.setupErr)
+			}
+			if !tc.waits {
+				return
+			}
+			err := <-created
+			if tc.setupErr == nil && err != nil {
+				t.Fatalf("create after the setup: %v", err)
+			}
+			if tc.setupErr != nil {
+				if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "no such device") {
+					t.Fatalf("create after a failed setup: %v, want failed precondition with the setup's error", err)
+				}
+				if r.rt.get("c1") != nil {
+					t.Error("the container was made although the guest's setup failed")
+				}
+			}
+		})
 	}
 }

@@ -35,6 +35,14 @@ type Server struct {
 	ports *ports
 	// powerOff is called after Shutdown replied.
 	powerOff func()
+
+	// setup sets the guest up for SetupSandbox (setupSandbox; tests replace it).
+	setup func(context.Context, *api.SetupSandboxRequest) error
+	// setupDone is closed when the first SetupSandbox ended, setupErr its error: containers
+	// created alongside it (CreateContainerRequest.alongside_setup) wait for it.
+	setupOnce sync.Once
+	setupDone chan struct{}
+	setupErr  error
 }
 
 // NewServer returns an agent with no containers, running them with libcontainer.
@@ -50,6 +58,8 @@ func newServer(rt containerRuntime) *Server {
 		oom:        make(chan string, 64),
 		ports:      newPorts(),
 		powerOff:   PowerOff,
+		setup:      setupSandbox,
+		setupDone:  make(chan struct{}),
 	}
 }
 
@@ -71,10 +81,28 @@ func (s *Server) Version(ctx context.Context, _ *api.VersionRequest) (*api.Versi
 
 // SetupSandbox implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) SetupSandbox(ctx context.Context, req *api.SetupSandboxRequest) (*api.Empty, error) {
-	if err := setupSandbox(ctx, req); err != nil {
+	err := s.setup(ctx, req)
+	s.setupOnce.Do(func() {
+		s.setupErr = err
+		close(s.setupDone)
+	})
+	if err != nil {
 		return nil, err
 	}
 	return &api.Empty{}, nil
+}
+
+// awaitSetup waits until SetupSandbox has ended and says whether it failed.
+func (s *Server) awaitSetup(ctx context.Context) error {
+	select {
+	case <-s.setupDone:
+		if s.setupErr != nil {
+			return fmt.Errorf("the guest's setup failed: %w: %w", s.setupErr, errdefs.ErrFailedPrecondition)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the guest's setup: %w", ctx.Err())
+	}
 }
 
 func (s *Server) container(id string) (*container, error) {
@@ -116,6 +144,11 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 			s.mu.Unlock()
 		}
 	}()
+	if req.AlongsideSetup && !madeBeforeSetup(spec, req) {
+		if err := s.awaitSetup(ctx); err != nil {
+			return nil, fmt.Errorf("container %s: %w", id, err)
+		}
+	}
 	if err := applyPodSysctls(spec); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
