@@ -177,6 +177,8 @@ type sandbox struct {
 	pingInterval time.Duration
 	// ready is set once the guest is set up; containers are prepared only then.
 	ready bool
+	// restored is set for a VM restored from a template: its NICs and share were hot-plugged.
+	restored bool
 	// nsPid is the guest pid of the sandbox's process, whose namespaces (/proc/<pid>/ns/*)
 	// the pod's containers join; 0 until the sandbox container was created.
 	nsPid atomic.Uint32
@@ -417,7 +419,8 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	sb.observeAgent(conn)
 	ph.done("agent_ready")
 	if tmpl != nil {
-		if err := sb.prepareRestored(ctx, nics, vcfg.SharedDir != ""); err != nil {
+		sb.restored = true
+		if err := sb.prepareRestored(ctx); err != nil {
 			return fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 		}
 		ph.done("reseed")
@@ -443,7 +446,7 @@ func (sb *sandbox) bootVM(ctx context.Context, o *sandboxOptions, vcfg hyperviso
 // forwarding the pod netns's loopback ports into the guest: host work (an iptables run in the
 // netns) that needs nothing from the guest, so the guest's setup hides it.
 func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, pod *network.Pod) error {
-	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag}
+	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag, HotPlugged: sb.restored}
 	if pod != nil {
 		for _, ep := range pod.Endpoints {
 			req.Interfaces = append(req.Interfaces, ep.Guest())

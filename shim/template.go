@@ -20,8 +20,7 @@ import (
 // restoreEntropy is how many random bytes a restored guest gets from the host.
 const restoreEntropy = 64
 
-// restoreSetupTimeout bounds PrepareRestored (the guest waits there for its hot-plugged
-// devices).
+// restoreSetupTimeout bounds PrepareRestored.
 const restoreSetupTimeout = 20 * time.Second
 
 // findTemplate returns the template the pod's VM is restored from, building it first if
@@ -84,16 +83,14 @@ func closeTemplateFiles(vcfg *hypervisor.Config) {
 }
 
 // prepareRestored makes the restored guest the pod's own before anything runs in it: fresh
-// random numbers, the host's clock, and its hot-plugged NICs and share present.
-func (sb *sandbox) prepareRestored(ctx context.Context, nics []*hypervisor.NetDevice, shared bool) error {
+// random numbers and the host's clock. Its hot-plugged NICs and share are waited for by
+// SetupSandbox (hot_plugged), while the sandbox's holder is made.
+func (sb *sandbox) prepareRestored(ctx context.Context) error {
 	seed := make([]byte, restoreEntropy)
 	if _, err := rand.Read(seed); err != nil {
 		return err
 	}
-	req := &api.PrepareRestoredRequest{Entropy: seed, SharedFs: shared}
-	for _, n := range nics {
-		req.Macs = append(req.Macs, n.MAC.String())
-	}
+	req := &api.PrepareRestoredRequest{Entropy: seed}
 	ctx, cancel := context.WithTimeout(ctx, restoreSetupTimeout)
 	defer cancel()
 	req.RealtimeNs = time.Now().UnixNano()

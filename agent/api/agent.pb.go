@@ -216,10 +216,14 @@ type SetupSandboxRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Hostname string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
 	// Tag of the virtio-fs share to mount at the guest's shared dir; empty: none.
-	SharedFsTag   string       `protobuf:"bytes,2,opt,name=shared_fs_tag,json=sharedFsTag,proto3" json:"shared_fs_tag,omitempty"`
-	Interfaces    []*Interface `protobuf:"bytes,3,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
-	Routes        []*Route     `protobuf:"bytes,4,rep,name=routes,proto3" json:"routes,omitempty"`
-	Neighbors     []*Neighbor  `protobuf:"bytes,5,rep,name=neighbors,proto3" json:"neighbors,omitempty"`
+	SharedFsTag string       `protobuf:"bytes,2,opt,name=shared_fs_tag,json=sharedFsTag,proto3" json:"shared_fs_tag,omitempty"`
+	Interfaces  []*Interface `protobuf:"bytes,3,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
+	Routes      []*Route     `protobuf:"bytes,4,rep,name=routes,proto3" json:"routes,omitempty"`
+	Neighbors   []*Neighbor  `protobuf:"bytes,5,rep,name=neighbors,proto3" json:"neighbors,omitempty"`
+	// Set for a VM restored from a VM template, whose NICs and share were hot-plugged just
+	// before: the agent first waits until the guest has found each NIC (by MAC) and, with a
+	// shared_fs_tag, a virtio-fs device.
+	HotPlugged    bool `protobuf:"varint,8,opt,name=hot_plugged,json=hotPlugged,proto3" json:"hot_plugged,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -287,6 +291,13 @@ func (x *SetupSandboxRequest) GetNeighbors() []*Neighbor {
 		return x.Neighbors
 	}
 	return nil
+}
+
+func (x *SetupSandboxRequest) GetHotPlugged() bool {
+	if x != nil {
+		return x.HotPlugged
+	}
+	return false
 }
 
 type Interface struct {
@@ -2266,11 +2277,7 @@ type PrepareRestoredRequest struct {
 	// Random bytes from the host (32 to 512), credited to the guest's entropy pool.
 	Entropy []byte `protobuf:"bytes,1,opt,name=entropy,proto3" json:"entropy,omitempty"`
 	// The host's CLOCK_REALTIME when it sent the request, in nanoseconds since the epoch.
-	RealtimeNs int64 `protobuf:"varint,2,opt,name=realtime_ns,json=realtimeNs,proto3" json:"realtime_ns,omitempty"`
-	// MACs of the hot-plugged NICs to wait for.
-	Macs []string `protobuf:"bytes,3,rep,name=macs,proto3" json:"macs,omitempty"`
-	// Whether to wait for a virtio-fs device.
-	SharedFs      bool `protobuf:"varint,4,opt,name=shared_fs,json=sharedFs,proto3" json:"shared_fs,omitempty"`
+	RealtimeNs    int64 `protobuf:"varint,2,opt,name=realtime_ns,json=realtimeNs,proto3" json:"realtime_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2319,20 +2326,6 @@ func (x *PrepareRestoredRequest) GetRealtimeNs() int64 {
 	return 0
 }
 
-func (x *PrepareRestoredRequest) GetMacs() []string {
-	if x != nil {
-		return x.Macs
-	}
-	return nil
-}
-
-func (x *PrepareRestoredRequest) GetSharedFs() bool {
-	if x != nil {
-		return x.SharedFs
-	}
-	return false
-}
-
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -2343,7 +2336,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x0fVersionResponse\x12#\n" +
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12%\n" +
 	"\x0ekernel_release\x18\x02 \x01(\tR\rkernelRelease\x12'\n" +
-	"\x10boot_to_ready_ns\x18\x03 \x01(\x03R\rbootToReadyNs\"\x9e\x02\n" +
+	"\x10boot_to_ready_ns\x18\x03 \x01(\x03R\rbootToReadyNs\"\xbf\x02\n" +
 	"\x13SetupSandboxRequest\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\"\n" +
 	"\rshared_fs_tag\x18\x02 \x01(\tR\vsharedFsTag\x129\n" +
@@ -2351,7 +2344,9 @@ const file_agent_proto_rawDesc = "" +
 	"interfaces\x18\x03 \x03(\v2\x19.podvm.agent.v1.InterfaceR\n" +
 	"interfaces\x12-\n" +
 	"\x06routes\x18\x04 \x03(\v2\x15.podvm.agent.v1.RouteR\x06routes\x126\n" +
-	"\tneighbors\x18\x05 \x03(\v2\x18.podvm.agent.v1.NeighborR\tneighborsJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"a\n" +
+	"\tneighbors\x18\x05 \x03(\v2\x18.podvm.agent.v1.NeighborR\tneighbors\x12\x1f\n" +
+	"\vhot_plugged\x18\b \x01(\bR\n" +
+	"hotPluggedJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"a\n" +
 	"\tInterface\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
@@ -2482,13 +2477,11 @@ const file_agent_proto_rawDesc = "" +
 	"\x10CloseConnRequest\x12\x17\n" +
 	"\aconn_id\x18\x01 \x01(\x04R\x06connId\x12\x1d\n" +
 	"\n" +
-	"write_only\x18\x02 \x01(\bR\twriteOnly\"\x84\x01\n" +
+	"write_only\x18\x02 \x01(\bR\twriteOnly\"p\n" +
 	"\x16PrepareRestoredRequest\x12\x18\n" +
 	"\aentropy\x18\x01 \x01(\fR\aentropy\x12\x1f\n" +
 	"\vrealtime_ns\x18\x02 \x01(\x03R\n" +
-	"realtimeNs\x12\x12\n" +
-	"\x04macs\x18\x03 \x03(\tR\x04macs\x12\x1b\n" +
-	"\tshared_fs\x18\x04 \x01(\bR\bsharedFs*C\n" +
+	"realtimeNsJ\x04\b\x03\x10\x04J\x04\b\x04\x10\x05R\x04macsR\tshared_fs*C\n" +
 	"\vStdioStream\x12\x1c\n" +
 	"\x18STDIO_STREAM_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +

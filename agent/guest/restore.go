@@ -2,7 +2,8 @@ package guest
 
 // A guest restored from a VM template is a copy of the template's guest at the moment it was
 // saved: the same kernel RNG state, a wall clock that stopped then, and none of the devices
-// that are the pod's own. PrepareRestored makes it the pod's before anything else runs in it.
+// that are the pod's own. PrepareRestored makes it the pod's before anything else runs in it;
+// SetupSandbox then waits for the hot-plugged devices (waitHotPlugged).
 
 import (
 	"context"
@@ -69,14 +70,6 @@ func prepareRestored(ctx context.Context, req *api.PrepareRestoredRequest, sys r
 	if req.RealtimeNs <= 0 {
 		return fmt.Errorf("realtime_ns %d: want the host's clock in nanoseconds since the epoch: %w", req.RealtimeNs, errdefs.ErrInvalidArgument)
 	}
-	macs := make([]net.HardwareAddr, 0, len(req.Macs))
-	for _, m := range req.Macs {
-		mac, err := net.ParseMAC(m)
-		if err != nil {
-			return fmt.Errorf("mac %q: %w", m, errdefs.ErrInvalidArgument)
-		}
-		macs = append(macs, mac)
-	}
 	start := time.Now()
 	// Entropy first: nothing in the guest may draw random numbers from the template's state.
 	if err := sys.addEntropy(req.Entropy); err != nil {
@@ -86,14 +79,32 @@ func prepareRestored(ctx context.Context, req *api.PrepareRestoredRequest, sys r
 	if err := sys.setClock(req.RealtimeNs); err != nil {
 		return fmt.Errorf("set the clock: %w", err)
 	}
-	clockSet := time.Now()
-	if err := waitDevices(ctx, macs, req.SharedFs, sys); err != nil {
+	// Each step's time (monotonic: the clock step does not affect it), for tracing a restore.
+	log.G(ctx).Infof("restored from a template: RNG reseeded (%s), clock set (%s)",
+		reseeded.Sub(start).Round(time.Microsecond), time.Since(reseeded).Round(time.Microsecond))
+	return nil
+}
+
+// waitHotPlugged waits, for a SetupSandbox that says its devices were hot-plugged, until the
+// guest has found each of its NICs and, if it mounts a share, a virtio-fs device.
+func waitHotPlugged(ctx context.Context, req *api.SetupSandboxRequest, sys restoreSys) error {
+	if !req.HotPlugged {
+		return nil
+	}
+	macs := make([]net.HardwareAddr, 0, len(req.Interfaces))
+	for _, ifc := range req.Interfaces {
+		mac, err := net.ParseMAC(ifc.Mac)
+		if err != nil {
+			return fmt.Errorf("interface %s: bad MAC %q: %w", ifc.Name, ifc.Mac, errdefs.ErrInvalidArgument)
+		}
+		macs = append(macs, mac)
+	}
+	start := time.Now()
+	fs := req.SharedFsTag != ""
+	if err := waitDevices(ctx, macs, fs, sys); err != nil {
 		return err
 	}
-	// Each step's time (monotonic: the clock step does not affect it), for tracing a restore.
-	log.G(ctx).Infof("restored from a template: RNG reseeded (%s), clock set (%s), %d NICs and virtio-fs %v present (%s)",
-		reseeded.Sub(start).Round(time.Microsecond), clockSet.Sub(reseeded).Round(time.Microsecond),
-		len(macs), req.SharedFs, time.Since(clockSet).Round(time.Microsecond))
+	log.G(ctx).Infof("hot-plugged devices: %d NICs and virtio-fs %v present (%s)", len(macs), fs, time.Since(start).Round(time.Microsecond))
 	return nil
 }
 

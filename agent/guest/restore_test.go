@@ -41,12 +41,12 @@ func TestPrepareRestored(t *testing.T) {
 	seed := bytes.Repeat([]byte{7}, 64)
 	f := &fakeRestoreSys{readyAfter: 3}
 	err := prepareRestored(context.Background(), &api.PrepareRestoredRequest{
-		Entropy: seed, RealtimeNs: 1_700_000_000_000_000_000, Macs: []string{"02:00:00:00:00:01"}, SharedFs: true,
+		Entropy: seed, RealtimeNs: 1_700_000_000_000_000_000,
 	}, f.sys())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(f.entropy, seed) || f.clock != 1_700_000_000_000_000_000 || f.polls != 4 {
+	if !bytes.Equal(f.entropy, seed) || f.clock != 1_700_000_000_000_000_000 || f.polls != 0 {
 		t.Errorf("entropy %x clock %d polls %d", f.entropy, f.clock, f.polls)
 	}
 	if f.order[0] != "entropy" {
@@ -62,7 +62,6 @@ func TestPrepareRestoredRejects(t *testing.T) {
 		"short entropy": func(r *api.PrepareRestoredRequest) { r.Entropy = r.Entropy[:31] },
 		"long entropy":  func(r *api.PrepareRestoredRequest) { r.Entropy = make([]byte, 513) },
 		"no clock":      func(r *api.PrepareRestoredRequest) { r.RealtimeNs = 0 },
-		"bad mac":       func(r *api.PrepareRestoredRequest) { r.Macs = []string{"nope"} },
 	} {
 		t.Run(name, func(t *testing.T) {
 			f := &fakeRestoreSys{}
@@ -79,11 +78,31 @@ func TestPrepareRestoredRejects(t *testing.T) {
 	}
 }
 
-func TestPrepareRestoredDevicesNeverCome(t *testing.T) {
+// SetupSandbox of a restored VM waits for its hot-plugged devices; of a booted one, not.
+func TestSetupWaitsForHotPlugged(t *testing.T) {
+	req := func(hotPlugged bool) *api.SetupSandboxRequest {
+		return &api.SetupSandboxRequest{SharedFsTag: "podvm", HotPlugged: hotPlugged,
+			Interfaces: []*api.Interface{{Name: "eth0", Mac: "02:00:00:00:00:01"}}}
+	}
+	f := &fakeRestoreSys{readyAfter: 3}
+	if err := waitHotPlugged(context.Background(), req(false), f.sys()); err != nil || f.polls != 0 {
+		t.Fatalf("booted VM: %v after %d polls, want no wait", err, f.polls)
+	}
+	if err := waitHotPlugged(context.Background(), req(true), f.sys()); err != nil || f.polls != 4 {
+		t.Fatalf("restored VM: %v after %d polls, want the devices after 4", err, f.polls)
+	}
+	bad := req(true)
+	bad.Interfaces[0].Mac = "nope"
+	if err := waitHotPlugged(context.Background(), bad, (&fakeRestoreSys{}).sys()); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("bad MAC: %v, want invalid argument", err)
+	}
+}
+
+func TestHotPluggedDevicesNeverCome(t *testing.T) {
 	f := &fakeRestoreSys{readyAfter: 1 << 30}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
 	defer cancel()
-	err := prepareRestored(ctx, &api.PrepareRestoredRequest{Entropy: make([]byte, 32), RealtimeNs: 1, SharedFs: true}, f.sys())
+	err := waitHotPlugged(ctx, &api.SetupSandboxRequest{SharedFsTag: "podvm", HotPlugged: true}, f.sys())
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("err = %v, want the deadline", err)
 	}

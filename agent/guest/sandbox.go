@@ -17,6 +17,9 @@ import (
 )
 
 func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
+	if err := waitHotPlugged(ctx, req, realRestoreSys()); err != nil {
+		return err
+	}
 	if req.SharedFsTag != "" {
 		if err := os.MkdirAll(agent.GuestSharedDir, 0o755); err != nil {
 			return err

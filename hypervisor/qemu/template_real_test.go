@@ -76,11 +76,12 @@ func restoreOne(ctx context.Context, t *testing.T, tmpl *Template, cfg Config) {
 	connected := time.Since(start)
 	seed := make([]byte, 64)
 	_, _ = rand.Read(seed)
-	if _, err := c.PrepareRestored(ctx, &api.PrepareRestoredRequest{Entropy: seed, RealtimeNs: time.Now().UnixNano(), SharedFs: true}); err != nil {
+	if _, err := c.PrepareRestored(ctx, &api.PrepareRestoredRequest{Entropy: seed, RealtimeNs: time.Now().UnixNano()}); err != nil {
 		t.Fatalf("PrepareRestored: %v; console:\n%s", err, logTail(vm.ConsolePath()))
 	}
 	prepared := time.Since(start)
-	if _, err := c.SetupSandbox(ctx, &api.SetupSandboxRequest{Hostname: cfg.ID, SharedFsTag: hypervisor.SharedFSTag}); err != nil {
+	// The share was hot-plugged at the restore: SetupSandbox waits for the guest to find it.
+	if _, err := c.SetupSandbox(ctx, &api.SetupSandboxRequest{Hostname: cfg.ID, SharedFsTag: hypervisor.SharedFSTag, HotPlugged: true}); err != nil {
 		t.Fatalf("SetupSandbox: %v", err)
 	}
 	t.Logf("%s: clone memory %v, QEMU+restore %v, agent %v, prepared %v, set up %v", cfg.ID, cloned, started, connected, prepared, time.Since(start))
