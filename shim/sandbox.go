@@ -259,9 +259,9 @@ type guestContainer struct {
 	podTmpfs    []*api.PodTmpfs
 }
 
-// bootSandbox wires the pod network to a new VM, boots it and prepares the guest. alongside,
-// if not nil, runs once the agent answers, while the guest is set up (setupGuestAlongside).
-// On error everything made so far is undone.
+// bootSandbox wires the pod network to a new VM, boots it and prepares the guest; alongside
+// runs once the agent answers, while the guest is set up (setupGuestAlongside). On error
+// everything made so far is undone.
 func bootSandbox(ctx context.Context, b backend, o *sandboxOptions, alongside ownerCreate) (_ *sandbox, retErr error) {
 	start := time.Now()
 	drv, err := b.drivers.Get(o.cfg.Hypervisor.Kind)
@@ -490,10 +490,6 @@ type ownerCreate func(sb *sandbox) (undo func(), err error)
 // owner's container made for a guest whose setup failed is removed again.
 func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname string, pod *network.Pod, alongside ownerCreate) (time.Duration, error) {
 	start := time.Now()
-	if alongside == nil {
-		err := sb.setupGuest(ctx, b, hostname, pod)
-		return time.Since(start), err
-	}
 	type result struct {
 		took time.Duration
 		err  error
