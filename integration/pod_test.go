@@ -95,7 +95,10 @@ func runSettingsPod(t *testing.T, ctx context.Context, env *harness.Env, handler
 		Hostname: "settings-host", DNS: &runtimeapi.DNSConfig{
 			Servers: []string{"10.96.0.10"}, Searches: []string{"it.svc.cluster.local"}, Options: []string{"ndots:5"}}})
 	podCfg.Linux.SecurityContext.Privileged = true
-	podCfg.Linux.Sysctls = map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000 30000"}
+	// A per-interface sysctl names the pod's NIC, which in a pod VM exists under that name only
+	// once the guest is set up.
+	podCfg.Linux.Sysctls = map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_local_port_range": "20000 30000",
+		"net.ipv4.conf.eth0.arp_ignore": "1"}
 	return runPodConfig(t, ctx, env, podCfg, handler)
 }
 
@@ -145,6 +148,7 @@ func checkRestricted(t *testing.T, ctx context.Context, env *harness.Env, id str
 		{"read-only path", "(echo x > /proc/sys/kernel/hostname) 2>/dev/null && echo writable || echo read-only", "read-only"},
 		{"pod sysctl", "cat /proc/sys/kernel/shm_rmid_forced", "1"},
 		{"pod net sysctl", "cat /proc/sys/net/ipv4/ip_local_port_range | tr -s ' \\t' ' '", "20000 30000"},
+		{"pod NIC sysctl", "cat /proc/sys/net/ipv4/conf/eth0/arp_ignore", "1"},
 		{"memory limit", memoryMax, "67108864"},
 		{"cpu quota", "cut -d' ' -f1 /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"},
 		{"env", "echo $GREETING", "hello world"},

@@ -46,9 +46,9 @@ type templatedPod struct {
 }
 
 // TestPodvmTemplate runs pods with templated start on, through the CRI: each pod is ready
-// from the template (the shim says so), its IP answers, its rootfs and a volume work both
-// ways, exec works, two pods get different random numbers, the clock is the host's, and
-// removing the pods leaves nothing, the template's build VM included.
+// from the template (the shim says so), its IP answers, its NIC has the pod's sysctl, its
+// rootfs and a volume work both ways, exec works, two pods get different random numbers, the
+// clock is the host's, and removing the pods leaves nothing, the template's build VM included.
 func TestPodvmTemplate(t *testing.T) {
 	env := harness.Start(t, func() harness.Options {
 		o := podvmTemplateOptions(t, "pvt-")
@@ -84,7 +84,10 @@ func TestPodvmTemplate(t *testing.T) {
 
 func runTemplatedPod(ctx context.Context, t *testing.T, env *harness.Env, name string) *templatedPod {
 	t.Helper()
-	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: name, Namespace: "it", Handler: "podvm"})
+	// A per-interface sysctl: a restored guest's eth0 is hot-plugged, so it exists only once
+	// the guest's setup has waited for it.
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: name, Namespace: "it", Handler: "podvm",
+		Sysctls: map[string]string{"net.ipv4.conf.eth0.arp_ignore": "1"}})
 	vol := t.TempDir()
 	cfg := env.ContainerConfig(harness.ContainerOptions{Name: "web", Command: []string{"sh", "-c", webScript}})
 	cfg.Mounts = []*runtimeapi.Mount{{ContainerPath: "/data", HostPath: vol}}
@@ -132,6 +135,9 @@ func checkTemplatedPod(ctx context.Context, t *testing.T, env *harness.Env, p *t
 	}
 	if guest, host := sh(t, ctx, env, p.ctr, "cat /sys/class/net/eth0/address"), podMAC(ctx, t, env, p.pod.ID); guest != host {
 		t.Errorf("the guest's eth0 has MAC %q, the pod's interface %q", guest, host)
+	}
+	if got := sh(t, ctx, env, p.ctr, "cat /proc/sys/net/ipv4/conf/eth0/arp_ignore"); got != "1" {
+		t.Errorf("the pod's sysctl net.ipv4.conf.eth0.arp_ignore is %q in the container, want 1", got)
 	}
 	// The rootfs: the image's files, and the container's own writes.
 	if got := sh(t, ctx, env, p.ctr, "echo written > /etc/podvm-test && cat /etc/podvm-test /etc/hostname"); !strings.HasPrefix(got, "written\n") {

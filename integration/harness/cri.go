@@ -28,6 +28,7 @@ type PodOptions struct {
 	PortMappings []*runtimeapi.PortMapping
 	Labels       map[string]string
 	Annotations  map[string]string
+	Sysctls      map[string]string // the pod's namespaced sysctls (pod.spec.securityContext.sysctls)
 }
 
 // Pod is a running pod sandbox.
@@ -72,6 +73,7 @@ func (e *Env) PodSandboxConfig(o PodOptions) *runtimeapi.PodSandboxConfig {
 		Annotations:  o.Annotations,
 		Linux: &runtimeapi.LinuxPodSandboxConfig{
 			CgroupParent: e.CgroupParent + "/pod" + o.UID,
+			Sysctls:      o.Sysctls,
 			SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
 				NamespaceOptions: &runtimeapi.NamespaceOption{
 					Network: runtimeapi.NamespaceMode_POD,
