@@ -163,7 +163,7 @@ func FuzzParseSpec(f *testing.F) {
 
 func TestApplyPodSysctlsRefuses(t *testing.T) {
 	spec := &specs.Spec{Linux: &specs.Linux{Sysctl: map[string]string{"net.ipv4/../../x": "1"}}}
-	if err := applyPodSysctls(spec); !errdefs.IsInvalidArgument(err) {
+	if err := applyPodSysctls(t.TempDir(), spec); !errdefs.IsInvalidArgument(err) {
 		t.Fatalf("a sysctl name with a path: %v, want invalid argument", err)
 	}
 	// With a network namespace of its own, libcontainer applies them; non-net ones always.
@@ -171,11 +171,11 @@ func TestApplyPodSysctlsRefuses(t *testing.T) {
 		Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}},
 		Sysctl:     map[string]string{"net.ipv4.ip_forward": "1"},
 	}}
-	if err := applyPodSysctls(spec); err != nil || len(spec.Linux.Sysctl) != 1 {
+	if err := applyPodSysctls(t.TempDir(), spec); err != nil || len(spec.Linux.Sysctl) != 1 {
 		t.Fatalf("own netns: %v, sysctls %v", err, spec.Linux.Sysctl)
 	}
 	spec = &specs.Spec{Linux: &specs.Linux{Sysctl: map[string]string{"kernel.msgmax": "1"}}}
-	if err := applyPodSysctls(spec); err != nil || len(spec.Linux.Sysctl) != 1 {
+	if err := applyPodSysctls(t.TempDir(), spec); err != nil || len(spec.Linux.Sysctl) != 1 {
 		t.Fatalf("non-net sysctl: %v, sysctls %v", err, spec.Linux.Sysctl)
 	}
 }
