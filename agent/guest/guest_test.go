@@ -2,9 +2,11 @@ package guest
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
@@ -193,4 +195,21 @@ func TestToRoute(t *testing.T) {
 			t.Errorf("toRoute(%v): %v, want invalid argument", bad, err)
 		}
 	}
+}
+
+// TestWarmSpecDecodes: warmUp's spec survives JSON both ways, so decoding it meets every type
+// it was built with.
+func TestWarmSpecDecodes(t *testing.T) {
+	b, err := json.Marshal(warmSpec())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got specs.Spec
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(&got, warmSpec()) {
+		t.Errorf("warm spec after JSON: %+v, want %+v", got, warmSpec())
+	}
+	warmUp()
 }
