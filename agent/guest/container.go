@@ -43,10 +43,11 @@ func parseSpec(id string, b []byte) (*specs.Spec, error) {
 	return &spec, nil
 }
 
-// applyPodSysctls writes the spec's net.* sysctls into the guest's own network namespace and
-// drops them from the spec. Containers share the guest's network stack (the VM is the pod's
-// network namespace), where libcontainer refuses net.* sysctls; they are pod-wide anyway.
-func applyPodSysctls(spec *specs.Spec) error {
+// applyPodSysctls writes the spec's net.* sysctls into the guest's own network namespace
+// (procSys is its /proc/sys) and drops them from the spec. Containers share the guest's
+// network stack (the VM is the pod's network namespace), where libcontainer refuses net.*
+// sysctls; they are pod-wide anyway.
+func applyPodSysctls(procSys string, spec *specs.Spec) error {
 	for _, ns := range spec.Linux.Namespaces {
 		if ns.Type == specs.NetworkNamespace {
 			return nil // a network namespace of its own: libcontainer applies them there
@@ -56,7 +57,7 @@ func applyPodSysctls(spec *specs.Spec) error {
 		if !strings.HasPrefix(k, "net.") {
 			continue
 		}
-		p := filepath.Join("/proc/sys", strings.ReplaceAll(k, ".", "/"))
+		p := filepath.Join(procSys, strings.ReplaceAll(k, ".", "/"))
 		if strings.Contains(k, "/") || strings.Contains(k, "..") {
 			return fmt.Errorf("sysctl %q: not a sysctl name: %w", k, errdefs.ErrInvalidArgument)
 		}

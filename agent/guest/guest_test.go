@@ -2,9 +2,11 @@ package guest
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
@@ -163,7 +165,7 @@ func FuzzParseSpec(f *testing.F) {
 
 func TestApplyPodSysctlsRefuses(t *testing.T) {
 	spec := &specs.Spec{Linux: &specs.Linux{Sysctl: map[string]string{"net.ipv4/../../x": "1"}}}
-	if err := applyPodSysctls(spec); !errdefs.IsInvalidArgument(err) {
+	if err := applyPodSysctls(t.TempDir(), spec); !errdefs.IsInvalidArgument(err) {
 		t.Fatalf("a sysctl name with a path: %v, want invalid argument", err)
 	}
 	// With a network namespace of its own, libcontainer applies them; non-net ones always.
@@ -171,11 +173,11 @@ func TestApplyPodSysctlsRefuses(t *testing.T) {
 		Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}},
 		Sysctl:     map[string]string{"net.ipv4.ip_forward": "1"},
 	}}
-	if err := applyPodSysctls(spec); err != nil || len(spec.Linux.Sysctl) != 1 {
+	if err := applyPodSysctls(t.TempDir(), spec); err != nil || len(spec.Linux.Sysctl) != 1 {
 		t.Fatalf("own netns: %v, sysctls %v", err, spec.Linux.Sysctl)
 	}
 	spec = &specs.Spec{Linux: &specs.Linux{Sysctl: map[string]string{"kernel.msgmax": "1"}}}
-	if err := applyPodSysctls(spec); err != nil || len(spec.Linux.Sysctl) != 1 {
+	if err := applyPodSysctls(t.TempDir(), spec); err != nil || len(spec.Linux.Sysctl) != 1 {
 		t.Fatalf("non-net sysctl: %v, sysctls %v", err, spec.Linux.Sysctl)
 	}
 }
@@ -193,4 +195,21 @@ func TestToRoute(t *testing.T) {
 			t.Errorf("toRoute(%v): %v, want invalid argument", bad, err)
 		}
 	}
+}
+
+// TestWarmSpecDecodes: warmUp's spec survives JSON both ways, so decoding it meets every type
+// it was built with.
+func TestWarmSpecDecodes(t *testing.T) {
+	b, err := json.Marshal(warmSpec())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got specs.Spec
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(&got, warmSpec()) {
+		t.Errorf("warm spec after JSON: %+v, want %+v", got, warmSpec())
+	}
+	warmUp()
 }

@@ -70,8 +70,8 @@ func holderCloneFlags(spec *specs.Spec) (flags uintptr, ok bool) {
 // madeBeforeSetup reports whether the container of a create sent alongside the guest's setup
 // (CreateContainerRequest.alongside_setup) can be made before SetupSandbox ended: a pod
 // sandbox that a holder keeps needs neither the pod's share (it has no rootfs to mount) nor its
-// NICs, unless it sets net sysctls (per-interface ones name the pod's NICs) or mounts disks.
-// Anything else, libcontainer's containers among them, waits for the setup.
+// NICs, unless it sets a NIC's sysctls (nicSysctl) or mounts disks. Anything else,
+// libcontainer's containers among them, waits for the setup.
 func madeBeforeSetup(spec *specs.Spec, req *api.CreateContainerRequest) bool {
 	if !isPodSandbox(spec) || (spec.Process != nil && spec.Process.Terminal) || len(req.BlockMounts) > 0 || len(req.Devices) > 0 {
 		return false
@@ -80,11 +80,21 @@ func madeBeforeSetup(spec *specs.Spec, req *api.CreateContainerRequest) bool {
 		return false
 	}
 	for k := range spec.Linux.Sysctl {
-		if strings.HasPrefix(k, "net.") {
+		if nicSysctl(k) {
 			return false
 		}
 	}
 	return true
+}
+
+// nicSysctl reports whether sysctl k is one of a network device's (net.<family>.conf.<dev>.*
+// or net.<family>.neigh.<dev>.*): it names a pod NIC, which the guest's setup names, or is
+// the "default" a NIC takes when it appears, which in a runc pod is there before any sysctl is
+// written. Other net.* sysctls, as the two containerd gives every pod
+// (ip_unprivileged_port_start, ping_group_range), belong to the network namespace alone.
+func nicSysctl(k string) bool {
+	parts := strings.SplitN(k, ".", 4)
+	return len(parts) == 4 && parts[0] == "net" && (parts[2] == "conf" || parts[2] == "neigh")
 }
 
 // holdNamespaces starts the holder of pod sandbox id in its cgroup and gives its namespaces

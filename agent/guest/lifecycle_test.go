@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -605,6 +607,51 @@ func TestExecLifecycleEdges(t *testing.T) {
 // A create sent alongside the guest's setup (the VM owner's container) is made at once only if
 // it is a pod sandbox that a holder keeps; anything else waits for SetupSandbox, and fails if
 // the setup failed.
+// fakeProcSys is a /proc/sys with a file for each sysctl of the spec in b: the agent writes
+// the pod's net.* sysctls there, and a unit test must not set the host's.
+func fakeProcSys(t *testing.T, b []byte) string {
+	t.Helper()
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if spec.Linux == nil {
+		return dir
+	}
+	for k := range spec.Linux.Sysctl {
+		p := filepath.Join(dir, strings.ReplaceAll(k, ".", "/"))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// checkNetSysctls checks that the net.* sysctls of the spec in b were written in procSys.
+func checkNetSysctls(t *testing.T, procSys string, b []byte) {
+	t.Helper()
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	if spec.Linux == nil {
+		return
+	}
+	for k, v := range spec.Linux.Sysctl {
+		if !strings.HasPrefix(k, "net.") {
+			continue
+		}
+		got, err := os.ReadFile(filepath.Join(procSys, strings.ReplaceAll(k, ".", "/")))
+		if err != nil || string(got) != v {
+			t.Errorf("sysctl %s: %q, %v; want %q", k, got, err, v)
+		}
+	}
+}
+
 func TestCreateAlongsideSetup(t *testing.T) {
 	sandboxSpec := func(sysctl map[string]string) []byte {
 		b, err := json.Marshal(&specs.Spec{Root: &specs.Root{Path: "/rootfs"}, Process: &specs.Process{Args: []string{"pause"}},
@@ -622,12 +669,19 @@ func TestCreateAlongsideSetup(t *testing.T) {
 		setupErr error
 	}{
 		{"held sandbox", sandboxSpec(map[string]string{"kernel.shm_rmid_forced": "1"}), false, nil},
-		{"sandbox with net sysctls", sandboxSpec(map[string]string{"net.ipv4.conf.eth0.forwarding": "1"}), true, nil},
+		// containerd's CRI gives every pod these two (enable_unprivileged_ports and _icmp).
+		{"sandbox with netns-wide sysctls", sandboxSpec(map[string]string{
+			"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647"}), false, nil},
+		{"sandbox with a NIC's sysctl", sandboxSpec(map[string]string{"net.ipv4.conf.eth0.forwarding": "1"}), true, nil},
+		// default.* applies to NICs made after it is written: runc's pod has its NIC by then.
+		{"sandbox with a default NIC sysctl", sandboxSpec(map[string]string{"net.ipv6.conf.default.accept_ra": "0"}), true, nil},
+		{"sandbox with a neighbour table sysctl", sandboxSpec(map[string]string{"net.ipv4.neigh.eth0.gc_stale_time": "60"}), true, nil},
 		{"container", specJSON(t, "sh"), true, nil},
 		{"container, setup fails", specJSON(t, "sh"), true, errors.New("mount virtio-fs: no such device")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newLRig(t)
+			r.s.procSys = fakeProcSys(t, tc.spec)
 			release := make(chan struct{})
 			r.s.setup = func(context.Context, *api.SetupSandboxRequest) error {
 				<-release
@@ -661,11 +715,15 @@ func TestCreateAlongsideSetup(t *testing.T) {
 				t.Fatalf("setup: %v, want %v", err, tc.setupErr)
 			}
 			if !tc.waits {
+				checkNetSysctls(t, r.s.procSys, tc.spec)
 				return
 			}
 			err := <-created
 			if tc.setupErr == nil && err != nil {
 				t.Fatalf("create after the setup: %v", err)
+			}
+			if tc.setupErr == nil {
+				checkNetSysctls(t, r.s.procSys, tc.spec)
 			}
 			if tc.setupErr != nil {
 				if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "no such device") {

@@ -22,6 +22,7 @@ import (
 func Serve(ctx context.Context, svc api.AgentService) error {
 	phases := bootPhasesFromEnv()
 	phases.serverMain = processStart
+	go warmUp()
 	srv, err := ttrpc.NewServer(serverOptions(svc)...)
 	if err != nil {
 		return err

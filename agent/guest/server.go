@@ -36,6 +36,9 @@ type Server struct {
 	// powerOff is called after Shutdown replied.
 	powerOff func()
 
+	// procSys is where the pod's net.* sysctls are written: /proc/sys (tests replace it).
+	procSys string
+
 	// setup sets the guest up for SetupSandbox (setupSandbox; tests replace it).
 	setup func(context.Context, *api.SetupSandboxRequest) error
 	// setupDone is closed when the first SetupSandbox ended, setupErr its error: containers
@@ -58,6 +61,7 @@ func newServer(rt containerRuntime) *Server {
 		oom:        make(chan string, 64),
 		ports:      newPorts(),
 		powerOff:   PowerOff,
+		procSys:    "/proc/sys",
 		setup:      setupSandbox,
 		setupDone:  make(chan struct{}),
 	}
@@ -149,7 +153,7 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 			return nil, fmt.Errorf("container %s: %w", id, err)
 		}
 	}
-	if err := applyPodSysctls(spec); err != nil {
+	if err := applyPodSysctls(s.procSys, spec); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
 	if err := s.mountPodTmpfs(req.PodTmpfs); err != nil {

@@ -304,7 +304,9 @@ func TestUnplugNodeStillInUse(t *testing.T) {
 	v, mon = vmWithDisk(t)
 	autoDelete(mon)
 	mon.SetReply("blockdev-del", nil, inUse)
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	// Long enough that the device_del and its DEVICE_DELETED fit in it on a loaded machine
+	// (at 100 ms the deadline once came first, under make unit beside make lint and VMs).
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	if err := v.Unplug(ctx, "d"); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "is in use") {
 		t.Fatalf("Unplug of a node that stays in use: %v", err)
