@@ -604,9 +604,6 @@ func TestExecLifecycleEdges(t *testing.T) {
 	}
 }
 
-// A create sent alongside the guest's setup (the VM owner's container) is made at once only if
-// it is a pod sandbox that a holder keeps; anything else waits for SetupSandbox, and fails if
-// the setup failed.
 // fakeProcSys is a /proc/sys with a file for each sysctl of the spec in b: the agent writes
 // the pod's net.* sysctls there, and a unit test must not set the host's.
 func fakeProcSys(t *testing.T, b []byte) string {
@@ -652,6 +649,9 @@ func checkNetSysctls(t *testing.T, procSys string, b []byte) {
 	}
 }
 
+// A create sent alongside the guest's setup (the VM owner's container) is made at once only if
+// it is a pod sandbox that a holder keeps; anything else waits for SetupSandbox, and fails if
+// the setup failed.
 func TestCreateAlongsideSetup(t *testing.T) {
 	sandboxSpec := func(sysctl map[string]string) []byte {
 		b, err := json.Marshal(&specs.Spec{Root: &specs.Root{Path: "/rootfs"}, Process: &specs.Process{Args: []string{"pause"}},

@@ -16,7 +16,7 @@ import (
 // builds its decoder for each runtime-spec type the first time it meets one, and protobuf builds
 // each message type's coder on first use. That is data, not code: a VM restored from a template
 // finds it in the template's memory, where the agent did it before the template was saved
-// (under TCG a clone's first spec decode took 60-260 ms without it, 10-45 ms with it). In a
+// (under TCG a clone's first spec decode took 62-259 ms without it, 8-46 ms with it). In a
 // booted VM it runs beside the host's first calls.
 func warmUp() {
 	b, err := json.Marshal(warmSpec())
