@@ -604,19 +604,25 @@ func TestExecLifecycleEdges(t *testing.T) {
 	}
 }
 
-// fakeProcSys is a /proc/sys with a file for each sysctl of the spec in b: the agent writes
-// the pod's net.* sysctls there, and a unit test must not set the host's.
-func fakeProcSys(t *testing.T, b []byte) string {
+// specSysctls is the sysctls of the spec in b.
+func specSysctls(t *testing.T, b []byte) map[string]string {
 	t.Helper()
 	var spec specs.Spec
 	if err := json.Unmarshal(b, &spec); err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
 	if spec.Linux == nil {
-		return dir
+		return nil
 	}
-	for k := range spec.Linux.Sysctl {
+	return spec.Linux.Sysctl
+}
+
+// fakeProcSys is a /proc/sys with a file for each sysctl of the spec in b: the agent writes
+// the pod's net.* sysctls there, and a unit test must not set the host's.
+func fakeProcSys(t *testing.T, b []byte) string {
+	t.Helper()
+	dir := t.TempDir()
+	for k := range specSysctls(t, b) {
 		p := filepath.Join(dir, strings.ReplaceAll(k, ".", "/"))
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
@@ -631,14 +637,7 @@ func fakeProcSys(t *testing.T, b []byte) string {
 // checkNetSysctls checks that the net.* sysctls of the spec in b were written in procSys.
 func checkNetSysctls(t *testing.T, procSys string, b []byte) {
 	t.Helper()
-	var spec specs.Spec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		t.Fatal(err)
-	}
-	if spec.Linux == nil {
-		return
-	}
-	for k, v := range spec.Linux.Sysctl {
+	for k, v := range specSysctls(t, b) {
 		if !strings.HasPrefix(k, "net.") {
 			continue
 		}
