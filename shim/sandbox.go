@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
@@ -448,8 +449,15 @@ func (sb *sandbox) bootVM(ctx context.Context, o *sandboxOptions, vcfg hyperviso
 func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, pod *network.Pod) error {
 	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag, HotPlugged: sb.restored}
 	if pod != nil {
-		for _, ep := range pod.Endpoints {
-			req.Interfaces = append(req.Interfaces, ep.Guest())
+		for i, ep := range pod.Endpoints {
+			ifc := ep.Guest()
+			if sb.restored && i == 0 {
+				// The first NIC came with the VM template, and has its MAC until the agent
+				// gives it the pod's.
+				ifc = proto.CloneOf(ifc)
+				ifc.GuestMac = hypervisor.TemplateNICMAC
+			}
+			req.Interfaces = append(req.Interfaces, ifc)
 		}
 		req.Routes, req.Neighbors = pod.Routes, pod.Neighbors
 	}

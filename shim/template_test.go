@@ -30,9 +30,14 @@ func TestSandboxFromTemplate(t *testing.T) {
 	if len(req.Entropy) != restoreEntropy || req.RealtimeNs == 0 {
 		t.Errorf("PrepareRestored = %d bytes of entropy, clock %d", len(req.Entropy), req.RealtimeNs)
 	}
-	// The guest waits for its hot-plugged NIC and share in SetupSandbox.
-	if setup := r.agent.Setup(); setup == nil || !setup.HotPlugged || setup.SharedFsTag == "" || len(setup.Interfaces) != 1 {
-		t.Errorf("SetupSandbox = %+v, want hot_plugged with the share and the NIC", setup)
+	// The guest waits for its hot-plugged share in SetupSandbox; its NIC came with the
+	// template, with the template's MAC, and gets the pod's.
+	setup := r.agent.Setup()
+	if setup == nil || !setup.HotPlugged || setup.SharedFsTag == "" || len(setup.Interfaces) != 1 {
+		t.Fatalf("SetupSandbox = %+v, want hot_plugged with the share and the NIC", setup)
+	}
+	if ifc := setup.Interfaces[0]; ifc.GuestMac != hypervisor.TemplateNICMAC || ifc.Mac == "" || ifc.Mac == ifc.GuestMac {
+		t.Errorf("NIC %+v: want the pod's MAC, found by the template's", ifc)
 	}
 	// The guest is reseeded before anything else runs in it: its setup and the sandbox's
 	// container, which are made at once.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -17,24 +18,36 @@ import (
 )
 
 func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
-	if err := waitHotPlugged(ctx, req, realRestoreSys()); err != nil {
+	if req.Hostname != "" {
+		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
+			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
+		}
+	}
+	// The network first: a restored VM's first NIC came with its template, while the guest
+	// may still be probing the share's hot-plugged device.
+	sys := realRestoreSys()
+	nicWait, err := waitNICs(ctx, req, sys)
+	if err != nil {
 		return err
 	}
+	if err := setupNetwork(ctx, req); err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
 	if req.SharedFsTag != "" {
+		fsWait, err := waitShare(ctx, req, sys)
+		if err != nil {
+			return err
+		}
+		if req.HotPlugged {
+			log.G(ctx).Infof("hot-plugged devices: %d NICs present after %s, virtio-fs after %s more",
+				len(req.Interfaces), nicWait.Round(time.Microsecond), fsWait.Round(time.Microsecond))
+		}
 		if err := os.MkdirAll(agent.GuestSharedDir, 0o755); err != nil {
 			return err
 		}
 		if err := unix.Mount(req.SharedFsTag, agent.GuestSharedDir, "virtiofs", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
 			return fmt.Errorf("mount virtio-fs %q on %s: %w", req.SharedFsTag, agent.GuestSharedDir, err)
 		}
-	}
-	if req.Hostname != "" {
-		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
-			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
-		}
-	}
-	if err := setupNetwork(ctx, req); err != nil {
-		return fmt.Errorf("network: %w", err)
 	}
 	return nil
 }
@@ -54,17 +67,26 @@ func setupNetwork(ctx context.Context, req *api.SetupSandboxRequest) error {
 		if err != nil {
 			return fmt.Errorf("interface %s: bad MAC %q: %w", ifc.Name, ifc.Mac, errdefs.ErrInvalidArgument)
 		}
+		has, err := guestMAC(ifc)
+		if err != nil {
+			return err
+		}
 		var link netlink.Link
 		for _, l := range links {
-			if l.Attrs().HardwareAddr.String() == mac.String() {
+			if l.Attrs().HardwareAddr.String() == has.String() {
 				link = l
 			}
 		}
 		if link == nil {
-			return fmt.Errorf("interface %s: no guest NIC has MAC %s: %w", ifc.Name, mac, errdefs.ErrNotFound)
+			return fmt.Errorf("interface %s: no guest NIC has MAC %s: %w", ifc.Name, has, errdefs.ErrNotFound)
 		}
 		if err := netlink.LinkSetDown(link); err != nil {
 			return err
+		}
+		if has.String() != mac.String() {
+			if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+				return fmt.Errorf("interface %s: set MAC %s (was %s): %w", ifc.Name, mac, has, err)
+			}
 		}
 		if ifc.Name != "" && link.Attrs().Name != ifc.Name {
 			if err := netlink.LinkSetName(link, ifc.Name); err != nil {
