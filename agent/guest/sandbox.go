@@ -55,12 +55,15 @@ func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
 // setupNetwork configures the guest NICs the host describes: each is found by its MAC, renamed,
 // given its MTU and addresses and brought up; then routes and neighbours are added.
 func setupNetwork(ctx context.Context, req *api.SetupSandboxRequest) error {
-	if lo, err := netlink.LinkByName("lo"); err == nil {
-		_ = netlink.LinkSetUp(lo)
-	}
 	links, err := netlink.LinkList()
 	if err != nil {
 		return err
+	}
+	for _, l := range links {
+		// Up since the agent's start (LoopbackUp), but for a race with it.
+		if l.Attrs().Name == "lo" && l.Attrs().Flags&net.FlagUp == 0 {
+			_ = netlink.LinkSetUp(l)
+		}
 	}
 	for _, ifc := range req.Interfaces {
 		mac, err := net.ParseMAC(ifc.Mac)
@@ -166,4 +169,15 @@ func toRoute(r *api.Route) (*netlink.Route, error) {
 		route.Src = net.ParseIP(r.Source)
 	}
 	return route, nil
+}
+
+// LoopbackUp brings the guest's loopback up, as every pod has it. The agent does it at its
+// start, beside its first calls: a VM template is saved with it up, so a clone's setup (where
+// under TCG each netlink call's code runs for the first time) is one step shorter.
+func LoopbackUp() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	return netlink.LinkSetUp(lo)
 }

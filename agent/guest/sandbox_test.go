@@ -38,7 +38,7 @@ func inNewNetns(t *testing.T, fn func()) {
 
 // TestSetupNetworkTemplateNIC: a NIC found by the MAC it has in the guest (a clone's, which
 // came with its template) gets the pod's MAC, name, MTU and addresses and goes up; a NIC
-// without guest_mac is found by the pod's MAC.
+// without guest_mac is found by the pod's MAC; the loopback, down in a new namespace, is up.
 func TestSetupNetworkTemplateNIC(t *testing.T) {
 	inNewNetns(t, func() {
 		// veths, for their MAC (the test machine's kernel may have no dummy links).
@@ -72,9 +72,25 @@ func TestSetupNetworkTemplateNIC(t *testing.T) {
 				t.Errorf("%s: addresses %v, want %s", ifc.Name, addrs, ifc.Addresses[0])
 			}
 		}
+		if lo, err := netlink.LinkByName("lo"); err != nil || lo.Attrs().Flags&net.FlagUp == 0 {
+			t.Errorf("lo is not up after the setup: %v", err)
+		}
 		// The template's MAC is gone: asked again for it, no NIC has it.
 		if err := setupNetwork(context.Background(), req); err == nil {
 			t.Error("a second setup found a NIC with the template's MAC")
+		}
+	})
+}
+
+// TestLoopbackUp: what the agent does at its start.
+func TestLoopbackUp(t *testing.T) {
+	inNewNetns(t, func() {
+		if err := LoopbackUp(); err != nil {
+			t.Error(err)
+			return
+		}
+		if lo, err := netlink.LinkByName("lo"); err != nil || lo.Attrs().Flags&net.FlagUp == 0 {
+			t.Errorf("lo is not up: %v", err)
 		}
 	})
 }
