@@ -47,6 +47,8 @@ type Fake struct {
 	VersionReply *api.VersionResponse
 	// ExitedAt, if not zero, is the exit time WaitProcess reports (Unix nanoseconds).
 	ExitedAt int64
+	// RestoreGate, if set, holds PrepareRestored's answer until it is closed.
+	RestoreGate chan struct{}
 }
 
 var _ api.AgentService = (*Fake)(nil)

@@ -7,14 +7,23 @@ import (
 )
 
 // PrepareRestored implements the RPC of that name in api.AgentService (agent.proto) for tests:
-// it records the request (Restored returns it).
+// it records the request (Restored returns it) and, with RestoreGate set, answers once that
+// is closed.
 func (f *Fake) PrepareRestored(ctx context.Context, r *api.PrepareRestoredRequest) (*api.Empty, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if err := f.begin("PrepareRestored", ""); err != nil {
+	if err := f.enter("PrepareRestored", ""); err != nil {
 		return nil, err
 	}
+	if f.RestoreGate != nil {
+		select {
+		case <-f.RestoreGate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.restored = r
+	f.calls = append(f.calls, "PrepareRestored done")
 	return &api.Empty{}, nil
 }
 

@@ -75,9 +75,16 @@ type NetDevice struct {
 // DeviceID implements Device.
 func (d *NetDevice) DeviceID() string { return d.ID }
 
-// TemplateNICs is how many NICs a VM restored from a template can get (Config.Templated):
-// a template reserves a PCIe root port for each, and one for the virtio-fs device.
+// TemplateNICs is how many NICs a VM restored from a template can get (Config.Templated).
+// The first is part of the template: the template VM boots with it (on a tap that leads
+// nowhere), and a clone gets it on the pod's first tap with the device state the guest saved,
+// MAC included (TemplateNICMAC) until the agent sets the pod's (api.Interface.guest_mac). The
+// others are hot-plugged into root ports the template reserves for them.
 const TemplateNICs = 2
+
+// TemplateNICMAC is the MAC a VM template's NIC has, in the template and, until the agent
+// gives it the pod's, in each clone: locally administered, unicast.
+const TemplateNICMAC = "02:70:6f:64:76:6d"
 
 // ErrRestore marks a VM that its VMM could not restore from a template's saved state: the
 // template is broken (or of another VMM build), not the pod.

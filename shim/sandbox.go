@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/podvm/podvm/agent"
 	"github.com/podvm/podvm/agent/api"
@@ -325,12 +326,15 @@ func bootSandbox(ctx context.Context, b backend, o *sandboxOptions, alongside ow
 	if err := sb.startVM(ctx, b, o, nics, tmpl, &ph); err != nil {
 		return nil, err
 	}
-	setupTime, err := sb.setupGuestAlongside(ctx, b, o.host, pod, alongside)
+	times, err := sb.setupGuestAlongside(ctx, b, o.host, pod, alongside)
 	if err != nil {
 		return nil, err
 	}
 	ph.done("setup_and_owner")
-	ph.fields["guest_setup"] = setupTime.Round(time.Millisecond)
+	ph.fields["guest_setup"] = times.setup.Round(time.Millisecond)
+	if sb.restored {
+		ph.fields["reseed"] = times.reseed.Round(time.Millisecond)
+	}
 	sb.ready = true
 	sb.metricsReady(time.Since(start), o.size.VCPUs, o.size.MemoryMiB)
 	if tmpl != nil {
@@ -418,13 +422,8 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	sb.agent = conn
 	sb.observeAgent(conn)
 	ph.done("agent_ready")
-	if tmpl != nil {
-		sb.restored = true
-		if err := sb.prepareRestored(ctx); err != nil {
-			return fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
-		}
-		ph.done("reseed")
-	}
+	// A clone is made the pod's own (prepareRestored) while its setup starts.
+	sb.restored = tmpl != nil
 	return nil
 }
 
@@ -448,8 +447,15 @@ func (sb *sandbox) bootVM(ctx context.Context, o *sandboxOptions, vcfg hyperviso
 func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, pod *network.Pod) error {
 	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag, HotPlugged: sb.restored}
 	if pod != nil {
-		for _, ep := range pod.Endpoints {
-			req.Interfaces = append(req.Interfaces, ep.Guest())
+		for i, ep := range pod.Endpoints {
+			ifc := ep.Guest()
+			if sb.restored && i == 0 {
+				// The first NIC came with the VM template, and has its MAC until the agent
+				// gives it the pod's.
+				ifc = proto.CloneOf(ifc)
+				ifc.GuestMac = hypervisor.TemplateNICMAC
+			}
+			req.Interfaces = append(req.Interfaces, ifc)
 		}
 		req.Routes, req.Neighbors = pod.Routes, pod.Neighbors
 	}
@@ -483,12 +489,20 @@ func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, p
 // removes it again.
 type ownerCreate func(sb *sandbox) (undo func(), err error)
 
+// setupTimes are how long setupGuestAlongside's steps took.
+type setupTimes struct {
+	setup  time.Duration // SetupSandbox
+	reseed time.Duration // prepareRestored, for a clone
+}
+
 // setupGuestAlongside sets up the guest while alongside makes the VM owner's container (the pod
 // sandbox's namespace holder): each waits mostly on the guest, and the guest has a vCPU for
 // each; the agent holds back whatever of that create needs the setup done (alongside_setup in
-// agent.proto). It returns how long the setup took; a failure of either is the error, and an
+// agent.proto). A clone of a VM template is made the pod's own (prepareRestored) before the
+// owner's container, the first thing that runs in it, and while the setup runs: the setup
+// starts no process and draws no random numbers. A failure of any is the error, and an
 // owner's container made for a guest whose setup failed is removed again.
-func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname string, pod *network.Pod, alongside ownerCreate) (time.Duration, error) {
+func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname string, pod *network.Pod, alongside ownerCreate) (setupTimes, error) {
 	start := time.Now()
 	type result struct {
 		took time.Duration
@@ -499,15 +513,26 @@ func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname 
 		err := sb.setupGuest(ctx, b, hostname, pod)
 		setup <- result{time.Since(start), err}
 	}()
+	var times setupTimes
+	if sb.restored {
+		err := sb.prepareRestored(ctx)
+		times.reseed = time.Since(start)
+		if err != nil {
+			r := <-setup
+			times.setup = r.took
+			return times, fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
+		}
+	}
 	undo, ownerErr := alongside(sb)
 	r := <-setup
+	times.setup = r.took
 	if r.err != nil {
 		if ownerErr == nil {
 			undo()
 		}
-		return r.took, r.err
+		return times, r.err
 	}
-	return r.took, ownerErr
+	return times, ownerErr
 }
 
 // configName names the node config in messages.

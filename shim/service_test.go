@@ -32,7 +32,7 @@ func TestSandboxBootsVMAndWiresThePod(t *testing.T) {
 	}
 	setup := r.agent.Setup()
 	if setup == nil || setup.Hostname != "pod-host" || setup.SharedFsTag != hypervisor.SharedFSTag ||
-		len(setup.Interfaces) != 1 || setup.Interfaces[0].Mac != "02:00:00:00:00:01" || len(setup.Routes) != 1 {
+		len(setup.Interfaces) != 1 || setup.Interfaces[0].Mac != "02:00:00:00:00:01" || setup.Interfaces[0].GuestMac != "" || len(setup.Routes) != 1 {
 		t.Errorf("SetupSandbox = %+v", setup)
 	}
 	if st := r.state("pod1", ""); st.Status != task.Status_CREATED || st.Pid == 0 {

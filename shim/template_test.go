@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/podvm/podvm/hypervisor"
 )
@@ -30,16 +31,71 @@ func TestSandboxFromTemplate(t *testing.T) {
 	if len(req.Entropy) != restoreEntropy || req.RealtimeNs == 0 {
 		t.Errorf("PrepareRestored = %d bytes of entropy, clock %d", len(req.Entropy), req.RealtimeNs)
 	}
-	// The guest waits for its hot-plugged NIC and share in SetupSandbox.
-	if setup := r.agent.Setup(); setup == nil || !setup.HotPlugged || setup.SharedFsTag == "" || len(setup.Interfaces) != 1 {
-		t.Errorf("SetupSandbox = %+v, want hot_plugged with the share and the NIC", setup)
+	// The guest waits for its hot-plugged share in SetupSandbox; its NIC came with the
+	// template, with the template's MAC, and gets the pod's.
+	setup := r.agent.Setup()
+	if setup == nil || !setup.HotPlugged || setup.SharedFsTag == "" || len(setup.Interfaces) != 1 {
+		t.Fatalf("SetupSandbox = %+v, want hot_plugged with the share and the NIC", setup)
 	}
-	// The guest is reseeded before anything else runs in it: its setup and the sandbox's
-	// container, which are made at once.
+	if ifc := setup.Interfaces[0]; ifc.GuestMac != hypervisor.TemplateNICMAC || ifc.Mac == "" || ifc.Mac == ifc.GuestMac {
+		t.Errorf("NIC %+v: want the pod's MAC, found by the template's", ifc)
+	}
+	// The guest is reseeded before anything runs in it: the sandbox's container.
 	calls := r.agent.Calls()
-	i := slices.Index(calls, "PrepareRestored")
-	if i < 0 || slices.Index(calls, "SetupSandbox") < i || slices.Index(calls, "CreateContainer pod1") < i {
-		t.Errorf("agent calls %q: want PrepareRestored before SetupSandbox and CreateContainer", calls)
+	i := slices.Index(calls, "PrepareRestored done")
+	if i < 0 || slices.Index(calls, "CreateContainer pod1") < i {
+		t.Errorf("agent calls %q: want PrepareRestored answered before CreateContainer", calls)
+	}
+}
+
+// TestSandboxFromTemplateSetupMeanwhile: a clone's setup, which runs nothing in the guest,
+// does not wait for the guest's reseed; the sandbox's container, the first process in it,
+// does.
+func TestSandboxFromTemplateSetupMeanwhile(t *testing.T) {
+	r := newRig(t)
+	r.template = &hypervisor.FakeTemplate{ID: "k1"}
+	gate := make(chan struct{})
+	r.agent.RestoreGate = gate
+	done := make(chan error, 1)
+	go func() {
+		_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
+		done <- err
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Contains(r.agent.Calls(), "SetupSandbox") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no SetupSandbox while PrepareRestored was unanswered: %q", r.agent.Calls())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if calls := r.agent.Calls(); slices.ContainsFunc(calls, func(c string) bool { return strings.HasPrefix(c, "CreateContainer") }) {
+		t.Fatalf("the sandbox's container was made before the guest was reseeded: %q", calls)
+	}
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	calls := r.agent.Calls()
+	if i := slices.Index(calls, "PrepareRestored done"); i < 0 || slices.Index(calls, "CreateContainer pod1") < i {
+		t.Errorf("agent calls %q: want CreateContainer after PrepareRestored's answer", calls)
+	}
+}
+
+// TestSandboxFromTemplateReseedFails: a clone that cannot be reseeded gets no container and
+// fails the pod with the reason; its setup is waited for and the VM goes.
+func TestSandboxFromTemplateReseedFails(t *testing.T) {
+	r := newRig(t)
+	r.template = &hypervisor.FakeTemplate{ID: "k1"}
+	r.agent.FailOn("PrepareRestored", errors.New("RNDADDENTROPY: operation not permitted"))
+	_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
+	if err == nil || !strings.Contains(err.Error(), "RNDADDENTROPY") {
+		t.Fatalf("create: %v, want the reseed's error", err)
+	}
+	if calls := r.agent.Calls(); slices.ContainsFunc(calls, func(c string) bool { return strings.HasPrefix(c, "CreateContainer") }) {
+		t.Errorf("a container was made in a guest that was not reseeded: %q", calls)
+	}
+	if _, stopped, _ := r.vm.State(); !stopped {
+		t.Error("the VM was not stopped")
 	}
 }
 

@@ -220,9 +220,10 @@ type SetupSandboxRequest struct {
 	Interfaces  []*Interface `protobuf:"bytes,3,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
 	Routes      []*Route     `protobuf:"bytes,4,rep,name=routes,proto3" json:"routes,omitempty"`
 	Neighbors   []*Neighbor  `protobuf:"bytes,5,rep,name=neighbors,proto3" json:"neighbors,omitempty"`
-	// Set for a VM restored from a VM template, whose NICs and share were hot-plugged just
-	// before: the agent first waits until the guest has found each NIC (by MAC) and, with a
-	// shared_fs_tag, a virtio-fs device.
+	// Set for a VM restored from a VM template, whose share and NICs (but the first, which
+	// came with the template, see Interface.guest_mac) were hot-plugged just before: the
+	// agent waits until the guest has found each NIC (by MAC) before it sets them up and,
+	// with a shared_fs_tag, a virtio-fs device before it mounts the share.
 	HotPlugged    bool `protobuf:"varint,8,opt,name=hot_plugged,json=hotPlugged,proto3" json:"hot_plugged,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -308,7 +309,11 @@ type Interface struct {
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	Mtu  uint32 `protobuf:"varint,3,opt,name=mtu,proto3" json:"mtu,omitempty"`
 	// Addresses in CIDR form, e.g. 10.88.0.5/24.
-	Addresses     []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	Addresses []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// The MAC the guest NIC has now, when it is not mac: a VM restored from a VM template has
+	// the template's NIC, with the template's MAC. The agent then finds the NIC by this one
+	// and gives it mac.
+	GuestMac      string `protobuf:"bytes,5,opt,name=guest_mac,json=guestMac,proto3" json:"guest_mac,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -369,6 +374,13 @@ func (x *Interface) GetAddresses() []string {
 		return x.Addresses
 	}
 	return nil
+}
+
+func (x *Interface) GetGuestMac() string {
+	if x != nil {
+		return x.GuestMac
+	}
+	return ""
 }
 
 type Route struct {
@@ -2346,12 +2358,13 @@ const file_agent_proto_rawDesc = "" +
 	"\x06routes\x18\x04 \x03(\v2\x15.podvm.agent.v1.RouteR\x06routes\x126\n" +
 	"\tneighbors\x18\x05 \x03(\v2\x18.podvm.agent.v1.NeighborR\tneighbors\x12\x1f\n" +
 	"\vhot_plugged\x18\b \x01(\bR\n" +
-	"hotPluggedJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"a\n" +
+	"hotPluggedJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"~\n" +
 	"\tInterface\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
 	"\x03mtu\x18\x03 \x01(\rR\x03mtu\x12\x1c\n" +
-	"\taddresses\x18\x04 \x03(\tR\taddresses\"\xb9\x01\n" +
+	"\taddresses\x18\x04 \x03(\tR\taddresses\x12\x1b\n" +
+	"\tguest_mac\x18\x05 \x01(\tR\bguestMac\"\xb9\x01\n" +
 	"\x05Route\x12 \n" +
 	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x18\n" +
 	"\agateway\x18\x02 \x01(\tR\agateway\x12\x16\n" +

@@ -3,7 +3,8 @@ package guest
 // A guest restored from a VM template is a copy of the template's guest at the moment it was
 // saved: the same kernel RNG state, a wall clock that stopped then, and none of the devices
 // that are the pod's own. PrepareRestored makes it the pod's before anything else runs in it;
-// SetupSandbox then waits for the hot-plugged devices (waitHotPlugged).
+// SetupSandbox then waits for the hot-plugged devices (waitNICs, waitShare) and gives the NIC that
+// came with the template the pod's MAC.
 
 import (
 	"context"
@@ -85,27 +86,49 @@ func prepareRestored(ctx context.Context, req *api.PrepareRestoredRequest, sys r
 	return nil
 }
 
-// waitHotPlugged waits, for a SetupSandbox that says its devices were hot-plugged, until the
-// guest has found each of its NICs and, if it mounts a share, a virtio-fs device.
-func waitHotPlugged(ctx context.Context, req *api.SetupSandboxRequest, sys restoreSys) error {
+// waitNICs waits, for a SetupSandbox that says its devices were hot-plugged, until the guest
+// has found each of its NICs, by the MAC they have in the guest (guestMAC). It returns how
+// long it waited.
+func waitNICs(ctx context.Context, req *api.SetupSandboxRequest, sys restoreSys) (time.Duration, error) {
 	if !req.HotPlugged {
-		return nil
+		return 0, nil
 	}
-	macs := make([]net.HardwareAddr, 0, len(req.Interfaces))
+	var macs []net.HardwareAddr
 	for _, ifc := range req.Interfaces {
-		mac, err := net.ParseMAC(ifc.Mac)
+		mac, err := guestMAC(ifc)
 		if err != nil {
-			return fmt.Errorf("interface %s: bad MAC %q: %w", ifc.Name, ifc.Mac, errdefs.ErrInvalidArgument)
+			return 0, err
 		}
 		macs = append(macs, mac)
 	}
 	start := time.Now()
-	fs := req.SharedFsTag != ""
-	if err := waitDevices(ctx, macs, fs, sys); err != nil {
-		return err
+	err := waitDevices(ctx, macs, false, sys)
+	return time.Since(start), err
+}
+
+// waitShare waits, for a SetupSandbox that says its devices were hot-plugged and has a share,
+// until the guest has a virtio-fs device bound to its driver. It returns how long it waited.
+func waitShare(ctx context.Context, req *api.SetupSandboxRequest, sys restoreSys) (time.Duration, error) {
+	if !req.HotPlugged || req.SharedFsTag == "" {
+		return 0, nil
 	}
-	log.G(ctx).Infof("hot-plugged devices: %d NICs and virtio-fs %v present (%s)", len(macs), fs, time.Since(start).Round(time.Microsecond))
-	return nil
+	start := time.Now()
+	err := waitDevices(ctx, nil, true, sys)
+	return time.Since(start), err
+}
+
+// guestMAC is the MAC by which the agent finds ifc's NIC in the guest: guest_mac if the host
+// set it (a clone's NIC that came with its template), else mac.
+func guestMAC(ifc *api.Interface) (net.HardwareAddr, error) {
+	s := ifc.Mac
+	if ifc.GuestMac != "" {
+		s = ifc.GuestMac
+	}
+	mac, err := net.ParseMAC(s)
+	if err != nil {
+		return nil, fmt.Errorf("interface %s: bad MAC %q: %w", ifc.Name, s, errdefs.ErrInvalidArgument)
+	}
+	return mac, nil
 }
 
 // waitDevices polls until the hot-plugged devices are there, or ctx (at most

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -22,13 +23,20 @@ type fakeRestoreSys struct {
 	// readyAfter is the poll from which the devices are present.
 	readyAfter int
 	order      []string
+	// what the last poll looked for
+	macs []string
+	fs   bool
 }
 
 func (f *fakeRestoreSys) sys() restoreSys {
 	return restoreSys{
 		addEntropy: func(b []byte) error { f.entropy = b; f.order = append(f.order, "entropy"); return nil },
 		setClock:   func(ns int64) error { f.clock = ns; f.order = append(f.order, "clock"); return nil },
-		present: func([]net.HardwareAddr, bool) (bool, error) {
+		present: func(macs []net.HardwareAddr, fs bool) (bool, error) {
+			f.macs, f.fs = nil, fs
+			for _, m := range macs {
+				f.macs = append(f.macs, m.String())
+			}
 			f.polls++
 			f.order = append(f.order, "poll")
 			return f.polls > f.readyAfter, nil
@@ -78,23 +86,49 @@ func TestPrepareRestoredRejects(t *testing.T) {
 	}
 }
 
-// SetupSandbox of a restored VM waits for its hot-plugged devices; of a booted one, not.
+// SetupSandbox of a restored VM waits for its hot-plugged devices, each NIC by the MAC it
+// has in the guest; of a booted one, not.
 func TestSetupWaitsForHotPlugged(t *testing.T) {
 	req := func(hotPlugged bool) *api.SetupSandboxRequest {
 		return &api.SetupSandboxRequest{SharedFsTag: "podvm", HotPlugged: hotPlugged,
-			Interfaces: []*api.Interface{{Name: "eth0", Mac: "02:00:00:00:00:01"}}}
+			Interfaces: []*api.Interface{
+				{Name: "eth0", Mac: "02:00:00:00:00:01", GuestMac: "02:70:6f:64:76:6d"},
+				{Name: "net1", Mac: "02:00:00:00:00:02"},
+			}}
 	}
 	f := &fakeRestoreSys{readyAfter: 3}
-	if err := waitHotPlugged(context.Background(), req(false), f.sys()); err != nil || f.polls != 0 {
+	if _, err := waitNICs(context.Background(), req(false), f.sys()); err != nil || f.polls != 0 {
 		t.Fatalf("booted VM: %v after %d polls, want no wait", err, f.polls)
 	}
-	if err := waitHotPlugged(context.Background(), req(true), f.sys()); err != nil || f.polls != 4 {
-		t.Fatalf("restored VM: %v after %d polls, want the devices after 4", err, f.polls)
+	if _, err := waitShare(context.Background(), req(false), f.sys()); err != nil || f.polls != 0 {
+		t.Fatalf("booted VM's share: %v after %d polls, want no wait", err, f.polls)
 	}
-	bad := req(true)
-	bad.Interfaces[0].Mac = "nope"
-	if err := waitHotPlugged(context.Background(), bad, (&fakeRestoreSys{}).sys()); !errors.Is(err, errdefs.ErrInvalidArgument) {
-		t.Fatalf("bad MAC: %v, want invalid argument", err)
+	if _, err := waitNICs(context.Background(), req(true), f.sys()); err != nil || f.polls != 4 {
+		t.Fatalf("restored VM: %v after %d polls, want the NICs after 4", err, f.polls)
+	}
+	if want := []string{"02:70:6f:64:76:6d", "02:00:00:00:00:02"}; !slices.Equal(f.macs, want) || f.fs {
+		t.Errorf("waited for NICs %v (and virtio-fs: %v), want %v alone", f.macs, f.fs, want)
+	}
+	f = &fakeRestoreSys{readyAfter: 2}
+	if _, err := waitShare(context.Background(), req(true), f.sys()); err != nil || f.polls != 3 || !f.fs || len(f.macs) != 0 {
+		t.Fatalf("restored VM's share: %v after %d polls (fs %v, NICs %v), want virtio-fs alone after 3", err, f.polls, f.fs, f.macs)
+	}
+	noShare := req(true)
+	noShare.SharedFsTag = ""
+	f = &fakeRestoreSys{readyAfter: 1 << 30}
+	if _, err := waitShare(context.Background(), noShare, f.sys()); err != nil || f.polls != 0 {
+		t.Fatalf("no share: %v after %d polls, want no wait", err, f.polls)
+	}
+	for _, bad := range []func(*api.Interface){
+		func(i *api.Interface) { i.Mac = "nope" },
+		func(i *api.Interface) { i.GuestMac = "nope" },
+	} {
+		r := req(true)
+		r.Interfaces[0].GuestMac = ""
+		bad(r.Interfaces[0])
+		if _, err := waitNICs(context.Background(), r, (&fakeRestoreSys{}).sys()); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Fatalf("bad MAC %+v: %v, want invalid argument", r.Interfaces[0], err)
+		}
 	}
 }
 
@@ -102,7 +136,7 @@ func TestHotPluggedDevicesNeverCome(t *testing.T) {
 	f := &fakeRestoreSys{readyAfter: 1 << 30}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
 	defer cancel()
-	err := waitHotPlugged(ctx, &api.SetupSandboxRequest{SharedFsTag: "podvm", HotPlugged: true}, f.sys())
+	_, err := waitShare(ctx, &api.SetupSandboxRequest{SharedFsTag: "podvm", HotPlugged: true}, f.sys())
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("err = %v, want the deadline", err)
 	}

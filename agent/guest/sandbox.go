@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -17,10 +18,30 @@ import (
 )
 
 func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
-	if err := waitHotPlugged(ctx, req, realRestoreSys()); err != nil {
+	if req.Hostname != "" {
+		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
+			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
+		}
+	}
+	// The network first: a restored VM's first NIC came with its template, while the guest
+	// may still be probing the share's hot-plugged device.
+	sys := realRestoreSys()
+	nicWait, err := waitNICs(ctx, req, sys)
+	if err != nil {
 		return err
 	}
+	if err := setupNetwork(ctx, req); err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
 	if req.SharedFsTag != "" {
+		fsWait, err := waitShare(ctx, req, sys)
+		if err != nil {
+			return err
+		}
+		if req.HotPlugged {
+			log.G(ctx).Infof("hot-plugged devices: %d NICs present after %s, virtio-fs after %s more",
+				len(req.Interfaces), nicWait.Round(time.Microsecond), fsWait.Round(time.Microsecond))
+		}
 		if err := os.MkdirAll(agent.GuestSharedDir, 0o755); err != nil {
 			return err
 		}
@@ -28,43 +49,47 @@ func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
 			return fmt.Errorf("mount virtio-fs %q on %s: %w", req.SharedFsTag, agent.GuestSharedDir, err)
 		}
 	}
-	if req.Hostname != "" {
-		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
-			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
-		}
-	}
-	if err := setupNetwork(ctx, req); err != nil {
-		return fmt.Errorf("network: %w", err)
-	}
 	return nil
 }
 
 // setupNetwork configures the guest NICs the host describes: each is found by its MAC, renamed,
 // given its MTU and addresses and brought up; then routes and neighbours are added.
 func setupNetwork(ctx context.Context, req *api.SetupSandboxRequest) error {
-	if lo, err := netlink.LinkByName("lo"); err == nil {
-		_ = netlink.LinkSetUp(lo)
-	}
 	links, err := netlink.LinkList()
 	if err != nil {
 		return err
+	}
+	for _, l := range links {
+		// Up since the agent's start (LoopbackUp), but for a race with it.
+		if l.Attrs().Name == "lo" && l.Attrs().Flags&net.FlagUp == 0 {
+			_ = netlink.LinkSetUp(l)
+		}
 	}
 	for _, ifc := range req.Interfaces {
 		mac, err := net.ParseMAC(ifc.Mac)
 		if err != nil {
 			return fmt.Errorf("interface %s: bad MAC %q: %w", ifc.Name, ifc.Mac, errdefs.ErrInvalidArgument)
 		}
+		has, err := guestMAC(ifc)
+		if err != nil {
+			return err
+		}
 		var link netlink.Link
 		for _, l := range links {
-			if l.Attrs().HardwareAddr.String() == mac.String() {
+			if l.Attrs().HardwareAddr.String() == has.String() {
 				link = l
 			}
 		}
 		if link == nil {
-			return fmt.Errorf("interface %s: no guest NIC has MAC %s: %w", ifc.Name, mac, errdefs.ErrNotFound)
+			return fmt.Errorf("interface %s: no guest NIC has MAC %s: %w", ifc.Name, has, errdefs.ErrNotFound)
 		}
 		if err := netlink.LinkSetDown(link); err != nil {
 			return err
+		}
+		if has.String() != mac.String() {
+			if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+				return fmt.Errorf("interface %s: set MAC %s (was %s): %w", ifc.Name, mac, has, err)
+			}
 		}
 		if ifc.Name != "" && link.Attrs().Name != ifc.Name {
 			if err := netlink.LinkSetName(link, ifc.Name); err != nil {
@@ -144,4 +169,15 @@ func toRoute(r *api.Route) (*netlink.Route, error) {
 		route.Src = net.ParseIP(r.Source)
 	}
 	return route, nil
+}
+
+// LoopbackUp brings the guest's loopback up, as every pod has it. The agent does it at its
+// start, beside its first calls: a VM template is saved with it up, so a clone's setup (where
+// under TCG each netlink call's code runs for the first time) is one step shorter.
+func LoopbackUp() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	return netlink.LinkSetUp(lo)
 }

@@ -58,5 +58,10 @@ func serve(ctx context.Context) error {
 	if err := guest.SetUpKernel(ctx); err != nil {
 		return err
 	}
+	go func() {
+		if err := guest.LoopbackUp(); err != nil {
+			log.G(ctx).WithError(err).Warn("podvm-agent: loopback (SetupSandbox tries again)")
+		}
+	}()
 	return guest.Serve(ctx, guest.NewServer())
 }

@@ -368,8 +368,11 @@ func (c *Config) validateTemplate(p *problems) {
 	if len(c.NetDevices) > hypervisor.TemplateNICs {
 		p.add("NetDevices: %d NICs; a VM restored from a template can have at most %d", len(c.NetDevices), hypervisor.TemplateNICs)
 	}
-	if c.Incoming == nil && (c.SharedDir != "" || len(c.NetDevices) > 0) {
-		p.add("SharedDir/NetDevices: a VM template has neither (its clones get them hot-plugged)")
+	if len(c.NetDevices) > 0 && c.NetDevices[0] != nil && len(c.NetDevices[0].TapFiles) > 1 {
+		p.add("NetDevices[0]: %d tap queues; a templated VM's first NIC is the template's, which has one", len(c.NetDevices[0].TapFiles))
+	}
+	if c.Incoming == nil && (c.SharedDir != "" || len(c.NetDevices) > 1) {
+		p.add("SharedDir/NetDevices: a VM template has no share and only its own NIC (its clones get the rest hot-plugged)")
 	}
 }
 
@@ -525,13 +528,17 @@ func (c *Config) KernelCmdline() string {
 }
 
 // ExtraFiles are the files QEMU inherits, in the order Args numbers them from fd 3: the
-// guest memory of a templated VM, else the tap files of NetDevices (a templated VM gets them
-// hot-plugged). The console pipe's write end follows them (ConsoleFD).
+// guest memory of a templated VM and the tap of its first NIC (the template's; a clone gets
+// the others hot-plugged), else the tap files of NetDevices. The console pipe's write end
+// follows them (ConsoleFD).
 func (c *Config) ExtraFiles() []*os.File {
 	var files []*os.File
 	if c.Templated {
 		if c.MemoryFile != nil {
 			files = append(files, c.MemoryFile)
+		}
+		if len(c.NetDevices) > 0 && c.NetDevices[0] != nil {
+			files = append(files, c.NetDevices[0].TapFiles...)
 		}
 		return files
 	}
@@ -679,7 +686,7 @@ func (c *Config) sharedDirArgs() []string {
 }
 
 // netArgs are a tap netdev and a virtio-net device per NetDevice, the tap files numbered as
-// ExtraFiles passes them (from fd 3).
+// ExtraFiles passes them (from fd 3). A templated VM's come with templateArgs.
 func (c *Config) netArgs() []string {
 	if c.Templated {
 		return nil
@@ -721,6 +728,30 @@ func netDeviceArgs(nd *hypervisor.NetDevice, fds []string) (netdev, dev string) 
 	}
 	return netdev, dev
 }
+
+// templateNICArgs are a templated VM's first NIC, the same device in the template and in
+// every clone (the migrated state must find it where the template had it): a fixed id, MAC
+// (hypervisor.TemplateNICMAC) and root port, no MTU (the agent sets the pod's), single
+// queue; its tap is the one ExtraFiles passes after the memory file, the pod's first or
+// one that leads nowhere (Start makes it). A NIC the template booted with is already probed
+// by the guest when a clone resumes: only the others are hot-plugged.
+func (c *Config) templateNICArgs() []string {
+	vhost := "off"
+	if len(c.NetDevices) > 0 && c.NetDevices[0] != nil && c.NetDevices[0].VhostNet {
+		vhost = "on"
+	}
+	return []string{
+		"-netdev", "tap,id=" + templateNetdev + ",vhost=" + vhost + ",fd=4",
+		"-device", "virtio-net-pci,id=" + templateNIC + ",netdev=" + templateNetdev + ",bus=" + templatePort(1) +
+			",mac=" + hypervisor.TemplateNICMAC + ",romfile=",
+	}
+}
+
+// The template's NIC's QEMU ids.
+const (
+	templateNetdev = "net-template"
+	templateNIC    = "nic-template"
+)
 
 // hotplugArgs are the empty PCIe root ports block devices are hot-plugged into.
 func (c *Config) hotplugArgs() []string {
@@ -764,6 +795,7 @@ func (c *Config) templateArgs() []string {
 	for i := 0; i <= hypervisor.TemplateNICs; i++ {
 		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", templatePort(i), hypervisor.MaxHotplugSlots+1+i))
 	}
+	a = append(a, c.templateNICArgs()...)
 	if c.Incoming != nil {
 		a = append(a, "-incoming", "defer", "-S")
 	}

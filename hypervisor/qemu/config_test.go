@@ -28,6 +28,7 @@ func baseConfig() Config {
 var (
 	testTap1, testTap2 = os.NewFile(100, "tap1"), os.NewFile(101, "tap2")
 	testMAC, _         = net.ParseMAC("02:00:00:00:00:01")
+	testMAC2, _        = net.ParseMAC("02:00:00:00:00:02")
 )
 
 // argsTests are the command lines TestArgs expects, each from baseConfig changed by mod.

@@ -79,7 +79,11 @@ func (v *VM) restore(ctx context.Context, mon qmp.Monitor) error {
 			return err
 		}
 	}
+	// The first NIC is the template's, on the command line (templateNICArgs).
 	for i, nd := range cfg.NetDevices {
+		if i == 0 {
+			continue
+		}
 		if err := plugNIC(ctx, mon, nd, templatePort(1+i)); err != nil {
 			return fmt.Errorf("hot-plugging NIC %s: %w", nd.ID, err)
 		}

@@ -39,7 +39,7 @@ const (
 )
 
 // templateFormat changes when the layout or the way a template is made changes.
-const templateFormat = 1
+const templateFormat = 2
 
 // agentSettle is how long a template VM runs after its host closed the agent connection,
 // before it is saved. The guest agent sees EOF and reopens its port in milliseconds; the
@@ -91,8 +91,9 @@ type templateInputs struct {
 	Command []string `json:"command"`
 }
 
-// templateConfig is the template VM for pod VMs like cfg: no share and no NICs (a clone gets
-// them hot-plugged), a fixed ID and state dir.
+// templateConfig is the template VM for pod VMs like cfg: no share (a clone gets it
+// hot-plugged) and no pod NIC (its own comes on a tap that leads nowhere, see
+// templateNICArgs), a fixed ID and state dir.
 func templateConfig(cfg Config, stateDir string) Config {
 	cfg.ID, cfg.StateDir = "template", stateDir
 	cfg.SharedDir, cfg.SharedDirNS, cfg.NetDevices = "", nil, nil
@@ -109,7 +110,9 @@ func templateConfig(cfg Config, stateDir string) Config {
 // into place) has a new inode or change time, so it still finds no template.
 func templateKey(cfg Config) (string, []byte, error) {
 	t := templateConfig(cfg, "/template")
-	t.MemoryFile = os.Stdin // any file: Args only numbers it
+	// Any files: Args only numbers them. The NIC is the one Start gives the template.
+	t.MemoryFile = os.Stdin
+	t.NetDevices = []*hypervisor.NetDevice{{ID: "template", TapFiles: []*os.File{os.Stdin}}}
 	args, err := t.Args()
 	if err != nil {
 		return "", nil, err

@@ -27,11 +27,16 @@ func templatedConfig() Config {
 	return c
 }
 
-// TestTemplatedArgs: a template and its clones have the same devices: no virtio-fs device and
-// no NIC on the command line, root ports for them, and guest RAM in the inherited memory file;
-// a clone waits paused for its state.
+// templateNIC is the template's NIC as a template and each of its clones has it.
+const templateNICDevice = "-netdev tap,id=net-template,vhost=off,fd=4 -device virtio-net-pci,id=nic-template,netdev=net-template,bus=tp1,mac=02:70:6f:64:76:6d,romfile="
+
+// TestTemplatedArgs: a template and its clones have the same devices: no virtio-fs device,
+// root ports for it and the second NIC, the template's NIC (on its root port, with the
+// template's MAC), and guest RAM in the inherited memory file; a clone waits paused for its
+// state.
 func TestTemplatedArgs(t *testing.T) {
 	c := templatedConfig()
+	c.NetDevices = []*hypervisor.NetDevice{{ID: "template", TapFiles: []*os.File{testTap1}}}
 	args, err := c.Args()
 	if err != nil {
 		t.Fatal(err)
@@ -40,14 +45,18 @@ func TestTemplatedArgs(t *testing.T) {
 	for _, want := range []string{
 		"memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/3,share=on",
 		"pcie-root-port,id=tp0,bus=pcie.0,chassis=31", "pcie-root-port,id=tp2,bus=pcie.0,chassis=33",
-		"fd=4,set=1000",
+		"pcie-root-port,id=tp2,bus=pcie.0,chassis=33 " + templateNICDevice,
+		"fd=5,set=1000",
 	} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("template command line lacks %q:\n%s", want, joined)
 		}
 	}
+	if files := c.ExtraFiles(); !slices.Equal(files, []*os.File{testMem, testTap1}) {
+		t.Errorf("template ExtraFiles = %v, want the memory file and the NIC's tap", files)
+	}
 	// A template keeps ACPI and its hot-plug: its clones' devices are plugged at restore.
-	for _, not := range []string{"-incoming", "vhost-user-fs", "virtio-net", "memory-backend-memfd", "acpi=off", "acpi-pci-hotplug", "memmap="} {
+	for _, not := range []string{"-incoming", "vhost-user-fs", "memory-backend-memfd", "acpi=off", "acpi-pci-hotplug", "memmap="} {
 		if strings.Contains(joined, not) {
 			t.Errorf("template command line has %q", not)
 		}
@@ -55,18 +64,27 @@ func TestTemplatedArgs(t *testing.T) {
 	clone := templatedConfig()
 	clone.Incoming = testMem
 	clone.SharedDir, clone.VirtiofsdPath, clone.VirtiofsCache = "/run/podvm/pod1/shared", "/usr/lib/qemu/virtiofsd", "auto"
-	clone.NetDevices = []*hypervisor.NetDevice{{ID: "eth0", TapFiles: []*os.File{testTap1}, MAC: testMAC}}
+	clone.NetDevices = []*hypervisor.NetDevice{
+		{ID: "eth0", TapFiles: []*os.File{testTap1}, MAC: testMAC, MTU: 1400},
+		{ID: "eth1", TapFiles: []*os.File{testTap2}, MAC: testMAC2},
+	}
 	cargs, err := clone.Args()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.Join(cargs, " "); !strings.HasSuffix(strings.SplitN(got, " -runas", 2)[0], "-incoming defer -S") ||
-		strings.Contains(got, "vhost-user-fs") || strings.Contains(got, "virtio-net") {
+	// The same NIC as the template's, whatever the pod's first NIC's MAC and MTU (the agent
+	// sets them); the second is hot-plugged.
+	if got := strings.Join(cargs, " "); !strings.HasSuffix(strings.SplitN(got, " -runas", 2)[0], templateNICDevice+" -incoming defer -S") ||
+		strings.Contains(got, "vhost-user-fs") || strings.Count(got, "virtio-net") != 1 {
 		t.Errorf("clone command line:\n%s", got)
 	}
-	// Only the memory is inherited: the taps are hot-plugged by descriptor.
-	if files := clone.ExtraFiles(); len(files) != 1 || files[0] != testMem {
-		t.Errorf("clone ExtraFiles = %v, want the memory file only", files)
+	// The memory and the first NIC's tap are inherited: the others are hot-plugged by descriptor.
+	if files := clone.ExtraFiles(); !slices.Equal(files, []*os.File{testMem, testTap1}) {
+		t.Errorf("clone ExtraFiles = %v, want the memory file and the first tap", files)
+	}
+	clone.NetDevices[0].VhostNet = true
+	if cargs, _ = clone.Args(); !strings.Contains(strings.Join(cargs, " "), "-netdev tap,id=net-template,vhost=on,fd=4 ") {
+		t.Errorf("clone with vhost-net: %s", cargs)
 	}
 }
 
@@ -79,7 +97,14 @@ func TestTemplatedValidate(t *testing.T) {
 				c.NetDevices = append(c.NetDevices, &hypervisor.NetDevice{ID: "n" + string(rune('0'+i)), TapFiles: []*os.File{testTap1}})
 			}
 		},
-		"template with a share":    func(c *Config) { c.SharedDir, c.VirtiofsdPath = "/s", "/v" },
+		"template with a share": func(c *Config) { c.SharedDir, c.VirtiofsdPath = "/s", "/v" },
+		"template with a pod's NICs": func(c *Config) {
+			c.NetDevices = []*hypervisor.NetDevice{{ID: "a", TapFiles: []*os.File{testTap1}}, {ID: "b", TapFiles: []*os.File{testTap2}}}
+		},
+		"multi-queue first NIC": func(c *Config) {
+			c.Incoming = testMem
+			c.NetDevices = []*hypervisor.NetDevice{{ID: "a", TapFiles: []*os.File{testTap1, testTap2}}}
+		},
 		"memory without templated": func(c *Config) { c.Templated = false },
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -118,8 +143,9 @@ func TestSaveState(t *testing.T) {
 	}
 }
 
-// TestRestore: the state is loaded, then the share and the NIC are hot-plugged by descriptor
-// on the template's ports, and only then does the guest run.
+// TestRestore: the state is loaded, then the share and the second NIC are hot-plugged by
+// descriptor on the template's ports (the first is the template's own), and only then does
+// the guest run.
 func TestRestore(t *testing.T) {
 	v, mon := fakeVM(t)
 	dir := t.TempDir()
@@ -131,7 +157,10 @@ func TestRestore(t *testing.T) {
 	defer l.Close()
 	v.cfg.StateDir, v.cfg.Templated, v.cfg.SharedDir = dir, true, dir
 	v.cfg.Incoming = openDisk(t, diskImage(t), false)
-	v.cfg.NetDevices = []*hypervisor.NetDevice{{ID: "eth0", MAC: testMAC, MTU: 1400, TapFiles: []*os.File{openDisk(t, diskImage(t), false)}}}
+	v.cfg.NetDevices = []*hypervisor.NetDevice{
+		{ID: "eth0", MAC: testMAC2, TapFiles: []*os.File{openDisk(t, diskImage(t), false)}},
+		{ID: "eth1", MAC: testMAC, MTU: 1400, TapFiles: []*os.File{openDisk(t, diskImage(t), false)}},
+	}
 	mon.SetReply("query-migrate", map[string]any{"status": "completed"}, nil)
 	if err := v.restore(context.Background(), mon); err != nil {
 		t.Fatal(err)
@@ -144,13 +173,13 @@ func TestRestore(t *testing.T) {
 	calls := mon.Calls()
 	for i, want := range map[int]string{
 		2: `"fd:incoming"`, 5: `"addr":{"data":{"str":"fs-sock"},"type":"fd"}`,
-		6: `"bus":"tp0"`, 8: `"fd":"tap-eth0-0"`, 9: `"mac":"02:00:00:00:00:01"`,
+		6: `"bus":"tp0"`, 8: `"fd":"tap-eth1-0"`, 9: `"mac":"02:00:00:00:00:01"`,
 	} {
 		if !strings.Contains(string(calls[i].Args), want) {
 			t.Errorf("%s %s: want %s", calls[i].Cmd, calls[i].Args, want)
 		}
 	}
-	if !strings.Contains(string(calls[9].Args), `"bus":"tp1"`) || !strings.Contains(string(calls[9].Args), `"host_mtu":1400`) {
+	if !strings.Contains(string(calls[9].Args), `"bus":"tp2"`) || !strings.Contains(string(calls[9].Args), `"host_mtu":1400`) {
 		t.Errorf("NIC device_add %s", calls[9].Args)
 	}
 }

@@ -227,6 +227,15 @@ func (v *VM) start(ctx context.Context) error {
 	// Meanwhile the clone's memory is copied; its file stays open until the copy is done.
 	fill := startFill(cfg.MemoryFill)
 	defer func() { _ = fill() }()
+	if cfg.Templated && len(cfg.NetDevices) == 0 {
+		// The template's NIC (templateNICArgs) needs a tap: the template's own boot, or a
+		// clone of a pod without a network, gets one that leads nowhere.
+		tap, err := danglingTap()
+		if err != nil {
+			return fmt.Errorf("a tap for the template's NIC: %w", err)
+		}
+		cfg.NetDevices = []*hypervisor.NetDevice{{ID: "template", TapFiles: []*os.File{tap}}}
+	}
 	args, err := cfg.Args()
 	if err != nil {
 		return err
@@ -284,8 +293,10 @@ func startFill(fn func() error) func() error {
 func closeHandedOver(cfg *Config) {
 	files := cfg.ExtraFiles()
 	if cfg.Templated {
-		for _, nd := range cfg.NetDevices {
-			files = append(files, nd.TapFiles...)
+		for i, nd := range cfg.NetDevices {
+			if i > 0 && nd != nil { // the first is in ExtraFiles
+				files = append(files, nd.TapFiles...)
+			}
 		}
 		files = append(files, cfg.Incoming)
 	}
