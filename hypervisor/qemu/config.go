@@ -740,8 +740,12 @@ func (c *Config) templateNICArgs() []string {
 	if len(c.NetDevices) > 0 && c.NetDevices[0] != nil && c.NetDevices[0].VhostNet {
 		vhost = "on"
 	}
+	fd := 3 // after the memory file, as ExtraFiles passes them
+	if c.MemoryFile != nil {
+		fd++
+	}
 	return []string{
-		"-netdev", "tap,id=" + templateNetdev + ",vhost=" + vhost + ",fd=4",
+		"-netdev", "tap,id=" + templateNetdev + ",vhost=" + vhost + ",fd=" + strconv.Itoa(fd),
 		"-device", "virtio-net-pci,id=" + templateNIC + ",netdev=" + templateNetdev + ",bus=" + templatePort(1) +
 			",mac=" + hypervisor.TemplateNICMAC + ",romfile=",
 	}
