@@ -706,14 +706,15 @@ func (c *Config) netArgs() []string {
 }
 
 // netDeviceArgs are the -netdev and -device values of one NetDevice whose tap files QEMU
-// has as descriptors fds.
+// has as descriptors fds. No option ROM: nothing in a pod VM boots from the network, and
+// QEMU would otherwise load iPXE's 249 KiB ROM into memory of each VM's own.
 func netDeviceArgs(nd *hypervisor.NetDevice, fds []string) (netdev, dev string) {
 	vhost := "off"
 	if nd.VhostNet {
 		vhost = "on"
 	}
 	netdev = "tap,id=net-" + nd.ID + ",vhost=" + vhost
-	dev = "virtio-net-pci,id=nic-" + nd.ID + ",netdev=net-" + nd.ID
+	dev = "virtio-net-pci,id=nic-" + nd.ID + ",netdev=net-" + nd.ID + ",romfile="
 	if len(fds) == 1 {
 		netdev += ",fd=" + fds[0]
 	} else {

@@ -124,9 +124,9 @@ var argsTests = []struct {
 		},
 		want: []string{
 			"-netdev tap,id=net-eth0,vhost=off,fd=3",
-			"-device virtio-net-pci,id=nic-eth0,netdev=net-eth0,mac=02:00:00:00:00:01,host_mtu=1450",
+			"-device virtio-net-pci,id=nic-eth0,netdev=net-eth0,romfile=,mac=02:00:00:00:00:01,host_mtu=1450",
 			"-netdev tap,id=net-eth1,vhost=on,fds=4:5",
-			"-device virtio-net-pci,id=nic-eth1,netdev=net-eth1,mq=on,vectors=6",
+			"-device virtio-net-pci,id=nic-eth1,netdev=net-eth1,romfile=,mq=on,vectors=6",
 			"-device pcie-root-port,id=hp2,bus=pcie.0,chassis=3",
 		},
 	},
