@@ -62,7 +62,8 @@ func sit(ctx context.Context, b *testing.B, d time.Duration) {
 	}
 }
 
-// podsPSS sums the PSS of every process of pods (see podProcesses), in MiB.
+// podsPSS sums the memory of every process of pods (podMemoryMiB: their PSS and the memfd
+// pages none of them maps), in MiB.
 func podsPSS(b *testing.B, env *harness.Env, pods []*harness.Pod) float64 {
 	total := 0.0
 	for _, pod := range pods {
@@ -70,9 +71,8 @@ func podsPSS(b *testing.B, env *harness.Env, pods []*harness.Pod) float64 {
 		if err != nil {
 			b.Fatal(err)
 		}
-		for _, p := range procs {
-			total += p.pssMiB
-		}
+		mib, _ := podMemoryMiB(b, procs)
+		total += mib
 	}
 	return total
 }

@@ -34,6 +34,7 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/podvm/podvm/agent"
@@ -108,9 +109,10 @@ func BenchmarkCreateStartContainer(b *testing.B) {
 }
 
 // BenchmarkPodMemory measures the host memory one idle pod costs: the proportional set size
-// (PSS, /proc/<pid>/smaps_rollup) summed over the pod's shim and everything it runs. For runc
-// that is the shim, pause and the container; for podvm the shim, QEMU (guest RAM the guest
-// touched included) and virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`,
+// (PSS, /proc/<pid>/smaps_rollup) summed over the pod's shim and everything it runs, plus the
+// pages of their memfds that none of them maps (unmappedMemfdMiB). For runc that is the shim,
+// pause and the container; for podvm the shim, QEMU (its guest RAM: what the guest touched
+// and, for a clone of a VM template, all the template's memory copied into it) and virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`,
 // lets it settle, measures, and removes it; ns/op is that whole cycle and means nothing here.
 func BenchmarkPodMemory(b *testing.B) {
 	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
@@ -118,12 +120,9 @@ func BenchmarkPodMemory(b *testing.B) {
 		var mibs []float64
 		for i := 0; b.Loop(); i++ {
 			pod, procs := startIdlePod(ctx, b, env, h, fmt.Sprintf("mem-%d", i))
-			total := 0.0
-			for _, p := range procs {
-				total += p.pssMiB
-			}
+			total, unmapped := podMemoryMiB(b, procs)
 			if i == 0 {
-				b.Logf("%s pod processes: %s", h, describeProcs(procs))
+				b.Logf("%s pod processes: %s; memfd pages none of them maps %.1f MiB", h, describeProcs(procs), unmapped)
 				logTemplates(b, h, env)
 			}
 			mibs = append(mibs, total)
@@ -793,4 +792,87 @@ func describeProcs(ps []procEntry) string {
 		parts = append(parts, fmt.Sprintf("%s[%d] %.1f MiB", p.comm, p.pid, p.pssMiB))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// podMemoryMiB is the memory of one pod's processes procs (podProcesses): their PSS summed,
+// plus the pages of their memfds that none of them maps. It returns the total and that part.
+func podMemoryMiB(b *testing.B, procs []procEntry) (total, unmapped float64) {
+	pids := make([]int, 0, len(procs))
+	for _, p := range procs {
+		total += p.pssMiB
+		pids = append(pids, p.pid)
+	}
+	unmapped, err := unmappedMemfdMiB(pids)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return total + unmapped, unmapped
+}
+
+// unmappedMemfdMiB is the memory of the memfds the processes pids hold (open or mapped) that
+// none of them maps, in MiB: memory no process's PSS shows. A pod VM's guest RAM is a memfd
+// (QEMU's memory backend); a clone of a VM template gets the template's memory copied into
+// it through the file, and QEMU maps only the pages its guest touches since. Each such memfd
+// is the pod's own, so the part its processes do not map is the pod's too.
+func unmappedMemfdMiB(pids []int) (float64, error) {
+	allocated := map[uint64]int64{} // inode: bytes allocated
+	for _, pid := range pids {
+		for _, dir := range []string{"fd", "map_files"} {
+			ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/%s", pid, dir))
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return 0, err
+			}
+			for _, e := range ents {
+				p := fmt.Sprintf("/proc/%d/%s/%s", pid, dir, e.Name())
+				if l, err := os.Readlink(p); err != nil || !strings.HasPrefix(l, "/memfd:") {
+					continue
+				}
+				var st unix.Stat_t
+				if unix.Stat(p, &st) == nil {
+					allocated[st.Ino] = st.Blocks * 512
+				}
+			}
+		}
+	}
+	if len(allocated) == 0 {
+		return 0, nil
+	}
+	mappedKB := map[uint64]float64{} // inode: PSS of its mappings
+	for _, pid := range pids {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		var ino uint64
+		var in bool
+		for _, line := range strings.Split(string(data), "\n") {
+			f := strings.Fields(line)
+			if len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":") {
+				// A mapping's header: range perms offset dev inode [path].
+				n, err := strconv.ParseUint(f[4], 10, 64)
+				_, in = allocated[n]
+				in = in && err == nil && len(f) >= 6 && strings.HasPrefix(f[5], "/memfd:")
+				ino = n
+				continue
+			}
+			if in && len(f) == 3 && f[0] == "Pss:" {
+				kb, err := strconv.ParseFloat(f[1], 64)
+				if err != nil {
+					return 0, fmt.Errorf("pid %d smaps: %q: %w", pid, line, err)
+				}
+				mappedKB[ino] += kb
+			}
+		}
+	}
+	total := 0.0
+	for ino, n := range allocated {
+		total += max(0, float64(n)/(1<<20)-mappedKB[ino]/1024)
+	}
+	return total, nil
 }
