@@ -32,11 +32,11 @@ func BenchmarkPodMemoryMarginal(b *testing.B) {
 		var mibs []float64
 		for i := 0; b.Loop(); i++ {
 			settle(ctx, b)
-			before := podsPSS(b, env, pods)
+			before := podsMemoryMiB(b, env, pods)
 			pod := runPod(ctx, b, env, criHandler(h), fmt.Sprintf("tenth-%d", i))
 			startSleeper(ctx, b, env, pod, "sleep")
 			settle(ctx, b)
-			after := podsPSS(b, env, append(pods, pod))
+			after := podsMemoryMiB(b, env, append(pods, pod))
 			mibs = append(mibs, after-before)
 			if i == 0 {
 				b.Logf("%s: %d pods %.1f MiB, %d pods %.1f MiB", h, len(pods), before, len(pods)+1, after)
@@ -62,9 +62,9 @@ func sit(ctx context.Context, b *testing.B, d time.Duration) {
 	}
 }
 
-// podsPSS sums the memory of every process of pods (podMemoryMiB: their PSS and the memfd
-// pages none of them maps), in MiB.
-func podsPSS(b *testing.B, env *harness.Env, pods []*harness.Pod) float64 {
+// podsMemoryMiB sums the memory of pods (podMemoryMiB of each: its processes' PSS and the
+// memfd pages none of them maps), in MiB.
+func podsMemoryMiB(b *testing.B, env *harness.Env, pods []*harness.Pod) float64 {
 	total := 0.0
 	for _, pod := range pods {
 		procs, err := podProcesses(env, pod.ID)

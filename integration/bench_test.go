@@ -110,10 +110,11 @@ func BenchmarkCreateStartContainer(b *testing.B) {
 
 // BenchmarkPodMemory measures the host memory one idle pod costs: the proportional set size
 // (PSS, /proc/<pid>/smaps_rollup) summed over the pod's shim and everything it runs, plus the
-// pages of their memfds that none of them maps (unmappedMemfdMiB). For runc that is the shim,
+// pages of their memfds that none of them maps (podMemoryMiB). For runc that is the shim,
 // pause and the container; for podvm the shim, QEMU (its guest RAM: what the guest touched
-// and, for a clone of a VM template, all the template's memory copied into it) and virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`,
-// lets it settle, measures, and removes it; ns/op is that whole cycle and means nothing here.
+// and, for a clone of a VM template, all the template's memory copied into it) and
+// virtiofsd. Each iteration starts a pod with a busybox `sleep 3600`, lets it settle,
+// measures, and removes it; ns/op is that whole cycle and means nothing here.
 func BenchmarkPodMemory(b *testing.B) {
 	compareTemplate(b, func(ctx context.Context, b *testing.B, h string, env *harness.Env, cmp *comparison) {
 		removePod(ctx, b, env, runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "warmup", Handler: criHandler(h)}))
