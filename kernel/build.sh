@@ -21,6 +21,10 @@
 # Environment: PODVM_DEV (default /opt/podvm-dev), KERNEL_SOURCE_PKG (default linux-source-6.1),
 # JOBS (default nproc).
 set -euo pipefail
+# Run from make (make kernel, make test), this script would inherit the outer make's flags,
+# among them -w: the kernel's makes would then print "Entering directory" lines into what
+# this script reads from them (the kernel release). Its makes are its own.
+unset MAKEFLAGS MFLAGS MAKELEVEL
 
 PODVM_DEV=${PODVM_DEV:-/opt/podvm-dev}
 KERNEL_SOURCE_PKG=${KERNEL_SOURCE_PKG:-linux-source-6.1}
@@ -107,7 +111,7 @@ obj=$cache/obj
 mkdir -p "$obj"
 # Reproducible: the build date is the source tarball's.
 export KBUILD_BUILD_USER=podvm KBUILD_BUILD_HOST=podvm KBUILD_BUILD_TIMESTAMP="@$(stat -c %Y "$tarball")"
-kmake() { make -s -C "$tree" O="$obj" ARCH=x86_64 LOCALVERSION=-podvm "$@"; }
+kmake() { make -s --no-print-directory -C "$tree" O="$obj" ARCH=x86_64 LOCALVERSION=-podvm "$@"; }
 
 log "configuring: tinyconfig + ${fragments[*]##*/}"
 kmake tinyconfig >/dev/null
@@ -133,7 +137,8 @@ while IFS= read -r line; do
 done < <(cat "${fragments[@]}")
 [ "$bad" = 0 ] || die "the fragments in $here/config do not hold (see above); fix their dependencies"
 
-release=$(kmake -s kernelrelease)
+release=$(kmake kernelrelease)
+[[ $release =~ ^[0-9][^[:space:]/]*$ ]] || die "the kernel's 'make kernelrelease' printed '$release', not a release"
 log "building $release with $JOBS jobs (several minutes)"
 start=$SECONDS
 kmake -j"$JOBS" bzImage
