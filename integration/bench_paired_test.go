@@ -33,9 +33,13 @@ type latencySetup func(ctx context.Context, b *testing.B, tm benchTimer, h strin
 
 // compareLatency runs the latency benchmark what as a sub-benchmark per handler, as
 // compareAmong does. A sub-benchmark other than runc's also keeps a runc environment of its
-// own and runs one runc iteration after each of its own, outside the timer: the two alternate,
+// own and runs runc iterations after each of its own, outside the timer: the two alternate,
 // so when the machine's speed drifts during the minutes a podvm run takes (it does, on shared
-// machines, by tens of percent), both sides see the same drift. The handler's ratio to runc
+// machines, by tens of percent), both sides see the same drift. Two runc iterations follow each
+// of the handler's, and only the second is kept: right after a pod VM's step the host's caches
+// hold QEMU's working set, and a runc exec measured there took twice its own time (31 against
+// 14 ms), which made podvm's ratio look half what it is. The untimed one brings runc back to
+// the warm state its own sub-benchmark measures it in. The handler's ratio to runc
 // (x-runc, and the table's podvm/runc column) is then its median over the median of these
 // paired runc iterations, not over the runc sub-benchmark that ran earlier; the runc column
 // stays the runc sub-benchmark's own figure.
@@ -55,6 +59,8 @@ func compareLatency(b *testing.B, handlers []string, what string, setup latencyS
 				d, after := step(i)
 				return d, func() {
 					after()
+					_, warmed := ref(i)
+					warmed()
 					rd, rafter := ref(i)
 					refs = append(refs, rd)
 					rafter()
