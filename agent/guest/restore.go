@@ -58,9 +58,10 @@ func realRestoreSys() restoreSys {
 
 // PrepareRestored implements the RPC of that name in api.AgentService (agent.proto).
 func (s *Server) PrepareRestored(ctx context.Context, req *api.PrepareRestoredRequest) (*api.Empty, error) {
-	if err := prepareRestored(ctx, req, realRestoreSys()); err != nil {
+	if err := prepareRestored(ctx, req, s.restoreSys); err != nil {
 		return nil, err
 	}
+	s.restored.Store(true)
 	return &api.Empty{}, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -169,5 +170,49 @@ func TestVirtioFSBound(t *testing.T) {
 	dev("virtio2", virtioIDFS, true)
 	if ok, _ := virtioFSBound(dir); !ok {
 		t.Fatal("a bound virtio-fs device is not found")
+	}
+}
+
+// TestWarmStartAfterRestoredSetup: in a guest restored from a template, the agent runs its
+// binary once ahead (warmStart) after the first container was made and the setup ended,
+// and only once; a booted guest does not.
+func TestWarmStartAfterRestoredSetup(t *testing.T) {
+	for _, restored := range []bool{false, true} {
+		t.Run(fmt.Sprintf("restored=%v", restored), func(t *testing.T) {
+			r := newLRig(t)
+			r.s.restoreSys = (&fakeRestoreSys{}).sys()
+			r.s.setup = func(context.Context, *api.SetupSandboxRequest) error { return nil }
+			warmed := make(chan struct{}, 2)
+			r.s.warm = func() { warmed <- struct{}{} }
+			none := func(when string) {
+				t.Helper()
+				select {
+				case <-warmed:
+					t.Fatalf("warmed %s", when)
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			if restored {
+				if _, err := r.s.PrepareRestored(r.ctx, &api.PrepareRestoredRequest{
+					Entropy: bytes.Repeat([]byte{7}, 64), RealtimeNs: 1_700_000_000_000_000_000,
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r.create("holder", nil)
+			none("before the setup ended")
+			if _, err := r.s.SetupSandbox(r.ctx, &api.SetupSandboxRequest{}); err != nil {
+				t.Fatal(err)
+			}
+			if restored {
+				select {
+				case <-warmed:
+				case <-time.After(5 * time.Second):
+					t.Fatal("a restored guest did not warm after its setup")
+				}
+			}
+			r.create("app", nil)
+			none("again")
+		})
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -46,6 +47,15 @@ type Server struct {
 	setupOnce sync.Once
 	setupDone chan struct{}
 	setupErr  error
+
+	// restoreSys is what PrepareRestored reseeds and sets the clock with (tests replace it);
+	// restored is set once it did: the guest is a clone of a VM template.
+	restoreSys restoreSys
+	restored   atomic.Bool
+	// warm runs once in a restored guest, after its first container was made and its
+	// setup ended (warmStart; tests replace it).
+	warm     func()
+	warmOnce sync.Once
 }
 
 // NewServer returns an agent with no containers, running them with libcontainer.
@@ -64,6 +74,8 @@ func newServer(rt containerRuntime) *Server {
 		procSys:    "/proc/sys",
 		setup:      setupSandbox,
 		setupDone:  make(chan struct{}),
+		restoreSys: realRestoreSys(),
+		warm:       warmStart,
 	}
 }
 
@@ -178,6 +190,14 @@ func (s *Server) CreateContainer(ctx context.Context, req *api.CreateContainerRe
 	s.containers[id] = c
 	s.mu.Unlock()
 	log.G(ctx).WithField("container", id).Info("created")
+	if s.restored.Load() {
+		s.warmOnce.Do(func() {
+			go func() {
+				<-s.setupDone
+				s.warm()
+			}()
+		})
+	}
 	return &api.CreateContainerResponse{Pid: uint32(c.init.getPid())}, nil
 }
 

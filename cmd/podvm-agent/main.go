@@ -40,6 +40,11 @@ func main() {
 			log.G(ctx).WithError(err).Error("podvm-agent: serve")
 			os.Exit(1)
 		}
+	case arg == guest.WarmArg:
+		// Started by the agent of a restored guest so that the guest code every later
+		// container start runs first (the Go runtime's start, the package initialisers) is
+		// translated before a container needs it (docs/templating.md).
+		os.Exit(0)
 	case arg == guest.HoldArg:
 		// The holder runs in C before Go starts (hold.go); it takes no other argument.
 		fmt.Fprintln(os.Stderr, "podvm-agent: "+guest.HoldArg+" takes no arguments")
