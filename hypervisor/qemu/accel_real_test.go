@@ -11,13 +11,11 @@ import (
 	"time"
 )
 
-// guestImageFiles returns the node's guest image for the probe: PODVM_IMAGE_DIR (make image
+// guestImageFiles is requireQEMU and podvm's guest image: PODVM_IMAGE_DIR (make image
 // sets it for make integration), else the repository's _output/image.
 func guestImageFiles(t *testing.T) (kernel, initrd string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("not root")
-	}
+	requireQEMU(t)
 	dir := os.Getenv("PODVM_IMAGE_DIR")
 	if dir == "" {
 		dir = filepath.Join("..", "..", "_output", "image")
@@ -25,10 +23,7 @@ func guestImageFiles(t *testing.T) (kernel, initrd string) {
 	kernel, initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
 	for _, f := range []string{kernel, initrd} {
 		if _, err := os.Stat(f); err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("guest image: %v (make image)", err)
-			}
-			t.Skipf("guest image: %v (make image)", err)
+			missingReal(t, "guest image: %v (make image)", err)
 		}
 	}
 	abs := func(p string) string {

@@ -27,23 +27,37 @@ import (
 // linux-image-*-cloud-amd64 .deb in /opt/podvm-dev/kernel. Missing prerequisites skip the
 // tests, except with CI=true, where they fail them.
 
-func requireReal(t *testing.T) (kernel string) {
+// missingReal skips t for a missing prerequisite, or fails it under CI=true.
+func missingReal(t *testing.T, format string, a ...any) {
 	t.Helper()
-	missing := func(format string, a ...any) {
-		t.Helper()
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("real QEMU test prerequisite missing: "+format, a...)
-		}
-		t.Skipf("real QEMU test prerequisite missing: "+format, a...)
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("real QEMU test prerequisite missing: "+format, a...)
 	}
+	t.Skipf("real QEMU test prerequisite missing: "+format, a...)
+}
+
+// requireQEMU: root, QEMU and virtiofsd.
+func requireQEMU(t *testing.T) {
+	t.Helper()
 	if os.Geteuid() != 0 {
-		missing("not root")
+		missingReal(t, "not root")
 	}
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		missing("qemu-system-x86_64: %v", err)
+		missingReal(t, "qemu-system-x86_64: %v", err)
 	}
 	if findVirtiofsd() == "" {
-		missing("virtiofsd")
+		missingReal(t, "virtiofsd")
+	}
+}
+
+// requireReal is requireQEMU and a kernel without podvm's agent: $PODVM_TEST_KERNEL, else
+// Debian's cloud kernel from the package in /opt/podvm-dev/kernel.
+func requireReal(t *testing.T) (kernel string) {
+	t.Helper()
+	requireQEMU(t)
+	missing := func(format string, a ...any) {
+		t.Helper()
+		missingReal(t, format, a...)
 	}
 	if k := os.Getenv("PODVM_TEST_KERNEL"); k != "" {
 		return k
@@ -148,7 +162,6 @@ func descendants(pid int) []int {
 // TestRealVM boots one VM and takes it through its life: confinement, the share, the
 // console, the agent's channel, pause and resume, hot-plug, stop.
 func TestRealVM(t *testing.T) {
-	requireReal(t)
 	// podvm's own guest, which boots to its agent: the unplug check needs a guest whose PCIe
 	// hot-plug driver has powered the disks' slots on (checkRealUnplug).
 	kernel, initrd := guestImageFiles(t)
@@ -335,7 +348,7 @@ func checkStopLeavesNothing(ctx context.Context, t *testing.T, v *VM, dir string
 }
 
 func TestRealStartFailureCleansUp(t *testing.T) {
-	requireReal(t)
+	requireQEMU(t)
 	notAKernel := filepath.Join(t.TempDir(), "vmlinuz")
 	if err := os.WriteFile(notAKernel, []byte("this is not a kernel\n"), 0o644); err != nil {
 		t.Fatal(err)
