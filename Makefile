@@ -21,7 +21,7 @@ AGENT_TAGS  := seccomp netgo osusergo
 IT_TIMEOUT  ?= 30m
 IT_RUN      ?= .
 
-.PHONY: all deps build agent shim cli kernel image proto unit integration e2e lint test demo bench install uninstall dist deb installer-image clean
+.PHONY: all deps build agent shim cli kernel image proto unit integration e2e e2e-template lint test demo bench install uninstall dist deb installer-image clean
 
 all: build
 
@@ -105,9 +105,19 @@ e2e: build image
 		$(GO) test -count=1 -timeout $(E2E_TIMEOUT) -parallel 8 -v -run '$(E2E_RUN)' ./integration/e2e/ 2>&1 | tee $(OUT)/e2e.log; \
 		exit $${PIPESTATUS[0]}
 
+# The e2e suite's podvm cases again with templated start: every pod VM restored from a VM
+# template ([template] enabled; docs/templating.md), which is off by default.
+E2E_TEMPLATE_RUN ?= TestE2E/podvm/
+
+e2e-template: build image
+	@mkdir -p $(OUT)
+	PODVM_IT_TEMPLATE=1 PODVM_BIN=$(BIN) PODVM_IMAGE_DIR=$(IMAGE_DIR) PODVM_DEV=$(PODVM_DEV) PODVM_IT_ARTIFACTS=$(OUT)/artifacts \
+		$(GO) test -count=1 -timeout $(E2E_TIMEOUT) -parallel 8 -v -run '$(E2E_TEMPLATE_RUN)' ./integration/e2e/ 2>&1 | tee $(OUT)/e2e-template.log; \
+		exit $${PIPESTATUS[0]}
+
 test: deps
 	@mkdir -p $(OUT)
-	$(MAKE) build image lint unit integration e2e
+	$(MAKE) build image lint unit integration e2e e2e-template
 
 # The demo is TestDemo: a busybox pod in its own VM through containerd's CRI, narrated.
 demo: deps

@@ -317,7 +317,7 @@ func withBenchEnv(b *testing.B, handler string, fn func(ctx context.Context, env
 // in their command lines.
 func podvmBenchEnv(t testing.TB) *harness.Env {
 	t.Helper()
-	opts := podvmShimOptions(t, ownStateDir(t, "pvb-"), "")
+	opts := bootedShimOptions(t, ownStateDir(t, "pvb-"))
 	opts.LeakDirsKeep = nil
 	return harness.Start(t, opts)
 }

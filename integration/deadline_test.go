@@ -32,7 +32,7 @@ const bootDeadline = 10 * time.Second
 // listens (the shim waits to connect), once it does (the shim connected, or is about to, and
 // waits for the guest's setup), or right after it was restored from a VM template.
 func TestPodvmFrozenGuestAtDeadline(t *testing.T) {
-	plain := func(t *testing.T) harness.Options { return podvmShimOptions(t, ownStateDir(t, "pvd-"), "") }
+	plain := func(t *testing.T) harness.Options { return bootedShimOptions(t, ownStateDir(t, "pvd-")) }
 	for name, c := range map[string]frozenBoot{
 		"booting":  {options: plain, frozen: consoleHas("")},
 		"agent up": {options: plain, frozen: consoleHas("podvm-agent: serving on")},

@@ -25,8 +25,9 @@ const debConfig = "/etc/podvm/config.toml"
 // TestDebPackage installs the podvm Debian package on this machine for real (apt install
 // ./podvm_<v>_amd64.deb), runs a pod through a containerd whose podvm runtime is the
 // package's drop-in settings (its shim, its default node config, its guest image), then
-// removes the package and checks that nothing but the config is left; it purges it at the
-// end, so the machine is as before. PODVM_DEB names the package (make integration builds it).
+// runs one restored from a VM template (templated start turned on in a copy of that config),
+// removes the package and checks that nothing but the config is left, the templates gone too;
+// it purges it at the end, so the machine is as before. PODVM_DEB names the package (make integration builds it).
 func TestDebPackage(t *testing.T) {
 	deb := os.Getenv("PODVM_DEB")
 	require(t, needRoot(), needCmd("apt-get"), needCmd("dpkg"), map[bool]string{true: "PODVM_DEB (make deb)"}[deb == ""])
@@ -50,6 +51,7 @@ func TestDebPackage(t *testing.T) {
 	})
 	testPodLifecycle(t, env, "podvm")
 	env.AssertNoLeaks(t)
+	testInstalledTemplate(t, "/usr/bin", debConfig)
 
 	apt(ctx, t, "remove", "-y", "podvm")
 	checkRemoved(ctx, t, files, newDirs, true)
@@ -194,11 +196,7 @@ func checkRemoved(ctx context.Context, t *testing.T, files, newDirs []string, ke
 			t.Errorf("directory %s, made by the package, left after apt-get remove/purge", d)
 		}
 	}
-	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile} {
-		if _, err := os.Lstat(filepath.Join(podvmStateDir, f)); err == nil {
-			t.Errorf("%s left after apt-get remove", filepath.Join(podvmStateDir, f))
-		}
-	}
+	checkRunStateGone(t, "apt-get remove/purge")
 }
 
 func lastLines(s string, n int) string {

@@ -23,8 +23,9 @@ var makeInstallTouches = []string{"/usr/local/bin", "/usr/share/podvm", "/etc/po
 // installed: the test is skipped, and fails under CI=true, if any of its files exists),
 // checks the node with the installed `podvm check`, runs a pod through a containerd whose
 // podvm runtime is only the installed drop-in (imported, the shim found in /usr/local/bin on
-// containerd's PATH, the installed default config), then runs `make uninstall` and checks
-// that those paths are exactly as before.
+// containerd's PATH, the installed default config) and one restored from a VM template (the
+// installed shim and config, templated start turned on), then runs `make uninstall` and
+// checks that those paths are exactly as before: the templates are gone too.
 func TestMakeInstall(t *testing.T) {
 	repo := repoRoot()
 	require(t, needRoot(), needCmd("make"), needFile(filepath.Join(repo, "Makefile")))
@@ -50,14 +51,63 @@ func TestMakeInstall(t *testing.T) {
 	})
 	testPodLifecycle(t, env, "podvm")
 	env.AssertNoLeaks(t)
+	testInstalledTemplate(t, "/usr/local/bin", "/etc/podvm/config.toml")
 
 	runMake(ctx, t, repo, "uninstall")
-	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile} {
+	checkRunStateGone(t, "make uninstall")
+	harness.SameTree(t, "make install", before, treeState(t))
+}
+
+// testInstalledTemplate runs a pod through the installed shim in shimDir with the installed
+// node config, templated start turned on as an admin would ([template] enabled = true): the
+// pod's VM is restored from a VM template, which stays in the default state dir for the
+// uninstall to remove.
+func testInstalledTemplate(t *testing.T, shimDir, config string) {
+	t.Helper()
+	b, err := os.ReadFile(config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, i := string(b), strings.Index(string(b), "\n[template]\n")
+	j := strings.Index(body[max(i, 0):], "\nenabled = false\n")
+	if i < 0 || j < 0 {
+		t.Fatalf("%s has no [template] section with enabled = false", config)
+	}
+	j += i
+	body = body[:j] + "\nenabled = true\n" + body[j+len("\nenabled = false\n"):]
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env := harness.Start(t, harness.Options{
+		ShimDir:          shimDir,
+		PodvmConfigPath:  cfg,
+		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
+		LeakDirs:         []string{podvmStateDir},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, templateDirName},
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	pod := runPod(ctx, t, env, "podvm", "templated")
+	if err := waitLog(ctx, env, "pod VM ready", "from_template=", time.Second); err != nil {
+		t.Errorf("the pod's VM was not restored from a template: %v", err)
+	}
+	removePod(ctx, t, env, pod)
+	env.AssertNoLeaks(t)
+	if _, err := os.Stat(filepath.Join(podvmStateDir, templateDirName)); err != nil {
+		t.Errorf("no VM template in %s: %v", podvmStateDir, err)
+	}
+}
+
+// checkRunStateGone: after an uninstall, nothing the shim made at run time is left in the
+// default state dir: the accelerator probe's cache and lock, the VM templates.
+func checkRunStateGone(t *testing.T, what string) {
+	t.Helper()
+	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile, templateDirName} {
 		if _, err := os.Lstat(filepath.Join(podvmStateDir, f)); err == nil {
-			t.Errorf("%s left after make uninstall", filepath.Join(podvmStateDir, f))
+			t.Errorf("%s left after %s", filepath.Join(podvmStateDir, f), what)
 		}
 	}
-	harness.SameTree(t, "make install", before, treeState(t))
 }
 
 // restoreStateDir puts back, at the end, the shim's state dir if it was there before: an

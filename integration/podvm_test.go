@@ -42,9 +42,22 @@ func podvmOptions(t testing.TB, allowed ...string) harness.Options {
 
 // podvmShimOptions are harness options that run podvm's shim with a node config of the test
 // guest image, stateDir as its state dir, the allowed annotations and, if not empty, block as
-// its [block] section. AssertNoLeaks requires stateDir empty but for the accelerator probe's
-// cache and lock.
+// its [block] section; with templated start if harness.TemplateEnv asks for it. AssertNoLeaks
+// requires stateDir empty but for the accelerator probe's cache and lock (and the templates).
 func podvmShimOptions(t testing.TB, stateDir, block string, allowed ...string) harness.Options {
+	t.Helper()
+	return shimOptions(t, stateDir, block, harness.Templated(), allowed...)
+}
+
+// bootedShimOptions are podvmShimOptions whose pods always boot, for the tests of the boot.
+func bootedShimOptions(t testing.TB, stateDir string) harness.Options {
+	t.Helper()
+	return shimOptions(t, stateDir, "", false)
+}
+
+// shimOptions are podvmShimOptions, with templated start if templated. The templates stay
+// in stateDir/templates until the test's end, when they go (after the env's teardown).
+func shimOptions(t testing.TB, stateDir, block string, templated bool, allowed ...string) harness.Options {
 	t.Helper()
 	kernel, rootImage := guestImage(t)
 	bin := os.Getenv("PODVM_BIN")
@@ -68,6 +81,17 @@ allowed = [%s]
 	if block != "" {
 		body += "\n[block]\n" + block + "\n"
 	}
+	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
+	if templated {
+		body += "\n[template]\nenabled = true\n"
+		keep = append(keep, templateDirName)
+		templates := filepath.Join(stateDir, templateDirName)
+		t.Cleanup(func() {
+			if err := os.RemoveAll(templates); err != nil {
+				t.Error(err)
+			}
+		})
+	}
 	cfg := filepath.Join(t.TempDir(), "podvm.toml")
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
@@ -76,7 +100,7 @@ allowed = [%s]
 		ShimDir:         bin,
 		PodvmConfigPath: cfg,
 		LeakDirs:        []string{stateDir},
-		LeakDirsKeep:    []string{qemu.AccelCacheFile, qemu.AccelLockFile},
+		LeakDirsKeep:    keep,
 	}
 }
 

@@ -20,21 +20,10 @@ import (
 const templateDirName = "templates"
 
 // podvmTemplateOptions are podvmShimOptions with templated start on, in a state dir of the
-// test's own (its templates go with it), and the machine-wide check for QEMU, virtiofsd and
-// podvm shims podvmOptions makes.
+// test's own (its templates go with it).
 func podvmTemplateOptions(t testing.TB, prefix string) harness.Options {
 	t.Helper()
-	opts := podvmShimOptions(t, ownStateDir(t, prefix), "")
-	f, err := os.OpenFile(opts.PodvmConfigPath, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := f.WriteString("\n[template]\nenabled = true\n"); err != nil {
-		t.Fatal(err)
-	}
-	opts.LeakDirsKeep = append(opts.LeakDirsKeep, templateDirName)
-	return opts
+	return shimOptions(t, ownStateDir(t, prefix), "", true)
 }
 
 // templatedPod is a pod of TestPodvmTemplate: its busybox container serves HTTP on 8080 and

@@ -173,7 +173,7 @@ func runUninstall(ctx context.Context, e *env, args []string) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	root := fs.String("root", "/", "the root podvm install installed onto (`DIR`)")
 	setUsage(fs, name+" [flags]",
-		"Removes what 'podvm install' recorded in ROOT/"+InstallManifest+": its files (the node\nconfig only if unchanged), the directories it made, and the accelerator probe's cache in\n/run/podvm. Restart containerd afterwards, and remove the node's podvm.io/runtime label.")
+		"Removes what 'podvm install' recorded in ROOT/"+InstallManifest+": its files (the node\nconfig only if unchanged), the directories it made, and the accelerator probe's cache and the VM\ntemplates in /run/podvm. Restart containerd afterwards, and remove the node's podvm.io/runtime label.")
 	if err := parseFlags(e, fs, args); err != nil {
 		return err
 	}

@@ -235,25 +235,27 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 		return err
 	}
 	_ = in.removeDirs(m) // again: the manifest's own directories are empty now
-	in.removeAccelCache()
+	in.removeRunState()
 	return nil
 }
 
 // Installed reports whether the host root has a manifest of this installer.
 func (in *Installer) Installed() bool { return exists(in.manifest()) }
 
-// The accelerator probe's cache and lock in the default state dir (hypervisor/qemu's
-// AccelCacheFile and AccelLockFile in /run/podvm): written by the shim at run time, gone
-// with podvm, as the Debian package's postrm removes them.
-var accelCache = []string{"run/podvm/accel.json", "run/podvm/accel.lock"}
+// runState is what the shim makes at run time in its default state dir (/run/podvm), gone
+// with podvm as the Debian package's postrm removes it: the accelerator probe's cache and lock
+// (hypervisor/qemu's AccelCacheFile and AccelLockFile), and the VM templates of templated
+// start ([template] dir "": <state_dir>/templates), tmpfs memory that no pod uses once it
+// started. Only root writes there; no guest can.
+var runState = []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/templates"}
 
-// removeAccelCache removes the probe's cache, and the state dir when that leaves it empty
-// (pods still running keep theirs).
-func (in *Installer) removeAccelCache() {
-	for _, f := range accelCache {
-		_ = os.Remove(in.host(f))
+// removeRunState removes runState, and the state dir when that leaves it empty (pods still
+// running keep theirs).
+func (in *Installer) removeRunState() {
+	for _, f := range runState {
+		_ = os.RemoveAll(in.host(f))
 	}
-	_ = os.Remove(in.host(filepath.Dir(accelCache[0])))
+	_ = os.Remove(in.host(filepath.Dir(runState[0])))
 }
 
 // removeFiles removes the installed files (the config only when unchanged) and the

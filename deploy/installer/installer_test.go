@@ -107,6 +107,9 @@ func diff(t *testing.T, what string, got, want map[string]string) {
 // node exactly as before.
 func TestInstallUninstallFreshNode(t *testing.T) {
 	host, dist := hostRoot(t), distTree(t)
+	if err := os.Mkdir(filepath.Join(host, "run"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	before := listing(t, host)
 	var r recorder
 	in := r.installer(host, dist)
@@ -126,10 +129,24 @@ func TestInstallUninstallFreshNode(t *testing.T) {
 	if err := in.Install(ctx); err != nil { // a restarted DaemonSet pod installs again
 		t.Fatal(err)
 	}
+	// What the shim leaves in its default state dir at run time: the accelerator probe's
+	// cache and lock, and VM templates (a node that turned templated start on).
+	for _, f := range []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/templates/.lock",
+		"run/podvm/templates/0123456789abcdef/memory", "run/podvm/templates/0123456789abcdef/template.json"} {
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(host, f)), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(host, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := in.Uninstall(ctx); err != nil {
 		t.Fatal(err)
 	}
 	diff(t, "after uninstall", listing(t, host), before)
+	if _, err := os.Lstat(filepath.Join(host, "run/podvm")); err == nil {
+		t.Errorf("run/podvm left after uninstall")
+	}
 	if want := "restart label restart label unlabel restart"; strings.Join(r.calls, " ") != want {
 		t.Errorf("calls %v, want %s", r.calls, want)
 	}

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -78,7 +79,37 @@ func TestE2E(t *testing.T) {
 		})
 	}
 	t.Logf("timings, runc vs podvm, same cluster and run:\n%s", tm.table())
+	if harness.Templated() {
+		checkAllFromTemplates(t, env)
+	}
 	cl.AssertNoLeaks(t)
+}
+
+// checkAllFromTemplates: with templated start on, every pod VM of the run was restored from a
+// template (the shim's "pod VM ready" line names it), none booted instead, so the run has
+// tested templated start and not the booted path it falls back to.
+func checkAllFromTemplates(t *testing.T, env *harness.Env) {
+	t.Helper()
+	b, err := os.ReadFile(env.ContainerdLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var restored, booted int
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.Contains(l, `msg="pod VM ready"`) {
+			continue
+		}
+		if strings.Contains(l, " from_template=") {
+			restored++
+		} else {
+			booted++
+			t.Errorf("a pod VM booted with templated start on: %s", l)
+		}
+	}
+	if restored == 0 {
+		t.Errorf("with templated start on, no pod VM was restored from a template")
+	}
+	t.Logf("templated start: %d pod VMs restored from templates, %d booted", restored, booted)
 }
 
 // ParallelEnv sets how many of a runtime class's cases (not the fault cases) run at once.

@@ -66,6 +66,13 @@ func options(t testing.TB) harness.Options {
 	cfg := filepath.Join(t.TempDir(), "podvm.toml")
 	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\nimage = %q\n\n[sandbox]\nstate_dir = %q\n",
 		accel, kernel, rootImage, stateDir)
+	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
+	if harness.Templated() {
+		// The VM templates stay (in the state dir) for the whole suite, and go after it.
+		body += "\n[template]\nenabled = true\n"
+		keep = append(keep, templateDir)
+		t.Cleanup(func() { _ = os.RemoveAll(filepath.Join(stateDir, templateDir)) })
+	}
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -74,10 +81,13 @@ func options(t testing.TB) harness.Options {
 		PodvmConfigPath:  cfg,
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{stateDir},
-		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile},
+		LeakDirsKeep:     keep,
 		SetupTimeout:     5 * time.Minute,
 	}
 }
+
+// templateDir is where the shim keeps VM templates in its state dir ([template] dir "").
+const templateDir = "templates"
 
 // runtimeClasses are the RuntimeClasses every case runs with.
 var runtimeClasses = []string{"runc", "podvm"}

@@ -472,3 +472,12 @@ func (e *Env) LogTail(n int) string {
 // LeakDirs are the directories AssertNoLeaks requires empty (Options.LeakDirs): for podvm,
 // the shim's state dir.
 func (e *Env) LeakDirs() []string { return e.opts.LeakDirs }
+
+// TemplateEnv names the variable that, set to 1, has the suites run their podvm pods
+// restored from VM templates ([template] enabled in the podvm config they write) instead of
+// booted: the same tests, on the other way a pod VM starts (make e2e-template). Tests of the
+// boot itself boot either way.
+const TemplateEnv = "PODVM_IT_TEMPLATE"
+
+// Templated reports whether TemplateEnv asks for templated start.
+func Templated() bool { return os.Getenv(TemplateEnv) == "1" }
