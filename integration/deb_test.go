@@ -26,8 +26,9 @@ const debConfig = "/etc/podvm/config.toml"
 // ./podvm_<v>_amd64.deb), runs a pod through a containerd whose podvm runtime is the
 // package's drop-in settings (its shim, its default node config, its guest image), then
 // runs one restored from a VM template (templated start turned on in a copy of that config),
-// removes the package and checks that nothing but the config is left, the templates gone too;
-// it purges it at the end, so the machine is as before. PODVM_DEB names the package (make integration builds it).
+// removes the package and checks that nothing but the config is left, the templates gone
+// too; it purges it at the end, so the machine is as before. PODVM_DEB names the package
+// (make integration builds it).
 func TestDebPackage(t *testing.T) {
 	deb := os.Getenv("PODVM_DEB")
 	require(t, needRoot(), needCmd("apt-get"), needCmd("dpkg"), map[bool]string{true: "PODVM_DEB (make deb)"}[deb == ""])

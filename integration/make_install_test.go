@@ -68,13 +68,23 @@ func testInstalledTemplate(t *testing.T, shimDir, config string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, i := string(b), strings.Index(string(b), "\n[template]\n")
-	j := strings.Index(body[max(i, 0):], "\nenabled = false\n")
-	if i < 0 || j < 0 {
-		t.Fatalf("%s has no [template] section with enabled = false", config)
+	// The line in the [template] section, not in the next one.
+	const off, on = "\nenabled = false\n", "\nenabled = true\n"
+	body := string(b)
+	start := strings.Index(body, "\n[template]\n")
+	if start < 0 {
+		t.Fatalf("%s has no [template] section", config)
 	}
-	j += i
-	body = body[:j] + "\nenabled = true\n" + body[j+len("\nenabled = false\n"):]
+	section := body[start+1:]
+	if next := strings.Index(section, "\n["); next >= 0 {
+		section = section[:next+1]
+	}
+	at := strings.Index(section, off)
+	if at < 0 {
+		t.Fatalf("%s: its [template] section has no %q", config, strings.TrimSpace(off))
+	}
+	at += start + 1
+	body = body[:at] + on + body[at+len(off):]
 	cfg := filepath.Join(t.TempDir(), "config.toml")
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)

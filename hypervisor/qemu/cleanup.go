@@ -13,8 +13,8 @@ import (
 
 // Cleanup stops what a VM with this state dir may have left behind when its owner died:
 // the QEMU and virtiofsd recorded in the pidfiles (only after checking that
-// /proc/<pid>/cmdline really is that process for this state dir) and the SharedDir bind
-// mount. It does not remove the state dir. Calling it on a clean or missing dir is a no-op.
+// /proc/<pid>/cmdline really is that process for this state dir), virtiofsd's lock file and
+// the SharedDir bind mount. It does not remove the state dir. Calling it on a clean or missing dir is a no-op.
 func Cleanup(ctx context.Context, stateDir string) error {
 	if !filepath.IsAbs(stateDir) {
 		return fmt.Errorf("cleaning up VM state: %q is not an absolute path", stateDir)
@@ -54,6 +54,9 @@ func Cleanup(ctx context.Context, stateDir string) error {
 	for _, s := range []string{QMPSocket, AgentSocket, VirtiofsdSocket} {
 		// Best effort: nothing listens on them any more, and Start removes them again.
 		_ = os.Remove(filepath.Join(stateDir, s))
+	}
+	if err := removeVirtiofsdLock(filepath.Join(stateDir, VirtiofsdSocket)); err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("cleaning up VM state in %s: %w", stateDir, err)

@@ -133,6 +133,11 @@ func leftovers(t *testing.T, dir string) []string {
 			found = append(found, "mount "+p)
 		}
 	}
+	// The lock files the C virtiofsd leaves in /run/virtiofsd, named after its socket path.
+	locks, _ := filepath.Glob(filepath.Join(virtiofsdLockDir, strings.ReplaceAll(dir, "/", ".")+".*"))
+	for _, l := range locks {
+		found = append(found, "virtiofsd lock file "+l)
+	}
 	return found
 }
 

@@ -5,8 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -126,8 +128,26 @@ func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug
 // virtiofsd is a running virtiofsd process.
 type virtiofsd struct {
 	cmd  *exec.Cmd
+	sock string
 	done chan struct{}
 	err  error // exit status, valid after done
+}
+
+// virtiofsdLockDir is where the C virtiofsd keeps a lock file per socket path
+// (<localstatedir>/run/virtiofsd, /var/run being /run): a pidfile named after the path, its
+// slashes turned into dots, which it takes so that no second virtiofsd serves the same
+// socket, and never removes. A node that starts a pod VM per pod would gather one per pod.
+const virtiofsdLockDir = "/var/run/virtiofsd"
+
+// removeVirtiofsdLock removes the lock file a C virtiofsd on socket sock left behind, once
+// it has exited. The directory is root's; no guest reaches it. The Rust virtiofsd keeps no
+// such file, so there is nothing to remove.
+func removeVirtiofsdLock(sock string) error {
+	err := os.Remove(filepath.Join(virtiofsdLockDir, strings.ReplaceAll(sock, "/", ".")+".pid"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("removing virtiofsd's lock file: %w", err)
+	}
+	return nil
 }
 
 // startVirtiofsd starts virtiofsd for cfg and waits until its socket listens.
@@ -161,7 +181,7 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 	if err := start(); err != nil {
 		return nil, fmt.Errorf("starting virtiofsd %s: %w", cfg.VirtiofsdPath, err)
 	}
-	v := &virtiofsd{cmd: cmd, done: make(chan struct{})}
+	v := &virtiofsd{cmd: cmd, sock: sock, done: make(chan struct{})}
 	go func() {
 		v.err = cmd.Wait()
 		close(v.done)
@@ -221,8 +241,13 @@ func unixSocketListening(path string) (bool, error) {
 
 // stop terminates virtiofsd: SIGTERM, then SIGKILL after a short grace or when ctx ends. It
 // returns once its whole process group is gone: the C virtiofsd forks into its sandbox, and
-// that child can outlive the parent by a moment.
+// that child can outlive the parent by a moment. Then it removes virtiofsd's lock file.
 func (v *virtiofsd) stop(ctx context.Context) error {
+	err := v.terminate(ctx)
+	return errors.Join(err, removeVirtiofsdLock(v.sock))
+}
+
+func (v *virtiofsd) terminate(ctx context.Context) error {
 	select {
 	case <-v.done:
 		return waitGroupGone(v.pid())

@@ -381,6 +381,12 @@ func (e *Env) leaks() []string {
 		leaks = append(leaks, "CNI result cache left: "+strings.Join(caches, ", "))
 	}
 	for _, d := range e.opts.LeakDirs {
+		// The C virtiofsd's lock file on its socket path (in the state dir), which it leaves
+		// in /run/virtiofsd when it exits: the shim removes it.
+		locks, _ := filepath.Glob(filepath.Join("/run/virtiofsd", strings.ReplaceAll(d, "/", ".")+".*"))
+		if len(locks) > 0 {
+			leaks = append(leaks, fmt.Sprintf("virtiofsd lock files of %s left: %s", d, strings.Join(locks, ", ")))
+		}
 		entries, err := os.ReadDir(d)
 		if err == nil && len(entries) > 0 {
 			var names []string
