@@ -129,9 +129,7 @@ func leftovers(t *testing.T, dir string) []string {
 			found = append(found, "mount "+p)
 		}
 	}
-	// The lock files the C virtiofsd leaves in /run/virtiofsd, named after its socket path.
-	locks, _ := filepath.Glob(filepath.Join(virtiofsdLockDir, strings.ReplaceAll(dir, "/", ".")+".*"))
-	for _, l := range locks {
+	for _, l := range VirtiofsdLockFiles(dir) {
 		found = append(found, "virtiofsd lock file "+l)
 	}
 	return found
