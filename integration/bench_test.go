@@ -327,7 +327,7 @@ func podvmBenchEnv(t testing.TB) *harness.Env {
 func podvmTemplateBenchEnv(t testing.TB) *harness.Env {
 	t.Helper()
 	opts := podvmTemplateOptions(t, "pvb-")
-	opts.LeakDirsKeep = []string{templateDirName}
+	opts.LeakDirsKeep = []string{config.TemplateDirName}
 	return harness.Start(t, opts)
 }
 
@@ -337,7 +337,7 @@ func logTemplates(b *testing.B, h string, env *harness.Env) {
 	if h != podvmTemplate {
 		return
 	}
-	dir := filepath.Join(env.LeakDirs()[0], templateDirName)
+	dir := filepath.Join(env.LeakDirs()[0], config.TemplateDirName)
 	var total int64
 	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		var st syscall.Stat_t

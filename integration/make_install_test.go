@@ -13,6 +13,7 @@ import (
 
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // makeInstallTouches are the paths make install writes under (PREFIX=/usr/local), with the
@@ -62,9 +63,9 @@ func TestMakeInstall(t *testing.T) {
 // node config, templated start turned on as an admin would ([template] enabled = true): the
 // pod's VM is restored from a VM template, which stays in the default state dir for the
 // uninstall to remove.
-func testInstalledTemplate(t *testing.T, shimDir, config string) {
+func testInstalledTemplate(t *testing.T, shimDir, nodeConfig string) {
 	t.Helper()
-	b, err := os.ReadFile(config)
+	b, err := os.ReadFile(nodeConfig)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +74,7 @@ func testInstalledTemplate(t *testing.T, shimDir, config string) {
 	body := string(b)
 	start := strings.Index(body, "\n[template]\n")
 	if start < 0 {
-		t.Fatalf("%s has no [template] section", config)
+		t.Fatalf("%s has no [template] section", nodeConfig)
 	}
 	section := body[start+1:]
 	if next := strings.Index(section, "\n["); next >= 0 {
@@ -81,7 +82,7 @@ func testInstalledTemplate(t *testing.T, shimDir, config string) {
 	}
 	at := strings.Index(section, off)
 	if at < 0 {
-		t.Fatalf("%s: its [template] section has no %q", config, strings.TrimSpace(off))
+		t.Fatalf("%s: its [template] section has no %q", nodeConfig, strings.TrimSpace(off))
 	}
 	at += start + 1
 	body = body[:at] + on + body[at+len(off):]
@@ -94,7 +95,7 @@ func testInstalledTemplate(t *testing.T, shimDir, config string) {
 		PodvmConfigPath:  cfg,
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{podvmStateDir},
-		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, templateDirName},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.TemplateDirName},
 	})
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
@@ -104,7 +105,7 @@ func testInstalledTemplate(t *testing.T, shimDir, config string) {
 	}
 	removePod(ctx, t, env, pod)
 	env.AssertNoLeaks(t)
-	if _, err := os.Stat(filepath.Join(podvmStateDir, templateDirName)); err != nil {
+	if _, err := os.Stat(filepath.Join(podvmStateDir, config.TemplateDirName)); err != nil {
 		t.Errorf("no VM template in %s: %v", podvmStateDir, err)
 	}
 }
@@ -113,7 +114,7 @@ func testInstalledTemplate(t *testing.T, shimDir, config string) {
 // default state dir: the accelerator probe's cache and lock, the VM templates.
 func checkRunStateGone(t *testing.T, what string) {
 	t.Helper()
-	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile, templateDirName} {
+	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.TemplateDirName} {
 		if _, err := os.Lstat(filepath.Join(podvmStateDir, f)); err == nil {
 			t.Errorf("%s left after %s", filepath.Join(podvmStateDir, f), what)
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // podvmStateDir is where the shim keeps per-sandbox state in the tests (the default).
@@ -84,8 +85,8 @@ allowed = [%s]
 	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
 	if templated {
 		body += "\n[template]\nenabled = true\n"
-		keep = append(keep, templateDirName)
-		templates := filepath.Join(stateDir, templateDirName)
+		keep = append(keep, config.TemplateDirName)
+		templates := filepath.Join(stateDir, config.TemplateDirName)
 		t.Cleanup(func() {
 			if err := os.RemoveAll(templates); err != nil {
 				t.Error(err)

@@ -14,10 +14,8 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/shim/config"
 )
-
-// templateDirName is where the shim keeps VM templates in its state dir ([template] dir "").
-const templateDirName = "templates"
 
 // podvmTemplateOptions are podvmShimOptions with templated start on, in a state dir of the
 // test's own (its templates go with it).
@@ -184,7 +182,7 @@ func TestPodvmTemplateBroken(t *testing.T) {
 	env := harness.Start(t, opts)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 	defer cancel()
-	dir := filepath.Join(opts.LeakDirs[0], templateDirName)
+	dir := filepath.Join(opts.LeakDirs[0], config.TemplateDirName)
 
 	removePod(ctx, t, env, runPod(ctx, t, env, "podvm", "builds"))
 	tmpl := onlyTemplate(t, dir)

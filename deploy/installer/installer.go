@@ -28,6 +28,8 @@ import (
 	"path/filepath"
 	"sort"
 	"syscall"
+
+	"github.com/podvm/podvm/shim/config"
 )
 
 // Paths on the node (relative to the host root).
@@ -247,7 +249,7 @@ func (in *Installer) Installed() bool { return exists(in.manifest()) }
 // (hypervisor/qemu's AccelCacheFile and AccelLockFile), and the VM templates of templated
 // start ([template] dir "": <state_dir>/templates), tmpfs memory that no pod uses once it
 // started. Only root writes there; no guest can.
-var runState = []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/templates"}
+var runState = []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/" + config.TemplateDirName}
 
 // removeRunState removes runState, and the state dir when that leaves it empty (pods still
 // running keep theirs).

@@ -55,25 +55,21 @@ func requireQEMU(t *testing.T) {
 func requireReal(t *testing.T) (kernel string) {
 	t.Helper()
 	requireQEMU(t)
-	missing := func(format string, a ...any) {
-		t.Helper()
-		missingReal(t, format, a...)
-	}
 	if k := os.Getenv("PODVM_TEST_KERNEL"); k != "" {
 		return k
 	}
 	debs, _ := filepath.Glob("/opt/podvm-dev/kernel/linux-image-*.deb")
 	if len(debs) == 0 {
-		missing("no kernel: set PODVM_TEST_KERNEL or put linux-image-*-cloud-amd64 .deb in /opt/podvm-dev/kernel")
+		missingReal(t, "no kernel: set PODVM_TEST_KERNEL or put linux-image-*-cloud-amd64 .deb in /opt/podvm-dev/kernel")
 	}
 	dir := t.TempDir()
 	cmd := exec.Command("sh", "-c", `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './boot/vmlinuz-*'`, "sh", debs[0], dir)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		missing("extracting kernel from %s: %v: %s", debs[0], err, out)
+		missingReal(t, "extracting kernel from %s: %v: %s", debs[0], err, out)
 	}
 	ks, _ := filepath.Glob(filepath.Join(dir, "boot", "vmlinuz-*"))
 	if len(ks) == 0 {
-		missing("no boot/vmlinuz-* in %s", debs[0])
+		missingReal(t, "no boot/vmlinuz-* in %s", debs[0])
 	}
 	return ks[0]
 }
@@ -133,9 +129,7 @@ func leftovers(t *testing.T, dir string) []string {
 			found = append(found, "mount "+p)
 		}
 	}
-	// The lock files the C virtiofsd leaves in /run/virtiofsd, named after its socket path.
-	locks, _ := filepath.Glob(filepath.Join(virtiofsdLockDir, strings.ReplaceAll(dir, "/", ".")+".*"))
-	for _, l := range locks {
+	for _, l := range VirtiofsdLockFiles(dir) {
 		found = append(found, "virtiofsd lock file "+l)
 	}
 	return found

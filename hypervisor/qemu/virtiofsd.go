@@ -139,11 +139,21 @@ type virtiofsd struct {
 // socket, and never removes. A node that starts a pod VM per pod would gather one per pod.
 const virtiofsdLockDir = "/var/run/virtiofsd"
 
+// virtiofsdLockName is the C virtiofsd's name for path in virtiofsdLockDir.
+func virtiofsdLockName(path string) string { return strings.ReplaceAll(path, "/", ".") }
+
+// VirtiofsdLockFiles lists the lock files C virtiofsds on sockets under dir left behind, for
+// the tests' leak checks.
+func VirtiofsdLockFiles(dir string) []string {
+	locks, _ := filepath.Glob(filepath.Join(virtiofsdLockDir, virtiofsdLockName(dir)+".*"))
+	return locks
+}
+
 // removeVirtiofsdLock removes the lock file a C virtiofsd on socket sock left behind, once
 // it has exited. The directory is root's; no guest reaches it. The Rust virtiofsd keeps no
 // such file, so there is nothing to remove.
 func removeVirtiofsdLock(sock string) error {
-	err := os.Remove(filepath.Join(virtiofsdLockDir, strings.ReplaceAll(sock, "/", ".")+".pid"))
+	err := os.Remove(filepath.Join(virtiofsdLockDir, virtiofsdLockName(sock)+".pid"))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("removing virtiofsd's lock file: %w", err)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/podvm/podvm/integration/harness"
 	"github.com/podvm/podvm/integration/k8s"
 	"github.com/podvm/podvm/rootfs/guestimage"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // require skips the test when a prerequisite is missing, or fails it under CI=true, where a
@@ -70,8 +71,8 @@ func options(t testing.TB) harness.Options {
 	if harness.Templated() {
 		// The VM templates stay (in the state dir) for the whole suite, and go after it.
 		body += "\n[template]\nenabled = true\n"
-		keep = append(keep, templateDir)
-		t.Cleanup(func() { _ = os.RemoveAll(filepath.Join(stateDir, templateDir)) })
+		keep = append(keep, config.TemplateDirName)
+		t.Cleanup(func() { _ = os.RemoveAll(filepath.Join(stateDir, config.TemplateDirName)) })
 	}
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
@@ -85,9 +86,6 @@ func options(t testing.TB) harness.Options {
 		SetupTimeout:     5 * time.Minute,
 	}
 }
-
-// templateDir is where the shim keeps VM templates in its state dir ([template] dir "").
-const templateDir = "templates"
 
 // runtimeClasses are the RuntimeClasses every case runs with.
 var runtimeClasses = []string{"runc", "podvm"}

@@ -17,6 +17,8 @@ import (
 
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/hypervisor/qemu"
 )
 
 // Close tears the environment down now (it also runs as a t.Cleanup). It is idempotent.
@@ -383,8 +385,7 @@ func (e *Env) leaks() []string {
 	for _, d := range e.opts.LeakDirs {
 		// The C virtiofsd's lock file on its socket path (in the state dir), which it leaves
 		// in /run/virtiofsd when it exits: the shim removes it.
-		locks, _ := filepath.Glob(filepath.Join("/run/virtiofsd", strings.ReplaceAll(d, "/", ".")+".*"))
-		if len(locks) > 0 {
+		if locks := qemu.VirtiofsdLockFiles(d); len(locks) > 0 {
 			leaks = append(leaks, fmt.Sprintf("virtiofsd lock files of %s left: %s", d, strings.Join(locks, ", ")))
 		}
 		entries, err := os.ReadDir(d)

@@ -200,12 +200,15 @@ type Template struct {
 	Dir string `toml:"dir"`
 }
 
+// TemplateDirName is the VM templates' directory in the state dir when [template] dir is "".
+const TemplateDirName = "templates"
+
 // TemplateDir is where the VM templates are: [template] dir, else <state_dir>/templates.
 func (c *Config) TemplateDir() string {
 	if c.Template.Dir != "" {
 		return c.Template.Dir
 	}
-	return filepath.Join(c.Sandbox.StateDir, "templates")
+	return filepath.Join(c.Sandbox.StateDir, TemplateDirName)
 }
 
 // Default returns the built-in configuration. MaxVCPUs is the host's CPU count, and
