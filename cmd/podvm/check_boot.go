@@ -70,8 +70,13 @@ func (h hostProbe) checkBoot(ctx context.Context, r *report, cfg *config.Config)
 		r.add(statusFail, "accel", "%v; run 'podvm debug boot --console' to see the guest's console", err)
 		return
 	}
-	r.put(accelVerdict(res, accel))
+	_, pvmErr := h.stat(pvmModule)
+	r.put(accelVerdict(res, accel, pvmErr == nil))
 }
+
+// pvmModule is there when the host's KVM is PVM, a hypervisor for cloud VMs without VT-x that
+// runs only guest kernels built for it.
+const pvmModule = "/sys/module/kvm_pvm"
 
 func bootLine(a qemu.Attempt) string {
 	what := "accel " + a.Accel
@@ -87,8 +92,9 @@ func bootLine(a qemu.Attempt) string {
 	return what + ": " + a.Reason
 }
 
-// accelVerdict says what the measurement means for the configured accelerator.
-func accelVerdict(res qemu.ProbeResult, accel string) (status, string, string) {
+// accelVerdict says what the measurement means for the configured accelerator; pvm: the
+// host's KVM is PVM.
+func accelVerdict(res qemu.ProbeResult, accel string, pvm bool) (status, string, string) {
 	const name = "accel"
 	kvmOK := res.Accel == qemu.AccelKVM
 	hostOK := kvmOK && res.CPU == qemu.CPUHost
@@ -105,7 +111,7 @@ func accelVerdict(res qemu.ProbeResult, accel string) (status, string, string) {
 		if kvmOK {
 			return statusFail, name, fmt.Sprintf("accel = \"kvm\" runs -cpu host, which does not work here (%s), while -cpu %s does: set accel = \"auto\"", firstKVMProblem(res), res.CPU)
 		}
-		return statusFail, name, fmt.Sprintf("accel = \"kvm\" but %s; every pod would fail or crawl: set accel = \"auto\" (picks TCG here) or \"tcg\". %s", res.Reason, kvmFix(res))
+		return statusFail, name, fmt.Sprintf("accel = \"kvm\" but %s; every pod would fail or crawl: set accel = \"auto\" (picks TCG here) or \"tcg\". %s", res.Reason, kvmFix(res, pvm))
 	case hypervisor.AccelTCG:
 		if kvmOK {
 			return statusOK, name, fmt.Sprintf("accel = \"tcg\" forced, but KVM (-cpu %s) works%s: set accel = \"auto\" to use it", res.CPU, speed)
@@ -115,7 +121,7 @@ func accelVerdict(res qemu.ProbeResult, accel string) (status, string, string) {
 	if kvmOK {
 		return statusOK, name, fmt.Sprintf("accel \"auto\" uses KVM with -cpu %s%s", res.CPU, speed)
 	}
-	return statusWarn, name, fmt.Sprintf("accel \"auto\" uses TCG (pods run, slower): %s. %s", res.Reason, kvmFix(res))
+	return statusWarn, name, fmt.Sprintf("accel \"auto\" uses TCG (pods run, slower): %s. %s", res.Reason, kvmFix(res, pvm))
 }
 
 // firstKVMProblem is what went wrong with -cpu host.
@@ -126,14 +132,17 @@ func firstKVMProblem(res qemu.ProbeResult) string {
 	return bootLine(res.KVM[0])
 }
 
-// kvmFix says what to do about an unusable KVM, by what the probe saw.
-func kvmFix(res qemu.ProbeResult) string {
+// kvmFix says what to do about an unusable KVM, by what the probe saw and whether the host's
+// KVM is PVM.
+func kvmFix(res qemu.ProbeResult, pvm bool) string {
 	msr, slow := false, false
 	for _, a := range res.KVM {
 		msr = msr || strings.Contains(a.Reason, "MSR")
 		slow = slow || (!a.Aborted && res.TCG.Booted)
 	}
 	switch {
+	case pvm && len(res.KVM) > 0:
+		return "This host's KVM is PVM (module kvm_pvm): it virtualises without VT-x/AMD-V and runs at speed only guest kernels built as PVM guests (CONFIG_PVM_GUEST). podvm's guest kernel is not one: under PVM its privileged instructions trap to be emulated, far slower than TCG, and the guest can stop on one that KVM cannot emulate. For KVM, run on bare metal or an instance type with hardware nested virtualisation."
 	case len(res.KVM) == 0:
 		return "For KVM: enable virtualisation (VT-x/AMD-V) in the firmware, or nested virtualisation for this VM, and load kvm_intel or kvm_amd."
 	case msr && slow:

@@ -26,6 +26,10 @@ var (
 		KVM: []qemu.Attempt{{Accel: "kvm", CPU: "host", Booted: true, BootTime: 312 * time.Millisecond}}}
 	masked = qemu.ProbeResult{Accel: "kvm", CPU: "host,arch-capabilities=off", TCG: tcgBooted,
 		KVM: []qemu.Attempt{hostAbort, {Accel: "kvm", CPU: "host,arch-capabilities=off", Booted: true, BootTime: 400 * time.Millisecond}}}
+	// A host whose KVM is PVM (module kvm_pvm): an ordinary guest kernel never answers.
+	pvmSlow = qemu.ProbeResult{Accel: "tcg", TCG: tcgBooted,
+		KVM:    []qemu.Attempt{{Accel: "kvm", CPU: "host", Reason: "no answer from the guest agent within 1.816s"}},
+		Reason: "KVM -cpu host: no answer from the guest agent within 1.816s, slower than under TCG (1.816s)"}
 	noKVM = qemu.ProbeResult{Accel: "tcg", TCG: tcgBooted, Reason: "/dev/kvm is not usable: stat /dev/kvm: no such file or directory"}
 )
 
@@ -37,6 +41,7 @@ type checkBootTest struct {
 	err    error
 	euid   int
 	broken bool     // no guest kernel
+	pvm    bool     // the host's KVM is PVM (/sys/module/kvm_pvm)
 	want   []string // the boot lines, in order, as prefixes or (after "~") substrings
 }
 
@@ -74,6 +79,22 @@ var checkBootTests = []checkBootTest{
 		"ok    boot tcg", "warn  boot kvm", "ok    boot kvm",
 		`FAIL  accel           accel = "kvm" runs -cpu host, which does not work here`,
 		`~while -cpu host,arch-capabilities=off does: set accel = "auto"`,
+	}},
+	{name: "PVM, auto", accel: "auto", res: pvmSlow, pvm: true, want: []string{
+		"ok    boot tcg", "warn  boot kvm",
+		`warn  accel           accel "auto" uses TCG (pods run, slower): KVM -cpu host: no answer`,
+		"~This host's KVM is PVM (module kvm_pvm)",
+		"~kernels built as PVM guests (CONFIG_PVM_GUEST)",
+	}},
+	{name: "PVM, forced kvm", accel: "kvm", res: pvmSlow, pvm: true, want: []string{
+		"ok    boot tcg", "warn  boot kvm",
+		`FAIL  accel           accel = "kvm" but KVM -cpu host: no answer`,
+		"~This host's KVM is PVM (module kvm_pvm)",
+	}},
+	{name: "slow KVM, not PVM", accel: "auto", res: pvmSlow, want: []string{
+		"ok    boot tcg", "warn  boot kvm",
+		`warn  accel           accel "auto" uses TCG (pods run, slower): KVM -cpu host: no answer`,
+		"~KVM works but guests boot slower than under TCG",
 	}},
 	{name: "no /dev/kvm", accel: "auto", res: noKVM, want: []string{
 		"ok    boot tcg",
@@ -120,6 +141,9 @@ func runCheckBoot(t *testing.T, configPath string, tt checkBootTest) {
 	host := goodHost()
 	if tt.broken {
 		delete(host.files, "/usr/share/podvm/vmlinuz")
+	}
+	if tt.pvm {
+		host.files["/sys/module/kvm_pvm"] = ""
 	}
 	h := host.probe()
 	probed := false
