@@ -11,7 +11,6 @@ import (
 
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
-	"github.com/podvm/podvm/shim/config"
 )
 
 // podvmStateDir is where the shim keeps per-sandbox state in the tests (the default).
@@ -84,14 +83,7 @@ allowed = [%s]
 	}
 	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
 	if templated {
-		body += "\n[template]\nenabled = true\n"
-		keep = append(keep, config.TemplateDirName)
-		templates := filepath.Join(stateDir, config.TemplateDirName)
-		t.Cleanup(func() {
-			if err := os.RemoveAll(templates); err != nil {
-				t.Error(err)
-			}
-		})
+		body, keep = harness.WithTemplates(t, stateDir, body, keep)
 	}
 	cfg := filepath.Join(t.TempDir(), "podvm.toml")
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {

@@ -16,7 +16,6 @@ import (
 	"github.com/podvm/podvm/integration/harness"
 	"github.com/podvm/podvm/integration/k8s"
 	"github.com/podvm/podvm/rootfs/guestimage"
-	"github.com/podvm/podvm/shim/config"
 )
 
 // require skips the test when a prerequisite is missing, or fails it under CI=true, where a
@@ -70,9 +69,7 @@ func options(t testing.TB) harness.Options {
 	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
 	if harness.Templated() {
 		// The VM templates stay (in the state dir) for the whole suite, and go after it.
-		body += "\n[template]\nenabled = true\n"
-		keep = append(keep, config.TemplateDirName)
-		t.Cleanup(func() { _ = os.RemoveAll(filepath.Join(stateDir, config.TemplateDirName)) })
+		body, keep = harness.WithTemplates(t, stateDir, body, keep)
 	}
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)

@@ -34,6 +34,7 @@ import (
 	criclient "k8s.io/cri-client/pkg"
 
 	"github.com/podvm/podvm/internal/logfile"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // Options configures one harness environment. The zero value runs containerd with the runc
@@ -481,3 +482,18 @@ const TemplateEnv = "PODVM_IT_TEMPLATE"
 
 // Templated reports whether TemplateEnv asks for templated start.
 func Templated() bool { return os.Getenv(TemplateEnv) == "1" }
+
+// WithTemplates turns templated start on in body, the podvm config of a shim whose state dir
+// is stateDir, and adds the templates' directory to keep, the state dir's entries the leak
+// check leaves alone. The templates go when the test ends, after the env's teardown (call it
+// before Start).
+func WithTemplates(t testing.TB, stateDir, body string, keep []string) (string, []string) {
+	t.Helper()
+	templates := filepath.Join(stateDir, config.TemplateDirName)
+	t.Cleanup(func() {
+		if err := os.RemoveAll(templates); err != nil {
+			t.Error(err)
+		}
+	})
+	return body + "\n[template]\nenabled = true\n", append(keep, config.TemplateDirName)
+}
