@@ -349,8 +349,8 @@ func logTemplates(b *testing.B, h string, env *harness.Env) {
 	b.Logf("%s: the VM templates in %s take %.1f MiB (tmpfs, in no process's PSS)", h, dir, float64(total)/(1<<20))
 }
 
-// assertNothingUnder fails t if a process still names dir on its command line or something is
-// mounted under it, then removes dir.
+// assertNothingUnder fails t if a process still names dir on its command line, something is
+// mounted under it or a C virtiofsd's lock file names a socket under it, then removes dir.
 func assertNothingUnder(t testing.TB, dir string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -373,6 +373,9 @@ func assertNothingUnder(t testing.TB, dir string) {
 	}
 	if mi, err := os.ReadFile("/proc/self/mountinfo"); err == nil && strings.Contains(string(mi), " "+dir+"/") {
 		t.Errorf("leak: mounts left under %s", dir)
+	}
+	for _, l := range qemu.VirtiofsdLockFiles(dir) {
+		t.Errorf("leak: virtiofsd lock file %s left for a socket under %s", l, dir)
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		t.Errorf("leak: remove %s: %v", dir, err)
