@@ -169,6 +169,13 @@ func checkPodvmCheck(ctx context.Context, t *testing.T, podvm string) {
 	if !strings.Contains(string(out), "boot tcg") {
 		t.Errorf("podvm check did not boot the guest under TCG")
 	}
+	// What to do about KVM is said once per line (on a host without /dev/kvm the reason and
+	// the advice both said it).
+	for line := range strings.Lines(string(out)) {
+		if strings.Count(line, "kvm_intel") > 1 {
+			t.Errorf("podvm check repeats its advice: %s", line)
+		}
+	}
 }
 
 // checkRemoved: after apt remove (keepConfig) only the config is left of the package, after

@@ -294,13 +294,14 @@ func decideAccel(tcg Attempt, kvm []Attempt, kvmErr error) (accel, cpu, reason s
 
 func roundDuration(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
 
-// kvmDeviceError says why /dev/kvm cannot make VMs, nil when it can.
+// kvmDeviceError says why /dev/kvm cannot make VMs, nil when it can. What to do about it is
+// podvm check's to say (cmd/podvm), not part of the reason.
 func kvmDeviceError() error {
 	if DetectAccel() == AccelKVM {
 		return nil
 	}
 	if _, err := os.Stat("/dev/kvm"); err != nil {
-		return fmt.Errorf("%w (load kvm_intel or kvm_amd, enable virtualisation in the firmware or, in a VM, nested virtualisation)", err)
+		return err
 	}
 	return errors.New("/dev/kvm does not open read-write or KVM_CREATE_VM fails (permissions, or another hypervisor holds VT-x/AMD-V)")
 }
