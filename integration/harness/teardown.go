@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/hypervisor/qemu"
+	"github.com/podvm/podvm/internal/logfile"
 )
 
 // Close tears the environment down now (it also runs as a t.Cleanup). It is idempotent.
@@ -42,7 +43,33 @@ func (e *Env) teardown(t testing.TB) {
 			t.Errorf("harness teardown: %s", msg)
 		}
 		t.Logf("harness: teardown took %v", time.Since(start).Round(time.Millisecond))
+		if t.Failed() && e.ContainerdLog != "" {
+			// Last, where a report that keeps only the end of the output still shows it.
+			t.Logf("harness: containerd's last errors:\n%s", lastErrors(e.ContainerdLog, 6))
+		}
 	})
+}
+
+// lastErrors returns the last n error-level lines of the log at path (each cut to 400
+// bytes): why a pod failed to start or stop, from the shim and from CRI, in a few lines.
+func lastErrors(path string, n int) string {
+	b, err := logfile.ReadTail(path, 16<<20)
+	if err != nil {
+		return fmt.Sprintf("(no log: %v)", err)
+	}
+	var errs []string
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if strings.Contains(line, "level=error") || strings.Contains(line, "level=fatal") {
+			if len(line) > 400 {
+				line = line[:400] + "…"
+			}
+			errs = append(errs, line)
+		}
+	}
+	if len(errs) == 0 {
+		return "(none)"
+	}
+	return strings.Join(errs[max(0, len(errs)-n):], "\n")
 }
 
 func (e *Env) doTeardown() []string {
