@@ -115,6 +115,17 @@ type Env struct {
 
 	closeOnce sync.Once
 	closeErrs []string
+	notesMu   sync.Mutex
+	notes     []string
+}
+
+// NoteOnFailure adds a note that a failed test's output ends with, after containerd's last
+// errors: what a component saw (the cluster's warning events, say), where a report that
+// keeps only the end of the output still shows it.
+func (e *Env) NoteOnFailure(note string) {
+	e.notesMu.Lock()
+	defer e.notesMu.Unlock()
+	e.notes = append(e.notes, note)
 }
 
 // DevDir resolves Options.DevDir.

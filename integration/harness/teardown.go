@@ -37,17 +37,33 @@ func (e *Env) teardown(t testing.TB) {
 		if (t.Failed() || os.Getenv(KeepLogsEnv) != "") && e.ContainerdLog != "" {
 			e.keepLog(t)
 		}
+		var errs string
+		if t.Failed() && e.ContainerdLog != "" {
+			errs = lastErrors(e.ContainerdLog, 4) // the log goes with the teardown
+		}
 		start := time.Now()
 		e.closeErrs = e.doTeardown()
 		for _, msg := range e.closeErrs {
 			t.Errorf("harness teardown: %s", msg)
 		}
 		t.Logf("harness: teardown took %v", time.Since(start).Round(time.Millisecond))
-		if t.Failed() && e.ContainerdLog != "" {
-			// Last, where a report that keeps only the end of the output still shows it.
-			t.Logf("harness: containerd's last errors:\n%s", lastErrors(e.ContainerdLog, 6))
+		if t.Failed() {
+			e.logWhy(t, errs)
 		}
 	})
+}
+
+// logWhy logs, last, where a report that keeps only the end of a failed test's output still
+// shows them: containerd's last errors (errs) and the notes of NoteOnFailure.
+func (e *Env) logWhy(t testing.TB, errs string) {
+	if errs != "" {
+		t.Logf("harness: containerd's last errors:\n%s", errs)
+	}
+	e.notesMu.Lock()
+	defer e.notesMu.Unlock()
+	for _, n := range e.notes {
+		t.Logf("harness: %s", n)
+	}
 }
 
 // lastErrors returns the last n error-level lines of the log at path (each cut to 400

@@ -1,6 +1,7 @@
 package k8s
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,6 +9,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/podvm/podvm/integration/harness"
 )
@@ -106,6 +110,7 @@ func (c *Cluster) stop(t testing.TB) {
 	c.stopped = true
 	if t.Failed() {
 		c.logTails(t)
+		c.env.NoteOnFailure("k8s: the last warning events:\n" + c.warningEvents(5))
 	}
 	defer func() {
 		if t.Failed() || os.Getenv(harness.KeepLogsEnv) != "" {
@@ -165,6 +170,47 @@ func (c *Cluster) keepLogs(t testing.TB) {
 			t.Logf("k8s: %s log kept in %s", p.name, dst)
 		}
 	}
+}
+
+// warningEvents lists the cluster's last n Warning events, one a line (a pod's
+// FailedCreatePodSandBox, FailedMount, BackOff, ...), while the API server is still up.
+func (c *Cluster) warningEvents(n int) string {
+	if c.Client == nil {
+		return "(no API server)"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	evs, err := c.Client.CoreV1().Events(metav1.NamespaceAll).List(ctx, metav1.ListOptions{
+		// The kubelet warns of the cluster DNS this cluster does not run at every pod.
+		FieldSelector: "type=Warning,reason!=MissingClusterDNS"})
+	if err != nil {
+		return err.Error()
+	}
+	items := evs.Items
+	slices.SortStableFunc(items, func(a, b corev1.Event) int { return eventTime(a).Compare(eventTime(b)) })
+	var lines []string
+	for _, e := range items[max(0, len(items)-n):] {
+		line := fmt.Sprintf("%s/%s %s (x%d): %s", e.InvolvedObject.Namespace, e.InvolvedObject.Name, e.Reason, e.Count, e.Message)
+		if len(line) > 400 {
+			line = line[:400] + "…"
+		}
+		lines = append(lines, line)
+	}
+	if len(lines) == 0 {
+		return "(none)"
+	}
+	return strings.Join(lines, "\n")
+}
+
+// eventTime is when an event last happened.
+func eventTime(e corev1.Event) time.Time {
+	if !e.LastTimestamp.IsZero() {
+		return e.LastTimestamp.Time
+	}
+	if !e.EventTime.IsZero() {
+		return e.EventTime.Time
+	}
+	return e.CreationTimestamp.Time
 }
 
 // logTails logs the end of every component's log.
