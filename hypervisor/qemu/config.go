@@ -506,6 +506,13 @@ func (c *Config) KernelCmdline() string {
 		// several ticks through it (~20 ms under TCG); QEMU's does, and the local APIC
 		// timer takes over the ticks right after. Kata passes it to every guest.
 		params = append(params, "no_timer_check")
+		// TCG executes nothing speculatively, so the CPU vulnerability mitigations built
+		// into podvm's kernel (kernel/config/mitigations.config) guard against nothing
+		// here and only cost. Turned off, the kernel would still rewrite the ~40k calls
+		// of its retpoline and return thunks at boot (~65 ms under TCG); podvm's kernel
+		// leaves them alone with keep_thunks, which it ignores unless no mitigation needs
+		// the thunks. Under KVM the mitigations stay on.
+		params = append(params, "mitigations=off", "keep_thunks")
 		if c.VCPUs > 1 {
 			// TCG's CPU models have no invariant TSC and say they are AMD's, and a kernel
 			// assumes an AMD machine with several CPUs and no invariant TSC has unsynchronized
