@@ -24,7 +24,7 @@ func testShimKilledBooting(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cl
 	if err := soakCycle(ctx, k, "shim-killed-booting-0"); err != nil {
 		t.Fatal(err)
 	}
-	settle(ctx, t, k, env)
+	settle(ctx, t, env)
 	before := nodeCounts(t, env, k.stateDir)
 	seen := map[int]bool{}
 	for _, sh := range env.Shims(k.rc) {
@@ -63,7 +63,7 @@ func testShimKilledBooting(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cl
 	if _, err := k.delete(ctx, name); err != nil {
 		t.Fatal(err)
 	}
-	settle(ctx, t, k, env)
+	settle(ctx, t, env)
 	after := nodeCounts(t, env, k.stateDir)
 	t.Logf("shim killed booting: node counts before → after:\n%s", countsTable(before, after))
 	if diff := countsDiff(before, after); diff != "" {
