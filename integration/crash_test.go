@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -41,12 +40,16 @@ func TestPodvmShimKilled(t *testing.T) {
 	}
 	stateDir := filepath.Join(podvmStateDir, pod.ID)
 
-	out, _ := exec.Command("pgrep", "-f", "containerd-shim-podvm-v2 .*-id "+pod.ID).Output()
-	pids := strings.Fields(string(out))
-	if len(pids) != 1 {
-		t.Fatalf("found %d shims for pod %s, want 1", len(pids), pod.ID)
+	var pids []int
+	for _, sh := range env.Shims("podvm") {
+		if sh.ID == pod.ID {
+			pids = append(pids, sh.PID)
+		}
 	}
-	shimPid, _ := strconv.Atoi(pids[0])
+	if len(pids) != 1 {
+		t.Fatalf("found shims %v for pod %s, want 1", pids, pod.ID)
+	}
+	shimPid := pids[0]
 	if err := syscall.Kill(shimPid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -56,12 +59,12 @@ func TestPodvmShimKilled(t *testing.T) {
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		_, stateErr := os.Stat(stateDir)
-		if countQEMU(t, pod.ID) == 0 && os.IsNotExist(stateErr) && podvmTaps(t, ns) == 0 {
+		if countQEMU(pod.ID) == 0 && os.IsNotExist(stateErr) && podvmTaps(t, ns) == 0 {
 			break
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if n := countQEMU(t, pod.ID); n != 0 {
+	if n := countQEMU(pod.ID); n != 0 {
 		t.Errorf("%d QEMU processes outlived the killed shim", n)
 	}
 	if _, err := os.Stat(stateDir); !os.IsNotExist(err) {
@@ -126,7 +129,7 @@ func TestPodvmShimKilledBooting(t *testing.T) {
 	if id == "" {
 		t.Fatal("no podvm shim with a running QEMU seen while RunPodSandbox ran")
 	}
-	if n := countQEMU(t, id); n != 0 {
+	if n := countQEMU(id); n != 0 {
 		t.Errorf("%d QEMU processes of the killed attempt left", n)
 	}
 	if _, err := os.Stat(filepath.Join(podvmStateDir, id)); !os.IsNotExist(err) {
@@ -140,21 +143,17 @@ func TestPodvmShimKilledBooting(t *testing.T) {
 	env.AssertNoLeaks(t)
 }
 
-// killShimWhenQEMURuns waits for a podvm shim of env's containerd whose sandbox's QEMU runs,
-// SIGKILLs the shim and returns the sandbox id ("" if none came before ctx ended).
+// killShimWhenQEMURuns waits for a podvm shim of env's containerd whose sandbox's QEMU, its
+// child, runs, SIGKILLs the shim and returns the sandbox id ("" if none came before ctx
+// ended).
 func killShimWhenQEMURuns(ctx context.Context, env *harness.Env) string {
-	pattern := "containerd-shim-podvm-v2 -namespace [^ ]+ -id [^ ]+ -address " + env.RunDir + "/"
 	for ctx.Err() == nil {
-		out, _ := exec.Command("pgrep", "-a", "-f", pattern).Output()
-		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-			f := strings.Fields(line)
-			for i := 0; i+1 < len(f); i++ {
-				if f[i] != "-id" || countQEMU(nil, f[i+1]) == 0 {
-					continue
-				}
-				if pid, err := strconv.Atoi(f[0]); err == nil && syscall.Kill(pid, syscall.SIGKILL) == nil {
-					return f[i+1]
-				}
+		for _, sh := range env.Shims("podvm") {
+			if !sh.RunsQEMU() {
+				continue
+			}
+			if syscall.Kill(sh.PID, syscall.SIGKILL) == nil {
+				return sh.ID
 			}
 		}
 		time.Sleep(5 * time.Millisecond)

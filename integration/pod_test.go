@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -287,16 +286,15 @@ func TestPodvmPodIsOneVM(t *testing.T) {
 		t.Errorf("two pods share a kernel (boot id %s)", a)
 	}
 	for _, pod := range pods {
-		if n := countQEMU(t, pod.ID); n != 1 {
+		if n := countQEMU(pod.ID); n != 1 {
 			t.Errorf("pod %s has %d QEMU processes, want 1", pod.ID[:12], n)
 		}
 	}
 	env.AssertNoLeaks(t)
 }
 
-func countQEMU(t *testing.T, podID string) int {
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+podID).Output()
-	return len(strings.Fields(string(out)))
+func countQEMU(podID string) int {
+	return len(harness.QEMUs(podID))
 }
 
 // TestPodvmRejectsBadAnnotations checks that a pod with an invalid size annotation fails

@@ -3,8 +3,6 @@ package integration
 import (
 	"context"
 	"os"
-	"os/exec"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -96,12 +94,11 @@ func TestPodvmHungGuestFoundByPings(t *testing.T) {
 // when the test ends: whatever happens, a stopped QEMU must not outlive the test stopped.
 func signalQEMU(t *testing.T, podID string, sig syscall.Signal) {
 	t.Helper()
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+podID).Output()
-	pids := strings.Fields(string(out))
+	pids := harness.QEMUs(podID)
 	if len(pids) != 1 {
-		t.Fatalf("found %d QEMU processes for pod %s, want 1", len(pids), podID)
+		t.Fatalf("found QEMU processes %v for pod %s, want 1", pids, podID)
 	}
-	qemu, _ := strconv.Atoi(pids[0])
+	qemu := pids[0]
 	if err := syscall.Kill(qemu, sig); err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -248,11 +249,11 @@ func losetup(t *testing.T, size int64) string {
 // qemuHolds reports whether the pod's QEMU has path open.
 func qemuHolds(t *testing.T, podID, path string) bool {
 	t.Helper()
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+podID).Output()
-	for _, pid := range strings.Fields(string(out)) {
-		fds, _ := os.ReadDir("/proc/" + pid + "/fd")
+	for _, pid := range harness.QEMUs(podID) {
+		dir := fmt.Sprintf("/proc/%d/fd", pid)
+		fds, _ := os.ReadDir(dir)
 		for _, fd := range fds {
-			if l, err := os.Readlink("/proc/" + pid + "/fd/" + fd.Name()); err == nil && l == path {
+			if l, err := os.Readlink(filepath.Join(dir, fd.Name())); err == nil && l == path {
 				return true
 			}
 		}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os/exec"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -168,16 +166,11 @@ func podSandboxes(ctx context.Context, t *testing.T, env *harness.Env, uid strin
 func sandboxProcess(ctx context.Context, t *testing.T, env *harness.Env, rc, id string) int {
 	t.Helper()
 	if rc == "podvm" {
-		out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+id).Output()
-		f := strings.Fields(string(out))
-		pid, err := 0, fmt.Errorf("pgrep found %q", out)
-		if len(f) == 1 {
-			pid, err = strconv.Atoi(f[0])
+		pids := harness.QEMUs(id)
+		if len(pids) != 1 {
+			t.Fatalf("QEMU of sandbox %s: found %v", id, pids)
 		}
-		if err != nil {
-			t.Fatalf("QEMU of sandbox %s: %v", id, err)
-		}
-		return pid
+		return pids[0]
 	}
 	resp, err := env.Runtime.PodSandboxStatus(ctx, id, true)
 	if err != nil {
@@ -194,21 +187,20 @@ func sandboxProcess(ctx context.Context, t *testing.T, env *harness.Env, rc, id 
 
 // shimProcess is the pod's shim: containerd-shim-runc-v2 or containerd-shim-podvm-v2, the one
 // started for the sandbox (-id <sandbox id>).
-func shimProcess(_ context.Context, t *testing.T, _ *harness.Env, rc, id string) int {
+func shimProcess(_ context.Context, t *testing.T, env *harness.Env, rc, id string) int {
 	t.Helper()
-	out, _ := exec.Command("pgrep", "-f", "containerd-shim-"+rc+"-v2 .*-id "+id).Output()
-	f := strings.Fields(string(out))
-	if len(f) != 1 {
-		t.Fatalf("shim of sandbox %s: pgrep found %q", id, out)
+	var pids []int
+	for _, sh := range env.Shims(rc) {
+		if sh.ID == id {
+			pids = append(pids, sh.PID)
+		}
 	}
-	pid, err := strconv.Atoi(f[0])
-	if err != nil {
-		t.Fatal(err)
+	if len(pids) != 1 {
+		t.Fatalf("shim of sandbox %s: found %v", id, pids)
 	}
-	return pid
+	return pids[0]
 }
 
 func countQEMU(id string) int {
-	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+id).Output()
-	return len(strings.Fields(string(out)))
+	return len(harness.QEMUs(id))
 }

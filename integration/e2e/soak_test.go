@@ -61,7 +61,7 @@ func testSoak(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluster, env *h
 	if err := soakCycle(ctx, k, "soak-0"); err != nil {
 		t.Fatal(err)
 	}
-	settle(ctx, t, k, env)
+	settle(ctx, t, env)
 	before := nodeCounts(t, env, k.stateDir)
 	n, par := soakSettings(t, k.rc)
 	start, cpu0 := time.Now(), podsCPU(env)
@@ -70,7 +70,7 @@ func testSoak(ctx context.Context, t *testing.T, k *kube, _ *k8s.Cluster, env *h
 		t.Error(err)
 	}
 	took, cpu := time.Since(start), podsCPU(env)-cpu0
-	settle(ctx, t, k, env)
+	settle(ctx, t, env)
 	after := nodeCounts(t, env, k.stateDir)
 	t.Logf("soak: %d cycles, %d at a time, in %v, pods' CPU %v a cycle (%d failed); node counts before → after:\n%s",
 		n, par, took.Round(time.Second), (cpu / time.Duration(n)).Round(time.Millisecond), len(failed), countsTable(before, after))
@@ -171,15 +171,16 @@ func (k *kube) poll(ctx context.Context, name string, timeout time.Duration, con
 	}
 }
 
-// settle removes the stopped sandboxes of the namespace's deleted pods, as the kubelet's
-// garbage collection does (once a minute), and waits until none is left: only then are their
-// shims gone.
-func settle(ctx context.Context, t *testing.T, k *kube, env *harness.Env) {
+// settle removes the stopped sandboxes of deleted pods, as the kubelet's garbage collection
+// does (once a minute), and waits until the node has none: only then are their shims, mounts
+// and network namespaces gone. It looks at every namespace: the runtime class run before
+// leaves its stopped sandboxes too, and a count of the node taken beside them would change
+// when the kubelet collects them.
+func settle(ctx context.Context, t *testing.T, env *harness.Env) {
 	t.Helper()
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
-		sbs, err := env.Runtime.ListPodSandbox(ctx, &runtimeapi.PodSandboxFilter{
-			LabelSelector: map[string]string{"io.kubernetes.pod.namespace": k.ns}})
+		sbs, err := env.Runtime.ListPodSandbox(ctx, nil)
 		if err == nil && len(sbs) == 0 {
 			return
 		}

@@ -1,0 +1,105 @@
+package harness
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Shim is a serving shim of the harness's containerd and the sandbox it serves (its -id).
+type Shim struct {
+	PID int
+	ID  string
+}
+
+// Shims lists the serving shims (not `start` or `delete` runs) of runtime class rc that e's
+// containerd started. A child a shim is starting carries the shim's command line from fork to
+// exec (Go's os/exec clones with CLONE_VM): podvm's QEMU and runc's `runc create` look like
+// their shim for a moment, and a test killing one instead of the shim tests another fault. A
+// shim's parent is never a serving shim (it is the shim's `start` run, or init), a child's
+// always is, so those are left out; so is a process gone before its parent was read.
+func (e *Env) Shims(rc string) []Shim {
+	var found []Shim
+	pids := map[int]bool{}
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(filepath.Base(p))
+		if err != nil {
+			continue
+		}
+		args := cmdline(pid)
+		if len(args) < 2 || filepath.Base(args[0]) != "containerd-shim-"+rc+"-v2" {
+			continue
+		}
+		if last := args[len(args)-1]; last == "start" || last == "delete" {
+			continue
+		}
+		if strings.HasPrefix(argAfter(args, "-address"), e.RunDir+"/") {
+			found = append(found, Shim{PID: pid, ID: argAfter(args, "-id")})
+			pids[pid] = true
+		}
+	}
+	return slices.DeleteFunc(found, func(s Shim) bool {
+		ppid := ParentPID(s.PID)
+		return ppid == 0 || pids[ppid]
+	})
+}
+
+// RunsQEMU reports whether a QEMU of the shim's sandbox runs as its child: the podvm shim's VM
+// has started (and a QEMU the shim is still forking, which looks like the shim, is not it).
+func (s Shim) RunsQEMU() bool {
+	return slices.ContainsFunc(QEMUs(s.ID), func(q int) bool { return ParentPID(q) == s.PID })
+}
+
+// QEMUs lists the QEMU processes of podvm sandbox id.
+func QEMUs(id string) []int {
+	if id == "" {
+		return nil
+	}
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 -name podvm-"+id).Output()
+	var pids []int
+	for _, f := range strings.Fields(string(out)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// ParentPID is pid's parent, 0 when pid is gone.
+func ParentPID(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid ...: comm may hold spaces and parentheses; the last ')' ends it.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(f) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return ppid
+}
+
+func cmdline(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return nil
+	}
+	return strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+}
+
+// argAfter returns the argument after flag in args, or "".
+func argAfter(args []string, flag string) string {
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == flag {
+			return args[i+1]
+		}
+	}
+	return ""
+}
