@@ -678,24 +678,13 @@ func listProcesses() ([]procEntry, error) {
 		if err != nil {
 			continue
 		}
-		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
+		st, ok := harness.ReadStat(pid)
+		if !ok {
 			continue // gone
 		}
-		// comm is in parentheses and may contain anything; the fields after the last ')' are
-		// state, ppid, ...
-		open, end := bytes.IndexByte(stat, '('), bytes.LastIndexByte(stat, ')')
-		if open < 0 || end < open {
-			continue
-		}
-		f := strings.Fields(string(stat[end+1:]))
-		if len(f) < 2 {
-			continue
-		}
-		ppid, _ := strconv.Atoi(f[1])
 		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 		out = append(out, procEntry{
-			pid: pid, ppid: ppid, comm: string(stat[open+1 : end]),
+			pid: pid, ppid: st.PPID, comm: st.Comm,
 			cmdline: strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '}))),
 		})
 	}

@@ -40,12 +40,7 @@ func TestPodvmShimKilled(t *testing.T) {
 	}
 	stateDir := filepath.Join(podvmStateDir, pod.ID)
 
-	var pids []int
-	for _, sh := range env.Shims("podvm") {
-		if sh.ID == pod.ID {
-			pids = append(pids, sh.PID)
-		}
-	}
+	pids := env.ShimPIDs("podvm", pod.ID)
 	if len(pids) != 1 {
 		t.Fatalf("found shims %v for pod %s, want 1", pids, pod.ID)
 	}

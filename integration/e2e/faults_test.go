@@ -189,12 +189,7 @@ func sandboxProcess(ctx context.Context, t *testing.T, env *harness.Env, rc, id 
 // started for the sandbox (-id <sandbox id>).
 func shimProcess(_ context.Context, t *testing.T, env *harness.Env, rc, id string) int {
 	t.Helper()
-	var pids []int
-	for _, sh := range env.Shims(rc) {
-		if sh.ID == id {
-			pids = append(pids, sh.PID)
-		}
-	}
+	pids := env.ShimPIDs(rc, id)
 	if len(pids) != 1 {
 		t.Fatalf("shim of sandbox %s: found %v", id, pids)
 	}

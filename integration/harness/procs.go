@@ -71,19 +71,47 @@ func QEMUs(id string) []int {
 	return pids
 }
 
-// ParentPID is pid's parent, 0 when pid is gone.
-func ParentPID(pid int) int {
+// Stat is what /proc/<pid>/stat says of a process: its name, state and parent.
+type Stat struct {
+	Comm  string
+	State byte // R, S, D, Z, X, ...
+	PPID  int
+}
+
+// ReadStat reads /proc/<pid>/stat; ok is false when pid is gone.
+func ReadStat(pid int) (st Stat, ok bool) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0
+		return Stat{}, false
 	}
 	// pid (comm) state ppid ...: comm may hold spaces and parentheses; the last ')' ends it.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	if len(f) < 2 {
-		return 0
+	open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
+	if open < 0 || end < open {
+		return Stat{}, false
+	}
+	f := strings.Fields(string(b[end+1:]))
+	if len(f) < 2 || len(f[0]) != 1 {
+		return Stat{}, false
 	}
 	ppid, _ := strconv.Atoi(f[1])
-	return ppid
+	return Stat{Comm: string(b[open+1 : end]), State: f[0][0], PPID: ppid}, true
+}
+
+// ParentPID is pid's parent, 0 when pid is gone.
+func ParentPID(pid int) int {
+	st, _ := ReadStat(pid)
+	return st.PPID
+}
+
+// ShimPIDs lists the serving shims of runtime class rc for sandbox id (see Shims).
+func (e *Env) ShimPIDs(rc, id string) []int {
+	var pids []int
+	for _, sh := range e.Shims(rc) {
+		if sh.ID == id {
+			pids = append(pids, sh.PID)
+		}
+	}
+	return pids
 }
 
 func cmdline(pid int) []string {

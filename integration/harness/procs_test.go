@@ -67,3 +67,43 @@ func TestShimsLeavesOutStartingChildren(t *testing.T) {
 		t.Logf("%d scans: the shim found in each, its children never taken for it", scans)
 	}
 }
+
+// TestReadStat: a process whose name holds what a naive parse of /proc/<pid>/stat takes for
+// its fields (") Z 1 (") is read as what it is: sleeping, a child of this test.
+func TestReadStat(t *testing.T) {
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(sleep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "a) Z 1 (b")
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+
+	var st Stat
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if st, _ = ReadStat(cmd.Process.Pid); st.State == 'S' {
+			break
+		}
+	}
+	if want := (Stat{Comm: "a) Z 1 (b", State: 'S', PPID: os.Getpid()}); st != want {
+		t.Errorf("ReadStat = %+v, want %+v", st, want)
+	}
+	if isZombie(cmd.Process.Pid) {
+		t.Error("isZombie of a sleeping process")
+	}
+	_ = cmd.Process.Kill()
+	_, _ = cmd.Process.Wait()
+	if st, ok := ReadStat(cmd.Process.Pid); ok {
+		t.Errorf("ReadStat of a reaped process = %+v, want gone", st)
+	}
+}

@@ -360,13 +360,8 @@ func findProcesses(match func(procInfo) bool) []procInfo {
 }
 
 func isZombie(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z' || s[i+2] == 'X'
+	st, ok := ReadStat(pid)
+	return !ok || st.State == 'Z' || st.State == 'X'
 }
 
 func waitGone(done func() bool, timeout time.Duration) {
