@@ -66,8 +66,13 @@ func buildAll(dir string) error {
 		}
 		return nil
 	}
+	// As the Makefile builds it: protobuf's detrand replaced (agent/detrand).
+	agentMod := filepath.Join(dir, "agent-mod")
+	if b, err := exec.Command("bash", filepath.Join(repoRoot(), "hack/agent-modfile.sh"), agentMod).CombinedOutput(); err != nil {
+		return fmt.Errorf("hack/agent-modfile.sh: %w\n%s", err, b)
+	}
 	if err := build([]string{"CGO_ENABLED=1"}, "podvm-agent", "./cmd/podvm-agent",
-		"-tags", "seccomp netgo osusergo", "-ldflags", "-extldflags -static"); err != nil {
+		"-tags", "seccomp netgo osusergo", "-modfile", filepath.Join(agentMod, "go.mod"), "-ldflags", "-extldflags -static"); err != nil {
 		return err
 	}
 	if _, err := os.Stat(filepath.Join(repoRoot(), "cmd/containerd-shim-podvm-v2")); err == nil {
