@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
+	"debug/buildinfo"
 	"debug/elf"
 	"encoding/hex"
 	"encoding/json"
@@ -15,6 +16,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"time"
@@ -376,6 +378,23 @@ type agentInfo struct {
 	sha256 string
 }
 
+// protobufModule is linked into the agent (for ttrpc) and must not be as published: its
+// internal/detrand opens the running binary by path as it initialises, and as runc init
+// (which starts inside a container's mount namespace) that path is the container's. `make
+// agent` builds against a copy with agent/detrand in its place (docs/security.md).
+const protobufModule = "google.golang.org/protobuf"
+
+// agentDeps checks the agent's modules: protobuf, if linked, must be replaced.
+func agentDeps(bi *debug.BuildInfo) error {
+	for _, d := range bi.Deps {
+		if d.Path == protobufModule && d.Replace == nil {
+			return fmt.Errorf("links %s %s as published, whose start opens a file of the container's in every exec's runc init (docs/security.md): build podvm-agent with `make agent`, which replaces its internal/detrand",
+				d.Path, d.Version)
+		}
+	}
+	return nil
+}
+
 // checkAgent makes sure the agent is a static ELF executable (the initrd has no libc or dynamic
 // loader) and hashes it.
 func checkAgent(p string) (agentInfo, error) {
@@ -408,6 +427,11 @@ func checkAgent(p string) (agentInfo, error) {
 	}
 	if ef.Type != elf.ET_EXEC && ef.Type != elf.ET_DYN {
 		return agentInfo{}, fmt.Errorf("agent %s is an ELF %v, not an executable", p, ef.Type)
+	}
+	if bi, err := buildinfo.Read(f); err == nil { // else not Go, or no build information
+		if err := agentDeps(bi); err != nil {
+			return agentInfo{}, fmt.Errorf("agent %s %w", p, err)
+		}
 	}
 	h := sha256.New()
 	if _, err := f.Seek(0, io.SeekStart); err != nil {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 
@@ -46,6 +47,50 @@ func buildStaticAgent(t *testing.T) string {
 		t.Fatalf("build test agent: %v\n%s", err, out)
 	}
 	return filepath.Join(dir, "agent")
+}
+
+// buildProtoAgent builds testdata/protoagent, a static program that links
+// google.golang.org/protobuf as published, as a plain `go build` of podvm-agent would.
+func buildProtoAgent(t *testing.T) string {
+	t.Helper()
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		requirePrereq(t, "go toolchain to build a static test agent")
+	}
+	out := filepath.Join(t.TempDir(), "agent")
+	cmd := exec.Command(gobin, "build", "-o", out, "./testdata/protoagent")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build testdata/protoagent: %v\n%s", err, b)
+	}
+	return out
+}
+
+// An agent whose protobuf is replaced (as `make agent` builds it) or that links no protobuf
+// passes; one with protobuf as published does not (TestBuildErrors builds one for real).
+func TestAgentDeps(t *testing.T) {
+	pb := func(replaced bool) *debug.Module {
+		m := &debug.Module{Path: protobufModule, Version: "v1.36.12"}
+		if replaced {
+			m.Replace = &debug.Module{Path: "./_output/agent-mod/protobuf", Version: "(devel)"}
+		}
+		return m
+	}
+	other := &debug.Module{Path: "github.com/containerd/ttrpc", Version: "v1.2.9"}
+	for _, tc := range []struct {
+		name string
+		deps []*debug.Module
+		ok   bool
+	}{
+		{"replaced", []*debug.Module{other, pb(true)}, true},
+		{"no protobuf", []*debug.Module{other}, true},
+		{"as published", []*debug.Module{other, pb(false)}, false},
+	} {
+		err := agentDeps(&debug.BuildInfo{Deps: tc.deps})
+		if (err == nil) != tc.ok {
+			t.Errorf("%s: agentDeps = %v, want ok %v", tc.name, err, tc.ok)
+		}
+	}
 }
 
 // fakeKernelTree makes a kernel tree with a made-up modules.dep and module files (plain, xz, gz
@@ -301,6 +346,7 @@ func TestBuildErrors(t *testing.T) {
 	if err := os.WriteFile(notDeb, []byte("not an ar archive"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	protoAgent := buildProtoAgent(t)
 	empty := t.TempDir()
 	script := filepath.Join(t.TempDir(), "agent.sh")
 	if err := os.WriteFile(script, []byte("#!/bin/sh\n"), 0o755); err != nil {
@@ -321,6 +367,7 @@ func TestBuildErrors(t *testing.T) {
 		{"missing agent", Options{Kernel: tree, Agent: "/nonexistent/podvm-agent"}, []string{"does not exist", "make"}},
 		{"script agent", Options{Kernel: tree, Agent: script}, []string{"not an ELF executable"}},
 		{"dynamic agent", Options{Kernel: tree, Agent: "/bin/sh"}, []string{"dynamically linked", "CGO_ENABLED=0"}},
+		{"agent with protobuf as published", Options{Kernel: tree, Agent: protoAgent}, []string{"links google.golang.org/protobuf v", "make agent"}},
 		{"bad compression", Options{Kernel: tree, Agent: agent, Compress: "lz4"}, []string{`compression "lz4"`, "gzip"}},
 	}
 	for _, tt := range tests {
