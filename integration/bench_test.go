@@ -357,7 +357,7 @@ func assertNothingUnder(t testing.TB, dir string) {
 	var left []procEntry
 	for {
 		left = left[:0]
-		all, _ := listProcesses()
+		all := listProcesses()
 		for _, p := range all {
 			if strings.Contains(p.cmdline, dir+"/") {
 				left = append(left, p)
@@ -667,28 +667,12 @@ type procEntry struct {
 	pssMiB    float64
 }
 
-func listProcesses() ([]procEntry, error) {
-	dirs, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil, err
-	}
+func listProcesses() []procEntry {
 	var out []procEntry
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		st, ok := harness.ReadStat(pid)
-		if !ok {
-			continue // gone
-		}
-		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		out = append(out, procEntry{
-			pid: pid, ppid: st.PPID, comm: st.Comm,
-			cmdline: strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '}))),
-		})
+	for _, p := range harness.Processes() {
+		out = append(out, procEntry{pid: p.PID, ppid: p.PPID, comm: p.Comm, cmdline: p.Cmdline()})
 	}
-	return out, nil
+	return out
 }
 
 // podProcesses finds the host processes of one pod with their PSS: the shim containerd started
@@ -697,10 +681,7 @@ func listProcesses() ([]procEntry, error) {
 // naming the pod's ID in its command line that was reparented away (podvm's QEMU and virtiofsd
 // name the sandbox state dir).
 func podProcesses(env *harness.Env, podID string) ([]procEntry, error) {
-	all, err := listProcesses()
-	if err != nil {
-		return nil, err
-	}
+	all := listProcesses()
 	addr := "-address " + strings.TrimPrefix(env.Endpoint, "unix://")
 	children := map[int][]int{}
 	byPID := map[int]procEntry{}

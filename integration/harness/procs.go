@@ -97,6 +97,43 @@ func ReadStat(pid int) (st Stat, ok bool) {
 	return Stat{Comm: string(b[open+1 : end]), State: f[0][0], PPID: ppid}, true
 }
 
+// Process is one of the machine's processes as /proc shows it.
+type Process struct {
+	PID int
+	Stat
+	Args []string // its command line; none for a kernel thread
+}
+
+// Cmdline is the process's arguments joined by spaces.
+func (p Process) Cmdline() string { return strings.Join(p.Args, " ") }
+
+// Argv0 is the base name of the process's first argument, "" if it has none.
+func (p Process) Argv0() string {
+	if len(p.Args) == 0 {
+		return ""
+	}
+	return filepath.Base(p.Args[0])
+}
+
+// Processes lists the machine's processes, zombies and this one included; a process gone
+// while /proc is read is left out. The leak checks and the benchmarks' process trees read it.
+func Processes() []Process {
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	var out []Process
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(filepath.Base(d))
+		if err != nil {
+			continue
+		}
+		st, ok := ReadStat(pid)
+		if !ok {
+			continue
+		}
+		out = append(out, Process{PID: pid, Stat: st, Args: cmdline(pid)})
+	}
+	return out
+}
+
 // ParentPID is pid's parent, 0 when pid is gone.
 func ParentPID(pid int) int {
 	st, _ := ReadStat(pid)
@@ -114,9 +151,10 @@ func (e *Env) ShimPIDs(rc, id string) []int {
 	return pids
 }
 
+// cmdline is pid's arguments; none if it is gone or a kernel thread.
 func cmdline(pid int) []string {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil {
+	if err != nil || len(b) == 0 {
 		return nil
 	}
 	return strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")

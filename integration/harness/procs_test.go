@@ -69,7 +69,9 @@ func TestShimsLeavesOutStartingChildren(t *testing.T) {
 }
 
 // TestReadStat: a process whose name holds what a naive parse of /proc/<pid>/stat takes for
-// its fields (") Z 1 (") is read as what it is: sleeping, a child of this test.
+// its fields (") Z 1 (") is read as what it is: sleeping, a child of this test. Processes lists
+// it with its arguments, and the leak checks' findProcesses while it lives, not once it is a
+// zombie.
 func TestReadStat(t *testing.T) {
 	sleep, err := exec.LookPath("sleep")
 	if err != nil {
@@ -98,12 +100,41 @@ func TestReadStat(t *testing.T) {
 	if want := (Stat{Comm: "a) Z 1 (b", State: 'S', PPID: os.Getpid()}); st != want {
 		t.Errorf("ReadStat = %+v, want %+v", st, want)
 	}
-	if isZombie(cmd.Process.Pid) {
-		t.Error("isZombie of a sleeping process")
+	byPID := func(pid int) (Process, bool) {
+		for _, p := range Processes() {
+			if p.PID == pid {
+				return p, true
+			}
+		}
+		return Process{}, false
 	}
+	mine := func(p Process) bool { return p.PID == cmd.Process.Pid }
+	p, ok := byPID(cmd.Process.Pid)
+	if !ok || p.Stat != st || !slices.Equal(p.Args, []string{bin, "60"}) || p.Argv0() != "a) Z 1 (b" || p.Cmdline() != bin+" 60" {
+		t.Errorf("Processes() has %+v (found %v), argv0 %q; want its stat %+v and args [%s 60]", p, ok, p.Argv0(), st, bin)
+	}
+	if got := findProcesses(mine); len(got) != 1 {
+		t.Errorf("findProcesses of a sleeping process: %+v, want it", got)
+	}
+
+	// Killed and not yet reaped: a zombie, listed but not live.
 	_ = cmd.Process.Kill()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if st, _ = ReadStat(cmd.Process.Pid); st.State == 'Z' {
+			break
+		}
+	}
+	if p, ok := byPID(cmd.Process.Pid); !ok || p.State != 'Z' {
+		t.Errorf("Processes() after the kill: %+v (found %v), want it as a zombie", p, ok)
+	}
+	if got := findProcesses(mine); len(got) != 0 {
+		t.Errorf("findProcesses of a zombie: %+v, want none", got)
+	}
 	_, _ = cmd.Process.Wait()
 	if st, ok := ReadStat(cmd.Process.Pid); ok {
 		t.Errorf("ReadStat of a reaped process = %+v, want gone", st)
+	}
+	if p, ok := byPID(cmd.Process.Pid); ok {
+		t.Errorf("Processes() lists a reaped process: %+v", p)
 	}
 }

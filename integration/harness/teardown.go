@@ -119,15 +119,15 @@ func (e *Env) doTeardown() []string {
 
 	// Shims of this containerd, and anything else still running from its dirs or cgroups.
 	if e.grpcAddr != "" {
-		for _, p := range findProcesses(func(p procInfo) bool {
-			return strings.Contains(p.cmdline, "-address "+e.grpcAddr+" ") || strings.HasSuffix(p.cmdline, "-address "+e.grpcAddr)
+		for _, p := range findProcesses(func(p Process) bool {
+			return strings.Contains(p.Cmdline(), "-address "+e.grpcAddr+" ") || strings.HasSuffix(p.Cmdline(), "-address "+e.grpcAddr)
 		}) {
-			_ = syscall.Kill(p.pid, syscall.SIGKILL)
+			_ = syscall.Kill(p.PID, syscall.SIGKILL)
 		}
 	}
 	e.killCgroupProcesses()
 	for _, p := range findProcesses(e.mentionsEnvDirs) {
-		_ = syscall.Kill(p.pid, syscall.SIGKILL)
+		_ = syscall.Kill(p.PID, syscall.SIGKILL)
 	}
 	waitGone(func() bool { return len(findProcesses(e.mentionsEnvDirs)) == 0 }, 5*time.Second)
 
@@ -207,9 +207,9 @@ func (e *Env) envDirs() []string {
 	return dirs
 }
 
-func (e *Env) mentionsEnvDirs(p procInfo) bool {
+func (e *Env) mentionsEnvDirs(p Process) bool {
 	for _, d := range e.envDirs() {
-		if strings.Contains(p.cmdline, d) {
+		if strings.Contains(p.Cmdline(), d) {
 			return true
 		}
 	}
@@ -323,45 +323,16 @@ func unmountUnder(dir string) error {
 	return nil
 }
 
-type procInfo struct {
-	pid     int
-	comm    string
-	argv0   string
-	cmdline string // arguments joined by spaces
-}
-
-// findProcesses returns every process (but this one) for which match is true.
-func findProcesses(match func(procInfo) bool) []procInfo {
-	entries, _ := os.ReadDir("/proc")
-	var out []procInfo
-	for _, de := range entries {
-		pid, err := strconv.Atoi(de.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		raw, err := os.ReadFile(filepath.Join("/proc", de.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		comm, _ := os.ReadFile(filepath.Join("/proc", de.Name(), "comm"))
-		args := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
-		p := procInfo{pid: pid, comm: strings.TrimSpace(string(comm)), cmdline: strings.Join(args, " ")}
-		if len(args) > 0 {
-			p.argv0 = filepath.Base(args[0])
-		}
-		if isZombie(pid) {
-			continue
-		}
-		if match(p) {
+// findProcesses returns every live process (not this one, not a zombie) for which match is
+// true.
+func findProcesses(match func(Process) bool) []Process {
+	var out []Process
+	for _, p := range Processes() {
+		if p.PID != os.Getpid() && p.State != 'Z' && p.State != 'X' && match(p) {
 			out = append(out, p)
 		}
 	}
 	return out
-}
-
-func isZombie(pid int) bool {
-	st, ok := ReadStat(pid)
-	return !ok || st.State == 'Z' || st.State == 'X'
 }
 
 func waitGone(done func() bool, timeout time.Duration) {
@@ -387,18 +358,18 @@ func (e *Env) AssertNoLeaks(t testing.TB) {
 func (e *Env) leaks() []string {
 	var leaks []string
 	for _, p := range findProcesses(e.mentionsEnvDirs) {
-		leaks = append(leaks, fmt.Sprintf("process %d still running: %s", p.pid, p.cmdline))
+		leaks = append(leaks, fmt.Sprintf("process %d still running: %s", p.PID, p.Cmdline()))
 	}
 	if len(e.opts.LeakProcessNames) > 0 {
-		for _, p := range findProcesses(func(p procInfo) bool {
+		for _, p := range findProcesses(func(p Process) bool {
 			for _, n := range e.opts.LeakProcessNames {
-				if strings.HasPrefix(p.comm, n) || strings.HasPrefix(p.argv0, n) {
+				if strings.HasPrefix(p.Comm, n) || strings.HasPrefix(p.Argv0(), n) {
 					return true
 				}
 			}
 			return false
 		}) {
-			leaks = append(leaks, fmt.Sprintf("process %d (%s) still running: %s", p.pid, p.comm, p.cmdline))
+			leaks = append(leaks, fmt.Sprintf("process %d (%s) still running: %s", p.PID, p.Comm, p.Cmdline()))
 		}
 	}
 	for _, d := range e.envDirs() {

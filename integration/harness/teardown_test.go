@@ -1,7 +1,9 @@
 package harness
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -37,5 +39,50 @@ func TestLastErrors(t *testing.T) {
 	}
 	if got := lastErrors(path, 2); got != "(none)" {
 		t.Errorf("lastErrors of a log without errors = %q", got)
+	}
+}
+
+// The leak check names a process still running from the env's directories, and one of the
+// names it is told to look for, and stops once the process is gone.
+func TestLeaksNamesProcesses(t *testing.T) {
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(sleep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &Env{Dir: t.TempDir(), opts: Options{LeakProcessNames: []string{"podvm-leak-"}}}
+	inDir := filepath.Join(e.Dir, "sleeper")
+	named := filepath.Join(t.TempDir(), "podvm-leak-test")
+	var cmds []*exec.Cmd
+	for _, bin := range []string{inDir, named} {
+		if err := os.WriteFile(bin, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "60")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+		cmds = append(cmds, cmd)
+	}
+	found := func() (dir, name bool) {
+		for _, l := range e.leaks() {
+			dir = dir || strings.Contains(l, fmt.Sprintf("process %d still running: %s 60", cmds[0].Process.Pid, inDir))
+			name = name || strings.Contains(l, fmt.Sprintf("process %d (podvm-leak-test) still running: %s 60", cmds[1].Process.Pid, named))
+		}
+		return dir, name
+	}
+	if dir, name := found(); !dir || !name {
+		t.Errorf("leaks() = %q: want both sleepers named (from the env's dir %v, by name %v)", e.leaks(), dir, name)
+	}
+	for _, c := range cmds {
+		_ = c.Process.Kill()
+		_ = c.Wait()
+	}
+	if dir, name := found(); dir || name {
+		t.Errorf("leaks() = %q after both sleepers were reaped", e.leaks())
 	}
 }
