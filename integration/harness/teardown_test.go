@@ -65,7 +65,7 @@ func TestLeaksNamesProcesses(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 		cmds = append(cmds, cmd)
 	}
 	found := func() (dir, name bool) {
