@@ -73,23 +73,8 @@ func TestShimsLeavesOutStartingChildren(t *testing.T) {
 // it with its arguments, and the leak checks' findProcesses while it lives, not once it is a
 // zombie.
 func TestReadStat(t *testing.T) {
-	sleep, err := exec.LookPath("sleep")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(sleep)
-	if err != nil {
-		t.Fatal(err)
-	}
 	bin := filepath.Join(t.TempDir(), "a) Z 1 (b")
-	if err := os.WriteFile(bin, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "60")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	cmd := startSleeper(t, bin)
 
 	var st Stat
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
@@ -137,4 +122,26 @@ func TestReadStat(t *testing.T) {
 	if p, ok := byPID(cmd.Process.Pid); ok {
 		t.Errorf("Processes() lists a reaped process: %+v", p)
 	}
+}
+
+// startSleeper runs a copy of sleep, made at bin, for 60 s; the test's end kills and reaps it.
+func startSleeper(t *testing.T, bin string) *exec.Cmd {
+	t.Helper()
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(sleep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return cmd
 }

@@ -45,29 +45,10 @@ func TestLastErrors(t *testing.T) {
 // The leak check names a process still running from the env's directories, and one of the
 // names it is told to look for, and stops once the process is gone.
 func TestLeaksNamesProcesses(t *testing.T) {
-	sleep, err := exec.LookPath("sleep")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(sleep)
-	if err != nil {
-		t.Fatal(err)
-	}
 	e := &Env{Dir: t.TempDir(), opts: Options{LeakProcessNames: []string{"podvm-leak-"}}}
 	inDir := filepath.Join(e.Dir, "sleeper")
 	named := filepath.Join(t.TempDir(), "podvm-leak-test")
-	var cmds []*exec.Cmd
-	for _, bin := range []string{inDir, named} {
-		if err := os.WriteFile(bin, b, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		cmd := exec.Command(bin, "60")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		cmds = append(cmds, cmd)
-	}
+	cmds := []*exec.Cmd{startSleeper(t, inDir), startSleeper(t, named)}
 	found := func() (dir, name bool) {
 		for _, l := range e.leaks() {
 			dir = dir || strings.Contains(l, fmt.Sprintf("process %d still running: %s 60", cmds[0].Process.Pid, inDir))
