@@ -49,6 +49,9 @@ type Fake struct {
 	ExitedAt int64
 	// RestoreGate, if set, holds PrepareRestored's answer until it is closed.
 	RestoreGate chan struct{}
+	// clockOffset is how far the fake guest's clock is ahead of the host's: Version answers
+	// with the host's clock plus it, and AdjustClock moves it.
+	clockOffset time.Duration
 }
 
 var _ api.AgentService = (*Fake)(nil)
@@ -287,7 +290,35 @@ func (f *Fake) Version(ctx context.Context, _ *api.VersionRequest) (*api.Version
 	if f.VersionReply != nil {
 		return f.VersionReply, nil
 	}
-	return &api.VersionResponse{AgentVersion: Version, KernelRelease: "fake"}, nil
+	return &api.VersionResponse{AgentVersion: Version, KernelRelease: "fake", RealtimeNs: time.Now().Add(f.clockOffset).UnixNano()}, nil
+}
+
+// SetClockOffset puts the fake guest's clock d ahead of the host's (behind if negative).
+func (f *Fake) SetClockOffset(d time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.clockOffset = d
+}
+
+// ClockOffset is how far the fake guest's clock is ahead of the host's.
+func (f *Fake) ClockOffset() time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.clockOffset
+}
+
+// AdjustClock implements the RPC of that name in api.AgentService (agent.proto) for tests: it
+// moves the fake guest's clock at once, and records the call as "AdjustClock <offset> step"
+// or "AdjustClock <offset> slew".
+func (f *Fake) AdjustClock(ctx context.Context, r *api.AdjustClockRequest) (*api.Empty, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d := time.Duration(r.OffsetNs)
+	if err := f.begin("AdjustClock", d.String()+map[bool]string{true: " step", false: " slew"}[r.Step]); err != nil {
+		return nil, err
+	}
+	f.clockOffset += d
+	return &api.Empty{}, nil
 }
 
 // SetupSandbox implements the RPC of that name in api.AgentService (agent.proto) for tests.

@@ -92,12 +92,14 @@ func (c *container) settleExecs(ctx context.Context) {
 // takes the guest for hung.
 const pingMisses = 3
 
-// watchAgent pings the guest agent every sb.pingInterval while the pod runs, each ping given
-// that long to be answered. A guest that leaves pingMisses of them in a row unanswered is hung
-// (a kernel deadlock, a guest frozen for good): the shim stops its VM, and what follows is
-// what follows a VM's death (watchVM), so kubelet makes the pod anew instead of showing a hung
-// pod as running until a call into it happens to time out.
+// watchAgent sets the guest's clock (syncClock), then pings the guest agent every
+// sb.pingInterval while the pod runs, each ping given that long to be answered, and keeps the
+// guest's clock to the host's with what the answers say (keepClock). A guest that leaves pingMisses of them in a row unanswered is hung (a
+// kernel deadlock, a guest frozen for good): the shim stops its VM, and what follows is what
+// follows a VM's death (watchVM), so kubelet makes the pod anew instead of showing a hung pod
+// as running until a call into it happens to time out.
 func watchAgent(ctx context.Context, sb *sandbox) {
+	sb.syncClock(ctx)
 	if sb.pingInterval <= 0 {
 		return
 	}
@@ -112,13 +114,16 @@ func watchAgent(ctx context.Context, sb *sandbox) {
 		case <-tick.C:
 		}
 		pctx, cancel := context.WithTimeout(ctx, sb.pingInterval)
-		_, err := sb.agent.Version(pctx, &api.VersionRequest{})
+		sent := time.Now()
+		v, err := sb.agent.Version(pctx, &api.VersionRequest{})
+		answered := time.Now()
 		cancel()
 		if sb.stopping.Load() || sb.vmGone() {
 			return
 		}
 		if err == nil {
 			misses = 0
+			sb.keepClock(ctx, sent, answered, v.GetRealtimeNs(), false)
 			continue
 		}
 		misses++

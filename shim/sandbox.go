@@ -441,9 +441,9 @@ func (sb *sandbox) bootVM(ctx context.Context, o *sandboxOptions, vcfg hyperviso
 	return nil
 }
 
-// setupGuest sends the agent the pod's hostname, network and share, and meanwhile starts
-// forwarding the pod netns's loopback ports into the guest: host work (an iptables run in the
-// netns) that needs nothing from the guest, so the guest's setup hides it.
+// setupGuest sends the agent the host's clock and the pod's hostname, network and share, and
+// meanwhile starts forwarding the pod netns's loopback ports into the guest: host work (an
+// iptables run in the netns) that needs nothing from the guest, so the guest's setup hides it.
 func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, pod *network.Pod) error {
 	req := &api.SetupSandboxRequest{Hostname: hostname, SharedFsTag: hypervisor.SharedFSTag, HotPlugged: sb.restored}
 	if pod != nil {
@@ -476,6 +476,7 @@ func (sb *sandbox) setupGuest(ctx context.Context, b backend, hostname string, p
 			fwd <- ports
 		}()
 	}
+	req.RealtimeNs = time.Now().UnixNano()
 	_, err := sb.agent.SetupSandbox(ctx, req)
 	// Kept even if the setup failed: shutdown closes it.
 	sb.ports = <-fwd

@@ -23,6 +23,7 @@ func TestSandboxBootsVMAndWiresThePod(t *testing.T) {
 	ann := sandboxAnnotations("pod1")
 	ann["podvm.io/memory"] = "768Mi"
 	ann["podvm.io/vcpus"] = "2"
+	before := time.Now()
 	r.mustCreate("pod1", ann)
 	if started, _, _ := r.vm.State(); !started {
 		t.Fatal("the VM was not started")
@@ -34,6 +35,10 @@ func TestSandboxBootsVMAndWiresThePod(t *testing.T) {
 	if setup == nil || setup.Hostname != "pod-host" || setup.SharedFsTag != hypervisor.SharedFSTag ||
 		len(setup.Interfaces) != 1 || setup.Interfaces[0].Mac != "02:00:00:00:00:01" || setup.Interfaces[0].GuestMac != "" || len(setup.Routes) != 1 {
 		t.Errorf("SetupSandbox = %+v", setup)
+	}
+	// The guest is given the host's clock, as it was when the request left.
+	if sent := time.Unix(0, setup.GetRealtimeNs()); sent.Before(before) || sent.After(time.Now()) {
+		t.Errorf("SetupSandbox's clock %v, want the host's while the sandbox was created (after %v)", sent, before)
 	}
 	if st := r.state("pod1", ""); st.Status != task.Status_CREATED || st.Pid == 0 {
 		t.Errorf("state after create: %v pid %d", st.Status, st.Pid)

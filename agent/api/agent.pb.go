@@ -157,6 +157,8 @@ type VersionResponse struct {
 	KernelRelease string `protobuf:"bytes,2,opt,name=kernel_release,json=kernelRelease,proto3" json:"kernel_release,omitempty"`
 	// Nanoseconds from the guest kernel's start to the agent serving (CLOCK_BOOTTIME).
 	BootToReadyNs int64 `protobuf:"varint,3,opt,name=boot_to_ready_ns,json=bootToReadyNs,proto3" json:"boot_to_ready_ns,omitempty"`
+	// The guest's CLOCK_REALTIME when it answered, in nanoseconds since the epoch.
+	RealtimeNs    int64 `protobuf:"varint,4,opt,name=realtime_ns,json=realtimeNs,proto3" json:"realtime_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -212,6 +214,68 @@ func (x *VersionResponse) GetBootToReadyNs() int64 {
 	return 0
 }
 
+func (x *VersionResponse) GetRealtimeNs() int64 {
+	if x != nil {
+		return x.RealtimeNs
+	}
+	return 0
+}
+
+type AdjustClockRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How far to move the clock: positive forward.
+	OffsetNs int64 `protobuf:"varint,1,opt,name=offset_ns,json=offsetNs,proto3" json:"offset_ns,omitempty"`
+	// Move it at once. Otherwise the kernel slews it at 0.5 ms a second (adjtime), so that it
+	// never runs backwards; a slew replaces one still under way.
+	Step          bool `protobuf:"varint,2,opt,name=step,proto3" json:"step,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdjustClockRequest) Reset() {
+	*x = AdjustClockRequest{}
+	mi := &file_agent_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdjustClockRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdjustClockRequest) ProtoMessage() {}
+
+func (x *AdjustClockRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdjustClockRequest.ProtoReflect.Descriptor instead.
+func (*AdjustClockRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *AdjustClockRequest) GetOffsetNs() int64 {
+	if x != nil {
+		return x.OffsetNs
+	}
+	return 0
+}
+
+func (x *AdjustClockRequest) GetStep() bool {
+	if x != nil {
+		return x.Step
+	}
+	return false
+}
+
 type SetupSandboxRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Hostname string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
@@ -224,14 +288,18 @@ type SetupSandboxRequest struct {
 	// came with the template, see Interface.guest_mac) were hot-plugged just before: the
 	// agent waits until the guest has found each NIC (by MAC) before it sets them up and,
 	// with a shared_fs_tag, a virtio-fs device before it mounts the share.
-	HotPlugged    bool `protobuf:"varint,8,opt,name=hot_plugged,json=hotPlugged,proto3" json:"hot_plugged,omitempty"`
+	HotPlugged bool `protobuf:"varint,8,opt,name=hot_plugged,json=hotPlugged,proto3" json:"hot_plugged,omitempty"`
+	// The host's CLOCK_REALTIME when it sent the request, in nanoseconds since the epoch; the
+	// agent sets the guest's clock to it first. A booted guest's kernel took its clock from the
+	// emulated RTC, in whole seconds. Zero: the clock is left as it is.
+	RealtimeNs    int64 `protobuf:"varint,9,opt,name=realtime_ns,json=realtimeNs,proto3" json:"realtime_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SetupSandboxRequest) Reset() {
 	*x = SetupSandboxRequest{}
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -243,7 +311,7 @@ func (x *SetupSandboxRequest) String() string {
 func (*SetupSandboxRequest) ProtoMessage() {}
 
 func (x *SetupSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -256,7 +324,7 @@ func (x *SetupSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupSandboxRequest.ProtoReflect.Descriptor instead.
 func (*SetupSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SetupSandboxRequest) GetHostname() string {
@@ -301,6 +369,13 @@ func (x *SetupSandboxRequest) GetHotPlugged() bool {
 	return false
 }
 
+func (x *SetupSandboxRequest) GetRealtimeNs() int64 {
+	if x != nil {
+		return x.RealtimeNs
+	}
+	return 0
+}
+
 type Interface struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// MAC address of the guest NIC to configure (it is how the agent finds it).
@@ -320,7 +395,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +407,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +420,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Interface) GetMac() string {
@@ -400,7 +475,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +487,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +500,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Route) GetDestination() string {
@@ -488,7 +563,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -500,7 +575,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -513,7 +588,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Neighbor) GetIp() string {
@@ -551,7 +626,7 @@ type BlockMount struct {
 
 func (x *BlockMount) Reset() {
 	*x = BlockMount{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -563,7 +638,7 @@ func (x *BlockMount) String() string {
 func (*BlockMount) ProtoMessage() {}
 
 func (x *BlockMount) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -576,7 +651,7 @@ func (x *BlockMount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMount.ProtoReflect.Descriptor instead.
 func (*BlockMount) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *BlockMount) GetSerial() string {
@@ -622,7 +697,7 @@ type Stdio struct {
 
 func (x *Stdio) Reset() {
 	*x = Stdio{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -634,7 +709,7 @@ func (x *Stdio) String() string {
 func (*Stdio) ProtoMessage() {}
 
 func (x *Stdio) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -647,7 +722,7 @@ func (x *Stdio) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stdio.ProtoReflect.Descriptor instead.
 func (*Stdio) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Stdio) GetStdin() bool {
@@ -716,7 +791,7 @@ type CreateContainerRequest struct {
 
 func (x *CreateContainerRequest) Reset() {
 	*x = CreateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +803,7 @@ func (x *CreateContainerRequest) String() string {
 func (*CreateContainerRequest) ProtoMessage() {}
 
 func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +816,7 @@ func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerRequest.ProtoReflect.Descriptor instead.
 func (*CreateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateContainerRequest) GetContainerId() string {
@@ -806,7 +881,7 @@ type PodTmpfs struct {
 
 func (x *PodTmpfs) Reset() {
 	*x = PodTmpfs{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +893,7 @@ func (x *PodTmpfs) String() string {
 func (*PodTmpfs) ProtoMessage() {}
 
 func (x *PodTmpfs) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +906,7 @@ func (x *PodTmpfs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PodTmpfs.ProtoReflect.Descriptor instead.
 func (*PodTmpfs) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PodTmpfs) GetMountPoint() string {
@@ -863,7 +938,7 @@ type DeviceNode struct {
 
 func (x *DeviceNode) Reset() {
 	*x = DeviceNode{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -875,7 +950,7 @@ func (x *DeviceNode) String() string {
 func (*DeviceNode) ProtoMessage() {}
 
 func (x *DeviceNode) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -888,7 +963,7 @@ func (x *DeviceNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceNode.ProtoReflect.Descriptor instead.
 func (*DeviceNode) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeviceNode) GetSerial() string {
@@ -935,7 +1010,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -947,7 +1022,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -960,7 +1035,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -983,7 +1058,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1070,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1083,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -1050,7 +1125,7 @@ type ProcessRequest struct {
 
 func (x *ProcessRequest) Reset() {
 	*x = ProcessRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1062,7 +1137,7 @@ func (x *ProcessRequest) String() string {
 func (*ProcessRequest) ProtoMessage() {}
 
 func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1075,7 +1150,7 @@ func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRequest.ProtoReflect.Descriptor instead.
 func (*ProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ProcessRequest) GetContainerId() string {
@@ -1101,7 +1176,7 @@ type StartProcessResponse struct {
 
 func (x *StartProcessResponse) Reset() {
 	*x = StartProcessResponse{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1113,7 +1188,7 @@ func (x *StartProcessResponse) String() string {
 func (*StartProcessResponse) ProtoMessage() {}
 
 func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1126,7 +1201,7 @@ func (x *StartProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartProcessResponse.ProtoReflect.Descriptor instead.
 func (*StartProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StartProcessResponse) GetPid() uint32 {
@@ -1149,7 +1224,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1236,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1249,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -1216,7 +1291,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1228,7 +1303,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1241,7 +1316,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -1270,7 +1345,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1282,7 +1357,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1295,7 +1370,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ResizePtyRequest) GetContainerId() string {
@@ -1339,7 +1414,7 @@ type ReadStdioRequest struct {
 
 func (x *ReadStdioRequest) Reset() {
 	*x = ReadStdioRequest{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1426,7 @@ func (x *ReadStdioRequest) String() string {
 func (*ReadStdioRequest) ProtoMessage() {}
 
 func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1439,7 @@ func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
 func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReadStdioRequest) GetContainerId() string {
@@ -1406,7 +1481,7 @@ type ReadStdioResponse struct {
 
 func (x *ReadStdioResponse) Reset() {
 	*x = ReadStdioResponse{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1418,7 +1493,7 @@ func (x *ReadStdioResponse) String() string {
 func (*ReadStdioResponse) ProtoMessage() {}
 
 func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1431,7 +1506,7 @@ func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
 func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReadStdioResponse) GetData() []byte {
@@ -1459,7 +1534,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1471,7 +1546,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1484,7 +1559,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WriteStdinRequest) GetContainerId() string {
@@ -1517,7 +1592,7 @@ type WriteStdinResponse struct {
 
 func (x *WriteStdinResponse) Reset() {
 	*x = WriteStdinResponse{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1604,7 @@ func (x *WriteStdinResponse) String() string {
 func (*WriteStdinResponse) ProtoMessage() {}
 
 func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1617,7 @@ func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
 func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *WriteStdinResponse) GetWritten() uint32 {
@@ -1562,7 +1637,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1574,7 +1649,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1587,7 +1662,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RemoveContainerRequest) GetContainerId() string {
@@ -1613,7 +1688,7 @@ type ContainerRequest struct {
 
 func (x *ContainerRequest) Reset() {
 	*x = ContainerRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1625,7 +1700,7 @@ func (x *ContainerRequest) String() string {
 func (*ContainerRequest) ProtoMessage() {}
 
 func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1638,7 +1713,7 @@ func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRequest.ProtoReflect.Descriptor instead.
 func (*ContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ContainerRequest) GetContainerId() string {
@@ -1659,7 +1734,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1746,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1759,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1710,7 +1785,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1722,7 +1797,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1735,7 +1810,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1756,7 +1831,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1768,7 +1843,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1781,7 +1856,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -1808,7 +1883,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1820,7 +1895,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1833,7 +1908,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StatsResponse) GetCgroup2Metrics() []byte {
@@ -1855,7 +1930,7 @@ type MemInfoResponse struct {
 
 func (x *MemInfoResponse) Reset() {
 	*x = MemInfoResponse{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1867,7 +1942,7 @@ func (x *MemInfoResponse) String() string {
 func (*MemInfoResponse) ProtoMessage() {}
 
 func (x *MemInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1880,7 +1955,7 @@ func (x *MemInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemInfoResponse.ProtoReflect.Descriptor instead.
 func (*MemInfoResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *MemInfoResponse) GetTotalBytes() uint64 {
@@ -1906,7 +1981,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1918,7 +1993,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1931,7 +2006,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -1950,7 +2025,7 @@ type DialPortRequest struct {
 
 func (x *DialPortRequest) Reset() {
 	*x = DialPortRequest{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1962,7 +2037,7 @@ func (x *DialPortRequest) String() string {
 func (*DialPortRequest) ProtoMessage() {}
 
 func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1975,7 +2050,7 @@ func (x *DialPortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialPortRequest.ProtoReflect.Descriptor instead.
 func (*DialPortRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DialPortRequest) GetPort() uint32 {
@@ -1994,7 +2069,7 @@ type DialPortResponse struct {
 
 func (x *DialPortResponse) Reset() {
 	*x = DialPortResponse{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2006,7 +2081,7 @@ func (x *DialPortResponse) String() string {
 func (*DialPortResponse) ProtoMessage() {}
 
 func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2019,7 +2094,7 @@ func (x *DialPortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialPortResponse.ProtoReflect.Descriptor instead.
 func (*DialPortResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DialPortResponse) GetConnId() uint64 {
@@ -2040,7 +2115,7 @@ type ReadConnRequest struct {
 
 func (x *ReadConnRequest) Reset() {
 	*x = ReadConnRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2052,7 +2127,7 @@ func (x *ReadConnRequest) String() string {
 func (*ReadConnRequest) ProtoMessage() {}
 
 func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2065,7 +2140,7 @@ func (x *ReadConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadConnRequest.ProtoReflect.Descriptor instead.
 func (*ReadConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReadConnRequest) GetConnId() uint64 {
@@ -2093,7 +2168,7 @@ type ReadConnResponse struct {
 
 func (x *ReadConnResponse) Reset() {
 	*x = ReadConnResponse{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2105,7 +2180,7 @@ func (x *ReadConnResponse) String() string {
 func (*ReadConnResponse) ProtoMessage() {}
 
 func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2118,7 +2193,7 @@ func (x *ReadConnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadConnResponse.ProtoReflect.Descriptor instead.
 func (*ReadConnResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ReadConnResponse) GetData() []byte {
@@ -2145,7 +2220,7 @@ type WriteConnRequest struct {
 
 func (x *WriteConnRequest) Reset() {
 	*x = WriteConnRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2157,7 +2232,7 @@ func (x *WriteConnRequest) String() string {
 func (*WriteConnRequest) ProtoMessage() {}
 
 func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2170,7 +2245,7 @@ func (x *WriteConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteConnRequest.ProtoReflect.Descriptor instead.
 func (*WriteConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WriteConnRequest) GetConnId() uint64 {
@@ -2196,7 +2271,7 @@ type WriteConnResponse struct {
 
 func (x *WriteConnResponse) Reset() {
 	*x = WriteConnResponse{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2208,7 +2283,7 @@ func (x *WriteConnResponse) String() string {
 func (*WriteConnResponse) ProtoMessage() {}
 
 func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2221,7 +2296,7 @@ func (x *WriteConnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteConnResponse.ProtoReflect.Descriptor instead.
 func (*WriteConnResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *WriteConnResponse) GetWritten() uint32 {
@@ -2242,7 +2317,7 @@ type CloseConnRequest struct {
 
 func (x *CloseConnRequest) Reset() {
 	*x = CloseConnRequest{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2254,7 +2329,7 @@ func (x *CloseConnRequest) String() string {
 func (*CloseConnRequest) ProtoMessage() {}
 
 func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2267,7 +2342,7 @@ func (x *CloseConnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseConnRequest.ProtoReflect.Descriptor instead.
 func (*CloseConnRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CloseConnRequest) GetConnId() uint64 {
@@ -2296,7 +2371,7 @@ type PrepareRestoredRequest struct {
 
 func (x *PrepareRestoredRequest) Reset() {
 	*x = PrepareRestoredRequest{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2308,7 +2383,7 @@ func (x *PrepareRestoredRequest) String() string {
 func (*PrepareRestoredRequest) ProtoMessage() {}
 
 func (x *PrepareRestoredRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2321,7 +2396,7 @@ func (x *PrepareRestoredRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareRestoredRequest.ProtoReflect.Descriptor instead.
 func (*PrepareRestoredRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *PrepareRestoredRequest) GetEntropy() []byte {
@@ -2344,11 +2419,16 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\vagent.proto\x12\x0epodvm.agent.v1\"\a\n" +
 	"\x05Empty\"\x10\n" +
-	"\x0eVersionRequest\"\x86\x01\n" +
+	"\x0eVersionRequest\"\xa7\x01\n" +
 	"\x0fVersionResponse\x12#\n" +
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12%\n" +
 	"\x0ekernel_release\x18\x02 \x01(\tR\rkernelRelease\x12'\n" +
-	"\x10boot_to_ready_ns\x18\x03 \x01(\x03R\rbootToReadyNs\"\xbf\x02\n" +
+	"\x10boot_to_ready_ns\x18\x03 \x01(\x03R\rbootToReadyNs\x12\x1f\n" +
+	"\vrealtime_ns\x18\x04 \x01(\x03R\n" +
+	"realtimeNs\"E\n" +
+	"\x12AdjustClockRequest\x12\x1b\n" +
+	"\toffset_ns\x18\x01 \x01(\x03R\boffsetNs\x12\x12\n" +
+	"\x04step\x18\x02 \x01(\bR\x04step\"\xe0\x02\n" +
 	"\x13SetupSandboxRequest\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\"\n" +
 	"\rshared_fs_tag\x18\x02 \x01(\tR\vsharedFsTag\x129\n" +
@@ -2358,7 +2438,9 @@ const file_agent_proto_rawDesc = "" +
 	"\x06routes\x18\x04 \x03(\v2\x15.podvm.agent.v1.RouteR\x06routes\x126\n" +
 	"\tneighbors\x18\x05 \x03(\v2\x18.podvm.agent.v1.NeighborR\tneighbors\x12\x1f\n" +
 	"\vhot_plugged\x18\b \x01(\bR\n" +
-	"hotPluggedJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"~\n" +
+	"hotPlugged\x12\x1f\n" +
+	"\vrealtime_ns\x18\t \x01(\x03R\n" +
+	"realtimeNsJ\x04\b\x06\x10\aJ\x04\b\a\x10\bR\vresolv_confR\fblock_mounts\"~\n" +
 	"\tInterface\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
@@ -2500,7 +2582,7 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x06STDOUT\x10\x01\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x022\xe3\x0f\n" +
+	"\x06STDERR\x10\x022\xad\x10\n" +
 	"\x05Agent\x12J\n" +
 	"\aVersion\x12\x1e.podvm.agent.v1.VersionRequest\x1a\x1f.podvm.agent.v1.VersionResponse\x12J\n" +
 	"\fSetupSandbox\x12#.podvm.agent.v1.SetupSandboxRequest\x1a\x15.podvm.agent.v1.Empty\x12b\n" +
@@ -2529,7 +2611,8 @@ const file_agent_proto_rawDesc = "" +
 	"\bReadConn\x12\x1f.podvm.agent.v1.ReadConnRequest\x1a .podvm.agent.v1.ReadConnResponse\x12P\n" +
 	"\tWriteConn\x12 .podvm.agent.v1.WriteConnRequest\x1a!.podvm.agent.v1.WriteConnResponse\x12D\n" +
 	"\tCloseConn\x12 .podvm.agent.v1.CloseConnRequest\x1a\x15.podvm.agent.v1.Empty\x12P\n" +
-	"\x0fPrepareRestored\x12&.podvm.agent.v1.PrepareRestoredRequest\x1a\x15.podvm.agent.v1.EmptyB&Z$github.com/podvm/podvm/agent/api;apib\x06proto3"
+	"\x0fPrepareRestored\x12&.podvm.agent.v1.PrepareRestoredRequest\x1a\x15.podvm.agent.v1.Empty\x12H\n" +
+	"\vAdjustClock\x12\".podvm.agent.v1.AdjustClockRequest\x1a\x15.podvm.agent.v1.EmptyB&Z$github.com/podvm/podvm/agent/api;apib\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -2544,114 +2627,117 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: podvm.agent.v1.StdioStream
 	(*Empty)(nil),                   // 1: podvm.agent.v1.Empty
 	(*VersionRequest)(nil),          // 2: podvm.agent.v1.VersionRequest
 	(*VersionResponse)(nil),         // 3: podvm.agent.v1.VersionResponse
-	(*SetupSandboxRequest)(nil),     // 4: podvm.agent.v1.SetupSandboxRequest
-	(*Interface)(nil),               // 5: podvm.agent.v1.Interface
-	(*Route)(nil),                   // 6: podvm.agent.v1.Route
-	(*Neighbor)(nil),                // 7: podvm.agent.v1.Neighbor
-	(*BlockMount)(nil),              // 8: podvm.agent.v1.BlockMount
-	(*Stdio)(nil),                   // 9: podvm.agent.v1.Stdio
-	(*CreateContainerRequest)(nil),  // 10: podvm.agent.v1.CreateContainerRequest
-	(*PodTmpfs)(nil),                // 11: podvm.agent.v1.PodTmpfs
-	(*DeviceNode)(nil),              // 12: podvm.agent.v1.DeviceNode
-	(*CreateContainerResponse)(nil), // 13: podvm.agent.v1.CreateContainerResponse
-	(*ExecProcessRequest)(nil),      // 14: podvm.agent.v1.ExecProcessRequest
-	(*ProcessRequest)(nil),          // 15: podvm.agent.v1.ProcessRequest
-	(*StartProcessResponse)(nil),    // 16: podvm.agent.v1.StartProcessResponse
-	(*SignalProcessRequest)(nil),    // 17: podvm.agent.v1.SignalProcessRequest
-	(*WaitProcessResponse)(nil),     // 18: podvm.agent.v1.WaitProcessResponse
-	(*ResizePtyRequest)(nil),        // 19: podvm.agent.v1.ResizePtyRequest
-	(*ReadStdioRequest)(nil),        // 20: podvm.agent.v1.ReadStdioRequest
-	(*ReadStdioResponse)(nil),       // 21: podvm.agent.v1.ReadStdioResponse
-	(*WriteStdinRequest)(nil),       // 22: podvm.agent.v1.WriteStdinRequest
-	(*WriteStdinResponse)(nil),      // 23: podvm.agent.v1.WriteStdinResponse
-	(*RemoveContainerRequest)(nil),  // 24: podvm.agent.v1.RemoveContainerRequest
-	(*ContainerRequest)(nil),        // 25: podvm.agent.v1.ContainerRequest
-	(*ProcessInfo)(nil),             // 26: podvm.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 27: podvm.agent.v1.ListProcessesResponse
-	(*UpdateContainerRequest)(nil),  // 28: podvm.agent.v1.UpdateContainerRequest
-	(*StatsResponse)(nil),           // 29: podvm.agent.v1.StatsResponse
-	(*MemInfoResponse)(nil),         // 30: podvm.agent.v1.MemInfoResponse
-	(*OOMEvent)(nil),                // 31: podvm.agent.v1.OOMEvent
-	(*DialPortRequest)(nil),         // 32: podvm.agent.v1.DialPortRequest
-	(*DialPortResponse)(nil),        // 33: podvm.agent.v1.DialPortResponse
-	(*ReadConnRequest)(nil),         // 34: podvm.agent.v1.ReadConnRequest
-	(*ReadConnResponse)(nil),        // 35: podvm.agent.v1.ReadConnResponse
-	(*WriteConnRequest)(nil),        // 36: podvm.agent.v1.WriteConnRequest
-	(*WriteConnResponse)(nil),       // 37: podvm.agent.v1.WriteConnResponse
-	(*CloseConnRequest)(nil),        // 38: podvm.agent.v1.CloseConnRequest
-	(*PrepareRestoredRequest)(nil),  // 39: podvm.agent.v1.PrepareRestoredRequest
+	(*AdjustClockRequest)(nil),      // 4: podvm.agent.v1.AdjustClockRequest
+	(*SetupSandboxRequest)(nil),     // 5: podvm.agent.v1.SetupSandboxRequest
+	(*Interface)(nil),               // 6: podvm.agent.v1.Interface
+	(*Route)(nil),                   // 7: podvm.agent.v1.Route
+	(*Neighbor)(nil),                // 8: podvm.agent.v1.Neighbor
+	(*BlockMount)(nil),              // 9: podvm.agent.v1.BlockMount
+	(*Stdio)(nil),                   // 10: podvm.agent.v1.Stdio
+	(*CreateContainerRequest)(nil),  // 11: podvm.agent.v1.CreateContainerRequest
+	(*PodTmpfs)(nil),                // 12: podvm.agent.v1.PodTmpfs
+	(*DeviceNode)(nil),              // 13: podvm.agent.v1.DeviceNode
+	(*CreateContainerResponse)(nil), // 14: podvm.agent.v1.CreateContainerResponse
+	(*ExecProcessRequest)(nil),      // 15: podvm.agent.v1.ExecProcessRequest
+	(*ProcessRequest)(nil),          // 16: podvm.agent.v1.ProcessRequest
+	(*StartProcessResponse)(nil),    // 17: podvm.agent.v1.StartProcessResponse
+	(*SignalProcessRequest)(nil),    // 18: podvm.agent.v1.SignalProcessRequest
+	(*WaitProcessResponse)(nil),     // 19: podvm.agent.v1.WaitProcessResponse
+	(*ResizePtyRequest)(nil),        // 20: podvm.agent.v1.ResizePtyRequest
+	(*ReadStdioRequest)(nil),        // 21: podvm.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),       // 22: podvm.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),       // 23: podvm.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),      // 24: podvm.agent.v1.WriteStdinResponse
+	(*RemoveContainerRequest)(nil),  // 25: podvm.agent.v1.RemoveContainerRequest
+	(*ContainerRequest)(nil),        // 26: podvm.agent.v1.ContainerRequest
+	(*ProcessInfo)(nil),             // 27: podvm.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 28: podvm.agent.v1.ListProcessesResponse
+	(*UpdateContainerRequest)(nil),  // 29: podvm.agent.v1.UpdateContainerRequest
+	(*StatsResponse)(nil),           // 30: podvm.agent.v1.StatsResponse
+	(*MemInfoResponse)(nil),         // 31: podvm.agent.v1.MemInfoResponse
+	(*OOMEvent)(nil),                // 32: podvm.agent.v1.OOMEvent
+	(*DialPortRequest)(nil),         // 33: podvm.agent.v1.DialPortRequest
+	(*DialPortResponse)(nil),        // 34: podvm.agent.v1.DialPortResponse
+	(*ReadConnRequest)(nil),         // 35: podvm.agent.v1.ReadConnRequest
+	(*ReadConnResponse)(nil),        // 36: podvm.agent.v1.ReadConnResponse
+	(*WriteConnRequest)(nil),        // 37: podvm.agent.v1.WriteConnRequest
+	(*WriteConnResponse)(nil),       // 38: podvm.agent.v1.WriteConnResponse
+	(*CloseConnRequest)(nil),        // 39: podvm.agent.v1.CloseConnRequest
+	(*PrepareRestoredRequest)(nil),  // 40: podvm.agent.v1.PrepareRestoredRequest
 }
 var file_agent_proto_depIdxs = []int32{
-	5,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
-	6,  // 1: podvm.agent.v1.SetupSandboxRequest.routes:type_name -> podvm.agent.v1.Route
-	7,  // 2: podvm.agent.v1.SetupSandboxRequest.neighbors:type_name -> podvm.agent.v1.Neighbor
-	9,  // 3: podvm.agent.v1.CreateContainerRequest.stdio:type_name -> podvm.agent.v1.Stdio
-	12, // 4: podvm.agent.v1.CreateContainerRequest.devices:type_name -> podvm.agent.v1.DeviceNode
-	8,  // 5: podvm.agent.v1.CreateContainerRequest.block_mounts:type_name -> podvm.agent.v1.BlockMount
-	11, // 6: podvm.agent.v1.CreateContainerRequest.pod_tmpfs:type_name -> podvm.agent.v1.PodTmpfs
-	9,  // 7: podvm.agent.v1.ExecProcessRequest.stdio:type_name -> podvm.agent.v1.Stdio
+	6,  // 0: podvm.agent.v1.SetupSandboxRequest.interfaces:type_name -> podvm.agent.v1.Interface
+	7,  // 1: podvm.agent.v1.SetupSandboxRequest.routes:type_name -> podvm.agent.v1.Route
+	8,  // 2: podvm.agent.v1.SetupSandboxRequest.neighbors:type_name -> podvm.agent.v1.Neighbor
+	10, // 3: podvm.agent.v1.CreateContainerRequest.stdio:type_name -> podvm.agent.v1.Stdio
+	13, // 4: podvm.agent.v1.CreateContainerRequest.devices:type_name -> podvm.agent.v1.DeviceNode
+	9,  // 5: podvm.agent.v1.CreateContainerRequest.block_mounts:type_name -> podvm.agent.v1.BlockMount
+	12, // 6: podvm.agent.v1.CreateContainerRequest.pod_tmpfs:type_name -> podvm.agent.v1.PodTmpfs
+	10, // 7: podvm.agent.v1.ExecProcessRequest.stdio:type_name -> podvm.agent.v1.Stdio
 	0,  // 8: podvm.agent.v1.ReadStdioRequest.stream:type_name -> podvm.agent.v1.StdioStream
-	26, // 9: podvm.agent.v1.ListProcessesResponse.processes:type_name -> podvm.agent.v1.ProcessInfo
+	27, // 9: podvm.agent.v1.ListProcessesResponse.processes:type_name -> podvm.agent.v1.ProcessInfo
 	2,  // 10: podvm.agent.v1.Agent.Version:input_type -> podvm.agent.v1.VersionRequest
-	4,  // 11: podvm.agent.v1.Agent.SetupSandbox:input_type -> podvm.agent.v1.SetupSandboxRequest
-	10, // 12: podvm.agent.v1.Agent.CreateContainer:input_type -> podvm.agent.v1.CreateContainerRequest
-	14, // 13: podvm.agent.v1.Agent.ExecProcess:input_type -> podvm.agent.v1.ExecProcessRequest
-	15, // 14: podvm.agent.v1.Agent.StartProcess:input_type -> podvm.agent.v1.ProcessRequest
-	17, // 15: podvm.agent.v1.Agent.SignalProcess:input_type -> podvm.agent.v1.SignalProcessRequest
-	15, // 16: podvm.agent.v1.Agent.WaitProcess:input_type -> podvm.agent.v1.ProcessRequest
-	19, // 17: podvm.agent.v1.Agent.ResizePty:input_type -> podvm.agent.v1.ResizePtyRequest
-	20, // 18: podvm.agent.v1.Agent.ReadStdio:input_type -> podvm.agent.v1.ReadStdioRequest
-	22, // 19: podvm.agent.v1.Agent.WriteStdin:input_type -> podvm.agent.v1.WriteStdinRequest
-	15, // 20: podvm.agent.v1.Agent.CloseStdin:input_type -> podvm.agent.v1.ProcessRequest
-	15, // 21: podvm.agent.v1.Agent.RemoveProcess:input_type -> podvm.agent.v1.ProcessRequest
-	24, // 22: podvm.agent.v1.Agent.RemoveContainer:input_type -> podvm.agent.v1.RemoveContainerRequest
-	25, // 23: podvm.agent.v1.Agent.ListProcesses:input_type -> podvm.agent.v1.ContainerRequest
-	25, // 24: podvm.agent.v1.Agent.PauseContainer:input_type -> podvm.agent.v1.ContainerRequest
-	25, // 25: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
-	28, // 26: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
-	25, // 27: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
+	5,  // 11: podvm.agent.v1.Agent.SetupSandbox:input_type -> podvm.agent.v1.SetupSandboxRequest
+	11, // 12: podvm.agent.v1.Agent.CreateContainer:input_type -> podvm.agent.v1.CreateContainerRequest
+	15, // 13: podvm.agent.v1.Agent.ExecProcess:input_type -> podvm.agent.v1.ExecProcessRequest
+	16, // 14: podvm.agent.v1.Agent.StartProcess:input_type -> podvm.agent.v1.ProcessRequest
+	18, // 15: podvm.agent.v1.Agent.SignalProcess:input_type -> podvm.agent.v1.SignalProcessRequest
+	16, // 16: podvm.agent.v1.Agent.WaitProcess:input_type -> podvm.agent.v1.ProcessRequest
+	20, // 17: podvm.agent.v1.Agent.ResizePty:input_type -> podvm.agent.v1.ResizePtyRequest
+	21, // 18: podvm.agent.v1.Agent.ReadStdio:input_type -> podvm.agent.v1.ReadStdioRequest
+	23, // 19: podvm.agent.v1.Agent.WriteStdin:input_type -> podvm.agent.v1.WriteStdinRequest
+	16, // 20: podvm.agent.v1.Agent.CloseStdin:input_type -> podvm.agent.v1.ProcessRequest
+	16, // 21: podvm.agent.v1.Agent.RemoveProcess:input_type -> podvm.agent.v1.ProcessRequest
+	25, // 22: podvm.agent.v1.Agent.RemoveContainer:input_type -> podvm.agent.v1.RemoveContainerRequest
+	26, // 23: podvm.agent.v1.Agent.ListProcesses:input_type -> podvm.agent.v1.ContainerRequest
+	26, // 24: podvm.agent.v1.Agent.PauseContainer:input_type -> podvm.agent.v1.ContainerRequest
+	26, // 25: podvm.agent.v1.Agent.ResumeContainer:input_type -> podvm.agent.v1.ContainerRequest
+	29, // 26: podvm.agent.v1.Agent.UpdateContainer:input_type -> podvm.agent.v1.UpdateContainerRequest
+	26, // 27: podvm.agent.v1.Agent.Stats:input_type -> podvm.agent.v1.ContainerRequest
 	1,  // 28: podvm.agent.v1.Agent.MemInfo:input_type -> podvm.agent.v1.Empty
 	1,  // 29: podvm.agent.v1.Agent.GetOOMEvent:input_type -> podvm.agent.v1.Empty
 	1,  // 30: podvm.agent.v1.Agent.Shutdown:input_type -> podvm.agent.v1.Empty
-	32, // 31: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
-	34, // 32: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
-	36, // 33: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
-	38, // 34: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
-	39, // 35: podvm.agent.v1.Agent.PrepareRestored:input_type -> podvm.agent.v1.PrepareRestoredRequest
-	3,  // 36: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
-	1,  // 37: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
-	13, // 38: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
-	1,  // 39: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
-	16, // 40: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
-	1,  // 41: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
-	18, // 42: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
-	1,  // 43: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
-	21, // 44: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
-	23, // 45: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
-	1,  // 46: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
-	1,  // 47: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
-	1,  // 48: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
-	27, // 49: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
-	1,  // 50: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 51: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
-	1,  // 52: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
-	29, // 53: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
-	30, // 54: podvm.agent.v1.Agent.MemInfo:output_type -> podvm.agent.v1.MemInfoResponse
-	31, // 55: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
-	1,  // 56: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
-	33, // 57: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
-	35, // 58: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
-	37, // 59: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
-	1,  // 60: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
-	1,  // 61: podvm.agent.v1.Agent.PrepareRestored:output_type -> podvm.agent.v1.Empty
-	36, // [36:62] is the sub-list for method output_type
-	10, // [10:36] is the sub-list for method input_type
+	33, // 31: podvm.agent.v1.Agent.DialPort:input_type -> podvm.agent.v1.DialPortRequest
+	35, // 32: podvm.agent.v1.Agent.ReadConn:input_type -> podvm.agent.v1.ReadConnRequest
+	37, // 33: podvm.agent.v1.Agent.WriteConn:input_type -> podvm.agent.v1.WriteConnRequest
+	39, // 34: podvm.agent.v1.Agent.CloseConn:input_type -> podvm.agent.v1.CloseConnRequest
+	40, // 35: podvm.agent.v1.Agent.PrepareRestored:input_type -> podvm.agent.v1.PrepareRestoredRequest
+	4,  // 36: podvm.agent.v1.Agent.AdjustClock:input_type -> podvm.agent.v1.AdjustClockRequest
+	3,  // 37: podvm.agent.v1.Agent.Version:output_type -> podvm.agent.v1.VersionResponse
+	1,  // 38: podvm.agent.v1.Agent.SetupSandbox:output_type -> podvm.agent.v1.Empty
+	14, // 39: podvm.agent.v1.Agent.CreateContainer:output_type -> podvm.agent.v1.CreateContainerResponse
+	1,  // 40: podvm.agent.v1.Agent.ExecProcess:output_type -> podvm.agent.v1.Empty
+	17, // 41: podvm.agent.v1.Agent.StartProcess:output_type -> podvm.agent.v1.StartProcessResponse
+	1,  // 42: podvm.agent.v1.Agent.SignalProcess:output_type -> podvm.agent.v1.Empty
+	19, // 43: podvm.agent.v1.Agent.WaitProcess:output_type -> podvm.agent.v1.WaitProcessResponse
+	1,  // 44: podvm.agent.v1.Agent.ResizePty:output_type -> podvm.agent.v1.Empty
+	22, // 45: podvm.agent.v1.Agent.ReadStdio:output_type -> podvm.agent.v1.ReadStdioResponse
+	24, // 46: podvm.agent.v1.Agent.WriteStdin:output_type -> podvm.agent.v1.WriteStdinResponse
+	1,  // 47: podvm.agent.v1.Agent.CloseStdin:output_type -> podvm.agent.v1.Empty
+	1,  // 48: podvm.agent.v1.Agent.RemoveProcess:output_type -> podvm.agent.v1.Empty
+	1,  // 49: podvm.agent.v1.Agent.RemoveContainer:output_type -> podvm.agent.v1.Empty
+	28, // 50: podvm.agent.v1.Agent.ListProcesses:output_type -> podvm.agent.v1.ListProcessesResponse
+	1,  // 51: podvm.agent.v1.Agent.PauseContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 52: podvm.agent.v1.Agent.ResumeContainer:output_type -> podvm.agent.v1.Empty
+	1,  // 53: podvm.agent.v1.Agent.UpdateContainer:output_type -> podvm.agent.v1.Empty
+	30, // 54: podvm.agent.v1.Agent.Stats:output_type -> podvm.agent.v1.StatsResponse
+	31, // 55: podvm.agent.v1.Agent.MemInfo:output_type -> podvm.agent.v1.MemInfoResponse
+	32, // 56: podvm.agent.v1.Agent.GetOOMEvent:output_type -> podvm.agent.v1.OOMEvent
+	1,  // 57: podvm.agent.v1.Agent.Shutdown:output_type -> podvm.agent.v1.Empty
+	34, // 58: podvm.agent.v1.Agent.DialPort:output_type -> podvm.agent.v1.DialPortResponse
+	36, // 59: podvm.agent.v1.Agent.ReadConn:output_type -> podvm.agent.v1.ReadConnResponse
+	38, // 60: podvm.agent.v1.Agent.WriteConn:output_type -> podvm.agent.v1.WriteConnResponse
+	1,  // 61: podvm.agent.v1.Agent.CloseConn:output_type -> podvm.agent.v1.Empty
+	1,  // 62: podvm.agent.v1.Agent.PrepareRestored:output_type -> podvm.agent.v1.Empty
+	1,  // 63: podvm.agent.v1.Agent.AdjustClock:output_type -> podvm.agent.v1.Empty
+	37, // [37:64] is the sub-list for method output_type
+	10, // [10:37] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2668,7 +2754,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   39,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

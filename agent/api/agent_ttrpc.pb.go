@@ -34,6 +34,7 @@ type AgentService interface {
 	WriteConn(context.Context, *WriteConnRequest) (*WriteConnResponse, error)
 	CloseConn(context.Context, *CloseConnRequest) (*Empty, error)
 	PrepareRestored(context.Context, *PrepareRestoredRequest) (*Empty, error)
+	AdjustClock(context.Context, *AdjustClockRequest) (*Empty, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -220,6 +221,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.PrepareRestored(ctx, &req)
+			},
+			"AdjustClock": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req AdjustClockRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.AdjustClock(ctx, &req)
 			},
 		},
 	})
@@ -438,6 +446,14 @@ func (c *agentClient) CloseConn(ctx context.Context, req *CloseConnRequest) (*Em
 func (c *agentClient) PrepareRestored(ctx context.Context, req *PrepareRestoredRequest) (*Empty, error) {
 	var resp Empty
 	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "PrepareRestored", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) AdjustClock(ctx context.Context, req *AdjustClockRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "podvm.agent.v1.Agent", "AdjustClock", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

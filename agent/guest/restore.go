@@ -43,17 +43,20 @@ const (
 // virtioIDFS is virtio-fs's virtio device id, as /sys/bus/virtio/devices/*/device shows it.
 const virtioIDFS = "0x001a"
 
-// restoreSys is what prepareRestored changes in the guest; tests replace it.
+// restoreSys is what the agent changes in the guest's kernel for the host (its entropy, its
+// clock) and how it finds hot-plugged devices; tests replace it.
 type restoreSys struct {
 	addEntropy func(b []byte) error
 	setClock   func(ns int64) error
+	// adjustClock moves the clock by an offset, stepped or slewed (clock.go).
+	adjustClock func(offset time.Duration, step bool) error
 	// present reports whether every NIC (by MAC) and, if fs, a virtio-fs device is there.
 	present func(macs []net.HardwareAddr, fs bool) (bool, error)
 	tick    time.Duration
 }
 
 func realRestoreSys() restoreSys {
-	return restoreSys{addEntropy: addEntropy, setClock: setRealtime, present: devicesPresent, tick: 5 * time.Millisecond}
+	return restoreSys{addEntropy: addEntropy, setClock: setRealtime, adjustClock: adjustRealtime, present: devicesPresent, tick: 5 * time.Millisecond}
 }
 
 // PrepareRestored implements the RPC of that name in api.AgentService (agent.proto).
@@ -178,11 +181,6 @@ func addEntropy(b []byte) error {
 		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
-}
-
-func setRealtime(ns int64) error {
-	ts := unix.NsecToTimespec(ns)
-	return unix.ClockSettime(unix.CLOCK_REALTIME, &ts)
 }
 
 // devicesPresent reports whether a link has each of macs and, with fs, a virtio-fs device is

@@ -18,9 +18,10 @@ import (
 )
 
 type fakeRestoreSys struct {
-	entropy []byte
-	clock   int64
-	polls   int
+	entropy  []byte
+	clock    int64
+	adjusted time.Duration
+	polls    int
 	// readyAfter is the poll from which the devices are present.
 	readyAfter int
 	order      []string
@@ -33,6 +34,11 @@ func (f *fakeRestoreSys) sys() restoreSys {
 	return restoreSys{
 		addEntropy: func(b []byte) error { f.entropy = b; f.order = append(f.order, "entropy"); return nil },
 		setClock:   func(ns int64) error { f.clock = ns; f.order = append(f.order, "clock"); return nil },
+		adjustClock: func(d time.Duration, step bool) error {
+			f.adjusted += d
+			f.order = append(f.order, map[bool]string{true: "step", false: "slew"}[step])
+			return nil
+		},
 		present: func(macs []net.HardwareAddr, fs bool) (bool, error) {
 			f.macs, f.fs = nil, fs
 			for _, m := range macs {
@@ -84,6 +90,21 @@ func TestPrepareRestoredRejects(t *testing.T) {
 				t.Error("changed the guest despite a bad request")
 			}
 		})
+	}
+}
+
+// SetupSandbox sets the guest's clock to the host's it carries, before anything else.
+func TestSetHostClock(t *testing.T) {
+	f := &fakeRestoreSys{}
+	if err := setHostClock(&api.SetupSandboxRequest{RealtimeNs: 1_700_000_000_123_456_789}, f.sys()); err != nil || f.clock != 1_700_000_000_123_456_789 {
+		t.Fatalf("set the clock: %v, clock %d", err, f.clock)
+	}
+	f = &fakeRestoreSys{}
+	if err := setHostClock(&api.SetupSandboxRequest{}, f.sys()); err != nil || len(f.order) != 0 {
+		t.Fatalf("no clock sent: %v, steps %q; want the clock left alone", err, f.order)
+	}
+	if err := setHostClock(&api.SetupSandboxRequest{RealtimeNs: -1}, f.sys()); !errors.Is(err, errdefs.ErrInvalidArgument) || len(f.order) != 0 {
+		t.Fatalf("a negative clock: %v, steps %q; want invalid argument and the clock left alone", err, f.order)
 	}
 }
 

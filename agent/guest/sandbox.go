@@ -18,6 +18,10 @@ import (
 )
 
 func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
+	sys := realRestoreSys()
+	if err := setHostClock(req, sys); err != nil {
+		return err
+	}
 	if req.Hostname != "" {
 		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
 			return fmt.Errorf("set hostname %q: %w", req.Hostname, err)
@@ -25,7 +29,6 @@ func setupSandbox(ctx context.Context, req *api.SetupSandboxRequest) error {
 	}
 	// The network first: a restored VM's first NIC came with its template, while the guest
 	// may still be probing the share's hot-plugged device.
-	sys := realRestoreSys()
 	nicWait, err := waitNICs(ctx, req, sys)
 	if err != nil {
 		return err

@@ -92,6 +92,7 @@ func (s *Server) Version(ctx context.Context, _ *api.VersionRequest) (*api.Versi
 		AgentVersion:  agent.Version,
 		KernelRelease: unix.ByteSliceToString(u.Release[:]),
 		BootToReadyNs: int64(boot),
+		RealtimeNs:    time.Now().UnixNano(),
 	}, nil
 }
 

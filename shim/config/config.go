@@ -149,7 +149,8 @@ type Sandbox struct {
 	// AgentPingInterval is how often the shim asks a running pod's guest agent whether it
 	// answers. A guest that leaves three pings in a row unanswered, each for this long, is
 	// hung: the shim stops its VM and reports the pod's containers exited, so kubelet makes
-	// the pod anew instead of showing it running. "0s" turns the pings off.
+	// the pod anew instead of showing it running. Each answer carries the guest's clock, which
+	// the shim corrects when it drifted from the host's. "0s" turns the pings off.
 	AgentPingInterval Duration `toml:"agent_ping_interval"`
 }
 
