@@ -94,10 +94,11 @@ const pingMisses = 3
 
 // watchAgent sets the guest's clock (syncClock), then pings the guest agent every
 // sb.pingInterval while the pod runs, each ping given that long to be answered, and keeps the
-// guest's clock to the host's with what the answers say (keepClock). A guest that leaves pingMisses of them in a row unanswered is hung (a
-// kernel deadlock, a guest frozen for good): the shim stops its VM, and what follows is what
-// follows a VM's death (watchVM), so kubelet makes the pod anew instead of showing a hung pod
-// as running until a call into it happens to time out.
+// guest's clock to the host's with what the answers say (keepClock). A guest that leaves
+// pingMisses of them in a row unanswered is hung (a kernel deadlock, a guest frozen for good):
+// the shim stops its VM, and what follows is what follows a VM's death (watchVM), so kubelet
+// makes the pod anew instead of showing a hung pod as running until a call into it happens to
+// time out.
 func watchAgent(ctx context.Context, sb *sandbox) {
 	sb.syncClock(ctx)
 	if sb.pingInterval <= 0 {

@@ -30,38 +30,36 @@ func requirePrereq(t *testing.T, format string, args ...any) {
 // buildStaticAgent builds a tiny static Go program to stand in for podvm-agent.
 func buildStaticAgent(t *testing.T) string {
 	t.Helper()
-	// go test puts its own GOROOT/bin first in PATH, so this is the toolchain running the test.
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		requirePrereq(t, "go toolchain to build a static test agent")
-	}
 	dir := t.TempDir()
 	src := "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"podvm test agent\") }\n"
 	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(gobin, "build", "-o", "agent", "main.go")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOFLAGS=-buildvcs=false", "GO111MODULE=off")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build test agent: %v\n%s", err, out)
-	}
-	return filepath.Join(dir, "agent")
+	return goBuildStatic(t, dir, "main.go", "GOFLAGS=-buildvcs=false", "GO111MODULE=off")
 }
 
 // buildProtoAgent builds testdata/protoagent, a static program that links
 // google.golang.org/protobuf as published, as a plain `go build` of podvm-agent would.
 func buildProtoAgent(t *testing.T) string {
 	t.Helper()
+	return goBuildStatic(t, "", "./testdata/protoagent")
+}
+
+// goBuildStatic builds pkg (in dir, "" for the test's own) into a static Linux binary named
+// agent in a temp dir, with env added to the build's environment, and returns its path.
+func goBuildStatic(t *testing.T, dir, pkg string, env ...string) string {
+	t.Helper()
+	// go test puts its own GOROOT/bin first in PATH, so this is the toolchain running the test.
 	gobin, err := exec.LookPath("go")
 	if err != nil {
 		requirePrereq(t, "go toolchain to build a static test agent")
 	}
 	out := filepath.Join(t.TempDir(), "agent")
-	cmd := exec.Command(gobin, "build", "-o", out, "./testdata/protoagent")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux")
+	cmd := exec.Command(gobin, "build", "-o", out, pkg)
+	cmd.Dir = dir
+	cmd.Env = append(append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux"), env...)
 	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build testdata/protoagent: %v\n%s", err, b)
+		t.Fatalf("build %s: %v\n%s", pkg, err, b)
 	}
 	return out
 }
