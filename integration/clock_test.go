@@ -128,12 +128,7 @@ func icmpChecksum(b []byte) uint16 {
 // correct it: a guest whose clock runs fast is slewed back a few milliseconds at a time, so
 // that it never runs backwards; one set an hour ahead is stepped back.
 func TestPodvmClockKept(t *testing.T) {
-	opts := podvmOptions(t)
-	setSandboxOption(t, opts.PodvmConfigPath, "agent_ping_interval", `"1s"`)
-	env := harness.Start(t, opts)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
-	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "clock", Namespace: "it", Handler: "podvm"})
+	env, ctx, pod := pingedPod(t, "clock")
 	cfg := env.ContainerConfig(harness.ContainerOptions{Name: "clock", Command: []string{"sleep", "3600"}})
 	cfg.Linux.SecurityContext.Capabilities = &runtimeapi.Capability{AddCapabilities: []string{"SYS_TIME"}}
 	id := startContainer(t, ctx, env, pod, cfg)

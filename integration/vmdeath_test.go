@@ -58,12 +58,7 @@ func TestPodvmQEMUKilled(t *testing.T) {
 // anew, as after a VM's death; containerd's log says once why; the pod comes down and nothing
 // is left behind.
 func TestPodvmHungGuestFoundByPings(t *testing.T) {
-	opts := podvmOptions(t)
-	setSandboxOption(t, opts.PodvmConfigPath, "agent_ping_interval", `"1s"`)
-	env := harness.Start(t, opts)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
-	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "hung", Namespace: "it", Handler: "podvm"})
+	env, ctx, pod := pingedPod(t, "hung")
 	ctr := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Command: []string{"sleep", "3600"}}))
 	events := watchContainerEvents(t, ctx, env)
 	time.Sleep(3 * time.Second) // pinged and answering: nothing happens
@@ -105,6 +100,18 @@ func signalQEMU(t *testing.T, podID string, sig syscall.Signal) {
 	if sig == syscall.SIGSTOP {
 		t.Cleanup(func() { _ = syscall.Kill(qemu, syscall.SIGCONT) })
 	}
+}
+
+// pingedPod starts a podvm pod named name on a node whose shims ping their guests every
+// second (sandbox.agent_ping_interval), for the tests of what the pings find and mend.
+func pingedPod(t *testing.T, name string) (*harness.Env, context.Context, *harness.Pod) {
+	t.Helper()
+	opts := podvmOptions(t)
+	setSandboxOption(t, opts.PodvmConfigPath, "agent_ping_interval", `"1s"`)
+	env := harness.Start(t, opts)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	t.Cleanup(cancel)
+	return env, ctx, runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: name, Namespace: "it", Handler: "podvm"})
 }
 
 // setSandboxOption sets key = value (TOML) in the [sandbox] table of the node config at path.
