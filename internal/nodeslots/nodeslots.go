@@ -61,7 +61,7 @@ func Acquire(ctx context.Context, dir string, n int, poll time.Duration) (*Slot,
 	if err := lockWaiting(ctx, q); err != nil {
 		return nil, time.Since(start), fmt.Errorf("all %d slots held for %v: %w", n, time.Since(start).Round(time.Millisecond), err)
 	}
-	defer q.Close() // the next in the queue looks next
+	defer func() { _ = q.Close() }() // the next in the queue looks next
 	tick := time.NewTicker(poll)
 	defer tick.Stop()
 	for {
@@ -94,13 +94,17 @@ func tryAll(slots []*os.File) (*Slot, error) {
 // lockWaiting takes an exclusive flock on f, blocked in the kernel until it is free or ctx ends.
 // A lock that comes after ctx ended is dropped at once (f is closed).
 func lockWaiting(ctx context.Context, f *os.File) error {
-	got := make(chan error, 1)
+	got := make(chan error) // unbuffered: a send is taken only by a waiter still waiting
 	go func() {
 		var err error
 		for err = unix.EINTR; errors.Is(err, unix.EINTR); {
 			err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
 		}
-		got <- err
+		select {
+		case got <- err:
+		case <-ctx.Done():
+			_ = f.Close()
+		}
 	}()
 	select {
 	case err := <-got:
@@ -110,10 +114,6 @@ func lockWaiting(ctx context.Context, f *os.File) error {
 		}
 		return nil
 	case <-ctx.Done():
-		go func() {
-			<-got
-			_ = f.Close()
-		}()
 		return context.Cause(ctx)
 	}
 }
