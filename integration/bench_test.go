@@ -318,7 +318,7 @@ func withBenchEnv(b *testing.B, handler string, fn func(ctx context.Context, env
 func podvmBenchEnv(t testing.TB) *harness.Env {
 	t.Helper()
 	opts := bootedShimOptions(t, ownStateDir(t, "pvb-"))
-	opts.LeakDirsKeep = nil
+	opts.LeakDirsKeep = []string{config.StartSlotsDirName}
 	return harness.Start(t, opts)
 }
 
@@ -327,7 +327,7 @@ func podvmBenchEnv(t testing.TB) *harness.Env {
 func podvmTemplateBenchEnv(t testing.TB) *harness.Env {
 	t.Helper()
 	opts := podvmTemplateOptions(t, "pvb-")
-	opts.LeakDirsKeep = []string{config.TemplateDirName}
+	opts.LeakDirsKeep = []string{config.StartSlotsDirName, config.TemplateDirName}
 	return harness.Start(t, opts)
 }
 
@@ -422,29 +422,38 @@ func removePod(ctx context.Context, t testing.TB, env *harness.Env, pod *harness
 // says it runs. It polls every 2 ms, so the poll adds little to what a benchmark measures.
 func startSleeper(ctx context.Context, t testing.TB, env *harness.Env, pod *harness.Pod, name string) string {
 	t.Helper()
-	id, _, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
+	id, err := runSleeper(ctx, env, pod, name)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return id
+}
+
+// runSleeper is startSleeper returning its error, for goroutines other than the test's.
+func runSleeper(ctx context.Context, env *harness.Env, pod *harness.Pod, name string) (string, error) {
+	id, _, err := env.CreateContainer(ctx, pod, harness.ContainerOptions{Name: name, Command: []string{"sleep", "3600"}})
+	if err != nil {
+		return "", err
 	}
 	sctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	if err := env.Runtime.StartContainer(sctx, id); err != nil {
-		t.Fatalf("StartContainer %s: %v", name, err)
+		return "", fmt.Errorf("StartContainer %s: %w", name, err)
 	}
 	for {
 		st, err := env.Runtime.ContainerStatus(sctx, id, false)
 		if err != nil {
-			t.Fatalf("ContainerStatus %s: %v", name, err)
+			return "", fmt.Errorf("ContainerStatus %s: %w", name, err)
 		}
 		switch s := st.GetStatus().GetState(); s {
 		case runtimeapi.ContainerState_CONTAINER_RUNNING:
-			return id
+			return id, nil
 		case runtimeapi.ContainerState_CONTAINER_EXITED:
-			t.Fatalf("container %s exited (code %d, %s) instead of running", name, st.GetStatus().GetExitCode(), st.GetStatus().GetReason())
+			return "", fmt.Errorf("container %s exited (code %d, %s) instead of running", name, st.GetStatus().GetExitCode(), st.GetStatus().GetReason())
 		}
 		select {
 		case <-sctx.Done():
-			t.Fatalf("container %s not RUNNING: %v", name, sctx.Err())
+			return "", fmt.Errorf("container %s not RUNNING: %w", name, sctx.Err())
 		case <-time.After(2 * time.Millisecond):
 		}
 	}

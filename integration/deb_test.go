@@ -17,6 +17,7 @@ import (
 	"github.com/podvm/podvm/deploy"
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // debConfig is the package's one conffile: apt remove leaves it, apt purge removes it.
@@ -48,7 +49,7 @@ func TestDebPackage(t *testing.T) {
 		PodvmConfigPath:  debConfig,
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{podvmStateDir},
-		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.StartSlotsDirName},
 	})
 	testPodLifecycle(t, env, "podvm")
 	env.AssertNoLeaks(t)

@@ -48,7 +48,7 @@ func TestMakeInstall(t *testing.T) {
 		Imports:          []string{"/etc/containerd/conf.d/podvm.toml"},
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{podvmStateDir},
-		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.StartSlotsDirName},
 	})
 	testPodLifecycle(t, env, "podvm")
 	env.AssertNoLeaks(t)
@@ -95,7 +95,7 @@ func testInstalledTemplate(t *testing.T, shimDir, nodeConfig string) {
 		PodvmConfigPath:  cfg,
 		LeakProcessNames: []string{"qemu-system", "virtiofsd", "containerd-shim-podvm-v2"},
 		LeakDirs:         []string{podvmStateDir},
-		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.TemplateDirName},
+		LeakDirsKeep:     []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.StartSlotsDirName, config.TemplateDirName},
 	})
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
@@ -111,10 +111,10 @@ func testInstalledTemplate(t *testing.T, shimDir, nodeConfig string) {
 }
 
 // checkRunStateGone: after an uninstall, nothing the shim made at run time is left in the
-// default state dir: the accelerator probe's cache and lock, the VM templates.
+// default state dir: the accelerator probe's cache and lock, the start slots, the VM templates.
 func checkRunStateGone(t *testing.T, what string) {
 	t.Helper()
-	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.TemplateDirName} {
+	for _, f := range []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.StartSlotsDirName, config.TemplateDirName} {
 		if _, err := os.Lstat(filepath.Join(podvmStateDir, f)); err == nil {
 			t.Errorf("%s left after %s", filepath.Join(podvmStateDir, f), what)
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/podvm/podvm/hypervisor/qemu"
 	"github.com/podvm/podvm/integration/harness"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // podvmStateDir is where the shim keeps per-sandbox state in the tests (the default).
@@ -81,7 +82,8 @@ allowed = [%s]
 	if block != "" {
 		body += "\n[block]\n" + block + "\n"
 	}
-	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
+	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.StartSlotsDirName}
+	keepStartSlots(t, stateDir)
 	if templated {
 		body, keep = harness.WithTemplates(t, stateDir, body, keep)
 	}
@@ -95,6 +97,16 @@ allowed = [%s]
 		LeakDirs:        []string{stateDir},
 		LeakDirsKeep:    keep,
 	}
+}
+
+// keepStartSlots removes, at the end (after the env's teardown), the node's start slots the
+// shims make in stateDir, unless they were there before: the machine is left as it was.
+func keepStartSlots(t testing.TB, stateDir string) {
+	dir := filepath.Join(stateDir, config.StartSlotsDirName)
+	if _, err := os.Lstat(dir); err == nil {
+		return
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 }
 
 // ownStateDir makes a podvm state dir of the test's own under /run, so that other tests' VMs on

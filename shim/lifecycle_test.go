@@ -275,8 +275,8 @@ func TestVMDiesDuringCreate(t *testing.T) {
 				t.Errorf("released %v, want %s's filesystems released", got, id)
 			}
 			if id == "pod1" {
-				if entries, _ := os.ReadDir(r.stateDir); len(entries) != 0 {
-					t.Errorf("state left behind: %v", entries)
+				if left := stateLeft(r.stateDir); len(left) != 0 {
+					t.Errorf("state left behind: %v", left)
 				}
 				return
 			}

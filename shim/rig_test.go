@@ -112,6 +112,8 @@ type rig struct {
 	// pingInterval is the node config's sandbox.agent_ping_interval (0, no pings, unless a
 	// test sets it).
 	pingInterval time.Duration
+	// maxParallelStarts is the node config's sandbox.max_parallel_starts (0: the default).
+	maxParallelStarts int
 }
 
 // fakePorts records the port forwarder the shim starts and stops.
@@ -153,8 +155,11 @@ func newRig(t *testing.T) *rig {
 			cfg.Sandbox.MaxVCPUs = 4
 			cfg.Template.Enabled = r.template != nil || r.templateErr != nil
 			cfg.Sandbox.AgentPingInterval = config.Duration{Duration: r.pingInterval}
+			cfg.Sandbox.MaxParallelStarts = r.maxParallelStarts
 			return cfg, nil
 		},
+		// The node's start slots are real lock files, in the rig's state dir.
+		startTurn: startTurn,
 		// The shim sees its VMs only through a hypervisor.Driver: the fake plugs in as QEMU does.
 		drivers: hypervisor.NewDrivers(r.fakeDriver()),
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {

@@ -27,6 +27,7 @@ import (
 	"github.com/podvm/podvm/agent/api"
 	"github.com/podvm/podvm/hypervisor"
 	"github.com/podvm/podvm/internal/logfile"
+	"github.com/podvm/podvm/internal/nodeslots"
 	"github.com/podvm/podvm/metrics"
 	"github.com/podvm/podvm/network"
 	"github.com/podvm/podvm/rootfs"
@@ -56,6 +57,9 @@ type backend struct {
 	forwardPorts func(ctx context.Context, netnsPath string, dial network.GuestDialer) (portForwarder, error)
 	// enterCgroup creates the pod's cgroup on the host and moves the shim into it.
 	enterCgroup func(path string, lim hostcgroup.Limits) (hostCgroup, error)
+	// startTurn waits until the node lets one more pod VM start (sandbox.max_parallel_starts)
+	// and returns how long that took and what ends the turn. nil: no waiting.
+	startTurn func(ctx context.Context, cfg *config.Config) (end func(), waited time.Duration, err error)
 }
 
 // portForwarder is a running network.PortForwarder.
@@ -69,6 +73,7 @@ func defaultBackend(drivers hypervisor.Drivers) backend {
 		loadConfig:  config.Load,
 		drivers:     drivers,
 		enterCgroup: enterHostCgroup,
+		startTurn:   startTurn,
 		connect: func(ctx context.Context, vm hypervisor.Hypervisor) (agentConn, error) {
 			c, err := agent.Connect(ctx, vm.DialAgent, vm.Done())
 			if err != nil {
@@ -405,6 +410,17 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 		log.G(ctx).Warnf("the pod has %d network interfaces, a VM template room for %d: booting the VM", len(nics), hypervisor.TemplateNICs)
 		tmpl = nil
 	}
+	if b.startTurn != nil {
+		end, waited, err := b.startTurn(ctx, o.cfg)
+		if err != nil {
+			return fmt.Errorf("waiting for a turn to start the pod VM (sandbox.max_parallel_starts in %s): %w", configName(o.cfg), err)
+		}
+		defer end()
+		ph.done("start_wait")
+		if waited > time.Second {
+			log.G(ctx).Infof("waited %v for a turn to start the pod VM: %d start at a time (sandbox.max_parallel_starts)", waited.Round(time.Millisecond), o.cfg.Sandbox.ParallelStarts())
+		}
+	}
 	if tmpl != nil {
 		if err := sb.restoreVM(ctx, tmpl, vcfg, ph); err != nil {
 			return err
@@ -425,6 +441,16 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	// A clone is made the pod's own (prepareRestored) while its setup starts.
 	sb.restored = tmpl != nil
 	return nil
+}
+
+// startTurn takes one of the node's sandbox.max_parallel_starts start slots; the turn ends when
+// the slot is released (or the shim exits).
+func startTurn(ctx context.Context, cfg *config.Config) (func(), time.Duration, error) {
+	slot, waited, err := nodeslots.Acquire(ctx, filepath.Join(cfg.Sandbox.StateDir, config.StartSlotsDirName), cfg.Sandbox.ParallelStarts(), 10*time.Millisecond)
+	if err != nil {
+		return nil, waited, err
+	}
+	return slot.Release, waited, nil
 }
 
 // bootVM boots the pod's VM the ordinary way.

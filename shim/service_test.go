@@ -175,6 +175,7 @@ func TestCreateFailuresLeaveNothing(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRig(t)
+			r.maxParallelStarts = 1
 			if tc.setup != nil {
 				tc.setup(r)
 			}
@@ -186,9 +187,12 @@ func TestCreateFailuresLeaveNothing(t *testing.T) {
 			if err == nil || !tc.want(native(err)) {
 				t.Fatalf("create: %v", err)
 			}
-			entries, _ := os.ReadDir(r.stateDir)
-			if len(entries) != 0 {
-				t.Errorf("state left behind: %v", entries)
+			if left := stateLeft(r.stateDir); len(left) != 0 {
+				t.Errorf("state left behind: %v", left)
+			}
+			// The turn to start the VM, if it came to that, ended with the failure.
+			if !slotFree(t, r.stateDir) {
+				t.Error("the node's start slot is still held")
 			}
 			if r.nic.Attached() != r.nic.Detached() {
 				t.Error("pod interface left attached")

@@ -246,10 +246,12 @@ func (in *Installer) Installed() bool { return exists(in.manifest()) }
 
 // runState is what the shim makes at run time in its default state dir (/run/podvm), gone
 // with podvm as the Debian package's postrm removes it: the accelerator probe's cache and lock
-// (hypervisor/qemu's AccelCacheFile and AccelLockFile), and the VM templates of templated
-// start ([template] dir "": <state_dir>/templates), tmpfs memory that no pod uses once it
-// started. Only root writes there; no guest can.
-var runState = []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/" + config.TemplateDirName}
+// (hypervisor/qemu's AccelCacheFile and AccelLockFile), the start slots' lock files
+// (sandbox.max_parallel_starts), and the VM templates of templated start ([template] dir "":
+// <state_dir>/templates), tmpfs memory that no pod uses once it started. Only root writes
+// there; no guest can.
+var runState = []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/" + config.StartSlotsDirName,
+	"run/podvm/" + config.TemplateDirName}
 
 // removeRunState removes runState, and the state dir when that leaves it empty (pods still
 // running keep theirs).

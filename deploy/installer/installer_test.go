@@ -130,8 +130,8 @@ func TestInstallUninstallFreshNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	// What the shim leaves in its default state dir at run time: the accelerator probe's
-	// cache and lock, and VM templates (a node that turned templated start on).
-	for _, f := range []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/templates/.lock",
+	// cache and lock, the start slots, and VM templates (a node that turned templated start on).
+	for _, f := range []string{"run/podvm/accel.json", "run/podvm/accel.lock", "run/podvm/start-slots/0", "run/podvm/templates/.lock",
 		"run/podvm/templates/0123456789abcdef/memory", "run/podvm/templates/0123456789abcdef/template.json"} {
 		if err := os.MkdirAll(filepath.Dir(filepath.Join(host, f)), 0o700); err != nil {
 			t.Fatal(err)

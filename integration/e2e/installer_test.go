@@ -110,22 +110,22 @@ func nodeRoot(t *testing.T) string {
 	return root
 }
 
-// keepAccelCache removes, at the end, the accelerator probe's cache that pods under the
-// installed default config (accel "auto", state in /run/podvm) write, unless it was there
-// before: the machine is left as it was.
+// keepAccelCache removes, at the end, the accelerator probe's cache and the start slots that
+// pods under the installed default config (accel "auto", state in /run/podvm) make, unless
+// they were there before: the machine is left as it was.
 func keepAccelCache(t *testing.T) {
 	t.Helper()
 	const dir = "/run/podvm"
 	_, dirErr := os.Stat(dir)
 	existed := map[string]bool{}
-	for _, f := range []string{"accel.json", "accel.lock"} {
+	for _, f := range []string{"accel.json", "accel.lock", "start-slots"} {
 		_, err := os.Stat(filepath.Join(dir, f))
 		existed[f] = err == nil
 	}
 	t.Cleanup(func() {
 		for f, was := range existed {
 			if !was {
-				_ = os.Remove(filepath.Join(dir, f))
+				_ = os.RemoveAll(filepath.Join(dir, f))
 			}
 		}
 		if errors.Is(dirErr, fs.ErrNotExist) {

@@ -16,6 +16,7 @@ import (
 	"github.com/podvm/podvm/integration/harness"
 	"github.com/podvm/podvm/integration/k8s"
 	"github.com/podvm/podvm/rootfs/guestimage"
+	"github.com/podvm/podvm/shim/config"
 )
 
 // require skips the test when a prerequisite is missing, or fails it under CI=true, where a
@@ -62,11 +63,14 @@ func options(t testing.TB) harness.Options {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = os.Remove(stateDir) }) // after the leak check, which wants it empty
+	t.Cleanup(func() { // after the leak check, which wants it empty but for what it keeps
+		_ = os.RemoveAll(filepath.Join(stateDir, config.StartSlotsDirName))
+		_ = os.Remove(stateDir)
+	})
 	cfg := filepath.Join(t.TempDir(), "podvm.toml")
 	body := fmt.Sprintf("[hypervisor]\naccel = %q\nkernel = %q\nimage = %q\n\n[sandbox]\nstate_dir = %q\n",
 		accel, kernel, rootImage, stateDir)
-	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile}
+	keep := []string{qemu.AccelCacheFile, qemu.AccelLockFile, config.StartSlotsDirName}
 	if harness.Templated() {
 		// The VM templates stay (in the state dir) for the whole suite, and go after it.
 		body, keep = harness.WithTemplates(t, stateDir, body, keep)

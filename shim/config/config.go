@@ -152,6 +152,21 @@ type Sandbox struct {
 	// the pod anew instead of showing it running. Each answer carries the guest's clock, which
 	// the shim corrects when it drifted from the host's. "0s" turns the pings off.
 	AgentPingInterval Duration `toml:"agent_ping_interval"`
+	// MaxParallelStarts is how many pod VMs of the node may start at the same time (from
+	// QEMU's start, or a template's restore, until the guest agent answers); the others wait
+	// their turn. A VM's start keeps a CPU busy, and VMs starting side by side slow each
+	// other down more than taking turns does. 0: one for every two of the host's CPUs, at
+	// least one.
+	MaxParallelStarts int `toml:"max_parallel_starts"`
+}
+
+// ParallelStarts is how many pod VMs may start at once: MaxParallelStarts, or when that is 0
+// one for every two of the host's CPUs, at least one.
+func (s *Sandbox) ParallelStarts() int {
+	if s.MaxParallelStarts > 0 {
+		return s.MaxParallelStarts
+	}
+	return max(1, runtime.NumCPU()/2)
 }
 
 // Annotations is the [annotations] section.
@@ -203,6 +218,10 @@ type Template struct {
 
 // TemplateDirName is the VM templates' directory in the state dir when [template] dir is "".
 const TemplateDirName = "templates"
+
+// StartSlotsDirName is the directory in the state dir of the node's pod VM start slots
+// (sandbox.max_parallel_starts): lock files the shims hold while their VMs start.
+const StartSlotsDirName = "start-slots"
 
 // TemplateDir is where the VM templates are: [template] dir, else <state_dir>/templates.
 func (c *Config) TemplateDir() string {
@@ -466,6 +485,9 @@ func validateSandbox(p *problems, s *Sandbox) {
 	if d := s.AgentPingInterval.Duration; d != 0 && d < time.Second {
 		p.bad("sandbox.agent_ping_interval", s.AgentPingInterval, `must be "0s" (no pings) or at least 1s`)
 	}
+	if s.MaxParallelStarts < 0 {
+		p.bad("sandbox.max_parallel_starts", s.MaxParallelStarts, "must be 0 (one for every two CPUs) or more")
+	}
 }
 
 // validateBlock checks the [block] section.
@@ -570,6 +592,7 @@ func example(key string) string {
 		"sandbox.memory_overhead":       `memory_overhead = "256Mi"`,
 		"sandbox.state_dir":             `state_dir = "/run/podvm"`,
 		"sandbox.agent_timeout":         `agent_timeout = "60s"`,
+		"sandbox.max_parallel_starts":   `max_parallel_starts = 0`,
 		"sandbox.agent_ping_interval":   `agent_ping_interval = "10s"`,
 		"annotations":                   "[annotations]",
 		"annotations.allowed":           `allowed = ["vcpus", "memory", "disk.*"]`,

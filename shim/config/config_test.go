@@ -199,7 +199,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown keys", "version = 3\n[sandbox]\nmemory = '1Gi'\n",
 			"podvm config /etc/podvm/config.toml: 2 problems:\n" +
 				"  line 1: unknown key version; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template\n" +
-				"  line 3: unknown key sandbox.memory; the [sandbox] keys are: default_vcpus, default_memory, max_vcpus, max_memory, memory_overhead, state_dir, agent_timeout, agent_ping_interval"},
+				"  line 3: unknown key sandbox.memory; the [sandbox] keys are: default_vcpus, default_memory, max_vcpus, max_memory, memory_overhead, state_dir, agent_timeout, agent_ping_interval, max_parallel_starts"},
 		{"unknown section", "[hypervisors]\naccel = 'kvm'\n",
 			"podvm config /etc/podvm/config.toml: line 1: unknown key hypervisors; the sections are: hypervisor, sandbox, annotations, virtiofs, block, template"},
 		{"syntax", "[sandbox\n",
@@ -260,6 +260,8 @@ func TestParseValueErrors(t *testing.T) {
 			`podvm config /etc/podvm/config.toml: sandbox.state_dir = "run/podvm": must be an absolute path; use e.g. state_dir = "/run/podvm"`},
 		{"short timeout", "[sandbox]\nagent_timeout = \"10ms\"\n",
 			`podvm config /etc/podvm/config.toml: sandbox.agent_timeout = "10ms": must be at least 1s; use e.g. agent_timeout = "60s"`},
+		{"negative parallel starts", "[sandbox]\nmax_parallel_starts = -1\n",
+			`podvm config /etc/podvm/config.toml: sandbox.max_parallel_starts = -1: must be 0 (one for every two CPUs) or more; use e.g. max_parallel_starts = 0`},
 		{"short ping interval", "[sandbox]\nagent_ping_interval = \"100ms\"\n",
 			`podvm config /etc/podvm/config.toml: sandbox.agent_ping_interval = "100ms": must be "0s" (no pings) or at least 1s; use e.g. agent_ping_interval = "10s"`},
 		{"allowed with prefix", "[annotations]\nallowed = [\"podvm.io/memory\"]\n",
@@ -430,5 +432,25 @@ func TestBootFrom(t *testing.T) {
 	}
 	if _, err := Parse([]byte("[hypervisor]\nimage = \"\"\ninitrd = \"\"\n"), "t.toml"); err == nil || !strings.Contains(err.Error(), "hypervisor.initrd") {
 		t.Errorf("neither image nor initrd: %v", err)
+	}
+}
+
+func TestParallelStarts(t *testing.T) {
+	for _, tt := range []struct {
+		data string
+		want int
+	}{
+		{"", max(1, runtime.NumCPU()/2)},
+		{"[sandbox]\nmax_parallel_starts = 0\n", max(1, runtime.NumCPU()/2)},
+		{"[sandbox]\nmax_parallel_starts = 1\n", 1},
+		{"[sandbox]\nmax_parallel_starts = 64\n", 64},
+	} {
+		c, err := Parse([]byte(tt.data), file)
+		if err != nil {
+			t.Fatalf("%q: %v", tt.data, err)
+		}
+		if got := c.Sandbox.ParallelStarts(); got != tt.want {
+			t.Errorf("%q: %d starts at once, want %d", tt.data, got, tt.want)
+		}
 	}
 }
