@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/internal/flock"
 )
 
 // stateLock is an exclusive lock on a sandbox's state dir (flock on the dir itself, which
@@ -36,21 +38,12 @@ func lockStateDir(ctx context.Context, dir string) (*stateLock, error) {
 		return nil, fmt.Errorf("lock state dir %s: %w", dir, err)
 	}
 	l := &stateLock{fd: fd}
-	for {
-		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			break
+	if err := flock.Wait(ctx, fd, stateLockPoll); err != nil {
+		l.unlock()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("lock state dir %s (another podvm process holds it): %w", dir, err)
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			l.unlock()
-			return nil, fmt.Errorf("lock state dir %s: %w", dir, err)
-		}
-		select {
-		case <-ctx.Done():
-			l.unlock()
-			return nil, fmt.Errorf("lock state dir %s (another podvm process holds it): %w", dir, context.Cause(ctx))
-		case <-time.After(stateLockPoll):
-		}
+		return nil, fmt.Errorf("lock state dir %s: %w", dir, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {

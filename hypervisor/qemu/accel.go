@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent"
+	"github.com/podvm/podvm/internal/flock"
 	"github.com/podvm/podvm/internal/logfile"
 )
 
@@ -496,26 +497,18 @@ func writeAccelCache(path string, r ProbeResult) error {
 // lockFile takes an exclusive flock on path (creating it), waiting until ctx ends; the
 // returned func releases it.
 func lockFile(ctx context.Context, path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { _ = f.Close() }, nil // closing drops the lock
+	if err := flock.Wait(ctx, int(f.Fd()), 50*time.Millisecond); err != nil {
+		_ = f.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("waiting for %s (another process holds it): %w", path, err)
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			_ = f.Close()
-			return nil, fmt.Errorf("locking %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			_ = f.Close()
-			return nil, fmt.Errorf("waiting for %s (another process is probing): %w", path, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
-		}
+		return nil, fmt.Errorf("locking %s: %w", path, err)
 	}
+	return func() { _ = f.Close() }, nil // closing drops the lock
 }
 
 // binaryVersion is the first line of "path --version", or "" when it says nothing.

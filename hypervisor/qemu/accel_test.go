@@ -310,6 +310,23 @@ func TestLockFileCancel(t *testing.T) {
 	}
 }
 
+// TestLockFileRefusesSymlink: a symlink at a lock file's path is not followed, so a lock never
+// creates or opens a file elsewhere.
+func TestLockFileRefusesSymlink(t *testing.T) {
+	dir := t.TempDir()
+	target, path := filepath.Join(dir, "elsewhere"), filepath.Join(dir, TemplateLockFile)
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	if unlock, err := lockFile(t.Context(), path); err == nil {
+		unlock()
+		t.Fatalf("lockFile through a symlink succeeded")
+	}
+	if _, err := os.Lstat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the symlink's target was created: %v", err)
+	}
+}
+
 // TestAutoAccelArgs: accel "auto" takes the accelerator and CPU model from the cached probe
 // result, and the command line carries them: -cpu host where it works, the fallback model
 // where the probe needed it, no -cpu under TCG. A forced accelerator ignores the cache.

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/internal/flock"
 )
 
 // queueFile is the lock file waiters queue on.
@@ -79,13 +81,13 @@ func Acquire(ctx context.Context, dir string, n int, poll time.Duration) (*Slot,
 // tryAll takes the first free slot, if any, and takes its file out of slots.
 func tryAll(slots []*os.File) (*Slot, error) {
 	for i, f := range slots {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
+		ok, err := flock.Try(int(f.Fd()))
+		if err != nil {
+			return nil, fmt.Errorf("slot %d: %w", i, err)
+		}
+		if ok {
 			slots[i] = nil
 			return &Slot{f: f}, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			return nil, fmt.Errorf("slot %d: flock: %w", i, err)
 		}
 	}
 	return nil, nil
