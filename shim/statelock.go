@@ -40,9 +40,6 @@ func lockStateDir(ctx context.Context, dir string) (*stateLock, error) {
 	l := &stateLock{fd: fd}
 	if err := flock.Wait(ctx, fd, stateLockPoll); err != nil {
 		l.unlock()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("lock state dir %s (another podvm process holds it): %w", dir, err)
-		}
 		return nil, fmt.Errorf("lock state dir %s: %w", dir, err)
 	}
 	var st unix.Stat_t

@@ -503,10 +503,7 @@ func lockFile(ctx context.Context, path string) (func(), error) {
 	}
 	if err := flock.Wait(ctx, int(f.Fd()), 50*time.Millisecond); err != nil {
 		_ = f.Close()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("waiting for %s (another process holds it): %w", path, err)
-		}
-		return nil, fmt.Errorf("locking %s: %w", path, err)
+		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	return func() { _ = f.Close() }, nil // closing drops the lock
 }

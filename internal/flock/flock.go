@@ -26,7 +26,7 @@ func Try(fd int) (bool, error) {
 }
 
 // Wait takes an exclusive lock on fd, trying again every poll while another holds it. When ctx
-// ends first it returns context.Cause(ctx), unwrapped, so callers can say what they waited for.
+// ends first its error says the lock was held and wraps context.Cause(ctx).
 func Wait(ctx context.Context, fd int, poll time.Duration) error {
 	t := time.NewTicker(poll)
 	defer t.Stop()
@@ -36,7 +36,7 @@ func Wait(ctx context.Context, fd int, poll time.Duration) error {
 		}
 		select {
 		case <-ctx.Done():
-			return context.Cause(ctx)
+			return fmt.Errorf("another process holds the lock: %w", context.Cause(ctx))
 		case <-t.C:
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -54,8 +55,8 @@ func TestWait(t *testing.T) {
 	cause := errors.New("the caller gave up")
 	ctx, cancel := context.WithCancelCause(t.Context())
 	time.AfterFunc(50*time.Millisecond, func() { cancel(cause) })
-	if err := Wait(ctx, int(b.Fd()), time.Millisecond); !errors.Is(err, cause) {
-		t.Fatalf("Wait while held until the context ended: %v, want %v", err, cause)
+	if err := Wait(ctx, int(b.Fd()), time.Millisecond); !errors.Is(err, cause) || !strings.Contains(err.Error(), "another process holds the lock") {
+		t.Fatalf("Wait while held until the context ended: %v, want it to say the lock was held and wrap %v", err, cause)
 	}
 	time.AfterFunc(50*time.Millisecond, func() { _ = a.Close() })
 	start := time.Now()
