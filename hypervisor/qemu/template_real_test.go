@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -17,7 +18,8 @@ import (
 
 // TestRealTemplate builds a VM template from the real guest image, restores two VMs from it
 // with a virtio-fs share each, and checks that each one's agent answers, reseeds, finds its
-// hot-plugged virtio-fs device and mounts the share; then that nothing is left running.
+// hot-plugged virtio-fs device and mounts the share; that a clone whose virtiofsd fails does
+// not start; then that nothing is left running.
 func TestRealTemplate(t *testing.T) {
 	kernel, initrd := guestImageFiles(t)
 	base := realConfig(t, kernel)
@@ -42,8 +44,56 @@ func TestRealTemplate(t *testing.T) {
 		cfg.StateDir = filepath.Join(filepath.Dir(base.StateDir), cfg.ID)
 		restoreOne(ctx, t, tmpl, cfg)
 	}
+	// A clone's QEMU starts while its virtiofsd does: a virtiofsd that fails fails the start
+	// with its own complaint, and takes the clone's QEMU with it (leftovers, below).
+	cfg := base
+	cfg.ID = "clone-nofs"
+	cfg.StateDir = filepath.Join(filepath.Dir(base.StateDir), cfg.ID)
+	cfg.VirtiofsdPath = failingVirtiofsd(t)
+	restoreFails(ctx, t, tmpl, cfg, "virtiofsd exited before listening", "fake virtiofsd: refusing to start")
 	for _, l := range leftovers(t, filepath.Dir(base.StateDir)) {
 		t.Errorf("leak: %s", l)
+	}
+}
+
+// failingVirtiofsd is a virtiofsd that answers --help as the C one does and fails to start.
+func failingVirtiofsd(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "virtiofsd")
+	script := "#!/bin/sh\n" +
+		"if [ \"$1\" = --help ]; then echo 'usage: virtiofsd [options]'; echo '    -o source=PATH'; exit 0; fi\n" +
+		"echo 'fake virtiofsd: refusing to start' >&2; exit 1\n"
+	if err := os.WriteFile(p, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// restoreFails restores cfg from tmpl and wants the start to fail with an error that says
+// every one of want.
+func restoreFails(ctx context.Context, t *testing.T, tmpl *Template, cfg Config, want ...string) {
+	t.Helper()
+	hc := hypervisor.Config(cfg)
+	if err := tmpl.Clone(ctx, &hc); err != nil {
+		t.Fatal(err)
+	}
+	vm, err := New(ctx, hc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = vm.Start(ctx)
+	if err == nil {
+		_ = vm.Stop(ctx) // the test fails either way; this only stops the VM
+		t.Fatalf("%s: started, want an error saying %q", cfg.ID, want)
+	}
+	t.Logf("%s: start failed: %v", cfg.ID, err)
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("%s: start failed with %v, want it to say %q", cfg.ID, err, w)
+		}
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Errorf("%s: Stop after the failed start: %v", cfg.ID, err)
 	}
 }
 

@@ -225,7 +225,7 @@ func (v *VM) start(ctx context.Context) error {
 	// else needs them.
 	defer closeHandedOver(cfg)
 	// Meanwhile the clone's memory is copied; its file stays open until the copy is done.
-	fill := startFill(cfg.MemoryFill)
+	fill := inBackground(cfg.MemoryFill)
 	defer func() { _ = fill() }()
 	if cfg.Templated && len(cfg.NetDevices) == 0 {
 		// The template's NIC (templateNICArgs) needs a tap: the template's own boot, or a
@@ -243,12 +243,23 @@ func (v *VM) start(ctx context.Context) error {
 	if err := prepareStateDir(cfg); err != nil {
 		return err
 	}
+	fsReady := inBackground(nil)
 	if cfg.SharedDir != "" {
-		fs, err := startVirtiofsd(ctx, cfg)
-		if err != nil {
+		fsReady = inBackground(func() error {
+			fs, err := startVirtiofsd(ctx, cfg)
+			v.fs = fs
 			return err
+		})
+		// Until virtiofsd has started (or failed), v.fs is not for teardown to read.
+		defer func() { _ = fsReady() }()
+		// A booted VM's QEMU connects to virtiofsd as it creates the device, so virtiofsd
+		// listens first. A clone's device is hot-plugged after the restore (restore.go):
+		// its QEMU starts meanwhile.
+		if cfg.Incoming == nil {
+			if err := fsReady(); err != nil {
+				return err
+			}
 		}
-		v.fs = fs
 	}
 	if err := makeChroot(cfg.path(ChrootDir)); err != nil {
 		return err
@@ -267,14 +278,17 @@ func (v *VM) start(ctx context.Context) error {
 		if err := fill(); err != nil {
 			return fmt.Errorf("copying the template's memory: %w", err)
 		}
+		if err := fsReady(); err != nil {
+			return err
+		}
 		return v.restore(ctx, mon)
 	}
 	return nil
 }
 
-// startFill runs fn (nil: nothing) in the background; the returned func waits for its
-// result.
-func startFill(fn func() error) func() error {
+// inBackground runs fn (nil: nothing) in the background; the returned func waits for its
+// result, and can be called again for the same result.
+func inBackground(fn func() error) func() error {
 	if fn == nil {
 		return func() error { return nil }
 	}
