@@ -245,20 +245,22 @@ func (v *VM) start(ctx context.Context) error {
 	}
 	fsReady := inBackground(nil)
 	if cfg.SharedDir != "" {
-		fsReady = inBackground(func() error {
+		startFS := func() error {
 			fs, err := startVirtiofsd(ctx, cfg)
 			v.fs = fs
 			return err
-		})
-		// Until virtiofsd has started (or failed), v.fs is not for teardown to read.
-		defer func() { _ = fsReady() }()
+		}
 		// A booted VM's QEMU connects to virtiofsd as it creates the device, so virtiofsd
 		// listens first. A clone's device is hot-plugged after the restore (restore.go):
 		// its QEMU starts meanwhile.
 		if cfg.Incoming == nil {
-			if err := fsReady(); err != nil {
+			if err := startFS(); err != nil {
 				return err
 			}
+		} else {
+			fsReady = inBackground(startFS)
+			// Until virtiofsd has started (or failed), v.fs is not for teardown to read.
+			defer func() { _ = fsReady() }()
 		}
 	}
 	if err := makeChroot(cfg.path(ChrootDir)); err != nil {
