@@ -511,8 +511,14 @@ func (c *Config) KernelCmdline() string {
 		// here and only cost. Turned off, the kernel would still rewrite the ~40k calls
 		// of its retpoline and return thunks at boot (~65 ms under TCG); podvm's kernel
 		// leaves them alone with keep_thunks, which it ignores unless no mitigation needs
-		// the thunks. Under KVM the mitigations stay on.
-		params = append(params, "mitigations=off", "keep_thunks")
+		// the thunks. A VM template's guest rewrites them, once, as it boots: its clones
+		// resume with the rewritten text and pay neither the rewriting nor the extra jump
+		// of every indirect call and return (docs/templating.md). Under KVM the
+		// mitigations stay on.
+		params = append(params, "mitigations=off")
+		if !c.Templated {
+			params = append(params, "keep_thunks")
+		}
 		if c.VCPUs > 1 {
 			// TCG's CPU models have no invariant TSC and say they are AMD's, and a kernel
 			// assumes an AMD machine with several CPUs and no invariant TSC has unsynchronized
