@@ -33,8 +33,9 @@ type templatedPod struct {
 
 // TestPodvmTemplate runs pods with templated start on, through the CRI: each pod is ready
 // from the template (the shim says so), its IP answers, its NIC has the pod's sysctl, its
-// rootfs and a volume work both ways, exec works, two pods get different random numbers, the
-// clock is the host's, and removing the pods leaves nothing, the template's build VM included.
+// rootfs and a volume work both ways, exec works, the guest kernel's thunk sites were
+// rewritten in the template, two pods get different random numbers, the clock is the host's,
+// and removing the pods leaves nothing, the template's build VM included.
 func TestPodvmTemplate(t *testing.T) {
 	env := harness.Start(t, func() harness.Options {
 		o := podvmTemplateOptions(t, "pvt-")
@@ -142,8 +143,6 @@ func checkTemplatedPod(ctx context.Context, t *testing.T, env *harness.Env, p *t
 	checkClock(ctx, t, env, p.pod)
 }
 
-// randomness is what a container reads from the kernel's RNG: a fresh UUID and 32 bytes of
-// /dev/urandom.
 // checkThunksRewritten: a template's guest rewrote its kernel's retpoline and return thunk
 // sites as it booted (under TCG with mitigations=off, but without keep_thunks), so its clone
 // runs without the extra jump a booted guest keeps under TCG (TestGuestRunsContainers checks
@@ -156,6 +155,8 @@ func checkThunksRewritten(ctx context.Context, t *testing.T, env *harness.Env, c
 	}
 }
 
+// randomness is what a container reads from the kernel's RNG: a fresh UUID and 32 bytes of
+// /dev/urandom.
 func randomness(ctx context.Context, t *testing.T, env *harness.Env, ctr string) string {
 	t.Helper()
 	return sh(t, ctx, env, ctr, "cat /proc/sys/kernel/random/uuid; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
