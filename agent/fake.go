@@ -49,6 +49,8 @@ type Fake struct {
 	ExitedAt int64
 	// RestoreGate, if set, holds PrepareRestored's answer until it is closed.
 	RestoreGate chan struct{}
+	// RemoveGate, if set, holds RemoveProcess until it is closed; the exec stays until then.
+	RemoveGate chan struct{}
 	// clockOffset is how far the fake guest's clock is ahead of the host's: Version answers
 	// with the host's clock plus it, and AdjustClock moves it.
 	clockOffset time.Duration
@@ -101,6 +103,19 @@ func (f *Fake) FailOn(method string, err error) {
 		return
 	}
 	f.fail[method] = err
+}
+
+// passGate waits until gate (if not nil) is closed or ctx ends.
+func passGate(ctx context.Context, gate chan struct{}) error {
+	if gate == nil {
+		return nil
+	}
+	select {
+	case <-gate:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // begin records a call of method (with its arguments, as "Method args") and returns the
@@ -361,8 +376,12 @@ func (f *Fake) ExecProcess(ctx context.Context, r *api.ExecProcessRequest) (*api
 	if _, ok := f.containers[r.ContainerId]; !ok {
 		return nil, fmt.Errorf("container %s: %w", r.ContainerId, errdefs.ErrNotFound)
 	}
+	if _, err := f.get(r.ContainerId, r.ExecId); err == nil {
+		return nil, fmt.Errorf("exec %s: %w", key(r.ContainerId, r.ExecId), errdefs.ErrAlreadyExists)
+	}
 	p := f.proc(r.ContainerId, r.ExecId)
 	p.created, f.nextPid, p.pid = true, f.nextPid+1, f.nextPid
+	p.started = r.Start
 	return &api.Empty{}, nil
 }
 
@@ -493,11 +512,14 @@ func (f *Fake) CloseStdin(ctx context.Context, r *api.ProcessRequest) (*api.Empt
 
 // RemoveProcess implements the RPC of that name in api.AgentService (agent.proto) for tests.
 func (f *Fake) RemoveProcess(ctx context.Context, r *api.ProcessRequest) (*api.Empty, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if err := f.begin("RemoveProcess", key(r.ContainerId, r.ExecId)); err != nil {
+	if err := f.enter("RemoveProcess", key(r.ContainerId, r.ExecId)); err != nil {
 		return nil, err
 	}
+	if err := passGate(ctx, f.RemoveGate); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	delete(f.procs, key(r.ContainerId, r.ExecId))
 	return &api.Empty{}, nil
 }

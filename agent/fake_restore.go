@@ -13,12 +13,8 @@ func (f *Fake) PrepareRestored(ctx context.Context, r *api.PrepareRestoredReques
 	if err := f.enter("PrepareRestored", ""); err != nil {
 		return nil, err
 	}
-	if f.RestoreGate != nil {
-		select {
-		case <-f.RestoreGate:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if err := passGate(ctx, f.RestoreGate); err != nil {
+		return nil, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()

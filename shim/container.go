@@ -40,6 +40,10 @@ type container struct {
 
 	mu    sync.Mutex
 	execs map[string]*process
+	// removing holds, by exec ID, the guest's removal of an exec whose Delete has returned
+	// (forgetExec), closed when it is done; removals counts them.
+	removing map[string]chan struct{}
+	removals sync.WaitGroup
 }
 
 // ownsVM is true for the container whose create booted the VM and whose delete stops it.
@@ -73,7 +77,7 @@ func (c *container) process(execID string) (*process, error) {
 func createContainer(ctx context.Context, sb *sandbox, rl role, r *taskAPI.CreateTaskRequest, spec *specs.Spec, events *eventQueue) (_ *container, retErr error) {
 	paths := stdioPaths{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
 	c := &container{id: r.ID, bundle: r.Bundle, role: rl, sandbox: sb, events: events,
-		init: newProcess(r.ID, "", paths), execs: map[string]*process{}}
+		init: newProcess(r.ID, "", paths), execs: map[string]*process{}, removing: map[string]chan struct{}{}}
 	for _, ns := range spec.Linux.Namespaces {
 		if ns.Type == specs.PIDNamespace && ns.Path != "" {
 			c.sharedPID = true
@@ -156,27 +160,25 @@ func (c *container) start(ctx context.Context, p *process) (uint32, error) {
 	return pid, nil
 }
 
-// startExec creates an exec in the guest, connects its stdio and starts it. The caller holds
-// p.ops.
+// startExec opens containerd's ends of an exec's stdio, then creates and starts the exec in
+// the guest in one call, then copies its output. The caller holds p.ops.
 func (c *container) startExec(ctx context.Context, ag agentConn, p *process) (uint32, error) {
-	req := &api.ProcessRequest{ContainerId: c.id, ExecId: p.execID}
-	if _, err := ag.ExecProcess(ctx, &api.ExecProcessRequest{
-		ContainerId: c.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(),
-	}); err != nil {
-		return 0, fmt.Errorf("exec %s: %w", p, err)
-	}
-	ns, _ := namespaces.Namespace(ctx)
-	hio, err := startIO(ctx, ag, ns, c.id, p.execID, p.stdio)
-	if err != nil {
-		_, _ = ag.RemoveProcess(context.WithoutCancel(ctx), req)
+	if err := c.waitForgotten(ctx, p.execID); err != nil {
 		return 0, err
 	}
-	_, err = ag.StartProcess(ctx, req)
+	ns, _ := namespaces.Namespace(ctx)
+	hio, err := openIO(ctx, ns, c.id, p.stdio)
 	if err != nil {
+		return 0, err
+	}
+	// An exec that cannot start is gone from the guest when this fails.
+	if _, err := ag.ExecProcess(ctx, &api.ExecProcessRequest{
+		ContainerId: c.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(), Start: true,
+	}); err != nil {
 		hio.close()
-		_, _ = ag.RemoveProcess(context.WithoutCancel(ctx), req)
 		return 0, fmt.Errorf("start exec %s: %w", p, err)
 	}
+	hio.startOutput(ag, c.id, p.execID)
 	p.attach(c.sandbox.hostPID(), hio)
 	hio.startStdin(context.WithoutCancel(ctx), ag, c.id, p.execID)
 	if err := p.apply(opStart); err != nil {
@@ -256,7 +258,7 @@ func (c *container) deleteExec(ctx context.Context, p *process) (processState, e
 		return st, err
 	}
 	if ag, err := c.guest(); err == nil && st.pid != 0 {
-		_, _ = ag.RemoveProcess(ctx, &api.ProcessRequest{ContainerId: c.id, ExecId: p.execID})
+		c.forgetExec(ctx, ag, p.execID)
 	}
 	if h := p.hostIO(); h != nil {
 		h.close()
@@ -271,6 +273,46 @@ func (c *container) deleteExec(ctx context.Context, p *process) (processState, e
 	return st, nil
 }
 
+// forgetExec removes an exited exec's record from the guest in the background. The exec's
+// Delete has its exit status already, and CRI's ExecSync answers only after that Delete
+// returns: waiting for the round trip to the guest would add it to every exec. A new exec
+// with the same ID waits for it (waitForgotten), and so does the container's delete.
+func (c *container) forgetExec(ctx context.Context, ag agentConn, execID string) {
+	done := make(chan struct{})
+	c.mu.Lock()
+	c.removing[execID] = done
+	c.mu.Unlock()
+	c.removals.Add(1)
+	go func() {
+		defer c.removals.Done()
+		defer close(done)
+		if _, err := ag.RemoveProcess(context.WithoutCancel(ctx), &api.ProcessRequest{ContainerId: c.id, ExecId: execID}); err != nil && !errdefs.IsNotFound(err) {
+			log.G(ctx).WithError(err).WithField("exec", execID).Debug("remove exec in the VM")
+		}
+		c.mu.Lock()
+		if c.removing[execID] == done {
+			delete(c.removing, execID)
+		}
+		c.mu.Unlock()
+	}()
+}
+
+// waitForgotten waits until the guest has forgotten an earlier exec of the same ID.
+func (c *container) waitForgotten(ctx context.Context, execID string) error {
+	c.mu.Lock()
+	done := c.removing[execID]
+	c.mu.Unlock()
+	if done == nil {
+		return nil
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("exec %s in %s: waiting for the guest to forget an earlier exec of that ID: %w", execID, c.id, ctx.Err())
+	}
+}
+
 // delete removes the container (its init not running) from the guest and releases its
 // filesystems and disks.
 func (c *container) delete(ctx context.Context) (processState, error) {
@@ -281,6 +323,7 @@ func (c *container) delete(ctx context.Context) (processState, error) {
 	if err != nil {
 		return st, err
 	}
+	c.removals.Wait() // the guest's exec records go before the container's
 	if ag, err := c.guest(); err == nil {
 		if _, err := ag.RemoveContainer(ctx, &api.RemoveContainerRequest{ContainerId: c.id, Force: true}); err != nil && !errdefs.IsNotFound(err) {
 			log.G(ctx).WithError(err).WithField("id", c.id).Warn("remove container in the VM")

@@ -36,7 +36,10 @@ type hostIO struct {
 	// out finishes when stdout and stderr reached EOF (the process and everything that
 	// inherited its stdio are gone) or the copy was cancelled.
 	out    sync.WaitGroup
+	ctx    context.Context // the copies' lifetime; cancel ends it
 	cancel context.CancelFunc
+	// stdout and stderr are containerd's ends (nil where it wants none).
+	stdout, stderr *output
 
 	stdinMu sync.Mutex
 	stdin   io.ReadCloser
@@ -44,9 +47,8 @@ type hostIO struct {
 	// set by CloseIO.
 	stdinDone    chan struct{}
 	stdinClosing bool
-	// closers and wait are set up by startIO and used by close, once.
-	closers   []io.Closer
-	wait      func() // waits for a logging binary
+	// wait (set up by openIO) waits for a logging binary; close calls it, once.
+	wait      func()
 	closeOnce sync.Once
 }
 
@@ -57,40 +59,44 @@ const ioGrace = 5 * time.Second
 // CloseIO (containerd has closed its end by then; only another writer keeps it open).
 const stdinDrainGrace = 5 * time.Second
 
-// startIO opens containerd's endpoints and starts copying until EOF or close. The fifos are
-// opened under the IO's own lifetime, not the request's: containerd/fifo closes a fifo whose
-// context ends before its (asynchronous) open completed, and ttrpc ends a request's context
-// when the handler returns.
-func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID string, paths stdioPaths) (_ *hostIO, retErr error) {
+// startIO opens containerd's endpoints (openIO) and starts copying the process's output from
+// the guest until EOF or close (startOutput).
+func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID string, paths stdioPaths) (*hostIO, error) {
+	h, err := openIO(ctx, ns, containerID, paths)
+	if err != nil {
+		return nil, err
+	}
+	h.startOutput(ag, containerID, execID)
+	return h, nil
+}
+
+// openIO opens containerd's endpoints, copying nothing yet. The fifos are opened under the
+// IO's own lifetime, not the request's: containerd/fifo closes a fifo whose context ends
+// before its (asynchronous) open completed, and ttrpc ends a request's context when the
+// handler returns.
+func openIO(ctx context.Context, ns, containerID string, paths stdioPaths) (_ *hostIO, retErr error) {
 	copyCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	ctx = copyCtx
-	h := &hostIO{cancel: cancel}
+	h := &hostIO{ctx: copyCtx, cancel: cancel}
 	defer func() {
 		if retErr != nil {
 			h.close()
 		}
 	}()
-	var stdout, stderr *output
 	if isBinaryURI(paths.stdout) {
 		w1, w2, wait, err := startLoggingBinary(ctx, paths.stdout, ns, containerID)
 		if err != nil {
 			return nil, err
 		}
-		stdout, stderr, h.wait = &output{w: w1, closers: []io.Closer{w1}}, &output{w: w2, closers: []io.Closer{w2}}, wait
+		h.stdout, h.stderr, h.wait = &output{w: w1, closers: []io.Closer{w1}}, &output{w: w2, closers: []io.Closer{w2}}, wait
 	} else {
 		var err error
-		if stdout, err = openOutput(ctx, paths.stdout); err != nil {
+		if h.stdout, err = openOutput(ctx, paths.stdout); err != nil {
 			return nil, err
 		}
-		if stdout != nil {
-			h.closers = append(h.closers, stdout.closers...)
-		}
 		if !paths.terminal {
-			if stderr, err = openOutput(ctx, paths.stderr); err != nil {
+			if h.stderr, err = openOutput(ctx, paths.stderr); err != nil {
 				return nil, err
-			}
-			if stderr != nil {
-				h.closers = append(h.closers, stderr.closers...)
 			}
 		}
 	}
@@ -101,6 +107,13 @@ func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID s
 		}
 		h.stdin = r
 	}
+	return h, nil
+}
+
+// startOutput starts copying the process's stdout and stderr from the guest, each until EOF
+// or close; the process must exist in the guest. What it writes before the copy starts waits
+// in the guest.
+func (h *hostIO) startOutput(ag api.AgentService, containerID, execID string) {
 	copyOut := func(stream api.StdioStream, o *output) {
 		if o == nil {
 			return
@@ -108,16 +121,15 @@ func startIO(ctx context.Context, ag api.AgentService, ns, containerID, execID s
 		h.out.Add(1)
 		go func() {
 			defer h.out.Done()
-			if err := agent.CopyOut(copyCtx, ag, containerID, execID, stream, o.w); err != nil && copyCtx.Err() == nil {
-				log.G(ctx).WithError(err).Warn("stdio copy")
+			if err := agent.CopyOut(h.ctx, ag, containerID, execID, stream, o.w); err != nil && h.ctx.Err() == nil {
+				log.G(h.ctx).WithError(err).Warn("stdio copy")
 			}
 			// containerd (CRI's exec especially) waits for EOF on its end.
-			o.close(ctx)
+			o.close(h.ctx)
 		}()
 	}
-	copyOut(api.StdioStream_STDOUT, stdout)
-	copyOut(api.StdioStream_STDERR, stderr)
-	return h, nil
+	copyOut(api.StdioStream_STDOUT, h.stdout)
+	copyOut(api.StdioStream_STDERR, h.stderr)
 }
 
 // startStdin begins copying stdin; it must run after the process exists in the guest. When
@@ -336,10 +348,12 @@ func (h *hostIO) close() {
 		h.cancel()
 		h.out.Wait()
 		h.dropStdin()
-		// Normally each output has closed these already when its copy ended (logging a
-		// failure); this covers copies that never started, so a second close is expected.
-		for _, c := range h.closers {
-			_ = c.Close()
+		// Each output closed itself when its copy ended; this closes those whose copy never
+		// started (a logging binary waits for their EOF).
+		for _, o := range []*output{h.stdout, h.stderr} {
+			if o != nil {
+				o.close(h.ctx)
+			}
 		}
 		if h.wait != nil {
 			h.wait()

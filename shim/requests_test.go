@@ -1,12 +1,15 @@
 package shim
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -73,6 +76,76 @@ func TestUpdateResizeCloseIOConnect(t *testing.T) {
 	}
 }
 
+// An exec's Delete answers without waiting for the guest to forget the exec (CRI's ExecSync
+// answers only after that Delete); a new exec of the same ID starts only once the guest has
+// forgotten the old one, and the container is removed from the guest only after its execs.
+func TestExecDeleteDoesNotWaitForTheGuest(t *testing.T) {
+	r := newRig(t)
+	r.running()
+	exited := func(execID string) {
+		t.Helper()
+		r.mustExec("c1", execID)
+		r.mustStart("c1", execID)
+		r.agent.Exit("c1", execID, 0)
+		r.wait("c1", execID)
+	}
+	deleteExec := func(execID string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(r.ctx, 5*time.Second)
+		defer cancel()
+		if _, err := r.svc.Delete(ctx, &taskAPI.DeleteRequest{ID: "c1", ExecID: execID}); err != nil {
+			t.Fatalf("delete of exec %s while the guest holds its removal: %v", execID, err)
+		}
+	}
+	called := func(call string) bool { return slices.Contains(r.agent.Calls(), call) }
+	gate := make(chan struct{})
+	r.agent.RemoveGate = gate
+	exited("e1")
+	deleteExec("e1")
+
+	r.mustExec("c1", "e1")
+	started := make(chan error, 1)
+	go func() {
+		_, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e1"})
+		started <- err
+	}()
+	select {
+	case err := <-started:
+		t.Fatalf("exec e1 again started before the guest forgot the first e1: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(gate)
+	if err := <-started; err != nil {
+		t.Fatalf("exec e1 again, once the guest forgot the first: %v", err)
+	}
+	r.agent.Exit("c1", "e1", 0)
+	r.wait("c1", "e1")
+
+	gate = make(chan struct{})
+	r.agent.RemoveGate = gate
+	deleteExec("e1")
+	if _, err := r.svc.Kill(r.ctx, &taskAPI.KillRequest{ID: "c1", Signal: 9}); err != nil {
+		t.Fatal(err)
+	}
+	r.wait("c1", "")
+	deleted := make(chan error, 1)
+	go func() {
+		_, err := r.svc.Delete(r.ctx, &taskAPI.DeleteRequest{ID: "c1"})
+		deleted <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	if called("RemoveContainer c1") {
+		t.Error("container c1 removed from the guest before its exec e1")
+	}
+	close(gate)
+	if err := <-deleted; err != nil {
+		t.Fatal(err)
+	}
+	if !called("RemoveContainer c1") {
+		t.Error("container c1 never removed from the guest")
+	}
+}
+
 func TestExecLifecycle(t *testing.T) {
 	r := newRig(t)
 	r.running()
@@ -109,24 +182,25 @@ func TestExecLifecycle(t *testing.T) {
 		t.Errorf("deleted exec still known: %v", err)
 	}
 
-	// A guest that fails to start the exec leaves it created, and removed from the guest.
+	// A guest that fails to start the exec (the agent then forgets it) leaves it created.
 	r.mustExec("c1", "e3")
-	r.agent.FailOn("StartProcess", errors.New("exec format error"))
+	r.agent.FailOn("ExecProcess", errors.New("exec format error"))
 	if _, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e3"}); err == nil || !strings.Contains(err.Error(), "exec format error") {
 		t.Errorf("start refused by the guest: %v", err)
 	}
-	r.agent.FailOn("StartProcess", nil)
+	r.agent.FailOn("ExecProcess", nil)
 	if st := r.state("c1", "e3"); st.Status != task.Status_CREATED {
 		t.Errorf("exec that failed to start is %v, want created", st.Status)
 	}
-	r.agent.FailOn("ExecProcess", errors.New("no such file"))
-	if _, err := r.svc.Start(r.ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e3"}); err == nil || !strings.Contains(err.Error(), "no such file") {
-		t.Errorf("exec refused by the guest: %v", err)
-	}
-	r.agent.FailOn("ExecProcess", nil)
 
 	// Started, it runs until it exits; then a running exec of a dead init is reported first.
+	// The guest creates and starts it in one call.
 	r.mustStart("c1", "e3")
+	for _, call := range r.agent.Calls() {
+		if strings.HasPrefix(call, "StartProcess c1/e") || strings.HasPrefix(call, "RemoveProcess c1/e") {
+			t.Errorf("agent call %q: an exec takes one ExecProcess, and one that failed to start is not removed", call)
+		}
+	}
 	// Events reach containerd through a queue: wait for this one before counting.
 	r.published("TaskExecStarted e3", func(e any) bool {
 		x, ok := e.(*eventstypes.TaskExecStarted)

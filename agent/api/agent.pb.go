@@ -1050,8 +1050,12 @@ type ExecProcessRequest struct {
 	ContainerId string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
 	ExecId      string                 `protobuf:"bytes,2,opt,name=exec_id,json=execId,proto3" json:"exec_id,omitempty"`
 	// The OCI process as JSON.
-	Process       []byte `protobuf:"bytes,3,opt,name=process,proto3" json:"process,omitempty"`
-	Stdio         *Stdio `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	Process []byte `protobuf:"bytes,3,opt,name=process,proto3" json:"process,omitempty"`
+	Stdio   *Stdio `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	// Start the process too, as StartProcess would: an exec then takes one round trip to the
+	// guest instead of two. If it cannot start, the exec is forgotten at once (no
+	// RemoveProcess to send).
+	Start         bool `protobuf:"varint,5,opt,name=start,proto3" json:"start,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1112,6 +1116,13 @@ func (x *ExecProcessRequest) GetStdio() *Stdio {
 		return x.Stdio
 	}
 	return nil
+}
+
+func (x *ExecProcessRequest) GetStart() bool {
+	if x != nil {
+		return x.Start
+	}
+	return false
 }
 
 type ProcessRequest struct {
@@ -2494,12 +2505,13 @@ const file_agent_proto_rawDesc = "" +
 	"\x03uid\x18\x04 \x01(\rR\x03uid\x12\x10\n" +
 	"\x03gid\x18\x05 \x01(\rR\x03gid\"+\n" +
 	"\x17CreateContainerResponse\x12\x10\n" +
-	"\x03pid\x18\x01 \x01(\rR\x03pid\"\x97\x01\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\"\xad\x01\n" +
 	"\x12ExecProcessRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
 	"\aexec_id\x18\x02 \x01(\tR\x06execId\x12\x18\n" +
 	"\aprocess\x18\x03 \x01(\fR\aprocess\x12+\n" +
-	"\x05stdio\x18\x04 \x01(\v2\x15.podvm.agent.v1.StdioR\x05stdio\"L\n" +
+	"\x05stdio\x18\x04 \x01(\v2\x15.podvm.agent.v1.StdioR\x05stdio\x12\x14\n" +
+	"\x05start\x18\x05 \x01(\bR\x05start\"L\n" +
 	"\x0eProcessRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
 	"\aexec_id\x18\x02 \x01(\tR\x06execId\"(\n" +

@@ -567,6 +567,57 @@ func TestRequestErrors(t *testing.T) {
 	}
 }
 
+// TestExecStartedInOneCall: ExecProcess with start runs the exec at once; one that cannot
+// start is forgotten, so its ID is free again and nothing is left to remove.
+func TestExecStartedInOneCall(t *testing.T) {
+	r := newLRig(t)
+	r.create("c1", nil)
+	execStart := func(eid string) error {
+		_, err := r.s.ExecProcess(r.ctx, &api.ExecProcessRequest{ContainerId: "c1", ExecId: eid, Process: processJSON(t, "true"), Start: true})
+		return err
+	}
+	if err := execStart("e1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.s.StartProcess(r.ctx, &api.ProcessRequest{ContainerId: "c1", ExecId: "e1"}); code(err) != codes.FailedPrecondition {
+		t.Errorf("StartProcess of an exec started with ExecProcess: %v, want FailedPrecondition", err)
+	}
+	c := r.rt.get("c1")
+	c.mu.Lock()
+	p := c.execs[len(c.execs)-1]
+	c.mu.Unlock()
+	_ = p.Signal(unix.SIGTERM)
+	if st := r.wait("c1", "e1"); st != 128+15 {
+		t.Errorf("exec exit %d, want 143", st)
+	}
+	if _, err := r.s.RemoveProcess(r.ctx, &api.ProcessRequest{ContainerId: "c1", ExecId: "e1"}); err != nil {
+		t.Fatal(err)
+	}
+
+	r.rt.failOn(opExec, errors.New("exec format error"))
+	if err := execStart("e2"); err == nil || !strings.Contains(err.Error(), "exec format error") {
+		t.Errorf("exec that cannot start: %v", err)
+	}
+	for name, err := range map[string]error{
+		"wait": func() error {
+			_, err := r.s.WaitProcess(r.ctx, &api.ProcessRequest{ContainerId: "c1", ExecId: "e2"})
+			return err
+		}(),
+		"remove": func() error {
+			_, err := r.s.RemoveProcess(r.ctx, &api.ProcessRequest{ContainerId: "c1", ExecId: "e2"})
+			return err
+		}(),
+	} {
+		if code(err) != codes.NotFound {
+			t.Errorf("%s of an exec that could not start: %v, want NotFound", name, err)
+		}
+	}
+	r.rt.failOn(opExec, nil)
+	if err := execStart("e2"); err != nil {
+		t.Errorf("the ID of an exec that could not start, again: %v", err)
+	}
+}
+
 // TestExecLifecycleEdges covers an exec signalled before its start, one started in a dead
 // container, and signals to processes that already exited.
 func TestExecLifecycleEdges(t *testing.T) {

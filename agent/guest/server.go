@@ -269,13 +269,42 @@ func (s *Server) ExecProcess(ctx context.Context, req *api.ExecProcessRequest) (
 		return nil, fmt.Errorf("exec %s: %w", req.ExecId, err)
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if _, ok := c.execs[req.ExecId]; ok {
+		c.mu.Unlock()
 		p.release()
 		return nil, fmt.Errorf("exec %q: %w", req.ExecId, errdefs.ErrAlreadyExists)
 	}
+	if req.Start {
+		// Before the exec can be found: no StartProcess can come between.
+		if err := p.transition(stateRunning); err != nil {
+			c.mu.Unlock()
+			p.release()
+			return nil, err
+		}
+	}
 	c.execs[req.ExecId] = p
+	c.mu.Unlock()
+	if !req.Start {
+		return &api.Empty{}, nil
+	}
+	if err := c.startExec(req.ExecId, p); err != nil {
+		c.forgetExec(req.ExecId, p)
+		return nil, err
+	}
 	return &api.Empty{}, nil
+}
+
+// forgetExec removes exec p of c and releases it, unless RemoveContainer got there first.
+func (c *container) forgetExec(execID string, p *process) {
+	c.mu.Lock()
+	mine := c.execs[execID] == p
+	if mine {
+		delete(c.execs, execID)
+	}
+	c.mu.Unlock()
+	if mine {
+		p.release()
+	}
 }
 
 // StartProcess implements the RPC of that name in api.AgentService (agent.proto).
@@ -293,17 +322,26 @@ func (s *Server) StartProcess(ctx context.Context, req *api.ProcessRequest) (*ap
 		}
 		return &api.StartProcessResponse{Pid: uint32(p.getPid())}, nil
 	}
+	if err := c.startExec(req.ExecId, p); err != nil {
+		return nil, err
+	}
+	return &api.StartProcessResponse{Pid: uint32(p.getPid())}, nil
+}
+
+// startExec starts exec p of c, which the caller moved to stateRunning; if it cannot, p has
+// exited with status 255.
+func (c *container) startExec(execID string, p *process) error {
 	rp, err := c.rc.Exec(p.cfg)
 	if err != nil {
 		p.io.closeChild()
 		p.setExited(255)
-		return nil, fmt.Errorf("exec %s in %s: start: %w", req.ExecId, c.id, err)
+		return fmt.Errorf("exec %s in %s: start: %w", execID, c.id, err)
 	}
 	if err := p.started(rp); err != nil {
 		_ = rp.Signal(unix.SIGKILL)
-		return nil, fmt.Errorf("exec %s in %s: %w", req.ExecId, c.id, err)
+		return fmt.Errorf("exec %s in %s: %w", execID, c.id, err)
 	}
-	return &api.StartProcessResponse{Pid: uint32(p.getPid())}, nil
+	return nil
 }
 
 // SignalProcess implements the RPC of that name in api.AgentService (agent.proto).
@@ -408,10 +446,7 @@ func (s *Server) RemoveProcess(ctx context.Context, req *api.ProcessRequest) (*a
 	if !p.exited() {
 		return nil, fmt.Errorf("exec %s is still running: %w", req.ExecId, errdefs.ErrFailedPrecondition)
 	}
-	c.mu.Lock()
-	delete(c.execs, req.ExecId)
-	c.mu.Unlock()
-	p.release()
+	c.forgetExec(req.ExecId, p)
 	return &api.Empty{}, nil
 }
 
@@ -437,6 +472,7 @@ func (s *Server) RemoveContainer(ctx context.Context, req *api.RemoveContainerRe
 	for _, p := range c.execs {
 		p.release()
 	}
+	clear(c.execs)
 	c.mu.Unlock()
 	c.init.release()
 	c.storage.release(ctx)
