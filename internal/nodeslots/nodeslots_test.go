@@ -60,8 +60,10 @@ func TestAcquireWaitsForAFreeSlot(t *testing.T) {
 	b.Release()
 	select {
 	case w := <-got:
-		if w < 200*time.Millisecond {
-			t.Errorf("the third holder waited %v, want at least the 200ms the slots were held", w)
+		// Its clock starts inside Acquire, a scheduling delay after this test's 200ms began
+		// (a run found 199.9ms), so it must report most of them, not all.
+		if w < 150*time.Millisecond {
+			t.Errorf("the third holder reported waiting %v, want most of the 200ms the slots were held", w)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("a released slot was not taken")
