@@ -29,10 +29,11 @@ func TestPodvmCtrRun(t *testing.T) {
 		return string(out)
 	}
 	run("images", "pull", "--plain-http", "--hosts-dir", filepath.Join(env.Dir, "certs.d"), env.BusyboxImage)
+	config := podvmOptions(t).PodvmConfigPath // here: it may fail t, which a goroutine must not
 	ran := make(chan string, 1)
 	go func() {
 		// It ends killed (exit 137), which ctr reports as its own failure.
-		out, _ := ctrCmd("run", "--rm", "--runtime", "io.containerd.podvm.v2", "--runtime-config-path", podvmOptions(t).PodvmConfigPath,
+		out, _ := ctrCmd("run", "--rm", "--runtime", "io.containerd.podvm.v2", "--runtime-config-path", config,
 			env.BusyboxImage, "ctr-vm", "sh", "-c", "echo kernel $(uname -r); cat /proc/sys/kernel/random/boot_id; exec sleep 600")
 		ran <- string(out)
 	}()
