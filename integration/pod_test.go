@@ -337,8 +337,8 @@ func checkGuestSize(t *testing.T, ctx context.Context, env *harness.Env, id stri
 	if _, err := fmt.Sscan(memKiB, &kib); err != nil {
 		t.Fatalf("MemTotal %q: %v", memKiB, err)
 	}
-	if kib < memMiB*1024*3/4 || kib > memMiB*1024 {
-		t.Errorf("guest MemTotal %d KiB, want a little under %d MiB", kib, memMiB)
+	if low := minMemTotalKiB(memMiB); kib < low || kib > memMiB<<10 {
+		t.Errorf("guest MemTotal %d KiB, want %d to %d KiB (%d MiB less the kernel's bookkeeping)", kib, low, memMiB<<10, memMiB)
 	}
 	return n
 }

@@ -448,6 +448,13 @@ func (c *Config) KernelCmdline() string {
 		// makes at boot would show in every pod (a runc pod has lo and eth0); a pod that
 		// wants dummy devices still creates them with `ip link add`. ~10 ms of TCG boot too.
 		"dummy.numdummies=0",
+		// No bounce buffer for DMA above 4 GiB: a guest whose RAM reaches past it (more than
+		// ~2.75 GiB on q35) would otherwise set 64 MiB of it aside and zero it at boot, and
+		// the host would hold those pages for the pod's life. No device of a pod VM needs
+		// it: virtio devices without VIRTIO_F_ACCESS_PLATFORM (QEMU's default) reach all of
+		// guest RAM and skip the DMA API. A 4 GiB guest: 65 MiB less of the host's memory
+		// and ~0.35 s less boot under TCG (docs/benchmarks.md).
+		"swiotlb=noforce",
 	}
 	if c.RootImage != "" {
 		// The first pmem device, ext4 read-only, its pages mapped straight from the host
