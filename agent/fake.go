@@ -688,8 +688,8 @@ func (f *Fake) ReadConn(ctx context.Context, r *api.ReadConnRequest) (*api.ReadC
 		return &api.ReadConnResponse{Eof: true}, nil
 	}
 	n := int(r.MaxBytes)
-	if n <= 0 || n > chunk {
-		n = chunk
+	if n <= 0 || n > portChunk {
+		n = portChunk
 	}
 	buf := make([]byte, n)
 	stop := context.AfterFunc(ctx, func() { _ = c.c.SetReadDeadline(time.Now()) })

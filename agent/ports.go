@@ -11,6 +11,9 @@ import (
 	"github.com/podvm/podvm/agent/api"
 )
 
+// portChunk is how much one ReadConn or WriteConn call moves at most.
+const portChunk = 64 << 10
+
 // PortConn is a TCP connection to a port on the guest's loopback, carried over the agent's
 // DialPort/ReadConn/WriteConn/CloseConn calls. Read asks the guest for the next chunk only
 // when the caller wants it, and Write returns once the guest took the bytes, so a slow peer on
@@ -47,7 +50,7 @@ func (p *PortConn) Read(b []byte) (int, error) {
 		return 0, nil
 	}
 	for {
-		resp, err := p.c.ReadConn(p.ctx, &api.ReadConnRequest{ConnId: p.id, MaxBytes: uint32(min(len(b), chunk))})
+		resp, err := p.c.ReadConn(p.ctx, &api.ReadConnRequest{ConnId: p.id, MaxBytes: uint32(min(len(b), portChunk))})
 		if err != nil {
 			if p.ctx.Err() != nil {
 				return 0, net.ErrClosed
@@ -71,7 +74,7 @@ func (p *PortConn) Read(b []byte) (int, error) {
 func (p *PortConn) Write(b []byte) (int, error) {
 	written := 0
 	for len(b) > 0 {
-		n := min(len(b), chunk)
+		n := min(len(b), portChunk)
 		resp, err := p.c.WriteConn(p.ctx, &api.WriteConnRequest{ConnId: p.id, Data: b[:n]})
 		if err != nil {
 			if p.ctx.Err() != nil {

@@ -9,8 +9,10 @@ import (
 	"github.com/podvm/podvm/agent/api"
 )
 
-// chunk is how much one ReadStdio or WriteStdin call moves at most.
-const chunk = 64 << 10
+// stdioChunk is how much one ReadStdio or WriteStdin call moves at most: a round trip to
+// the guest each, so the larger, the faster a busy stream (the agent caps a reply at this
+// size too, and gives a process pipes that hold it).
+const stdioChunk = 1 << 20
 
 // CopyOut copies one output stream of a guest process into w until the process closed it.
 // It asks for the next chunk only after w took the previous one, so a slow w slows the
@@ -18,7 +20,7 @@ const chunk = 64 << 10
 func CopyOut(ctx context.Context, c api.AgentService, containerID, execID string, stream api.StdioStream, w io.Writer) error {
 	for {
 		resp, err := c.ReadStdio(ctx, &api.ReadStdioRequest{
-			ContainerId: containerID, ExecId: execID, Stream: stream, MaxBytes: chunk,
+			ContainerId: containerID, ExecId: execID, Stream: stream, MaxBytes: stdioChunk,
 		})
 		if err != nil {
 			return fmt.Errorf("read %v of %s/%s: %w", stream, containerID, execID, err)
@@ -36,7 +38,7 @@ func CopyOut(ctx context.Context, c api.AgentService, containerID, execID string
 
 // CopyIn copies r to the stdin of a guest process; at r's EOF it closes that stdin.
 func CopyIn(ctx context.Context, c api.AgentService, containerID, execID string, r io.Reader) error {
-	buf := make([]byte, chunk)
+	buf := make([]byte, stdioChunk)
 	for {
 		n, rerr := r.Read(buf)
 		if n > 0 {

@@ -28,6 +28,36 @@ func BenchmarkExecSync(b *testing.B) {
 	})
 }
 
+// execOutputBytes is what BenchmarkExecOutput's exec writes: as much as `kubectl cp` of a
+// small file's tarball, or a chatty container's logs over a few seconds.
+const execOutputBytes = 8 << 20
+
+// BenchmarkExecOutput measures CRI ExecSync of `head -c 8388608 /dev/zero` in a running
+// busybox container: how long 8 MiB of a process's output takes to reach the caller (what
+// `kubectl cp` from a pod and `kubectl exec … cat` move), until the exit code is back.
+func BenchmarkExecOutput(b *testing.B) {
+	compareLatency(b, benchHandlers, "ExecOutput", func(ctx context.Context, b *testing.B, _ benchTimer, h string, env *harness.Env) (latencyStep, func()) {
+		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: criHandler(h)})
+		id := startSleeper(ctx, b, env, pod, "target")
+		execOutput(ctx, b, env, id)
+		return func(int) (time.Duration, func()) {
+			start := time.Now()
+			execOutput(ctx, b, env, id)
+			return time.Since(start), func() {}
+		}, func() { removePod(ctx, b, env, pod) }
+	})
+}
+
+// execOutput runs `head -c execOutputBytes /dev/zero` in container id with ExecSync and fails
+// b unless all of it came back.
+func execOutput(ctx context.Context, b *testing.B, env *harness.Env, id string) {
+	b.Helper()
+	out, _, err := env.Runtime.ExecSync(ctx, id, []string{"head", "-c", fmt.Sprint(execOutputBytes), "/dev/zero"}, time.Minute)
+	if err != nil || len(out) != execOutputBytes {
+		b.Fatalf("ExecSync head in %s: %d of %d bytes, %v", id, len(out), execOutputBytes, err)
+	}
+}
+
 // execTrue runs `true` in container id with ExecSync and fails b unless it exits 0.
 func execTrue(ctx context.Context, b *testing.B, env *harness.Env, id string) {
 	b.Helper()

@@ -152,3 +152,46 @@ func TestTerminalReaderWaitsForPty(t *testing.T) {
 		t.Fatalf("read after close: eof=%v err=%v", eof, err)
 	}
 }
+
+// TestStdoutReadTakesWhatWaits: what a process wrote while the host was busy comes back in
+// one ReadStdio reply (each reply is a round trip to the host), and a short write in a reply
+// sized to it, not to the most a reply may carry.
+func TestStdoutReadTakesWhatWaits(t *testing.T) {
+	s, err := newStdio(&api.Stdio{Stdout: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	defer s.closeChild()
+	const n = 600 << 10
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.out.Write(bytes.Repeat([]byte("x"), n))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("a process's %d KiB write to its stdout blocks until the host reads: the pipe holds less", n>>10)
+	}
+	data, eof, err := s.stdout.read(context.Background(), 0)
+	if err != nil || eof {
+		t.Fatalf("read: eof=%v, err=%v", eof, err)
+	}
+	if len(data) != n {
+		t.Fatalf("one read returned %d of the %d bytes waiting", len(data), n)
+	}
+	if _, err := s.out.Write([]byte("line\n")); err != nil {
+		t.Fatal(err)
+	}
+	data, _, err = s.stdout.read(context.Background(), 0)
+	if err != nil || string(data) != "line\n" {
+		t.Fatalf("read = %q, %v; want the line", data, err)
+	}
+	if cap(data) > minRead {
+		t.Errorf("a %d-byte reply took a %d-byte buffer", len(data), cap(data))
+	}
+}
