@@ -14,11 +14,15 @@ import (
 	"github.com/podvm/podvm/integration/harness"
 )
 
-// benchNetScript: a TCP echo service on 9000 and a sink on 9001 (one nc -e child per
-// connection), then nothing else to do.
+// benchNetScript: a TCP echo service on 9000, a sink on 9001 and a source of
+// portForwardBytes on 9002 (one nc -e child per connection), then nothing else to do.
 const benchNetScript = `nc -ll -p 9000 -e cat &
 nc -ll -p 9001 -e dd of=/dev/null bs=65536 &
+nc -ll -p 9002 -e head -c 8388608 /dev/zero &
 exec sleep 3600`
+
+// portForwardBytes is what one port-forward iteration fetches from the pod.
+const portForwardBytes = 8 << 20
 
 // BenchmarkPodNetwork measures the pod network of a runc pod and of a podvm pod on the same CNI
 // bridge, in the same run, from the node (the harness netns) and from the pod:
@@ -27,7 +31,9 @@ exec sleep 3600`
 //     and handler (10 s each with -benchtime 10x), counted until the sink closes the connection;
 //   - tcp-echo-rtt: the median time for 64 bytes to go to the pod's echo service and back on
 //     an established connection;
-//   - ping-rtt: ICMP echo average, node -> pod IP and pod -> gateway.
+//   - ping-rtt: ICMP echo average, node -> pod IP and pod -> gateway;
+//   - port-forward: CRI PortForward (kubectl port-forward) of 8 MiB from a source in the pod,
+//     the client reading all of it before it half-closes (as an HTTP client reads a response).
 //
 // Each reports both handlers' values and podvm/runc.
 func BenchmarkPodNetwork(b *testing.B) {
@@ -82,6 +88,23 @@ func BenchmarkPodNetwork(b *testing.B) {
 		avg := func(sum, n float64) float64 { return sum / n }
 		in.reportAs("node->pod-ms", avg)
 		out.reportAs("pod->node-ms", avg)
+	})
+
+	b.Run("port-forward", func(b *testing.B) {
+		c := newNetComparison(b)
+		for range b.N {
+			for _, h := range []string{"runc", "podvm"} {
+				pctx, cancel := context.WithTimeout(ctx, time.Minute)
+				start := time.Now()
+				res, err := env.PortForwardReply(pctx, pods[h].pod.ID, 9002, nil, portForwardBytes)
+				cancel()
+				if err != nil || len(res.Data) != portForwardBytes || res.RemoteError != "" {
+					b.Fatalf("port-forward from the %s pod: %v; %d bytes, error stream %q", h, err, len(res.Data), res.RemoteError)
+				}
+				c.add(h, float64(portForwardBytes)/1e6, time.Since(start).Seconds())
+			}
+		}
+		c.reportAs("down-MB/s", func(sum, secs float64) float64 { return sum / secs })
 	})
 
 	assertNoNetLeaks(b, env, all)

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"sync"
 	"time"
 
 	// Deprecated for k8s.io/streaming, but client-go v0.37 still dials through apimachinery's types.
@@ -30,6 +31,18 @@ type PortForwardResult struct {
 // one data stream per connection), sends send, half-closes, and collects the reply until the
 // runtime closes the streams. err is set only when the streaming session itself failed.
 func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []byte) (*PortForwardResult, error) {
+	return e.portForward(ctx, podID, port, send, 0)
+}
+
+// PortForwardReply is PortForward for a client that reads a reply of want bytes before it
+// half-closes, as an HTTP client reads the response. After a client's half-close, containerd
+// gives the pod side one second to finish (internal/cri/server's portForward) and then closes
+// the connection: a reply longer than that would be cut short by containerd, for any runtime.
+func (e *Env) PortForwardReply(ctx context.Context, podID string, port int32, send []byte, want int) (*PortForwardResult, error) {
+	return e.portForward(ctx, podID, port, send, want)
+}
+
+func (e *Env) portForward(ctx context.Context, podID string, port int32, send []byte, want int) (*PortForwardResult, error) {
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	resp, err := e.Runtime.PortForward(rctx, &runtimeapi.PortForwardRequest{PodSandboxId: podID, Port: []int32{port}})
 	cancel()
@@ -75,15 +88,22 @@ func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []
 		return nil, fmt.Errorf("port-forward data stream: %w", err)
 	}
 	readc := make(chan []byte, 1)
+	got := &countingBuffer{want: want, reached: make(chan struct{})}
 	go func() {
-		var b bytes.Buffer
-		_, _ = io.Copy(&b, data)
-		readc <- b.Bytes()
+		_, _ = io.Copy(got, data)
+		got.done()
+		readc <- got.Bytes()
 	}()
 	if _, err := data.Write(send); err != nil {
 		// A server that failed to connect may have closed the stream already; its reason is on
 		// the error stream.
 		_ = err
+	}
+	if want > 0 {
+		select {
+		case <-got.reached:
+		case <-ctx.Done():
+		}
 	}
 	_ = data.Close() // half-close: no more data from us
 
@@ -101,3 +121,21 @@ func (e *Env) PortForward(ctx context.Context, podID string, port int32, send []
 	}
 	return res, nil
 }
+
+// countingBuffer collects a reply and closes reached once it holds want bytes or ended.
+type countingBuffer struct {
+	bytes.Buffer
+	want    int
+	reached chan struct{}
+	once    sync.Once
+}
+
+func (b *countingBuffer) Write(p []byte) (int, error) {
+	n, err := b.Buffer.Write(p)
+	if b.Len() >= b.want {
+		b.done()
+	}
+	return n, err
+}
+
+func (b *countingBuffer) done() { b.once.Do(func() { close(b.reached) }) }
