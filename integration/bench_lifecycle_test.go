@@ -16,13 +16,19 @@ import (
 // exec probes call it: from the call until its exit code is back. The pod and its container
 // are made once, before the loop, with one exec outside the measurement.
 func BenchmarkExecSync(b *testing.B) {
-	compareLatency(b, templateBenchHandlers, "ExecSync", func(ctx context.Context, b *testing.B, _ benchTimer, h string, env *harness.Env) (latencyStep, func()) {
+	compareExec(b, templateBenchHandlers, "ExecSync", execTrue)
+}
+
+// compareExec runs the latency benchmark what of one exec (run) in a running busybox
+// container, made once per handler before the loop, with one run outside the measurement.
+func compareExec(b *testing.B, handlers []string, what string, run func(ctx context.Context, b *testing.B, env *harness.Env, id string)) {
+	compareLatency(b, handlers, what, func(ctx context.Context, b *testing.B, _ benchTimer, h string, env *harness.Env) (latencyStep, func()) {
 		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: criHandler(h)})
 		id := startSleeper(ctx, b, env, pod, "target")
-		execTrue(ctx, b, env, id)
+		run(ctx, b, env, id)
 		return func(int) (time.Duration, func()) {
 			start := time.Now()
-			execTrue(ctx, b, env, id)
+			run(ctx, b, env, id)
 			return time.Since(start), func() {}
 		}, func() { removePod(ctx, b, env, pod) }
 	})
@@ -36,16 +42,7 @@ const execOutputBytes = 8 << 20
 // busybox container: how long 8 MiB of a process's output takes to reach the caller (what
 // `kubectl cp` from a pod and `kubectl exec … cat` move), until the exit code is back.
 func BenchmarkExecOutput(b *testing.B) {
-	compareLatency(b, benchHandlers, "ExecOutput", func(ctx context.Context, b *testing.B, _ benchTimer, h string, env *harness.Env) (latencyStep, func()) {
-		pod := runPodWithBusybox(ctx, b, env, harness.PodOptions{Name: "bench", Handler: criHandler(h)})
-		id := startSleeper(ctx, b, env, pod, "target")
-		execOutput(ctx, b, env, id)
-		return func(int) (time.Duration, func()) {
-			start := time.Now()
-			execOutput(ctx, b, env, id)
-			return time.Since(start), func() {}
-		}, func() { removePod(ctx, b, env, pod) }
-	})
+	compareExec(b, benchHandlers, "ExecOutput", execOutput)
 }
 
 // execOutput runs `head -c execOutputBytes /dev/zero` in container id with ExecSync and fails
