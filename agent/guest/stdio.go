@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/internal/pipesize"
 )
 
 // maxChunk caps one ReadStdio reply. Each reply is a round trip to the host, so output moves
@@ -22,16 +23,14 @@ import (
 // came at ~6.5 MB/s under TCG (docs/benchmarks.md).
 const maxChunk = 1 << 20
 
-// pipeSize is the capacity the agent gives a process's stdio pipes, so that one reply can
-// carry up to maxChunk. A pipe takes pages only for what it holds.
-const pipeSize = maxChunk
-
 // pullReader hands out what a process wrote, one request at a time. A read blocks until data
 // or EOF and gives up, without losing bytes, when its context ends.
 type pullReader struct {
 	// ready is closed once f is set: a terminal's master only exists after the start.
 	ready chan struct{}
 	f     *os.File
+	// size grows the pipe f while the process's output backs up in it (nil for a pty).
+	size *pipesize.Sizer
 
 	mu sync.Mutex
 	// eof is set once the stream is drained.
@@ -41,6 +40,7 @@ type pullReader struct {
 func newPullReader(f *os.File) *pullReader {
 	r := &pullReader{ready: make(chan struct{}), f: f}
 	if f != nil {
+		r.size = pipesize.New(f, maxChunk)
 		close(r.ready)
 	}
 	return r
@@ -63,7 +63,7 @@ func (r *pullReader) read(ctx context.Context, limit uint32) ([]byte, bool, erro
 	if r.eof || r.f == nil {
 		return nil, true, nil
 	}
-	data, eof, err := readOnce(ctx, r.f, limit)
+	data, eof, err := readOnce(ctx, r.f, limit, r.size)
 	r.eof = eof
 	return data, eof, err
 }
@@ -76,13 +76,14 @@ type deadlineReader interface {
 
 // readOnce reads at most limit bytes (maxChunk when 0 or more), blocking until there is data, the
 // stream ended or ctx ends. A read that ctx interrupts loses nothing. eof reports the end of the
-// stream: io.EOF, or EIO from a pty master whose terminal's last user closed it.
-func readOnce(ctx context.Context, r deadlineReader, limit uint32) (data []byte, eof bool, err error) {
+// stream: io.EOF, or EIO from a pty master whose terminal's last user closed it. size (nil for
+// anything but a pipe) is told what each read finds waiting.
+func readOnce(ctx context.Context, r deadlineReader, limit uint32, size *pipesize.Sizer) (data []byte, eof bool, err error) {
 	if limit == 0 || limit > maxChunk {
 		limit = maxChunk
 	}
 	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
-	buf, n, err := readWaiting(r, int(limit))
+	buf, n, err := readWaiting(r, int(limit), size)
 	if !stop() {
 		_ = r.SetReadDeadline(time.Time{})
 		if n > 0 {
@@ -107,8 +108,9 @@ const minRead = 4 << 10
 // readWaiting reads once from r into a buffer the size of what is waiting in it (FIONREAD,
 // which is TIOCINQ on Linux, for pipes, ptys and sockets alike),
 // at least minRead and at most limit, so that a line of output does not cost a buffer of
-// limit; a reader that is not a file descriptor gets one of limit.
-func readWaiting(r deadlineReader, limit int) ([]byte, int, error) {
+// limit; a reader that is not a file descriptor gets one of limit. A pipe found full grows
+// (size), so that the next reply can carry up to limit.
+func readWaiting(r deadlineReader, limit int, size *pipesize.Sizer) ([]byte, int, error) {
 	sc, ok := r.(syscall.Conn)
 	if !ok {
 		buf := make([]byte, limit)
@@ -125,11 +127,12 @@ func readWaiting(r deadlineReader, limit int) ([]byte, int, error) {
 		rerr error
 	)
 	err = rc.Read(func(fd uintptr) bool {
-		size := minRead
-		if waiting, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil && waiting > size {
-			size = waiting
+		want := minRead
+		if waiting, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil {
+			size.FillFD(fd, waiting)
+			want = max(want, waiting)
 		}
-		buf = make([]byte, min(size, limit))
+		buf = make([]byte, min(want, limit))
 		for {
 			n, rerr = unix.Read(int(fd), buf)
 			if rerr != unix.EINTR {
@@ -170,9 +173,11 @@ type stdio struct {
 	terminal chan struct{}
 	stdinMu  sync.Mutex
 	stdin    io.WriteCloser // nil when the process has no stdin or it was closed
-	stdout   *pullReader
-	stderr   *pullReader
-	console  console.Console // terminal mode only
+	// stdinSize grows the stdin pipe while the host sends more than it holds (nil for a pty).
+	stdinSize *pipesize.Sizer
+	stdout    *pullReader
+	stderr    *pullReader
+	console   console.Console // terminal mode only
 
 	// the process's ends, closed in the agent once the process has them.
 	child []*os.File
@@ -198,15 +203,15 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		return s, nil
 	}
 	if req.Stdin {
-		r, w, err := stdioPipe()
+		r, w, err := os.Pipe()
 		if err != nil {
 			return fail(err)
 		}
-		s.in, s.stdin = r, w
+		s.in, s.stdin, s.stdinSize = r, w, pipesize.New(w, maxChunk)
 		s.child = append(s.child, r)
 	}
 	if req.Stdout {
-		r, w, err := stdioPipe()
+		r, w, err := os.Pipe()
 		if err != nil {
 			return fail(err)
 		}
@@ -214,7 +219,7 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		s.child = append(s.child, w)
 	}
 	if req.Stderr {
-		r, w, err := stdioPipe()
+		r, w, err := os.Pipe()
 		if err != nil {
 			return fail(err)
 		}
@@ -222,17 +227,6 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		s.child = append(s.child, w)
 	}
 	return s, nil
-}
-
-// stdioPipe makes a pipe of pipeSize, or of the kernel's default where it refuses that size.
-func stdioPipe() (r, w *os.File, err error) {
-	if r, w, err = os.Pipe(); err != nil {
-		return nil, nil, err
-	}
-	if rc, err := w.SyscallConn(); err == nil {
-		_ = rc.Control(func(fd uintptr) { _, _ = unix.FcntlInt(fd, unix.F_SETPIPE_SZ, pipeSize) })
-	}
-	return r, w, nil
 }
 
 // setConsole takes the pty master libcontainer sent back.
@@ -313,6 +307,7 @@ func (s *stdio) write(ctx context.Context, data []byte) (int, error) {
 			}
 		}()
 	}
+	s.stdinSize.Fill(len(data))
 	n, err := s.stdin.Write(data)
 	if err != nil && ctx.Err() != nil {
 		return n, ctx.Err()
