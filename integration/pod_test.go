@@ -263,7 +263,7 @@ func checkPipesWithExecsRunning(t *testing.T, ctx context.Context, env *harness.
 	// in 8 KiB it blocks until the reader exits, and dies of SIGPIPE.
 	ectx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	probe := "{ dd if=/dev/zero bs=4096 count=8 2>/dev/null && echo fits >&2; } | sleep 3"
+	probe := "{ dd if=/dev/zero bs=4096 count=8 2>/dev/null && echo fits >&2; } | sleep 1"
 	_, stderr, err := env.Runtime.ExecSync(ectx, id, []string{"sh", "-c", probe}, 45*time.Second)
 	if err != nil || strings.TrimSpace(string(stderr)) != "fits" {
 		t.Errorf("with %d execs running, 32 KiB did not fit into a pipe made in the container (Linux's default holds 64 KiB): %q, %v",
