@@ -116,3 +116,29 @@ func execInput(ctx context.Context, b *testing.B, env *harness.Env, id string) {
 		b.Fatalf("Exec wc -c in %s: exit %d, %q, %v", id, code, out.String(), err)
 	}
 }
+
+// BenchmarkExecTerminalOutput measures a CRI Exec with a terminal (`kubectl exec -it`) of
+// `head -c 2097152 /dev/zero`: how long 2 MiB of a process's output through its terminal take
+// to reach the caller, until the exit code is back.
+func BenchmarkExecTerminalOutput(b *testing.B) {
+	compareExec(b, benchHandlers, "ExecTerminalOutput", execTerminalOutput)
+}
+
+// execTerminalOutputBytes is what BenchmarkExecTerminalOutput's exec writes.
+const execTerminalOutputBytes = 2 << 20
+
+// execTerminalOutput runs `head -c execTerminalOutputBytes /dev/zero` with a terminal in
+// container id and fails b unless all of it came back.
+func execTerminalOutput(ctx context.Context, b *testing.B, env *harness.Env, id string) {
+	b.Helper()
+	var out countingWriter
+	code, err := env.Exec(ctx, id, []string{"head", "-c", fmt.Sprint(execTerminalOutputBytes), "/dev/zero"},
+		harness.StreamOptions{Stdout: &out, TTY: true})
+	if err != nil || code != 0 || out.n != execTerminalOutputBytes {
+		b.Fatalf("Exec -t head in %s: exit %d, %d of %d bytes, %v", id, code, out.n, execTerminalOutputBytes, err)
+	}
+}
+
+type countingWriter struct{ n int }
+
+func (w *countingWriter) Write(p []byte) (int, error) { w.n += len(p); return len(p), nil }

@@ -31,6 +31,8 @@ type pullReader struct {
 	f     *os.File
 	// size grows the pipe f while the process's output backs up in it (nil for a pty).
 	size *pipesize.Sizer
+	// terminal: f is a pty master, read on after its first read (readMore).
+	terminal bool
 
 	mu sync.Mutex
 	// eof is set once the stream is drained.
@@ -46,9 +48,10 @@ func newPullReader(f *os.File) *pullReader {
 	return r
 }
 
-// set provides the file of a reader made without one; nil means the stream never came.
+// set provides the pty master of a terminal's reader, made without it; nil means the stream
+// never came.
 func (r *pullReader) set(f *os.File) {
-	r.f = f
+	r.f, r.terminal = f, f != nil
 	close(r.ready)
 }
 
@@ -63,7 +66,7 @@ func (r *pullReader) read(ctx context.Context, limit uint32) ([]byte, bool, erro
 	if r.eof || r.f == nil {
 		return nil, true, nil
 	}
-	data, eof, err := readOnce(ctx, r.f, limit, r.size)
+	data, eof, err := readOnce(ctx, r.f, limit, readOpts{size: r.size, more: r.terminal})
 	r.eof = eof
 	return data, eof, err
 }
@@ -76,14 +79,13 @@ type deadlineReader interface {
 
 // readOnce reads at most limit bytes (maxChunk when 0 or more), blocking until there is data, the
 // stream ended or ctx ends. A read that ctx interrupts loses nothing. eof reports the end of the
-// stream: io.EOF, or EIO from a pty master whose terminal's last user closed it. size (nil for
-// anything but a pipe) is told what each read finds waiting.
-func readOnce(ctx context.Context, r deadlineReader, limit uint32, size *pipesize.Sizer) (data []byte, eof bool, err error) {
+// stream: io.EOF, or EIO from a pty master whose terminal's last user closed it.
+func readOnce(ctx context.Context, r deadlineReader, limit uint32, o readOpts) (data []byte, eof bool, err error) {
 	if limit == 0 || limit > maxChunk {
 		limit = maxChunk
 	}
 	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
-	buf, n, err := readWaiting(r, int(limit), size)
+	buf, n, err := readWaiting(r, int(limit), o)
 	if !stop() {
 		_ = r.SetReadDeadline(time.Time{})
 		if n > 0 {
@@ -105,12 +107,30 @@ func readOnce(ctx context.Context, r deadlineReader, limit uint32, size *pipesiz
 // FIONREAD said (a writer went on meanwhile) stays for the next.
 const minRead = 4 << 10
 
+// readOpts say how readWaiting treats what it reads from.
+type readOpts struct {
+	// size (nil for anything but a pipe) is told what each read finds waiting.
+	size *pipesize.Sizer
+	// more: read on after the first read (readMore), for a terminal.
+	more bool
+}
+
+// A terminal's line discipline hands its reader at most 4 KiB a read, and a busy writer's
+// next bytes reach it moments later, so a reply of one read would move a busy
+// `kubectl exec -it` a page per round trip to the host. After a first read of at least
+// moreAfter bytes, readMore waits up to moreWait for each next part.
+const (
+	moreAfter = 2 << 10
+	moreWait  = 2 // milliseconds
+)
+
 // readWaiting reads once from r into a buffer the size of what is waiting in it (FIONREAD,
 // which is TIOCINQ on Linux, for pipes, ptys and sockets alike),
 // at least minRead and at most limit, so that a line of output does not cost a buffer of
 // limit; a reader that is not a file descriptor gets one of limit. A pipe found full grows
-// (size), so that the next reply can carry up to limit.
-func readWaiting(r deadlineReader, limit int, size *pipesize.Sizer) ([]byte, int, error) {
+// (o.size), so that the next reply can carry up to limit; a terminal's reply takes what more
+// comes (o.more).
+func readWaiting(r deadlineReader, limit int, o readOpts) ([]byte, int, error) {
 	sc, ok := r.(syscall.Conn)
 	if !ok {
 		buf := make([]byte, limit)
@@ -129,15 +149,13 @@ func readWaiting(r deadlineReader, limit int, size *pipesize.Sizer) ([]byte, int
 	err = rc.Read(func(fd uintptr) bool {
 		want := minRead
 		if waiting, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil {
-			size.FillFD(fd, waiting)
+			o.size.FillFD(fd, waiting)
 			want = max(want, waiting)
 		}
 		buf = make([]byte, min(want, limit))
-		for {
-			n, rerr = unix.Read(int(fd), buf)
-			if rerr != unix.EINTR {
-				break
-			}
+		n, rerr = readFD(int(fd), buf)
+		if rerr == nil && o.more && n >= moreAfter {
+			buf, n = readMore(int(fd), buf, n, limit)
 		}
 		return rerr != unix.EAGAIN
 	})
@@ -151,6 +169,42 @@ func readWaiting(r deadlineReader, limit int, size *pipesize.Sizer) ([]byte, int
 		rerr = io.EOF
 	}
 	return buf, n, rerr
+}
+
+// readFD is read(2), again after EINTR.
+func readFD(fd int, buf []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, buf)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+// readMore goes on reading from fd into buf, which holds n bytes, while more comes within
+// moreWait of the last part, up to limit, growing buf as it fills. What ends it early (the
+// stream's end, an error) the next read finds again.
+func readMore(fd int, buf []byte, n, limit int) ([]byte, int) {
+	for n < limit {
+		if n == len(buf) {
+			grown := make([]byte, min(2*len(buf), limit))
+			copy(grown, buf[:n])
+			buf = grown
+		}
+		m, err := readFD(fd, buf[n:])
+		if m > 0 {
+			n += m
+			continue
+		}
+		if err != unix.EAGAIN {
+			break
+		}
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if ready, err := unix.Poll(fds, moreWait); err != nil || ready == 0 {
+			break
+		}
+	}
+	return buf, n
 }
 
 func (r *pullReader) close() {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/console"
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent/api"
@@ -266,5 +267,57 @@ func waitFull(t *testing.T, f *os.File, n int) {
 			t.Fatalf("the pipe holds %d bytes, want %d", got, n)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestTerminalReadTakesWhatComes: a terminal hands its reader at most its line discipline's
+// 4 KiB a read, so a reply of one read would move a busy `kubectl exec -it` a page per round
+// trip to the host. A reply takes what the process writes meanwhile, up to a reply's size;
+// a keystroke's echo still comes back at once, in a small buffer.
+func TestTerminalReadTakesWhatComes(t *testing.T) {
+	s, err := newStdio(&api.Stdio{Terminal: true, Stdout: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	master, slavePath, err := console.NewPty()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slave, err := os.OpenFile(slavePath, os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slave.Close()
+	if err := console.ClearONLCR(slave.Fd()); err != nil {
+		t.Fatal(err)
+	}
+	mf := os.NewFile(master.Fd(), "master")
+	if err := s.setConsole(mf, 80, 24); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := slave.Write([]byte("a")); err != nil {
+		t.Fatal(err)
+	}
+	data, _, err := s.stdout.read(context.Background(), 0)
+	if err != nil || string(data) != "a" {
+		t.Fatalf("read = %q, %v; want the keystroke", data, err)
+	}
+	if cap(data) > minRead {
+		t.Errorf("a 1-byte reply took a %d-byte buffer", cap(data))
+	}
+	const n = 256 << 10
+	go func() { _, _ = slave.Write(bytes.Repeat([]byte("x"), n)) }()
+	var sizes []int
+	for got := 0; got < n; {
+		data, _, err := s.stdout.read(context.Background(), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += len(data)
+		sizes = append(sizes, len(data))
+	}
+	if len(sizes) > 8 {
+		t.Errorf("%d KiB from a terminal took %d replies (%v), want at most 8", n>>10, len(sizes), sizes)
 	}
 }
