@@ -157,7 +157,7 @@ func readWaiting(r deadlineReader, limit int, o readOpts) ([]byte, int, error) {
 		if rerr == nil && o.more && n >= moreAfter {
 			buf, n = readMore(int(fd), buf, n, limit)
 		}
-		return rerr != unix.EAGAIN
+		return !errors.Is(rerr, unix.EAGAIN)
 	})
 	if err != nil {
 		return nil, 0, err
@@ -196,7 +196,7 @@ func readMore(fd int, buf []byte, n, limit int) ([]byte, int) {
 			n += m
 			continue
 		}
-		if err != unix.EAGAIN {
+		if !errors.Is(err, unix.EAGAIN) {
 			break
 		}
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
