@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/internal/pipesize"
 )
 
 // stdioChunk is how much one ReadStdio or WriteStdin call moves at most: a round trip to
@@ -36,11 +37,15 @@ func CopyOut(ctx context.Context, c api.AgentService, containerID, execID string
 	}
 }
 
-// CopyIn copies r to the stdin of a guest process; at r's EOF it closes that stdin.
+// CopyIn copies r to the stdin of a guest process; at r's EOF it closes that stdin. While a
+// pipe or fifo r is found full it holds a whole chunk (pipesize), so that each call carries
+// what r's writer put in during the last one, not the 64 KiB a pipe holds by default.
 func CopyIn(ctx context.Context, c api.AgentService, containerID, execID string, r io.Reader) error {
+	size := pipesize.New(r, stdioChunk)
 	buf := make([]byte, stdioChunk)
 	for {
 		n, rerr := r.Read(buf)
+		size.Fill(n)
 		if n > 0 {
 			if _, err := c.WriteStdin(ctx, &api.WriteStdinRequest{ContainerId: containerID, ExecId: execID, Data: buf[:n]}); err != nil {
 				return fmt.Errorf("write stdin of %s/%s: %w", containerID, execID, err)

@@ -56,7 +56,7 @@ type BlockDevice struct {
 	Serial   string
 	// Cache is "none" (O_DIRECT, the default) or "writeback".
 	Cache string
-	// AIO is "threads" (default), "native" or "io_uring".
+	// AIO is "io_uring" (default; "threads" where the host refuses it), "threads" or "native".
 	AIO string
 }
 

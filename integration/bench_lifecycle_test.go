@@ -4,8 +4,10 @@ package integration
 // probes, kubectl exec) and its stop. docs/benchmarks.md describes them with the others.
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -95,3 +97,48 @@ func BenchmarkStopPodSandbox(b *testing.B) {
 		cmp.reportLatency(b, h, "StopPodSandbox", ds)
 	})
 }
+
+// BenchmarkExecInput measures a CRI Exec of `wc -c` with 8 MiB on its stdin, through the
+// streaming server as `kubectl exec -i` and `kubectl cp` into a pod send it, until the exit
+// code is back: how long a process's input takes to reach it.
+func BenchmarkExecInput(b *testing.B) {
+	compareExec(b, benchHandlers, "ExecInput", execInput)
+}
+
+// execInput runs `wc -c` in container id with execOutputBytes of zeros on its stdin and fails
+// b unless wc counted all of them.
+func execInput(ctx context.Context, b *testing.B, env *harness.Env, id string) {
+	b.Helper()
+	var out bytes.Buffer
+	code, err := env.Exec(ctx, id, []string{"wc", "-c"}, harness.StreamOptions{
+		Stdin: bytes.NewReader(make([]byte, execOutputBytes)), Stdout: &out})
+	if err != nil || code != 0 || strings.TrimSpace(out.String()) != fmt.Sprint(execOutputBytes) {
+		b.Fatalf("Exec wc -c in %s: exit %d, %q, %v", id, code, out.String(), err)
+	}
+}
+
+// BenchmarkExecTerminalOutput measures a CRI Exec with a terminal (`kubectl exec -it`) of
+// `head -c 2097152 /dev/zero`: how long 2 MiB of a process's output through its terminal take
+// to reach the caller, until the exit code is back.
+func BenchmarkExecTerminalOutput(b *testing.B) {
+	compareExec(b, benchHandlers, "ExecTerminalOutput", execTerminalOutput)
+}
+
+// execTerminalOutputBytes is what BenchmarkExecTerminalOutput's exec writes.
+const execTerminalOutputBytes = 2 << 20
+
+// execTerminalOutput runs `head -c execTerminalOutputBytes /dev/zero` with a terminal in
+// container id and fails b unless all of it came back.
+func execTerminalOutput(ctx context.Context, b *testing.B, env *harness.Env, id string) {
+	b.Helper()
+	var out countingWriter
+	code, err := env.Exec(ctx, id, []string{"head", "-c", fmt.Sprint(execTerminalOutputBytes), "/dev/zero"},
+		harness.StreamOptions{Stdout: &out, TTY: true})
+	if err != nil || code != 0 || out.n != execTerminalOutputBytes {
+		b.Fatalf("Exec -t head in %s: exit %d, %d of %d bytes, %v", id, code, out.n, execTerminalOutputBytes, err)
+	}
+}
+
+type countingWriter struct{ n int }
+
+func (w *countingWriter) Write(p []byte) (int, error) { w.n += len(p); return len(p), nil }

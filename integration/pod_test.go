@@ -81,6 +81,7 @@ func TestContainerSettings(t *testing.T) {
 
 			checkPrivileged(t, ctx, env, pod, handler)
 			checkAttach(t, ctx, env, pod)
+			checkPipesWithExecsRunning(t, ctx, env, pod)
 			env.AssertNoLeaks(t)
 		})
 	}
@@ -222,6 +223,51 @@ func checkPrivileged(t *testing.T, ctx context.Context, env *harness.Env, pod *h
 	hostDisks := sh(t, ctx, env, pid, "ls /dev | grep -cE '^(vd|sd|nvme)' || true")
 	if handler == "podvm" && hostDisks != "0" {
 		t.Errorf("privileged podvm container sees %s host disks in /dev, want none", hostDisks)
+	}
+}
+
+// pipeExecs is how many execs checkPipesWithExecsRunning keeps running: their stdout and
+// stderr pipes, grown to a megabyte each, would have added up to more than the 64 MiB of
+// pipes (fs.pipe-user-pages-soft) a user may hold before its processes without
+// CAP_SYS_RESOURCE get pipes of 8 KiB.
+const pipeExecs = 36
+
+// checkPipesWithExecsRunning: with many execs running in a pod (kubelet's exec probes,
+// `kubectl exec` sessions, each with its stdout and stderr), a pipe that the pod's own root
+// process makes holds Linux's default 64 KiB, as it does with runc. A pipe that holds
+// 8 KiB blocks a writer eight times as often: a shell pipeline slows down.
+func checkPipesWithExecsRunning(t *testing.T, ctx context.Context, env *harness.Env, pod *harness.Pod) {
+	t.Helper()
+	id := startContainer(t, ctx, env, pod, env.ContainerConfig(harness.ContainerOptions{Name: "pipes", Command: []string{"sleep", "3600"}}))
+	var wg sync.WaitGroup
+	for range pipeExecs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Ends when the check kills it; its error then is of no interest.
+			_, _, _ = env.Runtime.ExecSync(ctx, id, []string{"sleep", "600"}, 0)
+		}()
+	}
+	defer func() {
+		sh(t, ctx, env, id, `kill $(ps -o pid,args | awk '$2 == "sleep" && $3 == "600" {print $1}') 2>/dev/null; true`)
+		wg.Wait()
+	}()
+	deadline := time.Now().Add(2 * time.Minute)
+	for n := ""; n != strconv.Itoa(pipeExecs); n = sh(t, ctx, env, id, "ps -o args | grep -cx 'sleep 600'; true") {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s of the %d execs run after 2 minutes", n, pipeExecs)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// 32 KiB into a pipe that nobody reads: all of it fits in 64 KiB, dd ends and says so;
+	// in 8 KiB it blocks until the reader exits, and dies of SIGPIPE.
+	ectx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	probe := "{ dd if=/dev/zero bs=4096 count=8 2>/dev/null && echo fits >&2; } | sleep 1"
+	_, stderr, err := env.Runtime.ExecSync(ectx, id, []string{"sh", "-c", probe}, 45*time.Second)
+	if err != nil || strings.TrimSpace(string(stderr)) != "fits" {
+		t.Errorf("with %d execs running, 32 KiB did not fit into a pipe made in the container (Linux's default holds 64 KiB): %q, %v",
+			pipeExecs, stderr, err)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -321,6 +322,50 @@ func TestVolumesBlockDevice(t *testing.T) {
 	}
 	if code, _, _ := volSh(ctx, t, env, reader, "echo x | dd of=/dev/data conv=fsync 2>/dev/null"); code == 0 {
 		t.Error("writing a device given with permissions \"r\" succeeded")
+	}
+	removePod(ctx, t, env, pod)
+	env.AssertNoLeaks(t)
+}
+
+// TestVolumesBlockDeviceWithoutIOUring: on a host that refuses io_uring to QEMU
+// (kernel.io_uring_disabled = 2 here; a seccomp profile does the same), a block volume with
+// the default block.aio still reaches the container, through aio threads, and the shim's log
+// says so.
+func TestVolumesBlockDeviceWithoutIOUring(t *testing.T) {
+	require(t, needRoot())
+	const knob = "/proc/sys/kernel/io_uring_disabled"
+	old, err := os.ReadFile(knob)
+	if err != nil {
+		// Kernels before 6.6 have no switch to refuse io_uring with.
+		require(t, knob+" (Linux 6.6 or later)")
+	}
+	if err := os.WriteFile(knob, []byte("2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.WriteFile(knob, old, 0o644); err != nil {
+			t.Errorf("restoring %s: %v", knob, err)
+		}
+	})
+	dev := losetup(t, 16<<20)
+	env := volEnv(t, "")
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	pod := runPodWithBusybox(ctx, t, env, harness.PodOptions{Name: "vol-nouring", Namespace: "it", Handler: "podvm"})
+	cfg := env.ContainerConfig(harness.ContainerOptions{Name: "writer", Command: []string{"sleep", "3600"}})
+	cfg.Devices = []*runtimeapi.Device{{ContainerPath: "/dev/xvda", HostPath: dev, Permissions: "rwm"}}
+	writer := startContainer(t, ctx, env, pod, cfg)
+	const payload = "without-io-uring"
+	volMust(ctx, t, env, writer, "printf "+payload+" > /tmp/p && dd if=/tmp/p of=/dev/xvda bs=512 conv=sync,fsync 2>/dev/null")
+	if got := volMust(ctx, t, env, writer, "head -c "+strconv.Itoa(len(payload))+" /dev/xvda"); got != payload {
+		t.Errorf("read back %q from the block device, want %q", got, payload)
+	}
+	b, err := os.ReadFile(env.ContainerdLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), "the host refuses io_uring: block devices use aio threads") {
+		t.Error("the shim's log does not say that the VM's disks fell back to aio threads")
 	}
 	removePod(ctx, t, env, pod)
 	env.AssertNoLeaks(t)

@@ -1,6 +1,7 @@
 package shim
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -152,5 +153,33 @@ func TestCloseIOWithAWriterLeftEndsStdin(t *testing.T) {
 	h.closeStdin()
 	if got := waitStdin(t, ag, "c"); string(got) != "partial" {
 		t.Errorf("the guest got %q, want %q", got, "partial")
+	}
+}
+
+// TestStdinReachesTheGuestInLargeCalls is `kubectl cp` into a pod, or `kubectl exec -i` with a
+// file piped in: containerd writes the client's stream into the stdin fifo as fast as it comes.
+// Each WriteStdin is a round trip to the guest, so each must carry what containerd put in
+// meanwhile, not the 64 KiB a fifo holds by default.
+func TestStdinReachesTheGuestInLargeCalls(t *testing.T) {
+	ctx := context.Background()
+	ag, h, w := stdinIO(t)
+	payload := bytes.Repeat([]byte("x"), 600<<10)
+	written := make(chan error, 1)
+	go func() { _, err := w.Write(payload); written <- errors.Join(err, w.Close()) }()
+	h.startStdin(ctx, ag, "c", "")
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	if got := waitStdin(t, ag, "c"); !bytes.Equal(got, payload) {
+		t.Fatalf("the guest got %d of %d bytes of stdin", len(got), len(payload))
+	}
+	writes := 0
+	for _, c := range ag.Calls() {
+		if strings.HasPrefix(c, "WriteStdin ") {
+			writes++
+		}
+	}
+	if writes > 3 {
+		t.Errorf("600 KiB of stdin took %d WriteStdin calls, want at most 3", writes)
 	}
 }

@@ -82,7 +82,7 @@ func (p *ports) read(ctx context.Context, id uint64, limit uint32) ([]byte, bool
 	if pc.eof {
 		return nil, true, nil
 	}
-	data, eof, err := readOnce(ctx, pc.c, limit)
+	data, eof, err := readOnce(ctx, pc.c, limit, readOpts{})
 	pc.eof = eof
 	if err != nil && ctx.Err() == nil {
 		err = fmt.Errorf("port connection %d: %w", id, err)

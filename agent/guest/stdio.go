@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podvm/podvm/agent/api"
+	"github.com/podvm/podvm/internal/pipesize"
 )
 
 // maxChunk caps one ReadStdio reply. Each reply is a round trip to the host, so output moves
@@ -22,16 +23,16 @@ import (
 // came at ~6.5 MB/s under TCG (docs/benchmarks.md).
 const maxChunk = 1 << 20
 
-// pipeSize is the capacity the agent gives a process's stdio pipes, so that one reply can
-// carry up to maxChunk. A pipe takes pages only for what it holds.
-const pipeSize = maxChunk
-
 // pullReader hands out what a process wrote, one request at a time. A read blocks until data
 // or EOF and gives up, without losing bytes, when its context ends.
 type pullReader struct {
 	// ready is closed once f is set: a terminal's master only exists after the start.
 	ready chan struct{}
 	f     *os.File
+	// size grows the pipe f while the process's output backs up in it (nil for a pty).
+	size *pipesize.Sizer
+	// terminal: f is a pty master, read on after its first read (readMore).
+	terminal bool
 
 	mu sync.Mutex
 	// eof is set once the stream is drained.
@@ -41,14 +42,16 @@ type pullReader struct {
 func newPullReader(f *os.File) *pullReader {
 	r := &pullReader{ready: make(chan struct{}), f: f}
 	if f != nil {
+		r.size = pipesize.New(f, maxChunk)
 		close(r.ready)
 	}
 	return r
 }
 
-// set provides the file of a reader made without one; nil means the stream never came.
+// set provides the pty master of a terminal's reader, made without it; nil means the stream
+// never came.
 func (r *pullReader) set(f *os.File) {
-	r.f = f
+	r.f, r.terminal = f, f != nil
 	close(r.ready)
 }
 
@@ -63,7 +66,7 @@ func (r *pullReader) read(ctx context.Context, limit uint32) ([]byte, bool, erro
 	if r.eof || r.f == nil {
 		return nil, true, nil
 	}
-	data, eof, err := readOnce(ctx, r.f, limit)
+	data, eof, err := readOnce(ctx, r.f, limit, readOpts{size: r.size, more: r.terminal})
 	r.eof = eof
 	return data, eof, err
 }
@@ -77,12 +80,12 @@ type deadlineReader interface {
 // readOnce reads at most limit bytes (maxChunk when 0 or more), blocking until there is data, the
 // stream ended or ctx ends. A read that ctx interrupts loses nothing. eof reports the end of the
 // stream: io.EOF, or EIO from a pty master whose terminal's last user closed it.
-func readOnce(ctx context.Context, r deadlineReader, limit uint32) (data []byte, eof bool, err error) {
+func readOnce(ctx context.Context, r deadlineReader, limit uint32, o readOpts) (data []byte, eof bool, err error) {
 	if limit == 0 || limit > maxChunk {
 		limit = maxChunk
 	}
 	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
-	buf, n, err := readWaiting(r, int(limit))
+	buf, n, err := readWaiting(r, int(limit), o)
 	if !stop() {
 		_ = r.SetReadDeadline(time.Time{})
 		if n > 0 {
@@ -104,11 +107,30 @@ func readOnce(ctx context.Context, r deadlineReader, limit uint32) (data []byte,
 // FIONREAD said (a writer went on meanwhile) stays for the next.
 const minRead = 4 << 10
 
+// readOpts say how readWaiting treats what it reads from.
+type readOpts struct {
+	// size (nil for anything but a pipe) is told what each read finds waiting.
+	size *pipesize.Sizer
+	// more: read on after the first read (readMore), for a terminal.
+	more bool
+}
+
+// A terminal's line discipline hands its reader at most 4 KiB a read, and a busy writer's
+// next bytes reach it moments later, so a reply of one read would move a busy
+// `kubectl exec -it` a page per round trip to the host. After a first read of at least
+// moreAfter bytes, readMore waits up to moreWait for each next part.
+const (
+	moreAfter = 2 << 10
+	moreWait  = 2 // milliseconds
+)
+
 // readWaiting reads once from r into a buffer the size of what is waiting in it (FIONREAD,
 // which is TIOCINQ on Linux, for pipes, ptys and sockets alike),
 // at least minRead and at most limit, so that a line of output does not cost a buffer of
-// limit; a reader that is not a file descriptor gets one of limit.
-func readWaiting(r deadlineReader, limit int) ([]byte, int, error) {
+// limit; a reader that is not a file descriptor gets one of limit. A pipe found full grows
+// (o.size), so that the next reply can carry up to limit; a terminal's reply takes what more
+// comes (o.more).
+func readWaiting(r deadlineReader, limit int, o readOpts) ([]byte, int, error) {
 	sc, ok := r.(syscall.Conn)
 	if !ok {
 		buf := make([]byte, limit)
@@ -125,18 +147,17 @@ func readWaiting(r deadlineReader, limit int) ([]byte, int, error) {
 		rerr error
 	)
 	err = rc.Read(func(fd uintptr) bool {
-		size := minRead
-		if waiting, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil && waiting > size {
-			size = waiting
+		want := minRead
+		if waiting, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil {
+			o.size.FillFD(fd, waiting)
+			want = max(want, waiting)
 		}
-		buf = make([]byte, min(size, limit))
-		for {
-			n, rerr = unix.Read(int(fd), buf)
-			if rerr != unix.EINTR {
-				break
-			}
+		buf = make([]byte, min(want, limit))
+		n, rerr = readFD(int(fd), buf)
+		if rerr == nil && o.more && n >= moreAfter {
+			buf, n = readMore(int(fd), buf, n, limit)
 		}
-		return rerr != unix.EAGAIN
+		return !errors.Is(rerr, unix.EAGAIN)
 	})
 	if err != nil {
 		return nil, 0, err
@@ -148,6 +169,42 @@ func readWaiting(r deadlineReader, limit int) ([]byte, int, error) {
 		rerr = io.EOF
 	}
 	return buf, n, rerr
+}
+
+// readFD is read(2), again after EINTR.
+func readFD(fd int, buf []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, buf)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+// readMore goes on reading from fd into buf, which holds n bytes, while more comes within
+// moreWait of the last part, up to limit, growing buf as it fills. What ends it early (the
+// stream's end, an error) the next read finds again.
+func readMore(fd int, buf []byte, n, limit int) ([]byte, int) {
+	for n < limit {
+		if n == len(buf) {
+			grown := make([]byte, min(2*len(buf), limit))
+			copy(grown, buf[:n])
+			buf = grown
+		}
+		m, err := readFD(fd, buf[n:])
+		if m > 0 {
+			n += m
+			continue
+		}
+		if !errors.Is(err, unix.EAGAIN) {
+			break
+		}
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if ready, err := unix.Poll(fds, moreWait); err != nil || ready == 0 {
+			break
+		}
+	}
+	return buf, n
 }
 
 func (r *pullReader) close() {
@@ -170,9 +227,11 @@ type stdio struct {
 	terminal chan struct{}
 	stdinMu  sync.Mutex
 	stdin    io.WriteCloser // nil when the process has no stdin or it was closed
-	stdout   *pullReader
-	stderr   *pullReader
-	console  console.Console // terminal mode only
+	// stdinSize grows the stdin pipe while the host sends more than it holds (nil for a pty).
+	stdinSize *pipesize.Sizer
+	stdout    *pullReader
+	stderr    *pullReader
+	console   console.Console // terminal mode only
 
 	// the process's ends, closed in the agent once the process has them.
 	child []*os.File
@@ -198,15 +257,15 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		return s, nil
 	}
 	if req.Stdin {
-		r, w, err := stdioPipe()
+		r, w, err := os.Pipe()
 		if err != nil {
 			return fail(err)
 		}
-		s.in, s.stdin = r, w
+		s.in, s.stdin, s.stdinSize = r, w, pipesize.New(w, maxChunk)
 		s.child = append(s.child, r)
 	}
 	if req.Stdout {
-		r, w, err := stdioPipe()
+		r, w, err := os.Pipe()
 		if err != nil {
 			return fail(err)
 		}
@@ -214,7 +273,7 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		s.child = append(s.child, w)
 	}
 	if req.Stderr {
-		r, w, err := stdioPipe()
+		r, w, err := os.Pipe()
 		if err != nil {
 			return fail(err)
 		}
@@ -222,17 +281,6 @@ func newStdio(req *api.Stdio) (*stdio, error) {
 		s.child = append(s.child, w)
 	}
 	return s, nil
-}
-
-// stdioPipe makes a pipe of pipeSize, or of the kernel's default where it refuses that size.
-func stdioPipe() (r, w *os.File, err error) {
-	if r, w, err = os.Pipe(); err != nil {
-		return nil, nil, err
-	}
-	if rc, err := w.SyscallConn(); err == nil {
-		_ = rc.Control(func(fd uintptr) { _, _ = unix.FcntlInt(fd, unix.F_SETPIPE_SZ, pipeSize) })
-	}
-	return r, w, nil
 }
 
 // setConsole takes the pty master libcontainer sent back.
@@ -313,6 +361,7 @@ func (s *stdio) write(ctx context.Context, data []byte) (int, error) {
 			}
 		}()
 	}
+	s.stdinSize.Fill(len(data))
 	n, err := s.stdin.Write(data)
 	if err != nil && ctx.Err() != nil {
 		return n, ctx.Err()

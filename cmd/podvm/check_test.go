@@ -266,7 +266,7 @@ func TestConfigCommand(t *testing.T) {
 		"[hypervisor]\nkind = 'qemu'\nqemu_path = 'qemu-system-x86_64'\naccel = 'auto'\n",
 		"default_memory = '1Gi'\n",
 		"allowed = ['memory']\n",
-		"[block]\ncache = 'none'\naio = 'threads'\n",
+		"[block]\ncache = 'none'\naio = 'io_uring'\n",
 	} {
 		if !strings.Contains(r.stdout, s) {
 			t.Errorf("output lacks %q:\n%s", s, r.stdout)

@@ -55,8 +55,9 @@ func (v *VM) Hotplug(ctx context.Context, d hypervisor.Device) error {
 }
 
 // blockdevArgs validates d and returns the blockdev-add and device_add arguments. QEMU opens
-// the image as /dev/fdset/<fdset>: the descriptor d.File, passed with add-fd.
-func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64) (blockdev, device map[string]any, err error) {
+// the image as /dev/fdset/<fdset>: the descriptor d.File, passed with add-fd. noIOUring
+// (the host refused it) turns aio io_uring into threads.
+func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64, noIOUring bool) (blockdev, device map[string]any, err error) {
 	if d.ID == "" {
 		return nil, nil, fmt.Errorf("ID: required: %w", errdefs.ErrInvalidArgument)
 	}
@@ -66,6 +67,9 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64) (blockdev, d
 	o, err := resolveBlockOptions(d)
 	if err != nil {
 		return nil, nil, err
+	}
+	if noIOUring && o.aio == "io_uring" {
+		o.aio = "threads"
 	}
 	driver, err := blockFileDriver(d)
 	if err != nil {
@@ -129,7 +133,7 @@ func resolveBlockOptions(d *hypervisor.BlockDevice) (blockOptions, error) {
 	}
 	switch o.aio {
 	case "":
-		o.aio = "threads"
+		o.aio = "io_uring"
 	case "threads", "io_uring":
 	case "native":
 		if !o.direct {
@@ -183,7 +187,7 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 		return fmt.Errorf("all %d PCIe root ports for hot-plug are in use; raise hypervisor.hotplug_slots in the node config: %w", len(v.slots), errdefs.ErrResourceExhausted)
 	}
 	// Validate before QEMU holds anything; the fdset id is only known after add-fd.
-	if _, _, err := blockdevArgs(d, slot, 0); err != nil {
+	if _, _, err := blockdevArgs(d, slot, 0, v.noIOUring); err != nil {
 		return err
 	}
 	var added struct {
@@ -192,13 +196,22 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 	if err := mon.ExecuteWithFiles(ctx, "add-fd", map[string]any{"opaque": d.ID}, &added, d.File); err != nil {
 		return fmt.Errorf("passing %s to qemu: %w", d.Path, err)
 	}
-	blockdev, device, err := blockdevArgs(d, slot, added.FdsetID)
+	blockdev, device, err := blockdevArgs(d, slot, added.FdsetID, v.noIOUring)
 	if err != nil {
 		v.removeFdset(ctx, mon, added.FdsetID)
 		return err
 	}
 	node, dev := blockNames(slot)
-	if err := mon.Execute(ctx, "blockdev-add", blockdev, nil); err != nil {
+	err = mon.Execute(ctx, "blockdev-add", blockdev, nil)
+	if ioUringRefused(err) && !v.noIOUring {
+		// kernel.io_uring_disabled, or a seccomp profile without io_uring: the disk works
+		// with a thread pool too, only slower per request.
+		v.logger(ctx).WithError(err).Warn("the host refuses io_uring: block devices use aio threads")
+		v.noIOUring = true
+		blockdev, device, _ = blockdevArgs(d, slot, added.FdsetID, true)
+		err = mon.Execute(ctx, "blockdev-add", blockdev, nil)
+	}
+	if err != nil {
 		v.removeFdset(ctx, mon, added.FdsetID)
 		return err
 	}
@@ -220,6 +233,12 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 	v.slots[slot] = d.ID
 	v.plugged[d.ID] = p
 	return nil
+}
+
+// ioUringRefused says whether err is QEMU's refusal to set up io_uring for a block device.
+func ioUringRefused(err error) bool {
+	var qe *qmp.Error
+	return errors.As(err, &qe) && strings.Contains(qe.Desc, "io_uring")
 }
 
 // checkAccessMode checks that f was opened for what the device needs: QEMU only takes a

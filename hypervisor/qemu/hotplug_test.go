@@ -83,13 +83,13 @@ func TestHotplugBlock(t *testing.T) {
 		{
 			name:      "raw defaults",
 			dev:       &hypervisor.BlockDevice{ID: "vol1", File: rw, Path: img},
-			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"threads","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":false},"node-name":"hp0-drive","read-only":false}`,
+			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"io_uring","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":false},"node-name":"hp0-drive","read-only":false}`,
 			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"vol1"}`,
 		},
 		{
 			name:      "qcow2 read-only writeback with serial",
-			dev:       &hypervisor.BlockDevice{ID: "a-very-long-device-identifier", File: ro, Path: img, Format: "qcow2", ReadOnly: true, Cache: "writeback", Serial: "pvc-1", AIO: "io_uring"},
-			blockdev:  `{"cache":{"direct":false,"no-flush":false},"driver":"qcow2","file":{"aio":"io_uring","cache":{"direct":false,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":true},"node-name":"hp0-drive","read-only":true}`,
+			dev:       &hypervisor.BlockDevice{ID: "a-very-long-device-identifier", File: ro, Path: img, Format: "qcow2", ReadOnly: true, Cache: "writeback", Serial: "pvc-1", AIO: "threads"},
+			blockdev:  `{"cache":{"direct":false,"no-flush":false},"driver":"qcow2","file":{"aio":"threads","cache":{"direct":false,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":true},"node-name":"hp0-drive","read-only":true}`,
 			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"pvc-1"}`,
 		},
 	}
@@ -230,6 +230,39 @@ func TestHotplugFailsCleanly(t *testing.T) {
 			cmds:    []string{"add-fd", "blockdev-add", "device_add"},
 		},
 	})
+}
+
+// TestHotplugWithoutIOUring: a host that refuses io_uring (kernel.io_uring_disabled, a
+// seccomp profile) still gets its disks, with aio threads, and the VM's later disks go there
+// at once.
+func TestHotplugWithoutIOUring(t *testing.T) {
+	v, mon := fakeVM(t)
+	img := diskImage(t)
+	f := openDisk(t, img, false)
+	mon.QueueReply("blockdev-add", nil, &qmp.Error{Cmd: "blockdev-add", Class: "GenericError", Desc: "Unable to use io_uring: failed to init linux io_uring ring"})
+	ctx := context.Background()
+	for _, id := range []string{"a", "b"} {
+		if err := v.Hotplug(ctx, &hypervisor.BlockDevice{ID: id, File: f, Path: img}); err != nil {
+			t.Fatalf("Hotplug %s on a host without io_uring: %v", id, err)
+		}
+	}
+	var aio []string
+	for _, c := range mon.Calls() {
+		if c.Cmd == "blockdev-add" {
+			var args struct {
+				File struct {
+					AIO string `json:"aio"`
+				} `json:"file"`
+			}
+			if err := json.Unmarshal(c.Args, &args); err != nil {
+				t.Fatal(err)
+			}
+			aio = append(aio, args.File.AIO)
+		}
+	}
+	if got := strings.Join(aio, ","); got != "io_uring,threads,threads" {
+		t.Errorf("blockdev-add aio %s, want io_uring refused, then threads for both disks", got)
+	}
 }
 
 func TestHotplugFreesSlotOnUnplug(t *testing.T) {

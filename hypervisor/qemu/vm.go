@@ -64,6 +64,8 @@ type VM struct {
 	hp      sync.Mutex
 	plugged map[string]*pluggedBlock // by hypervisor device ID
 	slots   []string                 // root port index -> device ID, "" = free
+	// noIOUring: the host refused io_uring to a block device; the next ones use threads.
+	noIOUring bool
 
 	waitMu  sync.Mutex
 	deleted map[string]chan struct{} // QEMU device id -> closed on DEVICE_DELETED

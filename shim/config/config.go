@@ -192,8 +192,9 @@ type Virtiofs struct {
 type Block struct {
 	// Cache is the host cache for block devices: "none" (O_DIRECT) or "writeback".
 	Cache string `toml:"cache"`
-	// AIO is the host I/O: "threads", "native" (Linux AIO; needs cache = "none") or
-	// "io_uring".
+	// AIO is the host I/O: "io_uring", "threads" or "native" (Linux AIO; needs cache =
+	// "none"). Where the host refuses io_uring to QEMU (kernel.io_uring_disabled, a seccomp
+	// profile), a VM's disks use "threads" instead, with a warning in the shim's log.
 	AIO string `toml:"aio"`
 	// MaxDiskSize is the largest disk image a podvm.io/disk.<volume> annotation may ask for.
 	// Images are sparse, but a pod can fill its image: this is host disk one pod may take.
@@ -261,7 +262,7 @@ func Default() *Config {
 		},
 		Annotations: Annotations{Allowed: []string{}},
 		Virtiofs:    Virtiofs{Cache: "keep"},
-		Block:       Block{Cache: "none", AIO: "threads", MaxDiskSize: 32 * GiB},
+		Block:       Block{Cache: "none", AIO: "io_uring", MaxDiskSize: 32 * GiB},
 	}
 }
 
