@@ -54,10 +54,24 @@ func (v *VM) Hotplug(ctx context.Context, d hypervisor.Device) error {
 	}
 }
 
+// blockVM is what of the VM a disk's arguments depend on.
+type blockVM struct {
+	noIOUring   bool // the host refused io_uring: aio io_uring becomes threads
+	kicksInVCPU bool // the disk takes its queue's notifications in the vCPU's thread
+}
+
+// diskKicksInVCPU says whether a VM's disks take their queue notifications in the thread of
+// the vCPU that writes them (ioeventfd=off), which they do under TCG. With an ioeventfd, a
+// guest's write to the queue's notify register signals an eventfd, and QEMU's main loop,
+// woken on another thread, then reads the queue and submits the requests. Under KVM that
+// keeps the write in the kernel; TCG emulates the write in QEMU anyway, where the eventfd
+// only adds a thread's wake-up to every request (docs/benchmarks.md, 2026-12-07). NICs keep
+// theirs: virtio-net hands a transmit kick to the main loop whatever thread takes it.
+func diskKicksInVCPU(accel string) bool { return accel == AccelTCG }
+
 // blockdevArgs validates d and returns the blockdev-add and device_add arguments. QEMU opens
-// the image as /dev/fdset/<fdset>: the descriptor d.File, passed with add-fd. noIOUring
-// (the host refused it) turns aio io_uring into threads.
-func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64, noIOUring bool) (blockdev, device map[string]any, err error) {
+// the image as /dev/fdset/<fdset>: the descriptor d.File, passed with add-fd.
+func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64, vm blockVM) (blockdev, device map[string]any, err error) {
 	if d.ID == "" {
 		return nil, nil, fmt.Errorf("ID: required: %w", errdefs.ErrInvalidArgument)
 	}
@@ -68,7 +82,7 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64, noIOUring bo
 	if err != nil {
 		return nil, nil, err
 	}
-	if noIOUring && o.aio == "io_uring" {
+	if vm.noIOUring && o.aio == "io_uring" {
 		o.aio = "threads"
 	}
 	driver, err := blockFileDriver(d)
@@ -96,6 +110,9 @@ func blockdevArgs(d *hypervisor.BlockDevice, slot int, fdset int64, noIOUring bo
 		"drive":  node,
 		"bus":    rootPort(slot),
 		"serial": o.serial,
+	}
+	if vm.kicksInVCPU {
+		device["ioeventfd"] = false
 	}
 	return blockdev, device, nil
 }
@@ -187,7 +204,7 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 		return fmt.Errorf("all %d PCIe root ports for hot-plug are in use; raise hypervisor.hotplug_slots in the node config: %w", len(v.slots), errdefs.ErrResourceExhausted)
 	}
 	// Validate before QEMU holds anything; the fdset id is only known after add-fd.
-	if _, _, err := blockdevArgs(d, slot, 0, v.noIOUring); err != nil {
+	if _, _, err := blockdevArgs(d, slot, 0, v.blockVM()); err != nil {
 		return err
 	}
 	var added struct {
@@ -196,7 +213,7 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 	if err := mon.ExecuteWithFiles(ctx, "add-fd", map[string]any{"opaque": d.ID}, &added, d.File); err != nil {
 		return fmt.Errorf("passing %s to qemu: %w", d.Path, err)
 	}
-	blockdev, device, err := blockdevArgs(d, slot, added.FdsetID, v.noIOUring)
+	blockdev, device, err := blockdevArgs(d, slot, added.FdsetID, v.blockVM())
 	if err != nil {
 		v.removeFdset(ctx, mon, added.FdsetID)
 		return err
@@ -208,7 +225,7 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 		// with a thread pool too, only slower per request.
 		v.logger(ctx).WithError(err).Warn("the host refuses io_uring: block devices use aio threads")
 		v.noIOUring = true
-		blockdev, device, _ = blockdevArgs(d, slot, added.FdsetID, true)
+		blockdev, device, _ = blockdevArgs(d, slot, added.FdsetID, v.blockVM())
 		err = mon.Execute(ctx, "blockdev-add", blockdev, nil)
 	}
 	if err != nil {
@@ -233,6 +250,11 @@ func (v *VM) hotplugBlock(ctx context.Context, d *hypervisor.BlockDevice) error 
 	v.slots[slot] = d.ID
 	v.plugged[d.ID] = p
 	return nil
+}
+
+// blockVM reads what blockdevArgs needs of v; v.hp must be held.
+func (v *VM) blockVM() blockVM {
+	return blockVM{noIOUring: v.noIOUring, kicksInVCPU: diskKicksInVCPU(v.cfg.Accel)}
 }
 
 // ioUringRefused says whether err is QEMU's refusal to set up io_uring for a block device.

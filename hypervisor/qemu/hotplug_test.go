@@ -76,6 +76,7 @@ func TestHotplugBlock(t *testing.T) {
 	rw, ro := openDisk(t, img, false), openDisk(t, img, true)
 	tests := []struct {
 		name      string
+		accel     string // the VM's; TCG unless set
 		dev       *hypervisor.BlockDevice
 		blockdev  string // expected blockdev-add arguments (JSON)
 		deviceAdd string // expected device_add arguments (JSON)
@@ -84,18 +85,28 @@ func TestHotplugBlock(t *testing.T) {
 			name:      "raw defaults",
 			dev:       &hypervisor.BlockDevice{ID: "vol1", File: rw, Path: img},
 			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"io_uring","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":false},"node-name":"hp0-drive","read-only":false}`,
-			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"vol1"}`,
+			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","ioeventfd":false,"serial":"vol1"}`,
 		},
 		{
 			name:      "qcow2 read-only writeback with serial",
 			dev:       &hypervisor.BlockDevice{ID: "a-very-long-device-identifier", File: ro, Path: img, Format: "qcow2", ReadOnly: true, Cache: "writeback", Serial: "pvc-1", AIO: "threads"},
 			blockdev:  `{"cache":{"direct":false,"no-flush":false},"driver":"qcow2","file":{"aio":"threads","cache":{"direct":false,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":true},"node-name":"hp0-drive","read-only":true}`,
-			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"pvc-1"}`,
+			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","ioeventfd":false,"serial":"pvc-1"}`,
+		},
+		{
+			name:      "under kvm the disk keeps its eventfd",
+			accel:     AccelKVM,
+			dev:       &hypervisor.BlockDevice{ID: "vol1", File: rw, Path: img},
+			blockdev:  `{"cache":{"direct":true,"no-flush":false},"driver":"raw","file":{"aio":"io_uring","cache":{"direct":true,"no-flush":false},"driver":"file","filename":"/dev/fdset/7","read-only":false},"node-name":"hp0-drive","read-only":false}`,
+			deviceAdd: `{"bus":"hp0","drive":"hp0-drive","driver":"virtio-blk-pci","id":"hp0-disk","serial":"vol1"}`,
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			v, mon := fakeVM(t)
+			if tt.accel != "" {
+				v.cfg.Accel = tt.accel
+			}
 			autoDelete(mon)
 			ctx := context.Background()
 			if err := v.Hotplug(ctx, tt.dev); err != nil {
