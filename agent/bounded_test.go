@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,8 +29,10 @@ func (g frozenGuest) WaitProcess(ctx context.Context, _ *api.ProcessRequest) (*a
 	return &api.WaitProcessResponse{}, nil
 }
 
-// connectFrozen serves a frozen guest over a pipe and connects a client to it.
-func connectFrozen(t *testing.T, timeout time.Duration) *Client {
+// connectFrozen serves a frozen guest over a pipe and connects a client to it; the listener's
+// hangUp closes the guest's end of the connection under the client, as a dying guest's QEMU
+// does.
+func connectFrozen(t *testing.T, timeout time.Duration) (*Client, *pipeListener) {
 	t.Helper()
 	g := frozenGuest{Fake: NewFake(), release: make(chan struct{})}
 	srv, err := ttrpc.NewServer()
@@ -48,14 +51,14 @@ func connectFrozen(t *testing.T, timeout time.Duration) *Client {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
-	return c
+	return c, l
 }
 
 // A control call into a frozen guest fails with a deadline error that says what happened,
 // instead of hanging the shim's caller; a call that waits for the workload is left to its
 // caller.
 func TestCallIntoFrozenGuestFails(t *testing.T) {
-	c := connectFrozen(t, 200*time.Millisecond)
+	c, _ := connectFrozen(t, 200*time.Millisecond)
 	start := time.Now()
 	errc := make(chan error, 1)
 	go func() {
@@ -85,6 +88,9 @@ func TestCallIntoFrozenGuestFails(t *testing.T) {
 type pipeListener struct {
 	conns chan net.Conn
 	done  chan struct{}
+
+	mu     sync.Mutex
+	served []net.Conn // the server's ends, for hangUp
 }
 
 func newPipeListener() *pipeListener {
@@ -115,8 +121,43 @@ func (l *pipeListener) dial(ctx context.Context) (net.Conn, error) {
 	a, b := net.Pipe()
 	select {
 	case l.conns <- a:
+		l.mu.Lock()
+		l.served = append(l.served, a)
+		l.mu.Unlock()
 		return b, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	}
+}
+
+// hangUp closes the server's end of every connection, whatever the server is doing.
+func (l *pipeListener) hangUp() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.served {
+		_ = c.Close()
+	}
+}
+
+// A call whose connection closes under it (the guest died: QEMU exited, its socket closed)
+// fails with ttrpc.ErrClosed, not an unknown error of the agent's: the shim tells a lost
+// guest from a failed request by it, and then shows the guest's console.
+func TestCallIntoDyingGuestSaysClosed(t *testing.T) {
+	c, l := connectFrozen(t, time.Minute)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.WaitProcess(context.Background(), &api.ProcessRequest{ContainerId: "c"})
+		errc <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the call is in flight
+	l.hangUp()
+	var err error
+	select {
+	case err = <-errc:
+	case <-time.After(10 * time.Second):
+		t.Fatal("WaitProcess still hangs 10s after its connection closed")
+	}
+	if !errors.Is(err, ttrpc.ErrClosed) {
+		t.Fatalf("WaitProcess over a closed connection: %v (%T), want ttrpc.ErrClosed", err, err)
 	}
 }

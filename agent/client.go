@@ -140,9 +140,14 @@ func bounded(timeout time.Duration) ttrpc.UnaryClientInterceptor {
 	}
 }
 
-// fromGRPCErrors turns the agent's status codes back into errdefs errors.
+// fromGRPCErrors turns the agent's status codes back into errdefs errors. A connection that
+// closed under the call is no answer of the agent's: it stays ttrpc.ErrClosed, which is how
+// the shim tells a guest that died.
 func fromGRPCErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
 	if err := invoker(ctx, req, resp); err != nil {
+		if errors.Is(err, ttrpc.ErrClosed) {
+			return err
+		}
 		return errgrpc.ToNative(err)
 	}
 	// ttrpc turns the reply's status into an error only after the interceptors ran.

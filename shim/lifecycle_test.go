@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
@@ -285,6 +286,41 @@ func TestVMDiesDuringCreate(t *testing.T) {
 				t.Errorf("pod1 exit %d, want 255", w.ExitStatus)
 			}
 		})
+	}
+}
+
+// oopsInSetup is a guest whose kernel dies while it is set up: the console says why, and the
+// agent's connection closes under the call.
+type oopsInSetup struct {
+	*agent.Fake
+	vm      *hypervisor.Fake
+	console string
+}
+
+const oops = "[    0.432039] int3: 0000 [#1] SMP NOPTI\n[    0.435612] Kernel panic - not syncing: Fatal exception in interrupt\n"
+
+func (a *oopsInSetup) SetupSandbox(ctx context.Context, r *api.SetupSandboxRequest) (*api.Empty, error) {
+	if err := os.WriteFile(a.console, []byte("[    0.430057] loop: module loaded\n"+oops), 0o600); err != nil {
+		return nil, err
+	}
+	a.vm.Exit()
+	a.Fake.Close()
+	return nil, ttrpc.ErrClosed
+}
+
+// A guest that dies before its pod is ready takes its console log with it (the state dir
+// goes), so the error containerd and kubelet show must carry its end.
+func TestGuestDiesDuringSetupSaysWhy(t *testing.T) {
+	r := newRig(t)
+	r.wrapAgent = func(f *agent.Fake) agentConn {
+		return &oopsInSetup{Fake: f, vm: r.vm, console: filepath.Join(r.stateDir, "pod1", "console.log")}
+	}
+	_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
+	if err == nil || !strings.Contains(err.Error(), "set up the guest") || !strings.Contains(err.Error(), "Kernel panic - not syncing") {
+		t.Fatalf("create: %v, want the setup's failure and the end of the guest's console", err)
+	}
+	if left := stateLeft(r.stateDir); len(left) != 0 {
+		t.Errorf("state left behind: %v", left)
 	}
 }
 

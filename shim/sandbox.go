@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/proto"
@@ -557,9 +558,19 @@ func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname 
 		if ownerErr == nil {
 			undo()
 		}
-		return times, r.err
+		return times, sb.withConsoleIfLost(r.err)
 	}
-	return times, ownerErr
+	return times, sb.withConsoleIfLost(ownerErr)
+}
+
+// withConsoleIfLost adds the end of the console log to err when the agent's connection was
+// lost under the call: the guest most likely died, and its console says why (an oops, a
+// panic). The log goes with the state dir when a start fails, so the error is where it stays.
+func (sb *sandbox) withConsoleIfLost(err error) error {
+	if err == nil || !(errors.Is(err, ttrpc.ErrClosed) || isConnClosed(err)) {
+		return err
+	}
+	return fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 }
 
 // configName names the node config in messages.
