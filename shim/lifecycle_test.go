@@ -541,3 +541,22 @@ func TestSIGKILLToHungGuestStopsVM(t *testing.T) {
 	}
 	r.deadPodExits()
 }
+
+// A guest whose agent never answers (its kernel stopped on the way) gets the same: the create
+// error says the agent failed and ends with the console's last lines.
+func TestAgentNeverAnswersSaysWhy(t *testing.T) {
+	r := newRig(t)
+	r.beforeConnect = func(context.Context) error {
+		if err := os.WriteFile(filepath.Join(r.stateDir, "pod1", "console.log"), []byte(oops), 0o600); err != nil {
+			return err
+		}
+		return context.DeadlineExceeded
+	}
+	_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
+	if err == nil || !strings.Contains(err.Error(), "guest agent: ") || !strings.Contains(err.Error(), "Kernel panic - not syncing") {
+		t.Fatalf("create: %v, want the agent's failure and the end of the guest's console", err)
+	}
+	if left := stateLeft(r.stateDir); len(left) != 0 {
+		t.Errorf("state left behind: %v", left)
+	}
+}

@@ -434,7 +434,7 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	defer cancel()
 	conn, err := b.connect(actx, vm)
 	if err != nil {
-		return fmt.Errorf("guest agent: %w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
+		return sb.withConsole(fmt.Errorf("guest agent: %w", err))
 	}
 	sb.agent = conn
 	sb.observeAgent(conn)
@@ -548,7 +548,7 @@ func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname 
 		if err != nil {
 			r := <-setup
 			times.setup = r.took
-			return times, fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
+			return times, sb.withConsole(err)
 		}
 	}
 	undo, ownerErr := alongside(sb)
@@ -565,11 +565,17 @@ func (sb *sandbox) setupGuestAlongside(ctx context.Context, b backend, hostname 
 
 // withConsoleIfLost adds the end of the console log to err when the agent's connection was
 // lost under the call: the guest most likely died, and its console says why (an oops, a
-// panic). The log goes with the state dir when a start fails, so the error is where it stays.
+// panic).
 func (sb *sandbox) withConsoleIfLost(err error) error {
 	if err == nil || !(errors.Is(err, ttrpc.ErrClosed) || isConnClosed(err)) {
 		return err
 	}
+	return sb.withConsole(err)
+}
+
+// withConsole adds the last lines of the VM's console log to a start's error: the log goes
+// with the state dir when a start fails.
+func (sb *sandbox) withConsole(err error) error {
 	return fmt.Errorf("%w; the end of the console log:\n%s", err, consoleTail(sb.consolePath(), 20))
 }
 
