@@ -43,7 +43,7 @@ var argsTests = []struct {
 		want: []string{
 			"-name podvm-pod1,debug-threads=on",
 			"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-			"-machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off",
+			"-machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off,acpi=off",
 			"-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
 			"-accel tcg,tb-size=96", "-smp 1", "-m 512M",
 			"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",

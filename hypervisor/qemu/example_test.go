@@ -43,7 +43,7 @@ func ExampleConfig_Args() {
 	//   -no-user-config \
 	//   -nographic \
 	//   -no-reboot \
-	//   -machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off \
+	//   -machine q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off,acpi=off \
 	//   -global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off \
 	//   -accel tcg,tb-size=96 \
 	//   -smp 1 \
