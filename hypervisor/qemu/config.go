@@ -601,20 +601,19 @@ func (c Config) Args() ([]string, error) {
 // machineArgs name the VM and give it its machine type, accelerator, vCPUs and memory.
 func (c *Config) machineArgs() []string {
 	machine := "q35,sata=off,smbus=off,vmport=off,smm=off,i8042=off"
+	var hotplug []string
 	if c.withoutACPI() {
 		// The guest runs without ACPI (KernelCmdline), so QEMU builds no ACPI tables for
 		// it (~15 ms of QEMU's start here, before the guest runs), and its root ports
 		// hot-plug natively.
 		machine += ",acpi=off"
+		hotplug = []string{"-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"}
 	}
-	a := []string{
+	a := append([]string{
 		"-name", "podvm-" + c.ID + ",debug-threads=on",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-machine", machine,
-	}
-	if c.withoutACPI() {
-		a = append(a, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
-	}
+	}, hotplug...)
 	if c.Accel == AccelKVM {
 		a = append(a, "-accel", "kvm", "-cpu", c.kvmCPU())
 	} else {
