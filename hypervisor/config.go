@@ -117,9 +117,14 @@ type Config struct {
 	// device and no NIC on its command line, PCIe root ports reserved for hot-plugging them
 	// instead, and guest RAM in MemoryFile. A template and its clones have the same devices.
 	Templated bool
-	// MemoryFile, with Templated, is the guest RAM: a file the caller opened read-write,
-	// MemoryMiB long (a template's memory, or a clone's copy of it). The VM takes it over.
+	// MemoryFile is the guest RAM: a file the caller opened read-write, MemoryMiB long. A
+	// templated VM's is a template's memory or a clone's copy of it; a booted VM has one when
+	// its kernel was copied into it ahead (KernelStub). The VM takes it over.
 	MemoryFile *os.File
+	// KernelStub, with MemoryFile on a booted VM, is what the VMM loads as its kernel
+	// instead of Kernel, whose segments are in MemoryFile already: the kernel's entry note
+	// and first page only (the qemu driver's preload.go). The VM takes it over.
+	KernelStub *os.File
 	// MemoryFill, if set, fills MemoryFile (a clone's copy of the template's memory): the VM
 	// runs it while its VMM starts and waits for it before restoring Incoming.
 	MemoryFill func() error

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -336,6 +337,7 @@ func TestGuestRunsContainers(t *testing.T) {
 	t.Run("timer device", func(t *testing.T) { testGuestTimer(t, ctx, g) })
 	t.Run("root image mapped with DAX", func(t *testing.T) { testGuestRootImage(t, ctx, g) })
 	t.Run("kernel entered as the image says", func(t *testing.T) { testGuestBootProtocol(t, ctx, g) })
+	t.Run("kernel preloaded, its file not kept mapped", func(t *testing.T) { testGuestKernelPreloaded(t, g) })
 	t.Run("TSC frequency from the host", func(t *testing.T) { testGuestTSC(t, ctx, g) })
 	t.Run("CPU vulnerability mitigations", func(t *testing.T) { testGuestMitigations(t, ctx, g) })
 }
@@ -505,6 +507,39 @@ func testGuestBootProtocol(t *testing.T, ctx context.Context, g *guestVM) {
 		t.Errorf("boot_params header: exit %d, stdout %q, stderr %q; want %q for a %q kernel", code, got, stderr, want, m.KernelFormat)
 	}
 	removeGuestContainer(t, ctx, g.agent, "c6")
+}
+
+// testGuestKernelPreloaded: a PVH kernel is copied into the guest RAM before QEMU starts
+// (hypervisor/qemu/preload.go), so QEMU loads only a stub and holds no mapping of the kernel
+// file, whose pages it would otherwise keep for a reset a pod VM never has.
+func testGuestKernelPreloaded(t *testing.T, g *guestVM) {
+	kernel, _ := guestImage(t)
+	ef, err := elf.Open(kernel)
+	if err != nil {
+		t.Skipf("%s is no ELF (%v), a bzImage: QEMU loads it itself", kernel, err)
+	}
+	_ = ef.Close() // read only
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", g.vm.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(cmdline), "\x00-kernel\x00/proc/self/fd/") {
+		t.Errorf("QEMU's -kernel is not the preloaded kernel's stub: %q", strings.ReplaceAll(string(cmdline), "\x00", " "))
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(kernel, &st); err != nil {
+		t.Fatal(err)
+	}
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", g.vm.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// address perms offset dev inode path: the kernel file by its inode, whatever its path.
+	for _, l := range strings.Split(string(maps), "\n") {
+		if f := strings.Fields(l); len(f) >= 6 && f[4] == strconv.FormatUint(st.Ino, 10) && strings.HasSuffix(f[5], filepath.Base(kernel)) {
+			t.Errorf("QEMU maps the guest kernel file: %s", l)
+		}
+	}
 }
 
 // testGuestRootImage: the guest's root is the node's root image on virtio-pmem, read-only and

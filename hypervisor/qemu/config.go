@@ -357,10 +357,16 @@ func (c *Config) validateAgentTransport(p *problems) {
 // validateTemplate checks a templated VM's memory, state and device count.
 func (c *Config) validateTemplate(p *problems) {
 	if !c.Templated {
-		if c.MemoryFile != nil || c.Incoming != nil {
-			p.add("MemoryFile/Incoming: set without Templated; they are a VM template's or its clone's")
+		if c.Incoming != nil {
+			p.add("Incoming: set without Templated; it is a VM template's clone's")
+		}
+		if (c.MemoryFile == nil) != (c.KernelStub == nil) {
+			p.add("MemoryFile/KernelStub: a booted VM has both (its kernel preloaded into its memory) or neither")
 		}
 		return
+	}
+	if c.KernelStub != nil {
+		p.add("KernelStub: set with Templated; a VM template's kernel is QEMU's to load")
 	}
 	if c.MemoryFile == nil {
 		p.add("MemoryFile: required with Templated (the guest RAM file)")
@@ -548,15 +554,12 @@ func (c *Config) KernelCmdline() string {
 }
 
 // ExtraFiles are the files QEMU inherits, in the order Args numbers them from fd 3: the
-// guest memory of a templated VM and the tap of its first NIC (the template's; a clone gets
-// the others hot-plugged), else the tap files of NetDevices. The console pipe's write end
-// follows them (ConsoleFD).
+// guest memory (MemoryFile), a booted VM's kernel stub, then for a templated VM the tap of
+// its first NIC (the template's; a clone gets the others hot-plugged), else the tap files
+// of NetDevices. The console pipe's write end follows them (ConsoleFD).
 func (c *Config) ExtraFiles() []*os.File {
-	var files []*os.File
+	files := c.leadingFiles()
 	if c.Templated {
-		if c.MemoryFile != nil {
-			files = append(files, c.MemoryFile)
-		}
 		if len(c.NetDevices) > 0 && c.NetDevices[0] != nil {
 			files = append(files, c.NetDevices[0].TapFiles...)
 		}
@@ -565,6 +568,17 @@ func (c *Config) ExtraFiles() []*os.File {
 	for _, nd := range c.NetDevices {
 		if nd != nil {
 			files = append(files, nd.TapFiles...)
+		}
+	}
+	return files
+}
+
+// leadingFiles are the first of ExtraFiles: MemoryFile and KernelStub, each if set.
+func (c *Config) leadingFiles() []*os.File {
+	var files []*os.File
+	for _, f := range []*os.File{c.MemoryFile, c.KernelStub} {
+		if f != nil {
+			files = append(files, f)
 		}
 	}
 	return files
@@ -621,10 +635,10 @@ func (c *Config) machineArgs() []string {
 	}
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
 	backend := "memory-backend-memfd,id=mem,size=" + mem + ",share=on"
-	if c.Templated {
+	if c.MemoryFile != nil {
 		// The memory file ExtraFiles passes first, opened anew through /proc before QEMU
-		// chroots; shared, so virtiofsd can map it and x-ignore-shared leaves it out of the
-		// saved state.
+		// chroots; shared, so virtiofsd can map it and x-ignore-shared leaves it out of a
+		// template's saved state.
 		backend = "memory-backend-file,id=mem,size=" + mem + ",mem-path=/proc/self/fd/3,share=on"
 	}
 	m := mem
@@ -646,7 +660,12 @@ func (c *Config) bootArgs() []string {
 	if c.Firmware != "" {
 		a = append(a, "-bios", opt(c.Firmware))
 	}
-	a = append(a, "-kernel", opt(c.Kernel))
+	kernel := c.Kernel
+	if c.KernelStub != nil {
+		// The loader stub, the last of ExtraFiles' leading files (preload.go).
+		kernel = "/proc/self/fd/" + strconv.Itoa(2+len(c.leadingFiles()))
+	}
+	a = append(a, "-kernel", opt(kernel))
 	if c.Initrd != "" {
 		a = append(a, "-initrd", opt(c.Initrd))
 	}
@@ -711,13 +730,13 @@ func (c *Config) sharedDirArgs() []string {
 }
 
 // netArgs are a tap netdev and a virtio-net device per NetDevice, the tap files numbered as
-// ExtraFiles passes them (from fd 3). A templated VM's come with templateArgs.
+// ExtraFiles passes them (after its leading files). A templated VM's come with templateArgs.
 func (c *Config) netArgs() []string {
 	if c.Templated {
 		return nil
 	}
 	var a []string
-	fd := 3
+	fd := 3 + len(c.leadingFiles())
 	for _, nd := range c.NetDevices {
 		fds := make([]string, len(nd.TapFiles))
 		for i := range nd.TapFiles {
@@ -766,10 +785,7 @@ func (c *Config) templateNICArgs() []string {
 	if len(c.NetDevices) > 0 && c.NetDevices[0] != nil && c.NetDevices[0].VhostNet {
 		vhost = "on"
 	}
-	fd := 3 // after the memory file, as ExtraFiles passes them
-	if c.MemoryFile != nil {
-		fd++
-	}
+	fd := 3 + len(c.leadingFiles()) // after the memory file, as ExtraFiles passes them
 	return []string{
 		"-netdev", "tap,id=" + templateNetdev + ",vhost=" + vhost + ",fd=" + strconv.Itoa(fd),
 		"-device", "virtio-net-pci,id=" + templateNIC + ",netdev=" + templateNetdev + ",bus=" + templatePort(1) +

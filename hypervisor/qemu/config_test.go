@@ -27,6 +27,7 @@ func baseConfig() Config {
 // The taps are descriptor numbers only: Args and ExtraFiles never touch them.
 var (
 	testTap1, testTap2 = os.NewFile(100, "tap1"), os.NewFile(101, "tap2")
+	testStub           = os.NewFile(103, "stub")
 	testMAC, _         = net.ParseMAC("02:00:00:00:00:01")
 	testMAC2, _        = net.ParseMAC("02:00:00:00:00:02")
 )
@@ -163,6 +164,20 @@ var argsTests = []struct {
 		notWant: []string{"tsc_early_khz"},
 	},
 	{
+		name: "kernel preloaded into the guest RAM",
+		mod: func(c *Config) {
+			c.MemoryFile, c.KernelStub = testMem, testStub
+			c.NetDevices = []*hypervisor.NetDevice{{ID: "eth0", TapFiles: []*os.File{testTap1}}}
+		},
+		want: []string{
+			"-object memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/3,share=on",
+			"-kernel /proc/self/fd/4",
+			"-netdev tap,id=net-eth0,vhost=off,fd=5",
+			"-add-fd fd=6,set=1000,opaque=console",
+		},
+		notWant: []string{"memory-backend-memfd", "/usr/share/podvm/vmlinuz"},
+	},
+	{
 		name: "commas in paths are escaped",
 		mod:  func(c *Config) { c.StateDir = "/run/a,b" },
 		want: []string{"-chardev socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off"},
@@ -210,6 +225,14 @@ func TestExtraFiles(t *testing.T) {
 	if ef := c.ExtraFiles(); len(ef) != 2 || ef[0] != testTap1 || ef[1] != testTap2 {
 		t.Fatalf("ExtraFiles %v", ef)
 	}
+	// A preloaded kernel's guest RAM and stub come first, as Args numbers them.
+	c.MemoryFile, c.KernelStub = testMem, testStub
+	if ef := c.ExtraFiles(); len(ef) != 4 || ef[0] != testMem || ef[1] != testStub || ef[2] != testTap1 || ef[3] != testTap2 {
+		t.Fatalf("ExtraFiles %v", ef)
+	}
+	if c.ConsoleFD() != 7 {
+		t.Fatalf("ConsoleFD %d; want 7", c.ConsoleFD())
+	}
 }
 
 func TestArgsRejectsBadConfig(t *testing.T) {
@@ -246,6 +269,9 @@ func TestArgsRejectsBadConfig(t *testing.T) {
 		}, "NetDevices[1].ID"},
 		{"too many slots", func(c *Config) { c.HotplugSlots = 99 }, "HotplugSlots"},
 		{"negative tsc frequency", func(c *Config) { c.TSCkHz = -1 }, "TSCkHz"},
+		{"memory file without kernel stub", func(c *Config) { c.MemoryFile = testMem }, "MemoryFile/KernelStub"},
+		{"kernel stub without memory file", func(c *Config) { c.KernelStub = testStub }, "MemoryFile/KernelStub"},
+		{"incoming without templated", func(c *Config) { c.Incoming = testMem }, "Incoming"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

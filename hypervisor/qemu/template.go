@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -394,7 +395,7 @@ func sparseCopy(dst, src *os.File, size int64) error {
 			return fmt.Errorf("SEEK_HOLE: %w", err)
 		}
 		hole = min(hole, size)
-		if err := copyRange(dfd, sfd, data, hole-data); err != nil {
+		if err := copyRange(dfd, sfd, data, data, hole-data); err != nil {
 			return err
 		}
 		off = hole
@@ -402,13 +403,12 @@ func sparseCopy(dst, src *os.File, size int64) error {
 	return nil
 }
 
-// copyRange copies n bytes at off from sfd to dfd, in the kernel where it can.
-func copyRange(dfd, sfd int, off, n int64) error {
-	roff, woff := off, off
+// copyRange copies n bytes at roff in sfd to woff in dfd, in the kernel where it can.
+func copyRange(dfd, sfd int, roff, woff, n int64) error {
 	for n > 0 {
 		c, err := unix.CopyFileRange(sfd, &roff, dfd, &woff, int(min(n, 1<<30)), 0)
 		if err != nil {
-			return copyRangeUser(dfd, sfd, roff, n)
+			return copyRangeSendfile(dfd, sfd, roff, woff, n)
 		}
 		if c == 0 {
 			return fmt.Errorf("copy_file_range: short source at %d", roff)
@@ -418,21 +418,43 @@ func copyRange(dfd, sfd int, off, n int64) error {
 	return nil
 }
 
-// copyRangeUser is copyRange through a buffer, where copy_file_range cannot.
-func copyRangeUser(dfd, sfd int, off, n int64) error {
-	buf := make([]byte, 1<<20)
+// copyRangeSendfile is copyRange where copy_file_range cannot (between filesystems): with
+// sendfile, still in the kernel, else through a buffer.
+func copyRangeSendfile(dfd, sfd int, roff, woff, n int64) error {
+	if _, err := unix.Seek(dfd, woff, io.SeekStart); err != nil {
+		return copyRangeUser(dfd, sfd, roff, woff, n)
+	}
 	for n > 0 {
-		r, err := unix.Pread(sfd, buf[:min(n, int64(len(buf)))], off)
+		c, err := unix.Sendfile(dfd, sfd, &roff, int(min(n, 1<<30)))
 		if err != nil {
-			return fmt.Errorf("reading the template memory: %w", err)
+			return copyRangeUser(dfd, sfd, roff, woff, n)
+		}
+		if c == 0 {
+			return fmt.Errorf("sendfile: short source at %d", roff)
+		}
+		woff += int64(c)
+		n -= int64(c)
+	}
+	return nil
+}
+
+// copyRangeUser is copyRange through a buffer, where copy_file_range cannot (between
+// filesystems).
+func copyRangeUser(dfd, sfd int, roff, woff, n int64) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		r, err := unix.Pread(sfd, buf[:min(n, int64(len(buf)))], roff)
+		if err != nil {
+			return fmt.Errorf("reading at %d: %w", roff, err)
 		}
 		if r == 0 {
-			return fmt.Errorf("reading the template memory: short at %d", off)
+			return fmt.Errorf("reading at %d: short source", roff)
 		}
-		if _, err := unix.Pwrite(dfd, buf[:r], off); err != nil {
-			return fmt.Errorf("writing the clone's memory: %w", err)
+		if _, err := unix.Pwrite(dfd, buf[:r], woff); err != nil {
+			return fmt.Errorf("writing at %d: %w", woff, err)
 		}
-		off += int64(r)
+		roff += int64(r)
+		woff += int64(r)
 		n -= int64(r)
 	}
 	return nil

@@ -391,6 +391,52 @@ func TestCloneMemory(t *testing.T) {
 	}
 }
 
+// Each way copyRange may take copies n bytes from one offset of a file to another of the
+// guest memory, wherever the kernel lets it: in the kernel, with sendfile, through a buffer.
+func TestCopyRangeWays(t *testing.T) {
+	src, err := os.Create(filepath.Join(t.TempDir(), "kernel"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	data := bytes.Repeat([]byte("podvm kernel "), 300000) // ~3.7 MiB: several buffer rounds
+	if _, err := src.WriteAt(data, 4096); err != nil {
+		t.Fatal(err)
+	}
+	for name, copyFn := range map[string]func(dfd, sfd int, roff, woff, n int64) error{
+		"copyRange": copyRange, "copyRangeSendfile": copyRangeSendfile, "copyRangeUser": copyRangeUser,
+	} {
+		t.Run(name, func(t *testing.T) {
+			mem, err := newGuestMemory(8 << 20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer mem.Close()
+			const at = 3<<20 + 512
+			if err := copyFn(int(mem.Fd()), int(src.Fd()), 4096+10, at, int64(len(data)-20)); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, len(data))
+			if _, err := mem.ReadAt(got, at-10); err != nil {
+				t.Fatal(err)
+			}
+			want := append(append(make([]byte, 10), data[10:len(data)-10]...), make([]byte, 10)...)
+			if !bytes.Equal(got, want) {
+				t.Errorf("the copy at %#x differs from the source's bytes", at)
+			}
+		})
+	}
+	// A source shorter than asked for is an error, not a short copy.
+	mem, err := newGuestMemory(8 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	if err := copyRange(int(mem.Fd()), int(src.Fd()), 4096, 0, int64(len(data)+8192)); err == nil {
+		t.Error("copying past the source's end: no error")
+	}
+}
+
 // TestFindTemplateNeedsSerial: with the vsock transport there is no template (a clone's CID
 // is not set up), and nothing is made on disk.
 func TestFindTemplateNeedsSerial(t *testing.T) {

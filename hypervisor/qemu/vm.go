@@ -238,6 +238,9 @@ func (v *VM) start(ctx context.Context) error {
 		}
 		cfg.NetDevices = []*hypervisor.NetDevice{{ID: "template", TapFiles: []*os.File{tap}}}
 	}
+	if err := preloadKernel(cfg); err != nil {
+		return err
+	}
 	args, err := cfg.Args()
 	if err != nil {
 		return err

@@ -1,0 +1,244 @@
+package qemu
+
+import (
+	"bytes"
+	"debug/elf"
+	"encoding/binary"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// testSeg is a segment of a test kernel: data at paddr, memsz long (zeros after data).
+type testSeg struct {
+	typ   elf.ProgType
+	paddr uint64
+	data  []byte
+	memsz uint64
+	align uint64
+}
+
+// note is one ELF note (4-byte aligned), as the kernel's .notes has them.
+func note(name string, typ uint32, desc []byte) []byte {
+	var b bytes.Buffer
+	pad := func() {
+		for b.Len()%4 != 0 {
+			b.WriteByte(0)
+		}
+	}
+	for _, v := range []uint32{uint32(len(name) + 1), uint32(len(desc)), typ} {
+		_ = binary.Write(&b, binary.LittleEndian, v)
+	}
+	b.WriteString(name + "\x00")
+	pad()
+	b.Write(desc)
+	pad()
+	return b.Bytes()
+}
+
+// pvhNotes are the notes of a PVH kernel whose entry point is entry.
+func pvhNotes(entry uint64) []byte {
+	desc := binary.LittleEndian.AppendUint64(nil, entry)
+	return append(note("GNU", 3, bytes.Repeat([]byte{0xab}, 20)), note("Xen", xenElfnotePhys32Entry, desc)...)
+}
+
+// writeKernel writes an x86-64 ELF executable with segs, each at a page-aligned file offset,
+// and returns its path.
+func writeKernel(t *testing.T, segs []testSeg) string {
+	t.Helper()
+	var ident [elf.EI_NIDENT]byte
+	copy(ident[:], elf.ELFMAG)
+	ident[elf.EI_CLASS], ident[elf.EI_DATA], ident[elf.EI_VERSION] = byte(elf.ELFCLASS64), byte(elf.ELFDATA2LSB), byte(elf.EV_CURRENT)
+	hdr := elf.Header64{Ident: ident, Type: uint16(elf.ET_EXEC), Machine: uint16(elf.EM_X86_64),
+		Version: uint32(elf.EV_CURRENT), Entry: 0x1000000, Phoff: 64, Ehsize: 64, Phentsize: 56, Phnum: uint16(len(segs))}
+	var progs []elf.Prog64
+	var body bytes.Buffer
+	off := uint64(4096)
+	for _, s := range segs {
+		memsz := max(s.memsz, uint64(len(s.data)))
+		progs = append(progs, elf.Prog64{Type: uint32(s.typ), Flags: uint32(elf.PF_R), Off: off,
+			Vaddr: 0xffffffff80000000 + s.paddr, Paddr: s.paddr, Filesz: uint64(len(s.data)), Memsz: memsz, Align: max(s.align, 4)})
+		body.Write(s.data)
+		for body.Len()%4096 != 0 {
+			body.WriteByte(0)
+		}
+		off = 4096 + uint64(body.Len())
+	}
+	var b bytes.Buffer
+	for _, v := range []any{hdr, progs} {
+		if err := binary.Write(&b, binary.LittleEndian, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.Write(make([]byte, 4096-b.Len()))
+	b.Write(body.Bytes())
+	path := filepath.Join(t.TempDir(), "vmlinux")
+	if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func pattern(n int, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i*7) + seed
+	}
+	return b
+}
+
+// A PVH kernel's segments land in the guest RAM file at their physical addresses (their
+// zero-filled tails zero), and QEMU gets a stub with the kernel's notes and its first page
+// at the same address, sealed.
+func TestPreloadKernel(t *testing.T) {
+	text, data := pattern(3*4096+100, 1), pattern(5000, 2)
+	notes := pvhNotes(0x1000500)
+	path := writeKernel(t, []testSeg{
+		{typ: elf.PT_LOAD, paddr: 0x1000000, data: text, align: 0x200000},
+		{typ: elf.PT_LOAD, paddr: 0x1200000, data: data, memsz: 3 * 4096},
+		{typ: elf.PT_NOTE, paddr: 0x1003000, data: notes},
+	})
+	cfg := &Config{Kernel: path, MemoryMiB: 64}
+	if err := preloadKernel(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.MemoryFile == nil || cfg.KernelStub == nil {
+		t.Fatalf("not preloaded: MemoryFile %v, KernelStub %v", cfg.MemoryFile, cfg.KernelStub)
+	}
+	defer func() { _ = cfg.MemoryFile.Close(); _ = cfg.KernelStub.Close() }()
+
+	st, err := cfg.MemoryFile.Stat()
+	if err != nil || st.Size() != 64<<20 {
+		t.Fatalf("guest RAM file: size %v, %v; want %d", st.Size(), err, 64<<20)
+	}
+	for _, want := range []struct {
+		at   int64
+		data []byte
+	}{{0x1000000, text}, {0x1200000, data}, {0x1200000 + int64(len(data)), make([]byte, 3*4096-len(data))}, {0x1000000 - 4096, make([]byte, 4096)}} {
+		got := make([]byte, len(want.data))
+		if _, err := cfg.MemoryFile.ReadAt(got, want.at); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want.data) {
+			t.Errorf("guest RAM at %#x: not the kernel's bytes", want.at)
+		}
+	}
+
+	stub, err := io.ReadAll(io.NewSectionReader(cfg.KernelStub, 0, 1<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := elf.NewFile(bytes.NewReader(stub))
+	if err != nil {
+		t.Fatalf("the stub is no ELF: %v", err)
+	}
+	if f.Machine != elf.EM_X86_64 || f.Class != elf.ELFCLASS64 || f.Entry != 0x1000000 {
+		t.Errorf("stub header: machine %v class %v entry %#x", f.Machine, f.Class, f.Entry)
+	}
+	var loads, notesSeen int
+	for _, p := range f.Progs {
+		b, _ := io.ReadAll(p.Open())
+		switch p.Type {
+		case elf.PT_LOAD:
+			loads++
+			if p.Paddr != 0x1000000 || p.Filesz != stubPage || p.Memsz != stubPage || !bytes.Equal(b, text[:stubPage]) {
+				t.Errorf("stub segment at %#x, %d/%d bytes: want the kernel's first page", p.Paddr, p.Filesz, p.Memsz)
+			}
+		case elf.PT_NOTE:
+			notesSeen++
+			if !bytes.Equal(b, notes) || !hasXenEntryNote(b, p.Align) {
+				t.Errorf("stub notes differ from the kernel's")
+			}
+		}
+	}
+	if loads != 1 || notesSeen != 1 {
+		t.Errorf("stub has %d loaded and %d note segments; want 1 and 1", loads, notesSeen)
+	}
+	if _, err := cfg.KernelStub.WriteAt([]byte{0}, 0); !errors.Is(err, unix.EPERM) {
+		t.Errorf("writing the stub: %v; want EPERM (sealed)", err)
+	}
+}
+
+// Kernels that are not PVH ELFs, or whose segments are not in low guest RAM, and templated
+// VMs are QEMU's to load: nothing is preloaded.
+func TestPreloadKernelLeftToQEMU(t *testing.T) {
+	page := pattern(4096, 3)
+	bzImage := filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(bzImage, append([]byte("MZ"), pattern(8192, 4)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pvh := writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x1000000, data: page}, {typ: elf.PT_NOTE, data: pvhNotes(0x1000000)}})
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"bzImage", Config{Kernel: bzImage, MemoryMiB: 512}},
+		{"no PVH note", Config{Kernel: writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x1000000, data: page}, {typ: elf.PT_NOTE, data: note("GNU", 3, page[:20])}}), MemoryMiB: 512}},
+		{"below 1 MiB", Config{Kernel: writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x9000, data: page}, {typ: elf.PT_NOTE, data: pvhNotes(0x9000)}}), MemoryMiB: 512}},
+		{"beyond the RAM", Config{Kernel: pvh, MemoryMiB: 16}},
+		{"first segment under a page", Config{Kernel: writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x1000000, data: page[:100]}, {typ: elf.PT_NOTE, data: pvhNotes(0x1000000)}}), MemoryMiB: 512}},
+		{"templated", Config{Kernel: pvh, MemoryMiB: 512, Templated: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			if err := preloadKernel(&cfg); err != nil {
+				t.Fatal(err)
+			}
+			if cfg.MemoryFile != nil || cfg.KernelStub != nil {
+				t.Errorf("preloaded; want the kernel left to QEMU")
+			}
+		})
+	}
+	cfg := Config{Kernel: pvh, MemoryMiB: 512}
+	if err := preloadKernel(&cfg); err != nil || cfg.KernelStub == nil {
+		t.Fatalf("the same kernel in 512 MiB: %v, stub %v; want it preloaded", err, cfg.KernelStub)
+	}
+	_ = cfg.MemoryFile.Close()
+	_ = cfg.KernelStub.Close()
+}
+
+// A kernel that cannot be read, or claims to be an ELF and is none, fails the start and says
+// it is the guest kernel's fault.
+func TestPreloadKernelUnreadable(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "vmlinux")
+	cfg := Config{Kernel: missing, MemoryMiB: 512}
+	if err := preloadKernel(&cfg); err == nil || !strings.Contains(err.Error(), "guest kernel") || !strings.Contains(err.Error(), missing) {
+		t.Errorf("missing kernel: err = %v; want one naming the guest kernel's path", err)
+	}
+	broken := filepath.Join(t.TempDir(), "vmlinux")
+	if err := os.WriteFile(broken, append([]byte(elf.ELFMAG), pattern(100, 5)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg = Config{Kernel: broken, MemoryMiB: 512}
+	if err := preloadKernel(&cfg); err == nil || !strings.Contains(err.Error(), "guest kernel") {
+		t.Errorf("broken ELF: err = %v; want one about the guest kernel", err)
+	}
+	if cfg.MemoryFile != nil || cfg.KernelStub != nil {
+		t.Error("broken ELF: files left in the config")
+	}
+}
+
+// hasXenEntryNote finds Xen's entry note among others and nowhere else.
+func TestHasXenEntryNote(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want bool
+	}{
+		{"after GNU", pvhNotes(0x1000000), true},
+		{"GNU only", note("GNU", 3, make([]byte, 20)), false},
+		{"Xen, other type", note("Xen", 17, make([]byte, 8)), false},
+		{"type 18, other owner", note("Linux", xenElfnotePhys32Entry, make([]byte, 8)), false},
+		{"truncated", pvhNotes(0x1000000)[:30], false},
+		{"empty", nil, false},
+	} {
+		if got := hasXenEntryNote(tc.b, 4); got != tc.want {
+			t.Errorf("%s: %v; want %v", tc.name, got, tc.want)
+		}
+	}
+}
