@@ -90,7 +90,8 @@ func pvhKernel(k io.ReaderAt, ramTop int64) ([]*elf.Prog, []byte, error) {
 	if f.Class != elf.ELFCLASS64 || f.Machine != elf.EM_X86_64 || f.Type != elf.ET_EXEC {
 		return nil, nil, nil
 	}
-	var loads, notes []*elf.Prog
+	var loads []*elf.Prog
+	var notes []noteSegment
 	pvh := false
 	for _, p := range f.Progs {
 		switch p.Type {
@@ -102,11 +103,11 @@ func pvhKernel(k io.ReaderAt, ramTop int64) ([]*elf.Prog, []byte, error) {
 				loads = append(loads, p)
 			}
 		case elf.PT_NOTE:
-			notes = append(notes, p)
 			b, err := io.ReadAll(p.Open())
 			if err != nil {
 				return nil, nil, fmt.Errorf("guest kernel: reading its notes: %w", err)
 			}
+			notes = append(notes, noteSegment{p, b})
 			pvh = pvh || hasXenEntryNote(b, p.Align)
 		}
 	}
@@ -144,21 +145,19 @@ func hasXenEntryNote(b []byte, align uint64) bool {
 	return false
 }
 
+// noteSegment is a note segment of a kernel and its contents.
+type noteSegment struct {
+	*elf.Prog
+	data []byte
+}
+
 // loaderStub is an ELF with f's header, first's first page as its only loaded segment (at
 // first's addresses) and f's notes, each in a note segment as in f.
-func loaderStub(f *elf.File, first *elf.Prog, notes []*elf.Prog) ([]byte, error) {
+func loaderStub(f *elf.File, first *elf.Prog, notes []noteSegment) ([]byte, error) {
 	const ehdrSize, phdrSize = 64, 56
 	page := make([]byte, stubPage)
 	if _, err := first.ReadAt(page, 0); err != nil {
 		return nil, fmt.Errorf("guest kernel: reading its first page: %w", err)
-	}
-	var noteData [][]byte
-	for _, n := range notes {
-		b, err := io.ReadAll(n.Open())
-		if err != nil {
-			return nil, fmt.Errorf("guest kernel: reading its notes: %w", err)
-		}
-		noteData = append(noteData, b)
 	}
 	phnum := 1 + len(notes)
 	if ehdrSize+phnum*phdrSize > stubPage {
@@ -176,14 +175,18 @@ func loaderStub(f *elf.File, first *elf.Prog, notes []*elf.Prog) ([]byte, error)
 		Type: uint32(elf.PT_LOAD), Flags: uint32(first.Flags), Off: stubPage,
 		Vaddr: first.Vaddr, Paddr: first.Paddr, Filesz: stubPage, Memsz: stubPage, Align: stubPage,
 	}}
-	off := uint64(2 * stubPage)
-	for i, n := range notes {
-		size := uint64(len(noteData[i]))
+	// The notes follow the page, each at an offset aligned as its segment is.
+	var tail []byte
+	for _, n := range notes {
+		for a := max(n.Align, 1); uint64(len(tail))%a != 0; {
+			tail = append(tail, 0)
+		}
+		size := uint64(len(n.data))
 		progs = append(progs, elf.Prog64{
-			Type: uint32(elf.PT_NOTE), Flags: uint32(n.Flags), Off: off,
+			Type: uint32(elf.PT_NOTE), Flags: uint32(n.Flags), Off: 2*stubPage + uint64(len(tail)),
 			Vaddr: n.Vaddr, Paddr: n.Paddr, Filesz: size, Memsz: size, Align: n.Align,
 		})
-		off += size
+		tail = append(tail, n.data...)
 	}
 	var b bytes.Buffer
 	for _, v := range []any{hdr, progs} {
@@ -193,9 +196,7 @@ func loaderStub(f *elf.File, first *elf.Prog, notes []*elf.Prog) ([]byte, error)
 	}
 	b.Write(make([]byte, stubPage-b.Len()))
 	b.Write(page)
-	for _, d := range noteData {
-		b.Write(d)
-	}
+	b.Write(tail)
 	return b.Bytes(), nil
 }
 
