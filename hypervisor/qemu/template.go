@@ -438,8 +438,8 @@ func copyRangeSendfile(dfd, sfd int, roff, woff, n int64) error {
 	return nil
 }
 
-// copyRangeUser is copyRange through a buffer, where copy_file_range cannot (between
-// filesystems).
+// copyRangeUser is copyRange through a buffer, where neither copy_file_range nor sendfile
+// can.
 func copyRangeUser(dfd, sfd int, roff, woff, n int64) error {
 	buf := make([]byte, min(n, 1<<20))
 	for n > 0 {
