@@ -10,6 +10,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/internal/pvh"
 )
 
 // A booted VM's kernel is copied into its guest RAM by the driver, not by QEMU.
@@ -23,9 +25,6 @@ import (
 // loader stub: an ELF with the kernel's notes (QEMU reads the PVH entry point from them) and
 // one segment, the kernel's first page, which QEMU copies over the identical page already
 // there. The guest then boots as before from the same bytes at the same addresses.
-
-// xenElfnotePhys32Entry is the Xen ELF note type of the PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY).
-const xenElfnotePhys32Entry = 18
 
 // preloadLowRAM bounds where a preloaded kernel's segments may lie: guest RAM below 4 GiB
 // starts at offset 0 of the memory file at any size up to 2 GiB (q35 keeps at least that
@@ -92,7 +91,7 @@ func pvhKernel(k io.ReaderAt, ramTop int64) ([]*elf.Prog, []byte, error) {
 	}
 	var loads []*elf.Prog
 	var notes []noteSegment
-	pvh := false
+	entry := false
 	for _, p := range f.Progs {
 		switch p.Type {
 		case elf.PT_LOAD:
@@ -108,10 +107,10 @@ func pvhKernel(k io.ReaderAt, ramTop int64) ([]*elf.Prog, []byte, error) {
 				return nil, nil, fmt.Errorf("guest kernel: reading its notes: %w", err)
 			}
 			notes = append(notes, noteSegment{p, b})
-			pvh = pvh || hasXenEntryNote(b, p.Align)
+			entry = entry || pvh.NotesHave(b, f.ByteOrder, "Xen", pvh.XenPhys32EntryNote)
 		}
 	}
-	if !pvh || len(loads) == 0 || loads[0].Filesz < stubPage {
+	if !entry || len(loads) == 0 || loads[0].Filesz < stubPage {
 		return nil, nil, nil
 	}
 	stub, err := loaderStub(f, loads[0], notes)
@@ -119,30 +118,6 @@ func pvhKernel(k io.ReaderAt, ramTop int64) ([]*elf.Prog, []byte, error) {
 		return nil, nil, err
 	}
 	return loads, stub, nil
-}
-
-// hasXenEntryNote reports whether the ELF notes b (aligned to align) hold Xen's PVH entry.
-func hasXenEntryNote(b []byte, align uint64) bool {
-	align = max(align, 4)
-	up := func(n uint64) uint64 { return (n + align - 1) &^ (align - 1) }
-	for len(b) >= 12 {
-		namesz := uint64(binary.LittleEndian.Uint32(b[0:]))
-		descsz := uint64(binary.LittleEndian.Uint32(b[4:]))
-		typ := binary.LittleEndian.Uint32(b[8:])
-		if 12+up(namesz) > uint64(len(b)) {
-			return false
-		}
-		name := b[12 : 12+namesz]
-		if typ == xenElfnotePhys32Entry && string(bytes.TrimRight(name, "\x00")) == "Xen" && descsz >= 4 {
-			return true
-		}
-		next := 12 + up(namesz) + up(descsz)
-		if next > uint64(len(b)) {
-			return false
-		}
-		b = b[next:]
-	}
-	return false
 }
 
 // noteSegment is a note segment of a kernel and its contents.

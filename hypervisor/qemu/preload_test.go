@@ -12,78 +12,28 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/internal/pvh"
+	"github.com/podvm/podvm/internal/testutil"
 )
-
-// testSeg is a segment of a test kernel: data at paddr, memsz long (zeros after data).
-type testSeg struct {
-	typ   elf.ProgType
-	paddr uint64
-	data  []byte
-	memsz uint64
-	align uint64
-}
-
-// note is one ELF note (4-byte aligned), as the kernel's .notes has them.
-func note(name string, typ uint32, desc []byte) []byte {
-	var b bytes.Buffer
-	pad := func() {
-		for b.Len()%4 != 0 {
-			b.WriteByte(0)
-		}
-	}
-	for _, v := range []uint32{uint32(len(name) + 1), uint32(len(desc)), typ} {
-		_ = binary.Write(&b, binary.LittleEndian, v)
-	}
-	b.WriteString(name + "\x00")
-	pad()
-	b.Write(desc)
-	pad()
-	return b.Bytes()
-}
 
 // pvhNotes are the notes of a PVH kernel whose entry point is entry.
 func pvhNotes(entry uint64) []byte {
 	desc := binary.LittleEndian.AppendUint64(nil, entry)
-	return append(note("GNU", 3, bytes.Repeat([]byte{0xab}, 20)), note("Xen", xenElfnotePhys32Entry, desc)...)
+	return append(testutil.ELFNote("GNU", 3, bytes.Repeat([]byte{0xab}, 20)), testutil.ELFNote("Xen", pvh.XenPhys32EntryNote, desc)...)
 }
 
-// writeKernel writes an x86-64 ELF executable with segs, each at a page-aligned file offset,
-// and returns its path.
-func writeKernel(t *testing.T, segs []testSeg) string {
+// writeKernel writes an x86-64 ELF executable with segs and returns its path.
+func writeKernel(t *testing.T, segs []testutil.ELFSegment) string {
 	t.Helper()
-	var ident [elf.EI_NIDENT]byte
-	copy(ident[:], elf.ELFMAG)
-	ident[elf.EI_CLASS], ident[elf.EI_DATA], ident[elf.EI_VERSION] = byte(elf.ELFCLASS64), byte(elf.ELFDATA2LSB), byte(elf.EV_CURRENT)
-	hdr := elf.Header64{Ident: ident, Type: uint16(elf.ET_EXEC), Machine: uint16(elf.EM_X86_64),
-		Version: uint32(elf.EV_CURRENT), Entry: 0x1000000, Phoff: 64, Ehsize: 64, Phentsize: 56, Phnum: uint16(len(segs))}
-	var progs []elf.Prog64
-	var body bytes.Buffer
-	off := uint64(4096)
-	for _, s := range segs {
-		memsz := max(s.memsz, uint64(len(s.data)))
-		progs = append(progs, elf.Prog64{Type: uint32(s.typ), Flags: uint32(elf.PF_R), Off: off,
-			Vaddr: 0xffffffff80000000 + s.paddr, Paddr: s.paddr, Filesz: uint64(len(s.data)), Memsz: memsz, Align: max(s.align, 4)})
-		body.Write(s.data)
-		for body.Len()%4096 != 0 {
-			body.WriteByte(0)
-		}
-		off = 4096 + uint64(body.Len())
-	}
-	var b bytes.Buffer
-	for _, v := range []any{hdr, progs} {
-		if err := binary.Write(&b, binary.LittleEndian, v); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b.Write(make([]byte, 4096-b.Len()))
-	b.Write(body.Bytes())
 	path := filepath.Join(t.TempDir(), "vmlinux")
-	if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+	if err := os.WriteFile(path, testutil.ELF(0x1000000, segs), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return path
 }
 
+// pattern is n bytes of a pattern that seed sets apart from another's and from zeros.
 func pattern(n int, seed byte) []byte {
 	b := make([]byte, n)
 	for i := range b {
@@ -97,13 +47,14 @@ func pattern(n int, seed byte) []byte {
 // at the same address, sealed.
 func TestPreloadKernel(t *testing.T) {
 	text, data := pattern(3*4096+100, 1), pattern(5000, 2)
-	// Two note segments, the first 6 bytes off an 8-byte boundary: the stub keeps each.
-	notes := [][]byte{append(note("Linux", 1, []byte{1, 2}), 0, 0), pvhNotes(0x1000500)}
-	path := writeKernel(t, []testSeg{
-		{typ: elf.PT_LOAD, paddr: 0x1000000, data: text, align: 0x200000},
-		{typ: elf.PT_LOAD, paddr: 0x1200000, data: data, memsz: 3 * 4096},
-		{typ: elf.PT_NOTE, paddr: 0x1002000, data: notes[0], align: 8},
-		{typ: elf.PT_NOTE, paddr: 0x1003000, data: notes[1]},
+	// Two note segments, the first 26 bytes long: the stub keeps each, the second at an
+	// offset padded to its 4-byte alignment.
+	notes := [][]byte{append(testutil.ELFNote("Linux", 1, []byte{1, 2}), 0, 0), pvhNotes(0x1000500)}
+	path := writeKernel(t, []testutil.ELFSegment{
+		{Type: elf.PT_LOAD, Paddr: 0x1000000, Data: text, Align: 0x200000},
+		{Type: elf.PT_LOAD, Paddr: 0x1200000, Data: data, Memsz: 3 * 4096},
+		{Type: elf.PT_NOTE, Paddr: 0x1002000, Data: notes[0], Align: 8},
+		{Type: elf.PT_NOTE, Paddr: 0x1003000, Data: notes[1]},
 	})
 	cfg := &Config{Kernel: path, MemoryMiB: 64}
 	if err := preloadKernel(cfg); err != nil {
@@ -155,6 +106,9 @@ func TestPreloadKernel(t *testing.T) {
 			if notesSeen < len(notes) && !bytes.Equal(b, notes[notesSeen]) {
 				t.Errorf("stub note segment %d differs from the kernel's", notesSeen)
 			}
+			if !pvh.NotesHave(b, binary.LittleEndian, "Xen", pvh.XenPhys32EntryNote) && notesSeen == 1 {
+				t.Errorf("stub note segment %d has no PVH entry", notesSeen)
+			}
 			if p.Off%p.Align != 0 {
 				t.Errorf("stub note segment %d at offset %d, not aligned to %d", notesSeen, p.Off, p.Align)
 			}
@@ -177,16 +131,16 @@ func TestPreloadKernelLeftToQEMU(t *testing.T) {
 	if err := os.WriteFile(bzImage, append([]byte("MZ"), pattern(8192, 4)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	pvh := writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x1000000, data: page}, {typ: elf.PT_NOTE, data: pvhNotes(0x1000000)}})
+	pvh := writeKernel(t, []testutil.ELFSegment{{Type: elf.PT_LOAD, Paddr: 0x1000000, Data: page}, {Type: elf.PT_NOTE, Data: pvhNotes(0x1000000)}})
 	for _, tc := range []struct {
 		name string
 		cfg  Config
 	}{
 		{"bzImage", Config{Kernel: bzImage, MemoryMiB: 512}},
-		{"no PVH note", Config{Kernel: writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x1000000, data: page}, {typ: elf.PT_NOTE, data: note("GNU", 3, page[:20])}}), MemoryMiB: 512}},
-		{"below 1 MiB", Config{Kernel: writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x9000, data: page}, {typ: elf.PT_NOTE, data: pvhNotes(0x9000)}}), MemoryMiB: 512}},
+		{"no PVH note", Config{Kernel: writeKernel(t, []testutil.ELFSegment{{Type: elf.PT_LOAD, Paddr: 0x1000000, Data: page}, {Type: elf.PT_NOTE, Data: testutil.ELFNote("GNU", 3, page[:20])}}), MemoryMiB: 512}},
+		{"below 1 MiB", Config{Kernel: writeKernel(t, []testutil.ELFSegment{{Type: elf.PT_LOAD, Paddr: 0x9000, Data: page}, {Type: elf.PT_NOTE, Data: pvhNotes(0x9000)}}), MemoryMiB: 512}},
 		{"beyond the RAM", Config{Kernel: pvh, MemoryMiB: 16}},
-		{"first segment under a page", Config{Kernel: writeKernel(t, []testSeg{{typ: elf.PT_LOAD, paddr: 0x1000000, data: page[:100]}, {typ: elf.PT_NOTE, data: pvhNotes(0x1000000)}}), MemoryMiB: 512}},
+		{"first segment under a page", Config{Kernel: writeKernel(t, []testutil.ELFSegment{{Type: elf.PT_LOAD, Paddr: 0x1000000, Data: page[:100]}, {Type: elf.PT_NOTE, Data: pvhNotes(0x1000000)}}), MemoryMiB: 512}},
 		{"templated", Config{Kernel: pvh, MemoryMiB: 512, Templated: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -225,25 +179,5 @@ func TestPreloadKernelUnreadable(t *testing.T) {
 	}
 	if cfg.MemoryFile != nil || cfg.KernelStub != nil {
 		t.Error("broken ELF: files left in the config")
-	}
-}
-
-// hasXenEntryNote finds Xen's entry note among others and nowhere else.
-func TestHasXenEntryNote(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		b    []byte
-		want bool
-	}{
-		{"after GNU", pvhNotes(0x1000000), true},
-		{"GNU only", note("GNU", 3, make([]byte, 20)), false},
-		{"Xen, other type", note("Xen", 17, make([]byte, 8)), false},
-		{"type 18, other owner", note("Linux", xenElfnotePhys32Entry, make([]byte, 8)), false},
-		{"truncated", pvhNotes(0x1000000)[:30], false},
-		{"empty", nil, false},
-	} {
-		if got := hasXenEntryNote(tc.b, 4); got != tc.want {
-			t.Errorf("%s: %v; want %v", tc.name, got, tc.want)
-		}
 	}
 }
