@@ -147,7 +147,7 @@ func TestSandboxTemplateOff(t *testing.T) {
 func TestSandboxRestoreFailureKeepsTemplate(t *testing.T) {
 	r := newRig(t)
 	r.template = &hypervisor.FakeTemplate{ID: "k1"}
-	r.vm.StartErr = errors.New("virtiofsd exited before listening")
+	r.vm.StartErr = errors.New("virtiofsd exited (exit status 1)")
 	if _, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns); err == nil {
 		t.Fatal("create succeeded with a VM that did not start")
 	}

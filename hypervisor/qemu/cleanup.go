@@ -12,9 +12,9 @@ import (
 )
 
 // Cleanup stops what a VM with this state dir may have left behind when its owner died:
-// the QEMU and virtiofsd recorded in the pidfiles (only after checking that
-// /proc/<pid>/cmdline really is that process for this state dir), virtiofsd's lock file and
-// the SharedDir bind mount. It does not remove the state dir. Calling it on a clean or
+// the QEMU and virtiofsd recorded in the pidfiles (only after checking that the pid really
+// is that process for this state dir), the lock file of a C virtiofsd started by an earlier
+// podvm and the SharedDir bind mount. It does not remove the state dir. Calling it on a clean or
 // missing dir is a no-op.
 func Cleanup(ctx context.Context, stateDir string) error {
 	if !filepath.IsAbs(stateDir) {
@@ -22,10 +22,17 @@ func Cleanup(ctx context.Context, stateDir string) error {
 	}
 	var errs []error
 	procs := []struct {
-		pidFile, binary, marker string
+		pidFile, binary string
+		mine            func(pid int) bool
 	}{
-		{QEMUPidFile, "qemu", filepath.Join(stateDir, QEMUPidFile)},
-		{VirtiofsdPid, "virtiofsd", filepath.Join(stateDir, VirtiofsdSocket)},
+		{QEMUPidFile, "qemu", func(pid int) bool {
+			return processIs(pid, "qemu", filepath.Join(stateDir, QEMUPidFile))
+		}},
+		// virtiofsd's command line names no path of the state dir (its socket is a
+		// descriptor); its stderr is the VM's virtiofsd log.
+		{VirtiofsdPid, "virtiofsd", func(pid int) bool {
+			return processLogsTo(pid, "virtiofsd", filepath.Join(stateDir, VirtiofsdLog))
+		}},
 	}
 	for _, p := range procs {
 		pidFile := filepath.Join(stateDir, p.pidFile)
@@ -37,7 +44,7 @@ func Cleanup(ctx context.Context, stateDir string) error {
 		if pid == 0 {
 			continue
 		}
-		if processIs(pid, p.binary, p.marker) {
+		if p.mine(pid) {
 			log.G(ctx).WithField("pid", pid).WithField("binary", p.binary).Info("killing leftover process")
 			if pgid, err := syscall.Getpgid(pid); err == nil && pgid == pid {
 				// virtiofsd's sandboxed child too; killAndWait below checks the process itself.

@@ -51,11 +51,7 @@ func processArgs(pid int) []string {
 // a recycled pid is never mistaken for ours.
 func processIs(pid int, binary, marker string) bool {
 	args := processArgs(pid)
-	if len(args) == 0 {
-		return false
-	}
-	base := args[0][strings.LastIndexByte(args[0], '/')+1:]
-	if !strings.Contains(base, binary) {
+	if !runs(args, binary) {
 		return false
 	}
 	for _, a := range args[1:] {
@@ -64,6 +60,23 @@ func processIs(pid int, binary, marker string) bool {
 		}
 	}
 	return false
+}
+
+// runs reports whether a process with command line args runs binary: argv[0]'s base name
+// contains it.
+func runs(args []string, binary string) bool {
+	return len(args) > 0 && strings.Contains(args[0][strings.LastIndexByte(args[0], '/')+1:], binary)
+}
+
+// processLogsTo reports whether pid is alive, its argv[0]'s base name contains binary, and
+// its stderr is the file logPath (which the shim opened for it in the state dir), so a
+// recycled pid is never mistaken for ours.
+func processLogsTo(pid int, binary, logPath string) bool {
+	if !runs(processArgs(pid), binary) {
+		return false
+	}
+	target, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/fd/2")
+	return err == nil && target == logPath
 }
 
 // killAndWait SIGKILLs pid (not our child, so it cannot be waited for) and polls until it

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -198,6 +199,7 @@ func TestRealVM(t *testing.T) {
 	})
 	t.Logf("kernel output after %s", time.Since(start))
 	checkVirtiofsdCaps(t, v.fs.pid())
+	checkVirtiofsdSocketHandedOver(t, v.fs.pid(), testDir)
 
 	conn, err := v.DialAgent(ctx)
 	if err != nil {
@@ -370,6 +372,76 @@ func TestRealStartFailureCleansUp(t *testing.T) {
 	}
 	if err := v.Stop(ctx); err != nil {
 		t.Fatalf("Stop after failed Start: %v", err)
+	}
+}
+
+// TestRealVirtiofsdSlowOrFailing: QEMU starts while virtiofsd does. A virtiofsd slow to
+// start holds QEMU up, not the start; one that fails fails the start with its own
+// complaint, and nothing is left behind.
+func TestRealVirtiofsdSlowOrFailing(t *testing.T) {
+	kernel := requireReal(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	cfg := realConfig(t, kernel)
+	cfg.VirtiofsdPath = slowVirtiofsd(t, time.Second)
+	v := newRealVM(t, cfg)
+	start := time.Now()
+	if err := v.Start(ctx); err != nil {
+		t.Fatalf("Start with a virtiofsd that takes a second to start: %v", err)
+	}
+	// QEMU answers its monitor only once it has created the virtio-fs device, which is
+	// once virtiofsd has answered on the socket.
+	if took := time.Since(start); took < time.Second {
+		t.Errorf("started in %s, before virtiofsd could answer", took)
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg = realConfig(t, kernel)
+	cfg.VirtiofsdPath = failingVirtiofsd(t)
+	v = newRealVM(t, cfg)
+	err := v.Start(ctx)
+	if err == nil {
+		_ = v.Stop(ctx)
+		t.Fatal("Start with a virtiofsd that fails succeeded")
+	}
+	t.Logf("Start error: %v", err)
+	for _, want := range []string{"virtiofsd exited", "fake virtiofsd: refusing to start"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q: %v", want, err)
+		}
+	}
+	if l := leftovers(t, filepath.Dir(cfg.StateDir)); len(l) > 0 {
+		t.Fatalf("left behind: %v", l)
+	}
+}
+
+// slowVirtiofsd is the real virtiofsd, started after delay.
+func slowVirtiofsd(t *testing.T, delay time.Duration) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "virtiofsd")
+	script := "#!/bin/sh\n" +
+		"if [ \"$1\" != --help ]; then sleep " + strconv.FormatFloat(delay.Seconds(), 'f', -1, 64) + "; fi\n" +
+		"exec " + findVirtiofsd() + " \"$@\"\n"
+	if err := os.WriteFile(p, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// checkVirtiofsdSocketHandedOver: virtiofsd gets its socket as a descriptor (the shim
+// listens on it before QEMU starts), so its command line names no socket, and the C
+// virtiofsd keeps no lock file for it.
+func checkVirtiofsdSocketHandedOver(t *testing.T, pid int, dir string) {
+	t.Helper()
+	args := processArgs(pid)
+	if !slices.Contains(args, "--fd=3") || slices.ContainsFunc(args, func(a string) bool { return strings.Contains(a, "socket-path") }) {
+		t.Errorf("virtiofsd's command line %q: want --fd=3 and no --socket-path", args)
+	}
+	if locks := VirtiofsdLockFiles(dir); len(locks) > 0 {
+		t.Errorf("virtiofsd keeps lock files: %v", locks)
 	}
 }
 

@@ -50,7 +50,7 @@ func TestRealTemplate(t *testing.T) {
 	cfg.ID = "clone-nofs"
 	cfg.StateDir = filepath.Join(filepath.Dir(base.StateDir), cfg.ID)
 	cfg.VirtiofsdPath = failingVirtiofsd(t)
-	restoreFails(ctx, t, tmpl, cfg, "virtiofsd exited before listening", "fake virtiofsd: refusing to start")
+	restoreFails(ctx, t, tmpl, cfg, "virtiofsd exited", "fake virtiofsd: refusing to start")
 	for _, l := range leftovers(t, filepath.Dir(base.StateDir)) {
 		t.Errorf("leak: %s", l)
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
 )
 
 // virtiofsdFlavor is which virtiofsd implementation a binary is; their command lines differ.
@@ -72,14 +73,20 @@ const virtiofsdDropCaps = "-mknod:-setfcap"
 // (a configMap's update, a file rewritten in place) as soon as with auto.
 const keepMetadataTimeout = "1"
 
-// virtiofsdArgs builds virtiofsd's argv (without argv[0]) for the given flavor.
+// virtiofsdListenFD is the descriptor virtiofsd finds its listening socket at (the first of
+// exec.Cmd's ExtraFiles).
+const virtiofsdListenFD = 3
+
+// virtiofsdArgs builds virtiofsd's argv (without argv[0]) for the given flavor. virtiofsd
+// gets its socket bound and listening already, as virtiofsdListenFD (listenUnix).
 //
 // Cache mode "keep" is virtiofsd's always (the guest keeps a file's pages across opens) with
 // auto's metadata timeout: once a second is up the guest looks the file up again, and a
 // changed size or mtime drops the pages it kept. auto drops them at every open instead, and
 // under TCG a page read anew is code translated anew: each exec of a container's binary read
 // and translated it again. The Rust virtiofsd has no timeout option, so there "keep" is auto.
-func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug bool) ([]string, error) {
+func virtiofsdArgs(f virtiofsdFlavor, sharedDir, cache string, debug bool) ([]string, error) {
+	fd := "--fd=" + strconv.Itoa(virtiofsdListenFD)
 	switch f {
 	case virtiofsdC:
 		var timeout []string
@@ -90,7 +97,7 @@ func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug
 			cache, timeout = "always", []string{"-o", "timeout=" + keepMetadataTimeout}
 		}
 		a := append([]string{
-			"--socket-path=" + socketPath,
+			fd,
 			"-o", "source=" + sharedDir,
 			"-o", "cache=" + cache,
 		}, timeout...)
@@ -109,7 +116,7 @@ func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug
 			cache = "auto"
 		}
 		a := []string{
-			"--socket-path", socketPath,
+			fd,
 			"--shared-dir", sharedDir,
 			"--cache", cache,
 			"--announce-submounts",
@@ -127,16 +134,17 @@ func virtiofsdArgs(f virtiofsdFlavor, socketPath, sharedDir, cache string, debug
 
 // virtiofsd is a running virtiofsd process.
 type virtiofsd struct {
-	cmd  *exec.Cmd
-	sock string
-	done chan struct{}
-	err  error // exit status, valid after done
+	cmd     *exec.Cmd
+	logPath string
+	done    chan struct{}
+	err     error // exit status, valid after done
 }
 
 // virtiofsdLockDir is where the C virtiofsd keeps a lock file per socket path
 // (<localstatedir>/run/virtiofsd, /var/run being /run): a pidfile named after the path, its
-// slashes turned into dots, which it takes so that no second virtiofsd serves the same
-// socket, and never removes. A node that starts a pod VM per pod would gather one per pod.
+// slashes turned into dots, which it never removes. It makes one only when it binds the
+// socket itself (--socket-path); podvm hands it the socket (--fd) since 2026-12-07, so only
+// a VM started by an earlier podvm can have left one.
 const virtiofsdLockDir = "/var/run/virtiofsd"
 
 // virtiofsdLockName is the C virtiofsd's name for path in virtiofsdLockDir.
@@ -149,9 +157,8 @@ func VirtiofsdLockFiles(dir string) []string {
 	return locks
 }
 
-// removeVirtiofsdLock removes the lock file a C virtiofsd on socket sock left behind, once
-// it has exited. The directory is root's; no guest reaches it. The Rust virtiofsd keeps no
-// such file, so there is nothing to remove.
+// removeVirtiofsdLock removes the lock file a C virtiofsd of an earlier podvm left for
+// socket sock. The directory is root's; no guest reaches it.
 func removeVirtiofsdLock(sock string) error {
 	err := os.Remove(filepath.Join(virtiofsdLockDir, virtiofsdLockName(sock)+".pid"))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -160,26 +167,48 @@ func removeVirtiofsdLock(sock string) error {
 	return nil
 }
 
-// startVirtiofsd starts virtiofsd for cfg and waits until its socket listens.
-func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
+// listenUnix binds a unix socket at path and listens on it. The shim makes virtiofsd's
+// socket itself and hands it over: QEMU can connect as soon as it is launched, and its
+// connection waits in the backlog until virtiofsd, started meanwhile, accepts it. So
+// virtiofsd's start is off a booted VM's path to its QEMU. The caller's copy must be closed
+// once virtiofsd has its own (startVirtiofsd does): then virtiofsd's exit closes the socket,
+// and a QEMU waiting on it fails instead of waiting for ever.
+func listenUnix(path string) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("virtiofsd socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("binding virtiofsd socket %s: %w", path, err)
+	}
+	if err := unix.Listen(fd, 1); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("listening on virtiofsd socket %s: %w", path, err)
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// startVirtiofsd starts virtiofsd for cfg on the listening socket l, which it closes.
+func startVirtiofsd(ctx context.Context, cfg *Config, l *os.File) (*virtiofsd, error) {
+	defer func() { _ = l.Close() }() // virtiofsd has its own copy, or failed to start
 	flavor, err := detectVirtiofsdFlavor(ctx, cfg.VirtiofsdPath)
 	if err != nil {
 		return nil, err
 	}
-	sock := cfg.path(VirtiofsdSocket)
-	args, err := virtiofsdArgs(flavor, sock, cfg.SharedDir, cfg.VirtiofsCache, cfg.Debug)
+	args, err := virtiofsdArgs(flavor, cfg.SharedDir, cfg.VirtiofsCache, cfg.Debug)
 	if err != nil {
 		return nil, err
 	}
-	// Best effort: virtiofsd binds anew and says in its log if it cannot.
-	_ = os.Remove(sock)
-	logf, err := os.OpenFile(cfg.path(VirtiofsdLog), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	logPath := cfg.path(VirtiofsdLog)
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("creating virtiofsd log: %w", err)
 	}
 	defer func() { _ = logf.Close() }() // virtiofsd writes to its own copy
 	cmd := exec.Command(cfg.VirtiofsdPath, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{l} // virtiofsdListenFD
 	cmd.SysProcAttr = childProcAttr()
 	log.G(ctx).WithField("flavor", flavor).WithField("args", args).Debug("starting virtiofsd")
 	start := cmd.Start
@@ -191,7 +220,7 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 	if err := start(); err != nil {
 		return nil, fmt.Errorf("starting virtiofsd %s: %w", cfg.VirtiofsdPath, err)
 	}
-	v := &virtiofsd{cmd: cmd, sock: sock, done: make(chan struct{})}
+	v := &virtiofsd{cmd: cmd, logPath: logPath, done: make(chan struct{})}
 	go func() {
 		v.err = cmd.Wait()
 		close(v.done)
@@ -199,63 +228,30 @@ func startVirtiofsd(ctx context.Context, cfg *Config) (*virtiofsd, error) {
 	if err := writePidFile(cfg.path(VirtiofsdPid), cmd.Process.Pid); err != nil {
 		return nil, errors.Join(err, v.stop(ctx))
 	}
-	if err := v.waitListening(ctx, sock, cfg.path(VirtiofsdLog)); err != nil {
-		return nil, errors.Join(err, v.stop(ctx))
-	}
 	return v, nil
 }
 
 func (v *virtiofsd) pid() int { return v.cmd.Process.Pid }
 
-func (v *virtiofsd) waitListening(ctx context.Context, sock, logPath string) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	t := time.NewTicker(5 * time.Millisecond)
+// exited says how virtiofsd ended, with the end of its log, if it has exited within wait;
+// nil while it runs. A QEMU that failed at its start may have failed for virtiofsd's exit
+// (it closed the socket QEMU was connected to), and then virtiofsd's complaint is the one
+// to read.
+func (v *virtiofsd) exited(wait time.Duration) error {
+	t := time.NewTimer(wait)
 	defer t.Stop()
-	for {
-		if listening, err := unixSocketListening(sock); err != nil {
-			return err
-		} else if listening {
-			return nil
-		}
-		select {
-		case <-v.done:
-			return fmt.Errorf("virtiofsd exited before listening (%v): %s", v.err, logTail(logPath))
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for virtiofsd socket %s: %w: %s", sock, ctx.Err(), logTail(logPath))
-		case <-t.C:
-		}
+	select {
+	case <-v.done:
+		return fmt.Errorf("virtiofsd exited (%v): %s", v.err, logTail(v.logPath))
+	case <-t.C:
+		return nil
 	}
-}
-
-// unixSocketListening reports whether a listening unix socket is bound to path, without
-// connecting to it (virtiofsd serves exactly one connection, QEMU's).
-func unixSocketListening(path string) (bool, error) {
-	b, err := os.ReadFile("/proc/net/unix")
-	if err != nil {
-		return false, fmt.Errorf("reading /proc/net/unix: %w", err)
-	}
-	const soAcceptCon = 0x10000
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		// Num RefCount Protocol Flags Type St Inode Path
-		if len(f) < 8 || f[7] != path {
-			continue
-		}
-		if flags, err := strconv.ParseUint(f[3], 16, 32); err == nil && flags&soAcceptCon != 0 {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 // stop terminates virtiofsd: SIGTERM, then SIGKILL after a short grace or when ctx ends. It
 // returns once its whole process group is gone: the C virtiofsd forks into its sandbox, and
-// that child can outlive the parent by a moment. Then it removes virtiofsd's lock file.
-func (v *virtiofsd) stop(ctx context.Context) error {
-	err := v.terminate(ctx)
-	return errors.Join(err, removeVirtiofsdLock(v.sock))
-}
+// that child can outlive the parent by a moment.
+func (v *virtiofsd) stop(ctx context.Context) error { return v.terminate(ctx) }
 
 func (v *virtiofsd) terminate(ctx context.Context) error {
 	select {

@@ -16,27 +16,27 @@ func TestVirtiofsdArgs(t *testing.T) {
 		want   []string
 	}{
 		{"C auto", virtiofsdC, "auto", false, []string{
-			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=auto",
+			"--fd=3", "-o", "source=/shared", "-o", "cache=auto",
 			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1"}},
 		{"C keep is always with auto's timeout", virtiofsdC, "keep", false, []string{
-			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=always", "-o", "timeout=1",
+			"--fd=3", "-o", "source=/shared", "-o", "cache=always", "-o", "timeout=1",
 			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1"}},
 		{"Rust keep is auto", virtiofsdRust, "keep", false, []string{
-			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "auto",
+			"--fd=3", "--shared-dir", "/shared", "--cache", "auto",
 			"--announce-submounts", "--sandbox", "namespace", "--modcaps=-mknod:-setfcap", "--thread-pool-size", "1"}},
 		{"C never is none", virtiofsdC, "never", true, []string{
-			"--socket-path=/s/virtiofsd.sock", "-o", "source=/shared", "-o", "cache=none",
+			"--fd=3", "-o", "source=/shared", "-o", "cache=none",
 			"-o", "announce_submounts", "-o", "sandbox=namespace", "-o", "modcaps=-mknod:-setfcap", "--thread-pool-size=1", "-o", "log_level=debug"}},
 		{"Rust never", virtiofsdRust, "never", false, []string{
-			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "never",
+			"--fd=3", "--shared-dir", "/shared", "--cache", "never",
 			"--announce-submounts", "--sandbox", "namespace", "--modcaps=-mknod:-setfcap", "--thread-pool-size", "1"}},
 		{"Rust always debug", virtiofsdRust, "always", true, []string{
-			"--socket-path", "/s/virtiofsd.sock", "--shared-dir", "/shared", "--cache", "always",
+			"--fd=3", "--shared-dir", "/shared", "--cache", "always",
 			"--announce-submounts", "--sandbox", "namespace", "--modcaps=-mknod:-setfcap", "--thread-pool-size", "1", "--log-level", "debug"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := virtiofsdArgs(tt.flavor, "/s/virtiofsd.sock", "/shared", tt.cache, tt.debug)
+			got, err := virtiofsdArgs(tt.flavor, "/shared", tt.cache, tt.debug)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -45,7 +45,7 @@ func TestVirtiofsdArgs(t *testing.T) {
 			}
 		})
 	}
-	if _, err := virtiofsdArgs(0, "/s", "/d", "auto", false); err == nil {
+	if _, err := virtiofsdArgs(0, "/d", "auto", false); err == nil {
 		t.Fatal("unknown flavor accepted")
 	}
 }

@@ -248,25 +248,22 @@ func (v *VM) start(ctx context.Context) error {
 	if err := prepareStateDir(cfg); err != nil {
 		return err
 	}
+	// virtiofsd starts beside QEMU: its socket listens from here on (listenUnix), and QEMU,
+	// which connects to it as it creates a booted VM's device or when a clone's is
+	// hot-plugged, waits in the socket's backlog until virtiofsd takes the connection.
 	fsReady := inBackground(nil)
 	if cfg.SharedDir != "" {
-		startFS := func() error {
-			fs, err := startVirtiofsd(ctx, cfg)
-			v.fs = fs
+		l, err := listenUnix(cfg.path(VirtiofsdSocket))
+		if err != nil {
 			return err
 		}
-		// A booted VM's QEMU connects to virtiofsd as it creates the device, so virtiofsd
-		// listens first. A clone's device is hot-plugged after the restore (restore.go):
-		// its QEMU starts meanwhile.
-		if cfg.Incoming == nil {
-			if err := startFS(); err != nil {
-				return err
-			}
-		} else {
-			fsReady = inBackground(startFS)
-			// Until virtiofsd has started (or failed), v.fs is not for teardown to read.
-			defer func() { _ = fsReady() }()
-		}
+		fsReady = inBackground(func() error {
+			fs, err := startVirtiofsd(ctx, cfg, l)
+			v.fs = fs
+			return err
+		})
+		// Until virtiofsd has started (or failed), v.fs is not for teardown to read.
+		defer func() { _ = fsReady() }()
 	}
 	if err := makeChroot(cfg.path(ChrootDir)); err != nil {
 		return err
@@ -277,20 +274,31 @@ func (v *VM) start(ctx context.Context) error {
 	}
 	mon, err := v.dialMonitor(ctx)
 	if err != nil {
-		return err
+		return errors.Join(err, v.fsFailure(fsReady))
 	}
 	v.logger(ctx).WithField("qemu", mon.Version().String()).WithField("pid", cmd.Process.Pid).Info("VM started")
 	v.attachMonitor(ctx, mon)
+	if err := fsReady(); err != nil {
+		return err
+	}
 	if cfg.Incoming != nil {
 		if err := fill(); err != nil {
 			return fmt.Errorf("copying the template's memory: %w", err)
 		}
-		if err := fsReady(); err != nil {
-			return err
+		if err := v.restore(ctx, mon); err != nil {
+			return errors.Join(err, v.fsFailure(fsReady))
 		}
-		return v.restore(ctx, mon)
 	}
 	return nil
+}
+
+// fsFailure is virtiofsd's part in a failed start: its own start's error, or how it exited
+// (QEMU cannot start, or plug a clone's device, once virtiofsd has gone).
+func (v *VM) fsFailure(fsReady func() error) error {
+	if err := fsReady(); err != nil || v.fs == nil {
+		return err
+	}
+	return v.fs.exited(200 * time.Millisecond)
 }
 
 // inBackground runs fn (nil: nothing) in the background; the returned func waits for its

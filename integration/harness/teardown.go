@@ -393,7 +393,7 @@ func (e *Env) leaks() []string {
 	}
 	for _, d := range e.opts.LeakDirs {
 		// The C virtiofsd's lock file on its socket path (in the state dir), which it leaves
-		// in /run/virtiofsd when it exits: the shim removes it.
+		// in /run/virtiofsd: it makes none when it is handed its socket, as podvm does.
 		if locks := qemu.VirtiofsdLockFiles(d); len(locks) > 0 {
 			leaks = append(leaks, fmt.Sprintf("virtiofsd lock files of %s left: %s", d, strings.Join(locks, ", ")))
 		}
