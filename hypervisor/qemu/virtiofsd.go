@@ -251,9 +251,7 @@ func (v *virtiofsd) exited(wait time.Duration) error {
 // stop terminates virtiofsd: SIGTERM, then SIGKILL after a short grace or when ctx ends. It
 // returns once its whole process group is gone: the C virtiofsd forks into its sandbox, and
 // that child can outlive the parent by a moment.
-func (v *virtiofsd) stop(ctx context.Context) error { return v.terminate(ctx) }
-
-func (v *virtiofsd) terminate(ctx context.Context) error {
+func (v *virtiofsd) stop(ctx context.Context) error {
 	select {
 	case <-v.done:
 		return waitGroupGone(v.pid())
