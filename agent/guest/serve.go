@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"runtime/debug"
+	"sync/atomic"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -31,7 +32,7 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 
 	var listeners []net.Listener
 	if l, err := vsock.Listen(hypervisor.AgentVsockPort, nil); err == nil {
-		listeners = append(listeners, l)
+		listeners = append(listeners, &hostOnly{Listener: l, log: log.G(ctx)})
 	} else {
 		log.G(ctx).WithError(err).Debug("no vsock")
 	}
@@ -55,6 +56,42 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 		return err
 	case <-ctx.Done():
 		return srv.Close()
+	}
+}
+
+// hostOnly is the agent's vsock listener: it serves only connections from the host
+// (vsock.Host, CID 2). Any process in the guest, a container's included, unprivileged and
+// in any network namespace, can reach the agent's port through vsock loopback (CID 1, or
+// the guest's own CID), and the agent, root in the guest, does what it is asked. Guest
+// processes cannot connect from CID 2: the transport sets a connection's source.
+// (virtio-serial needs no such check: the port is the agent's, opened once, and no
+// container has its device node.)
+type hostOnly struct {
+	net.Listener
+	log     *log.Entry
+	refused atomic.Int64
+}
+
+// Accept returns the next connection from the host, closing those from anywhere else. The
+// first refusal is a warning, later ones debug lines: a process that dials in a loop must
+// not fill the console.
+func (l *hostOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		a, ok := c.RemoteAddr().(*vsock.Addr)
+		if ok && a.ContextID == vsock.Host {
+			return c, nil
+		}
+		_ = c.Close()
+		entry := l.log.WithField("peer", c.RemoteAddr().String())
+		if l.refused.Add(1) == 1 {
+			entry.Warn("refused a vsock connection that is not the host's: only the host drives the agent (later refusals are logged at debug level)")
+		} else {
+			entry.Debug("refused a vsock connection that is not the host's")
+		}
 	}
 }
 

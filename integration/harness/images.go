@@ -148,10 +148,38 @@ func BuildBusyboxImage(ctx context.Context, busybox string) (v1.Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("busybox layer: %w", err)
 	}
-	return imageFromLayer(layer, v1.Config{
-		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-		Cmd: []string{"sh"},
-	})
+	return imageFromLayer(layer, busyboxConfig)
+}
+
+// busyboxConfig is the image config of the busybox image and the images built on it.
+var busyboxConfig = v1.Config{
+	Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+	Cmd: []string{"sh"},
+}
+
+// ProbeImage is the reference of BuildProbeImage's image in the test registry.
+const ProbeImage = "podvm.test/probe:1"
+
+// BuildProbeImage makes the busybox image plus /agentprobe (integration/testimages/agentprobe,
+// built into dir): what a process in a container can try against the guest's agent.
+func BuildProbeImage(ctx context.Context, busybox, dir string) (v1.Image, error) {
+	entries, err := busyboxEntries(ctx, busybox)
+	if err != nil {
+		return nil, err
+	}
+	bin := filepath.Join(dir, "agentprobe")
+	if err := GoBuild(ctx, bin, "github.com/podvm/podvm/integration/testimages/agentprobe"); err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return nil, err
+	}
+	layer, err := layerFromEntries(append(entries, tarEntry{name: "agentprobe", typ: tar.TypeReg, mode: 0o755, data: data}))
+	if err != nil {
+		return nil, fmt.Errorf("probe layer: %w", err)
+	}
+	return imageFromLayer(layer, busyboxConfig)
 }
 
 // busyboxEntries are the files of the busybox image.

@@ -79,10 +79,7 @@ func BuildToolsImage(ctx context.Context, busybox string) (v1.Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tools layer: %w", err)
 	}
-	return imageFromLayer(layer, v1.Config{
-		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-		Cmd: []string{"sh"},
-	})
+	return imageFromLayer(layer, busyboxConfig)
 }
 
 var lddPath = regexp.MustCompile(`(?m)(/[^ ]+) \(0x`)
