@@ -45,7 +45,7 @@ func control() error {
 	if err != nil {
 		return fmt.Errorf("socket: %w", err)
 	}
-	defer unix.Close(lfd)
+	defer func() { _ = unix.Close(lfd) }()
 	if err := unix.Bind(lfd, &unix.SockaddrVM{CID: unix.VMADDR_CID_ANY, Port: controlPort}); err != nil {
 		return fmt.Errorf("bind: %w", err)
 	}
@@ -62,7 +62,7 @@ func control() error {
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	b, err := io.ReadAll(c)
 	if err != nil || string(b) != "ok" {
@@ -78,7 +78,7 @@ func version(cid uint32) (string, error) {
 		return "", err
 	}
 	tc := ttrpc.NewClient(c)
-	defer tc.Close()
+	defer func() { _ = tc.Close() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	v, err := api.NewAgentClient(tc).Version(ctx, &api.VersionRequest{})
