@@ -17,6 +17,9 @@ import (
 // guest's vsock loopback, as any process in the guest can. The agent, which runs the pod's
 // containers as root, must not serve it: only the host may drive the agent. The probe first
 // checks that vsock loopback works in its container at all, so a refusal is the agent's.
+// (Where the host has no vhost-vsock, as on the test machines, the agent is told to use
+// virtio-serial and has no vsock listener; with one, it refuses every connection but the
+// host's: TestHostOnlyServesOnlyTheHost.)
 func TestPodvmContainerCannotReachAgent(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()

@@ -12,6 +12,8 @@ import (
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
+
+	"github.com/podvm/podvm/hypervisor"
 )
 
 // ModulesList is the initrd file that lists the kernel modules to load, one absolute path per
@@ -246,17 +248,30 @@ func exitStatus(ws unix.WaitStatus) uint32 {
 	return uint32(ws.ExitStatus())
 }
 
-// DebugFromCmdline reports whether the kernel command line asks for agent debug logs
-// (podvm.debug).
-func DebugFromCmdline() bool {
-	b, err := os.ReadFile("/proc/cmdline")
-	if err != nil {
-		return false
-	}
-	for _, f := range strings.Fields(string(b)) {
-		if f == "podvm.debug" || f == "podvm.debug=1" {
-			return true
+// KernelFlags are what the host tells the agent on the kernel command line.
+type KernelFlags struct {
+	// Debug: the agent logs at debug level (podvm.debug).
+	Debug bool
+	// Transport is the one agent transport the host uses (podvm.agent=serial or vsock); ""
+	// (not said) serves both.
+	Transport string
+}
+
+// FlagsFromCmdline reads the agent's flags from the kernel command line.
+func FlagsFromCmdline() KernelFlags {
+	b, _ := os.ReadFile("/proc/cmdline") // without it (never in a guest), the defaults
+	return parseKernelFlags(string(b))
+}
+
+func parseKernelFlags(cmdline string) KernelFlags {
+	var k KernelFlags
+	for _, f := range strings.Fields(cmdline) {
+		switch {
+		case f == "podvm.debug" || f == "podvm.debug=1":
+			k.Debug = true
+		case f == "podvm.agent="+hypervisor.TransportSerial || f == "podvm.agent="+hypervisor.TransportVsock:
+			k.Transport = strings.TrimPrefix(f, "podvm.agent=")
 		}
 	}
-	return false
+	return k
 }

@@ -18,9 +18,13 @@ import (
 	"github.com/podvm/podvm/hypervisor"
 )
 
-// Serve runs the agent API on every transport the guest has (vsock port hypervisor.AgentVsockPort, the
-// virtio-serial port hypervisor.AgentSerialPort) until ctx ends or no transport is left.
-func Serve(ctx context.Context, svc api.AgentService) error {
+// Serve runs the agent API on transport (hypervisor.TransportVsock: port
+// hypervisor.AgentVsockPort; hypervisor.TransportSerial: the virtio-serial port
+// hypervisor.AgentSerialPort; "": each of them the guest has) until ctx ends or no transport
+// is left. The host says which it uses (podvm.agent= on the kernel command line): the other
+// is not listened on, and a vsock listener is one more way into the agent for the guest's
+// own processes (hostOnly).
+func Serve(ctx context.Context, svc api.AgentService, transport string) error {
 	phases := bootPhasesFromEnv()
 	phases.serverMain = processStart
 	go warmUp()
@@ -31,17 +35,24 @@ func Serve(ctx context.Context, svc api.AgentService) error {
 	api.RegisterAgentService(srv, svc)
 
 	var listeners []net.Listener
-	if l, err := vsock.Listen(hypervisor.AgentVsockPort, nil); err == nil {
-		listeners = append(listeners, &hostOnly{Listener: l, log: log.G(ctx)})
-	} else {
-		log.G(ctx).WithError(err).Debug("no vsock")
+	if transport != hypervisor.TransportSerial {
+		if l, err := vsock.Listen(hypervisor.AgentVsockPort, nil); err == nil {
+			listeners = append(listeners, &hostOnly{Listener: l, log: log.G(ctx)})
+		} else {
+			log.G(ctx).WithError(err).Debug("no vsock")
+		}
 	}
-	if dev, err := findSerialPort("/sys/class/virtio-ports", hypervisor.AgentSerialPort); err == nil {
-		listeners = append(listeners, newSerialListener(dev))
-	} else {
-		log.G(ctx).WithError(err).Debug("no virtio-serial port")
+	if transport != hypervisor.TransportVsock {
+		if dev, err := findSerialPort("/sys/class/virtio-ports", hypervisor.AgentSerialPort); err == nil {
+			listeners = append(listeners, newSerialListener(dev))
+		} else {
+			log.G(ctx).WithError(err).Debug("no virtio-serial port")
+		}
 	}
 	if len(listeners) == 0 {
+		if transport != "" {
+			return fmt.Errorf("no agent transport: the host uses %s (podvm.agent= on the kernel command line) and the VM has none", transport)
+		}
 		return errors.New("no agent transport: the VM has neither vsock nor the virtio-serial port " + hypervisor.AgentSerialPort)
 	}
 	errc := make(chan error, len(listeners))

@@ -85,3 +85,20 @@ func (l *fakeListener) Accept() (net.Conn, error) {
 	l.conns = l.conns[1:]
 	return c, nil
 }
+
+func TestParseKernelFlags(t *testing.T) {
+	for _, tt := range []struct {
+		cmdline string
+		want    KernelFlags
+	}{
+		{"console=ttyS0 quiet", KernelFlags{}},
+		{"console=ttyS0 podvm.agent=serial quiet", KernelFlags{Transport: "serial"}},
+		{"podvm.agent=vsock podvm.debug init=/init", KernelFlags{Debug: true, Transport: "vsock"}},
+		{"podvm.debug=1 podvm.agent=carrier-pigeon", KernelFlags{Debug: true}},
+		{"xpodvm.agent=serial podvm.debugx", KernelFlags{}},
+	} {
+		if got := parseKernelFlags(tt.cmdline); got != tt.want {
+			t.Errorf("%q: %+v, want %+v", tt.cmdline, got, tt.want)
+		}
+	}
+}

@@ -26,7 +26,8 @@ func init() {
 func main() {
 	logrus.SetOutput(os.Stderr)
 	logrus.SetFormatter(&logrus.TextFormatter{DisableColors: true, FullTimestamp: true})
-	if guest.DebugFromCmdline() {
+	flags := guest.FlagsFromCmdline()
+	if flags.Debug {
 		_ = log.SetLevel("debug")
 	}
 	arg := ""
@@ -36,7 +37,7 @@ func main() {
 	switch {
 	case arg == "serve":
 		ctx := context.Background()
-		if err := serve(ctx); err != nil {
+		if err := serve(ctx, flags.Transport); err != nil {
 			log.G(ctx).WithError(err).Error("podvm-agent: serve")
 			os.Exit(1)
 		}
@@ -58,8 +59,9 @@ func main() {
 	}
 }
 
-// serve readies the guest kernel for pods and serves the agent API until it fails.
-func serve(ctx context.Context) error {
+// serve readies the guest kernel for pods and serves the agent API on transport ("": every
+// transport the guest has) until it fails.
+func serve(ctx context.Context, transport string) error {
 	if err := guest.SetUpKernel(ctx); err != nil {
 		return err
 	}
@@ -68,5 +70,5 @@ func serve(ctx context.Context) error {
 			log.G(ctx).WithError(err).Warn("podvm-agent: loopback (SetupSandbox tries again)")
 		}
 	}()
-	return guest.Serve(ctx, guest.NewServer())
+	return guest.Serve(ctx, guest.NewServer(), transport)
 }

@@ -482,6 +482,9 @@ func (c *Config) KernelCmdline() string {
 			params = append(params, fmt.Sprintf("memmap=%#x$%#x", size, base))
 		}
 	}
+	// The agent listens only where the host will connect: a vsock listener the host does
+	// not use would be one more way into the agent for the guest's own processes.
+	params = append(params, "podvm.agent="+c.AgentTransport)
 	if c.Debug {
 		// The guest agent logs at debug level too.
 		params = append(params, "podvm.debug")

@@ -50,7 +50,7 @@ var argsTests = []struct {
 			"-object memory-backend-memfd,id=mem,size=512M,share=on", "-numa node,memdev=mem",
 			"-bios /usr/share/qemu/qboot.rom",
 			"-kernel /usr/share/podvm/vmlinuz", "-initrd /usr/share/podvm/initrd",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.agent=serial quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks",
 			"-add-fd fd=3,set=1000,opaque=console",
 			"-chardev file,id=console,path=/dev/fdset/1000,append=on", "-serial chardev:console",
 			"-chardev socket,id=qmp,path=/run/podvm/pod1/qmp.sock,server=on,wait=off", "-mon chardev=qmp,mode=control",
@@ -77,7 +77,7 @@ var argsTests = []struct {
 		want: []string{
 			"-accel kvm", "-cpu host", "-smp 4", "-m 2048M",
 			"-object memory-backend-memfd,id=mem,size=2048M,share=on",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.debug init=/podvm-agent panic=0",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.agent=vsock podvm.debug init=/podvm-agent panic=0",
 			"-device vhost-vsock-pci,id=vsock,guest-cid=42",
 		},
 		notWant: []string{"tcg", "virtio-serial", "quiet", "noapictimer", "lapic_timer_khz", "keep_initmem", "noreplace-smp", "mitigations=off", "keep_thunks", "-initrd", "-bios", "pcie-root-port"},
@@ -91,7 +91,7 @@ var argsTests = []struct {
 			"-m 512M,maxmem=549453824",
 			"-object memory-backend-file,id=rootimg,mem-path=/usr/share/podvm/root,,1.img,size=12582912,share=on,readonly=on",
 			"-device virtio-pmem-pci,id=rootimg,memdev=rootimg",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init acpi=off memmap=0xc00000$0x100000000 quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init acpi=off memmap=0xc00000$0x100000000 podvm.agent=serial quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks",
 		},
 		notWant: []string{"-initrd"},
 	},
@@ -102,7 +102,7 @@ var argsTests = []struct {
 			// devices start at the next GiB.
 			c.Initrd, c.RootImage, c.RootImageSize, c.MemoryMiB = "", "/usr/share/podvm/root.img", 12<<20, 3072
 		},
-		want: []string{"-m 3072M,maxmem=3233808384", "-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init acpi=off memmap=0xc00000$0x140000000 quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks"},
+		want: []string{"-m 3072M,maxmem=3233808384", "-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce root=/dev/pmem0 rootfstype=ext4 rootflags=dax=always ro init=/init acpi=off memmap=0xc00000$0x140000000 podvm.agent=serial quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks"},
 	},
 	{
 		name: "virtio-fs",
@@ -135,7 +135,7 @@ var argsTests = []struct {
 		name: "tcg told the tsc frequency",
 		mod:  func(c *Config) { c.TSCkHz = 2095971 },
 		want: []string{
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.agent=serial quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks",
 		},
 	},
 	{
@@ -143,14 +143,14 @@ var argsTests = []struct {
 		mod:  func(c *Config) { c.VCPUs = 2 },
 		want: []string{
 			"-smp 2",
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks tsc=reliable",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.agent=serial quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks tsc=reliable",
 		},
 	},
 	{
 		name: "tcg with several vCPUs told the tsc frequency presets their delay loops",
 		mod:  func(c *Config) { c.VCPUs, c.TSCkHz = 2, 2095971 },
 		want: []string{
-			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks tsc=reliable lpj=8383884",
+			"-append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.agent=serial quiet lapic_timer_khz=1000000 tsc_early_khz=2095971 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks tsc=reliable lpj=8383884",
 		},
 	},
 	{

@@ -53,7 +53,7 @@ func ExampleConfig_Args() {
 	//   -bios /usr/share/qemu/qboot.rom \
 	//   -kernel /usr/share/podvm/vmlinuz \
 	//   -initrd /usr/share/podvm/initrd \
-	//   -append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks \
+	//   -append console=ttyS0 panic=-1 reboot=k cryptomgr.notests page_reporting.page_reporting_order=3 dummy.numdummies=0 swiotlb=noforce acpi=off podvm.agent=serial quiet lapic_timer_khz=1000000 keep_initmem noreplace-smp no_timer_check mitigations=off keep_thunks \
 	//   -add-fd fd=3,set=1000,opaque=console \
 	//   -chardev file,id=console,path=/dev/fdset/1000,append=on \
 	//   -serial chardev:console \
