@@ -266,10 +266,10 @@ func FlagsFromCmdline() KernelFlags {
 func parseKernelFlags(cmdline string) KernelFlags {
 	var k KernelFlags
 	for _, f := range strings.Fields(cmdline) {
-		switch {
-		case f == "podvm.debug" || f == "podvm.debug=1":
+		switch f {
+		case "podvm.debug", "podvm.debug=1":
 			k.Debug = true
-		case f == "podvm.agent="+hypervisor.TransportSerial || f == "podvm.agent="+hypervisor.TransportVsock:
+		case "podvm.agent=" + hypervisor.TransportSerial, "podvm.agent=" + hypervisor.TransportVsock:
 			k.Transport = strings.TrimPrefix(f, "podvm.agent=")
 		}
 	}
