@@ -14,8 +14,8 @@ import (
 // Cleanup stops what a VM with this state dir may have left behind when its owner died:
 // the QEMU and virtiofsd recorded in the pidfiles (only after checking that the pid really
 // is that process for this state dir), the lock file of a C virtiofsd started by an earlier
-// podvm and the SharedDir bind mount. It does not remove the state dir. Calling it on a clean or
-// missing dir is a no-op.
+// podvm and the SharedDir bind mount. It does not remove the state dir. Calling it on a
+// clean or missing dir is a no-op.
 func Cleanup(ctx context.Context, stateDir string) error {
 	if !filepath.IsAbs(stateDir) {
 		return fmt.Errorf("cleaning up VM state: %q is not an absolute path", stateDir)
