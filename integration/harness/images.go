@@ -167,15 +167,11 @@ func BuildProbeImage(ctx context.Context, busybox, dir string) (v1.Image, error)
 	if err != nil {
 		return nil, err
 	}
-	bin := filepath.Join(dir, "agentprobe")
-	if err := GoBuild(ctx, bin, "github.com/podvm/podvm/integration/testimages/agentprobe"); err != nil {
-		return nil, err
-	}
-	data, err := os.ReadFile(bin)
+	probe, err := testImageBinary(ctx, dir, "agentprobe")
 	if err != nil {
 		return nil, err
 	}
-	layer, err := layerFromEntries(append(entries, tarEntry{name: "agentprobe", typ: tar.TypeReg, mode: 0o755, data: data}))
+	layer, err := layerFromEntries(append(entries, probe))
 	if err != nil {
 		return nil, fmt.Errorf("probe layer: %w", err)
 	}
@@ -214,19 +210,29 @@ func busyboxEntries(ctx context.Context, busybox string) ([]tarEntry, error) {
 // BuildPauseImage compiles integration/testimages/pause (CGO_ENABLED=0) into dir and makes an
 // image whose entrypoint is /pause.
 func BuildPauseImage(ctx context.Context, dir string) (v1.Image, error) {
-	bin := filepath.Join(dir, "pause")
-	if err := GoBuild(ctx, bin, "github.com/podvm/podvm/integration/testimages/pause"); err != nil {
-		return nil, err
-	}
-	data, err := os.ReadFile(bin)
+	pause, err := testImageBinary(ctx, dir, "pause")
 	if err != nil {
 		return nil, err
 	}
-	layer, err := layerFromEntries([]tarEntry{{name: "pause", typ: tar.TypeReg, mode: 0o755, data: data}})
+	layer, err := layerFromEntries([]tarEntry{pause})
 	if err != nil {
 		return nil, fmt.Errorf("pause layer: %w", err)
 	}
 	return imageFromLayer(layer, v1.Config{Entrypoint: []string{"/pause"}})
+}
+
+// testImageBinary builds integration/testimages/<name> (CGO_ENABLED=0) into dir, as the image
+// file /<name>.
+func testImageBinary(ctx context.Context, dir, name string) (tarEntry, error) {
+	bin := filepath.Join(dir, name)
+	if err := GoBuild(ctx, bin, "github.com/podvm/podvm/integration/testimages/"+name); err != nil {
+		return tarEntry{}, err
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		return tarEntry{}, err
+	}
+	return tarEntry{name: name, typ: tar.TypeReg, mode: 0o755, data: data}, nil
 }
 
 // GoBuild builds a static (CGO_ENABLED=0) binary of pkg, a package of this module, into out.
