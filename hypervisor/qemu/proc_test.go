@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // TestProcessLogsTo: Cleanup knows a VM's virtiofsd by its stderr, the VM's log; a process
@@ -27,6 +28,12 @@ func TestProcessLogsTo(t *testing.T) {
 		_ = cmd.Wait()
 	}()
 	pid := cmd.Process.Pid
+	// Until the child has exec'd, its command line is still this test's.
+	for deadline := time.Now().Add(10 * time.Second); !runs(processArgs(pid), "sleep"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d never ran sleep: %q", pid, processArgs(pid))
+		}
+	}
 	if !processLogsTo(pid, "sleep", logPath) {
 		t.Errorf("sleep logging to %s not recognised", logPath)
 	}
