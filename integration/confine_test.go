@@ -108,9 +108,10 @@ func checkVirtiofsdCaps(t *testing.T, stateDir string) {
 }
 
 // virtiofsdPIDs are the virtiofsd processes serving the VM of stateDir (the C virtiofsd is
-// two: it forks into its sandbox).
+// two: it forks into its sandbox), known by their stderr, the VM's virtiofsd log (their
+// command line names no socket: the shim hands virtiofsd its socket as a descriptor).
 func virtiofsdPIDs(stateDir string) []int {
-	sock := filepath.Join(stateDir, qemu.VirtiofsdSocket)
+	logPath := filepath.Join(stateDir, qemu.VirtiofsdLog)
 	var pids []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -120,7 +121,8 @@ func virtiofsdPIDs(stateDir string) []int {
 		}
 		cmd, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
 		argv0, _, _ := strings.Cut(string(cmd), "\x00")
-		if strings.Contains(string(cmd), sock) && strings.Contains(filepath.Base(argv0), "virtiofsd") {
+		stderr, _ := os.Readlink("/proc/" + e.Name() + "/fd/2")
+		if stderr == logPath && strings.Contains(filepath.Base(argv0), "virtiofsd") {
 			pids = append(pids, p)
 		}
 	}
