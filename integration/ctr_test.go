@@ -10,7 +10,9 @@ import (
 // TestPodvmCtrRun runs a container with plain `ctr run --runtime io.containerd.podvm.v2`: no
 // CRI, no pod. It gets a VM of its own, which goes when the container does. While it runs,
 // `ctr task exec` runs twice with the same exec ID, as a script may: each exec is deleted
-// when it ends, and the second must not find the first still in the guest.
+// when it ends, and the second must not find the first still in the guest. The container's
+// cgroup (ctr's --cgroup, under the env's parent so that the leak check covers it) holds its
+// VM while it runs.
 func TestPodvmCtrRun(t *testing.T) {
 	env, ctx := podvmTest(t, 5*time.Minute)
 	ctr := filepath.Join(devDir(), "bin", "ctr")
@@ -30,10 +32,14 @@ func TestPodvmCtrRun(t *testing.T) {
 	}
 	run("images", "pull", "--plain-http", "--hosts-dir", filepath.Join(env.Dir, "certs.d"), env.BusyboxImage)
 	config := podvmOptions(t).PodvmConfigPath // here: it may fail t, which a goroutine must not
+	// Without --cgroup, ctr would put it in /<namespace>/<id>, and /<namespace> stays after the
+	// run, with runc as with podvm: outside the env, nothing would remove it.
+	cgroup := env.CgroupParent + "/ctr-vm"
 	ran := make(chan string, 1)
 	go func() {
 		// It ends killed (exit 137), which ctr reports as its own failure.
 		out, _ := ctrCmd("run", "--rm", "--runtime", "io.containerd.podvm.v2", "--runtime-config-path", config,
+			"--cgroup", cgroup,
 			env.BusyboxImage, "ctr-vm", "sh", "-c", "echo kernel $(uname -r); cat /proc/sys/kernel/random/boot_id; exec sleep 600")
 		ran <- string(out)
 	}()
@@ -44,6 +50,7 @@ func TestPodvmCtrRun(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	checkVMInCgroup(t, cgroup)
 	var bootIDs []string
 	for range 2 {
 		bootIDs = append(bootIDs, withoutCtrLog(run("task", "exec", "--exec-id", "again", "ctr-vm", "cat", "/proc/sys/kernel/random/boot_id")))
@@ -64,6 +71,9 @@ func TestPodvmCtrRun(t *testing.T) {
 		t.Errorf("containers left: %q", left)
 	}
 	env.AssertNoLeaks(t)
+	if left, _ := filepath.Glob("/sys/fs/cgroup/*/podvm-ctr"); len(left) > 0 {
+		t.Errorf("cgroups of ctr's namespace left: %v", left)
+	}
 }
 
 // withoutCtrLog is ctr's output without its own log lines, trimmed.
