@@ -2,10 +2,12 @@ package shim
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -555,6 +557,59 @@ func TestAgentNeverAnswersSaysWhy(t *testing.T) {
 	_, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns)
 	if err == nil || !strings.Contains(err.Error(), "guest agent: ") || !strings.Contains(err.Error(), "Kernel panic - not syncing") {
 		t.Fatalf("create: %v, want the agent's failure and the end of the guest's console", err)
+	}
+	if left := stateLeft(r.stateDir); len(left) != 0 {
+		t.Errorf("state left behind: %v", left)
+	}
+}
+
+// The VM owner's filesystems are made ready on the host while its guest boots, not after the
+// agent answers: the guest's boot is the host's idle time, and the owner's create is on the
+// pod's path to ready.
+func TestOwnerPreparedWhileGuestBoots(t *testing.T) {
+	r := newRig(t)
+	r.beforeConnect = func(ctx context.Context) error {
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if slices.Contains(r.share.Prepared(), "pod1") {
+				return nil
+			}
+		}
+		return errors.New("the owner's filesystems were not prepared while the guest booted")
+	}
+	r.mustCreate("pod1", sandboxAnnotations("pod1"))
+	if got := r.share.Prepared(); len(got) != 1 || got[0] != "pod1" {
+		t.Fatalf("prepared: %v, want pod1 once", got)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(r.agent.Spec("pod1"), &spec); err != nil || spec.Root == nil || spec.Root.Path != filepath.Join(agent.GuestSharedDir, "pod1", "rootfs") {
+		t.Fatalf("the guest's container spec: %+v (%v), want the prepared rootfs", spec.Root, err)
+	}
+	r.deleteSandbox("pod1")
+}
+
+// A guest that never answers after the owner was prepared ahead leaves nothing of it: its
+// filesystems are released, and the share is closed.
+func TestOwnerPreparedAheadReleasedWhenBootFails(t *testing.T) {
+	r := newRig(t)
+	r.beforeConnect = func(ctx context.Context) error {
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if slices.Contains(r.share.Prepared(), "pod1") {
+				break
+			}
+		}
+		return context.DeadlineExceeded
+	}
+	if _, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns); err == nil {
+		t.Fatal("create of a guest that never answered succeeded")
+	}
+	if got := r.share.Prepared(); len(got) != 0 {
+		t.Errorf("still prepared: %v", got)
+	}
+	if got := r.share.Released(); !slices.Contains(got, "pod1") {
+		t.Errorf("released: %v, want pod1", got)
+	}
+	if !r.share.Closed() {
+		t.Error("the share was not closed")
 	}
 	if left := stateLeft(r.stateDir); len(left) != 0 {
 		t.Errorf("state left behind: %v", left)

@@ -114,6 +114,15 @@ type sandboxOptions struct {
 	netns  string
 	host   string
 	cgroup podCgroup
+	// owner is the VM owner's container (the pod sandbox, or a standalone container): its
+	// filesystems are prepared while the guest boots.
+	owner ownerFiles
+}
+
+// ownerFiles is what the share prepares the VM owner's container from.
+type ownerFiles struct {
+	spec   *specs.Spec
+	rootfs []mount.Mount
 }
 
 func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskRequest, spec *specs.Spec) (*sandboxOptions, error) {
@@ -154,7 +163,8 @@ func (b backend) sandboxOptions(ctx context.Context, r *taskAPI.CreateTaskReques
 	if err != nil {
 		return nil, err
 	}
-	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host, cgroup: cg}, nil
+	return &sandboxOptions{id: r.ID, bundle: r.Bundle, cfg: cfg, size: size, netns: netns, host: host, cgroup: cg,
+		owner: ownerFiles{spec: spec, rootfs: mount.FromProto(r.Rootfs)}}, nil
 }
 
 // sandbox is the pod's VM and what is wired to it.
@@ -184,6 +194,9 @@ type sandbox struct {
 	pingInterval time.Duration
 	// ready is set once the guest is set up; containers are prepared only then.
 	ready bool
+	// ahead is the VM owner's preparation, started while the guest boots and taken by its
+	// create (prepare); nil once taken, or if none was started.
+	ahead *preparation
 	// restored is set for a VM restored from a template: its NICs and share were hot-plugged.
 	restored bool
 	// nsPid is the guest pid of the sandbox's process, whose namespaces (/proc/<pid>/ns/*)
@@ -429,6 +442,9 @@ func (sb *sandbox) startVM(ctx context.Context, b backend, o *sandboxOptions, ni
 	} else if err := sb.bootVM(ctx, o, vcfg, ph); err != nil {
 		return err
 	}
+	// The guest boots for most of a second, the host has nothing else to do meanwhile, and
+	// the owner's create is the first thing the guest is asked for.
+	sb.prepareAhead(ctx, o)
 	vm := sb.vm
 	actx, cancel := context.WithTimeout(ctx, o.cfg.Sandbox.AgentTimeout.Duration)
 	defer cancel()
@@ -607,7 +623,10 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 	if !sb.ready && id != sb.id {
 		return nil, fmt.Errorf("the pod VM is not ready: %w", errdefs.ErrFailedPrecondition)
 	}
-	att, err := sb.share.Prepare(ctx, id, bundle, spec, mounts)
+	att, err := sb.takeAhead(id)
+	if att == nil && err == nil {
+		att, err = sb.share.Prepare(ctx, id, bundle, spec, mounts)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -635,6 +654,45 @@ func (sb *sandbox) prepare(ctx context.Context, id, bundle string, spec *specs.S
 		}
 	}
 	return &guestContainer{spec: att.Spec, devices: att.Devices, blockMounts: att.BlockMounts, podTmpfs: att.PodTmpfs}, nil
+}
+
+// preparation is the share's Prepare of one container, running or done.
+type preparation struct {
+	done chan struct{}
+	att  *rootfs.Attachment
+	err  error
+}
+
+// prepareAhead starts preparing the VM owner's filesystems (o.owner) on the host.
+func (sb *sandbox) prepareAhead(ctx context.Context, o *sandboxOptions) {
+	p := &preparation{done: make(chan struct{})}
+	sb.ahead = p
+	go func() {
+		defer close(p.done)
+		p.att, p.err = sb.share.Prepare(ctx, sb.id, o.bundle, o.owner.spec, o.owner.rootfs)
+	}()
+}
+
+// takeAhead waits for the preparation started ahead for container id and returns its
+// result; nil, nil when there is none (any container but the VM owner, or no VM).
+func (sb *sandbox) takeAhead(id string) (*rootfs.Attachment, error) {
+	if id != sb.id || sb.ahead == nil {
+		return nil, nil
+	}
+	p := sb.ahead
+	sb.ahead = nil
+	<-p.done
+	return p.att, p.err
+}
+
+// dropAhead undoes a preparation no create took: the guest never got that far.
+func (sb *sandbox) dropAhead(ctx context.Context) {
+	att, err := sb.takeAhead(sb.id)
+	if att == nil || err != nil {
+		return
+	}
+	att.Close()
+	sb.release(ctx, sb.id)
 }
 
 // hostPID is the host pid containerd is told for every task of the pod: the VM's, which
@@ -793,6 +851,7 @@ func (sb *sandbox) shutdown(ctx context.Context) {
 		}
 		scancel()
 	}
+	sb.dropAhead(ctx)
 	for _, ep := range sb.endpoints {
 		if err := ep.Detach(ctx); err != nil {
 			log.G(ctx).WithError(err).WithField("interface", ep.Name()).Warn("detach pod interface")
