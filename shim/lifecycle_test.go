@@ -569,12 +569,10 @@ func TestAgentNeverAnswersSaysWhy(t *testing.T) {
 func TestOwnerPreparedWhileGuestBoots(t *testing.T) {
 	r := newRig(t)
 	r.beforeConnect = func(ctx context.Context) error {
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			if slices.Contains(r.share.Prepared(), "pod1") {
-				return nil
-			}
+		if !r.preparedWithin("pod1", 5*time.Second) {
+			return errors.New("the owner's filesystems were not prepared while the guest booted")
 		}
-		return errors.New("the owner's filesystems were not prepared while the guest booted")
+		return nil
 	}
 	r.mustCreate("pod1", sandboxAnnotations("pod1"))
 	if got := r.share.Prepared(); len(got) != 1 || got[0] != "pod1" {
@@ -592,11 +590,7 @@ func TestOwnerPreparedWhileGuestBoots(t *testing.T) {
 func TestOwnerPreparedAheadReleasedWhenBootFails(t *testing.T) {
 	r := newRig(t)
 	r.beforeConnect = func(ctx context.Context) error {
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			if slices.Contains(r.share.Prepared(), "pod1") {
-				break
-			}
-		}
+		r.preparedWithin("pod1", 5*time.Second)
 		return context.DeadlineExceeded
 	}
 	if _, err := r.create("pod1", sandboxAnnotations("pod1"), podNetns); err == nil {
@@ -614,4 +608,14 @@ func TestOwnerPreparedAheadReleasedWhenBootFails(t *testing.T) {
 	if left := stateLeft(r.stateDir); len(left) != 0 {
 		t.Errorf("state left behind: %v", left)
 	}
+}
+
+// preparedWithin reports whether the share has container id prepared within timeout.
+func (r *rig) preparedWithin(id string, timeout time.Duration) bool {
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if slices.Contains(r.share.Prepared(), id) {
+			return true
+		}
+	}
+	return false
 }
