@@ -336,6 +336,7 @@ func TestGuestRunsContainers(t *testing.T) {
 	t.Run("free page reporting order", func(t *testing.T) { testGuestPageReporting(t, ctx, g) })
 	t.Run("timer device", func(t *testing.T) { testGuestTimer(t, ctx, g) })
 	t.Run("root image mapped with DAX", func(t *testing.T) { testGuestRootImage(t, ctx, g) })
+	t.Run("cgroup hierarchy favours dynamic changes", func(t *testing.T) { testGuestCgroupDynmods(t, ctx, g) })
 	t.Run("kernel entered as the image says", func(t *testing.T) { testGuestBootProtocol(t, ctx, g) })
 	t.Run("kernel preloaded, its file not kept mapped", func(t *testing.T) { testGuestKernelPreloaded(t, g) })
 	t.Run("TSC frequency from the host", func(t *testing.T) { testGuestTSC(t, ctx, g) })
@@ -542,6 +543,29 @@ func testGuestKernelPreloaded(t *testing.T, g *guestVM) {
 			t.Errorf("QEMU maps the guest kernel file: %s", l)
 		}
 	}
+}
+
+// testGuestCgroupDynmods: the guest's cgroup v2 hierarchy is mounted with favordynmods. Without
+// it, every move of a process into a cgroup (libcontainer's Apply of each container's runc
+// init) waits for an RCU grace period, ~17 ms of each container's create under TCG
+// (docs/benchmarks.md).
+func testGuestCgroupDynmods(t *testing.T, ctx context.Context, g *guestVM) {
+	root := busyboxRootfs(t, g, "c9")
+	spec := defaultSpec(t, "c9", root, oci.WithHostNamespace(specs.PIDNamespace),
+		oci.WithProcessArgs("cat", "/proc/1/mountinfo"))
+	stdout, stderr, code := runGuestContainer(t, ctx, g.agent, "c9", spec)
+	var cg []string
+	for _, l := range strings.Split(stdout, "\n") {
+		// id parent major:minor root mountpoint options ... - fstype source superoptions
+		if f := strings.Fields(l); len(f) >= 10 && f[4] == "/sys/fs/cgroup" && f[len(f)-3] == "cgroup2" {
+			cg = f
+		}
+	}
+	if code != 0 || cg == nil || !slices.Contains(strings.Split(cg[len(cg)-1], ","), "favordynmods") {
+		t.Errorf("exit %d, stderr %q: the guest's cgroup2 mount is %q, want favordynmods among its superblock options\n%s",
+			code, stderr, cg, stdout)
+	}
+	removeGuestContainer(t, ctx, g.agent, "c9")
 }
 
 // testGuestRootImage: the guest's root is the node's root image on virtio-pmem, read-only and

@@ -83,7 +83,9 @@ static const struct podvm_mount podvm_mounts[] = {
 	{"shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
 	{"tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"},
 	{"tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
-	{"cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL},
+	// favordynmods (Linux 6.0+): a process moved into a cgroup (runc init into each new
+	// container's) does not wait for an RCU grace period, ~17 ms under TCG.
+	{"cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "favordynmods"},
 };
 
 static const char *const podvm_links[][2] = {
