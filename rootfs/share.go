@@ -306,16 +306,19 @@ func (s *Share) Prepare(ctx context.Context, containerID, bundle string, spec *s
 		}
 	}()
 
-	if err := s.mountRootfs(containerID, ctr, bundle, spec, rootfs); err != nil {
+	// The volumes first: their sources say which mount points are files.
+	tmpfs, bound, err := s.bindVolumes(ctx, containerID, ctr, gspec, onDisk)
+	if err != nil {
 		return nil, err
 	}
+	if err := s.mountRootfs(containerID, ctr, bundle, spec, rootfs, mountPoints(gspec.Mounts, bound)); err != nil {
+		return nil, err
+	}
+	att.PodTmpfs = tmpfs
 	if gspec.Root == nil {
 		gspec.Root = &specs.Root{}
 	}
 	gspec.Root.Path = filepath.Join(s.guestDir, containerID, rootfsDir)
-	if att.PodTmpfs, err = s.bindVolumes(ctx, containerID, ctr, gspec, onDisk); err != nil {
-		return nil, err
-	}
 	return att, nil
 }
 
@@ -344,17 +347,19 @@ func (s *Share) prepareDisks(ctx context.Context, containerID string, gspec *spe
 
 // bindVolumes binds the source of every bind mount of gspec (but those onDisk) under a new
 // mounts dir in ctr and points the mount at its guest path. The pod's /dev/shm becomes
-// GuestShmDir, and a memory-backed emptyDir a tmpfs of the pod in the guest (returned).
-func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gspec *specs.Spec, onDisk map[int]bool) ([]*api.PodTmpfs, error) {
+// GuestShmDir, and a memory-backed emptyDir a tmpfs of the pod in the guest (returned). It
+// returns too, for each of those mounts (by index), whether the guest's source is a directory.
+func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gspec *specs.Spec, onDisk map[int]bool) ([]*api.PodTmpfs, map[int]bool, error) {
 	mounts, err := mkdirOpen(ctr, mountsDir)
 	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", containerID, err)
+		return nil, nil, fmt.Errorf("container %s: %w", containerID, err)
 	}
 	defer func() { _ = unix.Close(mounts) }()
 	var tmpfs []*api.PodTmpfs
+	bound := map[int]bool{}
 	for i := range gspec.Mounts {
 		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
+			return nil, nil, fmt.Errorf("container %s: preparing its mounts: %w", containerID, err)
 		}
 		m := &gspec.Mounts[i]
 		if !isBind(m) || onDisk[i] {
@@ -362,13 +367,15 @@ func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gs
 		}
 		if isPodShm(m) {
 			m.Source = GuestShmDir
+			bound[i] = true
 			continue
 		}
 		name := mountName(i, m.Destination)
-		t, err := s.bindVolume(containerID, mounts, name, m)
+		t, dir, err := s.bindVolume(containerID, mounts, name, m)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
+		bound[i] = dir
 		if t != nil {
 			m.Source = t.MountPoint
 			tmpfs = append(tmpfs, t)
@@ -376,14 +383,15 @@ func (s *Share) bindVolumes(ctx context.Context, containerID string, ctr int, gs
 		}
 		m.Source = filepath.Join(s.guestDir, containerID, mountsDir, name)
 		if err := s.keepSubMountsWritable(containerID, name, m); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return tmpfs, nil
+	return tmpfs, bound, nil
 }
 
-// mountRootfs mounts the container's root filesystem on a new rootfs dir in ctr.
-func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *specs.Spec, rootfs []mount.Mount) error {
+// mountRootfs mounts the container's root filesystem on a new rootfs dir in ctr, with the
+// mount points it lacks made first (makeMountPoints).
+func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *specs.Spec, rootfs []mount.Mount, points []mountPoint) error {
 	target, err := mkdirOpen(ctr, rootfsDir)
 	if err != nil {
 		return fmt.Errorf("container %s: %w", containerID, err)
@@ -399,6 +407,7 @@ func (s *Share) mountRootfs(containerID string, ctr int, bundle string, spec *sp
 		return err
 	}
 	defer func() { _ = unix.Close(tree) }()
+	makeMountPoints(tree, points)
 	if err := s.ns.run(func() error { return attachTree(tree, target) }); err != nil {
 		return fmt.Errorf("container %s: attaching its rootfs in the share: %w", containerID, err)
 	}
@@ -458,23 +467,24 @@ func (s *Share) cloneMounts(containerID string, rootfs []mount.Mount) (_ int, re
 }
 
 // bindVolume binds the source of m on a new mount point name in the mounts dir; a
-// memory-backed emptyDir is not bound but returned, to become a tmpfs in the guest.
-func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs.Mount) (*api.PodTmpfs, error) {
+// memory-backed emptyDir is not bound but returned, to become a tmpfs in the guest. dir says
+// whether the source is a directory.
+func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs.Mount) (_ *api.PodTmpfs, dir bool, _ error) {
 	fd, st, err := s.openSource(containerID, m.Destination, m.Source)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	defer func() { _ = unix.Close(fd) }()
 	if t, err := memoryEmptyDir(fd); err != nil || t != nil {
 		if err != nil {
-			return nil, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+			return nil, false, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
 		}
-		return t, nil
+		return t, true, nil
 	}
-	dir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+	dir = st.Mode&unix.S_IFMT == unix.S_IFDIR
 	target, err := makeTargetAt(mounts, name, dir)
 	if err != nil {
-		return nil, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
+		return nil, false, fmt.Errorf("container %s: mount %s: %w", containerID, m.Destination, err)
 	}
 	defer func() { _ = unix.Close(target) }()
 	ro, rro := readOnly(m.Options)
@@ -484,9 +494,9 @@ func (s *Share) bindVolume(containerID string, mounts int, name string, m *specs
 		_ = unix.Close(tree)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
+		return nil, false, fmt.Errorf("container %s: sharing %s (for %s) with the guest: %w", containerID, m.Source, m.Destination, err)
 	}
-	return nil, nil
+	return nil, dir, nil
 }
 
 // keepSubMountsWritable makes a plain read-only (ro, not rro) bind with host mounts below it

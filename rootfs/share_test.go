@@ -743,3 +743,70 @@ func TestHostSubMountRemovable(t *testing.T) {
 	}
 	e.release("c1")
 }
+
+// TestPrepareMakesMountPoints: the mount points the guest's runc needs and the image lacks are
+// in the rootfs before the guest sees it, made as runc makes them (directories 0755, an empty
+// 0644 file for a file's bind), so that runc's init does not make each through virtio-fs. The
+// image's symlinks are not followed, whether they point out of the rootfs or not.
+func TestPrepareMakesMountPoints(t *testing.T) {
+	e := newEnv(t)
+	outside := filepath.Join(e.root, "outside")
+	if err := os.Mkdir(outside, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rootfs, upper := e.overlay("c1", nil)
+	lower := filepath.Join(filepath.Dir(upper), "lower")
+	if err := os.Mkdir(filepath.Join(lower, "etc"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for link, target := range map[string]string{"sys": outside, "var": outside, "mnt": "etc"} {
+		if err := os.Symlink(target, filepath.Join(lower, link)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	file := e.file("hostname", "pod\n")
+	dir := e.dir("token", nil)
+	binds := []specs.Mount{
+		{Destination: "/etc/hostname", Type: "bind", Source: file, Options: []string{"rbind", "rprivate", "rw"}},
+		{Destination: "/dev/termination-log", Type: "bind", Source: file, Options: []string{"rbind"}},
+		{Destination: "/run/secrets/token", Type: "bind", Source: dir, Options: []string{"rbind", "ro"}},
+		{Destination: "/var/run/secrets/token", Type: "bind", Source: dir, Options: []string{"rbind", "ro"}},
+		{Destination: "/mnt/data", Type: "bind", Source: dir, Options: []string{"rbind"}},
+		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid"}},
+	}
+	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: append(baseMounts(), binds...)}
+	if _, err := e.share.Prepare(context.Background(), "c1", "", spec, rootfs); err != nil {
+		t.Fatal(err)
+	}
+	defer e.release("c1")
+	want := map[string]os.FileMode{
+		"proc": os.ModeDir | 0o755, "dev": os.ModeDir | 0o755, "etc": os.ModeDir | 0o700,
+		"etc/hostname": 0o644, "run": os.ModeDir | 0o755, "run/secrets": os.ModeDir | 0o755,
+		"run/secrets/token": os.ModeDir | 0o755, "sys": os.ModeSymlink | 0o777,
+		"var": os.ModeSymlink | 0o777, "mnt": os.ModeSymlink | 0o777,
+	}
+	root := filepath.Join(e.shared, "c1", "rootfs")
+	for p, mode := range want {
+		fi, err := os.Lstat(filepath.Join(root, p))
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			continue
+		}
+		if fi.Mode() != mode {
+			t.Errorf("%s is %v, want %v", p, fi.Mode(), mode)
+		}
+	}
+	// Left to runc: what goes on an earlier mount (/dev's tmpfs, sysfs), what a symlink
+	// would lead to, a tmpfs without a mode (runc copies the mount point's).
+	for _, p := range []string{"dev/pts", "dev/mqueue", "dev/termination-log", "etc/data", "tmp"} {
+		if _, err := os.Lstat(filepath.Join(root, p)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s made in the rootfs (%v)", p, err)
+		}
+	}
+	if entries, err := os.ReadDir(outside); err != nil || len(entries) != 0 {
+		t.Errorf("made outside the rootfs through the image's symlinks: %v %v", entries, err)
+	}
+	if fi, err := os.Stat(filepath.Join(upper, "etc", "hostname")); err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
+		t.Errorf("the mount point of /etc/hostname is not an empty file of the rootfs's own: %v %v", fi, err)
+	}
+}
