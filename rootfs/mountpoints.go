@@ -43,7 +43,8 @@ func mountPoints(mounts []specs.Mount, bound map[int]bool) []mountPoint {
 		}
 		dir := true
 		switch {
-		case isBind(&m):
+		// runc binds whatever has the option, whatever its type.
+		case isBind(&m) || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind"):
 			var ok bool
 			if dir, ok = bound[i]; !ok {
 				continue

@@ -773,6 +773,8 @@ func TestPrepareMakesMountPoints(t *testing.T) {
 		{Destination: "/var/run/secrets/token", Type: "bind", Source: dir, Options: []string{"rbind", "ro"}},
 		{Destination: "/mnt/data", Type: "bind", Source: dir, Options: []string{"rbind"}},
 		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid"}},
+		// A bind by its option alone, which the share does not serve: runc's to make.
+		{Destination: "/srv/file", Type: "tmpfs", Source: file, Options: []string{"bind", "mode=755"}},
 	}
 	spec := &specs.Spec{Root: &specs.Root{Path: "rootfs"}, Mounts: append(baseMounts(), binds...)}
 	if _, err := e.share.Prepare(context.Background(), "c1", "", spec, rootfs); err != nil {
@@ -798,7 +800,7 @@ func TestPrepareMakesMountPoints(t *testing.T) {
 	}
 	// Left to runc: what goes on an earlier mount (/dev's tmpfs, sysfs), what a symlink
 	// would lead to, a tmpfs without a mode (runc copies the mount point's).
-	for _, p := range []string{"dev/pts", "dev/mqueue", "dev/termination-log", "etc/data", "tmp"} {
+	for _, p := range []string{"dev/pts", "dev/mqueue", "dev/termination-log", "etc/data", "tmp", "srv"} {
 		if _, err := os.Lstat(filepath.Join(root, p)); !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("%s made in the rootfs (%v)", p, err)
 		}
