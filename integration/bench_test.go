@@ -729,7 +729,7 @@ func podProcesses(env *harness.Env, podID string) ([]procEntry, error) {
 	for pid := range seen {
 		p := byPID[pid]
 		pss, err := pssMiB(pid)
-		if errors.Is(err, os.ErrNotExist) {
+		if exited(err) {
 			continue // exited meanwhile (a short-lived helper)
 		}
 		if err != nil {
@@ -741,6 +741,12 @@ func podProcesses(env *harness.Env, podID string) ([]procEntry, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].pssMiB > out[j].pssMiB })
 	return out, errors.Join(errs...)
+}
+
+// exited says whether err, from reading a process's /proc files, means it has exited since it
+// was listed: its directory gone (ENOENT), or still there while it exits (ESRCH).
+func exited(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH)
 }
 
 // pssMiB is a process's proportional set size: its private pages plus its share of the pages
@@ -802,7 +808,7 @@ func unmappedMemfdMiB(pids []int) (float64, error) {
 	for _, pid := range pids {
 		for _, dir := range []string{"fd", "map_files"} {
 			ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/%s", pid, dir))
-			if errors.Is(err, os.ErrNotExist) {
+			if exited(err) {
 				continue
 			}
 			if err != nil {
@@ -826,7 +832,7 @@ func unmappedMemfdMiB(pids []int) (float64, error) {
 	mappedKB := map[uint64]float64{} // inode: PSS of its mappings
 	for _, pid := range pids {
 		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
-		if errors.Is(err, os.ErrNotExist) {
+		if exited(err) {
 			continue
 		}
 		if err != nil {
